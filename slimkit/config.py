@@ -1,0 +1,123 @@
+"""The quantization config: one dataclass whose fields are exactly what a recipe (YAML) or the CLI can set."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .core.observers import OBSERVERS
+from .core.quantizer import GRANULARITIES
+from .errors import SlimkitError
+
+PRESETS = {
+    # The paper's settings (QDrop's public configs): 1024 samples, batch 32, 20000 iterations a block.
+    "paper": {"num_samples": 1024, "batch_size": 32, "iters": 20000},
+    # Minutes on a laptop CPU for small CNNs; what the demo uses.
+    "demo": {"num_samples": 1024, "batch_size": 32, "iters": 1000},
+    # Seconds: for tests and smoke runs.
+    "fast": {"num_samples": 128, "batch_size": 16, "iters": 100, "act_calib_samples": 64},
+}
+
+
+@dataclass
+class QuantConfig:
+    method: str = "qdrop"
+    w_bits: int = 4
+    a_bits: int | None = 4  # None keeps activations in float (weight-only quantization)
+    w_granularity: str = "channel"
+    w_symmetric: bool = False
+    w_group_size: int = 128
+    a_granularity: str = "tensor"
+    a_symmetric: bool = False
+    w_observer: str = "mse"
+    a_observer: str = "mse"
+    first_last_bits: int | None = 8  # the first and last layer's bits; None: same as the others
+    skip: list[str] = field(default_factory=list)  # layer paths kept in float
+    fold_bn: bool = True
+    blocks: list[str] | None = None  # override the adapter's reconstruction blocks (module paths)
+    # calibration and reconstruction
+    preset: str | None = None
+    num_samples: int = 1024
+    act_calib_samples: int = 256
+    batch_size: int = 32
+    iters: int = 20000
+    drop_prob: float = 0.5  # QDrop: probability that an activation element keeps its quantized value
+    lr_round: float = 1e-3
+    lr_act: float = 4e-5
+    round_weight: float = 0.01
+    warmup: float = 0.2
+    device: str | None = None  # "cuda", "cpu"; default: CUDA when available
+    seed: int = 0
+    progress: bool = True
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def build(cls, recipe: str | Path | dict | None = None, **overrides) -> "QuantConfig":
+        """Defaults, overridden by the preset's fields, then the recipe's, then explicit ones (None is ignored)."""
+        values: dict = {}
+        if recipe is not None:
+            values.update(load_recipe(recipe))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(values) - set(cls.fields()))
+        if unknown:
+            raise SlimkitError(f"unknown option {unknown[0]!r}; known options: {', '.join(cls.fields())}")
+        preset = values.get("preset")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise SlimkitError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+            values = {**PRESETS[preset], **values}
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        from .methods import METHODS
+
+        if self.method not in METHODS:
+            raise SlimkitError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        for name in ("w_bits", "a_bits", "first_last_bits"):
+            bits = getattr(self, name)
+            if bits is None and name != "w_bits":
+                continue
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise SlimkitError(f"{name} must be an integer from 2 to 8, got {bits!r}")
+        for name in ("w_granularity", "a_granularity"):
+            if getattr(self, name) not in GRANULARITIES:
+                raise SlimkitError(f"{name} must be one of {', '.join(GRANULARITIES)}, got {getattr(self, name)!r}")
+        for name in ("w_observer", "a_observer"):
+            if getattr(self, name) not in OBSERVERS:
+                raise SlimkitError(f"{name} must be one of {', '.join(OBSERVERS)}, got {getattr(self, name)!r}")
+        if not 0.0 < self.drop_prob <= 1.0:
+            raise SlimkitError(f"drop_prob must be in (0, 1], got {self.drop_prob}")
+        for name in ("num_samples", "batch_size", "act_calib_samples"):
+            if getattr(self, name) < 1:
+                raise SlimkitError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.iters < 0:
+            raise SlimkitError(f"iters must be non-negative, got {self.iters}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(recipe: str | Path | dict) -> dict:
+    """A recipe is a mapping of QuantConfig fields: a dict, a YAML file, or the name of a shipped recipe."""
+    if isinstance(recipe, dict):
+        return dict(recipe)
+    path = Path(recipe)
+    if not path.exists():
+        shipped = Path(__file__).parent / "recipes" / f"{recipe}.yaml"
+        if not shipped.exists():
+            raise SlimkitError(f"recipe {str(recipe)!r} not found: give a YAML file path or a shipped recipe name")
+        path = shipped
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SlimkitError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise SlimkitError(f"recipe {path} must be a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in values.items()}

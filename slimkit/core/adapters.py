@@ -1,0 +1,122 @@
+"""Model adapters for CNNs: which modules form the blocks that reconstruction optimises one at a time.
+
+A block is a sub-module called once per forward with one tensor in and one tensor out. Known residual
+block classes are recognised by name (ResNet BasicBlock / Bottleneck, MobileNetV2 InvertedResidual,
+EfficientNet(-Lite) MBConvBlock, timm's variants); `register_block_type` adds a user's own. Every
+quantizable layer outside a block becomes a block of its own, so an unknown CNN still quantizes (the
+fallback). Execution order is read from one traced forward, so models with any control flow work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .wrap import layer_modules
+
+BLOCK_TYPES: set[str] = {
+    "BasicBlock", "Bottleneck",  # ResNet (torchvision, timm, ours)
+    "InvertedResidual",  # MobileNetV2 / V3 (torchvision, timm)
+    "MBConvBlock", "MBConv", "FusedMBConv",  # EfficientNet(-Lite), EfficientNetV2
+    "DepthwiseSeparableConv", "EdgeResidual",  # timm's EfficientNet family
+}
+
+
+def register_block_type(cls_or_name: type | str) -> None:
+    """Treat modules of this class as reconstruction blocks (for a model family slimkit does not know)."""
+    BLOCK_TYPES.add(cls_or_name if isinstance(cls_or_name, str) else cls_or_name.__name__)
+
+
+@dataclass
+class Block:
+    """One unit of reconstruction: a module path and the quantizable layers (full paths) inside it."""
+
+    name: str
+    layers: list[str]
+    order: int  # position of its first call in the forward pass
+
+
+def trace_calls(model: nn.Module, example: torch.Tensor, modules: dict[str, nn.Module]) -> dict[str, dict]:
+    """Run the model once; for each named module record first-call order, call count, and whether its
+    call had exactly one tensor argument and returned one tensor (what a block must do)."""
+    info: dict[str, dict] = {}
+    counter = [0]
+    handles = []
+
+    def make_hooks(name):
+        def pre(module, args, kwargs):
+            rec = info.setdefault(name, {"order": counter[0], "calls": 0, "simple": True})
+            counter[0] += 1
+            rec["calls"] += 1
+            tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+            if len(tensors) != 1 or not isinstance(args[0] if args else None, torch.Tensor):
+                rec["simple"] = False
+
+        def post(module, args, kwargs, output):
+            if not isinstance(output, torch.Tensor):
+                info[name]["simple"] = False
+        return pre, post
+
+    for name, m in modules.items():
+        pre, post = make_hooks(name)
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return info
+
+
+def find_blocks(model: nn.Module, example: torch.Tensor, granularity: str = "block",
+                block_names: list[str] | None = None) -> tuple[list[Block], list[str]]:
+    """Blocks in execution order, and the quantizable layers that cannot be reconstructed (never called,
+    or called more than once, e.g. shared weights).
+
+    granularity="layer" makes every quantizable layer its own block (AdaRound); "block" groups layers into
+    the adapter's blocks (BRECQ, QDrop). `block_names` overrides the detected blocks with given module paths.
+    """
+    layers = layer_modules(model)
+    candidates: dict[str, nn.Module] = {}
+    if granularity == "block":
+        if block_names is not None:
+            missing = [n for n in block_names if n not in dict(model.named_modules())]
+            if missing:
+                raise ValueError(f"no module named {missing[0]!r} in the model (blocks must be module paths)")
+            candidates = {n: model.get_submodule(n) for n in block_names}
+        else:
+            for name, m in model.named_modules():
+                if name and type(m).__name__ in BLOCK_TYPES and not any(name.startswith(c + ".") for c in candidates):
+                    candidates[name] = m
+    info = trace_calls(model, example, {**candidates, **layers})
+
+    def usable(name):
+        rec = info.get(name)
+        return rec is not None and rec["calls"] == 1 and rec["simple"]
+
+    blocks, claimed = [], set()
+    for name in candidates:
+        inner = [n for n in layers if n.startswith(name + ".")]
+        if inner and usable(name):
+            blocks.append(Block(name, inner, info[name]["order"]))
+            claimed.update(inner)
+    skipped = []
+    for name in layers:
+        if name in claimed:
+            continue
+        if usable(name):
+            blocks.append(Block(name, [name], info[name]["order"]))
+        else:
+            skipped.append(name)
+    blocks.sort(key=lambda b: b.order)
+    return blocks, skipped
+
+
+def layer_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Quantizable layers in the order the forward pass first calls them (uncalled ones last)."""
+    layers = layer_modules(model)
+    info = trace_calls(model, example, layers)
+    return sorted(layers, key=lambda n: info[n]["order"] if n in info else float("inf"))

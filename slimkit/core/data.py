@@ -1,0 +1,119 @@
+"""Calibration and evaluation data: whatever the user has, as one float tensor of inputs (and labels).
+
+Accepted: a tensor or NumPy array of inputs; an (inputs, labels) pair; a list of tensors; a Dataset or
+DataLoader yielding tensors or (input, label) pairs; a file (.safetensors, .npy, .npz; never pickles)
+holding inputs under "x" / "images" / "inputs" (labels under "y" / "labels"); or a shipped dataset name.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SlimkitError
+
+INPUT_KEYS = ("x", "images", "inputs", "input", "data")
+LABEL_KEYS = ("y", "labels", "label", "targets")
+
+
+def _as_tensor(a) -> torch.Tensor:
+    t = torch.from_numpy(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+    return t
+
+
+def _pick(mapping: dict, keys: tuple, what: str, source: str, required: bool):
+    for k in keys:
+        if k in mapping:
+            return mapping[k]
+    if required and len(mapping) == 1:
+        return next(iter(mapping.values()))
+    if required:
+        raise SlimkitError(f"{source} has no {what} array: name it one of {', '.join(keys)} (found: {', '.join(mapping) or 'nothing'})")
+    return None
+
+
+def load_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs, labels or None) from a .safetensors, .npy or .npz file."""
+    path = Path(path)
+    if not path.exists():
+        raise SlimkitError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file as st_load
+            arrays = st_load(str(path))
+        elif suffix == ".npy":
+            arrays = {"x": np.load(path, allow_pickle=False)}
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        else:
+            raise SlimkitError(f"unsupported data file {path.name}: use .safetensors, .npy or .npz (pickles are never loaded)")
+    except SlimkitError:
+        raise
+    except Exception as e:  # corrupt file, pickled object array, ...
+        raise SlimkitError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
+    x = _pick(arrays, INPUT_KEYS, "input", str(path), required=True)
+    y = _pick(arrays, LABEL_KEYS, "label", str(path), required=False)
+    return _as_tensor(x), (_as_tensor(y) if y is not None else None)
+
+
+def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs, labels or None) from any accepted form (see the module docstring)."""
+    if isinstance(data, (str, Path)):
+        from ..models import DATASETS
+
+        if str(data) in DATASETS:
+            data = DATASETS[str(data)]()
+        else:
+            if not Path(data).exists():
+                raise SlimkitError(f"data {str(data)!r} is neither a file nor a shipped dataset ({', '.join(DATASETS)})")
+            return load_file(data)
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        return _as_tensor(data), None
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, (torch.Tensor, np.ndarray)) for d in data):
+        return _as_tensor(data[0]), _as_tensor(data[1])
+    if isinstance(data, dict):
+        x = _pick(data, INPUT_KEYS, "input", "the data mapping", required=True)
+        y = _pick(data, LABEL_KEYS, "label", "the data mapping", required=False)
+        return _as_tensor(x), (_as_tensor(y) if y is not None else None)
+    try:
+        items = list(data)
+    except TypeError:
+        raise SlimkitError(f"cannot use {type(data).__name__} as data: give a tensor, an array, (inputs, labels), "
+                           "a list of tensors, a Dataset/DataLoader or a .safetensors/.npy/.npz file") from None
+    if not items:
+        raise SlimkitError("the data is empty: give at least one calibration sample")
+    xs, ys = [], []
+    for item in items:
+        if isinstance(item, (tuple, list)) and len(item) >= 1:
+            xs.append(_as_tensor(item[0]))
+            if len(item) > 1:
+                ys.append(_as_tensor(item[1]))
+        else:
+            xs.append(_as_tensor(item))
+    batched = isinstance(data, torch.utils.data.DataLoader)  # items are batches, not samples
+    shapes = {tuple(x.shape[1:]) if batched else tuple(x.shape) for x in xs}
+    if len(shapes) > 1:
+        raise SlimkitError(f"data samples have different shapes ({', '.join(map(str, sorted(shapes)))}): give samples of one shape")
+    x = torch.cat(xs) if batched else torch.stack(xs)
+    y = None
+    if ys and len(ys) == len(xs):
+        y = torch.cat([t.reshape(-1) for t in ys]) if batched else torch.stack([t.reshape(()) for t in ys])
+    return x, y
+
+
+def calibration_tensor(data, num_samples: int, seed: int = 0) -> torch.Tensor:
+    """The float calibration inputs, at most `num_samples` of them (a fixed random subset when more)."""
+    x, _ = resolve(data)
+    if x.numel() == 0 or x.shape[0] == 0:
+        raise SlimkitError("the calibration data is empty: give at least one sample")
+    if not torch.is_floating_point(x):
+        raise SlimkitError(f"calibration inputs must be floating point, got {x.dtype} (scale images to floats first)")
+    if not torch.isfinite(x).all():
+        raise SlimkitError("the calibration data holds NaN or infinite values")
+    if x.shape[0] > num_samples:
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples]
+        x = x[idx.sort().values]
+    return x.float().contiguous()

@@ -1,0 +1,82 @@
+"""BatchNorm folding: merge each BatchNorm2d into the convolution that feeds it, before quantization.
+
+Pairs are found by running the model once with hooks: a BatchNorm whose input is the very tensor a
+Conv2d just produced belongs to that conv. Folding  W' = W * g / sqrt(v + eps),
+b' = (b - m) * g / sqrt(v + eps) + beta  and replacing the BatchNorm by nn.Identity keeps the function;
+`fold_bn` checks that on the example input and refuses (with the error) if it does not hold.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import SlimkitError
+from .wrap import set_submodule
+
+
+def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv name, bn name) pairs where the BN consumes the conv's output directly."""
+    names = {m: n for n, m in model.named_modules()}
+    last_outputs: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    used: set[str] = set()
+
+    def conv_hook(module, inputs, output):
+        last_outputs[id(output)] = names[module]
+
+    def bn_pre_hook(module, inputs):
+        conv = last_outputs.get(id(inputs[0]))
+        if conv is not None and conv not in used:
+            pairs.append((conv, names[module]))
+            used.add(conv)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(bn_pre_hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return pairs
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold bn's affine normalisation into conv's weight and bias, in place."""
+    with torch.no_grad():
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+        factor = gamma / std
+        conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * factor + beta
+        conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+
+
+def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: float = 1e-5) -> list[tuple[str, str]]:
+    """Fold every Conv2d→BatchNorm2d pair of `model` in place; returns the pairs folded."""
+    was_training = model.training
+    model.eval()
+    pairs = find_conv_bn_pairs(model, example)
+    if not pairs:
+        return pairs
+    with torch.no_grad():
+        before = model(example) if check else None
+    for conv_name, bn_name in pairs:
+        fold_conv_bn(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        set_submodule(model, bn_name, nn.Identity())
+    if check:
+        with torch.no_grad():
+            after = model(example)
+        err = ((after - before).norm() / before.norm().clamp_min(1e-12)).item()
+        if err > rtol * 10:
+            raise SlimkitError(
+                f"folding BatchNorm into the preceding convolutions changed the model's output (relative error {err:.2e}); "
+                "a convolution's output is probably used elsewhere too. Pass fold_bn=False to quantize without folding.")
+    model.train(was_training)
+    return pairs

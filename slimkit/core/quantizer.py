@@ -1,0 +1,269 @@
+"""Uniform affine fake quantization: the math every slimkit quantization method shares.
+
+A tensor is viewed as rows (`to_rows`): one row per quantization group, so per-tensor, per-channel,
+per-token and per-group quantization are the same code with different views. Each row gets a scale `s`
+and an integer zero point `z`; values map to the grid  q = clamp(round(x / s) + z, qmin, qmax)  and back
+to  (q - z) * s.  Rounding uses the straight-through estimator, so autograd gives the LSQ gradient for the
+step size (Esser et al., 2020, "Learned Step Size Quantization"), scaled by 1/sqrt(N * qmax) as the paper does.
+
+AdaRound (Nagel et al., 2020) replaces round() by floor() plus a learned rectified sigmoid
+h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1) with zeta = 1.1, gamma = -0.1, regularised by
+sum(1 - |2h - 1|^beta) with beta annealed from 20 to 2 after a warm-up (QDrop's public code uses the same).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+
+import torch
+from torch import nn
+
+GRANULARITIES = ("tensor", "channel", "token", "group")
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
+
+
+@dataclass
+class QuantSpec:
+    """How one tensor is quantized: bit width, signedness and the granularity of its scales."""
+
+    bits: int = 8
+    symmetric: bool = False
+    granularity: str = "tensor"  # tensor | channel | token | group
+    group_size: int = 128
+    ch_axis: int = 0  # the channel axis for granularity="channel"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.granularity == "group" and self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View `x` as a 2-D tensor with one quantization group per row (a view, no copy, in the common cases)."""
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    if spec.granularity == "channel":
+        if spec.ch_axis == 0:
+            return x.reshape(x.shape[0], -1)
+        return x.movedim(spec.ch_axis, 0).reshape(x.shape[spec.ch_axis], -1)
+    if spec.granularity == "token":
+        return x.reshape(-1, x.shape[-1])
+    if x.shape[-1] % spec.group_size:
+        raise ValueError(f"last dimension {x.shape[-1]} is not divisible by group_size {spec.group_size}")
+    return x.reshape(-1, spec.group_size)
+
+
+def from_rows(rows: torch.Tensor, like: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Undo `to_rows` for a tensor shaped like `like`."""
+    if spec.granularity == "channel" and spec.ch_axis != 0:
+        shape = list(like.shape)
+        moved = [shape[spec.ch_axis]] + shape[: spec.ch_axis] + shape[spec.ch_axis + 1 :]
+        return rows.reshape(moved).movedim(0, spec.ch_axis)
+    return rows.reshape(like.shape)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point (float tensors) that map [lo, hi] onto the grid; the range always holds 0."""
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    eps = torch.finfo(torch.float32).eps
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) / ((spec.qmax - spec.qmin) / 2)
+        scale = scale.clamp_min(eps)
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(eps)
+        zero_point = (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax)
+    return scale, zero_point
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient is the identity (straight-through estimator)."""
+    return (torch.round(x) - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward pass, gradient multiplied by `factor` (LSQ's step-size gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize and dequantize with STE rounding; gradients reach x (inside the range) and scale (LSQ)."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The integer codes (as float) of `x` on the grid; `dequantize(quantize_int(x)) == fake_quant(x)`."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (q - zero_point) * scale
+
+
+def fake_quant_tensor(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize a whole tensor whose per-row scale and zero point are 1-D tensors (one per row)."""
+    rows = to_rows(x, spec)
+    out = fake_quant(rows, scale.reshape(-1, 1), zero_point.reshape(-1, 1), spec.qmin, spec.qmax)
+    return from_rows(out, x, spec)
+
+
+def dynamic_fake_quant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake-quantize with scales taken from the tensor itself (min-max per row): per-token activations."""
+    rows = to_rows(x, spec)
+    scale, zero_point = qparams_from_range(rows.detach().amin(1), rows.detach().amax(1), spec)
+    out = fake_quant(rows, scale.reshape(-1, 1), zero_point.reshape(-1, 1), spec.qmin, spec.qmax)
+    return from_rows(out, x, spec)
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's h(V): a sigmoid stretched to (gamma, zeta) and clipped to [0, 1], so 0 and 1 are reachable."""
+    return torch.clamp(torch.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0, 1)
+
+
+def adaround_init(rest: torch.Tensor) -> torch.Tensor:
+    """V such that h(V) equals the fractional part `rest` in [0, 1): learning starts at the float weight."""
+    rest = rest.clamp(1e-6, 1 - 1e-6)
+    return -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (rest - ADAROUND_GAMMA) - 1)
+
+
+def adaround_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """sum(1 - |2 h(V) - 1|^beta): zero only when every h(V) is exactly 0 or 1."""
+    return (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
+
+
+class Quantizer(nn.Module):
+    """A fake quantizer for one tensor: static scales set by an observer, optionally learned (LSQ).
+
+    Modes: `observing` (record statistics, pass x through), `enabled` (fake-quantize). `quant_prob` < 1 makes
+    each element keep its quantized value only with that probability and its float value otherwise (QDrop).
+    `adaround` turns on learned rounding (weights only): call `init_adaround(w)` with the weight first.
+    """
+
+    def __init__(self, spec: QuantSpec, observer: str = "minmax", learn_scale: bool = False):
+        super().__init__()
+        from .observers import make_observer
+
+        self.spec = spec
+        self.observer_name = observer
+        self.observer = make_observer(observer, spec) if spec.granularity != "token" else None
+        self.learn_scale = learn_scale
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1))
+        self.enabled = True
+        self.observing = False
+        self.quant_prob = 1.0
+        self.alpha: nn.Parameter | None = None  # AdaRound's V
+        self.hard_round = False
+
+    # -- calibration -------------------------------------------------------------------------------
+    @property
+    def dynamic(self) -> bool:
+        return self.spec.granularity == "token"
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.observer is not None:
+            self.observer.update(to_rows(x.detach().float(), self.spec))
+
+    def compute_qparams(self) -> None:
+        """Turn the observer's statistics into scale and zero point."""
+        if self.observer is None:
+            return
+        scale, zero_point = self.observer.compute()
+        self.set_qparams(scale, zero_point)
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        scale = scale.detach().reshape(-1).float().to(self.scale.device)
+        zero_point = zero_point.detach().reshape(-1).float().to(self.scale.device)
+        if self.learn_scale:
+            self.scale = nn.Parameter(scale.clone())
+        else:
+            self.scale = scale.clone()
+        self.zero_point = zero_point.clone()
+
+    def make_learnable(self) -> None:
+        """Turn the step size into a Parameter (LSQ)."""
+        if self.dynamic:
+            return
+        self.learn_scale = True
+        if not isinstance(self.scale, nn.Parameter):
+            scale = self.scale.detach().clone()
+            del self.scale
+            self.scale = nn.Parameter(scale)
+
+    def freeze_scale(self) -> None:
+        """Turn a learned step size back into a buffer (after reconstruction)."""
+        if isinstance(self.scale, nn.Parameter):
+            scale = self.scale.detach().abs().clamp_min(torch.finfo(torch.float32).eps).clone()
+            del self.scale
+            self.register_buffer("scale", scale)
+        self.learn_scale = False
+
+    # -- AdaRound ---------------------------------------------------------------------------------
+    def init_adaround(self, w: torch.Tensor) -> None:
+        rows = to_rows(w.detach(), self.spec) / self.scale.detach().reshape(-1, 1)
+        self.alpha = nn.Parameter(adaround_init(rows - torch.floor(rows)))
+        self.hard_round = False
+
+    def round_loss(self, beta: float) -> torch.Tensor:
+        return adaround_regularizer(self.alpha, beta)
+
+    def drop_adaround(self) -> None:
+        self.alpha = None
+        self.hard_round = False
+
+    # -- forward ------------------------------------------------------------------------------------
+    def _scale_for(self, rows: torch.Tensor) -> torch.Tensor:
+        scale = self.scale
+        if isinstance(scale, nn.Parameter):
+            scale = grad_scale(scale.abs().clamp_min(torch.finfo(torch.float32).eps), 1.0 / (rows.numel() / scale.numel() * self.spec.qmax) ** 0.5)
+        return scale.reshape(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.enabled:
+            return x
+        if self.dynamic:
+            out = dynamic_fake_quant(x, self.spec)
+        else:
+            rows = to_rows(x, self.spec)
+            scale, zp = self._scale_for(rows), self.zero_point.reshape(-1, 1)
+            if self.alpha is not None:
+                soft = (self.alpha >= 0).to(rows.dtype) if self.hard_round else rectified_sigmoid(self.alpha)
+                q = torch.clamp(torch.floor(rows.detach() / scale) + soft + zp, self.spec.qmin, self.spec.qmax)
+                out = from_rows((q - zp) * scale, x, self.spec)
+            else:
+                out = from_rows(fake_quant(rows, scale, zp, self.spec.qmin, self.spec.qmax), x, self.spec)
+        if self.quant_prob < 1.0:
+            out = torch.where(torch.rand_like(out) < self.quant_prob, out, x)
+        return out
+
+    def int_codes(self, w: torch.Tensor) -> torch.Tensor:
+        """Integer codes of `w` (same shape as w, as int16) under the current scales and rounding."""
+        rows = to_rows(w.detach(), self.spec)
+        scale, zp = self.scale.detach().reshape(-1, 1), self.zero_point.reshape(-1, 1)
+        if self.alpha is not None:
+            q = torch.clamp(torch.floor(rows / scale) + (self.alpha >= 0).to(rows.dtype) + zp, self.spec.qmin, self.spec.qmax)
+        else:
+            q = quantize_int(rows, scale, zp, self.spec.qmin, self.spec.qmax)
+        return from_rows(q, w, self.spec).to(torch.int16)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"bits={s.bits}, symmetric={s.symmetric}, granularity={s.granularity}, observer={self.observer_name}"

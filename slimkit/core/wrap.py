@@ -1,0 +1,166 @@
+"""Quantized twins of nn.Linear and nn.Conv2d, swapped in and out of any nn.Module.
+
+A `QuantLayer` keeps the original layer (`.layer`, so its own forward, padding and subclass behaviour are
+kept), a weight quantizer and an input-activation quantizer. After reconstruction `freeze()` stores the
+weight as integer codes and the layer computes with their dequantized value, exactly what `slimkit.load`
+rebuilds from the artifact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .observers import mse_search
+from .quantizer import QuantSpec, Quantizer, dequantize, qparams_from_range, to_rows, from_rows
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d)
+
+
+def weight_qparams(w: torch.Tensor, spec: QuantSpec, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point for a weight, from its own values (min-max, or MSE over all values)."""
+    rows = to_rows(w.detach().float(), spec)
+    lo, hi = rows.amin(1), rows.amax(1)
+    if observer == "mse":
+        return mse_search(rows, lo, hi, spec)
+    if observer == "percentile":
+        lo, hi = torch.quantile(rows, 1e-4, dim=1), torch.quantile(rows, 1 - 1e-4, dim=1)
+    return qparams_from_range(lo, hi, spec)
+
+
+class QuantLayer(nn.Module):
+    """A Linear or Conv2d whose weight and input activation are fake-quantized."""
+
+    def __init__(self, layer: nn.Module, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
+                 w_observer: str = "mse", a_observer: str = "mse"):
+        super().__init__()
+        if not isinstance(layer, QUANTIZABLE):
+            raise TypeError(f"cannot quantize {type(layer).__name__}: only nn.Linear and nn.Conv2d")
+        self.layer = layer
+        self.w_quant = Quantizer(w_spec, w_observer) if w_spec is not None else None
+        self.a_quant = Quantizer(a_spec, a_observer) if a_spec is not None else None
+        self.register_buffer("w_int", None)  # integer codes once frozen
+        self._fast_conv = isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward
+        self._w_cache: torch.Tensor | None = None
+        if self.w_quant is not None:
+            self.w_quant.set_qparams(*weight_qparams(layer.weight, w_spec, w_observer))
+
+    @property
+    def kind(self) -> str:
+        return "conv2d" if isinstance(self.layer, nn.Conv2d) else "linear"
+
+    @property
+    def frozen(self) -> bool:
+        return self.w_int is not None
+
+    def quantized_weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        if self.w_quant is None:
+            return w
+        if self.frozen:
+            if self._w_cache is None or self._w_cache.device != self.w_int.device:
+                rows = to_rows(self.w_int.float(), self.w_quant.spec)
+                deq = dequantize(rows, self.w_quant.scale.reshape(-1, 1), self.w_quant.zero_point.reshape(-1, 1))
+                self._w_cache = from_rows(deq, self.w_int, self.w_quant.spec).to(w.dtype)
+            return self._w_cache
+        return self.w_quant(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_quant is not None:
+            x = self.a_quant(x)
+        w = self.quantized_weight()
+        layer = self.layer
+        if isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
+            return F.linear(x, w, layer.bias)
+        if self._fast_conv:
+            return layer._conv_forward(x, w, layer.bias)
+        return functional_call(layer, {"weight": w}, (x,))
+
+    def freeze(self) -> None:
+        """Fix the weight to its integer codes (hard rounding, learned steps become buffers)."""
+        if self.w_quant is None:
+            return
+        self.w_int = self.w_quant.int_codes(self.layer.weight)
+        self.w_quant.drop_adaround()
+        self.w_quant.freeze_scale()
+        self._w_cache = None
+        if self.a_quant is not None:
+            self.a_quant.freeze_scale()
+            self.a_quant.quant_prob = 1.0
+
+    def _apply(self, fn, recurse=True):
+        self._w_cache = None
+        return super()._apply(fn, recurse)
+
+    def settings(self) -> dict:
+        """The per-layer quantization settings recorded in the manifest."""
+        return {
+            "kind": self.kind,
+            "weight": self.w_quant.spec.to_dict() if self.w_quant else None,
+            "act": self.a_quant.spec.to_dict() if self.a_quant else None,
+            "w_observer": self.w_quant.observer_name if self.w_quant else None,
+            "a_observer": self.a_quant.observer_name if self.a_quant else None,
+        }
+
+
+@dataclass
+class LayerPlan:
+    """What to do with one layer: its weight and activation specs (None leaves that part in float)."""
+
+    w_spec: QuantSpec | None
+    a_spec: QuantSpec | None
+    w_observer: str = "mse"
+    a_observer: str = "mse"
+
+
+def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear/Conv2d of the model by path: the QuantLayer where one is wrapped, else the float layer."""
+    found: dict[str, nn.Module] = {}
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+    for name, module in model.named_modules():
+        inside_wrapper = name.endswith(".layer") and name[: -len(".layer")] in wrapped
+        if isinstance(module, QuantLayer) or (isinstance(module, QUANTIZABLE) and not inside_wrapper):
+            found[name] = module
+    return found
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def wrap_layers(model: nn.Module, plans: dict[str, LayerPlan]) -> dict[str, QuantLayer]:
+    """Replace each named layer by its QuantLayer twin, in place; returns the wrappers by name."""
+    wrapped = {}
+    for name, plan in plans.items():
+        layer = model.get_submodule(name)
+        q = QuantLayer(layer, plan.w_spec, plan.a_spec, plan.w_observer, plan.a_observer)
+        set_submodule(model, name, q)
+        wrapped[name] = q
+    return wrapped
+
+
+def unwrap_layers(model: nn.Module) -> nn.Module:
+    """Put the original float layers back (the inverse of wrap_layers), in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLayer):
+            set_submodule(model, name, module.layer)
+    return model
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def quantizers(model: nn.Module, kind: str = "all") -> Iterator[Quantizer]:
+    """The activation ("act"), weight ("weight") or all quantizers of a model."""
+    for layer in quant_layers(model).values():
+        if kind in ("all", "weight") and layer.w_quant is not None:
+            yield layer.w_quant
+        if kind in ("all", "act") and layer.a_quant is not None:
+            yield layer.a_quant

@@ -1,0 +1,19 @@
+"""QDrop (Wei et al., ICLR 2022): block reconstruction with activation quantization randomly dropped.
+
+Same engine and blocks as BRECQ; during reconstruction every element of every activation quantizer's
+output keeps its quantized value with probability `drop_prob` (0.5) and its float value otherwise, and the
+block input is the same element-wise mix of the quantized-prefix input and the float input. The paper
+shows this flattens the optimised model on both calibration and test data, which is what makes W2A4 work.
+"""
+from __future__ import annotations
+
+from ..core.adapters import find_blocks
+from ..core.reconstruct import reconstruct_model
+from .common import recon_config
+
+
+def run(q_model, fp_model, data, cfg, device) -> dict:
+    blocks, _ = find_blocks(q_model, data[:1].to(device), block_names=cfg.blocks)
+    rc = recon_config(cfg, adaround=True, learn_act=True, act_in_recon=True,
+                      quant_prob=cfg.drop_prob, mix_inputs=True)
+    return reconstruct_model(q_model, fp_model, data, blocks, rc, device)

@@ -1,0 +1,139 @@
+"""`slimkit.quantize`: the one verb for post-training quantization.
+
+model + calibration data -> fold BatchNorm -> wrap Linear/Conv2d in quantized twins (first and last layer at
+8 bits) -> calibrate activation ranges -> the method's optimisation (nothing for RTN, reconstruction for
+AdaRound / BRECQ / QDrop) -> freeze to integer weights. The input model is left untouched.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import QuantConfig
+from .core.adapters import layer_order
+from .core.data import calibration_tensor
+from .core.fold import fold_bn
+from .core.quantizer import QuantSpec
+from .core.wrap import LayerPlan, quant_layers, quantizers, wrap_layers
+from .errors import SlimkitError
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SlimkitError(f"unknown device {name!r}: use 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SlimkitError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu")
+    return device
+
+
+def check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """Fail with a clear message when the calibration data does not fit the model."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as e:
+        raise SlimkitError(f"the model does not accept calibration inputs of shape {tuple(example.shape[1:])} "
+                           f"(per sample): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def layer_plans(order: list[str], cfg: QuantConfig) -> dict[str, LayerPlan]:
+    """Bits and granularity for each layer; the first and last layer get `first_last_bits`."""
+    plans = {}
+    kept = [n for n in order if n not in cfg.skip]
+    for name in kept:
+        edge = cfg.first_last_bits is not None and name in (kept[0], kept[-1])
+        w_bits = cfg.first_last_bits if edge else cfg.w_bits
+        a_bits = None if cfg.a_bits is None else (cfg.first_last_bits if edge else cfg.a_bits)
+        w_spec = QuantSpec(w_bits, cfg.w_symmetric, cfg.w_granularity, cfg.w_group_size, ch_axis=0)
+        a_spec = None if a_bits is None else QuantSpec(a_bits, cfg.a_symmetric, cfg.a_granularity, cfg.w_group_size, ch_axis=1)
+        plans[name] = LayerPlan(w_spec, a_spec, cfg.w_observer, cfg.a_observer)
+    return plans
+
+
+def calibrate_activations(model: nn.Module, data: torch.Tensor, device: torch.device, batch_size: int = 64,
+                          progress: bool = True) -> None:
+    """Run data through the float-weight model with every activation quantizer observing, then set ranges."""
+    acts = list(quantizers(model, "act"))
+    if not acts:
+        return
+    weights = list(quantizers(model, "weight"))
+    for q in weights:
+        q.enabled = False
+    for q in acts:
+        q.observing = True
+    try:
+        with torch.no_grad():
+            for i in tqdm(range(0, len(data), batch_size), desc="calibrating activations", disable=not progress, leave=False):
+                model(data[i : i + batch_size].to(device))
+    finally:
+        for q in acts:
+            q.observing = False
+        for q in weights:
+            q.enabled = True
+    for q in acts:
+        if not q.dynamic:
+            q.compute_qparams()
+            q.observer = None  # statistics are no longer needed; free their memory
+
+
+def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: int | None = None,
+             a_bits: int | None = None, recipe=None, **options) -> nn.Module:
+    """Quantize a copy of `model` with `method` ("rtn", "adaround", "brecq", "qdrop"; default qdrop W4A4).
+
+    `calib_data`: inputs as a tensor, array, (inputs, labels), list, Dataset/DataLoader, file or shipped name.
+    `recipe`: a YAML path, a shipped recipe name or a dict of QuantConfig fields; keyword options override it.
+    Pass `a_bits=None` in a recipe for weight-only quantization. The result carries `slimkit_info` (the
+    manifest: method, config, per-layer settings, per-block losses, timings) used by `slimkit.save`.
+    """
+    t0 = time.perf_counter()
+    cfg = QuantConfig.build(recipe, method=method, w_bits=w_bits, a_bits=a_bits, **options)
+    if not isinstance(model, nn.Module):
+        raise SlimkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    device = pick_device(cfg.device)
+    data = calibration_tensor(calib_data, cfg.num_samples, cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    fp_model = copy.deepcopy(model).eval().to(device)
+    example = data[:2].to(device)
+    check_runs(fp_model, example)
+    folded = fold_bn(fp_model, example) if cfg.fold_bn else []
+    order = layer_order(fp_model, example)
+    unknown = [s for s in cfg.skip if s not in order]
+    if unknown:
+        raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model")
+    plans = layer_plans(order, cfg)
+    if not plans:
+        raise SlimkitError("the model has no quantizable layers (nn.Linear or nn.Conv2d) left to quantize")
+
+    q_model = copy.deepcopy(fp_model)
+    wrap_layers(q_model, plans)
+    calibrate_activations(q_model, data[: cfg.act_calib_samples], device, progress=cfg.progress)
+    t_calib = time.perf_counter() - t0
+
+    from .methods import METHODS
+
+    stats = METHODS[cfg.method](q_model, fp_model, data, cfg, device)
+    for layer in quant_layers(q_model).values():
+        if not layer.frozen:
+            layer.freeze()
+    q_model.eval()
+    q_model.slimkit_info = {
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "folded_bn": [list(p) for p in folded],
+        "layers": {name: layer.settings() for name, layer in quant_layers(q_model).items()},
+        "blocks": stats,
+        "input_shape": list(data.shape[1:]),
+        "model_spec": getattr(model, "_slimkit_spec", None),
+        "seconds": {"calibration": t_calib, "total": time.perf_counter() - t0},
+        "device": str(device),
+    }
+    return q_model
