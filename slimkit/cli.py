@@ -1,0 +1,172 @@
+"""The `slimkit` command: sub-commands mirror the library's verbs (quantize, eval)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import SlimkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="slimkit: make neural networks smaller and faster.")
+console = Console(stderr=True)
+
+MODEL_HELP = ("a shipped model name (fmnist-resnet, efficientnet-lite0), a directory written by `slimkit quantize`, "
+              "or a factory 'file.py:function' / 'package.module:function' returning an nn.Module")
+
+
+def _methods_help() -> str:
+    from .methods import DESCRIPTIONS
+
+    return "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items())
+
+
+def load_any(model: str, weights: Optional[Path] = None):
+    """(model, is_artifact): a saved artifact directory, or a float model built by name or factory."""
+    from .io.artifact import load
+    from .models import get_model
+
+    if Path(model).is_dir():
+        return load(model), True
+    return get_model(model, weights=weights), False
+
+
+@app.command(help="Quantize MODEL with calibration data and save it to --out.\n\nMethods: " + _methods_help())
+def quantize(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write the quantized model to"),
+    method: Optional[str] = typer.Option(None, help="rtn | adaround | brecq | qdrop (default qdrop)"),
+    w_bits: Optional[int] = typer.Option(None, "--w-bits", help="weight bits, 2..8 (default 4)"),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="activation bits, 2..8 (default 4)"),
+    calib: Optional[str] = typer.Option(None, help="calibration data: .safetensors/.npy/.npz file or shipped dataset name "
+                                                   "(default: the shipped model's calibration set)"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="data to evaluate FP and quantized models on"),
+    recipe: Optional[str] = typer.Option(None, help="YAML recipe: any of the options below as fields"),
+    preset: Optional[str] = typer.Option(None, help="paper (20000 iters/block) | demo (1000) | fast (100, for smoke tests)"),
+    iters: Optional[int] = typer.Option(None, help="reconstruction iterations per block"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default 1024)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="reconstruction batch size (default 32)"),
+    drop_prob: Optional[float] = typer.Option(None, "--drop-prob", help="QDrop: probability of keeping activation quantization (0.5)"),
+    w_observer: Optional[str] = typer.Option(None, "--w-observer", help="minmax | ema | mse | percentile"),
+    a_observer: Optional[str] = typer.Option(None, "--a-observer", help="minmax | ema | mse | percentile"),
+    w_granularity: Optional[str] = typer.Option(None, "--w-granularity", help="channel | tensor | group"),
+    first_last_bits: Optional[int] = typer.Option(None, "--first-last-bits", help="bits of the first and last layer (8)"),
+    weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
+    seed: Optional[int] = typer.Option(None, help="random seed (0)"),
+    overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+):
+    from . import quantize as run_quantize
+    from .config import QuantConfig
+    from .core.data import resolve
+    from .eval import evaluate, predict
+    from .io.artifact import save
+    from .models import default_data
+    from .report import print_table
+
+    if out.exists() and not overwrite:
+        raise SlimkitError(f"{out} already exists: choose another --out or pass --overwrite")
+    options = dict(method=method, w_bits=w_bits, a_bits=a_bits, preset=preset, iters=iters, num_samples=num_samples,
+                   batch_size=batch_size, drop_prob=drop_prob, w_observer=w_observer, a_observer=a_observer,
+                   w_granularity=w_granularity, first_last_bits=first_last_bits, device=device, seed=seed,
+                   progress=False if quiet else None)
+    QuantConfig.build(recipe, **options)  # fail on bad options before loading anything
+    fp_model, is_artifact = load_any(model, weights)
+    if is_artifact:
+        raise SlimkitError(f"{model} is already quantized: give the float model")
+    calib = calib or default_data(model, "calib")
+    if calib is None:
+        raise SlimkitError("give calibration data with --calib (a .safetensors/.npy/.npz file or a shipped dataset)")
+    t0 = time.perf_counter()
+    qmodel = run_quantize(fp_model, calib, recipe=recipe, **options)
+    seconds = time.perf_counter() - t0
+    rows = {}
+    eval_name = eval_data or default_data(model, "eval")
+    if eval_name is not None:
+        x, y = resolve(eval_name)
+        dev = qmodel.slimkit_info["device"]
+        ref = predict(fp_model, x, device=dev, progress=not quiet, desc="evaluating FP")
+        rows["FP"] = evaluate(fp_model, x, y, reference=ref, device=dev)
+        rows["quantized"] = evaluate(qmodel, x, y, reference=ref, device=dev, progress=not quiet)
+        rows["FP"]["seconds"] = None
+    else:
+        from .eval import model_size_bytes
+
+        rows = {"FP": {"size_bytes": model_size_bytes(fp_model)}, "quantized": {"size_bytes": model_size_bytes(qmodel)}}
+    rows["quantized"]["seconds"] = seconds
+    metrics = {"fp": rows["FP"], "quantized": rows["quantized"], "eval_data": eval_name}
+    save(qmodel, out, overwrite=overwrite, metrics=metrics)
+    info = qmodel.slimkit_info
+    cfg = info["config"]
+    a = cfg["a_bits"] if cfg["a_bits"] is not None else "16"
+    print_table(rows, title=f"{info['method']} W{cfg['w_bits']}A{a} on {model}", console=Console())
+    Console().print(f"saved to {out}")
+
+
+@app.command(name="eval", help="Evaluate a model or a saved quantized model: top-1 accuracy (with labels) and "
+                               "fidelity to the full-precision model (top-1 agreement, KL).")
+def eval_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, help="evaluation data (default: the shipped model's evaluation set)"),
+    reference: Optional[str] = typer.Option(None, help="the full-precision model to compare with (default: the one a "
+                                                       "saved artifact was made from, when slimkit can build it)"),
+    weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+):
+    from .core.data import resolve
+    from .eval import evaluate
+    from .models import default_data, get_model
+    from .quantize import pick_device
+    from .report import print_table
+
+    dev = pick_device(device)
+    m, is_artifact = load_any(model, weights)
+    spec = getattr(m, "_slimkit_spec", None) if is_artifact else None
+    builder = spec["builder"] if spec else model
+    data = data or default_data(builder, "eval")
+    if data is None:
+        raise SlimkitError("give evaluation data with --data (a .safetensors/.npy/.npz file or a shipped dataset)")
+    x, y = resolve(data)
+    ref_model = None
+    if reference is not None:
+        ref_model, _ = load_any(reference)
+    elif is_artifact and spec:
+        ref_model = get_model(spec["builder"], **spec.get("kwargs", {}))
+    metrics = evaluate(m, x, y, reference=ref_model, device=dev, progress=not quiet)
+    if y is None and ref_model is None:
+        console.print("[yellow]no labels and no reference model: only size is reported[/]")
+    print_table({Path(model).name or model: metrics}, title=f"eval on {data}", console=Console())
+
+
+def main() -> None:
+    """Entry point: bad input prints one line and exits with code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except SlimkitError as e:
+        console.print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(2)
+    except ImportError as e:
+        console.print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Evaluation: accuracy when labels exist, fidelity to the full-precision model, and model size."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .core.wrap import QuantLayer
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: torch.device | str = "cpu",
+            progress: bool = False, desc: str = "evaluating") -> torch.Tensor:
+    """The model's outputs (logits) for all inputs, computed in batches, returned on the CPU."""
+    model = model.eval().to(device)
+    outs = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
+            out = model(x[i : i + batch_size].to(device))
+            outs.append((out.logits if hasattr(out, "logits") else out).float().cpu())
+    return torch.cat(outs)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
+
+
+def fidelity(logits: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement with the reference model and KL(reference || model), averaged over samples."""
+    agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1), log_target=True, reduction="batchmean").item()
+    return {"agreement": agree, "kl": kl}
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Storage size: quantized weights at their bit width plus their scales and zero points (fp32),
+    every other parameter and buffer at its own dtype."""
+    total, counted = 0, set()
+    for module in model.modules():
+        if isinstance(module, QuantLayer) and module.w_quant is not None:
+            w = module.layer.weight
+            total += (w.numel() * module.w_quant.spec.bits + 7) // 8
+            total += 2 * module.w_quant.scale.numel() * 4
+            counted.update({id(w), id(module.w_int), id(module.w_quant.scale), id(module.w_quant.zero_point)})
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in counted:
+            total += t.numel() * t.element_size()
+            counted.add(id(t))
+    return total
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None,
+             reference: nn.Module | torch.Tensor | None = None, device: str | torch.device = "cpu",
+             batch_size: int = 256, progress: bool = False) -> dict[str, float]:
+    """Metrics of `model` on inputs `x`: top1 (with labels); agreement and kl (with a reference model or its
+    logits); size in bytes; seconds."""
+    t0 = time.perf_counter()
+    logits = predict(model, x, batch_size, device, progress)
+    metrics: dict[str, float] = {"samples": len(x), "size_bytes": model_size_bytes(model)}
+    if labels is not None:
+        metrics["top1"] = accuracy(logits, labels)
+    if reference is not None:
+        ref = reference if isinstance(reference, torch.Tensor) else predict(reference, x, batch_size, device, progress,
+                                                                             desc="evaluating reference")
+        metrics.update(fidelity(logits, ref))
+    metrics["seconds"] = time.perf_counter() - t0
+    return metrics

@@ -1,0 +1,188 @@
+"""Saved artifacts: a directory with `model.safetensors` and `manifest.json`. No pickle anywhere.
+
+Each quantized layer's weight is stored as its integer codes, offset to be non-negative and bit-packed
+(b bits each), with its scales and zero points; everything else of the model's state is stored as is.
+The manifest records the method, config, per-layer settings, the BatchNorm pairs folded, the input shape,
+how to rebuild the architecture, and metrics. `load` rebuilds a model whose outputs equal the in-memory
+quantized model's bit for bit. Writes go to a temporary directory renamed into place, so a failure never
+leaves a half-written artifact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.quantizer import QuantSpec
+from ..core.wrap import LayerPlan, QuantLayer, quant_layers, set_submodule, wrap_layers
+from ..errors import SlimkitError
+
+FORMAT, VERSION = "slimkit", 1
+WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned integers < 2**bits into a little-endian bit stream of uint8."""
+    planes = np.unpackbits(codes.astype(np.uint8).reshape(-1, 1), axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of pack_bits: `count` unsigned integers of `bits` bits each."""
+    planes = np.unpackbits(packed, bitorder="little")[: count * bits].reshape(count, bits)
+    planes = np.pad(planes, ((0, 0), (0, 8 - bits)))
+    return np.packbits(planes, axis=1, bitorder="little").reshape(count)
+
+
+def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    tensors, layers = {}, {}
+    qlayers = quant_layers(model)
+    for key, value in model.state_dict().items():
+        tensors[key] = value.detach().cpu().contiguous()
+    for name, layer in qlayers.items():
+        info = layer.settings()
+        if layer.w_quant is not None:
+            if not layer.frozen:
+                raise SlimkitError(f"layer {name} is not frozen: quantize with slimkit.quantize before saving")
+            spec = layer.w_quant.spec
+            codes = (layer.w_int.cpu().to(torch.int32) - spec.qmin).numpy().astype(np.uint8)
+            tensors.pop(f"{name}.w_int")
+            tensors.pop(f"{name}.layer.weight")
+            tensors[f"{name}.w_packed"] = torch.from_numpy(pack_bits(codes, spec.bits))
+            info["w_shape"] = list(layer.w_int.shape)
+            info["w_dtype"] = str(layer.layer.weight.dtype).removeprefix("torch.")
+        layers[name] = info
+    return tensors, layers
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    return repr(obj)
+
+
+def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: dict | None = None) -> Path:
+    """Write a quantized model to directory `path` (safetensors + JSON manifest), atomically."""
+    path = Path(path)
+    info = getattr(model, "slimkit_info", None)
+    if info is None or not quant_layers(model):
+        raise SlimkitError("this model was not produced by slimkit.quantize (no quantized layers): nothing to save")
+    if path.exists() and not overwrite:
+        raise SlimkitError(f"{path} already exists: choose another path or pass overwrite=True (--overwrite)")
+    tensors, layers = _state_tensors(model)
+    manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers}
+    if metrics:
+        manifest["metrics"] = _jsonable({**info.get("metrics", {}), **metrics})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a slimkit artifact, or a clear error for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SlimkitError(f"{path} is not a directory: give the folder written by slimkit.save / slimkit quantize --out")
+    mf = path / MANIFEST
+    if not mf.exists() or not (path / WEIGHTS).exists():
+        raise SlimkitError(f"{path} is not a slimkit artifact: it needs {MANIFEST} and {WEIGHTS}")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlimkitError(f"{mf} is corrupt (not valid JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SlimkitError(f"{path} is not a slimkit artifact (its manifest has no format: {FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise SlimkitError(f"{path} has artifact version {manifest.get('version')}, this slimkit reads version {VERSION}: upgrade slimkit")
+    return manifest
+
+
+def _spec(d: dict | None) -> QuantSpec | None:
+    return None if d is None else QuantSpec(**d)
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved quantized model. `model`: a float instance of the architecture, needed only when the
+    artifact came from a model slimkit cannot build by name (your own nn.Module class)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SlimkitError(f"{path / WEIGHTS} is corrupt: {e}") from None
+    if model is None:
+        spec = manifest.get("model_spec")
+        if not spec:
+            raise SlimkitError(f"{path} holds a model slimkit cannot rebuild by name: pass the float architecture, "
+                               "slimkit.load(path, model=YourModel())")
+        from ..models import get_model
+
+        model = get_model(spec["builder"], **spec.get("kwargs", {}))
+    import copy
+
+    model = copy.deepcopy(model).eval().cpu()
+    try:
+        for conv_name, bn_name in manifest.get("folded_bn", []):
+            conv = model.get_submodule(conv_name)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
+            set_submodule(model, bn_name, nn.Identity())
+        plans = {name: LayerPlan(_spec(s["weight"]), _spec(s["act"]), s.get("w_observer") or "minmax",
+                                 s.get("a_observer") or "minmax") for name, s in manifest["layers"].items()}
+        wrapped = wrap_layers(model, plans, init_qparams=False)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SlimkitError(f"the artifact at {path} does not match this model architecture: {e}") from None
+    handled = set()
+    try:
+        for name, layer in wrapped.items():
+            s = manifest["layers"][name]
+            for qname in ("w_quant", "a_quant"):
+                q = getattr(layer, qname)
+                if q is not None:
+                    handled.update({f"{name}.{qname}.scale", f"{name}.{qname}.zero_point"})
+                    q.set_qparams(tensors.pop(f"{name}.{qname}.scale"), tensors.pop(f"{name}.{qname}.zero_point"))
+            if layer.w_quant is not None:
+                spec, shape = layer.w_quant.spec, s["w_shape"]
+                count = int(np.prod(shape))
+                codes = unpack_bits(tensors.pop(f"{name}.w_packed").numpy(), spec.bits, count)
+                handled.update({f"{name}.w_int", f"{name}.layer.weight"})
+                layer.w_int = torch.from_numpy(codes.astype(np.int16) + spec.qmin).reshape(shape)
+                with torch.no_grad():
+                    layer.layer.weight.copy_(layer.quantized_weight())
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise SlimkitError(f"the artifact at {path} is corrupt or does not match the model: {str(e).splitlines()[0]}") from None
+    missing = [k for k in missing if k not in handled]
+    if missing or unexpected:
+        raise SlimkitError(f"the artifact at {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.slimkit_info = {k: v for k, v in manifest.items() if k not in ("format", "version")}
+    if manifest.get("model_spec"):
+        model._slimkit_spec = manifest["model_spec"]
+    return model
