@@ -28,7 +28,7 @@ def _methods_help() -> str:
 def load_any(model: str, weights: Optional[Path] = None):
     """(model, is_artifact): a saved artifact directory, or a float model built by name or factory."""
     from .io.artifact import load
-    from .models import get_model
+    from .models.registry import get_model
 
     if Path(model).is_dir():
         return load(model), True
@@ -66,7 +66,7 @@ def quantize(
     from .core.data import resolve
     from .eval import evaluate, predict
     from .io.artifact import save
-    from .models import default_data
+    from .models.registry import default_data
     from .report import print_table
 
     if out.exists() and not overwrite:
@@ -121,7 +121,7 @@ def eval_cmd(
 ):
     from .core.data import resolve
     from .eval import evaluate
-    from .models import default_data, get_model
+    from .models.registry import default_data, get_model
     from .quantize import pick_device
     from .report import print_table
 
@@ -148,11 +148,8 @@ def main() -> None:
     """Entry point: bad input prints one line and exits with code 2, never a traceback."""
     try:
         app(standalone_mode=False)
-    except SlimkitError as e:
-        console.print(f"error: {e}", markup=False, highlight=False)
-        sys.exit(2)
-    except ImportError as e:
-        console.print(f"error: {e}", markup=False, highlight=False)
+    except (SlimkitError, ImportError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted", markup=False)

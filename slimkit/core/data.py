@@ -62,14 +62,14 @@ def load_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(inputs, labels or None) from any accepted form (see the module docstring)."""
     if isinstance(data, (str, Path)):
-        from ..models import DATASETS
-
-        if str(data) in DATASETS:
-            data = DATASETS[str(data)]()
-        else:
-            if not Path(data).exists():
-                raise SlimkitError(f"data {str(data)!r} is neither a file nor a shipped dataset ({', '.join(DATASETS)})")
+        if Path(data).exists() or Path(data).suffix in (".npy", ".npz", ".safetensors"):
             return load_file(data)
+        from ..models import DATASETS
+        from ..models.registry import get_dataset
+
+        if str(data) not in DATASETS:
+            raise SlimkitError(f"data {str(data)!r} is neither a file nor a shipped dataset ({', '.join(DATASETS)})")
+        data = get_dataset(str(data))
     if isinstance(data, (torch.Tensor, np.ndarray)):
         return _as_tensor(data), None
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, (torch.Tensor, np.ndarray)) for d in data):

@@ -168,6 +168,7 @@ class Quantizer(nn.Module):
         self.observing = False
         self.quant_prob = 1.0
         self.alpha: nn.Parameter | None = None  # AdaRound's V
+        self.w_floor: torch.Tensor | None = None  # floor(w / s) of the weight being rounded
         self.hard_round = False
 
     # -- calibration -------------------------------------------------------------------------------
@@ -216,7 +217,8 @@ class Quantizer(nn.Module):
     # -- AdaRound ---------------------------------------------------------------------------------
     def init_adaround(self, w: torch.Tensor) -> None:
         rows = to_rows(w.detach(), self.spec) / self.scale.detach().reshape(-1, 1)
-        self.alpha = nn.Parameter(adaround_init(rows - torch.floor(rows)))
+        self.w_floor = torch.floor(rows)  # constant while the rounding is learned: computed once
+        self.alpha = nn.Parameter(adaround_init(rows - self.w_floor))
         self.hard_round = False
 
     def round_loss(self, beta: float) -> torch.Tensor:
@@ -224,6 +226,7 @@ class Quantizer(nn.Module):
 
     def drop_adaround(self) -> None:
         self.alpha = None
+        self.w_floor = None
         self.hard_round = False
 
     # -- forward ------------------------------------------------------------------------------------
@@ -246,7 +249,7 @@ class Quantizer(nn.Module):
             scale, zp = self._scale_for(rows), self.zero_point.reshape(-1, 1)
             if self.alpha is not None:
                 soft = (self.alpha >= 0).to(rows.dtype) if self.hard_round else rectified_sigmoid(self.alpha)
-                q = torch.clamp(torch.floor(rows.detach() / scale) + soft + zp, self.spec.qmin, self.spec.qmax)
+                q = torch.clamp(self.w_floor + soft + zp, self.spec.qmin, self.spec.qmax)
                 out = from_rows((q - zp) * scale, x, self.spec)
             else:
                 out = from_rows(fake_quant(rows, scale, zp, self.spec.qmin, self.spec.qmax), x, self.spec)
@@ -259,7 +262,7 @@ class Quantizer(nn.Module):
         rows = to_rows(w.detach(), self.spec)
         scale, zp = self.scale.detach().reshape(-1, 1), self.zero_point.reshape(-1, 1)
         if self.alpha is not None:
-            q = torch.clamp(torch.floor(rows / scale) + (self.alpha >= 0).to(rows.dtype) + zp, self.spec.qmin, self.spec.qmax)
+            q = torch.clamp(self.w_floor + (self.alpha >= 0).to(rows.dtype) + zp, self.spec.qmin, self.spec.qmax)
         else:
             q = quantize_int(rows, scale, zp, self.spec.qmin, self.spec.qmax)
         return from_rows(q, w, self.spec).to(torch.int16)

@@ -36,7 +36,7 @@ class QuantLayer(nn.Module):
     """A Linear or Conv2d whose weight and input activation are fake-quantized."""
 
     def __init__(self, layer: nn.Module, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
-                 w_observer: str = "mse", a_observer: str = "mse"):
+                 w_observer: str = "mse", a_observer: str = "mse", init_qparams: bool = True):
         super().__init__()
         if not isinstance(layer, QUANTIZABLE):
             raise TypeError(f"cannot quantize {type(layer).__name__}: only nn.Linear and nn.Conv2d")
@@ -46,7 +46,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("w_int", None)  # integer codes once frozen
         self._fast_conv = isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward
         self._w_cache: torch.Tensor | None = None
-        if self.w_quant is not None:
+        if self.w_quant is not None and init_qparams:
             self.w_quant.set_qparams(*weight_qparams(layer.weight, w_spec, w_observer))
 
     @property
@@ -134,12 +134,13 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def wrap_layers(model: nn.Module, plans: dict[str, LayerPlan]) -> dict[str, QuantLayer]:
-    """Replace each named layer by its QuantLayer twin, in place; returns the wrappers by name."""
+def wrap_layers(model: nn.Module, plans: dict[str, LayerPlan], init_qparams: bool = True) -> dict[str, QuantLayer]:
+    """Replace each named layer by its QuantLayer twin, in place; returns the wrappers by name.
+    `init_qparams=False` skips computing weight scales (when they are about to be loaded)."""
     wrapped = {}
     for name, plan in plans.items():
         layer = model.get_submodule(name)
-        q = QuantLayer(layer, plan.w_spec, plan.a_spec, plan.w_observer, plan.a_observer)
+        q = QuantLayer(layer, plan.w_spec, plan.a_spec, plan.w_observer, plan.a_observer, init_qparams)
         set_submodule(model, name, q)
         wrapped[name] = q
     return wrapped

@@ -142,7 +142,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if not spec:
             raise SlimkitError(f"{path} holds a model slimkit cannot rebuild by name: pass the float architecture, "
                                "slimkit.load(path, model=YourModel())")
-        from ..models import get_model
+        from ..models.registry import get_model
 
         model = get_model(spec["builder"], **spec.get("kwargs", {}))
     import copy

@@ -1,0 +1,59 @@
+"""What every benchmark shares: the results file in DESIGN.md's one shape, and its markdown twin."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(name: str, device: str, rows: list[dict], notes: list[str] | None = None,
+                  columns: tuple[str, ...] = ("model", "method", "setting", "metric", "value", "seconds")) -> Path:
+    """bench/results/<name>.json ({bench, date, device, git, rows}) and <name>.md (a table + notes)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {"bench": name, "date": datetime.date.today().isoformat(), "device": device_name(device),
+           "git": git_commit(), "rows": rows}
+    if notes:
+        doc["notes"] = notes
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+    lines = [f"# {name}", "", f"{doc['date']} on {doc['device']}, commit {doc['git']}", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,65 @@
+"""Users' own models by name: 'path/to/file.py:function' or 'package.module:function' returning an nn.Module,
+optionally with a safetensors state dict. The spec is recorded so a saved artifact can rebuild the model."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import SlimkitError
+
+
+def is_factory(spec: str) -> bool:
+    return ":" in spec and not Path(spec).exists()
+
+
+def build_from_factory(spec: str, weights: str | Path | None = None) -> nn.Module:
+    """Call the factory named by `spec` and load `weights` (safetensors) into what it returns."""
+    target, _, fn_name = spec.rpartition(":")
+    if not target or not fn_name:
+        raise SlimkitError(f"model factory {spec!r} must look like 'file.py:function' or 'package.module:function'")
+    try:
+        if target.endswith(".py"):
+            path = Path(target).resolve()
+            if not path.exists():
+                raise SlimkitError(f"model factory file {target} does not exist")
+            mod_name = f"slimkit_user_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[mod_name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except SlimkitError:
+        raise
+    except Exception as e:
+        raise SlimkitError(f"cannot import {target}: {type(e).__name__}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    if fn is None or not callable(fn):
+        raise SlimkitError(f"{target} has no function {fn_name!r}")
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise SlimkitError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        load_weights(model, weights)
+    model._slimkit_spec = {"builder": spec, "kwargs": {"weights": str(Path(weights).resolve())} if weights else {}}
+    return model.eval()
+
+
+def load_weights(model: nn.Module, weights: str | Path) -> None:
+    """Load a safetensors state dict (strict), with a clear error on a mismatch."""
+    from safetensors.torch import load_file
+
+    path = Path(weights)
+    if path.suffix != ".safetensors":
+        raise SlimkitError(f"weights must be a .safetensors file (pickles are never loaded), got {path.name}")
+    if not path.exists():
+        raise SlimkitError(f"weights file {path} does not exist")
+    try:
+        state = load_file(str(path))
+        model.load_state_dict(state)
+    except Exception as e:
+        raise SlimkitError(f"cannot load {path} into the model: {str(e).splitlines()[0]}") from None

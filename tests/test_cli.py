@@ -1,0 +1,124 @@
+"""The CLI: bad input gets one clear line and exit code 2, and never leaves an output directory behind."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+FACTORY = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def tiny():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 3))
+
+    def no_layers():
+        return nn.Sequential(nn.ReLU(), nn.Flatten())
+""")
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slimkit.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=300)
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "nets.py").write_text(FACTORY)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 1, 8, 8)).astype(np.float32))
+    np.save(tmp_path / "wrong.npy", rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 1, 8, 8), np.float32))
+    np.savez(tmp_path / "labelled.npz", x=rng.standard_normal((16, 1, 8, 8)).astype(np.float32),
+             y=rng.integers(0, 3, 16))
+    return tmp_path
+
+
+def expect_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+FAST = ["--preset", "fast", "--quiet"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--method", "magic"], ["unknown method", "qdrop"]),
+    (["--w-bits", "9"], ["w_bits", "2 to 8"]),
+    (["--a-bits", "1"], ["a_bits", "2 to 8"]),
+    (["--calib", "empty.npy"], ["empty"]),
+    (["--calib", "wrong.npy"], ["does not accept", "(3, 8, 8)"]),
+    (["--calib", "missing.npy"], ["missing.npy"]),
+])
+def test_bad_quantize_input_exits_2_and_writes_nothing(work, args, words):
+    base = {"--calib": "calib.npy"}
+    argv = ["quantize", "nets.py:tiny", "--out", "out", *FAST]
+    for k, v in base.items():
+        if k not in args:
+            argv += [k, v]
+    expect_error(run(*argv, *args, cwd=work), *words)
+    assert not (work / "out").exists()
+    assert not [p for p in work.iterdir() if p.name.startswith(".out")]
+
+
+def test_model_without_quantizable_layers(work):
+    expect_error(run("quantize", "nets.py:no_layers", "--calib", "calib.npy", "--out", "out", *FAST, cwd=work),
+                 "no quantizable layers")
+    assert not (work / "out").exists()
+
+
+def test_existing_output_needs_overwrite(work):
+    (work / "out").mkdir()
+    (work / "out" / "keep.txt").write_text("mine")
+    expect_error(run("quantize", "nets.py:tiny", "--calib", "calib.npy", "--out", "out", *FAST, cwd=work),
+                 "already exists", "--overwrite")
+    assert (work / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_quantize_save_eval_and_bad_load(work):
+    ok = run("quantize", "nets.py:tiny", "--method", "qdrop", "--w-bits", "4", "--a-bits", "4", "--calib", "calib.npy",
+             "--eval-data", "labelled.npz", "--out", "out", *FAST, cwd=work)
+    assert ok.returncode == 0, ok.stderr
+    assert "top-1" in ok.stdout and (work / "out" / "manifest.json").exists()
+    ev = run("eval", "out", "--data", "labelled.npz", "--quiet", cwd=work)
+    assert ev.returncode == 0, ev.stderr
+    assert "agreement" in ev.stdout  # the artifact knows its factory, so FP fidelity is reported
+    # corrupt and foreign directories
+    (work / "foreign").mkdir()
+    (work / "foreign" / "a.txt").write_text("x")
+    expect_error(run("eval", "foreign", "--data", "labelled.npz", cwd=work), "not a slimkit artifact")
+    (work / "out" / "manifest.json").write_text("{not json")
+    expect_error(run("eval", "out", "--data", "labelled.npz", cwd=work), "corrupt")
+
+
+def test_help_lists_methods(work):
+    r = run("quantize", "--help", cwd=work)
+    assert r.returncode == 0
+    for m in ("rtn", "adaround", "brecq", "qdrop", "--w-bits", "--a-bits", "--recipe", "--calib", "--out"):
+        assert m in r.stdout
+
+
+def test_recipe_file_sets_fields(work):
+    (work / "r.yaml").write_text("method: rtn\nw_bits: 3\na_bits: 5\n")
+    ok = run("quantize", "nets.py:tiny", "--recipe", "r.yaml", "--calib", "calib.npy", "--out", "out", "--quiet", cwd=work)
+    assert ok.returncode == 0, ok.stderr
+    import json
+
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+    assert manifest["method"] == "rtn" and manifest["config"]["w_bits"] == 3 and manifest["config"]["a_bits"] == 5
+    (work / "bad.yaml").write_text("methd: rtn\n")
+    expect_error(run("quantize", "nets.py:tiny", "--recipe", "bad.yaml", "--calib", "calib.npy", "--out", "o2", cwd=work),
+                 "unknown option", "methd")
