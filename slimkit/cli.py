@@ -54,7 +54,7 @@ def quantize(
     w_observer: Optional[str] = typer.Option(None, "--w-observer", help="minmax | ema | mse | percentile"),
     a_observer: Optional[str] = typer.Option(None, "--a-observer", help="minmax | ema | mse | percentile"),
     w_granularity: Optional[str] = typer.Option(None, "--w-granularity", help="channel | tensor | group"),
-    first_last_bits: Optional[int] = typer.Option(None, "--first-last-bits", help="bits of the first and last layer (8)"),
+    first_last_bits: Optional[int] = typer.Option(None, "--first-last-bits", help="bits of the first and last layer (8; 0: same as the rest)"),
     weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
     seed: Optional[int] = typer.Option(None, help="random seed (0)"),
@@ -75,6 +75,7 @@ def quantize(
                    batch_size=batch_size, drop_prob=drop_prob, w_observer=w_observer, a_observer=a_observer,
                    w_granularity=w_granularity, first_last_bits=first_last_bits, device=device, seed=seed,
                    progress=False if quiet else None)
+    options = {k: v for k, v in options.items() if v is not None}
     QuantConfig.build(recipe, **options)  # fail on bad options before loading anything
     fp_model, is_artifact = load_any(model, weights)
     if is_artifact:

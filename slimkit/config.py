@@ -33,7 +33,7 @@ class QuantConfig:
     a_symmetric: bool = False
     w_observer: str = "mse"
     a_observer: str = "mse"
-    first_last_bits: int | None = 8  # the first and last layer's bits; None: same as the others
+    first_last_bits: int | None = 8  # the first and last layer's bits; None or 0: same as the others
     skip: list[str] = field(default_factory=list)  # layer paths kept in float
     fold_bn: bool = True
     blocks: list[str] | None = None  # override the adapter's reconstruction blocks (module paths)
@@ -58,11 +58,11 @@ class QuantConfig:
 
     @classmethod
     def build(cls, recipe: str | Path | dict | None = None, **overrides) -> "QuantConfig":
-        """Defaults, overridden by the preset's fields, then the recipe's, then explicit ones (None is ignored)."""
+        """Defaults, overridden by the preset's fields, then the recipe's, then explicit ones."""
         values: dict = {}
         if recipe is not None:
             values.update(load_recipe(recipe))
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update(overrides)
         unknown = sorted(set(values) - set(cls.fields()))
         if unknown:
             raise SlimkitError(f"unknown option {unknown[0]!r}; known options: {', '.join(cls.fields())}")
@@ -71,6 +71,8 @@ class QuantConfig:
             if preset not in PRESETS:
                 raise SlimkitError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
             values = {**PRESETS[preset], **values}
+        if values.get("first_last_bits") == 0:
+            values["first_last_bits"] = None  # 0: the first and last layer get the same bits as the others
         cfg = cls(**values)
         cfg.validate()
         return cfg

@@ -94,7 +94,8 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     manifest: method, config, per-layer settings, per-block losses, timings) used by `slimkit.save`.
     """
     t0 = time.perf_counter()
-    cfg = QuantConfig.build(recipe, method=method, w_bits=w_bits, a_bits=a_bits, **options)
+    named = {k: v for k, v in (("method", method), ("w_bits", w_bits), ("a_bits", a_bits)) if v is not None}
+    cfg = QuantConfig.build(recipe, **named, **options)
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device = pick_device(cfg.device)

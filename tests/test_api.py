@@ -1,0 +1,143 @@
+"""The public verbs on small models: quantize, save/load bit-exactness, configs, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import slimkit
+from slimkit.core.wrap import QuantLayer, quant_layers
+
+
+class BasicBlock(nn.Module):
+    """A residual block named like torchvision's, so the adapter groups it."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(x + self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), BasicBlock(8), BasicBlock(8),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return torch.randn(96, 1, 10, 10, generator=torch.Generator().manual_seed(1))
+
+
+def test_quantize_leaves_input_model_untouched(data):
+    m = tiny_net()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    q = slimkit.quantize(m, data, method="rtn", w_bits=4, a_bits=4, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not any(isinstance(x, QuantLayer) for x in m.modules())
+    assert len(quant_layers(q)) == 6
+
+
+def test_first_and_last_layer_at_8_bits(data):
+    q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=3, a_bits=4, progress=False)
+    layers = quant_layers(q)
+    bits = {n: (l.w_quant.spec.bits, l.a_quant.spec.bits) for n, l in layers.items()}
+    assert bits["0"] == (8, 8) and bits["7"] == (8, 8)
+    assert all(b == (3, 4) for n, b in bits.items() if n not in ("0", "7"))
+    q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=3, a_bits=4, first_last_bits=None, progress=False)
+    assert all(l.w_quant.spec.bits == 3 for l in quant_layers(q).values())
+
+
+@pytest.mark.parametrize("method", ["rtn", "adaround", "brecq", "qdrop"])
+def test_save_load_reproduces_outputs_exactly(tmp_path, data, method):
+    m = tiny_net()
+    q = slimkit.quantize(m, data, method=method, w_bits=3, a_bits=4, preset="fast", progress=False)
+    out = slimkit.save(q, tmp_path / "art")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == method and manifest["config"]["w_bits"] == 3
+    assert manifest["layers"]["3.conv1"]["weight"]["bits"] == 3
+    loaded = slimkit.load(out, model=tiny_net())
+    x = torch.randn(20, 1, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(q(x), loaded(x))
+    # no pickle: the directory holds exactly the safetensors file and the JSON manifest
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
+
+
+def test_packed_weights_are_small(tmp_path, data):
+    q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=2, a_bits=4, first_last_bits=None, progress=False)
+    slimkit.save(q, tmp_path / "a")
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "a" / "model.safetensors"))
+    w = q.get_submodule("3.conv1").layer.weight
+    assert t["3.conv1.w_packed"].dtype == torch.uint8
+    assert t["3.conv1.w_packed"].numel() == (w.numel() * 2 + 7) // 8
+
+
+def test_qdrop_beats_rtn_on_tiny_model(data):
+    """Reconstruction lowers the output error that RTN leaves (on held-out inputs), at W2A4."""
+    m = tiny_net()
+    x_test = torch.randn(200, 1, 10, 10, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = m(x_test)
+    errs = {}
+    for method in ("rtn", "qdrop"):
+        q = slimkit.quantize(m, data, method=method, w_bits=2, a_bits=4, preset="fast", iters=300, progress=False)
+        with torch.no_grad():
+            errs[method] = (q(x_test) - ref).pow(2).mean().item()
+    assert errs["qdrop"] < 0.8 * errs["rtn"], errs
+
+
+def test_errors_are_clear(tmp_path, data):
+    m = tiny_net()
+    with pytest.raises(slimkit.SlimkitError, match="unknown method"):
+        slimkit.quantize(m, data, method="gptq")
+    with pytest.raises(slimkit.SlimkitError, match="2 to 8"):
+        slimkit.quantize(m, data, w_bits=1)
+    with pytest.raises(slimkit.SlimkitError, match="empty"):
+        slimkit.quantize(m, torch.zeros(0, 1, 10, 10))
+    with pytest.raises(slimkit.SlimkitError, match="does not accept"):
+        slimkit.quantize(m, torch.zeros(4, 3, 10, 10))
+    with pytest.raises(slimkit.SlimkitError, match="no quantizable layers"):
+        slimkit.quantize(nn.Sequential(nn.ReLU()), data)
+    with pytest.raises(slimkit.SlimkitError, match="not a slimkit artifact"):
+        slimkit.load(tmp_path)
+    with pytest.raises(slimkit.SlimkitError, match="not produced by slimkit"):
+        slimkit.save(m, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    q = slimkit.quantize(m, data, method="rtn", progress=False)
+    slimkit.save(q, tmp_path / "y")
+    with pytest.raises(slimkit.SlimkitError, match="already exists"):
+        slimkit.save(q, tmp_path / "y")
+    (tmp_path / "y" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(slimkit.SlimkitError, match="corrupt"):
+        slimkit.load(tmp_path / "y", model=tiny_net())
+
+
+def test_inputs_in_many_forms(data):
+    m = tiny_net()
+    ds = torch.utils.data.TensorDataset(data, torch.zeros(len(data)))
+    loader = torch.utils.data.DataLoader(ds, batch_size=10)
+    for form in (data, data.numpy(), (data, torch.zeros(len(data))), list(data), ds, loader):
+        q = slimkit.quantize(m, form, method="rtn", progress=False)
+        assert q.slimkit_info["input_shape"] == [1, 10, 10]
+
+
+def test_recipe_dict_and_override(data):
+    q = slimkit.quantize(tiny_net(), data, recipe={"method": "rtn", "w_bits": 5, "a_bits": 6}, w_bits=3, progress=False)
+    cfg = q.slimkit_info["config"]
+    assert cfg["method"] == "rtn" and cfg["w_bits"] == 3 and cfg["a_bits"] == 6
