@@ -84,6 +84,27 @@ def calibrate_activations(model: nn.Module, data: torch.Tensor, device: torch.de
             q.observer = None  # statistics are no longer needed; free their memory
 
 
+def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torch.device
+            ) -> tuple[nn.Module, nn.Module, list]:
+    """The float model with BatchNorm folded, its quantized twin with calibrated activation ranges, and the
+    folded (conv, bn) pairs. The input model is not modified."""
+    fp_model = copy.deepcopy(model).eval().to(device)
+    example = data[:2].to(device)
+    check_runs(fp_model, example)
+    folded = fold_bn(fp_model, example) if cfg.fold_bn else []
+    order = layer_order(fp_model, example)
+    unknown = [s for s in cfg.skip if s not in order]
+    if unknown:
+        raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model")
+    plans = layer_plans(order, cfg)
+    if not plans:
+        raise SlimkitError("the model has no quantizable layers (nn.Linear or nn.Conv2d) left to quantize")
+    q_model = copy.deepcopy(fp_model)
+    wrap_layers(q_model, plans)
+    calibrate_activations(q_model, data[: cfg.act_calib_samples], device, progress=cfg.progress)
+    return fp_model, q_model, folded
+
+
 def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: int | None = None,
              a_bits: int | None = None, recipe=None, **options) -> nn.Module:
     """Quantize a copy of `model` with `method` ("rtn", "adaround", "brecq", "qdrop"; default qdrop W4A4).
@@ -102,21 +123,7 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     data = calibration_tensor(calib_data, cfg.num_samples, cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    fp_model = copy.deepcopy(model).eval().to(device)
-    example = data[:2].to(device)
-    check_runs(fp_model, example)
-    folded = fold_bn(fp_model, example) if cfg.fold_bn else []
-    order = layer_order(fp_model, example)
-    unknown = [s for s in cfg.skip if s not in order]
-    if unknown:
-        raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model")
-    plans = layer_plans(order, cfg)
-    if not plans:
-        raise SlimkitError("the model has no quantizable layers (nn.Linear or nn.Conv2d) left to quantize")
-
-    q_model = copy.deepcopy(fp_model)
-    wrap_layers(q_model, plans)
-    calibrate_activations(q_model, data[: cfg.act_calib_samples], device, progress=cfg.progress)
+    fp_model, q_model, folded = prepare(model, data, cfg, device)
     t_calib = time.perf_counter() - t0
 
     from .methods import METHODS

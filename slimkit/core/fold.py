@@ -7,6 +7,8 @@ b' = (b - m) * g / sqrt(v + eps) + beta  and replacing the BatchNorm by nn.Ident
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -17,16 +19,17 @@ from .wrap import set_submodule
 def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     """(conv name, bn name) pairs where the BN consumes the conv's output directly."""
     names = {m: n for n, m in model.named_modules()}
-    last_outputs: dict[int, str] = {}
+    last_outputs: dict[int, tuple[str, weakref.ref]] = {}
     pairs: list[tuple[str, str]] = []
     used: set[str] = set()
 
     def conv_hook(module, inputs, output):
-        last_outputs[id(output)] = names[module]
+        last_outputs[id(output)] = (names[module], weakref.ref(output))
 
     def bn_pre_hook(module, inputs):
-        conv = last_outputs.get(id(inputs[0]))
-        if conv is not None and conv not in used:
+        conv, ref = last_outputs.get(id(inputs[0]), (None, None))
+        # ids are reused once a tensor is freed: the pair holds only if the very conv output is still alive here
+        if conv is not None and ref() is inputs[0] and conv not in used:
             pairs.append((conv, names[module]))
             used.add(conv)
 
@@ -67,14 +70,23 @@ def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: f
         return pairs
     with torch.no_grad():
         before = model(example) if check else None
+    undo = []
     for conv_name, bn_name in pairs:
-        fold_conv_bn(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        undo.append((conv, conv.weight.detach().clone(), conv.bias, bn_name, bn))
+        fold_conv_bn(conv, bn)
         set_submodule(model, bn_name, nn.Identity())
     if check:
         with torch.no_grad():
             after = model(example)
         err = ((after - before).norm() / before.norm().clamp_min(1e-12)).item()
         if err > rtol * 10:
+            for conv, weight, bias, bn_name, bn in undo:  # leave the model as it was
+                with torch.no_grad():
+                    conv.weight.copy_(weight)
+                conv.bias = bias
+                set_submodule(model, bn_name, bn)
+            model.train(was_training)
             raise SlimkitError(
                 f"folding BatchNorm into the preceding convolutions changed the model's output (relative error {err:.2e}); "
                 "a convolution's output is probably used elsewhere too. Pass fold_bn=False to quantize without folding.")

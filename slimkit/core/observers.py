@@ -7,14 +7,14 @@ Every observer receives tensors already viewed as rows (one quantization group p
 - mse: a search over clipping ratios of the min-max range, keeping per row the one with the least
   squared quantization error (QDrop's MSEObserver tries ratios 1.00, 0.99, ..., 0.21; we do the same).
 - percentile: the 0.01% / 99.99% quantiles, a cheap outlier clip.
-mse and percentile keep a bounded random sample of the values (at most `max_values`), so memory stays
-bounded on any calibration set.
+mse and percentile keep a uniform random sample of the values (at most `max_values`), so memory and search
+time stay bounded on any calibration set.
 """
 from __future__ import annotations
 
 import torch
 
-from .quantizer import QuantSpec, fake_quant, qparams_from_range
+from .quantizer import QuantSpec, dequantize, qparams_from_range, quantize_int
 
 OBSERVERS = ("minmax", "ema", "mse", "percentile")
 
@@ -57,31 +57,35 @@ class EMAObserver(Observer):
 
 
 class SampleObserver(Observer):
-    """Keeps min/max and a bounded random sample of each row's values."""
+    """Keeps min/max and a uniform random sample of the values (columns) seen, at most `max_values` in all.
 
-    def __init__(self, spec: QuantSpec, max_values: int = 1 << 21, seed: int = 0):
+    Each incoming column gets a uniform random key and the columns with the smallest keys are kept: an exact
+    uniform sample over every batch seen so far (reservoir sampling), in bounded memory."""
+
+    def __init__(self, spec: QuantSpec, max_values: int = 1 << 18, seed: int = 0):
         super().__init__(spec)
         self.max_values = max_values
-        self.samples: list[torch.Tensor] = []
+        self.values: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
         self.generator = torch.Generator().manual_seed(seed)
 
     def update(self, rows: torch.Tensor) -> None:
         super().update(rows)
-        cap = max(1, self.max_values // rows.shape[0] // 4)
+        cap = max(1, self.max_values // rows.shape[0])
+        keys = torch.rand(rows.shape[1], generator=self.generator)
+        if rows.shape[1] > cap:  # only the `cap` smallest keys of this batch can ever be kept
+            keys, idx = torch.topk(keys, cap, largest=False)
+            rows = rows.index_select(1, idx.to(rows.device))
+        rows = rows.cpu()
+        if self.values is not None:
+            rows, keys = torch.cat([self.values, rows], 1), torch.cat([self.keys, keys])
         if rows.shape[1] > cap:
-            idx = torch.randperm(rows.shape[1], generator=self.generator)[:cap].to(rows.device)
+            keys, idx = torch.topk(keys, cap, largest=False)
             rows = rows.index_select(1, idx)
-        self.samples.append(rows.cpu())
-        total = sum(s.shape[1] for s in self.samples) * rows.shape[0]
-        if total > 2 * self.max_values:
-            self.samples = [self._sample()]
+        self.values, self.keys = rows, keys
 
     def _sample(self) -> torch.Tensor:
-        values = torch.cat(self.samples, 1)
-        cap = max(1, self.max_values // values.shape[0])
-        if values.shape[1] > cap:
-            values = values[:, torch.randperm(values.shape[1], generator=self.generator)[:cap]]
-        return values
+        return self.values
 
 
 class MSEObserver(SampleObserver):
@@ -112,10 +116,11 @@ def mse_search(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Q
     """Per row, the clipped range [r*lo, r*hi] (r = 1, 1-step, ...) with the least sum |x - q(x)|^p."""
     best_err = torch.full_like(lo, float("inf"))
     best_scale, best_zp = qparams_from_range(lo, hi, spec)
+    values = values.detach()
     for i in range(ratios):
         r = 1.0 - i * step
         scale, zp = qparams_from_range(lo * r, hi * r, spec)
-        q = fake_quant(values, scale[:, None], zp[:, None], spec.qmin, spec.qmax)
+        q = dequantize(quantize_int(values, scale[:, None], zp[:, None], spec.qmin, spec.qmax), scale[:, None], zp[:, None])
         err = (q - values).abs().pow(p).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
