@@ -33,6 +33,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def merge_rows(name: str, rows: list[dict], key: tuple[str, ...] = ("model", "method", "setting", "metric")) -> list[dict]:
+    """Rows of an earlier bench/results/<name>.json that `rows` do not replace, then `rows` (for runs in parts)."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return rows
+    new = {tuple(r.get(k) for k in key) for r in rows}
+    old = [r for r in json.loads(path.read_text())["rows"] if tuple(r.get(k) for k in key) not in new]
+    return old + rows
+
+
 def write_results(name: str, device: str, rows: list[dict], notes: list[str] | None = None,
                   columns: tuple[str, ...] = ("model", "method", "setting", "metric", "value", "seconds")) -> Path:
     """bench/results/<name>.json ({bench, date, device, git, rows}) and <name>.md (a table + notes)."""

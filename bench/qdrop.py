@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import slimkit  # noqa: E402
-from common import write_results  # noqa: E402
+from common import merge_rows, write_results  # noqa: E402
 from slimkit.eval import evaluate, predict  # noqa: E402
 from slimkit.models import get_dataset, get_model  # noqa: E402
 
@@ -44,6 +44,7 @@ def main() -> None:
                     help="reconstruction iterations per block, one per model (paper: 20000)")
     ap.add_argument("--num-samples", type=int, nargs="+", default=[1024, 256], help="calibration samples, per model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run that this one does not redo")
     args = ap.parse_args()
 
     models = args.models.split(",")
@@ -77,7 +78,7 @@ def main() -> None:
                              "iters": iters[model_name] if method != "rtn" else 0, "num_samples": samples[model_name]})
                 print(f"{model_name} {setting} {method}: {spec['metric']}={m[spec['metric']]:.4f} "
                       f"kl={m['kl']:.4f} ({seconds:.0f} s)", flush=True)
-                write_results(args.name, args.device, rows, notes=NOTES,
+                write_results(args.name, args.device, merge_rows(args.name, rows) if args.append else rows, notes=NOTES,
                               columns=("model", "method", "setting", "metric", "value", "seconds", "iters"))
 
 

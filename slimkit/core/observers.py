@@ -72,10 +72,14 @@ class SampleObserver(Observer):
     def update(self, rows: torch.Tensor) -> None:
         super().update(rows)
         cap = max(1, self.max_values // rows.shape[0])
-        keys = torch.rand(rows.shape[1], generator=self.generator)
-        if rows.shape[1] > cap:  # only the `cap` smallest keys of this batch can ever be kept
-            keys, idx = torch.topk(keys, cap, largest=False)
-            rows = rows.index_select(1, idx.to(rows.device))
+        n = rows.shape[1]
+        keys = torch.rand(n, generator=self.generator)
+        if n > cap:  # only the `cap` smallest keys of this batch can ever be kept
+            idx = torch.nonzero(keys < 4 * cap / n).squeeze(1)  # a cheap pre-selection that holds them (whp)
+            if len(idx) < cap:
+                idx = torch.arange(n)
+            keys, pos = torch.topk(keys[idx], cap, largest=False)
+            rows = rows.index_select(1, idx[pos].to(rows.device))
         rows = rows.cpu()
         if self.values is not None:
             rows, keys = torch.cat([self.values, rows], 1), torch.cat([self.keys, keys])
