@@ -7,6 +7,7 @@ b' = (b - m) * g / sqrt(v + eps) + beta  and replacing the BatchNorm by nn.Ident
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -61,6 +62,17 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
 
 
+@contextlib.contextmanager
+def full_precision_math():
+    """Turn TF32 off for a check that compares float outputs at 1e-5 (TF32 alone is off by ~1e-3)."""
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+
+
 def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: float = 1e-5) -> list[tuple[str, str]]:
     """Fold every Conv2d→BatchNorm2d pair of `model` in place; returns the pairs folded."""
     was_training = model.training
@@ -68,7 +80,7 @@ def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: f
     pairs = find_conv_bn_pairs(model, example)
     if not pairs:
         return pairs
-    with torch.no_grad():
+    with torch.no_grad(), full_precision_math():
         before = model(example) if check else None
     undo = []
     for conv_name, bn_name in pairs:
@@ -77,7 +89,7 @@ def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: f
         fold_conv_bn(conv, bn)
         set_submodule(model, bn_name, nn.Identity())
     if check:
-        with torch.no_grad():
+        with torch.no_grad(), full_precision_math():
             after = model(example)
         err = ((after - before).norm() / before.norm().clamp_min(1e-12)).item()
         if err > rtol * 10:

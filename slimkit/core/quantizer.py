@@ -188,8 +188,8 @@ class Quantizer(nn.Module):
         self.set_qparams(scale, zero_point)
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        scale = scale.detach().reshape(-1).float().to(self.scale.device)
-        zero_point = zero_point.detach().reshape(-1).float().to(self.scale.device)
+        scale = scale.detach().reshape(-1).float()
+        zero_point = zero_point.detach().reshape(-1).float().to(scale.device)
         if self.learn_scale:
             self.scale = nn.Parameter(scale.clone())
         else:

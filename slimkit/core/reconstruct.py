@@ -14,6 +14,7 @@ quantizer's output, and of the block input, keeps its quantized value with proba
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,6 +42,7 @@ class ReconConfig:
     quant_prob: float = 1.0  # QDrop: probability that an element keeps its quantized value
     mix_inputs: bool = False  # QDrop: also mix quantized and float block inputs with that probability
     cache_device: str | None = None  # where block caches live; default: the compute device
+    cuda_graph: bool = True  # on CUDA, replay each iteration as a captured CUDA graph
     seed: int = 0
     progress: bool = True
     extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
@@ -96,10 +98,27 @@ def beta_at(step: int, cfg: ReconConfig) -> float:
     return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1 - rel)
 
 
+def _cosine(step: int, total: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def _set_lr(opt: torch.optim.Optimizer, value: float) -> None:
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
+
+
 def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: torch.Tensor,
                       cfg: ReconConfig, device: torch.device, args: tuple = (), kwargs: dict | None = None,
                       desc: str = "") -> dict:
-    """Optimise one block's quantizers against its float output; returns loss statistics."""
+    """Optimise one block's quantizers against its float output; returns loss statistics.
+
+    On CUDA, with the caches on the GPU, one whole iteration (sampling, drop, forward, loss, backward, both
+    Adam steps) is captured once as a CUDA graph and replayed: small blocks are otherwise bound by kernel
+    launches, not arithmetic. Schedules (beta, the regulariser's warm-up, the cosine learning rate) live in
+    device tensors updated between replays, so the graph and eager paths compute the same thing."""
     kwargs = kwargs or {}
     layers = [block] if isinstance(block, QuantLayer) else list(quant_layers(block).values())
     round_params, act_params = [], []
@@ -113,21 +132,25 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
             if cfg.learn_act and cfg.act_in_recon and not layer.a_quant.dynamic:
                 layer.a_quant.make_learnable()
                 act_params.append(layer.a_quant.scale)
-    frozen = [p for p in block.parameters() if p.requires_grad and not any(p is q for q in round_params + act_params)]
+    learned = {id(p) for p in round_params + act_params}
+    frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in learned]
     for p in frozen:
         p.requires_grad_(False)
-    opt_round = torch.optim.Adam(round_params, lr=cfg.lr_round) if round_params else None
-    opt_act = torch.optim.Adam(act_params, lr=cfg.lr_act) if act_params else None
-    sched_act = torch.optim.lr_scheduler.CosineAnnealingLR(opt_act, T_max=cfg.iters, eta_min=0.0) if opt_act else None
-
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     n = len(q_in)
-    first_loss = last_loss = float("nan")
     iters = cfg.iters if (round_params or act_params) else 0
-    bar = tqdm(range(iters), desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
-    smoothed = None
-    for step in bar:
-        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen).to(q_in.device)
+    use_graph = (cfg.cuda_graph and device.type == "cuda" and q_in.device.type == "cuda" and iters > 10)
+    opt_kw = {"capturable": True} if use_graph else {}
+    lr_act = torch.tensor(cfg.lr_act, device=device) if use_graph else cfg.lr_act
+    opt_round = torch.optim.Adam(round_params, lr=cfg.lr_round, **opt_kw) if round_params else None
+    opt_act = torch.optim.Adam(act_params, lr=lr_act, **opt_kw) if act_params else None
+    optimizers = [o for o in (opt_round, opt_act) if o is not None]
+    beta = torch.tensor(cfg.beta_start, device=device)
+    round_on = torch.tensor(0.0, device=device)
+    batch = min(cfg.batch_size, n)
+    rounders = [l.w_quant for l in layers if l.w_quant is not None and l.w_quant.alpha is not None]
+
+    def one_step() -> torch.Tensor:
+        idx = torch.randint(0, n, (batch,), device=q_in.device)
         x = q_in.index_select(0, idx).to(device, non_blocking=True)
         if cfg.mix_inputs and cfg.quant_prob < 1.0:
             x_fp = fp_in.index_select(0, idx).to(device, non_blocking=True)
@@ -135,28 +158,54 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
         target = fp_out.index_select(0, idx).to(device, non_blocking=True)
         rec = output_loss(block(x, *args, **kwargs), target)
         loss = rec
-        if opt_round is not None and step >= cfg.warmup * cfg.iters:
-            beta = beta_at(step, cfg)
-            loss = loss + cfg.round_weight * sum(l.w_quant.round_loss(beta) for l in layers if l.w_quant and l.w_quant.alpha is not None)
+        if rounders:
+            loss = loss + round_on * cfg.round_weight * sum(q.round_loss(beta) for q in rounders)
         if cfg.extra_loss is not None:
             loss = loss + cfg.extra_loss(block, x, target)
-        for opt in (opt_round, opt_act):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        for opt in (opt_round, opt_act):
-            if opt is not None:
-                opt.step()
-        if sched_act is not None:
-            sched_act.step()
+        for opt in optimizers:
+            opt.step()
+        return rec.detach()
+
+    def schedule(step: int) -> None:
+        beta.fill_(beta_at(step, cfg))
+        round_on.fill_(1.0 if step >= cfg.warmup * cfg.iters else 0.0)
+        if opt_act is not None:
+            _set_lr(opt_act, cfg.lr_act * _cosine(step, cfg.iters))
+
+    first_loss = last_loss = float("nan")
+    smoothed = None
+    graph, graph_loss, warm = None, None, 3
+    bar = tqdm(range(iters), desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        schedule(step)
+        if not use_graph:
+            rec = one_step()
+        elif step < warm:  # warm-up on a side stream, as CUDA graph capture requires
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                rec = one_step()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if graph is None:
+                graph = torch.cuda.CUDAGraph()
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                with torch.cuda.graph(graph):
+                    graph_loss = one_step()
+            graph.replay()
+            rec = graph_loss
         if step == 0:
             first_loss = rec.item()
         if step % 100 == 0 or step == iters - 1:
-            value = rec.item()
-            smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
-            last_loss = value
+            last_loss = rec.item()
+            smoothed = last_loss if smoothed is None else 0.9 * smoothed + 0.1 * last_loss
             bar.set_postfix(loss=f"{smoothed:.4g}")
     bar.close()
+    del graph
     for p in frozen:
         p.requires_grad_(True)
     for layer in layers:
@@ -166,7 +215,8 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
     with torch.no_grad():
         final = sum(output_loss(block(q_in[i : i + 256].to(device), *args, **kwargs), fp_out[i : i + 256].to(device)).item()
                     * len(q_in[i : i + 256]) for i in range(0, n, 256)) / n
-    return {"first_loss": first_loss, "last_loss": last_loss, "final_loss": final, "iters": iters}
+    return {"first_loss": first_loss, "last_loss": last_loss, "final_loss": final, "iters": iters,
+            "cuda_graph": use_graph}
 
 
 def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, data: torch.Tensor, blocks: list[Block],

@@ -44,6 +44,7 @@ class QuantLayer(nn.Module):
         self.w_quant = Quantizer(w_spec, w_observer) if w_spec is not None else None
         self.a_quant = Quantizer(a_spec, a_observer) if a_spec is not None else None
         self.register_buffer("w_int", None)  # integer codes once frozen
+        self.to(layer.weight.device)
         self._fast_conv = isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward
         self._w_cache: torch.Tensor | None = None
         if self.w_quant is not None and init_qparams:
