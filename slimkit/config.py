@@ -49,6 +49,8 @@ class QuantConfig:
     round_weight: float = 0.01
     warmup: float = 0.2
     device: str | None = None  # "cuda", "cpu"; default: CUDA when available
+    compile: bool | None = None  # torch.compile the activation fake-quant; default: on the CPU for >= 500 iterations
+    cuda_graph: bool = True  # on CUDA, replay each reconstruction iteration as a CUDA graph
     seed: int = 0
     progress: bool = True
 

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Block
+from .quantizer import drop_mix
 from .wrap import QuantLayer, quant_layers
 
 
@@ -43,6 +44,7 @@ class ReconConfig:
     mix_inputs: bool = False  # QDrop: also mix quantized and float block inputs with that probability
     cache_device: str | None = None  # where block caches live; default: the compute device
     cuda_graph: bool = True  # on CUDA, replay each iteration as a captured CUDA graph
+    compile: bool | None = None  # torch.compile the activation fake-quant; None: on the CPU for runs of >= 500 iterations
     seed: int = 0
     progress: bool = True
     extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
@@ -138,6 +140,10 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
         p.requires_grad_(False)
     n = len(q_in)
     iters = cfg.iters if (round_params or act_params) else 0
+    compiled = cfg.compile if cfg.compile is not None else (device.type == "cpu" and iters >= 500)
+    for layer in layers:
+        if layer.a_quant is not None:
+            layer.a_quant.compiled = compiled
     use_graph = (cfg.cuda_graph and device.type == "cuda" and q_in.device.type == "cuda" and iters > 10)
     opt_kw = {"capturable": True} if use_graph else {}
     lr_act = torch.tensor(cfg.lr_act, device=device) if use_graph else cfg.lr_act
@@ -154,7 +160,7 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
         x = q_in.index_select(0, idx).to(device, non_blocking=True)
         if cfg.mix_inputs and cfg.quant_prob < 1.0:
             x_fp = fp_in.index_select(0, idx).to(device, non_blocking=True)
-            x = torch.where(torch.rand_like(x) < cfg.quant_prob, x, x_fp)
+            x = drop_mix(x, x_fp, cfg.quant_prob)
         target = fp_out.index_select(0, idx).to(device, non_blocking=True)
         rec = output_loss(block(x, *args, **kwargs), target)
         loss = rec
@@ -212,6 +218,7 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
         layer.freeze()
         if layer.a_quant is not None:
             layer.a_quant.enabled = True
+            layer.a_quant.compiled = False
     with torch.no_grad():
         final = sum(output_loss(block(q_in[i : i + 256].to(device), *args, **kwargs), fp_out[i : i + 256].to(device)).item()
                     * len(q_in[i : i + 256]) for i in range(0, n, 256)) / n
