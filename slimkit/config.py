@@ -14,8 +14,8 @@ from .errors import SlimkitError
 PRESETS = {
     # The paper's settings (QDrop's public configs): 1024 samples, batch 32, 20000 iterations a block.
     "paper": {"num_samples": 1024, "batch_size": 32, "iters": 20000},
-    # Minutes on a laptop CPU for small CNNs; what the demo uses.
-    "demo": {"num_samples": 1024, "batch_size": 32, "iters": 1000},
+    # A few minutes on a laptop CPU for small CNNs; what the demo uses.
+    "demo": {"num_samples": 1024, "batch_size": 32, "iters": 500},
     # Seconds: for tests and smoke runs.
     "fast": {"num_samples": 128, "batch_size": 16, "iters": 100, "act_calib_samples": 64},
 }
