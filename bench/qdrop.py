@@ -68,8 +68,11 @@ def main() -> None:
             w_bits, a_bits = SETTINGS[setting]
             for method in args.methods.split(","):
                 t0 = time.perf_counter()
-                q = slimkit.quantize(model, calib_x, method=method, w_bits=w_bits, a_bits=a_bits, iters=iters[model_name],
-                                     num_samples=samples[model_name], device=args.device, seed=args.seed, progress=False)
+                # "qdrop-noinput": ablation that drops inside the block only, not on the block input
+                extra = {"drop_inputs": False} if method == "qdrop-noinput" else {}
+                q = slimkit.quantize(model, calib_x, method=method.split("-")[0], w_bits=w_bits, a_bits=a_bits,
+                                     iters=iters[model_name], num_samples=samples[model_name], device=args.device,
+                                     seed=args.seed, progress=False, **extra)
                 seconds = time.perf_counter() - t0
                 m = evaluate(q, eval_x, eval_y, reference=ref, device=args.device)
                 rows.append({**base, "method": method, "setting": setting, "metric": spec["metric"],

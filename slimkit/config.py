@@ -44,6 +44,7 @@ class QuantConfig:
     batch_size: int = 32
     iters: int = 20000
     drop_prob: float = 0.5  # QDrop: probability that an activation element keeps its quantized value
+    drop_inputs: bool = True  # QDrop: also mix each block's quantized-prefix input with its float input
     lr_round: float = 1e-3
     lr_act: float = 4e-5
     round_weight: float = 0.01
