@@ -26,6 +26,9 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """The commit the measured code came from (SLIMKIT_GIT when the tree travelled without its .git)."""
+    if os.environ.get("SLIMKIT_GIT"):
+        return os.environ["SLIMKIT_GIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
