@@ -1,0 +1,50 @@
+"""The shipped models and datasets by name, so recipes, the CLI and saved artifacts can refer to them."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .efficientnet_lite import efficientnet_lite0, natural_images
+from .fmnist import fmnist_resnet, fmnist_subset, load_fashion_mnist, to_float
+
+
+def _fmnist_test() -> tuple[torch.Tensor, torch.Tensor]:
+    """The full 10000-image Fashion-MNIST test split, as model inputs and labels."""
+    x, y = load_fashion_mnist("test")
+    return to_float(x), y
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "fmnist-resnet": fmnist_resnet,
+    "efficientnet-lite0": efficientnet_lite0,
+}
+
+DATASETS: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor] | torch.Tensor]] = {
+    "fmnist-calib": lambda: fmnist_subset("calib"),
+    "fmnist-eval": lambda: fmnist_subset("eval"),
+    "fmnist-test": _fmnist_test,
+    "natural-calib": lambda: natural_images("calib"),
+    "natural-eval": lambda: natural_images("eval"),
+}
+
+
+def get_model(name: str) -> nn.Module:
+    """A shipped model in eval mode, tagged with how to rebuild it (`_slimkit_spec`) and its per-sample input shape."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    model = MODELS[name]()
+    model._slimkit_spec = {"builder": name}
+    return model
+
+
+def get_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """A shipped dataset: (inputs, labels) for Fashion-MNIST, inputs alone for the natural photos."""
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]()
+
+
+__all__ = ["MODELS", "DATASETS", "get_model", "get_dataset", "fmnist_resnet", "fmnist_subset", "efficientnet_lite0",
+           "natural_images", "load_fashion_mnist", "to_float"]
