@@ -156,14 +156,9 @@ def static_fake_quant(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch
                       factor: float, learned: bool, quant_prob: float) -> torch.Tensor:
     """Fake quantization with stored per-row scales; with `learned`, the LSQ step (|s|, gradient scaled by
     `factor`); with `quant_prob` < 1, QDrop's random drop. One function, so it can be compiled as one kernel."""
-    if learned and rows.is_cuda and scale.numel() == 1:
-        # PyTorch's fused LSQ kernel: the same function and gradients in one pass each way (GPU memory traffic)
-        out = torch._fake_quantize_learnable_per_tensor_affine(
-            rows, scale.abs().clamp_min(torch.finfo(torch.float32).eps).reshape(1), zero_point.reshape(1), qmin, qmax, factor)
-    else:
-        if learned:
-            scale = grad_scale(scale.abs().clamp_min(torch.finfo(torch.float32).eps), factor)
-        out = fake_quant(rows, scale, zero_point, qmin, qmax)
+    if learned:
+        scale = grad_scale(scale.abs().clamp_min(torch.finfo(torch.float32).eps), factor)
+    out = fake_quant(rows, scale, zero_point, qmin, qmax)
     return drop_mix(out, rows, quant_prob) if quant_prob < 1.0 else out
 
 

@@ -15,6 +15,7 @@ quantizer's output, and of the block input, keeps its quantized value with proba
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -200,10 +201,18 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
                 graph = torch.cuda.CUDAGraph()
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                with torch.cuda.graph(graph):
-                    graph_loss = one_step()
-            graph.replay()
-            rec = graph_loss
+                try:
+                    with torch.cuda.graph(graph):
+                        graph_loss = one_step()
+                except RuntimeError as e:  # an op that cannot be captured: go on without the graph
+                    warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); reconstructing eagerly")
+                    use_graph, graph = False, None
+                    torch.cuda.synchronize()
+            if use_graph:
+                graph.replay()
+                rec = graph_loss
+            else:
+                rec = one_step()
         if step == 0:
             first_loss = rec.item()
         if step % 100 == 0 or step == iters - 1:
