@@ -6,6 +6,7 @@ import hashlib
 import pytest
 import torch
 
+from slimkit.errors import SlimkitError
 from slimkit.models import DATASETS, MODELS, get_dataset, get_model
 from slimkit.models import fmnist
 from slimkit.models.fmnist import BasicBlock, Bottleneck, FashionResNet, fmnist_subset, load_fashion_mnist
@@ -78,9 +79,9 @@ def test_missing_fashion_mnist_says_how_to_install(monkeypatch, tmp_path):
 def test_registry_names_and_errors():
     assert set(MODELS) == {"fmnist-resnet", "efficientnet-lite0"}
     assert set(DATASETS) == {"fmnist-calib", "fmnist-eval", "fmnist-test", "natural-calib", "natural-eval"}
-    with pytest.raises(KeyError, match="fmnist-resnet"):
+    with pytest.raises(SlimkitError, match="fmnist-resnet"):
         get_model("resnet-9000")
-    with pytest.raises(KeyError, match="natural-eval"):
+    with pytest.raises(SlimkitError, match="natural-eval"):
         get_dataset("imagenet")
     x, y = get_dataset("fmnist-calib")
     assert x.shape == (1024, 1, 28, 28) and y.shape == (1024,)

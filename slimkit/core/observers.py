@@ -73,13 +73,14 @@ class SampleObserver(Observer):
         super().update(rows)
         cap = max(1, self.max_values // rows.shape[0])
         n = rows.shape[1]
-        keys = torch.rand(n, generator=self.generator)
+        if n > 4 * cap:  # draw 4*cap columns uniformly (with replacement: O(cap) work, not O(n)); n >> cap here
+            idx = torch.randint(0, n, (4 * cap,), generator=self.generator)
+            rows = rows.index_select(1, idx.to(rows.device))
+            n = 4 * cap
+        keys = torch.rand(n, generator=self.generator) * (rows.shape[1] / n)  # every kept column: a uniform key
         if n > cap:  # only the `cap` smallest keys of this batch can ever be kept
-            idx = torch.nonzero(keys < 4 * cap / n).squeeze(1)  # a cheap pre-selection that holds them (whp)
-            if len(idx) < cap:
-                idx = torch.arange(n)
-            keys, pos = torch.topk(keys[idx], cap, largest=False)
-            rows = rows.index_select(1, idx[pos].to(rows.device))
+            keys, pos = torch.topk(keys, cap, largest=False)
+            rows = rows.index_select(1, pos.to(rows.device))
         rows = rows.cpu()
         if self.values is not None:
             rows, keys = torch.cat([self.values, rows], 1), torch.cat([self.keys, keys])

@@ -30,21 +30,8 @@ DATASETS: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor] | torch.Tenso
 }
 
 
-def get_model(name: str) -> nn.Module:
-    """A shipped model in eval mode, tagged with how to rebuild it (`_slimkit_spec`) and its per-sample input shape."""
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
-    model = MODELS[name]()
-    model._slimkit_spec = {"builder": name}
-    return model
-
-
-def get_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-    """A shipped dataset: (inputs, labels) for Fashion-MNIST, inputs alone for the natural photos."""
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    return DATASETS[name]()
+from .registry import default_data, get_dataset, get_model  # noqa: E402  (clear errors, user factories)
 
 
 __all__ = ["MODELS", "DATASETS", "get_model", "get_dataset", "fmnist_resnet", "fmnist_subset", "efficientnet_lite0",
-           "natural_images", "load_fashion_mnist", "to_float"]
+           "natural_images", "load_fashion_mnist", "to_float", "default_data"]
