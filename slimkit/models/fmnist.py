@@ -6,13 +6,14 @@ The model takes float images in [0, 1] shaped (N, 1, 28, 28) and normalises them
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_DIR = Path(os.environ.get("SLIMKIT_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))  # Debian's path
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS_FILE = ASSETS / "fmnist_resnet.safetensors"
 SUBSETS_FILE = ASSETS / "fmnist_subsets.safetensors"
