@@ -37,13 +37,14 @@ def git_commit() -> str:
 
 
 def merge_rows(name: str, rows: list[dict], key: tuple[str, ...] = ("model", "method", "setting", "metric")) -> list[dict]:
-    """Rows of an earlier bench/results/<name>.json that `rows` do not replace, then `rows` (for runs in parts)."""
+    """An earlier run's rows of bench/results/<name>.json, each replaced in place by its redone twin in `rows`,
+    then the rows it did not have (for runs in parts)."""
     path = RESULTS / f"{name}.json"
     if not path.exists():
         return rows
-    new = {tuple(r.get(k) for k in key) for r in rows}
-    old = [r for r in json.loads(path.read_text())["rows"] if tuple(r.get(k) for k in key) not in new]
-    return old + rows
+    fresh = {tuple(r.get(k) for k in key): r for r in rows}
+    merged = [fresh.pop(tuple(r.get(k) for k in key), r) for r in json.loads(path.read_text())["rows"]]
+    return merged + list(fresh.values())  # a redone row keeps its place; new rows go at the end
 
 
 def write_results(name: str, device: str, rows: list[dict], notes: list[str] | None = None,
