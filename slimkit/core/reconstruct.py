@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Block
 from .quantizer import drop_mix
-from .wrap import QuantLayer, quant_layers
+from .wrap import QuantLayer, quant_layers, weight_oi
 
 
 @dataclass
@@ -127,7 +127,7 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
     round_params, act_params = [], []
     for layer in layers:
         if cfg.adaround and layer.w_quant is not None:
-            layer.w_quant.init_adaround(layer.layer.weight)
+            layer.w_quant.init_adaround(weight_oi(layer.layer))
             round_params.append(layer.w_quant.alpha)
         if layer.a_quant is not None:
             layer.a_quant.enabled = cfg.act_in_recon

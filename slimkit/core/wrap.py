@@ -21,6 +21,35 @@ from .quantizer import QuantSpec, Quantizer, dequantize, qparams_from_range, to_
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
 
 
+def float_layer(module: nn.Module) -> nn.Module:
+    """The float Linear / Conv1D inside a quantized wrapper, or the module itself."""
+    return getattr(module, "layer", module)
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2): a linear layer whose weight is stored (in, out)."""
+    return type(layer).__name__ == "Conv1D" and layer.weight.dim() == 2
+
+
+def weight_oi(layer: nn.Module) -> torch.Tensor:
+    """The weight as (out, in), a view of the parameter (in-place edits reach it)."""
+    return layer.weight.t() if is_conv1d(layer) else layer.weight
+
+
+def _input_affine_hook(module: nn.Module, args: tuple):
+    x = args[0]
+    return ((x - module.slimkit_in_shift) / module.slimkit_in_scale,) + args[1:]
+
+
+def input_affine(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    scale = getattr(layer, "slimkit_in_scale", None)
+    return None if scale is None else (scale, layer.slimkit_in_shift)
+
+
+def quantizable(module: nn.Module) -> bool:
+    return isinstance(module, QUANTIZABLE) or is_conv1d(module)
+
+
 def weight_qparams(w: torch.Tensor, spec: QuantSpec, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero point for a weight, from its own values (min-max, or MSE over all values)."""
     rows = to_rows(w.detach().float(), spec)
@@ -38,8 +67,8 @@ class QuantLayer(nn.Module):
     def __init__(self, layer: nn.Module, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
                  w_observer: str = "mse", a_observer: str = "mse", init_qparams: bool = True):
         super().__init__()
-        if not isinstance(layer, QUANTIZABLE):
-            raise TypeError(f"cannot quantize {type(layer).__name__}: only nn.Linear and nn.Conv2d")
+        if not quantizable(layer):
+            raise TypeError(f"cannot quantize {type(layer).__name__}: only nn.Linear, nn.Conv2d and Conv1D")
         self.layer = layer
         self.w_quant = Quantizer(w_spec, w_observer) if w_spec is not None else None
         self.a_quant = Quantizer(a_spec, a_observer) if a_spec is not None else None
@@ -48,18 +77,19 @@ class QuantLayer(nn.Module):
         self._fast_conv = isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward
         self._w_cache: torch.Tensor | None = None
         if self.w_quant is not None and init_qparams:
-            self.w_quant.set_qparams(*weight_qparams(layer.weight, w_spec, w_observer))
+            self.w_quant.set_qparams(*weight_qparams(weight_oi(layer), w_spec, w_observer))
 
     @property
     def kind(self) -> str:
-        return "conv2d" if isinstance(self.layer, nn.Conv2d) else "linear"
+        return "conv2d" if isinstance(self.layer, nn.Conv2d) else "conv1d" if is_conv1d(self.layer) else "linear"
 
     @property
     def frozen(self) -> bool:
         return self.w_int is not None
 
     def quantized_weight(self) -> torch.Tensor:
-        w = self.layer.weight
+        """The fake-quantized weight; (out, in) for linear layers, Conv1D included."""
+        w = weight_oi(self.layer)
         if self.w_quant is None:
             return w
         if self.frozen:
@@ -71,11 +101,14 @@ class QuantLayer(nn.Module):
         return self.w_quant(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        affine = input_affine(layer)  # a channel transform kept at the input (post-LN blocks)
+        if affine is not None:
+            x = (x - affine[1]) / affine[0]
         if self.a_quant is not None:
             x = self.a_quant(x)
         w = self.quantized_weight()
-        layer = self.layer
-        if isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
+        if (isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward) or is_conv1d(layer):
             return F.linear(x, w, layer.bias)
         if self._fast_conv:
             return layer._conv_forward(x, w, layer.bias)
@@ -85,7 +118,7 @@ class QuantLayer(nn.Module):
         """Fix the weight to its integer codes (hard rounding, learned steps become buffers)."""
         if self.w_quant is None:
             return
-        self.w_int = self.w_quant.int_codes(self.layer.weight)
+        self.w_int = self.w_quant.int_codes(weight_oi(self.layer))
         self.w_quant.drop_adaround()
         self.w_quant.freeze_scale()
         self._w_cache = None
@@ -124,7 +157,7 @@ def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
     wrapped = {name for name, m in model.named_modules() if isinstance(m, QuantLayer)}
     for name, module in model.named_modules():
         inside_wrapper = name.endswith(".layer") and name[: -len(".layer")] in wrapped
-        if isinstance(module, QuantLayer) or (isinstance(module, QUANTIZABLE) and not inside_wrapper):
+        if isinstance(module, QuantLayer) or (quantizable(module) and not inside_wrapper):
             found[name] = module
     return found
 

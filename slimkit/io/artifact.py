@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.quantizer import QuantSpec
-from ..core.wrap import LayerPlan, QuantLayer, quant_layers, set_submodule, wrap_layers
+from ..core.wrap import LayerPlan, QuantLayer, quant_layers, set_submodule, weight_oi, wrap_layers
 from ..errors import SlimkitError
 
 FORMAT, VERSION = "slimkit", 1
@@ -175,7 +175,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 handled.update({f"{name}.w_int", f"{name}.layer.weight"})
                 layer.w_int = torch.from_numpy(codes.astype(np.int16) + spec.qmin).reshape(shape)
                 with torch.no_grad():
-                    layer.layer.weight.copy_(layer.quantized_weight())
+                    weight_oi(layer.layer).copy_(layer.quantized_weight())
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except (KeyError, RuntimeError, ValueError) as e:
         raise SlimkitError(f"the artifact at {path} is corrupt or does not match the model: {str(e).splitlines()[0]}") from None
