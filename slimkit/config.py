@@ -39,7 +39,7 @@ class QuantConfig:
     blocks: list[str] | None = None  # override the adapter's reconstruction blocks (module paths)
     # calibration and reconstruction
     preset: str | None = None
-    num_samples: int = 1024
+    num_samples: int | None = None  # calibration samples; default 1024 images (CNNs) or 128 sequences (transformers)
     act_calib_samples: int = 256
     batch_size: int = 32
     iters: int = 20000
@@ -52,6 +52,12 @@ class QuantConfig:
     device: str | None = None  # "cuda", "cpu"; default: CUDA when available
     compile: bool | None = None  # torch.compile the activation fake-quant; default: on the CPU for >= 500 iterations
     cuda_graph: bool = True  # on CUDA, replay each reconstruction iteration as a CUDA graph
+    # transformers (slimkit.transformer)
+    seq_len: int | None = None  # tokens per calibration sequence; default min(2048, the model's context)
+    lm_batch_size: int = 4  # calibration sequences per forward pass
+    alpha: float = 0.5  # SmoothQuant's migration strength
+    search_steps: int = 100  # OS+: candidate clipping thresholds (at least; the paper's grid)
+    twc_iters: int = 100  # Outlier Suppression: fine-grained clipping-range learning, iterations a block
     seed: int = 0
     progress: bool = True
 
@@ -81,10 +87,11 @@ class QuantConfig:
         return cfg
 
     def validate(self) -> None:
-        from .methods import METHODS
+        from .methods import METHODS, TRANSFORMER_METHODS
 
-        if self.method not in METHODS:
-            raise SlimkitError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method not in METHODS and self.method not in TRANSFORMER_METHODS:
+            raise SlimkitError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)} (CNNs) or "
+                               f"{', '.join(TRANSFORMER_METHODS)} (transformers)")
         for name in ("w_bits", "a_bits", "first_last_bits"):
             bits = getattr(self, name)
             if bits is None and name != "w_bits":
@@ -99,8 +106,8 @@ class QuantConfig:
                 raise SlimkitError(f"{name} must be one of {', '.join(OBSERVERS)}, got {getattr(self, name)!r}")
         if not 0.0 < self.drop_prob <= 1.0:
             raise SlimkitError(f"drop_prob must be in (0, 1], got {self.drop_prob}")
-        for name in ("num_samples", "batch_size", "act_calib_samples"):
-            if getattr(self, name) < 1:
+        for name in ("num_samples", "batch_size", "act_calib_samples", "lm_batch_size", "search_steps", "seq_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SlimkitError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.iters < 0:
             raise SlimkitError(f"iters must be non-negative, got {self.iters}")

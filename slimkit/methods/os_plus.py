@@ -1,0 +1,98 @@
+"""Outlier Suppression+ (Wei et al., 2023): channel-wise shifting and scaling of each group's input activation.
+
+Shift: z_j = (max X_j + min X_j) / 2 centres every channel (asymmetry removed), where a bias can absorb it
+(LayerNorm with bias, or consumers with biases; RMSNorm families get scaling only, as the paper's LLaMA code).
+Scale: for a clipping threshold t, s_j = max(1, max(X_j - z_j) / t, min(X_j - z_j) / -t) squeezes the channels
+that exceed [-t, t]; t is searched on a grid from the largest |X - z| down (at least `search_steps` points,
+every 0.5 of range as in the public code) to minimise the squared error of the group's scope output (the
+attention output for q/k/v, the MLP or layer output otherwise) with quantized input and quantized weights.
+Both fold into the norm / producing linear and the consumers' weights and biases (core/migrate.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core.migrate import apply_transform, can_shift
+from ..core.quantizer import QuantSpec, dynamic_fake_quant, fake_quant_tensor, qparams_from_range
+from ..core.wrap import float_layer, weight_oi, weight_qparams
+from .transformer_common import TransformerMethod
+
+
+def _specs(cfg) -> tuple[QuantSpec, QuantSpec | None]:
+    w = QuantSpec(cfg.w_bits, cfg.w_symmetric, cfg.w_granularity, cfg.w_group_size, ch_axis=0)
+    a = None if cfg.a_bits is None else QuantSpec(cfg.a_bits, cfg.a_symmetric, cfg.a_granularity, cfg.w_group_size, ch_axis=-1)
+    return w, a
+
+
+def channel_scale(cmax: torch.Tensor, cmin: torch.Tensor, t: float) -> torch.Tensor:
+    """OS+'s scale for threshold t: channels whose range exceeds [-t, t] are divided down into it."""
+    one = torch.ones_like(cmax)
+    return torch.maximum(torch.maximum(one, cmax / t), cmin / -t)
+
+
+def _quantized_forward(layer, shift, scale, t, w_spec, a_spec):
+    """A stand-in forward for one consumer: quantized (x - shift) / scale against quantized W diag(scale)."""
+    w = weight_oi(layer).detach().float()
+    w_s = w * scale
+    wq = fake_quant_tensor(w_s, w_spec, *weight_qparams(w_s, w_spec, "minmax"))
+    bias = layer.bias.detach().float() if layer.bias is not None else None
+    if bias is not None:
+        bias = bias + w @ shift
+    if a_spec is not None and a_spec.granularity != "token":
+        lo = torch.tensor([-t], device=w.device)
+        a_scale, a_zp = qparams_from_range(lo, -lo, a_spec)
+
+    def forward(x):
+        xs = (x.float() - shift) / scale
+        if a_spec is not None:
+            xs = dynamic_fake_quant(xs, a_spec) if a_spec.granularity == "token" else fake_quant_tensor(xs, a_spec, a_scale, a_zp)
+        return F.linear(xs, wq, bias).to(x.dtype)
+
+    return forward
+
+
+@torch.no_grad()
+def search_group(ctx, group) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The best (scale, shift, threshold) for one group, by the scope-output error of quantized candidates."""
+    stats = ctx.stats[group.name]
+    w_spec, a_spec = _specs(ctx.cfg)
+    shift = (stats.cmax + stats.cmin) / 2 if can_shift(ctx.model, group) else torch.zeros_like(stats.cmax)
+    cmax, cmin = stats.cmax - shift, stats.cmin - shift
+    top = max(cmax.max().item(), -cmin.min().item(), 1e-6)
+    lower = min(0.1 if ctx.family_norm == "rms" else 1.0, top)
+    steps = int(min(max(ctx.cfg.search_steps, top / 0.5), 4 * ctx.cfg.search_steps))
+    scope = ctx.model.get_submodule(group.scope)
+    args, kwargs = ctx.scope_calls[group.name]
+    layers = [float_layer(ctx.model.get_submodule(n)) for n in group.layers]
+    ref = _out(scope(*args, **kwargs)).float()
+    best = (float("inf"), top)
+    for t in torch.linspace(top, lower, steps).tolist():
+        scale = channel_scale(cmax, cmin, t)
+        for layer in layers:
+            layer.forward = _quantized_forward(layer, shift, scale, t, w_spec, a_spec)
+        try:
+            out = _out(scope(*args, **kwargs)).float()
+        finally:
+            for layer in layers:
+                del layer.forward  # back to the class's forward
+        loss = (out - ref).pow(2).sum(-1).mean().item()
+        if loss < best[0]:
+            best = (loss, t)
+    t = best[1]
+    return channel_scale(cmax, cmin, t), (shift if torch.any(shift != 0) else None), t
+
+
+def _out(y):
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def transform(ctx) -> None:
+    for group in ctx.groups:
+        scale, shift, t = search_group(ctx, group)
+        apply_transform(ctx.model, group, scale, shift)
+        ctx.notes.setdefault("os_plus", {})[group.name] = {
+            "threshold": round(t, 5), "scaled_channels": int((scale > 1).sum()), "shifted": shift is not None}
+
+
+METHOD = TransformerMethod("OS+: channel-wise shift and searched scale, folded into the neighbouring modules", transform)

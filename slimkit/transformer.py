@@ -1,0 +1,278 @@
+"""Post-training quantization of Hugging Face transformers, one block at a time.
+
+model + token blocks -> capture the first block's inputs -> for each block: (1) run it in full precision,
+recording per-channel statistics of every group's input and one call of each group's scope; (2) the method's
+function-preserving transform (Gamma Migration, SmoothQuant, OS+ shift/scale); (3) wrap every linear of the
+block (weights per channel or group; inputs per tensor static or per token dynamic); (4) calibrate the
+activation ranges on the inputs that the already-quantized blocks produce (Token-Wise Clipping for Outlier
+Suppression); (5) pass those inputs on. Only the block in hand sits on the compute device; the rest stays
+where the model is (CPU memory for models larger than the GPU). The input model is left untouched unless
+`inplace=True`.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import QuantConfig
+from .core.families import Group, Layout, layout
+from .core.quantizer import QuantSpec
+from .core.wrap import LayerPlan, layer_modules, quant_layers, quantizers, wrap_layers
+from .errors import SlimkitError
+
+
+def is_transformer(model) -> bool:
+    """A Hugging Face model (it has a config with a model_type)."""
+    return isinstance(model, nn.Module) and getattr(getattr(model, "config", None), "model_type", None) is not None
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel statistics of one activation over the calibration tokens."""
+
+    absmax: torch.Tensor | None = None
+    cmax: torch.Tensor | None = None
+    cmin: torch.Tensor | None = None
+    tokens: int = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        hi, lo = rows.amax(0), rows.amin(0)
+        if self.cmax is None:
+            self.cmax, self.cmin = hi, lo
+        else:
+            self.cmax, self.cmin = torch.maximum(self.cmax, hi), torch.minimum(self.cmin, lo)
+        self.absmax = torch.maximum(self.cmax.abs(), self.cmin.abs())
+        self.tokens += rows.shape[0]
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of the block in hand."""
+
+    model: nn.Module
+    block: nn.Module
+    index: int
+    groups: list[Group]
+    stats: dict[str, ChannelStats]  # group name -> statistics of its input (full precision)
+    scope_calls: dict[str, tuple]  # group name -> (args, kwargs) of one call of its scope module
+    cfg: QuantConfig
+    device: torch.device
+    family_norm: str
+    inputs: list = field(default_factory=list)  # the quantized stream's block inputs (hidden, args, kwargs)
+    targets: list = field(default_factory=list)  # the full-precision block outputs for those inputs
+    notes: dict = field(default_factory=dict)  # what the method records for the manifest
+
+
+def block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_block(block: nn.Module, inputs: list, device: torch.device) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for hidden, args, kwargs in inputs:
+            outs.append(block_output(block(hidden.to(device), *args, **kwargs)))
+    return outs
+
+
+def _move_outside_blocks(model: nn.Module, lay: Layout, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside a block (embeddings, rotary tables, heads)."""
+    blocks = tuple(b + "." for b in lay.blocks)
+    for name, module in model.named_modules():
+        if any((name + ".").startswith(b) for b in blocks):
+            continue
+        for key, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[key] = nn.Parameter(p.data.to(device), p.requires_grad)
+        for key, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[key] = b.to(device)
+
+
+def first_block_inputs(model: nn.Module, lay: Layout, batches: list[dict], device: torch.device) -> list:
+    """(hidden_states, extra args, kwargs) of the first block for each calibration batch."""
+    block0 = model.get_submodule(lay.blocks[0])
+    captured = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, tuple(args[1:]), dict(kwargs)))
+        raise _Stop
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(**{k: v.to(device) for k, v in batch.items()})
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    if len(captured) != len(batches):
+        raise SlimkitError("the model's forward never reached its first block: is the family adapter right?")
+    return captured
+
+
+def _record_block(ctx: BlockContext, fp_inputs: list) -> list[torch.Tensor]:
+    """Run the float block, recording each group's input statistics and one call of its scope."""
+    handles = []
+    for group in ctx.groups:
+        stats = ctx.stats.setdefault(group.name, ChannelStats())
+        consumer = ctx.model.get_submodule(group.layers[0])
+        handles.append(consumer.register_forward_pre_hook(lambda m, a, s=stats: s.update(a[0])))
+        scope = ctx.model.get_submodule(group.scope)
+
+        def grab(m, args, kwargs, name=group.name):
+            ctx.scope_calls.setdefault(name, (args, dict(kwargs)))
+
+        handles.append(scope.register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        return run_block(ctx.block, fp_inputs, ctx.device)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _plans(block_prefix: str, block: nn.Module, cfg: QuantConfig) -> dict[str, LayerPlan]:
+    plans = {}
+    for name in layer_modules(block):
+        path = f"{block_prefix}.{name}"
+        if path in cfg.skip or name in cfg.skip:
+            continue
+        w_spec = QuantSpec(cfg.w_bits, cfg.w_symmetric, cfg.w_granularity, cfg.w_group_size, ch_axis=0)
+        a_spec = None if cfg.a_bits is None else QuantSpec(cfg.a_bits, cfg.a_symmetric, cfg.a_granularity,
+                                                           cfg.w_group_size, ch_axis=-1)
+        plans[path] = LayerPlan(w_spec, a_spec, cfg.w_observer, cfg.a_observer)
+    return plans
+
+
+def calibrate_block(ctx: BlockContext) -> None:
+    """Observe the block's activation quantizers on the quantized stream, then set their ranges."""
+    acts = list(quantizers(ctx.block, "act"))
+    for q in acts:
+        q.observing = True
+    try:
+        run_block(ctx.block, ctx.inputs, ctx.device)
+    finally:
+        for q in acts:
+            q.observing = False
+    for q in acts:
+        if not q.dynamic:
+            q.compute_qparams()
+            q.observer = None
+
+
+def _batches(calib, cfg: QuantConfig) -> list[dict]:
+    """Calibration input as a list of model-input dicts (input_ids, attention_mask)."""
+    if isinstance(calib, dict):
+        calib = {k: v for k, v in calib.items() if isinstance(v, torch.Tensor)}
+        if "input_ids" not in calib:
+            raise SlimkitError("calibration dict needs 'input_ids' (and optionally 'attention_mask')")
+        ids = calib["input_ids"]
+    elif isinstance(calib, torch.Tensor):
+        ids, calib = calib, {"input_ids": calib}
+    else:
+        raise SlimkitError("transformer calibration data must be token ids (N, L), a dict of input_ids / "
+                           "attention_mask, or text with a tokenizer (pass tokenizer=...)")
+    if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0 or ids.dtype not in (torch.int64, torch.int32):
+        raise SlimkitError(f"calibration token ids must be a non-empty integer tensor (N, L), got "
+                           f"{tuple(ids.shape)} {ids.dtype}")
+    n = ids.shape[0]
+    bs = max(1, cfg.lm_batch_size)
+    return [{k: v[i: i + bs] for k, v in calib.items()} for i in range(0, n, bs)]
+
+
+def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
+    """Token ids or an encoder batch from any accepted calibration form (text needs a tokenizer)."""
+    n = cfg.num_samples or 128
+    if isinstance(calib, torch.Tensor):
+        return calib[:n]
+    if isinstance(calib, dict):
+        return {k: v[:n] for k, v in calib.items()}
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "_slimkit_tokenizer", None)
+    if tokenizer is None:
+        raise SlimkitError("calibration text needs the model's tokenizer: pass tokenizer=... (slimkit.load_hf "
+                           "returns one), or give token ids")
+    from . import text
+
+    texts = text.read_texts(calib)
+    max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
+    if is_encoder(model):
+        length = cfg.seq_len or min(128, max_pos)
+        return text.encode_batch(tokenizer, text.sentences(texts, n, seed=cfg.seed), max_len=length)
+    length = cfg.seq_len or min(2048, max_pos)
+    return text.token_blocks(texts, tokenizer, n, length, seed=cfg.seed)
+
+
+def is_encoder(model: nn.Module) -> bool:
+    """An encoder (BERT-style) rather than a causal LM."""
+    return layout(model).family.name in ("bert", "mpnet")
+
+
+def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torch.device,
+                         inplace: bool = False) -> nn.Module:
+    """Quantize a Hugging Face model block by block with the method in `cfg` (see the module docstring)."""
+    from .methods import TRANSFORMER_METHODS
+
+    method = TRANSFORMER_METHODS[cfg.method]
+    t0 = time.perf_counter()
+    lay = layout(model)
+    batches = _batches(calib, cfg)
+    q_model = model if inplace else copy.deepcopy(model)
+    q_model.eval()
+    home = next(q_model.parameters()).device
+    _move_outside_blocks(q_model, lay, device)
+    q_inputs = first_block_inputs(q_model, lay, batches, device)
+    fp_inputs = q_inputs
+    stats_out, notes = {}, {}
+    bar = tqdm(lay.blocks, desc=f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits or 16}", disable=not cfg.progress)
+    for i, path in enumerate(bar):
+        block = q_model.get_submodule(path).to(device)
+        ctx = BlockContext(q_model, block, i, lay.groups(i), {}, {}, cfg, device, lay.family.norm)
+        fp_outputs = _record_block(ctx, fp_inputs)
+        method.transform(ctx)
+        wrap_layers(q_model, _plans(path, block, cfg))
+        ctx.inputs, ctx.targets = q_inputs, fp_outputs
+        calibrate_block(ctx)
+        method.after_calibration(ctx)
+        q_outputs = run_block(block, q_inputs, device)
+        err = sum(((q - f) ** 2).mean().item() for q, f in zip(q_outputs, fp_outputs)) / len(fp_outputs)
+        stats_out[path] = {"output_mse": err, **ctx.notes}
+        bar.set_postfix(mse=f"{err:.3g}")
+        fp_inputs = [(o, a, k) for o, (_, a, k) in zip(fp_outputs, fp_inputs)]
+        q_inputs = [(o, a, k) for o, (_, a, k) in zip(q_outputs, q_inputs)]
+        q_model.get_submodule(path).to(home)
+    _move_outside_blocks(q_model, lay, home)
+    for layer in quant_layers(q_model).values():
+        if not layer.frozen:
+            layer.freeze()
+    q_model.slimkit_info = {
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "family": lay.family.name,
+        "model_type": model.config.model_type,
+        "layers": {name: layer.settings() for name, layer in quant_layers(q_model).items()},
+        "blocks": stats_out,
+        "calibration": {"sequences": sum(len(b["input_ids"]) for b in batches),
+                        "tokens": int(sum(b["input_ids"].numel() for b in batches))},
+        "model_spec": getattr(model, "_slimkit_spec", None),
+        "seconds": {"total": time.perf_counter() - t0},
+        "device": str(device),
+        **notes,
+    }
+    return q_model
