@@ -1,0 +1,117 @@
+"""Transformer PTQ: the block-wise pipeline, its four methods, and their errors (tiny random models, CPU)."""
+import copy
+
+import pytest
+import torch
+
+import slimkit
+from slimkit.core.wrap import quant_layers
+from slimkit.methods.os_plus import channel_scale
+from slimkit.methods.outlier_suppression import clip_range
+
+from tiny_hf import output, tiny_inputs, tiny_model
+
+OPTS = dict(progress=False, device="cpu", twc_iters=10)
+
+
+def err(q, ref, inputs):
+    return ((output(q, inputs) - ref) ** 2).mean().item()
+
+
+@pytest.fixture(scope="module")
+def llama_runs():
+    model = tiny_model("llama")
+    calib, ev = tiny_inputs("llama", 8, 16, seed=1), tiny_inputs("llama", 4, 16, seed=2)
+    ref = output(model, ev)
+    errs = {m: err(slimkit.quantize(model, calib, method=m, w_bits=4, a_bits=4, **OPTS), ref, ev)
+            for m in ("minmax", "smoothquant", "outlier_suppression", "os_plus")}
+    return errs
+
+
+def test_outlier_methods_beat_minmax_at_w4a4(llama_runs):
+    # the papers' ordering on a model whose norms carry outlier channels (fixed seed)
+    assert llama_runs["os_plus"] < llama_runs["smoothquant"] < llama_runs["minmax"]
+    assert llama_runs["outlier_suppression"] < llama_runs["minmax"]
+
+
+@pytest.mark.parametrize("kind", ["opt", "gpt2", "bert"])
+def test_os_plus_beats_minmax(kind):
+    model = tiny_model(kind)
+    calib, ev = tiny_inputs(kind, 8, 16, seed=1), tiny_inputs(kind, 4, 16, seed=2)
+    ref = output(model, ev)
+    e_mm = err(slimkit.quantize(model, calib, method="minmax", w_bits=4, a_bits=4, **OPTS), ref, ev)
+    e_os = err(slimkit.quantize(model, calib, method="os_plus", w_bits=4, a_bits=4, **OPTS), ref, ev)
+    assert e_os < e_mm
+
+
+def test_every_block_linear_is_quantized_and_input_model_untouched():
+    model = tiny_model("qwen2")
+    before = copy.deepcopy(model.state_dict())
+    q = slimkit.quantize(model, tiny_inputs("qwen2", 4, 16), method="os_plus", w_bits=8, a_bits=8, **OPTS)
+    names = set(quant_layers(q))
+    expected = {f"model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert names == expected  # lm_head and embeddings stay in float
+    assert all(l.frozen and l.a_quant is not None for l in quant_layers(q).values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    info = q.slimkit_info
+    assert info["family"] == "llama" and info["calibration"]["tokens"] == 64
+
+
+def test_w8a8_is_close_to_full_precision():
+    model = tiny_model("gpt2")
+    ev = tiny_inputs("gpt2", 4, 16, seed=2)
+    ref = output(model, ev)
+    q = slimkit.quantize(model, tiny_inputs("gpt2", 8, 16, seed=1), method="smoothquant", w_bits=8, a_bits=8, **OPTS)
+    assert ((output(q, ev) - ref).abs().max() / ref.abs().max()).item() < 0.05
+
+
+def test_per_token_dynamic_activations():
+    model = tiny_model("llama")
+    q = slimkit.quantize(model, tiny_inputs("llama", 4, 16), method="os_plus", w_bits=4, a_bits=4,
+                         a_granularity="token", **OPTS)
+    layer = next(iter(quant_layers(q).values()))
+    assert layer.a_quant.dynamic
+    x = torch.randn(3, 5, 32)
+    y = layer.a_quant(x)
+    for row_x, row_y in zip(x.reshape(-1, 32), y.reshape(-1, 32)):  # each token on its own 16-level grid
+        step = (row_x.max() - row_x.min()) / 15
+        assert len(torch.unique(row_y)) <= 16
+        assert (row_y - row_x).abs().max() <= step * 0.5 + 1e-6 + step * 0.5  # rounding + zero-point rounding
+        levels = (row_y - row_y.min()) / step
+        assert torch.allclose(levels, levels.round(), atol=1e-4)
+
+
+def test_token_wise_clip_range_drops_outlier_tokens():
+    token_max = torch.tensor([1.0, 1.2, 0.9, 1.1, 50.0, 1.05, 0.95, 1.0, 1.15, 1.0])
+    token_min = -token_max
+    lo, hi = clip_range(token_max, token_min, 0.9)
+    assert hi.item() == pytest.approx(1.2) and lo.item() == pytest.approx(-1.2)
+    lo, hi = clip_range(token_max, token_min, 1.0)
+    assert hi.item() == pytest.approx(50.0)
+
+
+def test_os_plus_channel_scale():
+    cmax, cmin = torch.tensor([1.0, 8.0, 2.0]), torch.tensor([-1.0, -2.0, -12.0])
+    s = channel_scale(cmax, cmin, 4.0)
+    assert torch.equal(s, torch.tensor([1.0, 2.0, 3.0]))  # channels beyond [-4, 4] squeezed into it
+    assert (cmax / s).max() <= 4.0 and (cmin / s).min() >= -4.0
+
+
+def test_method_family_mismatch_errors():
+    with pytest.raises(slimkit.SlimkitError, match="is for CNNs"):
+        slimkit.quantize(tiny_model("llama"), tiny_inputs("llama", 2, 8), method="qdrop", **OPTS)
+    cnn = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(slimkit.SlimkitError, match="is for Hugging Face transformers"):
+        slimkit.quantize(cnn, torch.randn(8, 4), method="os_plus", **OPTS)
+
+
+@pytest.mark.parametrize("calib, match", [
+    (["some text"], "needs the model's tokenizer"),
+    (torch.zeros(0, 8, dtype=torch.long), "non-empty integer tensor"),
+    (torch.randn(2, 8), "non-empty integer tensor"),
+])
+def test_bad_calibration_errors(calib, match):
+    with pytest.raises(slimkit.SlimkitError, match=match):
+        slimkit.quantize(tiny_model("llama"), calib, method="minmax", **OPTS)
