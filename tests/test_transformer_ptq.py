@@ -115,3 +115,35 @@ def test_method_family_mismatch_errors():
 def test_bad_calibration_errors(calib, match):
     with pytest.raises(slimkit.SlimkitError, match=match):
         slimkit.quantize(tiny_model("llama"), calib, method="minmax", **OPTS)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "bloom", "gpt2", "bert", "mpnet"])
+def test_save_load_exact_and_transformers_reload(kind, tmp_path):
+    import transformers
+
+    from slimkit.core.wrap import quantizers
+
+    model = tiny_model(kind)
+    q = slimkit.quantize(model, tiny_inputs(kind, 8, 16, seed=1), method="os_plus", w_bits=4, a_bits=6, **OPTS)
+    ev = tiny_inputs(kind, 4, 16, seed=2)
+    slimkit.save(q, tmp_path / "art")
+    again = slimkit.load(tmp_path / "art")
+    assert torch.equal(output(again, ev), output(q, ev))  # bit-exact, activation quantizers included
+    # transformers alone reloads the directory as the weight-quantized float model
+    arch = transformers.AutoConfig.from_pretrained(tmp_path / "art").architectures[0]
+    plain = getattr(transformers, arch).from_pretrained(tmp_path / "art").eval()
+    assert type(plain) is type(model)
+    for a in quantizers(q, "act"):
+        a.enabled = False
+    ref = output(q, ev)
+    assert ((output(plain, ev) - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_load_rejects_corrupt_hf_artifact(tmp_path):
+    q = slimkit.quantize(tiny_model("llama"), tiny_inputs("llama", 4, 8), method="minmax", **OPTS)
+    slimkit.save(q, tmp_path / "art")
+    (tmp_path / "art" / "slimkit.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(slimkit.SlimkitError, match="corrupt"):
+        slimkit.load(tmp_path / "art")
+    with pytest.raises(slimkit.SlimkitError, match="already exists"):
+        slimkit.save(q, tmp_path / "art")

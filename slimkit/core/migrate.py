@@ -10,19 +10,7 @@ from torch import nn
 
 from ..errors import SlimkitError
 from .families import Group
-from .wrap import _input_affine_hook, float_layer, input_affine, is_conv1d, weight_oi  # noqa: F401
-
-
-def set_input_affine(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """Make a float layer compute on (x - shift) / scale (buffers, so they are saved; a pre-hook applies them
-    in the float model, and QuantLayer applies them before its activation quantizer)."""
-    if input_affine(layer) is None:
-        layer.register_buffer("slimkit_in_scale", scale.clone())
-        layer.register_buffer("slimkit_in_shift", shift.clone())
-        layer._slimkit_affine_hook = layer.register_forward_pre_hook(_input_affine_hook)
-    else:
-        layer.slimkit_in_scale.copy_(scale)
-        layer.slimkit_in_shift.copy_(shift)
+from .wrap import float_layer, input_affine, set_input_affine, weight_oi
 
 
 @torch.no_grad()

@@ -46,6 +46,18 @@ def input_affine(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None if scale is None else (scale, layer.slimkit_in_shift)
 
 
+def set_input_affine(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make a float layer compute on (x - shift) / scale (buffers, so they are saved; a pre-hook applies them
+    in the float model, and QuantLayer applies them before its activation quantizer)."""
+    if input_affine(layer) is None:
+        layer.register_buffer("slimkit_in_scale", scale.clone())
+        layer.register_buffer("slimkit_in_shift", shift.clone())
+        layer._slimkit_affine_hook = layer.register_forward_pre_hook(_input_affine_hook)
+    else:
+        layer.slimkit_in_scale.copy_(scale)
+        layer.slimkit_in_shift.copy_(shift)
+
+
 def quantizable(module: nn.Module) -> bool:
     return isinstance(module, QUANTIZABLE) or is_conv1d(module)
 

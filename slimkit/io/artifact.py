@@ -27,6 +27,7 @@ from ..errors import SlimkitError
 
 FORMAT, VERSION = "slimkit", 1
 WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
+HF_QUANT = "slimkit.safetensors"  # Hugging Face artifacts: model.safetensors is transformers' own file
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -83,15 +84,30 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
         raise SlimkitError("this model was not produced by slimkit.quantize (no quantized layers): nothing to save")
     if path.exists() and not overwrite:
         raise SlimkitError(f"{path} already exists: choose another path or pass overwrite=True (--overwrite)")
-    tensors, layers = _state_tensors(model)
-    manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers}
+    if "family" in info:  # a Hugging Face transformer: a model directory transformers can reload, plus ours
+        from .hf_artifact import hf_tensors, write_hf
+
+        tensors, layers = hf_tensors(model)
+        manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers, "weights": HF_QUANT}
+        extra = lambda tmp: write_hf(model, tmp)  # noqa: E731
+    else:
+        tensors, layers = _state_tensors(model)
+        manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers}
+        extra = None
     if metrics:
         manifest["metrics"] = _jsonable({**info.get("metrics", {}), **metrics})
+    _write_atomic(path, lambda tmp: (extra and extra(tmp),
+                                     save_file(tensors, str(tmp / manifest.get("weights", WEIGHTS)), metadata={"format": FORMAT}),
+                                     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))))
+    return path
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Run `write(tmp_dir)`, then rename tmp_dir to `path` (replacing an old one): never a half-written artifact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+        write(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -102,7 +118,6 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -111,12 +126,15 @@ def read_manifest(path: str | Path) -> dict:
     if not path.is_dir():
         raise SlimkitError(f"{path} is not a directory: give the folder written by slimkit.save / slimkit quantize --out")
     mf = path / MANIFEST
-    if not mf.exists() or not (path / WEIGHTS).exists():
+    if not mf.exists():
         raise SlimkitError(f"{path} is not a slimkit artifact: it needs {MANIFEST} and {WEIGHTS}")
     try:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SlimkitError(f"{mf} is corrupt (not valid JSON: {e})") from None
+    weights = manifest.get("weights", WEIGHTS) if isinstance(manifest, dict) else WEIGHTS
+    if not (path / weights).exists():
+        raise SlimkitError(f"{path} is not a complete slimkit artifact: {weights} is missing")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SlimkitError(f"{path} is not a slimkit artifact (its manifest has no format: {FORMAT!r})")
     if manifest.get("version") != VERSION:
@@ -133,6 +151,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     artifact came from a model slimkit cannot build by name (your own nn.Module class)."""
     path = Path(path)
     manifest = read_manifest(path)
+    if "family" in manifest:
+        from .hf_artifact import load_hf_artifact
+
+        return load_hf_artifact(path, manifest, model)
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:

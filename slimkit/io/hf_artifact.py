@@ -1,0 +1,164 @@
+"""Hugging Face artifacts: one directory that transformers and slimkit both read.
+
+- transformers' part: config.json, model.safetensors (every quantized weight dequantized to float, in the
+  model's own basis, so `AutoModel*.from_pretrained(DIR)` gives the weight-quantized model) and the tokenizer;
+- slimkit's part: slimkit.safetensors (bit-packed integer codes, weight scales and zero points, activation
+  ranges, the biases and input affines of the quantized linears) and manifest.json.
+`slimkit.load(DIR)` rebuilds the fake-quantized model, activation quantizers included, with outputs equal to
+the in-memory one's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ..core.quantizer import QuantSpec
+from ..core.wrap import LayerPlan, input_affine, quant_layers, set_input_affine, weight_oi, wrap_layers
+from ..errors import SlimkitError
+
+QUANT_PARTS = ("w_int", "w_quant.", "a_quant.", "layer.slimkit_in_")
+
+
+def _export_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The quantized layer as a plain one: dequantized weight (the layer's own layout) and bias, with an input
+    affine (x - z) / s folded in: W'' = Wq diag(1/s), b'' = b - W'' z."""
+    w = layer.quantized_weight().detach().float()
+    bias = None if layer.layer.bias is None else layer.layer.bias.detach().float()
+    affine = input_affine(layer.layer)
+    if affine is not None:
+        scale, shift = affine[0].float(), affine[1].float()
+        w = w / scale
+        bias = (torch.zeros(w.shape[0], device=w.device) if bias is None else bias) - w @ shift
+    dtype = layer.layer.weight.dtype
+    w = w.t() if layer.kind == "conv1d" else w
+    return w.to(dtype).contiguous(), None if bias is None else bias.to(dtype)
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as the plain transformers architecture expects it."""
+    qlayers = quant_layers(model)
+    state = {}
+    for key, value in model.state_dict().items():
+        owner = next((n for n in qlayers if key.startswith(n + ".")), None)
+        if owner is None:
+            state[key] = value
+        elif not key[len(owner) + 1:].startswith(QUANT_PARTS + ("layer.weight", "layer.bias")):
+            state[owner + "." + key[len(owner) + len(".layer."):]] = value
+    for name, layer in qlayers.items():
+        w, b = _export_weight(layer)
+        state[f"{name}.weight"] = w
+        if b is not None:
+            state[f"{name}.bias"] = b
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def hf_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """slimkit's part: packed codes and quantizer state of every quantized linear, and its settings."""
+    from .artifact import pack_bits
+
+    tensors, layers = {}, {}
+    for name, layer in quant_layers(model).items():
+        if not layer.frozen:
+            raise SlimkitError(f"layer {name} is not frozen: quantize with slimkit.quantize before saving")
+        info = layer.settings()
+        spec = layer.w_quant.spec
+        codes = (layer.w_int.cpu().to(torch.int32) - spec.qmin).numpy().astype(np.uint8)
+        tensors[f"{name}.w_packed"] = torch.from_numpy(pack_bits(codes, spec.bits))
+        for qname in ("w_quant", "a_quant"):
+            q = getattr(layer, qname)
+            if q is not None:
+                tensors[f"{name}.{qname}.scale"] = q.scale.detach()
+                tensors[f"{name}.{qname}.zero_point"] = q.zero_point.detach()
+        if layer.layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.layer.bias.detach()
+        affine = input_affine(layer.layer)
+        if affine is not None:
+            tensors[f"{name}.in_scale"], tensors[f"{name}.in_shift"] = affine
+        info.update(w_shape=list(layer.w_int.shape), input_affine=affine is not None)
+        layers[name] = info
+    return {k: v.cpu().contiguous() for k, v in tensors.items()}, layers
+
+
+class _quiet_transformers:
+    """transformers' own progress bars off for a moment (slimkit shows its own)."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self.was = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        if self.was:
+            logging.enable_progress_bar()
+
+
+def write_hf(model: nn.Module, directory: Path) -> None:
+    """transformers' part of the artifact, and the tokenizer when the model carries one."""
+    with _quiet_transformers():
+        model.save_pretrained(directory, state_dict=hf_state_dict(model))
+    tokenizer = getattr(model, "_slimkit_tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def _spec(d: dict | None) -> QuantSpec | None:
+    return None if d is None else QuantSpec(**d)
+
+
+def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the fake-quantized transformer saved at `path`."""
+    from .artifact import HF_QUANT, unpack_bits
+
+    import transformers
+
+    if model is None:
+        try:
+            config = transformers.AutoConfig.from_pretrained(path)
+            arch = (config.architectures or [None])[0]
+            cls = getattr(transformers, arch) if arch else transformers.AutoModel
+            with _quiet_transformers():
+                model = cls.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            raise SlimkitError(f"transformers could not load the model directory {path}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    try:
+        tensors = load_file(str(path / HF_QUANT))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SlimkitError(f"{path / HF_QUANT} is corrupt: {e}") from None
+    try:
+        plans = {n: LayerPlan(_spec(s["weight"]), _spec(s["act"]), s.get("w_observer") or "minmax",
+                              s.get("a_observer") or "minmax") for n, s in manifest["layers"].items()}
+        wrapped = wrap_layers(model, plans, init_qparams=False)
+        with torch.no_grad():
+            for name, layer in wrapped.items():
+                s = manifest["layers"][name]
+                if s.get("input_affine"):
+                    set_input_affine(layer.layer, tensors[f"{name}.in_scale"], tensors[f"{name}.in_shift"])
+                for qname in ("w_quant", "a_quant"):
+                    q = getattr(layer, qname)
+                    if q is not None:
+                        q.set_qparams(tensors[f"{name}.{qname}.scale"], tensors[f"{name}.{qname}.zero_point"])
+                spec, shape = layer.w_quant.spec, s["w_shape"]
+                codes = unpack_bits(tensors[f"{name}.w_packed"].numpy(), spec.bits, int(np.prod(shape)))
+                layer.w_int = torch.from_numpy(codes.astype(np.int16) + spec.qmin).reshape(shape)
+                if f"{name}.bias" in tensors:
+                    layer.layer.bias.copy_(tensors[f"{name}.bias"])
+                weight_oi(layer.layer).copy_(layer.quantized_weight())
+                if layer.a_quant is not None:
+                    layer.a_quant.observer = None
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise SlimkitError(f"the artifact at {path} is corrupt or does not match its model: {str(e).splitlines()[0]}") from None
+    try:
+        model._slimkit_tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        pass  # saved without a tokenizer
+    model.slimkit_info = {k: v for k, v in manifest.items() if k not in ("format", "version")}
+    return model
