@@ -106,14 +106,15 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
 
 
 def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: int | None = None,
-             a_bits: int | None = None, recipe=None, tokenizer=None, **options) -> nn.Module:
+             a_bits: int | None = None, recipe=None, tokenizer=None, inplace: bool = False, **options) -> nn.Module:
     """Quantize a copy of `model` with `method` ("rtn", "adaround", "brecq", "qdrop"; default qdrop W4A4).
 
     `calib_data`: inputs as a tensor, array, (inputs, labels), list, Dataset/DataLoader, file or shipped name.
     `recipe`: a YAML path, a shipped recipe name or a dict of QuantConfig fields; keyword options override it.
     Hugging Face transformers take "minmax", "smoothquant", "outlier_suppression" or "os_plus" and calibration
     token ids (N, L), a dict of input_ids / attention_mask, or text (a file, folder or list of strings) with
-    `tokenizer` (see slimkit.transformer).
+    `tokenizer` (see slimkit.transformer). `inplace=True` quantizes a transformer without copying it first
+    (for models that fill most of memory).
     Pass `a_bits=None` in a recipe for weight-only quantization. The result carries `slimkit_info` (the
     manifest: method, config, per-layer settings, per-block losses, timings) used by `slimkit.save`.
     """
@@ -130,7 +131,7 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
         if cfg.method not in TRANSFORMER_METHODS:
             raise SlimkitError(f"method {cfg.method!r} is for CNNs; for a transformer choose one of "
                                f"{', '.join(TRANSFORMER_METHODS)}")
-        return quantize_transformer(model, lm_calibration(model, calib_data, cfg, tokenizer), cfg, device)
+        return quantize_transformer(model, lm_calibration(model, calib_data, cfg, tokenizer), cfg, device, inplace)
     if cfg.method in TRANSFORMER_METHODS:
         raise SlimkitError(f"method {cfg.method!r} is for Hugging Face transformers; this model "
                            f"({type(model).__name__}) is not one: use rtn, adaround, brecq or qdrop")

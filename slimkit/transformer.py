@@ -242,6 +242,9 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     stats_out, notes = {}, {}
     bar = tqdm(lay.blocks, desc=f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits or 16}", disable=not cfg.progress)
     for i, path in enumerate(bar):
+        t_block = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         block = q_model.get_submodule(path).to(device)
         ctx = BlockContext(q_model, block, i, lay.groups(i), {}, {}, cfg, device, lay.family.norm)
         fp_outputs = _record_block(ctx, fp_inputs)
@@ -252,7 +255,9 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         method.after_calibration(ctx)
         q_outputs = run_block(block, q_inputs, device)
         err = sum(((q - f) ** 2).mean().item() for q, f in zip(q_outputs, fp_outputs)) / len(fp_outputs)
-        stats_out[path] = {"output_mse": err, **ctx.notes}
+        stats_out[path] = {"output_mse": err, "seconds": time.perf_counter() - t_block, **ctx.notes}
+        if device.type == "cuda":
+            stats_out[path]["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         bar.set_postfix(mse=f"{err:.3g}")
         fp_inputs = [(o, a, k) for o, (_, a, k) in zip(fp_outputs, fp_inputs)]
         q_inputs = [(o, a, k) for o, (_, a, k) in zip(q_outputs, q_inputs)]
