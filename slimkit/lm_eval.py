@@ -165,3 +165,26 @@ def embedding_cosine(model: nn.Module, reference_embeddings: torch.Tensor, batch
         raise SlimkitError(f"reference embeddings have shape {tuple(ref.shape)} but the model gives "
                            f"{tuple(emb.shape)}: embed the same batch with the reference model")
     return F.cosine_similarity(emb, ref, dim=-1).mean().item()
+
+
+def evaluate_lm(model: nn.Module, texts, tokenizer, reference: nn.Module | None = None, max_tokens: int = 20000,
+                window: int = 512, stride: int = 256, n_sentences: int = 256, device=None, progress: bool = True,
+                reference_embeddings: torch.Tensor | None = None) -> dict:
+    """The report's metrics for a transformer on evaluation text: perplexity (causal LMs; sliding window over
+    the first `max_tokens` tokens) or embedding cosine to `reference` (encoders, on `n_sentences` sentences),
+    plus the storage size."""
+    from .eval import model_size_bytes
+    from .text import corpus_tokens, encode_batch, sentences
+
+    out = {"size_bytes": model_size_bytes(model)}
+    if lm_kind(model) == "causal":
+        tokens = corpus_tokens(texts, tokenizer)
+        out["ppl"] = perplexity(model, tokens, window=window, stride=stride, max_tokens=max_tokens, device=device,
+                                progress=progress)
+    else:
+        batch = encode_batch(tokenizer, sentences(texts, n_sentences, at_least=16), max_len=128)
+        if reference_embeddings is None and reference is not None:
+            reference_embeddings = embed(reference, batch)
+        if reference_embeddings is not None:
+            out["cosine"] = embedding_cosine(model, reference_embeddings, batch)
+    return out

@@ -28,7 +28,7 @@ def fmt_metric(key: str, value) -> str:
 
 
 LABELS = {"top1": "top-1 accuracy", "agreement": "top-1 agreement with FP", "kl": "KL(FP || model)",
-          "size_bytes": "size", "seconds": "time"}
+          "ppl": "perplexity", "cosine": "embedding cosine to FP", "size_bytes": "size", "seconds": "time"}
 
 
 def results_table(rows: dict[str, dict], title: str = "slimkit") -> Table:

@@ -221,8 +221,10 @@ def _is_prose(s: str, min_words: int, max_words: int) -> bool:
     return letters >= 0.85 * len(s)
 
 
-def sentences(texts: Sequence[str], n: int, min_words: int = 5, max_words: int = 40, seed: int = 0) -> list[str]:
-    """n distinct prose sentences picked at random (deterministic in seed) from texts, skipping markup and code."""
+def sentences(texts: Sequence[str], n: int, min_words: int = 5, max_words: int = 40, seed: int = 0,
+              at_least: int | None = None) -> list[str]:
+    """n distinct prose sentences picked at random (deterministic in seed) from texts, skipping markup and code;
+    with `at_least`, fewer than n (all there are) is accepted when at least that many are found."""
     seen, pool = set(), []
     for text in read_texts(list(texts)):
         for para in _paragraphs(text):
@@ -230,6 +232,8 @@ def sentences(texts: Sequence[str], n: int, min_words: int = 5, max_words: int =
                 if s not in seen and _is_prose(s, min_words, max_words):
                     seen.add(s)
                     pool.append(s)
+    if len(pool) < n and at_least is not None and len(pool) >= at_least:
+        n = len(pool)
     if len(pool) < n:
         raise SlimkitError(f"only {len(pool)} prose sentences of {min_words}-{max_words} words in the texts, {n} "
                            "asked: give more text or ask for fewer")

@@ -214,7 +214,7 @@ def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
     max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
     if is_encoder(model):
         length = cfg.seq_len or min(128, max_pos)
-        return text.encode_batch(tokenizer, text.sentences(texts, n, seed=cfg.seed), max_len=length)
+        return text.encode_batch(tokenizer, text.sentences(texts, n, seed=cfg.seed, at_least=min(n, 8)), max_len=length)
     length = cfg.seq_len or min(2048, max_pos)
     return text.token_blocks(texts, tokenizer, n, length, seed=cfg.seed)
 

@@ -57,3 +57,28 @@ def output(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+WORDS = ("the cat sat on a mat while dogs ran in parks and birds sang songs of blue seas "
+         "we read books by fires as suns rose over green hills").split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over WORDS (fits VOCAB), built offline, with [EOS] and [PAD]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    return T.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]",
+                                     model_max_length=128)
+
+
+def tiny_corpus(n_lines: int = 200, seed: int = 0) -> str:
+    """Prose-like lines of WORDS (random, deterministic)."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n_lines):
+        idx = torch.randint(len(WORDS), (int(torch.randint(6, 14, (1,), generator=g)),), generator=g)
+        lines.append(" ".join(WORDS[i] for i in idx).capitalize() + ".")
+    return "\n\n".join(lines)
