@@ -209,8 +209,10 @@ def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
         raise SlimkitError("calibration text needs the model's tokenizer: pass tokenizer=... (slimkit.load_hf "
                            "returns one), or give token ids")
     from . import text
+    from .models import TEXT_DATASETS
+    from .models.registry import get_dataset
 
-    texts = text.read_texts(calib)
+    texts = get_dataset(calib) if isinstance(calib, str) and calib in TEXT_DATASETS else text.read_texts(calib)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
     if is_encoder(model):
         length = cfg.seq_len or min(128, max_pos)
