@@ -96,6 +96,8 @@ def quantize(
     seed: Optional[int] = typer.Option(None, help="random seed (0)"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="transformers: tokens per calibration sequence (2048)"),
     a_granularity: Optional[str] = typer.Option(None, "--a-granularity", help="tensor (static) | token (dynamic)"),
+    attn_quant: Optional[bool] = typer.Option(None, "--attn-quant/--no-attn-quant",
+                                              help="transformers: also quantize the attention matmul inputs"),
     max_tokens: int = typer.Option(20000, "--max-tokens", help="transformers: evaluation tokens for perplexity"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
     quiet: bool = typer.Option(False, help="no progress bars"),
@@ -113,7 +115,7 @@ def quantize(
     options = dict(method=method, w_bits=w_bits, a_bits=a_bits, preset=preset, iters=iters, num_samples=num_samples,
                    batch_size=batch_size, drop_prob=drop_prob, w_observer=w_observer, a_observer=a_observer,
                    w_granularity=w_granularity, first_last_bits=first_last_bits, device=device, seed=seed,
-                   seq_len=seq_len, a_granularity=a_granularity,
+                   seq_len=seq_len, a_granularity=a_granularity, attn_quant=attn_quant,
                    progress=False if quiet else None)
     options = {k: v for k, v in options.items() if v is not None}
     QuantConfig.build(recipe, **options)  # fail on bad options before loading anything

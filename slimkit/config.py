@@ -56,6 +56,7 @@ class QuantConfig:
     seq_len: int | None = None  # tokens per calibration sequence; default min(2048, the model's context)
     lm_batch_size: int = 4  # calibration sequences per forward pass
     alpha: float = 0.5  # SmoothQuant's migration strength
+    attn_quant: bool = False  # also quantize the attention matmul inputs (Q, K, V) at a_bits
     search_steps: int = 100  # OS+: candidate clipping thresholds (at least; the paper's grid)
     twc_iters: int = 100  # Outlier Suppression: fine-grained clipping-range learning, iterations a block
     seed: int = 0

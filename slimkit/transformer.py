@@ -20,10 +20,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
+from .core import attention
 from .core.families import Group, Layout, layout
 from .core.quantizer import QuantSpec
 from .core.wrap import LayerPlan, layer_modules, quant_layers, quantizers, wrap_layers
 from .errors import SlimkitError
+
+
+ATTN_QUANT_FAMILIES = ("llama", "opt", "gpt2", "bert")
 
 
 def is_transformer(model) -> bool:
@@ -161,9 +165,17 @@ def _plans(block_prefix: str, block: nn.Module, cfg: QuantConfig) -> dict[str, L
     return plans
 
 
+def block_act_quantizers(block: nn.Module) -> list:
+    """The block's activation quantizers: linear inputs and, with attn_quant, the attention matmul inputs."""
+    acts = list(quantizers(block, "act"))
+    for quant in attention.attention_quantizers(block).values():
+        acts += [quant.q, quant.k, quant.v]
+    return acts
+
+
 def calibrate_block(ctx: BlockContext) -> None:
     """Observe the block's activation quantizers on the quantized stream, then set their ranges."""
-    acts = list(quantizers(ctx.block, "act"))
+    acts = block_act_quantizers(ctx.block)
     for q in acts:
         q.observing = True
     try:
@@ -238,6 +250,12 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     q_model = model if inplace else copy.deepcopy(model)
     q_model.eval()
     home = next(q_model.parameters()).device
+    if cfg.attn_quant:
+        if lay.family.name not in ATTN_QUANT_FAMILIES or cfg.a_bits is None:
+            raise SlimkitError(f"attn_quant needs activation bits and a family whose attention goes through "
+                               f"transformers' attention interface ({', '.join(ATTN_QUANT_FAMILIES)}); "
+                               f"this is {lay.family.name}")
+        attention.use_quantized_attention(q_model)
     _move_outside_blocks(q_model, lay, device)
     q_inputs = first_block_inputs(q_model, lay, batches, device)
     fp_inputs = q_inputs
@@ -252,6 +270,10 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         fp_outputs = _record_block(ctx, fp_inputs)
         method.transform(ctx)
         wrap_layers(q_model, _plans(path, block, cfg))
+        if cfg.attn_quant:
+            scope = next(g.scope for g in ctx.groups if g.name == "attn_in")
+            attention.attach(q_model.get_submodule(scope), QuantSpec(cfg.a_bits, cfg.a_symmetric, cfg.a_granularity,
+                                                                       cfg.w_group_size, ch_axis=-1))
         ctx.inputs, ctx.targets = q_inputs, fp_outputs
         calibrate_block(ctx)
         method.after_calibration(ctx)
@@ -274,6 +296,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         "family": lay.family.name,
         "model_type": model.config.model_type,
         "layers": {name: layer.settings() for name, layer in quant_layers(q_model).items()},
+        "attn_quant": {name: q.q.spec.to_dict() for name, q in attention.attention_quantizers(q_model).items()},
         "blocks": stats_out,
         "calibration": {"sequences": sum(len(b["input_ids"]) for b in batches),
                         "tokens": int(sum(b["input_ids"].numel() for b in batches))},

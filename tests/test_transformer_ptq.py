@@ -147,3 +147,29 @@ def test_load_rejects_corrupt_hf_artifact(tmp_path):
         slimkit.load(tmp_path / "art")
     with pytest.raises(slimkit.SlimkitError, match="already exists"):
         slimkit.save(q, tmp_path / "art")
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "gpt2", "bert"])
+def test_attention_matmul_inputs_quantized(kind, tmp_path):
+    from slimkit.core.attention import attention_quantizers
+
+    model = tiny_model(kind)
+    q = slimkit.quantize(model, tiny_inputs(kind, 8, 16, seed=1), method="minmax", w_bits=8, a_bits=4,
+                         attn_quant=True, **OPTS)
+    quants = attention_quantizers(q)
+    assert len(quants) == 2
+    seen = []
+    for quant in quants.values():  # the quantizers really sit on the attention path, on their 16-level grid
+        quant.register_forward_hook(lambda m, a, out: seen.append(out))
+    ev = tiny_inputs(kind, 2, 16, seed=2)
+    y = output(q, ev)
+    assert len(seen) == 2
+    for qq, kk, vv in seen:
+        assert len(torch.unique(qq)) <= 16 and len(torch.unique(vv)) <= 16
+    slimkit.save(q, tmp_path / "art")
+    assert torch.equal(output(slimkit.load(tmp_path / "art"), ev), y)
+
+
+def test_attention_quant_refused_for_families_without_the_interface():
+    with pytest.raises(slimkit.SlimkitError, match="attn_quant needs"):
+        slimkit.quantize(tiny_model("bloom"), tiny_inputs("bloom", 2, 8), method="minmax", attn_quant=True, **OPTS)

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..core.attention import ATTN_IMPL, attach, attention_quantizers, use_quantized_attention
 from ..core.quantizer import QuantSpec
 from ..core.wrap import LayerPlan, input_affine, quant_layers, set_input_affine, weight_oi, wrap_layers
 from ..errors import SlimkitError
@@ -45,6 +46,8 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for key, value in model.state_dict().items():
         owner = next((n for n in qlayers if key.startswith(n + ".")), None)
+        if ".slimkit_attn_quant." in key:
+            continue  # slimkit's part
         if owner is None:
             state[key] = value
         elif not key[len(owner) + 1:].startswith(QUANT_PARTS + ("layer.weight", "layer.bias")):
@@ -81,6 +84,10 @@ def hf_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dic
             tensors[f"{name}.in_scale"], tensors[f"{name}.in_shift"] = affine
         info.update(w_shape=list(layer.w_int.shape), input_affine=affine is not None)
         layers[name] = info
+    for name, quant in attention_quantizers(model).items():
+        for part in ("q", "k", "v"):
+            q = getattr(quant, part)
+            tensors[f"{name}.{part}.scale"], tensors[f"{name}.{part}.zero_point"] = q.scale.detach(), q.zero_point.detach()
     return {k: v.cpu().contiguous() for k, v in tensors.items()}, layers
 
 
@@ -102,8 +109,14 @@ class _quiet_transformers:
 
 def write_hf(model: nn.Module, directory: Path) -> None:
     """transformers' part of the artifact, and the tokenizer when the model carries one."""
-    with _quiet_transformers():
-        model.save_pretrained(directory, state_dict=hf_state_dict(model))
+    impl = model.config._attn_implementation
+    if impl == ATTN_IMPL:  # transformers alone reloads the directory with its own attention
+        model.config._attn_implementation = "sdpa"
+    try:
+        with _quiet_transformers():
+            model.save_pretrained(directory, state_dict=hf_state_dict(model))
+    finally:
+        model.config._attn_implementation = impl
     tokenizer = getattr(model, "_slimkit_tokenizer", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -154,6 +167,14 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
                 weight_oi(layer.layer).copy_(layer.quantized_weight())
                 if layer.a_quant is not None:
                     layer.a_quant.observer = None
+        if manifest.get("attn_quant"):
+            use_quantized_attention(model)
+            for name, spec in manifest["attn_quant"].items():
+                quant = attach(model.get_submodule(name.rpartition(".")[0]), QuantSpec(**spec))
+                for part in ("q", "k", "v"):
+                    q = getattr(quant, part)
+                    q.set_qparams(tensors[f"{name}.{part}.scale"], tensors[f"{name}.{part}.zero_point"])
+                    q.observer = None
     except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as e:
         raise SlimkitError(f"the artifact at {path} is corrupt or does not match its model: {str(e).splitlines()[0]}") from None
     try:
