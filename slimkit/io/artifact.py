@@ -89,16 +89,21 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
 
         tensors, layers = hf_tensors(model)
         manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers, "weights": HF_QUANT}
-        extra = lambda tmp: write_hf(model, tmp)  # noqa: E731
+        extra = lambda tmp: write_hf(model, tmp)  # noqa: E731  (transformers' files first)
     else:
         tensors, layers = _state_tensors(model)
         manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers}
         extra = None
     if metrics:
         manifest["metrics"] = _jsonable({**info.get("metrics", {}), **metrics})
-    _write_atomic(path, lambda tmp: (extra and extra(tmp),
-                                     save_file(tensors, str(tmp / manifest.get("weights", WEIGHTS)), metadata={"format": FORMAT}),
-                                     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))))
+
+    def write(tmp: Path) -> None:
+        if extra is not None:
+            extra(tmp)
+        save_file(tensors, str(tmp / manifest.get("weights", WEIGHTS)), metadata={"format": FORMAT})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+
+    _write_atomic(path, write)
     return path
 
 
