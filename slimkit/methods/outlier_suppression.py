@@ -24,11 +24,26 @@ from .transformer_common import TransformerMethod
 LOWEST_RATIO = {8: 0.9, 7: 0.8, 6: 0.7, 5: 0.5, 4: 0.1, 3: 0.1, 2: 0.1}
 
 
+def migrated_range(stats, gamma: torch.Tensor) -> tuple[float, float]:
+    """Per-tensor range (max - min) of the group's input before and after dividing each channel by gamma."""
+    lo, hi = torch.minimum(stats.cmin / gamma, stats.cmax / gamma), torch.maximum(stats.cmin / gamma, stats.cmax / gamma)
+    return (stats.cmax.max() - stats.cmin.min()).item(), (hi.max() - lo.min()).item()
+
+
 def transform(ctx) -> None:
+    """Gamma Migration on every group fed by a norm, where it shrinks the range the quantizer must cover (the
+    paper's reason for it: gamma amplifies the outlier channels); where gamma does not line up with the
+    outliers, migrating it would widen the range, and the group is left as it is."""
+    kept = []
     for group in ctx.groups:
         scale = gamma_scale(ctx.model, group)
-        if scale is not None:
+        if scale is None:
+            continue
+        before, after = migrated_range(ctx.stats[group.name], scale)
+        if after < before:
             apply_transform(ctx.model, group, scale)
+            kept.append(group.name)
+    ctx.notes["gamma_migrated"] = kept
 
 
 def token_extremes(ctx) -> dict:
