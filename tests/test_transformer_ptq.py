@@ -173,3 +173,18 @@ def test_attention_matmul_inputs_quantized(kind, tmp_path):
 def test_attention_quant_refused_for_families_without_the_interface():
     with pytest.raises(slimkit.SlimkitError, match="attn_quant needs"):
         slimkit.quantize(tiny_model("bloom"), tiny_inputs("bloom", 2, 8), method="minmax", attn_quant=True, **OPTS)
+
+
+def test_per_group_weights(tmp_path):
+    model = tiny_model("llama")
+    q = slimkit.quantize(model, tiny_inputs("llama", 4, 16), method="os_plus", w_bits=4, a_bits=8,
+                         w_granularity="group", w_group_size=16, **OPTS)
+    layer = q.get_submodule("model.layers.0.self_attn.q_proj")
+    w = layer.quantized_weight()
+    groups = w.reshape(-1, 16)  # each run of 16 input weights of a row has its own 16-level grid
+    assert layer.w_quant.scale.numel() == groups.shape[0]
+    steps = layer.w_quant.scale.reshape(-1, 1)
+    codes = groups / steps + layer.w_quant.zero_point.reshape(-1, 1)
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() > -1e-3 and codes.max() < 15 + 1e-3
+    slimkit.save(q, tmp_path / "g")
+    assert torch.equal(slimkit.load(tmp_path / "g").get_submodule("model.layers.0.self_attn.q_proj").quantized_weight(), w)
