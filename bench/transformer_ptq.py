@@ -23,6 +23,7 @@ import slimkit  # noqa: E402
 from common import RESULTS, git_commit, merge_rows, write_results  # noqa: E402
 from slimkit.lm_eval import embed, embedding_cosine, perplexity  # noqa: E402
 from slimkit.models.hf import load_hf  # noqa: E402
+from slimkit.transformer import encoder_blocks  # noqa: E402
 from slimkit.text import corpus_tokens, encode_batch, get_corpus, sentences, token_blocks  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
@@ -98,9 +99,9 @@ def main() -> None:
             ref = embed(model, batch)
             measure = lambda m: embedding_cosine(m, ref, batch)  # noqa: E731
             metric = "cosine"
-            calib = encode_batch(tok, sentences(calib_texts, args.num_samples * 4, seed=0), max_len=128)
-        base = {"model": model_name, "device": args.device, "git": git_commit(), "num_samples": len(calib["input_ids"])
-                if isinstance(calib, dict) else len(calib), "seq_len": args.seq_len if causal else 128,
+            calib = encoder_blocks(calib_texts, tok, args.num_samples * 4, 128, seed=0)
+        base = {"model": model_name, "device": args.device, "git": git_commit(), "num_samples": len(calib),
+                "seq_len": args.seq_len if causal else 128,
                 "search_steps": args.search_steps, "twc_iters": args.twc_iters}
         t0 = time.perf_counter()
         fp_value = measure(model)
@@ -131,7 +132,7 @@ NOTES = [
     "SmolLM2's weights come from a Q4_1 GGUF file: they already sit on a 4-bit grid (per block of 32), so its "
     "weight-only 4-bit figures are optimistic; its activation outliers are real.",
     "minilm-l6: mean cosine similarity of mean-pooled sentence embeddings to the fp32 model's, on 256 held-out "
-    "documentation sentences; calibration on other sentences.",
+    "documentation sentences; calibration on 128-token windows of the other split's text ([CLS] ... [SEP], no padding).",
     "Weights asymmetric per output channel (MSE observer), activations asymmetric per tensor, static (min-max; "
     "Outlier Suppression: token-wise clipping). 'seconds' is the calibration time of the method.",
 ]

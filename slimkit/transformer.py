@@ -227,10 +227,22 @@ def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
     texts = get_dataset(calib) if isinstance(calib, str) and calib in TEXT_DATASETS else text.read_texts(calib)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
     if is_encoder(model):
-        length = cfg.seq_len or min(128, max_pos)
-        return text.encode_batch(tokenizer, text.sentences(texts, n, seed=cfg.seed, at_least=min(n, 8)), max_len=length)
+        return encoder_blocks(texts, tokenizer, n, cfg.seq_len or min(128, max_pos), cfg.seed)
     length = cfg.seq_len or min(2048, max_pos)
     return text.token_blocks(texts, tokenizer, n, length, seed=cfg.seed)
+
+
+def encoder_blocks(texts, tokenizer, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Encoder calibration without padding: windows of running text framed by the tokenizer's [CLS] ... [SEP].
+    Padded batches would let the padding positions' (never attended) activations into every range statistic."""
+    from . import text
+
+    cls_id, sep_id = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    specials = [t for t in (cls_id, sep_id) if t is not None]
+    blocks = text.token_blocks(texts, tokenizer, n, length - len(specials), seed=seed)
+    head = torch.full((n, 1), cls_id, dtype=blocks.dtype) if cls_id is not None else blocks[:, :0]
+    tail = torch.full((n, 1), sep_id, dtype=blocks.dtype) if sep_id is not None else blocks[:, :0]
+    return torch.cat([head, blocks, tail], dim=1)
 
 
 def is_encoder(model: nn.Module) -> bool:
