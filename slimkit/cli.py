@@ -38,8 +38,8 @@ def load_any(model: str, weights: Optional[Path] = None):
 
         return load_hf(path)[0], False
     if path.is_dir():
-        raise SlimkitError(f"{model} is neither a slimkit artifact (manifest.json) nor a Hugging Face model "
-                           "directory (config.json)")
+        raise SlimkitError(f"{model} is not a slimkit artifact (no manifest.json) and not a Hugging Face model "
+                           "directory (no config.json)")
     return get_model(model, weights=weights), False
 
 
