@@ -54,7 +54,7 @@ def text_data(name: str) -> list[str]:
 
 def lm_rows(fp_model, qmodel, eval_name: str, dev, quiet: bool, max_tokens: int) -> dict:
     """FP and quantized rows of the report for a transformer (perplexity or embedding cosine)."""
-    from .lm_eval import embed, evaluate_lm
+    from .lm_eval import embed, evaluate_lm, lm_kind
     from .text import encode_batch, sentences
 
     texts = text_data(eval_name)
@@ -62,11 +62,11 @@ def lm_rows(fp_model, qmodel, eval_name: str, dev, quiet: bool, max_tokens: int)
     if tok is None:
         raise SlimkitError("this transformer has no tokenizer: save its tokenizer files in the model directory")
     kw = dict(max_tokens=max_tokens, device=dev, progress=not quiet)
-    fp = evaluate_lm(fp_model, texts, tok, **kw)
-    ref = None
-    if "ppl" not in fp:  # encoder: cosine of quantized embeddings to the float ones (1 for the float model)
-        ref = embed(fp_model, encode_batch(tok, sentences(texts, 256, at_least=16), max_len=128))
-        fp["cosine"] = 1.0
+    if lm_kind(fp_model) == "causal":
+        return {"FP": evaluate_lm(fp_model, texts, tok, **kw), "quantized": evaluate_lm(qmodel, texts, tok, **kw)}
+    # encoder: cosine of the quantized embeddings to the float ones (1 for the float model itself)
+    ref = embed(fp_model, encode_batch(tok, sentences(texts, 256, at_least=16), max_len=128))
+    fp = {**evaluate_lm(fp_model, texts, tok, **kw), "cosine": 1.0}
     return {"FP": fp, "quantized": evaluate_lm(qmodel, texts, tok, reference_embeddings=ref, **kw)}
 
 

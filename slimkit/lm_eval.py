@@ -181,10 +181,9 @@ def evaluate_lm(model: nn.Module, texts, tokenizer, reference: nn.Module | None 
         tokens = corpus_tokens(texts, tokenizer)
         out["ppl"] = perplexity(model, tokens, window=window, stride=stride, max_tokens=max_tokens, device=device,
                                 progress=progress)
-    else:
+    elif reference is not None or reference_embeddings is not None:
         batch = encode_batch(tokenizer, sentences(texts, n_sentences, at_least=16), max_len=128)
-        if reference_embeddings is None and reference is not None:
+        if reference_embeddings is None:
             reference_embeddings = embed(reference, batch)
-        if reference_embeddings is not None:
-            out["cosine"] = embedding_cosine(model, reference_embeddings, batch)
+        out["cosine"] = embedding_cosine(model, reference_embeddings, batch)
     return out

@@ -152,17 +152,18 @@ def _record_block(ctx: BlockContext, fp_inputs: list) -> list[torch.Tensor]:
             h.remove()
 
 
+def specs(cfg: QuantConfig) -> tuple[QuantSpec, QuantSpec | None]:
+    """The weight spec (per output channel / group) and activation spec (None: float) of a config."""
+    w_spec = QuantSpec(cfg.w_bits, cfg.w_symmetric, cfg.w_granularity, cfg.w_group_size, ch_axis=0)
+    a_spec = None if cfg.a_bits is None else QuantSpec(cfg.a_bits, cfg.a_symmetric, cfg.a_granularity,
+                                                       cfg.w_group_size, ch_axis=-1)
+    return w_spec, a_spec
+
+
 def _plans(block_prefix: str, block: nn.Module, cfg: QuantConfig) -> dict[str, LayerPlan]:
-    plans = {}
-    for name in layer_modules(block):
-        path = f"{block_prefix}.{name}"
-        if path in cfg.skip or name in cfg.skip:
-            continue
-        w_spec = QuantSpec(cfg.w_bits, cfg.w_symmetric, cfg.w_granularity, cfg.w_group_size, ch_axis=0)
-        a_spec = None if cfg.a_bits is None else QuantSpec(cfg.a_bits, cfg.a_symmetric, cfg.a_granularity,
-                                                           cfg.w_group_size, ch_axis=-1)
-        plans[path] = LayerPlan(w_spec, a_spec, cfg.w_observer, cfg.a_observer)
-    return plans
+    w_spec, a_spec = specs(cfg)
+    return {f"{block_prefix}.{name}": LayerPlan(w_spec, a_spec, cfg.w_observer, cfg.a_observer)
+            for name in layer_modules(block) if f"{block_prefix}.{name}" not in cfg.skip and name not in cfg.skip}
 
 
 def block_act_quantizers(block: nn.Module) -> list:
@@ -271,7 +272,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     _move_outside_blocks(q_model, lay, device)
     q_inputs = first_block_inputs(q_model, lay, batches, device)
     fp_inputs = q_inputs
-    stats_out, notes = {}, {}
+    stats_out = {}
     bar = tqdm(lay.blocks, desc=f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits or 16}", disable=not cfg.progress)
     for i, path in enumerate(bar):
         t_block = time.perf_counter()
@@ -284,8 +285,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         wrap_layers(q_model, _plans(path, block, cfg))
         if cfg.attn_quant:
             scope = next(g.scope for g in ctx.groups if g.name == "attn_in")
-            attention.attach(q_model.get_submodule(scope), QuantSpec(cfg.a_bits, cfg.a_symmetric, cfg.a_granularity,
-                                                                       cfg.w_group_size, ch_axis=-1))
+            attention.attach(q_model.get_submodule(scope), specs(cfg)[1])
         ctx.inputs, ctx.targets = q_inputs, fp_outputs
         calibrate_block(ctx)
         method.after_calibration(ctx)
@@ -315,6 +315,5 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         "model_spec": getattr(model, "_slimkit_spec", None),
         "seconds": {"total": time.perf_counter() - t0},
         "device": str(device),
-        **notes,
     }
     return q_model

@@ -6,6 +6,7 @@ import torch
 
 from slimkit.core.families import family_of, layout
 from slimkit.core.migrate import apply_transform, can_shift, gamma_scale, smoothquant_scale, weight_absmax_in
+from slimkit.core.wrap import float_layer, weight_oi
 from slimkit.errors import SlimkitError
 
 from tiny_hf import FAMILY_MODELS, output, tiny_inputs, tiny_model
@@ -17,8 +18,7 @@ def rel_err(a, b):
 
 def random_transform(model, groups, g, shift=True):
     for group in groups:
-        n = model.get_submodule(group.layers[0])
-        width = (n.layer if hasattr(n, "layer") else n).weight.shape[1 if type(n).__name__ != "Conv1D" else 0]
+        width = weight_oi(float_layer(model.get_submodule(group.layers[0]))).shape[1]
         scale = torch.empty(width).uniform_(0.2, 5.0, generator=g) * torch.where(torch.rand(width, generator=g) < 0.1, -1.0, 1.0)
         z = torch.randn(width, generator=g) if shift and can_shift(model, group) else None
         apply_transform(model, group, scale, z)

@@ -7,7 +7,6 @@ product attention exactly as the "sdpa" implementation does. Modules without qua
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..errors import SlimkitError

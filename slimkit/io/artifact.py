@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.quantizer import QuantSpec
-from ..core.wrap import LayerPlan, QuantLayer, quant_layers, set_submodule, weight_oi, wrap_layers
+from ..core.wrap import LayerPlan, quant_layers, set_submodule, weight_oi, wrap_layers
 from ..errors import SlimkitError
 
 FORMAT, VERSION = "slimkit", 1

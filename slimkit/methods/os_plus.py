@@ -14,15 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.migrate import apply_transform, can_shift
-from ..core.quantizer import QuantSpec, dynamic_fake_quant, fake_quant_tensor, qparams_from_range
+from ..core.quantizer import dynamic_fake_quant, fake_quant_tensor, qparams_from_range
 from ..core.wrap import float_layer, weight_oi, weight_qparams
+from ..transformer import specs
 from .transformer_common import TransformerMethod
-
-
-def _specs(cfg) -> tuple[QuantSpec, QuantSpec | None]:
-    w = QuantSpec(cfg.w_bits, cfg.w_symmetric, cfg.w_granularity, cfg.w_group_size, ch_axis=0)
-    a = None if cfg.a_bits is None else QuantSpec(cfg.a_bits, cfg.a_symmetric, cfg.a_granularity, cfg.w_group_size, ch_axis=-1)
-    return w, a
 
 
 def channel_scale(cmax: torch.Tensor, cmin: torch.Tensor, t: float) -> torch.Tensor:
@@ -56,7 +51,7 @@ def _quantized_forward(layer, shift, scale, t, w_spec, a_spec):
 def search_group(ctx, group) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """The best (scale, shift, threshold) for one group, by the scope-output error of quantized candidates."""
     stats = ctx.stats[group.name]
-    w_spec, a_spec = _specs(ctx.cfg)
+    w_spec, a_spec = specs(ctx.cfg)
     shift = (stats.cmax + stats.cmin) / 2 if can_shift(ctx.model, group) else torch.zeros_like(stats.cmax)
     cmax, cmin = stats.cmax - shift, stats.cmin - shift
     top = max(cmax.max().item(), -cmin.min().item(), 1e-6)

@@ -46,8 +46,9 @@ def transform(ctx) -> None:
     ctx.notes["gamma_migrated"] = kept
 
 
-def token_extremes(ctx) -> dict:
-    """Per-token max and min of every static activation quantizer's input, on the quantized stream."""
+def token_extremes(ctx) -> tuple[dict, dict]:
+    """Per-token max and min of every static activation quantizer's input on the quantized stream, and those
+    layers by name."""
     found, handles = {}, []
     layers = {n: l for n, l in quant_layers(ctx.block).items() if l.a_quant is not None and not l.a_quant.dynamic}
     for name, layer in layers.items():
