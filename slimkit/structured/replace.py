@@ -1,0 +1,141 @@
+"""Swap a model's feed-forward linears for structured ones, and save / load the result.
+
+Found generically: every nn.Linear or Hugging Face Conv1D inside a module named `mlp`, `ffn` or `feed_forward`.
+That covers Hugging Face Llama-style models (mlp.gate_proj / up_proj / down_proj), GPT-2 (mlp.c_fc / c_proj,
+Conv1D with its weight stored (in, out)) and slimkit's GPT (mlp.fc1 / fc2, and mlp.gate for SwiGLU). Attention
+is never touched. As in the paper (CLAIRE-Labo/StructuredFFN src/modules/__init__.py replace_mlp) the new layers
+are freshly initialised for training from scratch; the old FFN weights are not carried over.
+
+Saving: the model's state dict is plain tensors, so `save_pretrained` / `torch.save(model.state_dict())` work,
+but reloading needs the same structure first: call replace_ffn on a fresh model before load_state_dict, or use
+save_structured / load_structured, which store the per-layer shapes in a JSON manifest next to the safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from ..core.wrap import is_conv1d, set_submodule
+from ..errors import SlimkitError
+from .layers import KINDS, StructuredLinear, layer_from_spec, make_linear
+from .self_guided import SelfGuided, SelfGuidedSchedule
+
+FFN_NAMES = ("mlp", "ffn", "feed_forward")
+SUPPORTED = ("Hugging Face Llama-style models (mlp.gate_proj/up_proj/down_proj), GPT-2 (mlp.c_fc/c_proj), and "
+             "GPT-style models whose blocks hold their feed-forward nn.Linear layers in a module named "
+             + "/".join(FFN_NAMES))
+WEIGHTS, MANIFEST = "model.safetensors", "structured.json"
+
+
+def _widths(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or a Conv1D (whose weight is (in, out))."""
+    w = layer.weight
+    return (w.shape[0], w.shape[1]) if is_conv1d(layer) else (w.shape[1], w.shape[0])
+
+
+def ffn_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Dense feed-forward linears by name: nn.Linear / Conv1D inside an mlp/ffn/feed_forward module, not inside
+    an already structured or self-guided layer."""
+    done = [n + "." for n, m in model.named_modules() if isinstance(m, (StructuredLinear, SelfGuided))]
+    found = {}
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] not in FFN_NAMES:
+            continue
+        for sub, child in module.named_modules():
+            full = f"{name}.{sub}"
+            if sub and (isinstance(child, nn.Linear) or is_conv1d(child)) and not full.startswith(tuple(done)):
+                found[full] = child
+    return found
+
+
+def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
+                self_guided: SelfGuidedSchedule | bool | None = None, nblocks: int | None = None, **kw) -> nn.Module:
+    """Replace every feed-forward linear of `model` by a `kind` layer keeping about `param_ratio` of its weights,
+    in place, on the old layer's device and dtype; wrapped in SelfGuided when a schedule (or True) is given.
+    Extra keywords go to make_linear (align, rel_tol, init_std). Returns the model."""
+    if kind not in KINDS:
+        raise SlimkitError(f"unknown structured kind {kind!r}; choose one of {', '.join(KINDS)}")
+    schedule = SelfGuidedSchedule() if self_guided is True else (self_guided or None)
+    if kind == "dense":
+        if schedule is not None:
+            raise SlimkitError("self-guided training guides a structured layer; with kind='dense' drop self_guided")
+        return model
+    targets = ffn_linears(model)
+    if not targets:
+        raise SlimkitError(f"found no feed-forward linears in {type(model).__name__}; supported: {SUPPORTED}")
+    for name, old in targets.items():
+        w = old.weight
+        in_f, out_f = _widths(old)
+        new = make_linear(kind, in_f, out_f, param_ratio, bias=old.bias is not None, nblocks=nblocks,
+                          device=w.device, **kw)
+        if schedule is not None:
+            new = SelfGuided(new, schedule)
+        set_submodule(model, name, new.to(dtype=w.dtype))
+    return model
+
+
+def structured_specs(model: nn.Module) -> dict[str, dict]:
+    """Per-layer shapes of the structured / self-guided layers, outermost only (what load_structured rebuilds)."""
+    specs: dict[str, dict] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (StructuredLinear, SelfGuided)) and not any(name.startswith(n + ".") for n in specs):
+            specs[name] = m.spec()
+    return specs
+
+
+def save_structured(model: nn.Module, path: str | Path) -> Path:
+    """Write the model's weights (safetensors; tied weights stored once) and the structured layers' shapes
+    (structured.json) into directory `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (WEIGHTS + ".tmp")
+    save_model(model, str(tmp))
+    os.replace(tmp, path / WEIGHTS)
+    manifest = {"format": "slimkit-structured", "version": 1, "layers": structured_specs(model)}
+    (path / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
+    os.replace(path / (MANIFEST + ".tmp"), path / MANIFEST)
+    return path
+
+
+def _rebuild(spec: dict, device, dtype) -> nn.Module:
+    s = dict(spec)
+    guided = s.pop("self_guided", None)
+    layer = layer_from_spec(s, device=device).to(dtype=dtype)
+    if guided is None:
+        return layer
+    sched = SelfGuidedSchedule(guided["guide_fraction"], guided["curve"], guided["reduce_flops"])
+    wrapped = SelfGuided(layer, sched, init_guide=False)
+    if not guided["guide"]:
+        wrapped.drop_guide()
+    return wrapped
+
+
+def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load what save_structured wrote into `model`, a freshly built dense twin of the saved one: its
+    feed-forward linears are first replaced by layers of the saved shapes, then all weights are loaded strictly."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise SlimkitError(f"{path} has no {MANIFEST}: not written by slimkit.structured.save_structured")
+    manifest = json.loads((path / MANIFEST).read_text())
+    for name, spec in manifest["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise SlimkitError(f"the saved model has a structured layer at {name}, which this model lacks: "
+                               "build the same architecture before loading") from None
+        if isinstance(old, (StructuredLinear, SelfGuided)):
+            continue
+        if _widths(old) != (spec["in_features"], spec["out_features"]):
+            raise SlimkitError(f"{name}: saved as {spec['in_features']}->{spec['out_features']}, this model has "
+                               f"{_widths(old)[0]}->{_widths(old)[1]}; build the same architecture before loading")
+        set_submodule(model, name, _rebuild(spec, old.weight.device, old.weight.dtype))
+    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise SlimkitError(f"weights in {path} do not fit this model: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    return model

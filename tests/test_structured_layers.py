@@ -1,0 +1,323 @@
+"""Structured FFN layers: parameter ratios, exact dense equivalents, pre-merge, self-guided mixing, FLOPs, and
+replace_ffn on tiny Hugging Face models. CPU, seconds, fixed seeds."""
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from slimkit.errors import SlimkitError
+from slimkit.structured import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, MergeChoice, SelfGuided,
+                                SelfGuidedSchedule, choose_merge, drop_guides, load_structured, make_linear,
+                                premerge, replace_ffn, save_structured, set_progress, train_flops_per_token)
+from slimkit.structured.premerge import mergeable_layers
+from tests.tiny_hf import tiny_inputs, tiny_model
+
+SHAPES = [(32, 64), (64, 32), (768, 3072), (3072, 768)]
+RATIOS = [0.5, 0.32, 0.25]
+
+
+def _build(kind, i, o, ratio=0.32, **kw):
+    torch.manual_seed(0)
+    return make_linear(kind, i, o, ratio, **kw)
+
+
+# ---------- parameter ratios ----------
+
+@pytest.mark.parametrize("i,o", SHAPES)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_lowrank_ratio_within_rounding(i, o, ratio):
+    layer = make_linear("lowrank", i, o, ratio, init=False)
+    target = ratio * i * o / (i + o)
+    step = 8 if target >= 32 else 1                       # the documented alignment rule
+    assert abs(layer.rank - target) <= step / 2
+    assert abs(layer.param_ratio - ratio) <= step / 2 * (i + o) / (i * o)
+    assert layer.num_params == layer.rank * (i + o) + o
+    if step == 8:
+        assert layer.rank % 8 == 0
+
+
+@pytest.mark.parametrize("i,o", SHAPES)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_blockshuffle_ratio_is_nearest_block_count(i, o, ratio):
+    layer = make_linear("blockshuffle", i, o, ratio, init=False)
+    ratio_of = lambda b: min(i, o) * (i + o) / (b * i * o)
+    options = [b for b in range(1, math.gcd(i, o) + 1) if i % b == 0 and o % b == 0 and ratio_of(b) < 1]
+    best = min(options, key=lambda b: abs(math.log(ratio_of(b) / ratio)))
+    assert layer.nblocks == best
+    assert layer.num_params == min(i, o) * (i + o) // best + o
+    assert abs(layer.param_ratio - ratio) <= 0.25 * ratio
+    if (i, o) == (768, 3072) and ratio == 0.32:
+        assert layer.nblocks == 4 and layer.param_ratio == 0.3125   # the paper's 32% BlockShuffle (nblocks 4)
+
+
+@pytest.mark.parametrize("i,o", SHAPES)
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("nblocks", [None, 2])
+def test_blockdense_ratio_within_rounding(i, o, ratio, nblocks):
+    layer = make_linear("blockdense", i, o, ratio, nblocks=nblocks, init=False)
+    b = layer.nblocks
+    assert b == (nblocks or 4)
+    target = ratio * i * o / (i / b + o)
+    step = math.lcm(b, 8) if target >= 4 * math.lcm(b, 8) else b
+    assert layer.rank % b == 0 and abs(layer.rank - target) <= step / 2
+    assert layer.num_params == layer.rank * (i // b + o) + o
+    assert abs(layer.param_ratio - ratio) <= step / 2 * (i / b + o) / (i * o)
+
+
+# ---------- exact dense equivalents and layout ----------
+
+def _monarch_reference(layer: BlockShuffleLinear) -> torch.Tensor:
+    """W = P_out BD2 P_mid BD1 with explicit permutations (the Monarch layout of the paper's op)."""
+    b = layer.nblocks
+    bd1 = torch.block_diag(*layer.w1.unbind(0))
+    bd2 = torch.block_diag(*layer.w2.unbind(0))
+    mid, out = bd1.shape[0], bd2.shape[0]
+    # block l of the second factor reads middle channels l, l+b, l+2b, ...
+    p_mid = torch.tensor([r * b + l for l in range(b) for r in range(mid // b)])
+    # block l, row s writes output channel s*b + l
+    p_out = torch.tensor([s * b + l for l in range(b) for s in range(out // b)])
+    w = bd2 @ bd1[p_mid]
+    return torch.empty_like(w).index_copy_(0, p_out, w)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "blockshuffle", "blockdense"])
+@pytest.mark.parametrize("i,o", [(32, 64), (64, 32), (48, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_weight_reproduces_forward(kind, i, o, bias):
+    layer = _build(kind, i, o, 0.4, bias=bias)
+    if bias:
+        nn.init.normal_(layer.bias)
+    x = torch.randn(3, 5, i, generator=torch.Generator().manual_seed(1))
+    expected = x @ layer.dense_weight().T + (layer.bias if bias else 0)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("i,o,nblocks", [(32, 64, 4), (64, 32, 4), (24, 36, 4), (48, 48, 3)])
+def test_blockshuffle_is_monarch_layout(i, o, nblocks):
+    # (24, 36, 4) has q = 6, not a multiple of 4: the two-copy shuffle path; the others take the one-copy path
+    layer = _build("blockshuffle", i, o, None, nblocks=nblocks)
+    torch.testing.assert_close(layer.dense_weight(), _monarch_reference(layer), atol=1e-6, rtol=1e-5)
+
+
+def test_paper_initialisation():
+    torch.manual_seed(0)
+    low = LowRankLinear(48, 96, rank=8)
+    uu, vv = low.u @ low.u.T, low.v.T @ low.v                     # sqrt(S) split evenly: both equal diag(S)
+    torch.testing.assert_close(uu, torch.diag(torch.diagonal(uu)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(uu, vv, atol=1e-6, rtol=1e-5)
+    s = torch.diagonal(uu)
+    assert 0.02 * 4 < s.max() < 0.02 * 20                       # singular values of a 96x48 N(0, 0.02) matrix
+    shuffle, dense = BlockShuffleLinear(32, 64, nblocks=4), BlockDenseLinear(64, 32, rank=16, nblocks=4)
+    for w in (shuffle.w1, shuffle.w2, dense.blocks, dense.v.unsqueeze(0)):   # "ortho": orthonormal rows or columns
+        g = w @ w.transpose(-1, -2) if w.shape[-2] <= w.shape[-1] else w.transpose(-1, -2) @ w
+        torch.testing.assert_close(g, torch.eye(g.shape[-1]).expand_as(g), atol=1e-5, rtol=0)
+    for layer in (low, shuffle, dense):
+        assert torch.count_nonzero(layer.bias) == 0
+
+
+# ---------- pre-merge ----------
+
+def _stack(seed=0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    guided = SelfGuided(make_linear("lowrank", 64, 32, 0.4))
+    with torch.no_grad():
+        guided.guide.weight.add_(0.05 * torch.randn_like(guided.guide.weight))
+    guided.share = 0.3
+    return nn.Sequential(make_linear("lowrank", 32, 64, 0.32), nn.GELU(), make_linear("blockshuffle", 64, 64, None, nblocks=4),
+                         make_linear("blockdense", 64, 64, 0.3), guided, nn.Linear(32, 8)).eval()
+
+
+def test_premerge_equals_unmerged():
+    model = _stack()
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x)
+        premerge(model, tokens=6, always=True)
+        out = model(x)
+    assert not mergeable_layers(model) and all(isinstance(m, (nn.Linear, nn.GELU)) for m in model)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_choose_merge_measures_and_caches_on_cpu():
+    model = _stack()
+    layer = model[0]
+    first = choose_merge(layer, tokens=3, min_run_time=0.01)
+    assert isinstance(first, MergeChoice) and first.merged_ms > 0 and first.structured_ms > 0
+    assert first.merge == (first.merged_ms < first.structured_ms)
+    assert choose_merge(layer, tokens=3, min_run_time=0.01) is first          # cached by kind, shape, tokens, ...
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x)
+        premerge(model, tokens=3, min_run_time=0.01)                       # whichever measured faster, per layer
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------- self-guided training ----------
+
+def test_schedule_is_cosine_over_first_half():
+    s = SelfGuidedSchedule()
+    assert (s.guide_fraction, s.curve) == (0.5, "cosine")
+    assert s.share(0, 1000) == 1.0 and s.share(500, 1000) == 0.0 and s.share(900, 1000) == 0.0
+    assert s.share(250, 1000) == pytest.approx(0.5)
+    assert s.share(100, 1000) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert SelfGuidedSchedule(0.4, "linear").share(100, 1000) == pytest.approx(0.75)
+
+
+def test_self_guided_equals_dense_at_start_and_structured_at_end():
+    torch.manual_seed(0)
+    layer = make_linear("blockdense", 32, 64, 0.3)
+    nn.init.normal_(layer.bias)
+    sg = SelfGuided(layer, SelfGuidedSchedule(0.5))
+    torch.testing.assert_close(sg.guide.weight, layer.dense_weight())       # the paper starts the guide there
+    with torch.no_grad():
+        sg.guide.weight.add_(torch.randn_like(sg.guide.weight))               # make the two paths differ
+    x = torch.randn(4, 7, 32)
+    model = nn.Sequential(sg)
+    assert set_progress(model, 0, 100) == 1.0
+    assert torch.equal(sg(x), F.linear(x, sg.guide.weight, layer.bias))    # share 1: the dense layer, exactly
+    set_progress(model, 20, 100)
+    a = sg.share
+    assert 0 < a < 1
+    torch.testing.assert_close(sg(x), a * F.linear(x, sg.guide.weight, layer.bias) + (1 - a) * layer(x))
+    assert set_progress(model, 50, 100) == 0.0
+    assert torch.equal(sg(x), layer(x))                                      # share 0: the structured layer, exactly
+    with torch.no_grad():
+        sg.guide.weight.fill_(float("nan"))                                  # and the dense matmul is skipped
+    assert torch.isfinite(sg(x)).all()
+
+
+def test_drop_guides_frees_dense_params():
+    torch.manual_seed(0)
+    model = nn.Sequential(SelfGuided(make_linear("lowrank", 32, 64, 0.3)), nn.GELU(),
+                          SelfGuided(make_linear("blockshuffle", 64, 32, None, nblocks=4)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 32)
+    model(x).square().mean().backward()
+    opt.step()
+    before = sum(p.numel() for p in model.parameters())
+    guide = weakref.ref(model[0].guide.weight)
+    assert guide() in opt.state
+    assert drop_guides(model, opt) == 2 * 32 * 64
+    assert sum(p.numel() for p in model.parameters()) == before - 2 * 32 * 64
+    assert all(m.guide is None for m in (model[0], model[2]))
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    gc.collect()
+    assert guide() is None                                                   # nothing holds the dense weight
+    opt.zero_grad()
+    model(x).square().mean().backward()                                      # training goes on without guides
+    opt.step()
+    assert torch.equal(model[0](x), model[0].layer(x))
+
+
+# ---------- FLOPs ----------
+
+def test_flops_match_manual_formulas():
+    t = 10
+    low, shuf, bd = _build("lowrank", 32, 64), _build("blockshuffle", 64, 64, None, nblocks=4), _build("blockdense", 64, 32)
+    assert low.flops(t) == 2 * t * low.rank * (32 + 64)
+    assert shuf.flops(t) == 2 * t * (64 * 128 // 4)
+    assert bd.flops(t) == 2 * t * bd.rank * (64 // bd.nblocks + 32)
+    sg = SelfGuided(_build("lowrank", 32, 64), SelfGuidedSchedule(0.5, reduce_flops=True))
+    head = nn.Linear(64, 10)
+    model = nn.Sequential(sg, head)
+    set_progress(model, 25, 100)
+    a = sg.share
+    assert sg.flops(t) == low.flops(t) + round(a * 2 * t * 32 * 64)           # reduce_flops: expected guide use
+    sg.schedule = SelfGuidedSchedule(0.5)
+    assert sg.flops(t) == low.flops(t) + 2 * t * 32 * 64
+    assert train_flops_per_token(model) == 3 * (2 * low.rank * 96 + 2 * 32 * 64 + 2 * 640)
+    set_progress(model, 60, 100)
+    assert train_flops_per_token(model) == 3 * (2 * low.rank * 96 + 2 * 640)
+    drop_guides(model)
+    assert train_flops_per_token(model) == 3 * (2 * low.rank * 96 + 2 * 640)
+
+
+# ---------- replace_ffn on Hugging Face models ----------
+
+@pytest.mark.parametrize("family,expected", [
+    ("llama", {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}), ("gpt2", {"mlp.c_fc", "mlp.c_proj"})])
+@pytest.mark.parametrize("kind", ["lowrank", "blockshuffle", "blockdense"])
+def test_replace_ffn_hf_runs_trains_and_reloads(family, expected, kind, tmp_path):
+    model = tiny_model(family)
+    attn_before = {n: type(m) for n, m in model.named_modules() if ".attn" in n or "self_attn" in n}
+    replace_ffn(model, kind, 0.32, self_guided=SelfGuidedSchedule() if kind == "lowrank" else None)
+    swapped = {n for n, m in model.named_modules() if isinstance(m, (SelfGuided, LowRankLinear,
+                                                                      BlockShuffleLinear, BlockDenseLinear))}
+    outer = {n for n in swapped if not any(n.startswith(s + ".") for s in swapped)}
+    assert {n.split(".", 3)[-1] for n in outer} == expected and len(outer) == 2 * len(expected)
+    assert {n: type(m) for n, m in model.named_modules() if n in attn_before} == attn_before
+    inputs = tiny_inputs(family)
+    model.train()
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".mlp." in n)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    model.save_pretrained(tmp_path / "hf")                                  # the HF way: rebuild, then load
+    twin = replace_ffn(tiny_model(family, seed=5), kind, 0.32,
+                       self_guided=SelfGuidedSchedule() if kind == "lowrank" else None)
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing)          # only a tied head is stored once
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**inputs).logits, ref)
+    save_structured(model, tmp_path / "sk")                                  # the slimkit way: shapes travel along
+    again = load_structured(tiny_model(family, seed=7), tmp_path / "sk")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, ref)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Linear(16, 16)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.gate, self.mlp.fc2 = nn.Linear(16, 48, bias=False), nn.Linear(16, 48, bias=False), nn.Linear(48, 16, bias=False)
+
+
+def test_replace_ffn_gpt_style_swiglu_and_idempotent():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block())
+    replace_ffn(model, "lowrank", 0.3, self_guided=True)
+    assert isinstance(model[0].attn, nn.Linear) and isinstance(model[1].mlp.gate, SelfGuided)
+    assert model[0].mlp.fc2.layer.bias is None
+    with pytest.raises(SlimkitError, match="no feed-forward linears"):       # guides are not FFN linears to swap
+        replace_ffn(model, "lowrank", 0.3)
+
+
+# ---------- bad input ----------
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(SlimkitError, match=r"in \(0, 1\)"):
+        make_linear("lowrank", 32, 64, 1.5)
+    with pytest.raises(SlimkitError, match="smallest low-rank layer .* raise param_ratio"):
+        make_linear("lowrank", 32, 64, 0.001)
+    with pytest.raises(SlimkitError, match="nblocks=3 does not divide in_features=32"):
+        make_linear("blockshuffle", 32, 64, None, nblocks=3)
+    with pytest.raises(SlimkitError, match="nblocks=5 does not divide in_features=64"):
+        make_linear("blockdense", 64, 32, 0.3, nblocks=5)
+    with pytest.raises(SlimkitError, match="ratio is fixed by the block count .* b=4: 0.375"):
+        make_linear("blockshuffle", 32, 64, 0.1, nblocks=4)
+    with pytest.raises(SlimkitError, match="no block count that saves weights"):
+        make_linear("blockshuffle", 31, 64, 0.3)
+    with pytest.raises(SlimkitError, match="choose one of dense, lowrank, blockshuffle, blockdense"):
+        make_linear("butterfly", 32, 64, 0.3)
+    with pytest.raises(SlimkitError, match="lowrank has no blocks"):
+        make_linear("lowrank", 32, 64, 0.3, nblocks=2)
+    with pytest.raises(SlimkitError, match="curve"):
+        SelfGuidedSchedule(curve="exp")
+    with pytest.raises(SlimkitError, match="supported: Hugging Face Llama"):
+        replace_ffn(tiny_model("bert"), "lowrank", 0.3)
+    with pytest.raises(SlimkitError, match="with kind='dense' drop self_guided"):
+        replace_ffn(tiny_model("llama"), "dense", 0.3, self_guided=True)
+    with pytest.raises(SlimkitError, match="not written by slimkit"):
+        load_structured(tiny_model("llama"), "/nonexistent")
