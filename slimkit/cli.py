@@ -226,6 +226,71 @@ def _eval_lm(m, model: str, data: Optional[str], reference: Optional[str], dev, 
     print_table({Path(model).name or model: metrics}, title=f"eval on {data}", console=Console())
 
 
+@app.command(name="train-lm", help="Train a small GPT on a folder of text (dense, or with structured FFNs, optionally "
+                                   "self-guided), with checkpoints, exact --resume and held-out perplexity. Runs "
+                                   "unchanged under torchrun (DDP; --fsdp to shard). Unset options take "
+                                   "slimkit.structured.train.TrainConfig's defaults.")
+def train_lm(
+    out: Path = typer.Option(..., "--out", "-o", help="run folder: checkpoints and report.json"),
+    corpus: Optional[Path] = typer.Option(None, help="folder of text files (.txt/.rst/.md/.py, or those .gz), recursive"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where the token files go (default: slimkit's cache)"),
+    tokenizer: Optional[str] = typer.Option(None, help="bpe (trained on the corpus; default) | smollm2"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="BPE vocabulary (8192)"),
+    ffn: Optional[str] = typer.Option(None, help="dense (default) | lowrank | blockshuffle | blockdense"),
+    param_ratio: Optional[float] = typer.Option(None, "--param-ratio", help="structured FFN parameters / dense (0.32)"),
+    nblocks: Optional[int] = typer.Option(None, help="blocks of the block-diagonal kinds (default: from the ratio)"),
+    self_guided: Optional[bool] = typer.Option(None, "--self-guided/--no-self-guided",
+                                               help="a decaying dense guide during the first part of training"),
+    guide_fraction: Optional[float] = typer.Option(None, "--guide-fraction",
+                                                   help="self-guided: share of the steps the guide fades over (0.5)"),
+    act: Optional[str] = typer.Option(None, help="FFN activation: gelu (default) | swiglu"),
+    pos: Optional[str] = typer.Option(None, help="positions: rope (default) | learned"),
+    norm: Optional[str] = typer.Option(None, help="layernorm (default) | rmsnorm"),
+    d_model: Optional[int] = typer.Option(None, "--d-model", help="width (384)"),
+    n_layer: Optional[int] = typer.Option(None, "--n-layer", help="blocks (6)"),
+    n_head: Optional[int] = typer.Option(None, "--n-head", help="attention heads (6)"),
+    d_ff: Optional[int] = typer.Option(None, "--d-ff", help="FFN hidden size (4*d_model; 8/3*d_model for swiglu)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per sequence (256)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="sequences per micro-batch per GPU (16)"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="micro-batches per update (1)"),
+    steps: Optional[int] = typer.Option(None, help="updates (1000)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (1e-3)"),
+    warmup: Optional[int] = typer.Option(None, help="linear warm-up updates (100)"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (0.1)"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="updates between evaluations (200; 0: at the end)"),
+    eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="held-out tokens per evaluation (131072)"),
+    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="updates between checkpoints (500; 0: at the end)"),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="continue from the latest checkpoint in --out"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
+    dtype: Optional[str] = typer.Option(None, help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32"),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="under torchrun: shard with FSDP2 instead of DDP"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model"),
+    seed: Optional[int] = typer.Option(None, help="random seed (0): weights and data order"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+):
+    from .structured.train import TrainConfig, train
+
+    options = {k: v for k, v in locals().items() if k not in ("quiet", "TrainConfig", "train") and v is not None}
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    report = train(TrainConfig(**options, progress=not quiet))
+    Console().print(f"val ppl {report['val_ppl']:.2f}, train ppl {report['train_ppl']:.2f}, {report['tokens']:,} tokens, "
+                    f"{report['train_flops']:.3g} training FLOPs, {report['wall_s']:.0f} s; report in {out}/report.json")
+
+
+@app.command(help="Tokenise a folder of text files into memory-mapped train/val token files (what train-lm reads).")
+def tokenize(
+    corpus: Path = typer.Argument(..., help="folder of text files (.txt/.rst/.md/.py, or those .gz), recursive"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for train.bin/val.bin, their .json sidecars, tokenizer.json"),
+    tokenizer: str = typer.Option("bpe", help="bpe (trained on the corpus) | smollm2"),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="BPE vocabulary"),
+    val_percent: float = typer.Option(10.0, "--val-percent", help="share of the files held out (by stable hash)"),
+):
+    from .structured.data import prepare_corpus
+
+    c = prepare_corpus(corpus, out, tokenizer, vocab_size, val_percent)
+    Console().print(f"{c.train.size:,} train and {c.val.size:,} val tokens, vocab {c.vocab_size}, in {out}")
+
+
 def main() -> None:
     """Entry point: bad input prints one line and exits with code 2, never a traceback."""
     try:

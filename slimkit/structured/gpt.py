@@ -1,0 +1,205 @@
+"""A small GPT: decoder-only, pre-norm, rotary or learned positions, GELU or SwiGLU feed-forward, tied embeddings.
+
+Written to be read in one sitting (nanoGPT's shape). The feed-forward linears are named `mlp.fc1`, `mlp.fc2`
+(and `mlp.gate` for SwiGLU) so that `slimkit.structured.replace_ffn` finds and swaps them for structured layers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SlimkitError
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT. d_ff=None means 4*d_model for GELU and 8/3*d_model (rounded up to 64) for SwiGLU,
+    so both FFN kinds hold about the same parameters."""
+    vocab_size: int = 8192
+    n_layer: int = 6
+    n_head: int = 6
+    d_model: int = 384
+    d_ff: Optional[int] = None
+    seq_len: int = 256
+    pos: str = "rope"          # "rope" | "learned"
+    ffn: str = "gelu"          # "gelu" | "swiglu"
+    norm: str = "layernorm"    # "layernorm" | "rmsnorm"
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.pos not in ("rope", "learned"):
+            raise SlimkitError(f"GPTConfig.pos must be 'rope' or 'learned', got {self.pos!r}")
+        if self.ffn not in ("gelu", "swiglu"):
+            raise SlimkitError(f"GPTConfig.ffn must be 'gelu' or 'swiglu', got {self.ffn!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise SlimkitError(f"GPTConfig.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "seq_len"):
+            if getattr(self, name) < 1:
+                raise SlimkitError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise SlimkitError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}: pick a head count "
+                               "that divides it")
+        if self.pos == "rope" and (self.d_model // self.n_head) % 2:
+            raise SlimkitError(f"rotary positions need an even head size, got d_model/n_head = "
+                               f"{self.d_model // self.n_head}")
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model if self.ffn == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if not 0.0 <= self.dropout < 1.0:
+            raise SlimkitError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of shape (seq_len, head_dim) for rotary embeddings, in the rotate-half layout."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys by position: x*cos + rotate_half(x)*sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.d_model)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention through F.scaled_dot_product_attention (flash kernels where available)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            cos, sin = rope[0][:T], rope[1][:T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """The feed-forward block: fc2(gelu(fc1 x)) or fc2(silu(gate x) * fc1 x). Its linears are what replace_ffn swaps."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.swiglu = cfg.ffn == "swiglu"
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        if self.swiglu:
+            self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.gate(x)) * self.fc1(x) if self.swiglu else F.gelu(self.fc1(x))
+        return self.fc2(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm x), then x + mlp(norm x)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1, self.attn = make_norm(cfg), Attention(cfg)
+        self.ln2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), rope))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model. forward(idx, targets) -> (logits, mean cross-entropy or None)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        # GPT-2: residual projections scaled down by depth so the residual stream's variance stays ~constant
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        B, T = idx.shape
+        if T > self.cfg.seq_len:
+            raise SlimkitError(f"sequence of {T} tokens is longer than the model's seq_len {self.cfg.seq_len}")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters (a tied embedding counted once). non_embedding: leave out the input embeddings
+        (token table unless tied to the output head, and learned positions): those are look-ups, not matmuls."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    def matmul_params(self) -> int:
+        """Weights used in matmuls, once per token each: num_params(non_embedding=True) less the norms."""
+        norms = sum(p.numel() for m in self.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))
+                    for p in m.parameters(recurse=False))
+        return self.num_params(non_embedding=True) - norms
+
+    def attention_flops_per_token(self, seq_len: Optional[int] = None) -> int:
+        """Training FLOPs per token of attention's score and weighted-sum products: 12 * n_layer * seq_len * d_model
+        (forward 2 * 2 * T * d per layer, times 3 for forward + backward), counted over the full T x T square:
+        the causal mask's skipped half is not subtracted (PaLM's convention)."""
+        return 12 * self.cfg.n_layer * (seq_len or self.cfg.seq_len) * self.cfg.d_model
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
+        """Training FLOPs per token, the 6N + attention convention (Kaplan et al. 2020; PaLM appendix B; nanoGPT).
+
+        6N: forward 2 FLOPs per weight per token (multiply + add), backward twice that, with N = matmul_params()
+        (the output head counts; embedding look-ups and norms do not). Plus attention_flops_per_token(). Structured
+        FFN layers count the same way (each of their weights is used once per token), so this equals
+        slimkit.structured.train_flops_per_token(model) + attention_flops_per_token() while no dense self-guided
+        guide is active; the trainer uses that sum, which also counts active guides.
+        """
+        return 6 * self.matmul_params() + self.attention_flops_per_token(seq_len)

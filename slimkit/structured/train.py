@@ -1,0 +1,569 @@
+"""Train a small GPT, dense or with structured FFNs (optionally self-guided), with exact resume after a kill.
+
+`train(TrainConfig(corpus=..., out=...))` runs on one CPU, one GPU, or several GPUs under torchrun (DDP, or FSDP2
+with fsdp=True) without code changes. What it writes to `out`:
+
+    ckpt/step_000500/model.safetensors      full (unsharded) model weights; a tied weight stored once
+    ckpt/step_000500/optimizer.safetensors  AdamW's state tensors, named "<param name>/<key>" (exp_avg, exp_avg_sq, step)
+    ckpt/step_000500/state.json             step, config, AdamW's param groups, the loss log, FLOPs and tokens so far
+    report.json                             train/val perplexity, tokens, training FLOPs (guides included), wall time
+
+No pickle anywhere. Exact resume: everything a step depends on is either saved (weights, AdamW state) or a pure
+function of the step number (the batch, see data.BatchSampler; the learning rate; the self-guided dense share; the
+dropout RNG, reseeded every step), so a run resumed from step s gives the losses of steps s+1.. of the uninterrupted
+run (bitwise on one CPU process; tests/test_structured_train.py checks it).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SlimkitError
+from .data import BatchSampler, Corpus, atomic_write, eval_windows, open_corpus, prepare_corpus
+from .gpt import GPT, GPTConfig
+
+FFN_KINDS = ("dense", "lowrank", "blockshuffle", "blockdense")
+CKPT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Fields marked (trajectory) must match when resuming."""
+    out: str = "runs/lm"
+    corpus: Optional[str] = None        # folder of text files; tokenised once into data_dir
+    data_dir: Optional[str] = None      # prepared token files (default: a folder in slimkit's cache)
+    tokenizer: str = "bpe"              # "bpe" (trained on the corpus) | "smollm2"
+    vocab_size: int = 8192              # for "bpe"
+    val_percent: float = 10.0
+    # model (trajectory)
+    d_model: int = 384
+    n_layer: int = 6
+    n_head: int = 6
+    d_ff: Optional[int] = None
+    seq_len: int = 256
+    pos: str = "rope"
+    act: str = "gelu"                   # FFN activation: "gelu" | "swiglu"
+    norm: str = "layernorm"
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    # structured FFN (trajectory)
+    ffn: str = "dense"                  # dense | lowrank | blockshuffle | blockdense
+    param_ratio: float = 0.32
+    nblocks: Optional[int] = None
+    self_guided: bool = False
+    guide_fraction: float = 0.5         # self-guided: the dense guide fades over this share of the steps
+    guide_curve: str = "cosine"         # self-guided: "cosine" | "linear"
+    # optimisation (trajectory); the global batch is batch_size * grad_accum * world size sequences
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    # evaluation and checkpoints
+    eval_every: int = 200               # 0: only at the end
+    eval_tokens: int = 131072           # held-out tokens per evaluation
+    ckpt_every: int = 500               # 0: only at the end
+    keep_ckpts: int = 2
+    resume: bool = False                # continue from the latest checkpoint in out (start fresh if there is none)
+    # runtime
+    device: Optional[str] = None        # default cuda when available
+    dtype: str = "auto"                 # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    fsdp: bool = False
+    compile: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ffn not in FFN_KINDS:
+            raise SlimkitError(f"unknown ffn {self.ffn!r}: use one of {', '.join(FFN_KINDS)}")
+        if self.self_guided and self.ffn == "dense":
+            raise SlimkitError("self-guided training guides a structured FFN: give --ffn lowrank, blockshuffle or "
+                               "blockdense")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise SlimkitError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            if getattr(self, name) < 1:
+                raise SlimkitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.eval_every < 0 or self.ckpt_every < 0:
+            raise SlimkitError("warmup, eval_every and ckpt_every must be >= 0")
+        if self.corpus is None and self.data_dir is None:
+            raise SlimkitError("give a corpus folder (--corpus DIR) or a prepared data_dir")
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
+                         d_ff=self.d_ff, seq_len=self.seq_len, pos=self.pos, ffn=self.act, norm=self.norm,
+                         tie_embeddings=self.tie_embeddings, dropout=self.dropout)
+
+
+# fields that may change between a run and its resumption: they do not change what a step computes
+RUNTIME_FIELDS = {"out", "corpus", "data_dir", "eval_every", "eval_tokens", "ckpt_every", "keep_ckpts", "resume",
+                  "device", "dtype", "progress", "compile", "fsdp", "batch_size", "grad_accum"}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update `step` (0-based): linear warm-up to cfg.lr, then cosine down to lr * min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# --- distributed ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_dist(device: Optional[str]) -> tuple[Dist, torch.device]:
+    """Join the process group when started by torchrun (RANK/WORLD_SIZE set): NCCL on CUDA, gloo on CPU."""
+    want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if want_cuda else "gloo")
+        if want_cuda:
+            torch.cuda.set_device(d.local_rank)
+            return d, torch.device("cuda", d.local_rank)
+        return d, torch.device("cpu")
+    if want_cuda and not torch.cuda.is_available():
+        raise SlimkitError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
+    return Dist(), torch.device(device or ("cuda" if want_cuda else "cpu"))
+
+
+def _all_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x = x / d.world
+    return x
+
+
+# --- model, optimizer -------------------------------------------------------------------------------------------
+
+def _structured():
+    """The structured-FFN API (slimkit.structured), imported only when it is needed."""
+    from . import SelfGuidedSchedule, drop_guides, replace_ffn, set_progress, train_flops_per_token
+
+    return replace_ffn, set_progress, drop_guides, train_flops_per_token, SelfGuidedSchedule
+
+
+def guide_schedule(cfg: TrainConfig):
+    """The self-guided schedule of cfg, or None."""
+    return _structured()[4](cfg.guide_fraction, cfg.guide_curve) if cfg.self_guided else None
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, guides_dropped: bool = False) -> nn.Module:
+    """The GPT of cfg, its FFNs replaced by cfg.ffn layers (with self-guided guides unless already dropped)."""
+    model = GPT(cfg.gpt_config(vocab_size))
+    if cfg.ffn != "dense":
+        replace_ffn, _, drop_guides, _, _ = _structured()
+        replace_ffn(model, cfg.ffn, cfg.param_ratio, self_guided=guide_schedule(cfg), nblocks=cfg.nblocks)
+        if cfg.self_guided and guides_dropped:
+            drop_guides(model)
+    for p in model.parameters():  # FSDP2 shards only contiguous parameters (SVD-initialised factors may not be)
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
+    return model
+
+
+def guides_done(cfg: TrainConfig, step: int) -> bool:
+    """Whether the self-guided guide phase is over before update `step` (the dense share is zero from then on)."""
+    return cfg.self_guided and step >= guide_schedule(cfg).guided_steps(cfg.steps)
+
+
+def flops_per_token(model: GPT, cfg: TrainConfig) -> float:
+    """Training FLOPs per token now: 6 x matmul weights (active self-guided guides included) + attention."""
+    if cfg.ffn == "dense":
+        return float(model.flops_per_token())
+    return float(_structured()[3](model)) + model.attention_flops_per_token()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim >= 2) only, the nanoGPT/GPT-3 convention."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def wrap(model: nn.Module, cfg: TrainConfig, d: Dist, device: torch.device) -> nn.Module:
+    """The module the training step calls: the model itself, DDP around it, or the model sharded in place (FSDP2)."""
+    if cfg.compile:
+        model.compile()
+    if d.world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _sync_grads(model: nn.Module, on: bool):
+    """Gradient all-reduce only on the last micro-batch of an accumulation."""
+    if hasattr(model, "no_sync") and not on:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(on)
+    return contextlib.nullcontext()
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+def _full_state(model: nn.Module, opt: torch.optim.Optimizer, every_rank: bool = False) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts keyed by parameter name (a collective under FSDP): on the CPU
+    and on rank 0 only, or on the device and on every rank with every_rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank))
+
+
+def _load_full_state(model: nn.Module, opt: torch.optim.Optimizer, msd: dict, osd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors stored once when several names share them (tied embeddings); returns (tensors, alias -> name)."""
+    seen: dict[tuple, str] = {}
+    out, aliases = {}, {}
+    for k, v in sd.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if v.numel() and key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        out[k] = v.detach().contiguous()
+    return out, aliases
+
+
+def flatten_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict keyed by parameter name → (tensors named "<param>/<key>", JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for pname, st in osd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"{pname}/{key}"] = val.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(pname, {})[key] = val
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in osd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict] = {}
+    for name, t in tensors.items():
+        pname, key = name.rsplit("/", 1)
+        state.setdefault(pname, {})[key] = t
+    for pname, vals in meta["scalars"].items():
+        state.setdefault(pname, {}).update(vals)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def ckpt_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints in out/ckpt, oldest first."""
+    root = out / "ckpt"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step_*") if (p / "state.json").exists()), key=lambda p: p.name)
+
+
+def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict, d: Dist,
+                    keep: int = 2) -> Optional[Path]:
+    """Write ckpt/step_NNNNNN atomically (temporary folder, then rename); only rank 0 writes."""
+    from safetensors.torch import save_file
+
+    msd, osd = _full_state(model, opt)  # every rank takes part (FSDP gathers)
+    if not d.main:
+        return None
+    tensors, aliases = _dedupe(msd)
+    opt_tensors, opt_meta = flatten_optimizer(osd)
+    final = out / "ckpt" / f"step_{state['step']:06d}"
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(".step_*.tmp-*"):  # left by a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp / "model.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        meta = {**state, "format": CKPT_FORMAT, "aliases": aliases, "optimizer": opt_meta}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in ckpt_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(model state dict, optimizer state dict, state.json) of a checkpoint folder; tied names restored."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    if meta.get("format") != CKPT_FORMAT:
+        raise SlimkitError(f"{path} is a checkpoint of format {meta.get('format')}, this slimkit reads {CKPT_FORMAT}")
+    msd = load_file(path / "model.safetensors")
+    for alias, name in meta["aliases"].items():
+        msd[alias] = msd[name]
+    osd = unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"])
+    return msd, osd, meta
+
+
+def load_model(path: str | Path, device: str = "cpu") -> GPT:
+    """The trained GPT (structured FFNs included) from a run folder (its latest checkpoint) or a checkpoint folder."""
+    path = Path(path)
+    if not (path / "state.json").exists():
+        found = ckpt_dirs(path)
+        if not found:
+            raise SlimkitError(f"{path} holds no checkpoint (ckpt/step_*/state.json): train with slimkit train-lm")
+        path = found[-1]
+    msd, _, meta = read_checkpoint(path)
+    cfg = TrainConfig(**{**meta["config"], "resume": False})
+    model = build_model(cfg, meta["vocab_size"], guides_dropped=meta["guides_dropped"])
+    model.load_state_dict(msd)
+    return model.to(device).eval()
+
+
+def _check_resumable(meta: dict, cfg: TrainConfig, global_batch: int, corpus: Corpus) -> None:
+    """A resumed run must compute what the interrupted one would have: same settings, batch and data."""
+    saved = meta["config"]
+    diff = [f.name for f in fields(TrainConfig) if f.name not in RUNTIME_FIELDS
+            and saved.get(f.name) != getattr(cfg, f.name)]
+    if meta["data"]["source_hash"] != corpus.meta["source_hash"]:
+        diff.append("the corpus (its files changed)")
+    if meta["global_batch"] != global_batch:
+        diff.append(f"global batch ({meta['global_batch']} saved, {global_batch} now: batch_size * grad_accum * "
+                    "world size must stay the same)")
+    if diff:
+        raise SlimkitError(f"cannot resume: the checkpoint was trained with other settings for {', '.join(diff)}; "
+                           "use the saved settings or a new --out")
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, autocast, d: Dist) -> float:
+    """Mean next-token cross-entropy over windows, each rank taking every world-th window (same batch count on all
+    ranks, so FSDP's collectives line up)."""
+    was = model.training
+    model.eval()
+    n = len(windows)
+    idx = torch.arange(d.rank, math.ceil(n / d.world) * d.world, d.world)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses * tokens, tokens)
+    for i in range(0, len(idx), batch_size):
+        sel = idx[i:i + batch_size]
+        w = windows[sel % n].to(device)
+        weight = (sel < n).to(device, torch.float64)
+        with autocast():
+            logits, _ = model(w[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), w[:, 1:], reduction="none")
+        total[0] += (loss.double().sum(1) * weight).sum()
+        total[1] += weight.sum() * loss.shape[1]
+    if d.world > 1:
+        dist.all_reduce(total)
+    model.train(was)
+    return float(total[0] / total[1])
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
+
+def _prepare_data(cfg: TrainConfig, d: Dist) -> Corpus:
+    """Rank 0 tokenises (or finds the cached tokens); the other ranks then open its folder. An error stops all."""
+    corpus, err = None, None
+    if d.main:
+        try:
+            corpus = (prepare_corpus(cfg.corpus, cfg.data_dir, cfg.tokenizer, cfg.vocab_size, cfg.val_percent,
+                                     progress=cfg.progress) if cfg.corpus is not None else open_corpus(cfg.data_dir))
+        except SlimkitError as e:
+            err = str(e)
+    if d.world > 1:
+        box = [err, None if corpus is None else str(corpus.dir)]
+        dist.broadcast_object_list(box, src=0)
+        err, folder = box
+        if err is None and not d.main:
+            corpus = open_corpus(folder)
+    if err is not None:
+        raise SlimkitError(err)
+    return corpus
+
+
+def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+    """Train per cfg and return the report (also written to out/report.json).
+
+    on_step(step, loss) is called after every update (step counts updates done, from 1) on every rank; raising
+    from it stops the run as a kill would, which is how the tests simulate one.
+    """
+    d, device = setup_dist(cfg.device)
+    out = Path(cfg.out)
+    found = ckpt_dirs(out)
+    if found and not cfg.resume:
+        raise SlimkitError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
+                           "--out")
+    corpus = _prepare_data(cfg, d)
+    vocab = 64 * math.ceil(corpus.vocab_size / 64)  # padded: matmuls run faster on multiples of 64
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    sampler = BatchSampler(corpus.train, cfg.seq_len, global_batch, cfg.seed)
+    val_windows = eval_windows(corpus.val, cfg.seq_len, cfg.eval_tokens)
+    train_windows = eval_windows(corpus.train, cfg.seq_len, cfg.eval_tokens)
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    # state that survives a resume
+    start, losses, history, flops, tokens, elapsed = 0, [], [], 0.0, 0, 0.0
+    resume_from = found[-1] if (found and cfg.resume) else None
+    if resume_from is not None:
+        msd, osd, saved = read_checkpoint(resume_from)
+        _check_resumable(saved, cfg, global_batch, corpus)
+        start, losses, history = saved["step"], saved["losses"], saved["history"]
+        flops, tokens, elapsed = saved["train_flops"], saved["tokens"], saved["elapsed_s"]
+    guides_dropped = guides_done(cfg, start)
+
+    torch.manual_seed(cfg.seed)  # the initial weights
+    raw = build_model(cfg, vocab, guides_dropped).to(device)
+    model = wrap(raw, cfg, d, device)
+    opt = make_optimizer(raw, cfg, fused=device.type == "cuda" and not cfg.fsdp)
+    if resume_from is not None:
+        _load_full_state(raw, opt, msd, osd)
+        del msd, osd
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def state_at(step: int) -> dict:
+        return {"step": step, "config": asdict(cfg), "vocab_size": vocab, "global_batch": global_batch,
+                "world_size": d.world, "guides_dropped": guides_dropped, "losses": losses, "history": history,
+                "train_flops": flops, "tokens": tokens, "elapsed_s": elapsed,
+                "sampler": {"seed": cfg.seed, "global_batch": global_batch, "next_sample": step * global_batch},
+                "data": {"dir": str(corpus.dir), "source_hash": corpus.meta["source_hash"]}}
+
+    def run_eval(step: int) -> dict:
+        row = {"step": step, "tokens": tokens, "train_flops": flops,
+               "val_loss": evaluate(model, val_windows, cfg.batch_size, device, autocast, d),
+               "train_loss": evaluate(model, train_windows, cfg.batch_size, device, autocast, d)}
+        row.update(val_ppl=math.exp(row["val_loss"]), train_ppl=math.exp(row["train_loss"]))
+        history.append(row)
+        return row
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and d.main), desc="train", unit="step",
+               dynamic_ncols=True)
+    tokens_per_step = global_batch * cfg.seq_len
+    t_last, run_time, run_steps = time.perf_counter(), 0.0, 0
+    model.train()
+    for step in range(start, cfg.steps):
+        if cfg.self_guided and not guides_dropped and guides_done(cfg, step):
+            raw, model, opt = _drop_guides(raw, opt, cfg, vocab, d, device)
+            guides_dropped = True
+        if cfg.self_guided and not guides_dropped:
+            _structured()[1](raw, step, cfg.steps)
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout RNG: a pure function of the step
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        step_flops = flops_per_token(raw, cfg) * tokens_per_step
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x, y = sampler.batch(step, (d.rank * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _sync_grads(model, micro == cfg.grad_accum - 1):
+                with autocast():
+                    _, loss = model(x, y)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_val = float(_all_mean(loss_sum / cfg.grad_accum, d))
+        losses.append(loss_val)
+        flops += step_flops
+        tokens += tokens_per_step
+        dt = time.perf_counter() - t_last
+        elapsed, run_time, run_steps = elapsed + dt, run_time + dt, run_steps + 1
+        bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{run_steps * tokens_per_step / max(run_time, 1e-9):,.0f}",
+                        lr=f"{lr:.2e}")
+        bar.update(1)
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            row = run_eval(done)
+            if d.main:
+                bar.write(f"step {done}: val ppl {row['val_ppl']:.2f}, train ppl {row['train_ppl']:.2f}")
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
+            save_checkpoint(out, raw, opt, state_at(done), d, cfg.keep_ckpts)
+        t_last = time.perf_counter()  # evaluation and checkpoints are not training time
+        if on_step is not None:
+            on_step(done, loss_val)
+    bar.close()
+    report = _report(cfg, raw, history, losses, flops, tokens, elapsed, d, device)
+    if d.main:
+        atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+    return report
+
+
+def _drop_guides(raw: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, vocab: int, d: Dist,
+                 device: torch.device):
+    """End of the guide phase: rebuild model (guides dropped), wrapper and optimizer, carrying weights and AdamW
+    state over by parameter name, exactly as a resume from a checkpoint taken here would."""
+    msd, osd = _full_state(raw, opt, every_rank=True)
+    torch.manual_seed(cfg.seed)
+    new_raw = build_model(cfg, vocab, guides_dropped=True).to(device)
+    keep = set(new_raw.state_dict())
+    names = {n for n, _ in new_raw.named_parameters()}
+    msd = {k: v for k, v in msd.items() if k in keep}
+    osd = {"state": {k: v for k, v in osd["state"].items() if k in names},
+           "param_groups": [{**g, "params": [p for p in g["params"] if p in names]} for g in osd["param_groups"]]}
+    model = wrap(new_raw, cfg, d, device)
+    new_opt = make_optimizer(new_raw, cfg, fused=device.type == "cuda" and not cfg.fsdp)
+    _load_full_state(new_raw, new_opt, msd, osd)
+    return new_raw, model, new_opt
+
+
+def _report(cfg: TrainConfig, model: nn.Module, history: list, losses: list, flops: float, tokens: int,
+            elapsed: float, d: Dist, device: torch.device) -> dict:
+    last = history[-1] if history else {}
+    tail = losses[-max(1, len(losses) // 10):]
+    return {
+        "val_ppl": last.get("val_ppl"), "train_ppl": last.get("train_ppl"),
+        "val_loss": last.get("val_loss"), "train_loss": last.get("train_loss"),
+        "train_loss_last10pct": sum(tail) / len(tail) if tail else None,
+        "steps": cfg.steps, "tokens": tokens, "train_flops": flops, "wall_s": elapsed,
+        "tokens_per_s": tokens / elapsed if elapsed else None,
+        "params": sum(p.numel() for p in model.parameters()), "ffn": cfg.ffn, "param_ratio": cfg.param_ratio,
+        "self_guided": cfg.self_guided, "world_size": d.world,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "config": asdict(cfg), "history": history, "losses": losses,
+    }

@@ -1,0 +1,237 @@
+"""The LM training stack on CPU: token files, batches as a pure function of step, a falling loss, exact resume
+after a kill, gradient accumulation, and `slimkit train-lm` end to end. Tiny configs; one thread (the CI box is
+small and 2 threads fighting another process are 30x slower than one)."""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from slimkit.errors import SlimkitError
+from slimkit.structured.data import BatchSampler, eval_windows, load_tokenizer, load_tokens, prepare_corpus
+from slimkit.structured.gpt import GPT, GPTConfig
+from slimkit.structured.train import TrainConfig, ckpt_dirs, load_model, read_checkpoint, train
+
+torch.set_num_threads(1)
+
+WORDS = ("the kernel driver maps a page of memory into the user space and the scheduler wakes a task when the "
+         "lock is free so that every process sees a consistent view of the file system cache").split()
+
+
+def _text(rng: random.Random, n_sentences: int) -> str:
+    lines = []
+    for _ in range(n_sentences):
+        start = rng.randrange(len(WORDS) - 8)
+        lines.append(" ".join(WORDS[start:start + rng.randint(5, 8)]).capitalize() + ".")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of a dozen small text files (one gzipped, one in a subfolder), tokenised once for the module."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(10):
+        (root / f"doc{i}.txt").write_text(_text(rng, 120))
+    (root / "sub").mkdir()
+    (root / "sub" / "notes.rst").write_text(_text(rng, 120))
+    with gzip.open(root / "sub" / "packed.rst.gz", "wt") as f:
+        f.write(_text(rng, 120))
+    (root / "image.png").write_bytes(b"\x89PNG not text")
+    data = tmp_path_factory.mktemp("tokens")
+    c = prepare_corpus(root, data, tokenizer="bpe", vocab_size=320, progress=False)
+    return root, data, c
+
+
+def tiny(out, data_dir, **kw) -> TrainConfig:
+    base = dict(out=str(out), data_dir=str(data_dir), d_model=32, n_layer=2, n_head=2, seq_len=32, batch_size=8,
+                steps=10, lr=3e-3, warmup=3, eval_every=0, eval_tokens=512, ckpt_every=0, device="cpu",
+                progress=False, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_tokenise_round_trip_and_files(corpus):
+    root, data, c = corpus
+    tok = load_tokenizer(data)
+    text = "The scheduler wakes a task.\n  Ünïcode — and bytes: \t{x: 1}\n"
+    assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text  # byte-level BPE: exact
+    meta_train = json.loads((data / "train.json").read_text())
+    meta_val = json.loads((data / "val.json").read_text())
+    for meta, name in ((meta_train, "train"), (meta_val, "val")):
+        assert meta["dtype"] == "uint16" and meta["vocab_size"] == tok.get_vocab_size() <= 320
+        assert meta["tokenizer"] == "bpe" and len(meta["source_hash"]) == 64 and meta["n_files"] == 12
+        tokens = load_tokens(data / f"{name}.bin")
+        assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16 and tokens.size == meta["n_tokens"] > 0
+        assert (data / f"{name}.bin").stat().st_size == 2 * meta["n_tokens"]
+    # split by file, disjoint, every text file (the .gz and the subfolder too, not the .png) in exactly one split
+    assert sorted(meta_train["files"] + meta_val["files"]) == sorted(
+        [f"doc{i}.txt" for i in range(10)] + ["sub/notes.rst", "sub/packed.rst.gz"])
+    assert meta_val["files"] and not set(meta_train["files"]) & set(meta_val["files"])
+    # documents end with the EOT token, and decoding the first one gives back its file
+    eot = meta_train["eot_id"]
+    first = np.asarray(c.train)
+    first = first[:np.flatnonzero(first == eot)[0]]
+    assert tok.decode(first.tolist()) == (root / meta_train["files"][0]).read_text()
+    # a second call reuses the files (same source hash); no temporary files are left behind
+    mtime = (data / "train.bin").stat().st_mtime_ns
+    prepare_corpus(root, data, tokenizer="bpe", vocab_size=320, progress=False)
+    assert (data / "train.bin").stat().st_mtime_ns == mtime
+    assert not [p for p in data.iterdir() if p.name.startswith(".")]
+
+
+def test_empty_corpus_errors(tmp_path):
+    with pytest.raises(SlimkitError, match="holds no non-empty text files"):
+        prepare_corpus(tmp_path, tmp_path / "out", progress=False)
+    (tmp_path / "a.bin").write_bytes(b"\0\1")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SlimkitError, match=str(tmp_path)):
+        prepare_corpus(tmp_path, tmp_path / "out", progress=False)
+    with pytest.raises(SlimkitError, match="does not exist"):
+        prepare_corpus(tmp_path / "nope", progress=False)
+    (tmp_path / "blank.md").write_text("\n  \n")
+    with pytest.raises(SlimkitError, match="blank"):
+        prepare_corpus(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_sampler_is_a_pure_function_of_step(corpus):
+    _, _, c = corpus
+    a, b = BatchSampler(c.train, 32, 8, seed=1), BatchSampler(c.train, 32, 8, seed=1)
+    later = [b.batch(s) for s in (7, 3)]  # out of order, on another instance
+    assert torch.equal(a.batch(3)[0], later[1][0]) and torch.equal(a.batch(7)[0], later[0][0])
+    x, y = a.batch(3)
+    assert x.shape == y.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1])
+    # a batch split in parts (ranks, accumulation) is the whole batch
+    assert torch.equal(torch.cat([a.batch(5, 0, 3)[0], a.batch(5, 3, 5)[0]]), a.batch(5)[0])
+    # one epoch visits every window once
+    n = a.n_windows
+    starts = np.concatenate([a.starts(s) for s in range(n // 8)])
+    assert len(set(starts.tolist())) == len(starts)
+    assert not torch.equal(BatchSampler(c.train, 32, 8, seed=2).batch(3)[0], x)
+    assert eval_windows(c.val, 32, 64).shape == (2, 33)
+
+
+def test_gpt_shapes_and_flops():
+    for pos, ffn, norm in (("rope", "gelu", "layernorm"), ("learned", "swiglu", "rmsnorm")):
+        cfg = GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, seq_len=16, pos=pos, ffn=ffn, norm=norm)
+        m = GPT(cfg)
+        logits, loss = m(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+        assert logits.shape == (2, 16, 64) and abs(loss.item() - np.log(64)) < 0.5
+        names = {n for n, _ in m.named_modules()}
+        assert {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2"} <= names and ("blocks.0.mlp.gate" in names) == (ffn == "swiglu")
+        weights = 64 * 32 + 2 * (4 * 32 * 32 + (3 if ffn == "swiglu" else 2) * 32 * cfg.d_ff)
+        assert m.matmul_params() == weights and m.flops_per_token() == 6 * weights + 12 * 2 * 16 * 32
+    with pytest.raises(SlimkitError, match="divisible"):
+        GPTConfig(d_model=30, n_head=4)
+
+
+def test_loss_falls(corpus, tmp_path):
+    _, data, _ = corpus
+    r = train(tiny(tmp_path / "run", data, steps=30, eval_every=15))
+    assert np.mean(r["losses"][-5:]) < r["losses"][0] - 1.0
+    assert len(r["history"]) == 2 and r["history"][1]["val_loss"] < r["history"][0]["val_loss"]
+    assert r["val_ppl"] == pytest.approx(np.exp(r["val_loss"])) and r["train_ppl"] < 320
+    assert r["tokens"] == 30 * 8 * 32 and r["train_flops"] == pytest.approx(r["tokens"] * load_model(
+        tmp_path / "run").flops_per_token())
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["val_ppl"] == r["val_ppl"]
+
+
+def test_kill_and_resume_is_exact(corpus, tmp_path):
+    _, data, _ = corpus
+    full = train(tiny(tmp_path / "full", data, ckpt_every=5, dropout=0.1))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_7(step, loss):
+        if step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1), on_step=kill_at_7)
+    assert [p.name for p in ckpt_dirs(tmp_path / "killed")] == ["step_000005"]
+    with pytest.raises(SlimkitError, match="--resume"):
+        train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1))
+    with pytest.raises(SlimkitError, match="lr"):
+        train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1, lr=1e-3, resume=True))
+    resumed = train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1, resume=True))
+    assert resumed["losses"][5:] == full["losses"][5:]  # steps 6..10, bitwise
+    assert resumed["losses"][:5] == full["losses"][:5] and resumed["val_loss"] == full["val_loss"]
+    assert resumed["tokens"] == full["tokens"] and resumed["train_flops"] == full["train_flops"]
+    # the checkpoint holds no pickle: safetensors and JSON only, optimizer state by parameter name
+    ckpt = ckpt_dirs(tmp_path / "killed")[-1]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
+    msd, osd, meta = read_checkpoint(ckpt)
+    assert meta["step"] == 10 and meta["aliases"] == {"lm_head.weight": "tok_emb.weight"}
+    assert set(osd["state"]["tok_emb.weight"]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_self_guided_resume_across_the_guide_drop(corpus, tmp_path):
+    """Low-rank FFNs guided for the first 5 of 10 steps: killed before the drop (step 4, resumed from 3) and after
+    it (step 8, resumed from 6), the losses match an uninterrupted run; the guides' FLOPs are counted."""
+    _, data, _ = corpus
+    kw = dict(ffn="lowrank", param_ratio=0.5, self_guided=True, guide_fraction=0.5, ckpt_every=3)
+    full = train(tiny(tmp_path / "full", data, **kw))
+
+    def kill_at(n):
+        def on_step(step, loss):
+            if step == n:
+                raise KeyboardInterrupt
+        return on_step
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "run", data, **kw), on_step=kill_at(4))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "run", data, resume=True, **kw), on_step=kill_at(8))
+    assert [p.name for p in ckpt_dirs(tmp_path / "run")] == ["step_000003", "step_000006"]
+    resumed = train(tiny(tmp_path / "run", data, resume=True, **kw))
+    assert resumed["losses"] == full["losses"]
+    meta = read_checkpoint(ckpt_dirs(tmp_path / "run")[-1])[2]
+    assert meta["guides_dropped"] and meta["config"]["self_guided"]
+    plain = train(tiny(tmp_path / "plain", data, **{**kw, "self_guided": False}))
+    model = load_model(tmp_path / "plain")
+    assert plain["train_flops"] == pytest.approx(model.flops_per_token() * plain["tokens"])
+    # the guided run paid 5 steps of dense FFN matmuls on top (fc1 and fc2: 2 * d_model * d_ff weights a layer)
+    guide = 6 * 2 * (2 * 32 * 128) * 5 * 8 * 32
+    assert full["train_flops"] == pytest.approx(plain["train_flops"] + guide)
+
+
+def test_flop_conventions_agree():
+    from slimkit.structured import train_flops_per_token
+
+    m = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, seq_len=16, tie_embeddings=False))
+    assert m.flops_per_token() == train_flops_per_token(m) + m.attention_flops_per_token()
+
+
+def test_grad_accumulation_equals_full_batch(corpus, tmp_path):
+    _, data, _ = corpus
+    one = train(tiny(tmp_path / "one", data, steps=2, batch_size=8, grad_accum=1))
+    two = train(tiny(tmp_path / "two", data, steps=2, batch_size=4, grad_accum=2))
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    a, b = load_model(tmp_path / "one").state_dict(), load_model(tmp_path / "two").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_cli_train_lm(corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from slimkit.cli import app
+
+    root, _, _ = corpus
+    out = tmp_path / "cli"
+    args = ["train-lm", "--corpus", str(root), "--data-dir", str(tmp_path / "tok"), "--out", str(out),
+            "--vocab-size", "300", "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len", "16",
+            "--batch-size", "4", "--steps", "4", "--warmup", "1", "--eval-every", "2", "--eval-tokens", "256",
+            "--ckpt-every", "2", "--device", "cpu", "--act", "swiglu", "--pos", "learned", "--quiet"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert "val ppl" in r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 4 and len(report["history"]) == 2 and report["config"]["act"] == "swiglu"
+    assert [p.name for p in ckpt_dirs(out)] == ["step_000002", "step_000004"]
+    r = CliRunner().invoke(app, ["train-lm", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    assert isinstance(r.exception, SlimkitError) and "does not exist" in str(r.exception)
