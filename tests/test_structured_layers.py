@@ -106,6 +106,28 @@ def test_blockshuffle_is_monarch_layout(i, o, nblocks):
     torch.testing.assert_close(layer.dense_weight(), _monarch_reference(layer), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind,i,o", [("blockshuffle", 8, 12), ("blockshuffle", 12, 8), ("blockdense", 8, 12),
+                                      ("lowrank", 8, 12)])
+def test_gradients_are_exact(kind, i, o):
+    # the block kinds run a hand-written backward (block_diag_mm); check it against finite differences
+    ratio = None if kind == "blockshuffle" else 0.6
+    layer = _build(kind, i, o, ratio, **({"nblocks": 2} if kind != "lowrank" else {})).double()
+    names, params = zip(*layer.named_parameters())
+    f = lambda x, *ps: torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+    x = torch.randn(2, 3, i, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_autocast_keeps_the_low_precision_dtype():
+    for kind in ("lowrank", "blockshuffle", "blockdense"):
+        layer = _build(kind, 32, 64, None if kind == "blockshuffle" else 0.4, **({"nblocks": 4} if kind != "lowrank" else {}))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(torch.randn(5, 32))
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
 def test_paper_initialisation():
     torch.manual_seed(0)
     low = LowRankLinear(48, 96, rank=8)
@@ -299,8 +321,10 @@ def test_replace_ffn_gpt_style_swiglu_and_idempotent():
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(SlimkitError, match=r"in \(0, 1\)"):
         make_linear("lowrank", 32, 64, 1.5)
-    with pytest.raises(SlimkitError, match="smallest low-rank layer .* raise param_ratio"):
+    with pytest.raises(SlimkitError, match=r"rank 1 gives 0.0469.*\(rank 1 is the smallest\)"):
         make_linear("lowrank", 32, 64, 0.001)
+    with pytest.raises(SlimkitError, match="rank 2 gives 0.333, rank 4 gives 0.667"):
+        make_linear("blockdense", 8, 12, 0.5, nblocks=2)
     with pytest.raises(SlimkitError, match="nblocks=3 does not divide in_features=32"):
         make_linear("blockshuffle", 32, 64, None, nblocks=3)
     with pytest.raises(SlimkitError, match="nblocks=5 does not divide in_features=64"):

@@ -26,8 +26,9 @@ with SlimkitError, one that misses it by more than `rel_tol` (default 25%):
   (or of b when below 4 times that); b = nblocks, default the yaml's 4 (2, then 1, when 4 does not divide `in`).
   Each linear is matched on its own (the paper gives fc1 and fc2 one rank and matches the FFN total instead).
 
-Forward: block-diagonal products are one torch.bmm over a (blocks, tokens, width) view of the input (no copy
-on the way in, no loop over blocks); the shuffle and the output interleave are one copy each.
+Forward: each block-diagonal product is one torch.bmm over a (blocks, tokens, width) view of token-major
+activations, its result written straight into a token-major buffer (block_diag_mm; no loop over blocks, no
+activation copy in either pass); BlockShuffle's shuffle and output interleave are one copy each way.
 FLOPs: 2 * tokens * weights (each weight is used in one multiply-add per token); bias adds are not counted.
 """
 from __future__ import annotations
@@ -94,6 +95,12 @@ def _miss(kind: str, achieved: float, target: float, shape: str, fix: str, rel_t
                            f"than {rel_tol:.0%} off); {fix}")
 
 
+def _neighbours(rank: int, step: int, smallest: int, ratio_of) -> str:
+    """'rank 4 gives 0.33, rank 8 gives 0.67' for the achievable ranks around `rank`."""
+    ranks = sorted({max(smallest, rank - step), rank, rank + step})
+    return "achievable here: " + ", ".join(f"rank {r} gives {ratio_of(r):.3g}" for r in ranks)
+
+
 def _round_step(target: float, step: int, floor: int) -> int:
     """Nearest multiple of `step` to `target`, or of `floor` for small targets (below 4 steps), where alignment
     buys no speed and would cost precision."""
@@ -107,10 +114,11 @@ def lowrank_rank(in_features: int, out_features: int, param_ratio: float, align:
     ratio = _check_ratio(param_ratio, "lowrank")
     target = ratio * in_features * out_features / (in_features + out_features)
     rank = _round_step(target, align, 1)
-    achieved = rank * (in_features + out_features) / (in_features * out_features)
-    lo = (in_features + out_features) / (in_features * out_features)
-    _miss("lowrank", achieved, ratio, f"rank {rank} of a {in_features}->{out_features} layer",
-          f"the smallest low-rank layer (rank 1) has ratio {lo:.3g}: raise param_ratio or keep it dense", rel_tol)
+    ratio_of = lambda r: r * (in_features + out_features) / (in_features * out_features)
+    _miss("lowrank", ratio_of(rank), ratio, f"rank {rank} of a {in_features}->{out_features} layer",
+          f"{_neighbours(rank, 1 if target < 4 * align else align, 1, ratio_of)}: pass a param_ratio near one of "
+          "these (rank 1 is the smallest) or keep it dense", rel_tol)
+    achieved = ratio_of(rank)
     if achieved >= 1.0:
         raise SlimkitError(f"lowrank: rank {rank} keeps all {in_features}x{out_features} weights or more; "
                            "lower param_ratio or use kind='dense'")
@@ -157,11 +165,13 @@ def blockdense_shape(in_features: int, out_features: int, param_ratio: float, nb
     _check_divides(nblocks, in_features, "in_features", kind)
     per_rank = in_features / nblocks + out_features
     target = ratio * in_features * out_features / per_rank
-    rank = _round_step(target, math.lcm(nblocks, align), nblocks)
-    achieved = rank * per_rank / (in_features * out_features)
+    step = math.lcm(nblocks, align)
+    rank = _round_step(target, step, nblocks)
+    ratio_of = lambda r: r * per_rank / (in_features * out_features)
+    achieved = ratio_of(rank)
     _miss(kind, achieved, ratio, f"rank {rank}, nblocks={nblocks} of a {in_features}->{out_features} layer",
-          f"the smallest rank ({nblocks}, one row a block) has ratio {nblocks * per_rank / (in_features * out_features):.3g}: "
-          "raise param_ratio, use fewer blocks, or keep it dense", rel_tol)
+          f"{_neighbours(rank, step if target >= 4 * step else nblocks, nblocks, ratio_of)}: pass a param_ratio near "
+          "one of these, use fewer blocks (finer ranks), or keep it dense", rel_tol)
     if rank > in_features:
         raise SlimkitError(f"blockdense: rank {rank} exceeds in_features={in_features}; lower param_ratio")
     return rank, nblocks
@@ -221,9 +231,44 @@ class StructuredLinear(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "kind") + f", ratio={self.param_ratio:.3f}"
 
 
-def _tokens_view(x: torch.Tensor, nblocks: int) -> torch.Tensor:
-    """(..., n) -> (nblocks, tokens, n/nblocks), a strided view that bmm reads without a copy."""
-    return x.reshape(-1, nblocks, x.shape[-1] // nblocks).transpose(0, 1)
+class _BlockDiagMM(torch.autograd.Function):
+    """y[t, k] = w[k] @ x[t, k] for x (T, b, p), w (b, q, p) -> y (T, b, q), all token-major.
+
+    torch.bmm wants the blocks first; reading a (b, T, p) view of x is free, and writing through a (b, T, q)
+    view of a (T, b, q) buffer (out=) is too, so neither pass copies an activation. Autograd cannot track
+    out=, hence this Function (the paper's op does the same, src/modules/op/block_dense.py)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        y = x.new_empty(x.shape[0], w.shape[0], w.shape[1])
+        torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out=y.transpose(0, 1))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dy_b = dy.contiguous().transpose(0, 1)                      # (b, T, q)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = x.new_empty(x.shape)
+            torch.bmm(dy_b, w, out=dx.transpose(0, 1))
+        if ctx.needs_input_grad[1]:
+            dw = torch.bmm(dy_b.transpose(1, 2), x.transpose(0, 1))
+        return dx, dw
+
+
+def block_diag_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal matmul on token-major activations: x (T, b, p), w (b, q, p) -> (T, b, q).
+    Under autocast both are cast to the autocast dtype first, as torch.bmm would be."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, w = x.to(dt), w.to(dt)
+    if x.stride(-1) != 1 or x.stride(0) < x.shape[1] * x.shape[2]:
+        x = x.contiguous()
+    with torch.autocast(dev, enabled=False):
+        return _BlockDiagMM.apply(x, w)
 
 
 class LowRankLinear(StructuredLinear):
@@ -280,17 +325,13 @@ class BlockShuffleLinear(StructuredLinear):
         return cls(in_features, out_features,
                    blockshuffle_nblocks(in_features, out_features, param_ratio, nblocks, rel_tol), bias, **kw)
 
-    def _shuffle(self, h: torch.Tensor) -> torch.Tensor:
-        """(b, T, q) -> (b, T, q): middle channel m = k*q + j goes to block m % b, row m // b."""
-        b, t, q = h.shape
-        if q % b == 0:  # one copy: j = j1*b + j0 goes to block j0, row k*(q/b) + j1
-            return h.view(b, t, q // b, b).permute(3, 1, 0, 2).reshape(b, t, q)
-        return h.transpose(0, 1).reshape(t, q, b).permute(2, 0, 1).contiguous()
-
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        h = torch.bmm(_tokens_view(x, self.nblocks), self.w1.transpose(1, 2))   # (b, T, q)
-        y = torch.bmm(self._shuffle(h), self.w2.transpose(1, 2))                # (b, T, out/b)
-        y = y.permute(1, 2, 0).reshape(*x.shape[:-1], self.out_features)
+        b = self.nblocks
+        h = block_diag_mm(x.reshape(-1, b, self.in_features // b), self.w1)     # (T, b, q)
+        t, q = h.shape[0], h.shape[2]
+        h = h.view(t, q, b).transpose(1, 2).contiguous()      # shuffle: middle channel m goes to block m % b
+        y = block_diag_mm(h, self.w2)                         # (T, b, out/b)
+        y = y.transpose(1, 2).reshape(*x.shape[:-1], self.out_features)       # block l, row s -> channel s*b + l
         return y if bias is None else y + bias.to(y.dtype)
 
     def spec(self) -> dict:
@@ -319,9 +360,9 @@ class BlockDenseLinear(StructuredLinear):
         return cls(in_features, out_features, rank, nblocks, bias, **kw)
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        h = torch.bmm(_tokens_view(x, self.nblocks), self.blocks.transpose(1, 2))  # (b, T, rank/b)
-        h = h.transpose(0, 1).reshape(*x.shape[:-1], self.rank)
-        return F.linear(h, self.v, bias)
+        b = self.nblocks
+        h = block_diag_mm(x.reshape(-1, b, self.in_features // b), self.blocks)   # (T, b, rank/b)
+        return F.linear(h.view(*x.shape[:-1], self.rank), self.v, bias)
 
     def dense_weight(self) -> torch.Tensor:
         return self.v @ torch.block_diag(*self.blocks.unbind(0))
