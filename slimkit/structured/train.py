@@ -143,12 +143,12 @@ def setup_dist(device: Optional[str]) -> tuple[Dist, torch.device]:
     want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+        dev = torch.device("cuda", d.local_rank) if want_cuda else torch.device("cpu")
+        if want_cuda:
+            torch.cuda.set_device(dev)  # before the first collective: NCCL works on the current device
         if not dist.is_initialized():
             dist.init_process_group("nccl" if want_cuda else "gloo")
-        if want_cuda:
-            torch.cuda.set_device(d.local_rank)
-            return d, torch.device("cuda", d.local_rank)
-        return d, torch.device("cpu")
+        return d, dev
     if want_cuda and not torch.cuda.is_available():
         raise SlimkitError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
     return Dist(), torch.device(device or ("cuda" if want_cuda else "cpu"))
