@@ -40,9 +40,9 @@ def channel_picture(fp_model, q_model, calib, block: int, path: Path) -> None:
     def absmax(model, name):
         found = []
         module = model.get_submodule(name)
-        h = module.register_forward_pre_hook(lambda m, a: found.append(a[0].detach().abs().amax((0, 1))))
+        h = module.register_forward_pre_hook(lambda m, a: found.append(a[0].detach().abs().amax((0, 1)).float().cpu()))
         with torch.no_grad():
-            model(input_ids=calib[:2])
+            model(input_ids=calib[:2].to(next(model.parameters()).device))
         h.remove()
         return found[0]
 

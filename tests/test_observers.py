@@ -206,3 +206,31 @@ def test_sample_is_uniform_over_batches():
     sample = obs._sample()
     first_half = (sample < 20).float().mean().item()
     assert 0.4 <= first_half <= 0.6, first_half
+
+
+def test_sample_is_uniform_over_unequal_batches():
+    """Batches of very different sizes: each value's chance to be kept is the same (reservoir merge)."""
+    obs = SampleObserver(QuantSpec(bits=8), max_values=2000)
+    sizes = [100, 50_000, 300, 5000, 40_000, 1000]
+    for i, n in enumerate(sizes):
+        obs.update(torch.full((1, n), float(i)))
+    sample = obs._sample()[0]
+    assert sample.numel() == 2000
+    for i, n in enumerate(sizes):
+        share = (sample == i).float().mean().item()
+        expected = n / sum(sizes)
+        assert abs(share - expected) < 4 * (expected * (1 - expected) / 2000) ** 0.5 + 1e-3, (i, share, expected)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_search_batched_ratios_pick_the_same_range(symmetric):
+    """The GPU path (ratios in chunks) and the CPU path (one ratio at a time) choose bit-identical qparams."""
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(33, 257, generator=g) * torch.rand(33, 1, generator=g) * 3
+    values[0, 0] = 40.0
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity="channel")
+    lo, hi = values.amin(1), values.amax(1)
+    one = mse_search(values, lo, hi, spec, chunk=1)
+    for chunk in (7, 80):
+        batched = mse_search(values, lo, hi, spec, chunk=chunk)
+        assert torch.equal(one[0], batched[0]) and torch.equal(one[1], batched[1])

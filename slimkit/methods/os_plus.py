@@ -26,11 +26,11 @@ def channel_scale(cmax: torch.Tensor, cmin: torch.Tensor, t: float) -> torch.Ten
     return torch.maximum(torch.maximum(one, cmax / t), cmin / -t)
 
 
-def _quantized_forward(layer, shift, scale, t, w_spec, a_spec):
+def _quantized_forward(layer, shift, scale, t, w_spec, a_spec, w_observer):
     """A stand-in forward for one consumer: quantized (x - shift) / scale against quantized W diag(scale)."""
     w = weight_oi(layer).detach().float()
     w_s = w * scale
-    wq = fake_quant_tensor(w_s, w_spec, *weight_qparams(w_s, w_spec, "minmax"))
+    wq = fake_quant_tensor(w_s, w_spec, *weight_qparams(w_s, w_spec, w_observer))
     bias = layer.bias.detach().float() if layer.bias is not None else None
     if bias is not None:
         bias = bias + w @ shift
@@ -65,7 +65,7 @@ def search_group(ctx, group) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     for t in torch.linspace(top, lower, steps).tolist():
         scale = channel_scale(cmax, cmin, t)
         for layer in layers:
-            layer.forward = _quantized_forward(layer, shift, scale, t, w_spec, a_spec)
+            layer.forward = _quantized_forward(layer, shift, scale, t, w_spec, a_spec, ctx.cfg.w_observer)
         try:
             out = _out(scope(*args, **kwargs)).float()
         finally:
