@@ -50,24 +50,38 @@ def merge_rows(name: str, rows: list[dict], key: tuple[str, ...] = ("model", "me
 def write_results(name: str, device: str, rows: list[dict], notes: list[str] | None = None,
                   columns: tuple[str, ...] = ("model", "method", "setting", "metric", "value", "seconds")) -> Path:
     """bench/results/<name>.json ({bench, date, device, git, rows}) and <name>.md (a table + notes)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {"bench": name, "date": datetime.date.today().isoformat(), "device": device_name(device),
            "git": git_commit(), "rows": rows}
     if notes:
         doc["notes"] = notes
+    return _write(doc, columns)
+
+
+def set_notes(name: str, notes: list[str],
+              columns: tuple[str, ...] = ("model", "method", "setting", "metric", "value", "seconds")) -> Path:
+    """Replace the notes of bench/results/<name>.json (and its .md), keeping its rows, date, device and commit:
+    for what a run's figures mean, written after reading them."""
+    doc = json.loads((RESULTS / f"{name}.json").read_text())
+    doc["notes"] = notes
+    return _write(doc, columns)
+
+
+def _write(doc: dict, columns: tuple[str, ...]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = doc["bench"]
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
     lines = [f"# {name}", "", f"{doc['date']} on {doc['device']}, commit {doc['git']}", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
+    for r in doc["rows"]:
         cells = []
         for c in columns:
             v = r.get(c, "")
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
-    if notes:
-        lines += [""] + [f"- {n}" for n in notes]
+    if doc.get("notes"):
+        lines += [""] + [f"- {n}" for n in doc["notes"]]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     return path

@@ -123,19 +123,26 @@ def main() -> None:
                 if causal and method == "os_plus" and setting == "W6A6":
                     channel_picture(model, q, calib, 2, RESULTS / f"{args.name}_os_plus_channels.png")
                 write_results(args.name, args.device, merge_rows(args.name, rows) if args.append else rows,
-                              notes=NOTES)
+                              notes=notes(args))
 
 
-NOTES = [
-    "smollm2-135m: perplexity on the held-out split of the Python 3.11 documentation (python3.11-doc), sliding "
-    "window 512 / stride 256 over the first 20000 tokens; calibration on token blocks of the other split.",
-    "SmolLM2's weights come from a Q4_1 GGUF file: they already sit on a 4-bit grid (per block of 32), so its "
-    "weight-only 4-bit figures are optimistic; its activation outliers are real.",
-    "minilm-l6: mean cosine similarity of mean-pooled sentence embeddings to the fp32 model's, on 256 held-out "
-    "documentation sentences; calibration on 128-token windows of the other split's text ([CLS] ... [SEP], no padding).",
-    "Weights asymmetric per output channel (MSE observer), activations asymmetric per tensor, static (min-max; "
-    "Outlier Suppression: token-wise clipping). 'seconds' is the calibration time of the method.",
-]
+def notes(args) -> list[str]:
+    """What every run of this bench measures, with the run's own sizes."""
+    return [
+        f"smollm2-135m: perplexity on the held-out split of the Python 3.11 documentation (python3.11-doc), "
+        f"sliding window {args.window} / stride {args.stride} over the first {args.eval_tokens} tokens; calibration "
+        f"on {args.num_samples} blocks of {args.seq_len} tokens of the other split.",
+        "SmolLM2's weights come from a Q4_1 GGUF file: they already sit on a 4-bit grid (per block of 32 input "
+        "weights), so weight-only 4-bit figures with groups of 32 would be optimistic; the per-output-channel 4-bit "
+        "grid used here is not that grid. Its activation outliers are real.",
+        f"minilm-l6: mean cosine similarity of mean-pooled sentence embeddings to the fp32 model's, on "
+        f"{args.sentences} held-out documentation sentences; calibration on {args.num_samples * 4} 128-token windows "
+        f"of the other split's text ([CLS] ... [SEP], no padding).",
+        f"Weights asymmetric per output channel (MSE observer), activations asymmetric per tensor, static (min-max; "
+        f"Outlier Suppression: token-wise clipping, {args.twc_iters} fine-stage iterations a block; OS+: at least "
+        f"{args.search_steps} grid points). 'seconds' is the calibration time of the method.",
+    ]
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,212 @@
+"""Structured FFN speed: forward and forward+backward time of one FFN (d -> 4d -> GELU -> d) whose two linears are
+dense, low-rank, BlockShuffle or BlockDense, against the dense FFN measured in the same run.
+
+    python bench/structured_ffn_speed.py --device cuda          # the issue's grid, bf16 (one H100/H200)
+    python bench/structured_ffn_speed.py                        # CPU smoke run: small widths, fp32
+
+Rows (bench/results/<name>.json): method dense | lowrank | blockshuffle | blockdense, plus variants
+  "<kind>-plain"    the same factors through plain PyTorch ops (x @ U.T @ V.T, einsum for block-diagonal),
+                    the baseline the issue's reference figures were measured with;
+  "<kind>-premerged" the factors merged into one dense matrix (slimkit.structured.merged_linear);
+  "<kind>-graph"    forward replayed as a CUDA graph, its speed-up taken over the dense FFN's CUDA graph;
+setting "r=0.32 d=2048 T=16384" (r: the target parameter ratio; 'ratio' holds the one the shape rules reach),
+metric fw_speedup / fwbw_speedup (dense time / this time), with fw_ms / fwbw_ms alongside.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_results  # noqa: E402
+from slimkit.errors import SlimkitError  # noqa: E402
+from slimkit.structured import make_linear, merged_linear  # noqa: E402
+from slimkit.structured.layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear  # noqa: E402
+
+KINDS = ("lowrank", "blockshuffle", "blockdense")
+
+
+class FFN(nn.Module):
+    def __init__(self, fc1: nn.Module, fc2: nn.Module):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, x):
+        return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+
+
+class PlainLowRank(nn.Module):
+    """x @ U.T @ V.T with the layer's own factors: what a user would write without slimkit."""
+
+    def __init__(self, layer: LowRankLinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return x @ self.layer.u.t() @ self.layer.v.t() + self.layer.bias
+
+
+class PlainBlockDiag(nn.Module):
+    """A block-diagonal matmul through einsum on a (tokens, blocks, width) view, then the layer's second factor
+    (BlockDense's dense projection, or BlockShuffle's interleave + second block-diagonal matmul)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        layer, t = self.layer, x.shape[0]
+        w1 = layer.blocks if isinstance(layer, BlockDenseLinear) else layer.w1  # (blocks, out_b, in_b)
+        b, _, i = w1.shape
+        h = torch.einsum("tbi,boi->tbo", x.reshape(t, b, i), w1)
+        if isinstance(layer, BlockDenseLinear):
+            return h.reshape(t, -1) @ layer.v.t() + layer.bias
+        h = h.reshape(t, -1, b).transpose(1, 2)  # the shuffle: middle channel m to block m % b
+        y = torch.einsum("tbi,boi->tob", h, layer.w2)  # block l, row s -> channel s*b + l
+        return y.reshape(t, -1) + layer.bias
+
+
+def plain(layer: nn.Module) -> nn.Module:
+    return PlainLowRank(layer) if isinstance(layer, LowRankLinear) else PlainBlockDiag(layer)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, reps: int) -> float:
+    """Median wall time of fn() in ms (CUDA synchronised around each call) after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(ffn: nn.Module, x: torch.Tensor, reps: int, backward: bool = True, graph: bool = False) -> dict:
+    device = x.device
+    out = {}
+    with torch.no_grad():
+        if graph:
+            static = x.clone()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    ffn(static)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                ffn(static)
+            out["fw_ms"] = median_ms(g.replay, device, reps)
+        else:
+            out["fw_ms"] = median_ms(lambda: ffn(x), device, reps)
+    if backward:
+        xg = x.detach().requires_grad_(True)
+
+        def step():
+            ffn(xg).float().pow(2).mean().backward()
+        out["fwbw_ms"] = median_ms(step, device, reps)
+        ffn.zero_grad(set_to_none=True)
+    return out
+
+
+def build(kind: str, d: int, ratio: float, device, dtype) -> tuple[FFN, float]:
+    fc1 = make_linear(kind, d, 4 * d, ratio, device=device)
+    fc2 = make_linear(kind, 4 * d, d, ratio, device=device)
+    ffn = FFN(fc1, fc2).to(device=device, dtype=dtype)
+    params = sum(p.numel() for n, p in ffn.named_parameters() if not n.endswith("bias"))
+    return ffn, params / (2 * 4 * d * d)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--name", default=None, help="results name (default structured_ffn_speed, _cpu on the CPU)")
+    ap.add_argument("--dims", default=None, help="d_model list (GPU default 1024,2048,4096; CPU 256,512)")
+    ap.add_argument("--tokens", default=None, help="token counts (GPU default 16,512,16384; CPU 16,512)")
+    ap.add_argument("--ratios", default="0.5,0.32,0.25")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--append", action="store_true")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    name = args.name or ("structured_ffn_speed" if gpu else "structured_ffn_speed_cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    dims = [int(v) for v in (args.dims or ("1024,2048,4096" if gpu else "256,512")).split(",")]
+    tokens = [int(v) for v in (args.tokens or ("16,512,16384" if gpu else "16,512")).split(",")]
+    ratios = [float(v) for v in args.ratios.split(",")]
+    reps = args.reps or (30 if gpu else 5)
+    torch.manual_seed(0)
+    rows, skipped = [], []
+
+    def add(method, setting, ratio, res, base, t0):
+        for metric in ("fw", "fwbw"):
+            if f"{metric}_ms" not in res or f"{metric}_ms" not in base:
+                continue
+            rows.append({"model": "ffn", "method": method, "setting": setting, "metric": f"{metric}_speedup",
+                         "value": round(base[f"{metric}_ms"] / res[f"{metric}_ms"], 3),
+                         "ms": round(res[f"{metric}_ms"], 4), "dense_ms": round(base[f"{metric}_ms"], 4),
+                         "ratio": round(ratio, 4), "seconds": round(time.perf_counter() - t0, 2)})
+
+    for d in dims:
+        for T in tokens:
+            x = torch.randn(T, d, device=device, dtype=dtype)
+            dense, _ = build("dense", d, 1.0, device, dtype)
+            t0 = time.perf_counter()
+            base = measure(dense, x, reps)
+            base_graph = measure(dense, x, reps, backward=False, graph=True) if gpu else None
+            add("dense", f"r=1 d={d} T={T}", 1.0, base, base, t0)
+            print(f"d={d} T={T} dense fw {base['fw_ms']:.4f} ms fwbw {base['fwbw_ms']:.4f} ms", flush=True)
+            del dense
+            for ratio in ratios:
+                setting = f"r={ratio:g} d={d} T={T}"
+                for kind in KINDS:
+                    try:
+                        ffn, real = build(kind, d, ratio, device, dtype)
+                    except SlimkitError as e:
+                        skipped.append(f"{kind} {setting}: {str(e).splitlines()[0]}")
+                        continue
+                    t0 = time.perf_counter()
+                    add(kind, setting, real, measure(ffn, x, reps), base, t0)
+                    t0 = time.perf_counter()
+                    naive = FFN(plain(ffn.fc1), plain(ffn.fc2))
+                    add(f"{kind}-plain", setting, real, measure(naive, x, reps), base, t0)
+                    t0 = time.perf_counter()
+                    merged = FFN(merged_linear(ffn.fc1), merged_linear(ffn.fc2))
+                    add(f"{kind}-premerged", setting, real, measure(merged, x, reps, backward=False), base, t0)
+                    if gpu:
+                        t0 = time.perf_counter()
+                        add(f"{kind}-graph", setting, real, measure(ffn, x, reps, backward=False, graph=True),
+                            base_graph, t0)
+                    del ffn, naive, merged
+                    got = {r["method"]: r["value"] for r in rows if r["setting"] == setting and r["metric"] == "fw_speedup"}
+                    print(f"  {setting} {kind} (ratio {real:.3f}): fw x{got.get(kind)}", flush=True)
+    notes = [
+        "One FFN: Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d), both linears of the kind named; x has T tokens. "
+        f"{'bf16' if gpu else 'fp32'}; median of {reps} timed calls after 3 warm-up calls, synchronised.",
+        "value = dense time / this time, the dense FFN (nn.Linear) measured in the same run and setting; "
+        "'-graph' rows divide the dense FFN's CUDA-graph time by the structured FFN's CUDA-graph time.",
+        "'ratio' is the parameter ratio the shape rules reach for the target r (BlockShuffle's depends on the "
+        "block count alone: 1.25/b for d -> 4d).",
+    ] + [f"skipped (no shape meets the ratio): {s}" for s in skipped]
+    write_results(name, args.device, rows, notes=notes,
+                  columns=("model", "method", "setting", "metric", "value", "ms", "dense_ms", "ratio", "seconds"))
+
+
+if __name__ == "__main__":
+    main()
