@@ -28,6 +28,7 @@ from slimkit.text import corpus_tokens, encode_batch, get_corpus, sentences, tok
 
 SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 METHODS = ("minmax", "smoothquant", "outlier_suppression", "os_plus")
+VARIANTS = {"os_plus_twc": ("os_plus", {"token_clipping": True})}  # also runnable with --methods
 
 
 def channel_picture(fp_model, q_model, calib, block: int, path: Path) -> None:
@@ -112,9 +113,10 @@ def main() -> None:
             w_bits, a_bits = SETTINGS[setting]
             for method in args.methods.split(","):
                 t0 = time.perf_counter()
-                q = slimkit.quantize(model, calib, method=method, w_bits=w_bits, a_bits=a_bits, device=args.device,
+                base_method, extra = VARIANTS.get(method, (method, {}))
+                q = slimkit.quantize(model, calib, method=base_method, w_bits=w_bits, a_bits=a_bits, device=args.device,
                                      progress=False, lm_batch_size=4, search_steps=args.search_steps,
-                                     twc_iters=args.twc_iters)
+                                     twc_iters=args.twc_iters, **extra)
                 seconds = time.perf_counter() - t0
                 value = measure(q)
                 rows.append({**base, "method": method, "setting": setting, "metric": metric, "value": round(value, 4),

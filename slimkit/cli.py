@@ -98,6 +98,8 @@ def quantize(
     a_granularity: Optional[str] = typer.Option(None, "--a-granularity", help="tensor (static) | token (dynamic)"),
     attn_quant: Optional[bool] = typer.Option(None, "--attn-quant/--no-attn-quant",
                                               help="transformers: also quantize the attention matmul inputs"),
+    token_clipping: Optional[bool] = typer.Option(None, "--token-clipping/--no-token-clipping",
+                                                  help="os_plus: activation ranges by token-wise clipping"),
     max_tokens: int = typer.Option(20000, "--max-tokens", help="transformers: evaluation tokens for perplexity"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
     quiet: bool = typer.Option(False, help="no progress bars"),
@@ -116,7 +118,7 @@ def quantize(
                    batch_size=batch_size, drop_prob=drop_prob, w_observer=w_observer, a_observer=a_observer,
                    w_granularity=w_granularity, first_last_bits=first_last_bits, device=device, seed=seed,
                    seq_len=seq_len, a_granularity=a_granularity, attn_quant=attn_quant,
-                   progress=False if quiet else None)
+                   token_clipping=token_clipping, progress=False if quiet else None)
     options = {k: v for k, v in options.items() if v is not None}
     QuantConfig.build(recipe, **options)  # fail on bad options before loading anything
     fp_model, is_artifact = load_any(model, weights)

@@ -59,6 +59,7 @@ class QuantConfig:
     attn_quant: bool = False  # also quantize the attention matmul inputs (Q, K, V) at a_bits
     search_steps: int = 100  # OS+: candidate clipping thresholds (at least; the paper's grid)
     twc_iters: int = 100  # Outlier Suppression: fine-grained clipping-range learning, iterations a block
+    token_clipping: bool = False  # OS+: set activation ranges by Outlier Suppression's token-wise clipping
     seed: int = 0
     progress: bool = True
 

@@ -188,3 +188,18 @@ def test_per_group_weights(tmp_path):
     assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() > -1e-3 and codes.max() < 15 + 1e-3
     slimkit.save(q, tmp_path / "g")
     assert torch.equal(slimkit.load(tmp_path / "g").get_submodule("model.layers.0.self_attn.q_proj").quantized_weight(), w)
+
+
+def test_os_plus_token_clipping_sets_ranges_by_token_wise_clipping():
+    """token_clipping: OS+'s transform, then Outlier Suppression's token-wise clipping of the activation ranges
+    (recorded per block); without it no clipping runs and the transform is the same."""
+    model = tiny_model("bert")
+    calib, ev = tiny_inputs("bert", 8, 16, seed=1), tiny_inputs("bert", 4, 16, seed=2)
+    ref = output(model, ev)
+    plain = slimkit.quantize(model, calib, method="os_plus", w_bits=4, a_bits=4, **OPTS)
+    clipped = slimkit.quantize(model, calib, method="os_plus", w_bits=4, a_bits=4, token_clipping=True, **OPTS)
+    for name, block in clipped.slimkit_info["blocks"].items():
+        assert "twc_ratio" in block and "twc_ratio" not in plain.slimkit_info["blocks"][name]
+        assert block["os_plus"] == plain.slimkit_info["blocks"][name]["os_plus"]  # same shift/scale search
+    assert clipped.slimkit_info["config"]["token_clipping"] is True
+    assert torch.isfinite(output(clipped, ev)).all() and err(clipped, ref, ev) != err(plain, ref, ev)

@@ -19,6 +19,7 @@ from ..core.migrate import apply_transform, can_shift
 from ..core.quantizer import dynamic_fake_quant, fake_quant_tensor, qparams_from_range
 from ..core.wrap import float_layer, weight_oi, weight_qparams
 from ..transformer import specs
+from . import outlier_suppression
 from .transformer_common import TransformerMethod
 
 
@@ -100,6 +101,14 @@ def _out(y):
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
+def after_calibration(ctx) -> None:
+    """With `token_clipping`, the activation ranges come from Outlier Suppression's token-wise clipping (coarse
+    quantile search, then LSQ+ fine stage), as the OS+ public code offers (its AvgTokenQuantileObserver path);
+    otherwise they stay as calibrated (min-max / the configured observer)."""
+    if ctx.cfg.token_clipping:
+        outlier_suppression.after_calibration(ctx)
+
+
 def transform(ctx) -> None:
     for group in ctx.groups:
         scale, shift, t = search_group(ctx, group)
@@ -108,4 +117,5 @@ def transform(ctx) -> None:
             "threshold": round(t, 5), "scaled_channels": int((scale > 1).sum()), "shifted": shift is not None}
 
 
-METHOD = TransformerMethod("OS+: channel-wise shift and searched scale, folded into the neighbouring modules", transform)
+METHOD = TransformerMethod("OS+: channel-wise shift and searched scale, folded into the neighbouring modules "
+                           "(token_clipping: ranges by token-wise clipping)", transform, after_calibration)
