@@ -278,11 +278,14 @@ def row_key(r: dict) -> str:
 
 
 def add_vs_dense(rows: list[dict]) -> list[dict]:
-    """vs_dense: value minus the dense twin's (same model and metric; equal steps or equal FLOPs, the dense run)."""
-    dense = {(r["model"], r["metric"]): r["value"] for r in rows if r["method"] == "dense"}
+    """vs_dense: value minus the dense twin's (same model and metric): the dense run of the same steps (equal
+    steps) or else the one nearest in training FLOPs (equal FLOPs), as a results file can hold several."""
+    dense = [r for r in rows if r["method"] == "dense"]
     for r in rows:
-        ref = dense.get((r["model"], r["metric"]))
-        r["vs_dense"] = None if ref is None else round(r["value"] - ref, 4)
+        twins = [d for d in dense if (d["model"], d["metric"]) == (r["model"], r["metric"])]
+        same = [d for d in twins if d["setting"].split()[-1] == r["setting"].split()[-1]]
+        ref = same or sorted(twins, key=lambda d: abs(math.log(d["train_flops"] / r["train_flops"])))
+        r["vs_dense"] = round(r["value"] - ref[0]["value"], 4) if ref else None
     return rows
 
 
