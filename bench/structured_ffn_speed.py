@@ -8,7 +8,8 @@ Rows (bench/results/<name>.json): method dense | lowrank | blockshuffle | blockd
   "<kind>-plain"    the same factors through plain PyTorch ops (x @ U.T @ V.T, einsum for block-diagonal),
                     the baseline the issue's reference figures were measured with;
   "<kind>-premerged" the factors merged into one dense matrix (slimkit.structured.merged_linear);
-  "<kind>-graph"    forward replayed as a CUDA graph, its speed-up taken over the dense FFN's CUDA graph;
+  "<kind>-graph"    forward through slimkit.structured.graphed as users call it (input copied in, CUDA graph
+                    replayed, output cloned), its speed-up taken over the dense FFN graphed the same way;
 setting "r=0.32 d=2048 T=16384" (r: the target parameter ratio; 'ratio' holds the one the shape rules reach),
 metric fw_speedup / fwbw_speedup (dense time / this time), with fw_ms / fwbw_ms alongside.
 """
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
 from slimkit.errors import SlimkitError  # noqa: E402
-from slimkit.structured import make_linear, merged_linear  # noqa: E402
+from slimkit.structured import graphed, make_linear, merged_linear  # noqa: E402
 from slimkit.structured.layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear  # noqa: E402
 
 KINDS = ("lowrank", "blockshuffle", "blockdense")
@@ -100,34 +101,33 @@ def median_ms(fn, device, reps: int) -> float:
 def measure(ffn: nn.Module, x: torch.Tensor, reps: int, backward: bool = True, graph: bool = False) -> dict:
     device = x.device
     out = {}
-    with torch.no_grad():
-        if graph:
-            static = x.clone()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    ffn(static)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                ffn(static)
-            out["fw_ms"] = median_ms(g.replay, device, reps)
-        else:
+    if graph:
+        replay = graphed(ffn.eval(), x)
+        out["fw_ms"] = median_ms(lambda: replay(x), device, reps)
+    else:
+        with torch.no_grad():
             out["fw_ms"] = median_ms(lambda: ffn(x), device, reps)
     if backward:
         xg = x.detach().requires_grad_(True)
+        grad = torch.randn_like(x)    # a fixed upstream gradient: the FFN's own work, no loss around it
 
         def step():
-            ffn(xg).float().pow(2).mean().backward()
+            ffn.zero_grad(set_to_none=True)   # one training step's backward: grads written, not accumulated
+            xg.grad = None
+            ffn(xg).backward(grad)
         out["fwbw_ms"] = median_ms(step, device, reps)
         ffn.zero_grad(set_to_none=True)
     return out
 
 
-def build(kind: str, d: int, ratio: float, device, dtype) -> tuple[FFN, float]:
-    fc1 = make_linear(kind, d, 4 * d, ratio, device=device)
-    fc2 = make_linear(kind, 4 * d, d, ratio, device=device)
+def build(kind: str, d: int, ratio: float, device, dtype, align: int = 8) -> tuple[FFN, float]:
+    def make(i: int, o: int) -> nn.Module:
+        if kind in ("dense", "blockshuffle"):       # BlockShuffle's shape has no rank to align
+            return make_linear(kind, i, o, ratio, device=device)
+        layer = make_linear(kind, i, o, ratio, device=device, align=align)
+        # ranks below 4*align are not rounded to align at all: keep the layers' default multiple of 8 there
+        return layer if layer.rank % 8 == 0 else make_linear(kind, i, o, ratio, device=device)
+    fc1, fc2 = make(d, 4 * d), make(4 * d, d)
     ffn = FFN(fc1, fc2).to(device=device, dtype=dtype)
     params = sum(p.numel() for n, p in ffn.named_parameters() if not n.endswith("bias"))
     return ffn, params / (2 * 4 * d * d)
@@ -141,6 +141,8 @@ def main() -> None:
     ap.add_argument("--tokens", default=None, help="token counts (GPU default 16,512,16384; CPU 16,512)")
     ap.add_argument("--ratios", default="0.5,0.32,0.25")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--align", type=int, default=64,
+                    help="rank alignment of lowrank/blockdense (64: the tensor-core tile; the layers' default is 8)")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -177,7 +179,7 @@ def main() -> None:
                 setting = f"r={ratio:g} d={d} T={T}"
                 for kind in KINDS:
                     try:
-                        ffn, real = build(kind, d, ratio, device, dtype)
+                        ffn, real = build(kind, d, ratio, device, dtype, args.align)
                     except SlimkitError as e:
                         skipped.append(f"{kind} {setting}: {str(e).splitlines()[0]}")
                         continue
@@ -198,9 +200,13 @@ def main() -> None:
                     print(f"  {setting} {kind} (ratio {real:.3f}): fw x{got.get(kind)}", flush=True)
     notes = [
         "One FFN: Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d), both linears of the kind named; x has T tokens. "
-        f"{'bf16' if gpu else 'fp32'}; median of {reps} timed calls after 3 warm-up calls, synchronised.",
+        f"{'bf16' if gpu else 'fp32'}; median of {reps} timed calls after 3 warm-up calls, synchronised. "
+        "fwbw: forward, then backward of a fixed upstream gradient (no loss), parameter and input grads written "
+        f"fresh each call, as in one training step. Ranks aligned to multiples of {args.align} (--align) where "
+        "the rank is large enough (layers.lowrank_rank / blockdense_shape).",
         "value = dense time / this time, the dense FFN (nn.Linear) measured in the same run and setting; "
-        "'-graph' rows divide the dense FFN's CUDA-graph time by the structured FFN's CUDA-graph time.",
+        "'-graph' rows divide the dense FFN's time by the structured FFN's, both called through "
+        "slimkit.structured.graphed (input copy, CUDA-graph replay, output clone).",
         "'ratio' is the parameter ratio the shape rules reach for the target r (BlockShuffle's depends on the "
         "block count alone: 1.25/b for d -> 4d).",
     ] + [f"skipped (no shape meets the ratio): {s}" for s in skipped]

@@ -1,8 +1,9 @@
-"""Structured feed-forward layers (low-rank, block-diagonal), self-guided training and pre-merge for decoding.
+"""Structured feed-forward layers (low-rank, block-diagonal), self-guided training; pre-merge and CUDA graphs to decode.
 
 Wei et al., "Building on Efficient Foundations: Effectively Training LLMs with Structured Feedforward Layers"
 (arXiv 2406.16450). Each module's docstring names what it took from the paper's code (CLAIRE-Labo/StructuredFFN).
 """
+from .decode import GraphedModule, graphed
 from .layers import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, StructuredLinear, forward_flops,
                      make_linear)
 from .premerge import MergeChoice, choose_merge, merged_linear, premerge
@@ -12,4 +13,4 @@ from .self_guided import SelfGuided, SelfGuidedSchedule, drop_guides, set_progre
 __all__ = ["make_linear", "LowRankLinear", "BlockShuffleLinear", "BlockDenseLinear", "StructuredLinear",
            "forward_flops", "replace_ffn", "ffn_linears", "save_structured", "load_structured", "SelfGuided",
            "SelfGuidedSchedule", "set_progress", "drop_guides", "train_flops_per_token", "premerge",
-           "choose_merge", "merged_linear", "MergeChoice"]
+           "choose_merge", "merged_linear", "MergeChoice", "graphed", "GraphedModule"]

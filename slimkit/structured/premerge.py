@@ -4,7 +4,9 @@ The paper (arXiv 2406.16450, "pre-merge"; CLAIRE-Labo/StructuredFFN src/benchmar
 merges the structured factors into the dense (out, in) matrix for online decoding, where the structured layer's
 extra kernel launches and copies dominate. Here the choice is measured, not assumed: `choose_merge` times the
 merged and the structured forward on the real shape, token count, device and dtype (torch.utils.benchmark, which
-synchronises CUDA) and caches the answer per (kind, shapes, tokens, device, dtype).
+synchronises CUDA) and caches the answer per (kind, shapes, tokens, device, dtype, graph). With graph=True (on
+CUDA) both forwards are timed as CUDA-graph replays (decode.graphed), the way a graph-decoded model runs them:
+a graph removes most of the launch cost that pre-merge exists to avoid, so the answer can differ.
 
 Pre-merge is for inference only: the merged nn.Linear holds W = (factors multiplied out), from which the factors
 cannot be recovered (a factorisation is not unique). Keep a copy (copy.deepcopy) of the model to train on.
@@ -19,6 +21,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from ..core.wrap import set_submodule
+from .decode import graphed
 from .layers import StructuredLinear
 from .self_guided import SelfGuided
 
@@ -51,31 +54,34 @@ def _where(layer: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
     return torch.device(device) if device is not None else p.device, dtype or p.dtype
 
 
-def _key(layer: nn.Module, tokens: int, device: torch.device, dtype: torch.dtype) -> tuple:
+def _key(layer: nn.Module, tokens: int, device: torch.device, dtype: torch.dtype, graph: bool) -> tuple:
     shapes = tuple((n, tuple(p.shape)) for n, p in layer.named_parameters())
     active = isinstance(layer, SelfGuided) and layer.guide_active
-    return type(layer).__name__, shapes, active, tokens, str(device), str(dtype)
+    return type(layer).__name__, shapes, active, tokens, str(device), str(dtype), graph
 
 
-def _median_ms(module: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
+def _median_ms(module: nn.Module, x: torch.Tensor, min_run_time: float, graph: bool) -> float:
+    forward = graphed(module, x, clone_output=False) if graph and x.is_cuda else module
+
     def run():
         with torch.inference_mode():
-            return module(x)
+            return forward(x)
     run()  # warm-up (lazy CUDA init, kernel selection)
     return Timer(stmt="run()", globals={"run": run}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def choose_merge(layer: nn.Module, tokens: int, device=None, dtype: torch.dtype | None = None,
-                 min_run_time: float = 0.05) -> MergeChoice:
+                 min_run_time: float = 0.05, graph: bool = False) -> MergeChoice:
     """Time `layer` and its merged twin on `tokens` tokens (default: the layer's own device and dtype);
-    merge only when the merged one is strictly faster. Cached per kind, shapes, tokens, device and dtype."""
+    merge only when the merged one is strictly faster. `graph=True` times both as CUDA-graph replays (on the
+    CPU it changes nothing but the cache entry). Cached per kind, shapes, tokens, device, dtype and graph."""
     device, dtype = _where(layer, device, dtype)
-    key = _key(layer, tokens, device, dtype)
+    key = _key(layer, tokens, device, dtype, graph)
     if key not in _CACHE:
         structured = copy.deepcopy(layer).to(device=device, dtype=dtype).eval()
         merged = merged_linear(structured).eval()
         x = torch.randn(tokens, layer.in_features, device=device, dtype=dtype)
-        m_ms, s_ms = _median_ms(merged, x, min_run_time), _median_ms(structured, x, min_run_time)
+        m_ms, s_ms = _median_ms(merged, x, min_run_time, graph), _median_ms(structured, x, min_run_time, graph)
         _CACHE[key] = MergeChoice(m_ms < s_ms, m_ms, s_ms)
     return _CACHE[key]
 
@@ -90,11 +96,12 @@ def mergeable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def premerge(model: nn.Module, tokens: int, device=None, dtype: torch.dtype | None = None,
-             always: bool = False, min_run_time: float = 0.05) -> nn.Module:
+             always: bool = False, min_run_time: float = 0.05, graph: bool = False) -> nn.Module:
     """Swap each structured layer for its merged nn.Linear where that measures faster at `tokens` tokens per
-    forward (for decoding: the batch size); `always=True` merges every one without timing. In place; inference
-    only (see the module docstring). Returns the model."""
+    forward (for decoding: the batch size); `always=True` merges every one without timing. `graph=True` decides
+    by CUDA-graph replay times, for a model decoded through decode.graphed (no effect on the CPU). In place;
+    inference only (see the module docstring). Returns the model."""
     for name, layer in mergeable_layers(model).items():
-        if always or choose_merge(layer, tokens, device, dtype, min_run_time).merge:
+        if always or choose_merge(layer, tokens, device, dtype, min_run_time, graph).merge:
             set_submodule(model, name, merged_linear(layer))
     return model

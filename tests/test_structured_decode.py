@@ -1,0 +1,162 @@
+"""CUDA-graph decoding (slimkit.structured.decode): the CPU fallback, input checks, choose_merge(graph=True); and,
+on a GPU only, replay against eager, the per-signature cache and in-place weight updates."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slimkit.errors import SlimkitError
+from slimkit.structured import GraphedModule, MergeChoice, choose_merge, graphed, make_linear, premerge
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _layers() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {"lowrank": make_linear("lowrank", 32, 64, 0.32).eval(),
+            "blockdense": make_linear("blockdense", 32, 64, 0.3).eval(),
+            "ffn": nn.Sequential(make_linear("lowrank", 32, 128, 0.32), nn.GELU(),
+                                 make_linear("blockdense", 128, 32, 0.3)).eval()}
+
+
+class Pair(nn.Module):
+    """Two outputs from two inputs, as a tuple, a list, or (tensor, None) like GPT's (logits, loss)."""
+
+    def __init__(self, kind: type = tuple, none: bool = False):
+        super().__init__()
+        self.fc, self.kind, self.none = make_linear("lowrank", 32, 64, 0.32), kind, none
+
+    def forward(self, x, y):
+        return self.kind([self.fc(x), None if self.none else self.fc(y) * 2])
+
+
+class Counted(nn.Module):
+    """Counts Python forward calls: a replay makes none, a capture makes warm-up + 1."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.module(x)
+
+
+# ---------- CPU: the fallback and the checks ----------
+
+@pytest.mark.parametrize("name", ["lowrank", "blockdense", "ffn"])
+def test_cpu_fallback_equals_module_exactly(name):
+    module = _layers()[name]
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    g = graphed(module, x)
+    assert isinstance(g, GraphedModule)
+    out = g(x)
+    assert torch.equal(out, module(x)) and not out.requires_grad
+    assert not g.graphs and g.device is None                              # nothing captured off CUDA
+
+
+@pytest.mark.parametrize("kind,none", [(tuple, False), (list, False), (tuple, True)])
+def test_cpu_fallback_tuple_outputs(kind, none):
+    torch.manual_seed(0)
+    module = Pair(kind, none).eval()
+    x, y = torch.randn(3, 32), torch.randn(3, 32)
+    out, ref = graphed(module)(x, y), module(x, y)
+    assert type(out) is kind and len(out) == 2 and torch.equal(out[0], ref[0])
+    assert out[1] is None if none else torch.equal(out[1], ref[1])
+
+
+def test_training_mode_is_refused():
+    layer = _layers()["lowrank"]
+    x = torch.randn(2, 32)
+    with pytest.raises(SlimkitError, match=r"call \.eval\(\) first"):
+        graphed(layer.train(), x)
+    g = graphed(layer.eval(), x)
+    g.train()                                                              # reaches the wrapped module too
+    with pytest.raises(SlimkitError, match="training mode"):
+        g(x)
+
+
+def test_non_tensor_inputs_are_refused():
+    g = graphed(Pair().eval())
+    with pytest.raises(SlimkitError, match=r"must be tensors.*#1 \(int\)"):
+        g(torch.randn(2, 32), 3)
+    with pytest.raises(SlimkitError, match=r"#0 \(list\)"):
+        g([torch.randn(2, 32)], torch.randn(2, 32))
+
+
+def test_choose_merge_graph_flag_on_cpu_caches_separately():
+    torch.manual_seed(0)
+    layer = make_linear("lowrank", 48, 96, 0.32).eval()
+    plain = choose_merge(layer, tokens=5, min_run_time=0.01)
+    graph = choose_merge(layer, tokens=5, min_run_time=0.01, graph=True)
+    assert isinstance(graph, MergeChoice) and graph.merged_ms > 0 and graph.structured_ms > 0
+    assert graph is not plain                                              # its own cache entry
+    assert choose_merge(layer, tokens=5, min_run_time=0.01, graph=True) is graph
+    assert choose_merge(layer, tokens=5, min_run_time=0.01) is plain
+    model = nn.Sequential(layer, nn.GELU()).eval()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        ref = model(x)
+        premerge(model, tokens=5, min_run_time=0.01, graph=True)           # uses the cached choice
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------- GPU: replay ----------
+
+@gpu
+def test_graph_equals_eager_for_two_shapes():
+    ffn = _layers()["ffn"].cuda()
+    g = graphed(ffn, torch.randn(4, 32, device="cuda"))
+    for tokens in (4, 16):
+        with torch.inference_mode():                                       # captured (16) or replayed (4) in it,
+            g(torch.randn(tokens, 32, device="cuda"))
+        for _ in range(2):                                                 # then replayed outside it on new data
+            x = torch.randn(tokens, 32, device="cuda")
+            with torch.no_grad():
+                ref = ffn(x)
+            torch.testing.assert_close(g(x), ref, atol=1e-5, rtol=1e-5)
+    assert len(g.graphs) == 2 and g.device == torch.device("cuda", torch.cuda.current_device())
+    with pytest.raises(SlimkitError, match="first capture"):
+        g(torch.randn(4, 32))
+
+
+@gpu
+def test_graph_tuple_outputs_and_static_buffers():
+    torch.manual_seed(0)
+    module = Pair(list).cuda().eval()
+    x, y = torch.randn(3, 32, device="cuda"), torch.randn(3, 32, device="cuda")
+    with torch.no_grad():
+        ref = module(x, y)
+    out = graphed(module, x, y)(x, y)
+    assert type(out) is list and all(torch.allclose(o, r, atol=1e-5, rtol=1e-5) for o, r in zip(out, ref))
+    static = graphed(module, x, y, clone_output=False)
+    first = static(x, y)
+    assert static(2 * x, y)[0] is first[0]                                 # the same buffer, overwritten
+    with torch.no_grad():
+        torch.testing.assert_close(first[0], module(2 * x, y)[0], atol=1e-5, rtol=1e-5)
+
+
+@gpu
+def test_graph_cache_drops_least_recently_used_beyond_max_shapes():
+    counted = Counted(_layers()["lowrank"]).cuda().eval()
+    g = graphed(counted, warmup=1, max_shapes=2)
+    x = {t: torch.randn(t, 32, device="cuda") for t in (1, 2, 3)}
+    for t, calls in [(1, 2), (2, 4), (1, 4), (3, 6), (1, 6), (2, 8)]:     # a capture costs warm-up + 1 calls
+        out = g(x[t])
+        assert counted.calls == calls, t
+        with torch.no_grad():
+            torch.testing.assert_close(out, counted.module(x[t]), atol=1e-5, rtol=1e-5)
+    assert len(g.graphs) == 2                  # 3 dropped 2 (1 was used later), 2 dropped 3; FIFO would drop 1
+
+
+@gpu
+def test_graph_sees_in_place_weight_updates():
+    layer = _layers()["lowrank"].cuda()
+    x = torch.randn(4, 32, device="cuda")
+    g = graphed(layer, x)
+    with torch.no_grad():
+        layer.u.mul_(2.0)
+        layer.bias.add_(1.0)
+        ref = layer(x)
+    torch.testing.assert_close(g(x), ref, atol=1e-5, rtol=1e-5)
