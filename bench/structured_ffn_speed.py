@@ -7,6 +7,8 @@ dense, low-rank, BlockShuffle or BlockDense, against the dense FFN measured in t
 Rows (bench/results/<name>.json): method dense | lowrank | blockshuffle | blockdense, plus variants
   "<kind>-plain"    the same factors through plain PyTorch ops (x @ U.T @ V.T, einsum for block-diagonal),
                     the baseline the issue's reference figures were measured with;
+  "<kind>-fused"    the same layers through slimkit.structured.kernels.fused_ffn (Triton: bias + GELU in the
+                    matmul epilogues, forward and backward; GPU only), "dense-fused" the dense FFN likewise;
   "<kind>-premerged" the factors merged into one dense matrix (slimkit.structured.merged_linear);
   "<kind>-graph"    forward through slimkit.structured.graphed as users call it (input copied in, CUDA graph
                     replayed, output cloned), its speed-up taken over the dense FFN graphed the same way;
@@ -30,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from slimkit.errors import SlimkitError  # noqa: E402
 from slimkit.structured import graphed, make_linear, merged_linear  # noqa: E402
-from slimkit.structured.layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear  # noqa: E402
+from slimkit.structured.kernels import available, fused_ffn, supported  # noqa: E402
+from slimkit.structured.layers import BlockDenseLinear, LowRankLinear  # noqa: E402
 
 KINDS = ("lowrank", "blockshuffle", "blockdense")
 
@@ -42,6 +45,13 @@ class FFN(nn.Module):
 
     def forward(self, x):
         return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+
+
+class FusedFFN(FFN):
+    """The same FFN through slimkit.structured.kernels.fused_ffn (GELU and bias work in the matmul epilogues)."""
+
+    def forward(self, x):
+        return fused_ffn(self.fc1, self.fc2, x, approximate="tanh")
 
 
 class PlainLowRank(nn.Module):
@@ -143,6 +153,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--align", type=int, default=64,
                     help="rank alignment of lowrank/blockdense (64: the tensor-core tile; the layers' default is 8)")
+    ap.add_argument("--no-fused", action="store_true", help="skip the '-fused' rows (Triton kernels)")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -173,6 +184,10 @@ def main() -> None:
             base = measure(dense, x, reps)
             base_graph = measure(dense, x, reps, backward=False, graph=True) if gpu else None
             add("dense", f"r=1 d={d} T={T}", 1.0, base, base, t0)
+            fuse = available(x) and not args.no_fused
+            if fuse:
+                t0 = time.perf_counter()
+                add("dense-fused", f"r=1 d={d} T={T}", 1.0, measure(FusedFFN(dense.fc1, dense.fc2), x, reps), base, t0)
             print(f"d={d} T={T} dense fw {base['fw_ms']:.4f} ms fwbw {base['fwbw_ms']:.4f} ms", flush=True)
             del dense
             for ratio in ratios:
@@ -185,6 +200,9 @@ def main() -> None:
                         continue
                     t0 = time.perf_counter()
                     add(kind, setting, real, measure(ffn, x, reps), base, t0)
+                    if fuse and supported(ffn.fc1):
+                        t0 = time.perf_counter()
+                        add(f"{kind}-fused", setting, real, measure(FusedFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
                     t0 = time.perf_counter()
                     naive = FFN(plain(ffn.fc1), plain(ffn.fc2))
                     add(f"{kind}-plain", setting, real, measure(naive, x, reps), base, t0)

@@ -1,0 +1,334 @@
+"""Fused GPU kernels for the FFN's middle (Triton), each with the PyTorch reference it is tested against.
+
+An FFN computes y = fc2(gelu(fc1 x)). Whatever fc1 and fc2 are, plain PyTorch spends the same elementwise
+passes over the (tokens x hidden) activations: bias + GELU forward, GELU backward, the bias-gradient reduction.
+At d_model 2048 and 16384 tokens these are about 0.55 ms against 1.4 ms of low-rank matmuls, and bound the
+structured FFN's forward+backward speed-up well below its FLOP ratio (bench/results/structured_ffn_speed.md).
+Here they ride in the epilogues of the matmuls that touch the hidden activations anyway:
+
+- `linear_gelu(h, w, b)`: pre = h @ w^T + b and act = gelu(pre), one matmul writing both (fc1's last factor).
+- `gelu_linear_backward(g, u, pre)`: dpre = (g @ u) * gelu'(pre) and the bias gradient sum_t dpre, one matmul
+  (fc2's first factor's input gradient), when fc2 starts with a dense factor (nn.Linear, low-rank).
+- `gelu_backward(dact, pre)`: the same epilogue alone, for an fc2 that starts block-diagonal.
+
+`fused_ffn(fc1, fc2, x)` puts them together for fc1 in nn.Linear / LowRankLinear / BlockDenseLinear (their last
+factor is dense) and any fc2, with cuBLAS for every other matmul. The bias gradient is summed per row tile and
+the tiles added by torch, so results are deterministic (no atomics). GELU is taken on the fp32 accumulator, not
+on a bf16-rounded pre-activation, so in bf16 it differs from F.gelu by rounding only.
+
+Triton runs these on CUDA; `available(x)` says whether they apply. Tests run the kernels on the CPU through
+Triton's interpreter (TRITON_INTERPRET=1 when this module is imported). SLIMKIT_FUSED_FFN=0 turns them off.
+
+Status, measured (bench/results/structured_ffn_speed.md, '-fused' rows, one H200): these pointer-based Triton
+matmuls run below cuBLAS, so the fused FFN is slower than the eager one (low-rank 0.32 at d 2048: 2.63 ms against
+2.21 ms). `fused_ffn` is therefore opt-in; nothing in slimkit calls it by default. A Hopper-specific matmul (TMA
+descriptors, warp specialisation) is what would make the epilogue savings (about 0.3 ms there) a net gain.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import BlockDenseLinear, LowRankLinear, block_diag_mm
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:      # the CPU build of torch brings no Triton: the references below are all there is
+    triton = tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ENABLED = os.environ.get("SLIMKIT_FUSED_FFN", "1") != "0"
+APPROXIMATE = {"none": 0, "tanh": 1}
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for x: Triton present, not disabled, x on CUDA (or interpreted, for tests)."""
+    return triton is not None and ENABLED and (x.is_cuda or INTERPRET)
+
+
+# ---------- PyTorch references ----------
+
+def gelu_grad_ref(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """d gelu(x) / dx, in x's dtype (computed in fp32, or fp64 for fp64 x)."""
+    x32 = x if x.dtype == torch.float64 else x.float()
+    if approximate == "tanh":
+        k0, k1 = 0.7978845608028654, 0.044715
+        t = torch.tanh(k0 * (x32 + k1 * x32 ** 3))
+        g = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * k0 * (1 + 3 * k1 * x32 * x32)
+    else:
+        g = 0.5 * (1 + torch.erf(x32 * 0.7071067811865476)) + x32 * torch.exp(-0.5 * x32 * x32) * 0.3989422804014327
+    return g.to(x.dtype)
+
+
+def linear_gelu_ref(h, w, b, approximate="none"):
+    pre = F.linear(h.float(), w.float(), None if b is None else b.float())
+    return F.gelu(pre, approximate=approximate).to(h.dtype), pre.to(h.dtype)
+
+
+def gelu_linear_backward_ref(g, u, pre, approximate="none", bias=True):
+    dpre = (g.float() @ u.float()) * gelu_grad_ref(pre.float(), approximate)
+    return dpre.to(g.dtype), (dpre.sum(0) if bias else None)
+
+
+def gelu_backward_ref(dact, pre, approximate="none", bias=True):
+    dpre = dact.float() * gelu_grad_ref(pre.float(), approximate)
+    return dpre.to(dact.dtype), (dpre.sum(0) if bias else None)
+
+
+# ---------- Triton kernels ----------
+
+if triton is not None:
+    if INTERPRET:
+        _CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2})]
+    else:
+        _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": 64, "GROUP_M": 8}, num_stages=s, num_warps=w)
+                    for bm, bn, s, w in ((128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 8), (128, 128, 3, 4),
+                                         (64, 128, 4, 4))]
+    _MIN_BM = min(c.kwargs["BM"] for c in _CONFIGS)
+
+    @triton.jit
+    def _gelu(x, APPROX: tl.constexpr):
+        if APPROX == 1:
+            t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x)) - 1.0
+            return 0.5 * x * (1.0 + t)
+        else:
+            return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+    @triton.jit
+    def _gelu_grad(x, APPROX: tl.constexpr):
+        if APPROX == 1:
+            t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x)) - 1.0
+            return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+        else:
+            return (0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+                    + x * tl.exp(-0.5 * x * x) * 0.3989422804014327)
+
+    @triton.jit
+    def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """Grouped tile order (GROUP_M row tiles share their column tiles in L2)."""
+        pid = tl.program_id(0)
+        n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        per_group = GROUP_M * n_n
+        first = (pid // per_group) * GROUP_M
+        size = tl.minimum(n_m - first, GROUP_M)
+        return first + (pid % per_group) % size, (pid % per_group) // size
+
+    @triton.jit
+    def _matmul(a_ptr, b_ptr, M, N, K, sam, sak, sbk, sbn, pid_m, pid_n,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+        """fp32 (BM, BN) tile of A (M, K) @ B (K, N), any strides."""
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            a = tl.load(a_ptr + rm[:, None] * sam + kk[None, :] * sak, mask=(rm[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)
+            b = tl.load(b_ptr + kk[:, None] * sbk + rn[None, :] * sbn, mask=(kk[:, None] < K) & (rn[None, :] < N),
+                        other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        return acc, rm, rn
+
+    @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+    @triton.jit
+    def _linear_gelu_kernel(a_ptr, w_ptr, bias_ptr, pre_ptr, act_ptr, M, N, K, sam, sak, swn, swk, som, son,
+                            HAS_BIAS: tl.constexpr, APPROX: tl.constexpr, IEEE: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
+        acc, rm, rn = _matmul(a_ptr, w_ptr, M, N, K, sam, sak, swk, swn, pid_m, pid_n, BM, BN, BK, IEEE)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        offs = rm[:, None] * som + rn[None, :] * son
+        tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(act_ptr + offs, _gelu(acc, APPROX).to(act_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gelu_grad_epilogue(acc, rm, rn, pre_ptr, dpre_ptr, dbias_ptr, M, N, som, son, pid_m,
+                            HAS_BIAS: tl.constexpr, APPROX: tl.constexpr):
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        offs = rm[:, None] * som + rn[None, :] * son
+        pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dpre = acc * _gelu_grad(pre, APPROX)
+        tl.store(dpre_ptr + offs, dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:   # this row tile's column sums; torch adds the tiles (deterministic, no atomics)
+            tl.store(dbias_ptr + pid_m * N + rn, tl.sum(tl.where(mask, dpre, 0.0), axis=0), mask=rn < N)
+
+    @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+    @triton.jit
+    def _gelu_linear_bwd_kernel(g_ptr, u_ptr, pre_ptr, dpre_ptr, dbias_ptr, M, N, K, sgm, sgk, suk, sun, som, son,
+                                HAS_BIAS: tl.constexpr, APPROX: tl.constexpr, IEEE: tl.constexpr,
+                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
+        acc, rm, rn = _matmul(g_ptr, u_ptr, M, N, K, sgm, sgk, suk, sun, pid_m, pid_n, BM, BN, BK, IEEE)
+        _gelu_grad_epilogue(acc, rm, rn, pre_ptr, dpre_ptr, dbias_ptr, M, N, som, son, pid_m, HAS_BIAS, APPROX)
+
+    @triton.jit
+    def _gelu_bwd_kernel(dact_ptr, pre_ptr, dpre_ptr, dbias_ptr, M, N, som, son,
+                         HAS_BIAS: tl.constexpr, APPROX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        dact = tl.load(dact_ptr + rm[:, None] * som + rn[None, :] * son, mask=mask, other=0.0).to(tl.float32)
+        _gelu_grad_epilogue(dact, rm, rn, pre_ptr, dpre_ptr, dbias_ptr, M, N, som, son, pid_m, HAS_BIAS, APPROX)
+
+
+def _grid(M, N):
+    return lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+
+def _bias_tiles(M: int, N: int, bias: bool, bm: int, device) -> torch.Tensor:
+    rows = triton.cdiv(M, bm) if bias else 1
+    return torch.zeros(rows, N if bias else 1, device=device, dtype=torch.float32)
+
+
+def linear_gelu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, approximate: str = "none"):
+    """(act, pre) for pre = h @ w^T + b, act = gelu(pre); h (M, K), w (N, K). One kernel where available."""
+    if not available(h):
+        return linear_gelu_ref(h, w, b, approximate)
+    M, K = h.shape
+    N = w.shape[0]
+    pre = h.new_empty(M, N)
+    act = torch.empty_like(pre)
+    _linear_gelu_kernel[_grid(M, N)](h, w, b if b is not None else h, pre, act, M, N, K, h.stride(0), h.stride(1),
+                                     w.stride(0), w.stride(1), pre.stride(0), pre.stride(1), HAS_BIAS=b is not None,
+                                     APPROX=APPROXIMATE[approximate], IEEE=h.dtype == torch.float32)
+    return act, pre
+
+
+def gelu_linear_backward(g: torch.Tensor, u: torch.Tensor, pre: torch.Tensor, approximate: str = "none",
+                         bias: bool = True):
+    """(dpre, dbias) for dpre = (g @ u) * gelu'(pre), dbias = sum over rows of dpre (fp32; None without bias);
+    g (M, K), u (K, N), pre (M, N). One kernel where available."""
+    if not available(g):
+        return gelu_linear_backward_ref(g, u, pre, approximate, bias)
+    M, K = g.shape
+    N = u.shape[1]
+    dpre = torch.empty_like(pre)
+    tiles = _bias_tiles(M, N, bias, _MIN_BM, g.device)
+    _gelu_linear_bwd_kernel[_grid(M, N)](g, u, pre, dpre, tiles, M, N, K, g.stride(0), g.stride(1), u.stride(0),
+                                         u.stride(1), pre.stride(0), pre.stride(1), HAS_BIAS=bias,
+                                         APPROX=APPROXIMATE[approximate], IEEE=g.dtype == torch.float32)
+    # rows written by the chosen config (autotuning trials of smaller tiles may leave stale rows past them)
+    rows = triton.cdiv(M, _gelu_linear_bwd_kernel.best_config.kwargs["BM"])
+    return dpre, (tiles[:rows].sum(0) if bias else None)
+
+
+def gelu_backward(dact: torch.Tensor, pre: torch.Tensor, approximate: str = "none", bias: bool = True):
+    """(dpre, dbias) for dpre = dact * gelu'(pre); dact and pre (M, N) of the same strides. One kernel."""
+    if not available(dact):
+        return gelu_backward_ref(dact, pre, approximate, bias)
+    dact, pre = dact.contiguous(), pre.contiguous()
+    M, N = pre.shape
+    bm, bn = (16, 16) if INTERPRET else (64, 128)
+    dpre = torch.empty_like(pre)
+    tiles = _bias_tiles(M, N, bias, bm, pre.device)
+    _gelu_bwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](dact, pre, dpre, tiles, M, N, pre.stride(0),
+                                                               pre.stride(1), HAS_BIAS=bias,
+                                                               APPROX=APPROXIMATE[approximate], BM=bm, BN=bn)
+    return dpre, (tiles.sum(0) if bias else None)
+
+
+# ---------- autograd ----------
+
+def _bias_grad(db: torch.Tensor | None, b: torch.Tensor | None):
+    return None if b is None or db is None else db.to(b.dtype)
+
+
+class _GeluUp(torch.autograd.Function):
+    """act = gelu(h @ w^T + b): fused forward, fused GELU-backward + bias-gradient."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, approximate):
+        act, pre = linear_gelu(h, w, b, approximate)
+        ctx.save_for_backward(h, w, pre)
+        ctx.has_bias, ctx.approximate = b is not None, approximate
+        ctx.bias_dtype = None if b is None else b.dtype
+        return act
+
+    @staticmethod
+    def backward(ctx, dact):
+        h, w, pre = ctx.saved_tensors
+        dpre, db = gelu_backward(dact, pre, ctx.approximate, ctx.has_bias)
+        db = None if db is None else db.to(ctx.bias_dtype)
+        return dpre @ w, dpre.t() @ h, db, None
+
+
+class _GeluUpDown(torch.autograd.Function):
+    """z = gelu(h @ w^T + b) @ w2^T: fused forward; backward fuses dact = dz @ w2 with GELU' and the bias sum."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, w2, approximate):
+        act, pre = linear_gelu(h, w, b, approximate)
+        ctx.save_for_backward(h, w, w2, pre, act)
+        ctx.has_bias, ctx.approximate = b is not None, approximate
+        ctx.bias_dtype = None if b is None else b.dtype
+        return act @ w2.t()
+
+    @staticmethod
+    def backward(ctx, dz):
+        h, w, w2, pre, act = ctx.saved_tensors
+        dz = dz.contiguous()
+        dpre, db = gelu_linear_backward(dz, w2, pre, ctx.approximate, ctx.has_bias)
+        db = None if db is None else db.to(ctx.bias_dtype)
+        return dpre @ w, dpre.t() @ h, db, dz.t() @ act, None
+
+
+# ---------- the FFN ----------
+
+def _head(fc1: nn.Module, x: torch.Tensor):
+    """fc1 as (inner(x), last dense weight (N, K), bias), or None when its last factor is not dense."""
+    if type(fc1) is nn.Linear:
+        return x, fc1.weight, fc1.bias
+    if isinstance(fc1, LowRankLinear):
+        return F.linear(x, fc1.u), fc1.v, fc1.bias
+    if isinstance(fc1, BlockDenseLinear):
+        b = fc1.nblocks
+        return block_diag_mm(x.reshape(-1, b, fc1.in_features // b), fc1.blocks).reshape(x.shape[0], -1), fc1.v, fc1.bias
+    return None
+
+
+def _tail(fc2: nn.Module):
+    """fc2 as (first dense weight (K, N_hidden), finish(z)), or None when it does not start with a dense factor."""
+    if type(fc2) is nn.Linear:
+        return fc2.weight, (lambda z: z if fc2.bias is None else z + fc2.bias.to(z.dtype))
+    if isinstance(fc2, LowRankLinear):
+        return fc2.u, (lambda z: F.linear(z, fc2.v, fc2.bias))
+    return None
+
+
+def supported(fc1: nn.Module, act: str = "gelu") -> bool:
+    """Whether fused_ffn fuses anything for this fc1 (nn.Linear, LowRankLinear, BlockDenseLinear) and activation."""
+    return act == "gelu" and (type(fc1) is nn.Linear or isinstance(fc1, (LowRankLinear, BlockDenseLinear)))
+
+
+def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """fc2(gelu(fc1(x))) with the GELU and bias work fused into fc1's last matmul and, where fc2 starts with a
+    dense factor, into its first matmul's backward. Equal to the eager expression up to rounding; falls back to
+    it where the kernels do not apply (no Triton/CUDA, fc1 ending block-diagonal). Follows autocast."""
+    if not available(x) or not supported(fc1):
+        return fc2(F.gelu(fc1(x), approximate=approximate))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    dev = x.device.type
+    amp = torch.is_autocast_enabled(dev)
+    dt = torch.get_autocast_dtype(dev) if amp else x.dtype
+    h, w, b = _head(fc1, x2.to(dt) if amp else x2)
+    tail = _tail(fc2)
+    with torch.autocast(dev, enabled=False):
+        h, w = h.to(dt), w.to(dt)
+        if tail is None:
+            hidden = _GeluUp.apply(h.contiguous(), w, b, approximate)
+        else:
+            hidden = _GeluUpDown.apply(h.contiguous(), w, b, tail[0].to(dt), approximate)
+    y = fc2(hidden) if tail is None else tail[1](hidden)
+    return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,159 @@
+"""The fused FFN kernels (slimkit.structured.kernels) against their PyTorch references, run on the CPU through
+Triton's interpreter; fused_ffn's forward and every gradient against the eager FFN."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+triton = pytest.importorskip("triton")
+
+# Triton decides interpreted vs compiled when it is first imported, so the kernel tests run in a child pytest
+# with TRITON_INTERPRET=1 set from the start; in this process only the test that launches it runs.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+inner = pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreted child (test_kernels_interpreted)")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child")
+@pytest.mark.skipif(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8),
+                    reason="Triton's interpreter before 3.8 fails on numpy 2 (scalar __index__)")
+def test_kernels_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SLIMKIT_FUSED_FFN": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in last and "failed" not in last and "error" not in last, last
+
+
+@pytest.fixture(scope="module")
+def K():
+    import slimkit.structured.kernels as kernels
+    assert kernels.INTERPRET and kernels.available(torch.zeros(1))
+    return kernels
+
+
+APPROX = ["none", "tanh"]
+
+
+@inner
+@pytest.mark.parametrize("approximate", APPROX)
+def test_gelu_grad_reference_is_the_derivative(K, approximate):
+    x = torch.linspace(-6, 6, 301, dtype=torch.float64, requires_grad=True)
+    F.gelu(x, approximate=approximate).sum().backward()
+    assert torch.allclose(K.gelu_grad_ref(x.detach(), approximate), x.grad, atol=1e-12)
+
+
+@inner
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_matches_reference(K, approximate, bias):
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(37, 24, generator=g), torch.randn(50, 24, generator=g)   # no size a tile multiple
+    b = torch.randn(50, generator=g) if bias else None
+    act, pre = K.linear_gelu(h, w, b, approximate)
+    ref_act, ref_pre = K.linear_gelu_ref(h, w, b, approximate)
+    torch.testing.assert_close(pre, ref_pre, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(act, ref_act, rtol=1e-5, atol=1e-5)
+
+
+@inner
+@pytest.mark.parametrize("approximate", APPROX)
+def test_gelu_linear_backward_matches_reference(K, approximate):
+    g = torch.Generator().manual_seed(1)
+    dz, u, pre = torch.randn(37, 20, generator=g), torch.randn(20, 45, generator=g), torch.randn(37, 45, generator=g)
+    dpre, db = K.gelu_linear_backward(dz, u.t().contiguous().t(), pre, approximate)   # u strided, not contiguous
+    ref, ref_db = K.gelu_linear_backward_ref(dz, u, pre, approximate)
+    torch.testing.assert_close(dpre, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, ref_db, rtol=1e-5, atol=1e-4)
+    assert K.gelu_linear_backward(dz, u, pre, approximate, bias=False)[1] is None
+
+
+@inner
+@pytest.mark.parametrize("approximate", APPROX)
+def test_gelu_backward_matches_reference(K, approximate):
+    g = torch.Generator().manual_seed(2)
+    dact, pre = torch.randn(33, 40, generator=g), torch.randn(33, 40, generator=g)
+    dpre, db = K.gelu_backward(dact, pre, approximate)
+    ref, ref_db = K.gelu_backward_ref(dact, pre, approximate)
+    torch.testing.assert_close(dpre, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db, ref_db, rtol=1e-5, atol=1e-5)
+
+
+def _layers(kind1, kind2, d=16, hdim=48):
+    from slimkit.structured import make_linear
+    torch.manual_seed(3)
+    fc1 = nn.Linear(d, hdim) if kind1 == "dense" else make_linear(kind1, d, hdim, 0.5, rel_tol=0.5)
+    fc2 = nn.Linear(hdim, d) if kind2 == "dense" else make_linear(kind2, hdim, d, 0.5, rel_tol=0.5)
+    for p in list(fc1.parameters()) + list(fc2.parameters()):   # non-zero biases, so their gradients are tested
+        if p.dim() == 1:
+            nn.init.normal_(p, std=0.5)
+    return fc1, fc2
+
+
+@inner
+@pytest.mark.parametrize("kind1,kind2", [("dense", "dense"), ("lowrank", "lowrank"), ("blockdense", "lowrank"),
+                                         ("lowrank", "blockdense"), ("blockdense", "blockshuffle")])
+@pytest.mark.parametrize("approximate", APPROX)
+def test_fused_ffn_equals_eager_forward_and_gradients(K, kind1, kind2, approximate):
+    fc1, fc2 = _layers(kind1, kind2)
+    params = list(fc1.parameters()) + list(fc2.parameters())
+    x = torch.randn(3, 7, 16, requires_grad=True)          # a leading batch dimension, 21 tokens
+    grad = torch.randn(3, 7, 16)
+
+    def run(fn):
+        for p in params:
+            p.grad = None
+        x.grad = None
+        y = fn(x)
+        y.backward(grad)
+        return y.detach(), x.grad.clone(), [p.grad.clone() for p in params]
+
+    y, dx, dps = run(lambda t: K.fused_ffn(fc1, fc2, t, approximate))
+    y0, dx0, dps0 = run(lambda t: fc2(F.gelu(fc1(t), approximate=approximate)))
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(dps, dps0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@inner
+def test_fused_ffn_falls_back_where_the_kernels_do_not_apply(K):
+    fc1, fc2 = _layers("blockshuffle", "dense")                # fc1 ends block-diagonal
+    assert not K.supported(fc1) and K.supported(nn.Linear(4, 4)) and not K.supported(nn.Linear(4, 4), "swiglu")
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(K.fused_ffn(fc1, fc2, x), fc2(F.gelu(fc1(x))))
+
+
+gpu = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
+
+
+@gpu
+@pytest.mark.parametrize("kind1,kind2", [("dense", "dense"), ("lowrank", "lowrank"), ("blockdense", "blockdense")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ffn_on_gpu_equals_eager(kind1, kind2, dtype):
+    from slimkit.structured import kernels as K
+    from slimkit.structured import make_linear
+    torch.manual_seed(0)
+    d, hdim = 256, 1024
+    fc1 = (nn.Linear(d, hdim) if kind1 == "dense" else make_linear(kind1, d, hdim, 0.32)).cuda().to(dtype)
+    fc2 = (nn.Linear(hdim, d) if kind2 == "dense" else make_linear(kind2, hdim, d, 0.32)).cuda().to(dtype)
+    params = list(fc1.parameters()) + list(fc2.parameters())
+    x = torch.randn(2, 300, d, device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(2, 300, d, device="cuda", dtype=dtype)
+    outs = []
+    for fn in (lambda t: K.fused_ffn(fc1, fc2, t, "tanh"), lambda t: fc2(F.gelu(fc1(t), approximate="tanh"))):
+        for p in params:
+            p.grad = None
+        x.grad = None
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            torch.backends.cuda.matmul.allow_tf32 = False
+            y = fn(x)
+            y.backward(grad)
+        outs.append([y.detach().float(), x.grad.float()] + [p.grad.float() for p in params])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, **tol)
