@@ -4,6 +4,7 @@ from .errors import SlimkitError
 from .eval import evaluate
 from .io.artifact import load, save
 from .quantize import quantize
+from .sparsify import sparsify
 
 __version__ = "0.1.0"
-__all__ = ["quantize", "save", "load", "evaluate", "QuantConfig", "SlimkitError", "__version__"]
+__all__ = ["quantize", "sparsify", "save", "load", "evaluate", "QuantConfig", "SlimkitError", "__version__"]

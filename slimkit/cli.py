@@ -163,6 +163,69 @@ def quantize(
     Console().print(f"saved to {out}")
 
 
+@app.command(help="Sparsify MODEL: zero a share of its weights at an exact global sparsity (or N:M), evaluate, and "
+                  "save it to --out in compact form (values + bitmask), with a per-layer sparsity chart.")
+def sparsify(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write the sparse model to"),
+    method: str = typer.Option("global_magnitude", help="uniform | global_magnitude | erk"),
+    sparsity: float = typer.Option(0.5, help="share of the counted weights set to zero, in [0, 1)"),
+    nm: Optional[str] = typer.Option(None, help="N:M pattern instead, e.g. 2:4 (keep N of every M weights)"),
+    exclude: Optional[list[str]] = typer.Option(None, help="layer names (or prefixes) to leave dense; repeatable"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="data to evaluate FP and sparse models on"),
+    weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda for evaluation (default: cuda when available)"),
+    max_tokens: int = typer.Option(20000, "--max-tokens", help="transformers: evaluation tokens for perplexity"),
+    overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+):
+    from .core.data import resolve
+    from .core.sparsity import check_target
+    from .eval import evaluate, model_size_bytes, predict
+    from .io.artifact import save
+    from .models.registry import default_data
+    from .quantize import pick_device
+    from .report import print_table
+    from .sparsify import METHODS, parse_nm, plot_rates, sparsity_table
+    from .sparsify import sparsify as run_sparsify
+    from .transformer import is_transformer
+
+    if out.exists() and not overwrite:
+        raise SlimkitError(f"{out} already exists: choose another --out or pass --overwrite")
+    if nm is None:
+        check_target(sparsity)
+        if method not in METHODS:
+            raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
+    parse_nm(nm)
+    fp_model, is_artifact = load_any(model, weights)
+    if is_artifact:
+        raise SlimkitError(f"{model} is a saved artifact: give the float model")
+    t0 = time.perf_counter()
+    smodel = run_sparsify(fp_model, method=method, sparsity=sparsity, nm=nm, exclude=tuple(exclude or ()))
+    seconds = time.perf_counter() - t0
+    dev = str(pick_device(device))
+    eval_name = eval_data or default_data(model, "eval")
+    if is_transformer(fp_model) and eval_name is not None:
+        rows = lm_rows(fp_model, smodel, eval_name, dev, quiet, max_tokens)
+        rows = {"FP": rows["FP"], "sparse": rows["quantized"]}
+    elif eval_name is not None:
+        x, y = resolve(eval_name)
+        ref = predict(fp_model, x, device=dev, progress=not quiet, desc="evaluating FP")
+        rows = {"FP": evaluate(fp_model, x, y, reference=ref, device=dev),
+                "sparse": evaluate(smodel, x, y, reference=ref, device=dev, progress=not quiet)}
+    else:
+        rows = {"FP": {}, "sparse": {}}
+    rows["FP"]["seconds"], rows["sparse"]["seconds"] = None, seconds
+    save(smodel, out, overwrite=overwrite, metrics={"fp": rows["FP"], "sparse": rows["sparse"], "eval_data": eval_name})
+    rows["FP"]["size_bytes"] = model_size_bytes(fp_model)
+    rows["sparse"]["size_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    plot_rates(smodel.slimkit_info, out / "sparsity.png")
+    con = Console()
+    con.print(sparsity_table(smodel.slimkit_info))
+    print_table(rows, title=f"{smodel.slimkit_info['sparsity']['method']} on {model}", console=con)
+    con.print(f"saved to {out} (per-layer chart: {out / 'sparsity.png'})")
+
+
 @app.command(name="eval", help="Evaluate a model or a saved quantized model: top-1 accuracy (with labels) and "
                                "fidelity to the full-precision model (top-1 agreement, KL).")
 def eval_cmd(

@@ -1,7 +1,8 @@
 """Saved artifacts: a directory with `model.safetensors` and `manifest.json`. No pickle anywhere.
 
 Each quantized layer's weight is stored as its integer codes, offset to be non-negative and bit-packed
-(b bits each), with its scales and zero points; everything else of the model's state is stored as is.
+(b bits each), with its scales and zero points; each sparsified float layer's weight as its non-zero values
+and a bitmask (`slimkit.sparsify`); everything else of the model's state is stored as is.
 The manifest records the method, config, per-layer settings, the BatchNorm pairs folded, the input shape,
 how to rebuild the architecture, and metrics. `load` rebuilds a model whose outputs equal the in-memory
 quantized model's bit for bit. Writes go to a temporary directory renamed into place, so a failure never
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.quantizer import QuantSpec
+from ..core.sparsity import pack_sparse, unpack_sparse
 from ..core.wrap import LayerPlan, quant_layers, set_submodule, weight_oi, wrap_layers
 from ..errors import SlimkitError
 
@@ -43,11 +45,20 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return np.packbits(planes, axis=1, bitorder="little").reshape(count)
 
 
-def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, dict]]:
+    """(tensors to store, per-layer quantization settings, sparse float weights' shapes)."""
     tensors, layers = {}, {}
     qlayers = quant_layers(model)
     for key, value in model.state_dict().items():
         tensors[key] = value.detach().cpu().contiguous()
+    sparse = {}
+    for name in (getattr(model, "slimkit_info", None) or {}).get("sparsity", {}).get("layers", {}):
+        key = f"{name}.weight"
+        if key in tensors:    # a float sparse layer (a quantized one keeps its packed codes below)
+            w = tensors.pop(key)
+            packed = pack_sparse(w, w != 0)
+            tensors[f"{key}.values"], tensors[f"{key}.bitmask"] = packed["values"], packed["bitmask"]
+            sparse[name] = {"shape": list(w.shape)}
     for name, layer in qlayers.items():
         info = layer.settings()
         if layer.w_quant is not None:
@@ -61,7 +72,7 @@ def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             info["w_shape"] = list(layer.w_int.shape)
             info["w_dtype"] = str(layer.layer.weight.dtype).removeprefix("torch.")
         layers[name] = info
-    return tensors, layers
+    return tensors, layers, sparse
 
 
 def _jsonable(obj):
@@ -80,8 +91,8 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
     """Write a quantized model to directory `path` (safetensors + JSON manifest), atomically."""
     path = Path(path)
     info = getattr(model, "slimkit_info", None)
-    if info is None or not quant_layers(model):
-        raise SlimkitError("this model was not produced by slimkit.quantize (no quantized layers): nothing to save")
+    if info is None or not (quant_layers(model) or "sparsity" in info):
+        raise SlimkitError("this model was not produced by slimkit.quantize or slimkit.sparsify: nothing to save")
     if path.exists() and not overwrite:
         raise SlimkitError(f"{path} already exists: choose another path or pass overwrite=True (--overwrite)")
     if "family" in info:  # a Hugging Face transformer: a model directory transformers can reload, plus ours
@@ -91,8 +102,10 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
         manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers, "weights": HF_QUANT}
         extra = lambda tmp: write_hf(model, tmp)  # noqa: E731  (transformers' files first)
     else:
-        tensors, layers = _state_tensors(model)
+        tensors, layers, sparse = _state_tensors(model)
         manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers}
+        if sparse:
+            manifest["sparse_weights"] = sparse
         extra = None
     if metrics:
         manifest["metrics"] = _jsonable({**info.get("metrics", {}), **metrics})
@@ -113,6 +126,11 @@ def _write_atomic(path: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)        # mkdtemp makes 0700: give the artifact the usual permissions
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -169,9 +187,14 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if not spec:
             raise SlimkitError(f"{path} holds a model slimkit cannot rebuild by name: pass the float architecture, "
                                "slimkit.load(path, model=YourModel())")
-        from ..models.registry import get_model
+        if "hf" in spec:    # a sparsified Hugging Face model: its float architecture from the same source
+            from ..models.hf import load_hf
 
-        model = get_model(spec["builder"], **spec.get("kwargs", {}))
+            model = load_hf(spec["hf"])[0]
+        else:
+            from ..models.registry import get_model
+
+            model = get_model(spec["builder"], **spec.get("kwargs", {}))
     import copy
 
     model = copy.deepcopy(model).eval().cpu()
@@ -188,6 +211,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         raise SlimkitError(f"the artifact at {path} does not match this model architecture: {e}") from None
     handled = set()
     try:
+        for name, entry in manifest.get("sparse_weights", {}).items():
+            key = f"{name}.weight"
+            tensors[key] = unpack_sparse(tensors.pop(f"{key}.values"), tensors.pop(f"{key}.bitmask"),
+                                         tuple(entry["shape"]))[0]
         for name, layer in wrapped.items():
             s = manifest["layers"][name]
             for qname in ("w_quant", "a_quant"):

@@ -1,0 +1,149 @@
+"""slimkit.sparsify: set a chosen share of a model's weights to zero, layer by layer, at an exact global sparsity.
+
+Allocation methods (how many weights each layer loses; inside a layer the smallest |w| go):
+- "uniform": every counted layer at the target rate;
+- "global_magnitude": one magnitude threshold over all counted layers;
+- "erk": Erdos-Renyi-Kernel densities (small layers kept denser), as RigL defines them.
+`nm="2:4"` instead keeps the N largest of every M consecutive weights along each layer's reduction dimension
+(the pattern sparse tensor cores run); the sparsity is then 1 - N/M in every counted layer.
+
+Counted layers: every nn.Linear / nn.Conv2d / Conv1D, except those named in `exclude` and weights shared with
+another module (tied embeddings: pruning one would prune the other). The report names them. The achieved
+global sparsity over them equals the target to within one weight (slimkit.core.sparsity.exact_counts).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact_counts, global_magnitude_counts,
+                            magnitude_mask, nm_mask, uniform_rates, weight_2d)
+from .core.wrap import quantizable
+from .errors import SlimkitError
+
+METHODS = ("uniform", "global_magnitude", "erk")
+
+
+def parse_nm(nm) -> tuple[int, int] | None:
+    """'2:4' or (2, 4) -> (2, 4); None stays None."""
+    if nm is None:
+        return None
+    try:
+        n, m = (int(v) for v in (nm.split(":") if isinstance(nm, str) else nm))
+    except (ValueError, TypeError):
+        raise SlimkitError(f"nm must look like '2:4' (keep N of every M weights), got {nm!r}") from None
+    check_nm(n, m)
+    return n, m
+
+
+def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
+    """The layers sparsify counts: Linear/Conv layers by path, minus `exclude` (names or name prefixes) and
+    layers whose weight tensor another module also holds (tied weights)."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    found = {}
+    for name, module in model.named_modules():
+        if not quantizable(module) or owners.get(id(module.weight), 0) > 1:
+            continue
+        if any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
+        found[name] = module
+    return found
+
+
+def _counts(method: str, layers: dict[str, nn.Module], target: float) -> dict[str, int]:
+    sizes = {k: m.weight.numel() for k, m in layers.items()}
+    if method == "uniform":
+        return exact_counts(uniform_rates(sizes, target), sizes, target)
+    if method == "erk":
+        return exact_counts(erk_rates({k: tuple(m.weight.shape) for k, m in layers.items()}, target), sizes, target)
+    if method == "global_magnitude":
+        return global_magnitude_counts({k: m.weight for k, m in layers.items()}, target)
+    raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
+
+
+def sparsify(model: nn.Module, calib_data=None, method: str = "global_magnitude", sparsity: float = 0.5,
+             nm=None, exclude=(), inplace: bool = False) -> nn.Module:
+    """A copy of `model` (or `model` itself with inplace=True) whose counted layers hold `sparsity` zeros in all,
+    allocated by `method`; or N:M sparse with `nm="2:4"`. The result's `slimkit_info["sparsity"]` holds the
+    target, the achieved global sparsity, the counted layers and each one's rate (see `sparsity_table`).
+    `calib_data` is unused by these magnitude methods (accepted so every method shares one call)."""
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise SlimkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    pattern = parse_nm(nm)
+    target = check_target(sparsity) if pattern is None else 1 - pattern[0] / pattern[1]
+    if pattern is None and method not in METHODS:
+        raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    layers = prunable_layers(model, exclude)
+    if not layers:
+        raise SlimkitError("the model has no prunable layers (nn.Linear / nn.Conv2d) left after `exclude`")
+    if pattern is not None:
+        bad = [f"{k} ({weight_2d(m).shape[1]} inputs)" for k, m in layers.items() if weight_2d(m).shape[1] % pattern[1]]
+        if bad:
+            raise SlimkitError(f"N:M {pattern[0]}:{pattern[1]} needs every counted layer's reduction size to divide by "
+                               f"{pattern[1]}; these do not: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. "
+                               "Leave them dense with exclude=[...] (--exclude)")
+    out = model if inplace else copy.deepcopy(model)
+    layers = prunable_layers(out, exclude)
+    counts = None if pattern is not None else _counts(method, layers, target)
+    report = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            w = layer.weight
+            keep = (nm_mask(weight_2d(layer), *pattern).view(w.shape) if pattern is not None
+                    else magnitude_mask(w, counts[name]))
+            w.copy_(apply_mask(w, keep))
+            report[name] = {"numel": w.numel(), "pruned": int((~keep).sum()), "rate": float((~keep).float().mean())}
+    total = sum(r["numel"] for r in report.values())
+    pruned = sum(r["pruned"] for r in report.values())
+    info = dict(getattr(model, "slimkit_info", None) or {})
+    info["sparsity"] = {"method": f"nm {pattern[0]}:{pattern[1]}" if pattern else method, "target": target,
+                        "achieved": pruned / total, "counted_params": total, "layers": report,
+                        "excluded": list(exclude), "seconds": time.perf_counter() - t0}
+    info.setdefault("model_spec", getattr(model, "_slimkit_spec", None))
+    out.slimkit_info = info
+    return out
+
+
+def sparsity_table(info: dict, title: str = "per-layer sparsity"):
+    """A rich Table of a sparsified model's per-layer rates (from slimkit_info['sparsity'])."""
+    from rich.table import Table
+
+    s = info["sparsity"]
+    table = Table(title=f"{title}: {s['method']}, target {100 * s['target']:.2f}%, achieved "
+                        f"{100 * s['achieved']:.2f}% of {s['counted_params']:,} counted weights")
+    for col, just in (("layer", "left"), ("weights", "right"), ("sparsity", "right")):
+        table.add_column(col, justify=just)
+    for name, r in s["layers"].items():
+        table.add_row(name, f"{r['numel']:,}", f"{100 * r['rate']:.1f}%")
+    return table
+
+
+def plot_rates(info: dict, path) -> None:
+    """Bar chart PNG of the per-layer sparsity rates, bars in layer order, the target as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = info["sparsity"]
+    names = list(s["layers"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names) + 2), 3.5))
+    ax.bar(range(len(names)), [100 * s["layers"][k]["rate"] for k in names], color="tab:blue")
+    ax.axhline(100 * s["target"], color="tab:red", ls="--", lw=1, label=f"global target {100 * s['target']:.1f}%")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"per-layer sparsity: {s['method']} (achieved {100 * s['achieved']:.2f}%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,105 @@
+"""slimkit.sparsify: exact global sparsity for every allocation, N:M, counted layers, compact save/load, the CLI."""
+import pytest
+import torch
+from torch import nn
+
+import slimkit
+from slimkit.core.sparsity import is_nm, weight_2d
+from slimkit.errors import SlimkitError
+from slimkit.sparsify import prunable_layers
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("method", ["uniform", "global_magnitude", "erk"])
+@pytest.mark.parametrize("target", [0.5, 0.7, 0.8, 0.9])
+def test_achieved_sparsity_equals_the_target(method, target):
+    model = small_cnn()
+    sparse = slimkit.sparsify(model, method=method, sparsity=target)
+    layers = prunable_layers(sparse)
+    total = sum(m.weight.numel() for m in layers.values())
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    assert zeros == round(target * total)                      # exact to one weight, well inside 0.1 point
+    s = sparse.slimkit_info["sparsity"]
+    assert s["achieved"] == pytest.approx(zeros / total) and set(s["layers"]) == set(layers)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), small_cnn().state_dict().values()))
+    for name, layer in layers.items():    # inside a layer the kept weights are the largest
+        w0 = model.get_submodule(name).weight.abs()
+        kept = layer.weight != 0
+        if kept.any() and (~kept).any():
+            assert w0[kept].min() >= w0[~kept].max()
+
+
+def test_erk_keeps_small_layers_denser_than_uniform():
+    s = slimkit.sparsify(small_cnn(), method="erk", sparsity=0.8).slimkit_info["sparsity"]["layers"]
+    assert s["0"]["rate"] < 0.8 < s["2"]["rate"]
+
+
+def test_nm_2_4_and_layers_that_do_not_divide():
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    sparse = slimkit.sparsify(model, nm="2:4")
+    for layer in prunable_layers(sparse).values():
+        assert is_nm(weight_2d(layer) != 0, 2, 4)
+    assert sparse.slimkit_info["sparsity"]["achieved"] == pytest.approx(0.5)
+    with pytest.raises(SlimkitError, match="divide by 4"):
+        slimkit.sparsify(nn.Sequential(nn.Linear(6, 4)), nm="2:4")
+    with pytest.raises(SlimkitError, match="0 < N < M"):
+        slimkit.sparsify(model, nm="4:4")
+    with pytest.raises(SlimkitError, match="2:4"):
+        slimkit.sparsify(model, nm="two of four")
+
+
+def test_tied_and_excluded_layers_are_not_counted():
+    emb = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "body": nn.Linear(8, 8), "head": head, "out": nn.Linear(8, 2)})
+    assert set(prunable_layers(model)) == {"body", "out"}
+    assert set(prunable_layers(model, exclude=["out"])) == {"body"}
+    with pytest.raises(SlimkitError, match="no prunable layers"):
+        slimkit.sparsify(model, sparsity=0.5, exclude=["body", "out"])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2])
+def test_bad_sparsity_is_refused(bad):
+    with pytest.raises(SlimkitError, match=r"\[0, 1\)"):
+        slimkit.sparsify(small_cnn(), sparsity=bad)
+    with pytest.raises(SlimkitError, match="unknown sparsity method"):
+        slimkit.sparsify(small_cnn(), method="magic", sparsity=0.5)
+
+
+def test_save_load_restores_the_same_masked_weights(tmp_path):
+    model = small_cnn()
+    sparse = slimkit.sparsify(model, method="global_magnitude", sparsity=0.8)
+    path = slimkit.save(sparse, tmp_path / "art")
+    back = slimkit.load(path, model=small_cnn())
+    for (k, a), (k2, b) in zip(sparse.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(sparse.eval()(x), back.eval()(x))
+    dense_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert (path / "model.safetensors").stat().st_size < 0.45 * dense_bytes     # values + 1 bit a weight
+    assert back.slimkit_info["sparsity"]["target"] == 0.8
+
+
+def test_cli_sparsify_writes_artifact_chart_and_refuses_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from slimkit.cli import app
+
+    out = tmp_path / "s"
+    r = CliRunner().invoke(app, ["sparsify", "fmnist-resnet", "--out", str(out), "--method", "erk",
+                                 "--sparsity", "0.7", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (out / "manifest.json").exists() and (out / "sparsity.png").stat().st_size > 1000
+    back = slimkit.load(out)
+    layers = prunable_layers(back)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.7 * total)
+    for args in (["--sparsity", "1.2"], ["--method", "magic"], ["--nm", "5:4"]):
+        bad = CliRunner().invoke(app, ["sparsify", "fmnist-resnet", "--out", str(tmp_path / "bad"), *args])
+        assert bad.exit_code != 0 and not (tmp_path / "bad").exists()
