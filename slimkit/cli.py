@@ -168,8 +168,15 @@ def quantize(
 def sparsify(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="directory to write the sparse model to"),
-    method: str = typer.Option("global_magnitude", help="uniform | global_magnitude | erk"),
+    method: str = typer.Option("fcpts", help="fcpts (learned per-layer rates; needs calibration data) | uniform | "
+                                             "global_magnitude | erk"),
     sparsity: float = typer.Option(0.5, help="share of the counted weights set to zero, in [0, 1)"),
+    calib: Optional[str] = typer.Option(None, help="fcpts calibration inputs: .safetensors/.npy/.npz file or shipped "
+                                                   "dataset name (default: the shipped model's calibration set)"),
+    iters: Optional[int] = typer.Option(None, help="fcpts: rate-learning steps (400)"),
+    finetune_iters: Optional[int] = typer.Option(None, "--finetune-iters", help="fcpts: steps with the masks fixed (100)"),
+    num_samples: int = typer.Option(1024, "--num-samples", help="fcpts: calibration samples"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="fcpts: batch size (64)"),
     nm: Optional[str] = typer.Option(None, help="N:M pattern instead, e.g. 2:4 (keep N of every M weights)"),
     exclude: Optional[list[str]] = typer.Option(None, help="layer names (or prefixes) to leave dense; repeatable"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="data to evaluate FP and sparse models on"),
@@ -200,8 +207,20 @@ def sparsify(
     fp_model, is_artifact = load_any(model, weights)
     if is_artifact:
         raise SlimkitError(f"{model} is a saved artifact: give the float model")
+    options = {k: v for k, v in dict(iters=iters, finetune_iters=finetune_iters, batch_size=batch_size).items()
+               if v is not None}
+    learn = nm is None and method == "fcpts"
+    if learn:
+        calib = calib or default_data(model, "calib")
+        if calib is None:
+            raise SlimkitError("fcpts needs calibration inputs: give --calib (a .safetensors/.npy/.npz file or a "
+                               "shipped dataset), or choose --method uniform | global_magnitude | erk")
+        options.update(progress=not quiet)
+    elif options:
+        raise SlimkitError("--iters, --finetune-iters and --batch-size apply to --method fcpts only")
     t0 = time.perf_counter()
-    smodel = run_sparsify(fp_model, method=method, sparsity=sparsity, nm=nm, exclude=tuple(exclude or ()))
+    smodel = run_sparsify(fp_model, calib if learn else None, method=method, sparsity=sparsity, nm=nm,
+                          exclude=tuple(exclude or ()), device=device, num_samples=num_samples, **options)
     seconds = time.perf_counter() - t0
     dev = str(pick_device(device))
     eval_name = eval_data or default_data(model, "eval")

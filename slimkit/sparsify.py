@@ -1,6 +1,8 @@
 """slimkit.sparsify: set a chosen share of a model's weights to zero, layer by layer, at an exact global sparsity.
 
 Allocation methods (how many weights each layer loses; inside a layer the smallest |w| go):
+- "fcpts": rates learned on calibration data (slimkit.methods.fcpts: bridge function, control term, distillation),
+  weights and BatchNorm adjusted with them; needs `calib_data`;
 - "uniform": every counted layer at the target rate;
 - "global_magnitude": one magnitude threshold over all counted layers;
 - "erk": Erdos-Renyi-Kernel densities (small layers kept denser), as RigL defines them.
@@ -24,7 +26,7 @@ from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact
 from .core.wrap import quantizable
 from .errors import SlimkitError
 
-METHODS = ("uniform", "global_magnitude", "erk")
+METHODS = ("fcpts", "uniform", "global_magnitude", "erk")
 
 
 def parse_nm(nm) -> tuple[int, int] | None:
@@ -67,12 +69,14 @@ def _counts(method: str, layers: dict[str, nn.Module], target: float) -> dict[st
     raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
 
 
-def sparsify(model: nn.Module, calib_data=None, method: str = "global_magnitude", sparsity: float = 0.5,
-             nm=None, exclude=(), inplace: bool = False) -> nn.Module:
+def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity: float = 0.5, nm=None,
+             exclude=(), inplace: bool = False, device: str | None = None, num_samples: int = 1024,
+             **options) -> nn.Module:
     """A copy of `model` (or `model` itself with inplace=True) whose counted layers hold `sparsity` zeros in all,
     allocated by `method`; or N:M sparse with `nm="2:4"`. The result's `slimkit_info["sparsity"]` holds the
     target, the achieved global sparsity, the counted layers and each one's rate (see `sparsity_table`).
-    `calib_data` is unused by these magnitude methods (accepted so every method shares one call)."""
+    `calib_data` (inputs as for slimkit.quantize; at most `num_samples` used) is needed by "fcpts" only;
+    `options` are its FCPTSConfig fields (iters, finetune_iters, batch_size, lr, lr_threshold, ...)."""
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -80,6 +84,19 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "global_magnitude"
     target = check_target(sparsity) if pattern is None else 1 - pattern[0] / pattern[1]
     if pattern is None and method not in METHODS:
         raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
+    learn = pattern is None and method == "fcpts"
+    if learn:
+        from .methods.fcpts import FCPTSConfig
+
+        unknown = set(options) - set(FCPTSConfig.__dataclass_fields__) - {"sparsity"}
+        if unknown:
+            raise SlimkitError(f"unknown fcpts option(s) {', '.join(sorted(unknown))}: choose from "
+                               f"{', '.join(k for k in FCPTSConfig.__dataclass_fields__ if k != 'sparsity')}")
+        if calib_data is None:
+            raise SlimkitError("fcpts learns its per-layer rates on calibration data: pass calib_data (--calib), "
+                               "or choose a magnitude method (uniform, global_magnitude, erk)")
+    elif options:
+        raise SlimkitError(f"option(s) {', '.join(sorted(options))} apply to method fcpts only")
     if isinstance(exclude, str):
         exclude = (exclude,)
     layers = prunable_layers(model, exclude)
@@ -91,23 +108,45 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "global_magnitude"
             raise SlimkitError(f"N:M {pattern[0]}:{pattern[1]} needs every counted layer's reduction size to divide by "
                                f"{pattern[1]}; these do not: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. "
                                "Leave them dense with exclude=[...] (--exclude)")
+    data = None
+    if learn:
+        from .core.data import calibration_tensor
+
+        data = calibration_tensor(calib_data, num_samples, options.get("seed", 0))
     out = model if inplace else copy.deepcopy(model)
     layers = prunable_layers(out, exclude)
-    counts = None if pattern is not None else _counts(method, layers, target)
+    log = None
+    if learn:
+        from .methods.fcpts import FCPTSConfig, fcpts
+        from .quantize import pick_device
+
+        dev = pick_device(device)
+        teacher = copy.deepcopy(model).to(dev).eval()
+        out.to(dev)
+        masks, log = fcpts(out, teacher, layers, data, FCPTSConfig(sparsity=target, **options), dev)
+        out.cpu().eval()
+        del teacher
+    elif pattern is not None:
+        masks = {k: nm_mask(weight_2d(m), *pattern).view(m.weight.shape) for k, m in layers.items()}
+    else:
+        counts = _counts(method, layers, target)
+        masks = {k: magnitude_mask(m.weight, counts[k]) for k, m in layers.items()}
     report = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            w = layer.weight
-            keep = (nm_mask(weight_2d(layer), *pattern).view(w.shape) if pattern is not None
-                    else magnitude_mask(w, counts[name]))
-            w.copy_(apply_mask(w, keep))
-            report[name] = {"numel": w.numel(), "pruned": int((~keep).sum()), "rate": float((~keep).float().mean())}
+            keep = masks[name].to(layer.weight.device)
+            layer.weight.copy_(apply_mask(layer.weight, keep))
+            report[name] = {"numel": keep.numel(), "pruned": int((~keep).sum()), "rate": float((~keep).float().mean())}
     total = sum(r["numel"] for r in report.values())
     pruned = sum(r["pruned"] for r in report.values())
     info = dict(getattr(model, "slimkit_info", None) or {})
     info["sparsity"] = {"method": f"nm {pattern[0]}:{pattern[1]}" if pattern else method, "target": target,
                         "achieved": pruned / total, "counted_params": total, "layers": report,
                         "excluded": list(exclude), "seconds": time.perf_counter() - t0}
+    if log is not None:
+        info["sparsity"]["fcpts"] = {"learned_rates": log["learned_rates"], "init_rates": log["init_rates"],
+                                     "final_global_rate": log["global_rate"][-1] if log["global_rate"] else None,
+                                     "seconds": log["seconds"], "samples": int(data.shape[0])}
     info.setdefault("model_spec", getattr(model, "_slimkit_spec", None))
     out.slimkit_info = info
     return out

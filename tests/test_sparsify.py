@@ -61,7 +61,7 @@ def test_tied_and_excluded_layers_are_not_counted():
     assert set(prunable_layers(model)) == {"body", "out"}
     assert set(prunable_layers(model, exclude=["out"])) == {"body"}
     with pytest.raises(SlimkitError, match="no prunable layers"):
-        slimkit.sparsify(model, sparsity=0.5, exclude=["body", "out"])
+        slimkit.sparsify(model, method="uniform", sparsity=0.5, exclude=["body", "out"])
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 2])
@@ -103,3 +103,61 @@ def test_cli_sparsify_writes_artifact_chart_and_refuses_bad_input(tmp_path):
     for args in (["--sparsity", "1.2"], ["--method", "magic"], ["--nm", "5:4"]):
         bad = CliRunner().invoke(app, ["sparsify", "fmnist-resnet", "--out", str(tmp_path / "bad"), *args])
         assert bad.exit_code != 0 and not (tmp_path / "bad").exists()
+
+
+# ---------- FCPTS ----------
+
+def test_bridge_gradient_matches_finite_differences_of_the_rate():
+    from slimkit.methods.fcpts import SparsityRate
+    g = torch.Generator().manual_seed(4)
+    absw = torch.randn(200_000, generator=g).abs()
+    for t0 in (0.3, 0.8, 1.5):
+        t = torch.tensor(t0, requires_grad=True)
+        SparsityRate.apply(absw, t).backward()
+        h = 0.05
+        fd = ((absw < t0 + h).float().mean() - (absw < t0 - h).float().mean()) / (2 * h)
+        assert t.grad.item() == pytest.approx(fd.item(), rel=0.05)
+        assert SparsityRate.apply(absw, torch.tensor(t0)).item() == pytest.approx((absw < t0).float().mean().item())
+
+
+def teacher_and_data():
+    torch.manual_seed(5)
+    teacher = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    return teacher, torch.randn(512, 16), torch.randn(256, 16)
+
+
+def test_fcpts_control_term_reaches_the_target_and_the_result_is_exact():
+    teacher, calib, _ = teacher_and_data()
+    s = slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.75, iters=150, finetune_iters=0,
+                         batch_size=64, progress=False, device="cpu")
+    info = s.slimkit_info["sparsity"]
+    assert abs(info["fcpts"]["final_global_rate"] - 0.75) < 0.01      # the control term alone gets close
+    layers = prunable_layers(s)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.75 * total)   # projection: exact
+    learned = info["fcpts"]["learned_rates"]
+    assert max(learned.values()) - min(learned.values()) > 0.02       # rates differ by layer
+
+
+def test_fcpts_beats_the_magnitude_baselines_on_a_fixed_seed():
+    teacher, calib, held_out = teacher_and_data()
+    with torch.no_grad():
+        ref = teacher(held_out)
+
+    def error(model):
+        with torch.no_grad():
+            return float((model(held_out) - ref).pow(2).mean())
+    ours = error(slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.8, iters=150, finetune_iters=50,
+                                  progress=False, device="cpu"))
+    for method in ("uniform", "global_magnitude", "erk"):
+        assert ours < 0.7 * error(slimkit.sparsify(teacher, method=method, sparsity=0.8)), method
+
+
+def test_fcpts_needs_calibration_data_and_known_options():
+    teacher, calib, _ = teacher_and_data()
+    with pytest.raises(SlimkitError, match="calibration data"):
+        slimkit.sparsify(teacher, method="fcpts", sparsity=0.5)
+    with pytest.raises(SlimkitError, match="unknown fcpts option"):
+        slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.5, itres=3)
+    with pytest.raises(SlimkitError, match="empty"):
+        slimkit.sparsify(teacher, torch.empty(0, 16), method="fcpts", sparsity=0.5)

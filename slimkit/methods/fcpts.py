@@ -1,0 +1,178 @@
+"""FCPTS: fast, controllable post-training sparsity with learned per-layer rates (ModelTC/FCPTS, msbench).
+
+Each counted layer l has one learnable threshold t_l on |w|; its mask keeps |w| > t_l and its sparsity rate is
+s_l(t) = #{|w| < t} / n_l. The *bridge* between rate and threshold is that step function forward and, backward,
+its derivative ds/dt = density of |w| at t, estimated from a 100-bin histogram of the layer's |w| (the paper's
+kernel density estimate; the public code differentiates a histogram of the signed weights the same way). The
+*control term* lambda * |S(t) - S*| on the size-weighted global rate S = sum n_l s_l / sum n_l drives the global
+sparsity to the target while a distillation loss (KL of the sparse model's logits to the dense model's, at
+temperature 4) decides where the sparsity goes. Weights, BatchNorm statistics and thresholds learn together on the
+calibration data (BatchNorm in train mode recalibrates to the pruned weights), as in the public code.
+
+Choices of ours, where the public code is silent or does otherwise:
+- t_l = sigmoid(a_l) * max|w_l| (the public code uses sigmoid(a_l) as an absolute threshold): scale-free, so one
+  learning rate suits layers of any weight scale. Thresholds start from ERK rates at the target (as the code).
+- The distillation gradient reaches the thresholds through a straight-through mask whose backward is that of a
+  sigmoid of (|w| - t) / (histogram bin width) (the public release stops it with no_grad; the paper trains the
+  thresholds by both terms). Thresholds learn with Adam (the weights with SGD, momentum 0.9, cosine schedule).
+- Exactness: the learned rates go through slimkit.core.sparsity.exact_counts, so the final masks (the largest
+  |w| of each layer) hold exactly round(S* n) zeros; then `finetune_iters` more distillation steps with the
+  masks fixed, and BatchNorm statistics re-estimated.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.sparsity import apply_mask, erk_rates, exact_counts, magnitude_mask
+
+BINS = 100
+
+
+class SparsityRate(torch.autograd.Function):
+    """s(t) = share of |w| below t; backward ds/dt = histogram density of |w| at t (the bridge function)."""
+
+    @staticmethod
+    def forward(ctx, absw: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(absw, t)
+        return (absw < t).float().mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        absw, t = ctx.saved_tensors
+        return None, grad * rate_density(absw, t)
+
+
+def rate_density(absw: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Density of |w| at t from a BINS-bin histogram over [0, max|w|] (0 outside that range)."""
+    top = absw.max().clamp_min(1e-12)
+    width = top / BINS
+    hist = torch.histc(absw.float(), bins=BINS, min=0.0, max=float(top))
+    i = torch.clamp((t / width).long(), 0, BINS - 1)
+    inside = (t >= 0) & (t <= top)
+    return torch.where(inside, hist[i] / (absw.numel() * width), torch.zeros_like(t))
+
+
+@dataclass
+class FCPTSConfig:
+    sparsity: float
+    iters: int = 400                 # joint learning steps (weights, BatchNorm, thresholds)
+    finetune_iters: int = 100        # distillation steps with the final masks fixed
+    batch_size: int = 64
+    lr: float = 0.01                 # weights: SGD with momentum 0.9, cosine to 0
+    lr_threshold: float = 0.05       # thresholds (logits): Adam
+    weight_decay: float = 3e-4
+    temperature: float = 4.0
+    control_weight: float = 1.0      # lambda of the control term
+    seed: int = 0
+    progress: bool = True
+
+
+class _Masked:
+    """Forward pre-hook state of one layer: its threshold logit and the weight it started from."""
+
+    def __init__(self, layer: nn.Module, rate: float):
+        w = layer.weight.detach()
+        self.layer, self.n = layer, w.numel()
+        absw = w.abs().flatten()
+        k = min(max(int(round(rate * self.n)), 0), self.n - 1)
+        t0 = absw.kthvalue(k + 1).values if k > 0 else absw.min() * 0.5
+        frac = float((t0 / absw.max().clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6))
+        self.logit = nn.Parameter(torch.tensor(math.log(frac / (1 - frac)), device=w.device))
+
+    def threshold(self) -> torch.Tensor:
+        return torch.sigmoid(self.logit) * self.layer.weight.detach().abs().max()
+
+    def rate(self) -> torch.Tensor:
+        return SparsityRate.apply(self.layer.weight.detach().abs().flatten(), self.threshold())
+
+    def masked_weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        t = self.threshold()
+        width = w.detach().abs().max().clamp_min(1e-12) / BINS
+        soft = torch.sigmoid((w.abs() - t) / width)
+        mask = (w.detach().abs() > t).to(w.dtype) + soft - soft.detach()
+        return w * mask
+
+
+def _forward_masked(model: nn.Module, masked: dict[str, _Masked], x: torch.Tensor) -> torch.Tensor:
+    """model(x) with each counted layer's weight replaced by its straight-through masked weight."""
+    params = {f"{name}.weight": m.masked_weight() for name, m in masked.items()}
+    return torch.func.functional_call(model, params, (x,), strict=False)
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor,
+          cfg: FCPTSConfig, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """Learn per-layer rates on `data` and prune `model` (in place, on `device`) to exactly cfg.sparsity over
+    `layers`; returns the keep-masks per layer and a log (learned rates, control history, seconds)."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(cfg.seed)
+    sizes = {k: m.weight.numel() for k, m in layers.items()}
+    init = erk_rates({k: tuple(m.weight.shape) for k, m in layers.items()}, cfg.sparsity)
+    masked = {k: _Masked(m, init[k]) for k, m in layers.items()}
+    total = sum(sizes.values())
+    weights = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in weights if p.dim() > 1]
+    rest = [p for p in weights if p.dim() <= 1]
+    opt_w = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
+                            lr=cfg.lr, momentum=0.9)
+    opt_t = torch.optim.Adam([m.logit for m in masked.values()], lr=cfg.lr_threshold)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=max(1, cfg.iters + cfg.finetune_iters))
+    teacher.eval()
+    log = {"global_rate": [], "kd": []}
+
+    def batch() -> torch.Tensor:
+        idx = torch.randint(data.shape[0], (min(cfg.batch_size, data.shape[0]),), generator=g)
+        return data[idx].to(device)
+
+    model.train()
+    for _ in tqdm(range(cfg.iters), desc="FCPTS: learning rates", disable=not cfg.progress, leave=False):
+        x = batch()
+        with torch.no_grad():
+            ref = teacher(x)
+        kd = _kd_loss(_forward_masked(model, masked, x), ref, cfg.temperature)
+        global_rate = sum(m.rate() * m.n for m in masked.values()) / total
+        loss = kd + cfg.control_weight * (global_rate - cfg.sparsity).abs()
+        opt_w.zero_grad(set_to_none=True)
+        opt_t.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_w.step()
+        opt_t.step()
+        sched.step()
+        log["global_rate"].append(float(global_rate.detach()))
+        log["kd"].append(float(kd.detach()))
+    with torch.no_grad():
+        learned = {k: float(m.rate()) for k, m in masked.items()}
+    counts = exact_counts(learned, sizes, cfg.sparsity)
+    masks = {k: magnitude_mask(layers[k].weight, counts[k]) for k in layers}
+    with torch.no_grad():
+        for k, layer in layers.items():
+            layer.weight.copy_(apply_mask(layer.weight, masks[k]))
+    for _ in tqdm(range(cfg.finetune_iters), desc="FCPTS: fine-tuning with fixed masks", disable=not cfg.progress,
+                  leave=False):
+        x = batch()
+        with torch.no_grad():
+            ref = teacher(x)
+        kd = _kd_loss(model(x), ref, cfg.temperature)
+        opt_w.zero_grad(set_to_none=True)
+        kd.backward()
+        opt_w.step()
+        sched.step()
+        with torch.no_grad():
+            for k, layer in layers.items():
+                layer.weight.copy_(apply_mask(layer.weight, masks[k]))
+    model.eval()
+    log.update({"learned_rates": learned, "init_rates": init, "seconds": time.perf_counter() - t0})
+    return masks, log
