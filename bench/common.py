@@ -85,3 +85,27 @@ def _write(doc: dict, columns: tuple[str, ...]) -> Path:
         lines += [""] + [f"- {n}" for n in doc["notes"]]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     return path
+
+
+# The CNN benchmarks' models: what each is measured on (top-1 with labels, or agreement with fp32) and its
+# calibration set.
+CNN_MODELS = {
+    "fmnist-resnet": {"calib": "fmnist-calib", "eval": "fmnist-test", "metric": "top1"},
+    "efficientnet-lite0": {"calib": "natural-calib", "eval": "natural-eval", "metric": "agreement"},
+}
+
+
+def cnn_setup(model_name: str, device: str):
+    """(model, calib inputs, eval inputs, eval labels or None, fp32 predictions, FP metrics, metric name)."""
+    from slimkit.eval import evaluate, predict
+    from slimkit.models import get_dataset, get_model
+
+    spec = CNN_MODELS[model_name]
+    model = get_model(model_name)
+    calib = get_dataset(spec["calib"])
+    calib_x = calib[0] if isinstance(calib, tuple) else calib
+    ev = get_dataset(spec["eval"])
+    eval_x, eval_y = ev if isinstance(ev, tuple) else (ev, None)
+    ref = predict(model, eval_x, device=device)
+    fp = evaluate(model, eval_x, eval_y, reference=ref, device=device)
+    return model, calib_x, eval_x, eval_y, ref, fp, spec["metric"]

@@ -18,17 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import slimkit  # noqa: E402
-from common import git_commit, merge_rows, write_results  # noqa: E402
-from slimkit.eval import evaluate, predict  # noqa: E402
-from slimkit.models import get_dataset, get_model  # noqa: E402
+from common import CNN_MODELS, cnn_setup, git_commit, merge_rows, write_results  # noqa: E402
+from slimkit.eval import evaluate  # noqa: E402
 
 SETTINGS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4), "W2A2": (2, 2)}
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
-# What each model is measured on, and its calibration set.
-MODELS = {
-    "fmnist-resnet": {"calib": "fmnist-calib", "eval": "fmnist-test", "metric": "top1"},
-    "efficientnet-lite0": {"calib": "natural-calib", "eval": "natural-eval", "metric": "agreement"},
-}
+MODELS = CNN_MODELS
 
 
 def main() -> None:
@@ -51,13 +46,7 @@ def main() -> None:
     rows = []
     for model_name in models:
         spec = MODELS[model_name]
-        model = get_model(model_name)
-        calib = get_dataset(spec["calib"])
-        calib_x = calib[0] if isinstance(calib, tuple) else calib
-        ev = get_dataset(spec["eval"])
-        eval_x, eval_y = ev if isinstance(ev, tuple) else (ev, None)
-        ref = predict(model, eval_x, device=args.device)
-        fp = evaluate(model, eval_x, eval_y, reference=ref, device=args.device)
+        model, calib_x, eval_x, eval_y, ref, fp, _ = cnn_setup(model_name, args.device)
         base = {"model": model_name, "eval_data": spec["eval"], "eval_samples": len(eval_x), "device": args.device,
                 "git": git_commit()}
         rows.append({**base, "method": "fp", "setting": "FP32", "metric": spec["metric"], "value": fp[spec["metric"]],
