@@ -161,3 +161,29 @@ def test_fcpts_needs_calibration_data_and_known_options():
         slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.5, itres=3)
     with pytest.raises(SlimkitError, match="empty"):
         slimkit.sparsify(teacher, torch.empty(0, 16), method="fcpts", sparsity=0.5)
+
+
+def test_sparse_then_quantized_keeps_its_zeros_and_saves_both(tmp_path):
+    from slimkit.core.wrap import quant_layers
+    torch.manual_seed(6)
+    sparse = slimkit.sparsify(small_cnn(), method="global_magnitude", sparsity=0.7)
+    calib = torch.randn(64, 3, 8, 8)
+    q = slimkit.quantize(sparse, calib, method="qdrop", w_bits=4, a_bits=8, iters=20, num_samples=64,
+                         batch_size=16, progress=False, device="cpu")
+    assert q.slimkit_info["sparsity"]["target"] == 0.7
+    for name, layer in quant_layers(q).items():
+        keep = sparse.get_submodule(name).weight != 0
+        assert torch.equal(layer.w_mask, keep)
+        assert torch.all(layer.quantized_weight()[~keep] == 0)      # AdaRound cannot round a pruned weight up
+    path = slimkit.save(q, tmp_path / "sq")
+    back = slimkit.load(path, model=small_cnn())
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(q.eval()(x), back.eval()(x))
+    for name, layer in quant_layers(back).items():
+        assert torch.equal(layer.w_mask, quant_layers(q)[name].w_mask)
+    from safetensors.torch import load_file
+    stored = load_file(str(path / "model.safetensors"))
+    for n, layer in quant_layers(q).items():    # codes of the kept weights only, at the layer's bit width
+        kept, bits = int(layer.w_mask.sum()), layer.w_quant.spec.bits
+        assert stored[f"{n}.w_packed"].numel() == -(-kept * bits // 8)
+        assert stored[f"{n}.w_mask"].numel() == -(-layer.w_mask.numel() // 8)

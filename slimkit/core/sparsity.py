@@ -150,10 +150,14 @@ def pack_sparse(w: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
             "bitmask": torch.from_numpy(bits)}
 
 
-def unpack_sparse(values: torch.Tensor, bitmask: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, keep-mask) from pack_sparse's tensors: the same values at the same places, zeros elsewhere."""
+def unpack_sparse(values: torch.Tensor, bitmask: torch.Tensor, shape: tuple[int, ...],
+                  check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, keep-mask) from pack_sparse's tensors: the same values at the same places, zeros elsewhere.
+    check=False reads the mask alone (values stored elsewhere, e.g. as quantization codes)."""
     count = math.prod(shape)
     keep = torch.from_numpy(np.unpackbits(bitmask.numpy(), bitorder="little")[:count].astype(bool))
+    if not check:
+        return torch.zeros(0), keep.view(shape)
     if int(keep.sum()) != values.numel():
         raise SlimkitError(f"corrupt sparse tensor: the bitmask keeps {int(keep.sum())} weights but "
                            f"{values.numel()} values are stored")

@@ -85,6 +85,7 @@ class QuantLayer(nn.Module):
         self.w_quant = Quantizer(w_spec, w_observer) if w_spec is not None else None
         self.a_quant = Quantizer(a_spec, a_observer) if a_spec is not None else None
         self.register_buffer("w_int", None)  # integer codes once frozen
+        self.register_buffer("w_mask", None)  # a sparse layer's keep-mask (slimkit.sparsify), shaped as w_int
         self.to(layer.weight.device)
         self._fast_conv = isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward
         self._w_cache: torch.Tensor | None = None
@@ -99,8 +100,17 @@ class QuantLayer(nn.Module):
     def frozen(self) -> bool:
         return self.w_int is not None
 
+    def set_mask(self, keep: torch.Tensor | None) -> None:
+        """Keep the pruned weights of a sparse layer at exactly zero through quantization (None: dense)."""
+        self.w_mask = None if keep is None else keep.to(device=self.layer.weight.device, dtype=torch.bool)
+        self._w_cache = None
+
+    def _masked(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.w_mask is None else torch.where(self.w_mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight; (out, in) for linear layers, Conv1D included."""
+        """The fake-quantized weight; (out, in) for linear layers, Conv1D included. A sparse layer's pruned
+        weights stay zero (its mask is applied after quantization, so no grid point moves them)."""
         w = weight_oi(self.layer)
         if self.w_quant is None:
             return w
@@ -108,9 +118,9 @@ class QuantLayer(nn.Module):
             if self._w_cache is None or self._w_cache.device != self.w_int.device:
                 rows = to_rows(self.w_int.float(), self.w_quant.spec)
                 deq = dequantize(rows, self.w_quant.scale.reshape(-1, 1), self.w_quant.zero_point.reshape(-1, 1))
-                self._w_cache = from_rows(deq, self.w_int, self.w_quant.spec).to(w.dtype)
+                self._w_cache = self._masked(from_rows(deq, self.w_int, self.w_quant.spec).to(w.dtype))
             return self._w_cache
-        return self.w_quant(w)
+        return self._masked(self.w_quant(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer

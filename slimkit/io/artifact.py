@@ -68,6 +68,11 @@ def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             codes = (layer.w_int.cpu().to(torch.int32) - spec.qmin).numpy().astype(np.uint8)
             tensors.pop(f"{name}.w_int")
             tensors.pop(f"{name}.layer.weight")
+            if layer.w_mask is not None:   # sparse and quantized: the kept weights' codes and a bitmask
+                keep = tensors.pop(f"{name}.w_mask")
+                codes = codes.reshape(-1)[keep.reshape(-1).numpy()]
+                tensors[f"{name}.w_mask"] = pack_sparse(keep, keep)["bitmask"]
+                info["w_sparse"] = True
             tensors[f"{name}.w_packed"] = torch.from_numpy(pack_bits(codes, spec.bits))
             info["w_shape"] = list(layer.w_int.shape)
             info["w_dtype"] = str(layer.layer.weight.dtype).removeprefix("torch.")
@@ -225,7 +230,16 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             if layer.w_quant is not None:
                 spec, shape = layer.w_quant.spec, s["w_shape"]
                 count = int(np.prod(shape))
-                codes = unpack_bits(tensors.pop(f"{name}.w_packed").numpy(), spec.bits, count)
+                if s.get("w_sparse"):    # codes of the kept weights only; the pruned ones are zero
+                    keep = unpack_sparse(torch.zeros(0), tensors.pop(f"{name}.w_mask"), tuple(shape),
+                                         check=False)[1]
+                    kept = unpack_bits(tensors.pop(f"{name}.w_packed").numpy(), spec.bits, int(keep.sum()))
+                    codes = np.zeros(count, dtype=kept.dtype)
+                    codes[keep.reshape(-1).numpy()] = kept
+                    layer.set_mask(keep)
+                    handled.add(f"{name}.w_mask")
+                else:
+                    codes = unpack_bits(tensors.pop(f"{name}.w_packed").numpy(), spec.bits, count)
                 handled.update({f"{name}.w_int", f"{name}.layer.weight"})
                 layer.w_int = torch.from_numpy(codes.astype(np.int16) + spec.qmin).reshape(shape)
                 with torch.no_grad():
