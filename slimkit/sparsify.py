@@ -9,8 +9,9 @@ Allocation methods (how many weights each layer loses; inside a layer the smalle
 `nm="2:4"` instead keeps the N largest of every M consecutive weights along each layer's reduction dimension
 (the pattern sparse tensor cores run); the sparsity is then 1 - N/M in every counted layer.
 
-Counted layers: every nn.Linear / nn.Conv2d / Conv1D, except those named in `exclude` and weights shared with
-another module (tied embeddings: pruning one would prune the other). The report names them. The achieved
+Counted layers: every nn.Linear / nn.Conv2d / Conv1D (in a Hugging Face transformer: those inside its blocks),
+except those named in `exclude` and weights shared with another module (tied embeddings: pruning one would prune
+the other). The report names them. The achieved
 global sparsity over them equals the target to within one weight (slimkit.core.sparsity.exact_counts).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact_counts, global_magnitude_counts,
-                            magnitude_mask, nm_mask, uniform_rates, weight_2d)
+                            magnitude_mask, nm_keep, uniform_rates, weight_2d)
 from .core.wrap import quantizable
 from .errors import SlimkitError
 
@@ -43,7 +44,16 @@ def parse_nm(nm) -> tuple[int, int] | None:
 
 def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
     """The layers sparsify counts: Linear/Conv layers by path, minus `exclude` (names or name prefixes) and
-    layers whose weight tensor another module also holds (tied weights)."""
+    layers whose weight tensor another module also holds (tied weights). In a Hugging Face transformer of a
+    supported family, only the linears inside its blocks (the output head and the embeddings stay dense, as
+    LLM pruning methods leave them)."""
+    from .transformer import is_transformer
+
+    inside = None
+    if is_transformer(model):
+        from .core.families import layout
+
+        inside = tuple(b + "." for b in layout(model).blocks)
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
@@ -53,6 +63,8 @@ def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
         if not quantizable(module) or owners.get(id(module.weight), 0) > 1:
             continue
         if any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
+        if inside is not None and not name.startswith(inside):
             continue
         found[name] = module
     return found
@@ -71,11 +83,13 @@ def _counts(method: str, layers: dict[str, nn.Module], target: float) -> dict[st
 
 def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity: float = 0.5, nm=None,
              exclude=(), inplace: bool = False, device: str | None = None, num_samples: int = 1024,
-             **options) -> nn.Module:
+             seq_len: int | None = None, tokenizer=None, **options) -> nn.Module:
     """A copy of `model` (or `model` itself with inplace=True) whose counted layers hold `sparsity` zeros in all,
     allocated by `method`; or N:M sparse with `nm="2:4"`. The result's `slimkit_info["sparsity"]` holds the
     target, the achieved global sparsity, the counted layers and each one's rate (see `sparsity_table`).
-    `calib_data` (inputs as for slimkit.quantize; at most `num_samples` used) is needed by "fcpts" only;
+    `calib_data` (inputs as for slimkit.quantize; at most `num_samples` used) is needed by "fcpts" only; for
+    Hugging Face transformers it is text (file, folder, list, shipped corpus name) or token ids, cut into
+    `num_samples` blocks of `seq_len` tokens (default 2048, 128 for encoders) with the model's `tokenizer`;
     `options` are its FCPTSConfig fields (iters, finetune_iters, batch_size, lr, lr_threshold, ...)."""
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -110,9 +124,21 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
                                "Leave them dense with exclude=[...] (--exclude)")
     data = None
     if learn:
-        from .core.data import calibration_tensor
+        from .transformer import is_transformer
 
-        data = calibration_tensor(calib_data, num_samples, options.get("seed", 0))
+        if is_transformer(model):   # token ids (N, L), from text with the model's tokenizer
+            from types import SimpleNamespace
+
+            from .transformer import lm_calibration
+
+            data = lm_calibration(model, calib_data, SimpleNamespace(num_samples=num_samples, seq_len=seq_len,
+                                                                     seed=options.get("seed", 0)), tokenizer)
+            if not isinstance(data, torch.Tensor) or data.numel() == 0:
+                raise SlimkitError("the calibration text gave no token blocks: give more text or token ids (N, L)")
+        else:
+            from .core.data import calibration_tensor
+
+            data = calibration_tensor(calib_data, num_samples, options.get("seed", 0))
     out = model if inplace else copy.deepcopy(model)
     layers = prunable_layers(out, exclude)
     log = None
@@ -127,7 +153,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         out.cpu().eval()
         del teacher
     elif pattern is not None:
-        masks = {k: nm_mask(weight_2d(m), *pattern).view(m.weight.shape) for k, m in layers.items()}
+        masks = {k: nm_keep(m, *pattern) for k, m in layers.items()}
     else:
         counts = _counts(method, layers, target)
         masks = {k: magnitude_mask(m.weight, counts[k]) for k, m in layers.items()}

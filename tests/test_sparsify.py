@@ -187,3 +187,28 @@ def test_sparse_then_quantized_keeps_its_zeros_and_saves_both(tmp_path):
         kept, bits = int(layer.w_mask.sum()), layer.w_quant.spec.bits
         assert stored[f"{n}.w_packed"].numel() == -(-kept * bits // 8)
         assert stored[f"{n}.w_mask"].numel() == -(-layer.w_mask.numel() // 8)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_fcpts_on_tiny_transformers_counts_block_linears_and_hits_the_target(kind):
+    from tiny_hf import VOCAB, tiny_model
+    model = tiny_model(kind).eval()
+    tokens = torch.randint(3, VOCAB, (16, 24), generator=torch.Generator().manual_seed(0))
+    layers = prunable_layers(model)
+    assert layers and all(".0." in k or ".1." in k for k in layers)      # block linears only: no head, no embeddings
+    s = slimkit.sparsify(model, tokens, method="fcpts", sparsity=0.6, iters=20, finetune_iters=5, batch_size=4,
+                         lr=1e-3, progress=False, device="cpu")
+    total = sum(m.weight.numel() for m in prunable_layers(s).values())
+    zeros = sum(int((m.weight == 0).sum()) for m in prunable_layers(s).values())
+    assert zeros == round(0.6 * total)
+    with torch.no_grad():
+        out = s(tokens[:2])
+    assert torch.isfinite(out.logits if hasattr(out, "logits") else out.last_hidden_state).all()
+
+
+def test_nm_on_gpt2_conv1d_groups_along_the_inputs():
+    from tiny_hf import tiny_model
+    from slimkit.core.wrap import weight_oi
+    s = slimkit.sparsify(tiny_model("gpt2"), nm="2:4")
+    for layer in prunable_layers(s).values():
+        assert is_nm(weight_oi(layer) != 0, 2, 4)       # (out, in) view: groups of 4 inputs per output

@@ -31,9 +31,20 @@ def check_nm(n: int, m: int) -> None:
 
 
 def weight_2d(layer: nn.Module) -> torch.Tensor:
-    """The weight as (out, reduction): Linear (out, in); Conv (out, in/groups * kernel) (a view, no copy)."""
-    w = layer.weight
+    """The weight as (out, reduction): Linear (out, in); Conv (out, in/groups * kernel); GPT-2's Conv1D, stored
+    (in, out), transposed (a view, no copy)."""
+    from .wrap import is_conv1d
+
+    w = layer.weight.t() if is_conv1d(layer) else layer.weight
     return w.reshape(w.shape[0], -1)
+
+
+def nm_keep(layer: nn.Module, n: int, m: int) -> torch.Tensor:
+    """The N:M keep-mask of a layer, shaped as its weight parameter."""
+    keep = nm_mask(weight_2d(layer), n, m)
+    from .wrap import is_conv1d
+
+    return keep.t().contiguous() if is_conv1d(layer) else keep.view(layer.weight.shape)
 
 
 # ---------- allocations: how many weights each layer loses ----------

@@ -6,7 +6,7 @@ its derivative ds/dt = density of |w| at t, estimated from a 100-bin histogram o
 kernel density estimate; the public code differentiates a histogram of the signed weights the same way). The
 *control term* lambda * |S(t) - S*| on the size-weighted global rate S = sum n_l s_l / sum n_l drives the global
 sparsity to the target while a distillation loss (KL of the sparse model's logits to the dense model's, at
-temperature 4) decides where the sparsity goes. Weights, BatchNorm statistics and thresholds learn together on the
+temperature 4; for encoders without logits, the MSE of the last hidden state) decides where the sparsity goes. Weights, BatchNorm statistics and thresholds learn together on the
 calibration data (BatchNorm in train mode recalibrates to the pruned weights), as in the public code.
 
 Choices of ours, where the public code is silent or does otherwise:
@@ -107,10 +107,39 @@ def _forward_masked(model: nn.Module, masked: dict[str, _Masked], x: torch.Tenso
     return torch.func.functional_call(model, params, (x,), strict=False)
 
 
-def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+def model_output(out) -> tuple[torch.Tensor, bool]:
+    """(the tensor to distil, whether it is logits): a plain tensor or `.logits` (classifiers, causal LMs) are
+    logits; otherwise the last hidden state (encoders), matched by mean squared error."""
+    if isinstance(out, torch.Tensor):
+        return out, True
+    if getattr(out, "logits", None) is not None:
+        return out.logits, True
+    if getattr(out, "last_hidden_state", None) is not None:
+        return out.last_hidden_state, False
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0], True
+    raise TypeError(f"cannot distil a model output of type {type(out).__name__}: return logits or a ModelOutput")
+
+
+def _kd_loss(student, teacher, temperature: float) -> torch.Tensor:
+    """KL of the logits at `temperature` (times T^2, over every position), or MSE of hidden states scaled by
+    the teacher's mean square (so its size does not depend on the model's activation scale)."""
+    s, is_logits = model_output(student)
+    t_out = model_output(teacher)[0]
+    if not is_logits:
+        return (s.float() - t_out.float()).pow(2).mean() / t_out.float().pow(2).mean().clamp_min(1e-12)
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+    s, t_out = s.reshape(-1, s.shape[-1]).float(), t_out.reshape(-1, t_out.shape[-1]).float()
+    return F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(t_out / t, -1), log_target=True,
                     reduction="batchmean") * t * t
+
+
+def _train_mode(model: nn.Module) -> None:
+    """Eval mode (no dropout) except BatchNorm, which trains: its statistics follow the pruned weights."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
 
 
 def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor,
@@ -137,7 +166,7 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
         idx = torch.randint(data.shape[0], (min(cfg.batch_size, data.shape[0]),), generator=g)
         return data[idx].to(device)
 
-    model.train()
+    _train_mode(model)
     for _ in tqdm(range(cfg.iters), desc="FCPTS: learning rates", disable=not cfg.progress, leave=False):
         x = batch()
         with torch.no_grad():
