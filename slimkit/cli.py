@@ -169,7 +169,7 @@ def sparsify(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="directory to write the sparse model to"),
     method: str = typer.Option("fcpts", help="fcpts (learned per-layer rates; needs calibration data) | uniform | "
-                                             "global_magnitude | erk"),
+                                             "global_magnitude | erk | wanda | owl (LLM baselines; need data)"),
     sparsity: float = typer.Option(0.5, help="share of the counted weights set to zero, in [0, 1)"),
     calib: Optional[str] = typer.Option(None, help="fcpts calibration inputs: .safetensors/.npy/.npz file or shipped "
                                                    "dataset name (default: the shipped model's calibration set)"),
@@ -193,7 +193,7 @@ def sparsify(
     from .models.registry import default_data
     from .quantize import pick_device
     from .report import print_table
-    from .sparsify import METHODS, parse_nm, plot_rates, sparsity_table
+    from .sparsify import METHODS, NEEDS_DATA, parse_nm, plot_rates, sparsity_table
     from .sparsify import sparsify as run_sparsify
     from .transformer import is_transformer
 
@@ -209,15 +209,19 @@ def sparsify(
         raise SlimkitError(f"{model} is a saved artifact: give the float model")
     options = {k: v for k, v in dict(iters=iters, finetune_iters=finetune_iters, batch_size=batch_size).items()
                if v is not None}
-    learn = nm is None and method == "fcpts"
+    learn = nm is None and method in NEEDS_DATA
     if learn:
         calib = calib or default_data(model, "calib")
         if calib is None:
-            raise SlimkitError("fcpts needs calibration inputs: give --calib (a .safetensors/.npy/.npz file or a "
-                               "shipped dataset), or choose --method uniform | global_magnitude | erk")
-        options.update(progress=not quiet)
-    elif options:
+            raise SlimkitError(f"{method} needs calibration inputs: give --calib (a .safetensors/.npy/.npz file, a "
+                               "text file or folder, or a shipped dataset), or choose --method uniform | "
+                               "global_magnitude | erk")
+        if is_transformer(fp_model) and isinstance(calib, str):
+            calib = text_data(calib)
+    if options and (nm is not None or method != "fcpts"):
         raise SlimkitError("--iters, --finetune-iters and --batch-size apply to --method fcpts only")
+    if nm is None and method == "fcpts":
+        options.update(progress=not quiet)
     t0 = time.perf_counter()
     smodel = run_sparsify(fp_model, calib if learn else None, method=method, sparsity=sparsity, nm=nm,
                           exclude=tuple(exclude or ()), device=device, num_samples=num_samples, **options)

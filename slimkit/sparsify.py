@@ -5,7 +5,10 @@ Allocation methods (how many weights each layer loses; inside a layer the smalle
   weights and BatchNorm adjusted with them; needs `calib_data`;
 - "uniform": every counted layer at the target rate;
 - "global_magnitude": one magnitude threshold over all counted layers;
-- "erk": Erdos-Renyi-Kernel densities (small layers kept denser), as RigL defines them.
+- "erk": Erdos-Renyi-Kernel densities (small layers kept denser), as RigL defines them;
+- "wanda" (every layer at the target, weights ranked by |w| * input-channel norm within each output row) and
+  "owl" (Wanda's ranking, per-block rates from activation outliers): one-shot LLM baselines (methods/owl.py);
+  they need calibration data and linear layers.
 `nm="2:4"` instead keeps the N largest of every M consecutive weights along each layer's reduction dimension
 (the pattern sparse tensor cores run); the sparsity is then 1 - N/M in every counted layer.
 
@@ -27,7 +30,8 @@ from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact
 from .core.wrap import quantizable
 from .errors import SlimkitError
 
-METHODS = ("fcpts", "uniform", "global_magnitude", "erk")
+METHODS = ("fcpts", "uniform", "global_magnitude", "erk", "wanda", "owl")
+NEEDS_DATA = ("fcpts", "wanda", "owl")
 
 
 def parse_nm(nm) -> tuple[int, int] | None:
@@ -99,6 +103,10 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     if pattern is None and method not in METHODS:
         raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
     learn = pattern is None and method == "fcpts"
+    needs_data = pattern is None and method in NEEDS_DATA
+    if needs_data and calib_data is None:
+        raise SlimkitError(f"{method} needs calibration data: pass calib_data (--calib), or choose a magnitude "
+                           "method (uniform, global_magnitude, erk)")
     if learn:
         from .methods.fcpts import FCPTSConfig
 
@@ -106,9 +114,6 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         if unknown:
             raise SlimkitError(f"unknown fcpts option(s) {', '.join(sorted(unknown))}: choose from "
                                f"{', '.join(k for k in FCPTSConfig.__dataclass_fields__ if k != 'sparsity')}")
-        if calib_data is None:
-            raise SlimkitError("fcpts learns its per-layer rates on calibration data: pass calib_data (--calib), "
-                               "or choose a magnitude method (uniform, global_magnitude, erk)")
     elif options:
         raise SlimkitError(f"option(s) {', '.join(sorted(options))} apply to method fcpts only")
     if isinstance(exclude, str):
@@ -123,7 +128,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
                                f"{pattern[1]}; these do not: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. "
                                "Leave them dense with exclude=[...] (--exclude)")
     data = None
-    if learn:
+    if needs_data:
         from .transformer import is_transformer
 
         if is_transformer(model):   # token ids (N, L), from text with the model's tokenizer
@@ -154,6 +159,26 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         del teacher
     elif pattern is not None:
         masks = {k: nm_keep(m, *pattern) for k, m in layers.items()}
+    elif method in ("wanda", "owl"):
+        from .methods.owl import input_norms, owl_rates, wanda_mask
+        from .quantize import pick_device
+
+        norms = input_norms(out, layers, data, pick_device(device))
+        out.cpu()
+        sizes = {k: m.weight.numel() for k, m in layers.items()}
+        if method == "owl":
+            from .transformer import is_transformer
+
+            blocks = []
+            if is_transformer(out):
+                from .core.families import layout
+
+                blocks = layout(out).blocks
+            rates = owl_rates(layers, norms, blocks, target)
+        else:
+            rates = uniform_rates(sizes, target)
+        counts = exact_counts(rates, sizes, target)
+        masks = {k: wanda_mask(m, norms[k], counts[k]) for k, m in layers.items()}
     else:
         counts = _counts(method, layers, target)
         masks = {k: magnitude_mask(m.weight, counts[k]) for k, m in layers.items()}

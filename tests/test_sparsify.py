@@ -212,3 +212,40 @@ def test_nm_on_gpt2_conv1d_groups_along_the_inputs():
     s = slimkit.sparsify(tiny_model("gpt2"), nm="2:4")
     for layer in prunable_layers(s).values():
         assert is_nm(weight_oi(layer) != 0, 2, 4)       # (out, in) view: groups of 4 inputs per output
+
+
+def test_wanda_and_owl_on_a_tiny_llama():
+    from tiny_hf import VOCAB, tiny_model
+    from slimkit.core.wrap import weight_oi
+    model = tiny_model("llama", layers=4).eval()
+    tokens = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+    for method in ("wanda", "owl"):
+        s = slimkit.sparsify(model, tokens, method=method, sparsity=0.7, device="cpu")
+        layers = prunable_layers(s)
+        total = sum(m.weight.numel() for m in layers.values())
+        assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.7 * total)
+        rates = {k: r["rate"] for k, r in s.slimkit_info["sparsity"]["layers"].items()}
+        if method == "wanda":   # each output row drops the same number of weights (+-1)
+            for layer in layers.values():
+                per_row = (weight_oi(layer) == 0).sum(1)
+                assert per_row.max() - per_row.min() <= 1
+        else:                   # block-wise rates around the target, within the OWL band
+            assert max(rates.values()) - min(rates.values()) > 0.01
+            assert all(abs(r - 0.7) <= 0.08 + 0.01 for r in rates.values())
+    with pytest.raises(SlimkitError, match="convolution"):
+        slimkit.sparsify(small_cnn(), torch.randn(4, 3, 8, 8), method="wanda", sparsity=0.5)
+    with pytest.raises(SlimkitError, match="calibration data"):
+        slimkit.sparsify(model, method="owl", sparsity=0.5)
+
+
+def test_wanda_beats_magnitude_when_inputs_have_outlier_channels():
+    torch.manual_seed(7)
+    layer = nn.Linear(32, 16)
+    scale = torch.ones(32)
+    scale[:3] = 20.0                                       # three outlier input channels, as LLMs have
+    x = torch.randn(256, 32) * scale
+    model = nn.Sequential(layer)
+    ref = model(x).detach()
+    err = {m: float((slimkit.sparsify(model, x, method=m, sparsity=0.6)(x).detach() - ref).pow(2).mean())
+           for m in ("wanda", "uniform")}
+    assert err["wanda"] < 0.5 * err["uniform"]

@@ -1,0 +1,82 @@
+"""One-shot LLM pruning baselines: Wanda's importance score and OWL's outlier-weighted layer-wise rates.
+
+Wanda (Sun et al., 2023): a weight's importance is |W_ij| * ||X_j||_2, its magnitude times the L2 norm of its
+input channel over the calibration tokens; each output row drops its least important weights (rows are the
+comparison groups), no weight is updated.
+OWL (Yin et al., 2023): layers holding more activation outliers keep more weights. A block's outlier ratio D is
+the share of its Wanda scores above M times its layer's mean score (M = 5); the ratios are min-max normalised
+to [0, 2*lambda] (lambda = 0.08) and centred, and density_b = (1 - target) + (that centred ratio); every linear
+of block b gets that rate, then slimkit.core.sparsity.exact_counts makes the global total exact.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.wrap import is_conv1d, weight_oi
+from ..errors import SlimkitError
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor, device: torch.device,
+                batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Per layer, the L2 norm of each input channel over every calibration token (fp32, on the CPU)."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().float()
+            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+            sums[name] = sq if name not in sums else sums[name] + sq
+        return fn
+
+    for name, layer in layers.items():
+        if isinstance(layer, nn.Conv2d):
+            raise SlimkitError(f"wanda / owl score linear layers by their input channels; {name} is a convolution: "
+                               "use fcpts, uniform, global_magnitude or erk for CNNs")
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        model.eval().to(device)
+        for i in range(0, data.shape[0], batch_size):
+            model(data[i:i + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.sqrt().cpu() for k, v in sums.items()}
+
+
+def wanda_scores(layer: nn.Module, norm: torch.Tensor) -> torch.Tensor:
+    """|W| * ||X_j|| as (out, in)."""
+    return weight_oi(layer).detach().abs().float().cpu() * norm[None, :]
+
+
+def wanda_mask(layer: nn.Module, norm: torch.Tensor, pruned: int) -> torch.Tensor:
+    """Keep-mask (shaped as the weight parameter) dropping `pruned` weights, spread evenly over the output rows,
+    each row dropping its lowest Wanda scores."""
+    scores = wanda_scores(layer, norm)
+    out, _ = scores.shape
+    per_row = torch.full((out,), pruned // out, dtype=torch.long)
+    per_row[: pruned % out] += 1
+    order = torch.argsort(scores, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1]).expand(out, -1))
+    keep = ranks >= per_row[:, None]
+    keep = keep.to(layer.weight.device)
+    return keep.t().contiguous() if is_conv1d(layer) else keep
+
+
+def owl_rates(layers: dict[str, nn.Module], norms: dict[str, torch.Tensor], blocks: list[str], target: float,
+              m: float = 5.0, lam: float = 0.08) -> dict[str, float]:
+    """Per-layer sparsity rates from each block's outlier ratio (see the module docstring)."""
+    block_of = {k: next((b for b in blocks if k.startswith(b + ".")), k) for k in layers}
+    outliers: dict[str, list[float]] = {}
+    for name, layer in layers.items():
+        s = wanda_scores(layer, norms[name])
+        outliers.setdefault(block_of[name], []).extend([float((s > m * s.mean()).sum()), float(s.numel())])
+    names = list(outliers)
+    ratio = torch.tensor([sum(v[0::2]) / sum(v[1::2]) for v in (outliers[b] for b in names)], dtype=torch.float64)
+    spread = ratio.max() - ratio.min()
+    norm = (ratio - ratio.min()) / spread * (2 * lam) if spread > 0 else torch.zeros_like(ratio)
+    density = (1 - target) + (norm - norm.mean())
+    rate = {b: float((1 - d).clamp(0.0, 1.0)) for b, d in zip(names, density)}
+    return {k: rate[block_of[k]] for k in layers}
