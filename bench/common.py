@@ -109,3 +109,28 @@ def cnn_setup(model_name: str, device: str):
     ref = predict(model, eval_x, device=device)
     fp = evaluate(model, eval_x, eval_y, reference=ref, device=device)
     return model, calib_x, eval_x, eval_y, ref, fp, spec["metric"]
+
+
+def lm_setup(model_name: str, device: str, num_samples: int, seq_len: int, eval_tokens: int, window: int = 512,
+             stride: int = 256, n_sentences: int = 256):
+    """(model, tokenizer, calibration token blocks, measure(model) -> value, metric name, causal) for a shipped
+    transformer, on the Python documentation: a causal LM's perplexity on the held-out split (sliding window),
+    an encoder's mean-pooled embedding cosine to the fp32 model on held-out sentences. Calibration comes from the
+    other split: num_samples blocks of seq_len tokens (causal) or 4*num_samples 128-token windows (encoders)."""
+    from slimkit.lm_eval import embed, embedding_cosine, perplexity
+    from slimkit.models.hf import load_hf
+    from slimkit.text import corpus_tokens, encode_batch, get_corpus, sentences, token_blocks
+    from slimkit.transformer import encoder_blocks
+
+    calib_texts, eval_texts = get_corpus("python-docs", "calib"), get_corpus("python-docs", "eval")
+    model, tok = load_hf(model_name)
+    causal = model_name != "minilm-l6"
+    if causal:
+        tokens = corpus_tokens(eval_texts, tok)
+        calib = token_blocks(calib_texts, tok, num_samples, seq_len, seed=0)
+        return (model, tok, calib, lambda m: perplexity(m, tokens, window, stride, eval_tokens, device=device,
+                                                        progress=False), "ppl", True)
+    batch = encode_batch(tok, sentences(eval_texts, n_sentences, seed=1), max_len=128)
+    ref = embed(model, batch)
+    calib = encoder_blocks(calib_texts, tok, num_samples * 4, 128, seed=0)
+    return model, tok, calib, lambda m: embedding_cosine(m, ref, batch), "cosine", False

@@ -1,12 +1,14 @@
 """Sparsity benchmark: FP, uniform magnitude, global magnitude, ERK and FCPTS at several global sparsities.
 
-Models so far: the shipped Fashion-MNIST ResNet (top-1 accuracy on the full 10k test split) and the pretrained
+Models: the shipped Fashion-MNIST ResNet (top-1 accuracy on the full 10k test split), the pretrained
 EfficientNet-Lite0 (top-1 agreement with fp32 on views of the natural photos that scikit-image and scikit-learn
-bundle). Every method counts the same layers (all Conv2d/Linear), and every row's achieved global sparsity is
-recorded next to its target. Writes bench/results/<name>.json and .md, and the per-layer rates FCPTS learned
+bundle), and the transformers SmolLM2-135M (perplexity on held-out Python docs) and MiniLM-L6 (embedding cosine
+to fp32), which also get the one-shot LLM baselines Wanda and OWL. Every method counts the same layers (CNNs: all
+Conv2d/Linear; transformers: the block linears), and every row's achieved global sparsity is recorded. Writes bench/results/<name>.json and .md, and the per-layer rates FCPTS learned
 as <name>_rates_<model>.png (the highest sparsity run).
 
     python bench/sparsity.py                                   # CPU: Fashion-MNIST ResNet
+    python bench/sparsity.py --models minilm-l6,smollm2-135m --append
     python bench/sparsity.py --device cuda --name sparsity_gpu --models fmnist-resnet,efficientnet-lite0
 """
 from __future__ import annotations
@@ -20,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import slimkit  # noqa: E402
-from common import CNN_MODELS, RESULTS, cnn_setup, merge_rows, write_results  # noqa: E402
+from common import CNN_MODELS, RESULTS, cnn_setup, lm_setup, merge_rows, write_results  # noqa: E402
 from slimkit.eval import evaluate  # noqa: E402
-from slimkit.sparsify import plot_rates  # noqa: E402
+from slimkit.sparsify import NEEDS_DATA, plot_rates  # noqa: E402
 
 METHODS = ("uniform", "global_magnitude", "erk", "fcpts")
 
@@ -38,6 +40,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=400, help="FCPTS rate-learning steps")
     ap.add_argument("--finetune-iters", type=int, default=100, help="FCPTS steps with the masks fixed")
     ap.add_argument("--num-samples", type=int, default=1024, help="FCPTS calibration samples")
+    ap.add_argument("--lm-sparsities", default="0.5,0.7", help="sparsities for the transformers")
+    ap.add_argument("--lm-samples", type=int, default=32, help="transformers: calibration sequences")
+    ap.add_argument("--seq-len", type=int, default=256, help="causal LMs: calibration tokens per sequence")
+    ap.add_argument("--eval-tokens", type=int, default=20000, help="causal LMs: perplexity tokens")
+    ap.add_argument("--lm-iters", type=int, default=100, help="FCPTS rate-learning steps on transformers")
+    ap.add_argument("--lm-finetune-iters", type=int, default=50, help="FCPTS fixed-mask steps on transformers")
+    ap.add_argument("--lm-lr", type=float, default=1e-3, help="FCPTS weight learning rate on transformers")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run that this one does not redo")
     args = ap.parse_args()
@@ -53,33 +62,52 @@ def main() -> None:
             "the magnitude baselines prune in one shot without touching the remaining weights or BatchNorm.",
             "fmnist-resnet: top-1 accuracy on the Fashion-MNIST test split (10k); efficientnet-lite0: top-1 "
             "agreement with the fp32 model on views of natural photos (no ImageNet offline).",
+            f"Transformers: counted layers are the block linears (embeddings and output head stay dense). "
+            f"Calibration: {args.lm_samples} blocks of {args.seq_len} tokens (SmolLM2) or {4 * args.lm_samples} "
+            f"128-token windows (MiniLM) of the Python docs' calibration split. FCPTS there: {args.lm_iters} + "
+            f"{args.lm_finetune_iters} steps of batch 4, weight lr {args.lm_lr:g}, distilling logits (SmolLM2) "
+            f"or the last hidden state (MiniLM). SmolLM2: perplexity over {args.eval_tokens} held-out tokens "
+            "(window 512, stride 256); MiniLM: mean-pooled embedding cosine to fp32 on 256 held-out sentences. "
+            "wanda / owl: one-shot, no weight update (ERK is left out for transformers).",
         ])
 
     for model_name in args.models.split(","):
-        model, calib_x, eval_x, eval_y, ref, fp, _ = cnn_setup(model_name, args.device)
-        spec = CNN_MODELS[model_name]
-        rows.append({"model": model_name, "method": "fp", "setting": "sparsity=0", "metric": spec["metric"],
-                     "value": round(fp[spec["metric"]], 4), "seconds": 0.0, "achieved": 0.0})
-        print(f"{model_name} FP {spec['metric']}={fp[spec['metric']]:.4f}", flush=True)
-        for target in (float(v) for v in args.sparsities.split(",")):
-            for method in args.methods.split(","):
+        lm = model_name not in CNN_MODELS
+        if lm:
+            model, tok, calib_x, measure, metric, _ = lm_setup(model_name, args.device, args.lm_samples,
+                                                               args.seq_len, args.eval_tokens)
+            methods = list(dict.fromkeys([m for m in args.methods.split(",") if m != "erk"] + ["wanda", "owl"]))
+            targets = [float(v) for v in args.lm_sparsities.split(",")]
+            fcpts_kw = dict(iters=args.lm_iters, finetune_iters=args.lm_finetune_iters, batch_size=4, lr=args.lm_lr)
+        else:
+            model, calib_x, eval_x, eval_y, ref, fp, _ = cnn_setup(model_name, args.device)
+            metric = CNN_MODELS[model_name]["metric"]
+            measure = lambda m: evaluate(m, eval_x, eval_y, reference=ref, device=args.device)[metric]  # noqa: E731
+            methods, targets = args.methods.split(","), [float(v) for v in args.sparsities.split(",")]
+            fcpts_kw = dict(iters=args.iters, finetune_iters=args.finetune_iters, num_samples=args.num_samples)
+        fp_value = measure(model)
+        rows.append({"model": model_name, "method": "fp", "setting": "sparsity=0", "metric": metric,
+                     "value": round(fp_value, 4), "seconds": 0.0, "achieved": 0.0})
+        print(f"{model_name} FP {metric}={fp_value:.4f}", flush=True)
+        for target in targets:
+            for method in methods:
                 t0 = time.perf_counter()
-                kw = dict(iters=args.iters, finetune_iters=args.finetune_iters, seed=args.seed, progress=False,
-                          device=args.device, num_samples=args.num_samples) if method == "fcpts" else {}
-                sparse = slimkit.sparsify(model, calib_x if method == "fcpts" else None, method=method,
+                kw = dict(device=args.device)
+                if method == "fcpts":
+                    kw.update(fcpts_kw, seed=args.seed, progress=False)
+                sparse = slimkit.sparsify(model, calib_x if method in NEEDS_DATA else None, method=method,
                                           sparsity=target, **kw)
                 seconds = time.perf_counter() - t0
-                res = evaluate(sparse, eval_x, eval_y, reference=ref, device=args.device)
+                value = measure(sparse)
                 info = sparse.slimkit_info["sparsity"]
                 rows.append({"model": model_name, "method": method, "setting": f"sparsity={target:g}",
-                             "metric": spec["metric"], "value": round(res[spec["metric"]], 4),
-                             "seconds": round(seconds, 1), "achieved": round(info["achieved"], 6)})
-                print(f"  {target:g} {method}: {spec['metric']}={res[spec['metric']]:.4f} "
-                      f"(achieved {info['achieved']:.5f}, {seconds:.0f} s)", flush=True)
-                if method == "fcpts" and target == max(float(v) for v in args.sparsities.split(",")):
+                             "metric": metric, "value": round(value, 4), "seconds": round(seconds, 1),
+                             "achieved": round(info["achieved"], 6)})
+                print(f"  {target:g} {method}: {metric}={value:.4f} (achieved {info['achieved']:.5f}, "
+                      f"{seconds:.0f} s)", flush=True)
+                if method == "fcpts" and target == max(targets):
                     plot_rates(sparse.slimkit_info, RESULTS / f"{args.name}_rates_{model_name}.png")
                 save()
-
 
 if __name__ == "__main__":
     main()

@@ -20,11 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import slimkit  # noqa: E402
-from common import RESULTS, git_commit, merge_rows, write_results  # noqa: E402
-from slimkit.lm_eval import embed, embedding_cosine, perplexity  # noqa: E402
-from slimkit.models.hf import load_hf  # noqa: E402
-from slimkit.transformer import encoder_blocks  # noqa: E402
-from slimkit.text import corpus_tokens, encode_batch, get_corpus, sentences, token_blocks  # noqa: E402
+from common import RESULTS, git_commit, lm_setup, merge_rows, write_results  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 METHODS = ("minmax", "smoothquant", "outlier_suppression", "os_plus")
@@ -85,22 +81,10 @@ def main() -> None:
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     rows = []
-    calib_texts, eval_texts = get_corpus("python-docs", "calib"), get_corpus("python-docs", "eval")
     for model_name in args.models.split(","):
-        model, tok = load_hf(model_name)
-        causal = model_name != "minilm-l6"
-        if causal:
-            tokens = corpus_tokens(eval_texts, tok)
-            measure = lambda m: perplexity(m, tokens, args.window, args.stride, args.eval_tokens,  # noqa: E731
-                                           device=args.device, progress=False)
-            metric = "ppl"
-            calib = token_blocks(calib_texts, tok, args.num_samples, args.seq_len, seed=0)
-        else:
-            batch = encode_batch(tok, sentences(eval_texts, args.sentences, seed=1), max_len=128)
-            ref = embed(model, batch)
-            measure = lambda m: embedding_cosine(m, ref, batch)  # noqa: E731
-            metric = "cosine"
-            calib = encoder_blocks(calib_texts, tok, args.num_samples * 4, 128, seed=0)
+        model, tok, calib, measure, metric, causal = lm_setup(model_name, args.device, args.num_samples,
+                                                              args.seq_len, args.eval_tokens, args.window,
+                                                              args.stride, args.sentences)
         base = {"model": model_name, "device": args.device, "git": git_commit(), "num_samples": len(calib),
                 "seq_len": args.seq_len if causal else 128,
                 "search_steps": args.search_steps, "twc_iters": args.twc_iters}
