@@ -3,7 +3,7 @@
 Models: the shipped Fashion-MNIST ResNet (top-1 accuracy on the full 10k test split), the pretrained
 EfficientNet-Lite0 (top-1 agreement with fp32 on views of the natural photos that scikit-image and scikit-learn
 bundle), and the transformers SmolLM2-135M (perplexity on held-out Python docs) and MiniLM-L6 (embedding cosine
-to fp32), which also get the one-shot LLM baselines Wanda and OWL. Every method counts the same layers (CNNs: all
+to fp32), which also get the one-shot LLM baselines Wanda, OWL and SparseGPT. Every method counts the same layers (CNNs: all
 Conv2d/Linear; transformers: the block linears), and every row's achieved global sparsity is recorded. Writes bench/results/<name>.json and .md, and the per-layer rates FCPTS learned
 as <name>_rates_<model>.png (the highest sparsity run).
 
@@ -68,7 +68,8 @@ def main() -> None:
             f"{args.lm_finetune_iters} steps of batch 4, weight lr {args.lm_lr:g}, distilling logits (SmolLM2) "
             f"or the last hidden state (MiniLM). SmolLM2: perplexity over {args.eval_tokens} held-out tokens "
             "(window 512, stride 256); MiniLM: mean-pooled embedding cosine to fp32 on 256 held-out sentences. "
-            "wanda / owl: one-shot, no weight update (ERK is left out for transformers).",
+            "wanda / owl: one-shot, no weight update; sparsegpt: one-shot with the OBS update of the surviving "
+            "weights, block by block (ERK is left out for transformers).",
         ])
 
     for model_name in args.models.split(","):
@@ -76,7 +77,8 @@ def main() -> None:
         if lm:
             model, tok, calib_x, measure, metric, _ = lm_setup(model_name, args.device, args.lm_samples,
                                                                args.seq_len, args.eval_tokens)
-            methods = list(dict.fromkeys([m for m in args.methods.split(",") if m != "erk"] + ["wanda", "owl"]))
+            extra = ["wanda", "owl", "sparsegpt"]
+            methods = list(dict.fromkeys([m for m in args.methods.split(",") if m != "erk"] + extra))
             targets = [float(v) for v in args.lm_sparsities.split(",")]
             fcpts_kw = dict(iters=args.lm_iters, finetune_iters=args.lm_finetune_iters, batch_size=4, lr=args.lm_lr)
         else:

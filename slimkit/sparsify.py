@@ -8,7 +8,9 @@ Allocation methods (how many weights each layer loses; inside a layer the smalle
 - "erk": Erdos-Renyi-Kernel densities (small layers kept denser), as RigL defines them;
 - "wanda" (every layer at the target, weights ranked by |w| * input-channel norm within each output row) and
   "owl" (Wanda's ranking, per-block rates from activation outliers): one-shot LLM baselines (methods/owl.py);
-  they need calibration data and linear layers.
+  they need calibration data and linear layers;
+- "sparsegpt": every layer at the target, pruned one-shot with the optimal-brain-surgeon update of the surviving
+  weights (methods/sparsegpt.py), block by block; calibration data and linear layers.
 `nm="2:4"` instead keeps the N largest of every M consecutive weights along each layer's reduction dimension
 (the pattern sparse tensor cores run); the sparsity is then 1 - N/M in every counted layer.
 
@@ -30,8 +32,8 @@ from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact
 from .core.wrap import quantizable
 from .errors import SlimkitError
 
-METHODS = ("fcpts", "uniform", "global_magnitude", "erk", "wanda", "owl")
-NEEDS_DATA = ("fcpts", "wanda", "owl")
+METHODS = ("fcpts", "uniform", "global_magnitude", "erk", "wanda", "owl", "sparsegpt")
+NEEDS_DATA = ("fcpts", "wanda", "owl", "sparsegpt")
 
 
 def parse_nm(nm) -> tuple[int, int] | None:
@@ -159,6 +161,20 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         del teacher
     elif pattern is not None:
         masks = {k: nm_keep(m, *pattern) for k, m in layers.items()}
+    elif method == "sparsegpt":
+        from .methods.sparsegpt import sparsegpt
+        from .quantize import pick_device
+        from .transformer import is_transformer
+
+        blocks = []
+        if is_transformer(out):
+            from .core.families import layout
+
+            blocks = layout(out).blocks
+        sizes = {k: m.weight.numel() for k, m in layers.items()}
+        masks = sparsegpt(out, layers, blocks, exact_counts(uniform_rates(sizes, target), sizes, target), data,
+                          pick_device(device))
+        out.cpu()
     elif method in ("wanda", "owl"):
         from .methods.owl import input_norms, owl_rates, wanda_mask
         from .quantize import pick_device

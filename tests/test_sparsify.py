@@ -249,3 +249,28 @@ def test_wanda_beats_magnitude_when_inputs_have_outlier_channels():
     err = {m: float((slimkit.sparsify(model, x, method=m, sparsity=0.6)(x).detach() - ref).pow(2).mean())
            for m in ("wanda", "uniform")}
     assert err["wanda"] < 0.5 * err["uniform"]
+
+
+def test_sparsegpt_compensates_better_than_wanda_and_hits_the_target():
+    from tiny_hf import VOCAB, tiny_model
+    torch.manual_seed(8)
+    layer = nn.Linear(48, 24)
+    x = torch.randn(512, 48) @ torch.randn(48, 48)          # correlated inputs: there is something to compensate
+    model = nn.Sequential(layer)
+    ref = model(x).detach()
+    err = {m: float((slimkit.sparsify(model, x, method=m, sparsity=0.6)(x).detach() - ref).pow(2).mean())
+           for m in ("sparsegpt", "wanda", "uniform")}
+    assert err["sparsegpt"] < 0.98 * min(err["wanda"], err["uniform"])
+    sparse = slimkit.sparsify(model, x, method="sparsegpt", sparsity=0.6)[0]
+    keep = sparse.weight != 0
+    with torch.no_grad():   # the same mask without the update of the surviving weights
+        masked_only = float((x @ (layer.weight * keep).t() + layer.bias - ref).pow(2).mean())
+    assert err["sparsegpt"] < 0.85 * masked_only
+    llama = tiny_model("llama", layers=3).eval()
+    tokens = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(2))
+    s = slimkit.sparsify(llama, tokens, method="sparsegpt", sparsity=0.5, device="cpu")
+    layers = prunable_layers(s)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.5 * total)
+    gpt2 = slimkit.sparsify(tiny_model("gpt2"), tokens, method="sparsegpt", sparsity=0.5, device="cpu")
+    assert all(abs(r["rate"] - 0.5) < 0.01 for r in gpt2.slimkit_info["sparsity"]["layers"].values())

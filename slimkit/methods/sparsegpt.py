@@ -1,0 +1,112 @@
+"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning that updates the surviving weights to compensate.
+
+Per linear layer with calibration inputs X (tokens x in), H = 2 X^T X / n + damp * mean(diag) * I. Columns are
+processed left to right in blocks of 128: inside a block, the weights with the smallest w^2 / [H^-1]_jj^2 are
+pruned (the block's share of the layer's count, over all rows: the paper's adaptive mask selection), and each
+pruned or kept column's error is spread over the later columns through the upper Cholesky factor of H^-1 (the
+optimal brain surgeon update), so the layer's output on X changes as little as possible.
+Layers are pruned block by block (transformer blocks in order; each block's inputs come from the already
+pruned blocks before it), as the paper runs it; a model without transformer blocks is one block.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.wrap import is_conv1d, weight_oi
+from ..errors import SlimkitError
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def hessians(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor, device: torch.device,
+             batch_size: int = 8, stop_at: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """2 X^T X / n (fp32) of each layer's inputs over the calibration tokens; the forward stops after `stop_at`."""
+    hs: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            hs[name] = hs.get(name, 0) + 2 * x.t() @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    def stop(module, args, out):
+        raise _Stop
+    for name, layer in layers.items():
+        if isinstance(layer, nn.Conv2d):
+            raise SlimkitError(f"sparsegpt prunes linear layers from their input covariance; {name} is a "
+                               "convolution: use fcpts, uniform, global_magnitude or erk for CNNs")
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    if stop_at is not None:
+        handles.append(stop_at.register_forward_hook(stop))
+    try:
+        for i in range(0, data.shape[0], batch_size):
+            try:
+                model(data[i:i + batch_size].to(device))
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: hs[k] / counts[k] for k in hs}
+
+
+@torch.no_grad()
+def prune_layer(layer: nn.Module, h: torch.Tensor, pruned: int, blocksize: int = 128,
+                damp: float = 0.01) -> torch.Tensor:
+    """Prune exactly `pruned` weights of `layer` in place by SparseGPT's update; returns the keep-mask (shaped
+    as the weight parameter)."""
+    w_view = weight_oi(layer)
+    w = w_view.detach().float().clone()
+    rows, cols = w.shape
+    h = h.to(w.device).clone()
+    dead = torch.diag(h) == 0          # inputs never active: nothing to preserve there
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, device=w.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    per_block = [((i2 * pruned) // cols) - ((i1 * pruned) // cols)
+                 for i1, i2 in ((i, min(i + blocksize, cols)) for i in range(0, cols, blocksize))]
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for b, i1 in enumerate(range(0, cols, blocksize)):
+        i2 = min(i1 + blocksize, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        score = w1.pow(2) / torch.diag(hinv1).pow(2)[None, :]
+        drop = torch.zeros_like(w1, dtype=torch.bool).flatten()
+        drop[torch.argsort(score.flatten(), stable=True)[:per_block[b]]] = True
+        drop = drop.view_as(w1)
+        err = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            q = torch.where(drop[:, i], torch.zeros_like(col), col)
+            e = (col - q) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            w1[:, i] = q
+            err[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+        keep[:, i1:i2] = ~drop
+    w_view.copy_(torch.where(keep, w, torch.zeros_like(w)).to(w_view.dtype))
+    return keep.t().contiguous() if is_conv1d(layer) else keep
+
+
+def sparsegpt(model: nn.Module, layers: dict[str, nn.Module], blocks: list[str], counts: dict[str, int],
+              data: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """Prune `model` in place, block by block (`blocks`: module paths in forward order; each block's layers see
+    inputs through the pruned blocks before it; none: all layers at once); returns the keep-masks."""
+    model.eval().to(device)
+    groups = [(model.get_submodule(b), [k for k in layers if k.startswith(b + ".")]) for b in blocks] or \
+        [(None, list(layers))]
+    masks = {}
+    for block, names in groups:
+        if not names:
+            continue
+        hs = hessians(model, {k: layers[k] for k in names}, data, device, stop_at=block)
+        for k in names:
+            masks[k] = prune_layer(layers[k], hs[k], counts[k])
+    return masks
