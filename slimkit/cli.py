@@ -169,7 +169,7 @@ def sparsify(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="directory to write the sparse model to"),
     method: str = typer.Option("fcpts", help="fcpts (learned per-layer rates; needs calibration data) | uniform | "
-                                             "global_magnitude | erk | wanda | owl (LLM baselines; need data)"),
+                                             "global_magnitude | erk | wanda | owl | sparsegpt (LLM baselines; need data)"),
     sparsity: float = typer.Option(0.5, help="share of the counted weights set to zero, in [0, 1)"),
     calib: Optional[str] = typer.Option(None, help="fcpts calibration inputs: .safetensors/.npy/.npz file or shipped "
                                                    "dataset name (default: the shipped model's calibration set)"),
