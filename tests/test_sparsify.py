@@ -274,3 +274,13 @@ def test_sparsegpt_compensates_better_than_wanda_and_hits_the_target():
     assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.5 * total)
     gpt2 = slimkit.sparsify(tiny_model("gpt2"), tokens, method="sparsegpt", sparsity=0.5, device="cpu")
     assert all(abs(r["rate"] - 0.5) < 0.01 for r in gpt2.slimkit_info["sparsity"]["layers"].values())
+
+
+def test_sparse_transformer_saves_and_loads(tmp_path):
+    from tiny_hf import VOCAB, tiny_model
+    s = slimkit.sparsify(tiny_model("llama"), method="global_magnitude", sparsity=0.6)
+    path = slimkit.save(s, tmp_path / "llama-s60")
+    back = slimkit.load(path, model=tiny_model("llama", seed=1))      # other weights: all must come from the file
+    tokens = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(s(tokens).logits, back(tokens).logits)
