@@ -302,6 +302,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     for layer in quant_layers(q_model).values():
         if not layer.frozen:
             layer.freeze()
+    sparsity = (getattr(model, "slimkit_info", None) or {}).get("sparsity")   # a sparsified model's report
     q_model.slimkit_info = {
         "method": cfg.method,
         "config": cfg.to_dict(),
@@ -316,4 +317,6 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         "seconds": {"total": time.perf_counter() - t0},
         "device": str(device),
     }
+    if sparsity is not None:
+        q_model.slimkit_info["sparsity"] = sparsity
     return q_model

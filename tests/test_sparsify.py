@@ -284,3 +284,16 @@ def test_sparse_transformer_saves_and_loads(tmp_path):
     tokens = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(s(tokens).logits, back(tokens).logits)
+
+
+@pytest.mark.parametrize("method", ["minmax", "os_plus"])
+def test_sparse_transformer_quantized_keeps_zeros_and_its_report(method):
+    from tiny_hf import VOCAB, tiny_model
+    from slimkit.core.wrap import quant_layers, weight_oi
+    s = slimkit.sparsify(tiny_model("llama"), method="global_magnitude", sparsity=0.5)
+    tokens = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    q = slimkit.quantize(s, tokens, method=method, w_bits=8, a_bits=8, device="cpu", progress=False)
+    assert q.slimkit_info["sparsity"]["target"] == 0.5
+    for name, layer in quant_layers(q).items():
+        pruned = weight_oi(s.get_submodule(name)) == 0
+        assert torch.all(layer.quantized_weight()[pruned] == 0)   # zero sits on the grid: it stays zero
