@@ -149,11 +149,13 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     out = model if inplace else copy.deepcopy(model)
     layers = prunable_layers(out, exclude)
     log = None
-    if learn:
-        from .methods.fcpts import FCPTSConfig, fcpts
+    if needs_data:
         from .quantize import pick_device
 
         dev = pick_device(device)
+    if learn:
+        from .methods.fcpts import FCPTSConfig, fcpts
+
         teacher = copy.deepcopy(model).to(dev).eval()
         out.to(dev)
         masks, log = fcpts(out, teacher, layers, data, FCPTSConfig(sparsity=target, **options), dev)
@@ -163,7 +165,6 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         masks = {k: nm_keep(m, *pattern) for k, m in layers.items()}
     elif method == "sparsegpt":
         from .methods.sparsegpt import sparsegpt
-        from .quantize import pick_device
         from .transformer import is_transformer
 
         blocks = []
@@ -172,14 +173,12 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
 
             blocks = layout(out).blocks
         sizes = {k: m.weight.numel() for k, m in layers.items()}
-        masks = sparsegpt(out, layers, blocks, exact_counts(uniform_rates(sizes, target), sizes, target), data,
-                          pick_device(device))
+        masks = sparsegpt(out, layers, blocks, exact_counts(uniform_rates(sizes, target), sizes, target), data, dev)
         out.cpu()
     elif method in ("wanda", "owl"):
         from .methods.owl import input_norms, owl_rates, wanda_mask
-        from .quantize import pick_device
 
-        norms = input_norms(out, layers, data, pick_device(device))
+        norms = input_norms(out, layers, data, dev)
         out.cpu()
         sizes = {k: m.weight.numel() for k, m in layers.items()}
         if method == "owl":

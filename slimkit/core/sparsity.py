@@ -150,6 +150,42 @@ def apply_mask(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
+# ---------- calibration statistics of layer inputs ----------
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def feed_inputs(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor, device: torch.device,
+                on_input, method: str, batch_size: int = 8, stop_at: nn.Module | None = None) -> None:
+    """Run the calibration data through `model` in batches and call on_input(name, x) with each counted linear
+    layer's input as fp32 (tokens, in); the forward stops after `stop_at` when given. Convolutions are refused:
+    `method` scores weights by their input channels."""
+    for name, layer in layers.items():
+        if isinstance(layer, nn.Conv2d):
+            raise SlimkitError(f"{method} scores linear layers by their inputs; {name} is a convolution: use fcpts, "
+                               "uniform, global_magnitude or erk for CNNs")
+
+    def hook(name):
+        return lambda module, args: on_input(name, args[0].detach().float().reshape(-1, args[0].shape[-1]))
+
+    def stop(module, args, out):
+        raise _Stop
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    if stop_at is not None:
+        handles.append(stop_at.register_forward_hook(stop))
+    try:
+        for i in range(0, data.shape[0], batch_size):
+            try:
+                model(data[i:i + batch_size].to(device))
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ---------- compact storage: values + bitmask ----------
 
 def pack_sparse(w: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -13,35 +13,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.sparsity import feed_inputs
 from ..core.wrap import is_conv1d, weight_oi
-from ..errors import SlimkitError
 
 
-@torch.no_grad()
 def input_norms(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor, device: torch.device,
                 batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Per layer, the L2 norm of each input channel over every calibration token (fp32, on the CPU)."""
     sums: dict[str, torch.Tensor] = {}
 
-    def hook(name):
-        def fn(module, args):
-            x = args[0].detach().float()
-            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
-            sums[name] = sq if name not in sums else sums[name] + sq
-        return fn
-
-    for name, layer in layers.items():
-        if isinstance(layer, nn.Conv2d):
-            raise SlimkitError(f"wanda / owl score linear layers by their input channels; {name} is a convolution: "
-                               "use fcpts, uniform, global_magnitude or erk for CNNs")
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        model.eval().to(device)
-        for i in range(0, data.shape[0], batch_size):
-            model(data[i:i + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    def add(name, x):
+        sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+    model.eval().to(device)
+    feed_inputs(model, layers, data, device, add, "wanda / owl", batch_size)
     return {k: v.sqrt().cpu() for k, v in sums.items()}
 
 

@@ -13,46 +13,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.sparsity import feed_inputs
 from ..core.wrap import is_conv1d, weight_oi
-from ..errors import SlimkitError
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
 def hessians(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor, device: torch.device,
              batch_size: int = 8, stop_at: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """2 X^T X / n (fp32) of each layer's inputs over the calibration tokens; the forward stops after `stop_at`."""
     hs: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name):
-        def fn(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            hs[name] = hs.get(name, 0) + 2 * x.t() @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return fn
-
-    def stop(module, args, out):
-        raise _Stop
-    for name, layer in layers.items():
-        if isinstance(layer, nn.Conv2d):
-            raise SlimkitError(f"sparsegpt prunes linear layers from their input covariance; {name} is a "
-                               "convolution: use fcpts, uniform, global_magnitude or erk for CNNs")
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    if stop_at is not None:
-        handles.append(stop_at.register_forward_hook(stop))
-    try:
-        for i in range(0, data.shape[0], batch_size):
-            try:
-                model(data[i:i + batch_size].to(device))
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    def add(name, x):
+        hs[name] = hs.get(name, 0) + 2 * x.t() @ x
+        counts[name] = counts.get(name, 0) + x.shape[0]
+    feed_inputs(model, layers, data, device, add, "sparsegpt", batch_size, stop_at)
     return {k: hs[k] / counts[k] for k in hs}
 
 

@@ -240,10 +240,6 @@ def gelu_backward(dact: torch.Tensor, pre: torch.Tensor, approximate: str = "non
 
 # ---------- autograd ----------
 
-def _bias_grad(db: torch.Tensor | None, b: torch.Tensor | None):
-    return None if b is None or db is None else db.to(b.dtype)
-
-
 class _GeluUp(torch.autograd.Function):
     """act = gelu(h @ w^T + b): fused forward, fused GELU-backward + bias-gradient."""
 
