@@ -12,12 +12,21 @@ Rows (bench/results/<name>.json): method dense | lowrank | blockshuffle | blockd
   "<kind>-premerged" the factors merged into one dense matrix (slimkit.structured.merged_linear);
   "<kind>-graph"    forward through slimkit.structured.graphed as users call it (input copied in, CUDA graph
                     replayed, output cloned), its speed-up taken over the dense FFN graphed the same way;
+  "<kind>-compiled" the same FFN through torch.compile (what `slimkit train-lm --compile` runs: Inductor fuses
+                    bias, GELU and the bias-gradient reductions around the cuBLAS matmuls), "dense-compiled" the
+                    dense FFN likewise; both against the eager dense FFN (--compile-tokens, GPU default 16384);
+  "<kind>-decode"   decoding: a stack of --decode-layers residual FFN blocks (x + FFN(x)) captured as one CUDA graph
+                    (slimkit.structured.graphed), as a graph-decoded model runs a step, timed with CUDA events over
+                    a loop of replays; against the dense stack graphed the same way (at the smallest token count);
+  "<kind>-decode-premerge" the same stack after slimkit.structured.premerge(graph=True), which merges each layer
+                    whose merged replay measures faster;
 setting "r=0.32 d=2048 T=16384" (r: the target parameter ratio; 'ratio' holds the one the shape rules reach),
 metric fw_speedup / fwbw_speedup (dense time / this time), with fw_ms / fwbw_ms alongside.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -29,9 +38,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results  # noqa: E402
+from common import merge_rows, write_results  # noqa: E402
 from slimkit.errors import SlimkitError  # noqa: E402
-from slimkit.structured import graphed, make_linear, merged_linear  # noqa: E402
+from slimkit.structured import graphed, make_linear, merged_linear, premerge  # noqa: E402
 from slimkit.structured.kernels import available, fused_ffn, supported  # noqa: E402
 from slimkit.structured.layers import BlockDenseLinear, LowRankLinear  # noqa: E402
 
@@ -85,6 +94,17 @@ class PlainBlockDiag(nn.Module):
         return y.reshape(t, -1) + layer.bias
 
 
+class Residual(nn.Module):
+    """x + ffn(x): one decoder block's FFN half, so that a stack of them is a decode step's FFN work."""
+
+    def __init__(self, ffn: nn.Module):
+        super().__init__()
+        self.ffn = ffn
+
+    def forward(self, x):
+        return x + self.ffn(x)
+
+
 def plain(layer: nn.Module) -> nn.Module:
     return PlainLowRank(layer) if isinstance(layer, LowRankLinear) else PlainBlockDiag(layer)
 
@@ -106,6 +126,36 @@ def median_ms(fn, device, reps: int) -> float:
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def loop_ms(fn, iters: int = 200, loops: int = 7) -> float:
+    """Median over `loops` of the mean CUDA-event time of `iters` back-to-back calls of fn, in ms: for calls of
+    tens of microseconds, where a synchronisation around each call would time the host as much as the GPU."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(loops):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def decode_ms(blocks: list[nn.Module], x: torch.Tensor) -> dict:
+    """Forward time of the residual stack of `blocks`, replayed as one CUDA graph."""
+    replay = graphed(nn.Sequential(*[Residual(b) for b in blocks]).eval(), x, clone_output=False)
+    return {"fw_ms": loop_ms(lambda: replay(x))}
+
+
+def compiled(ffn: nn.Module) -> nn.Module:
+    """torch.compile of a fresh copy of the FFN's code path, static shapes, no stale guards from other shapes."""
+    torch._dynamo.reset()
+    return torch.compile(ffn, dynamic=False)
 
 
 def measure(ffn: nn.Module, x: torch.Tensor, reps: int, backward: bool = True, graph: bool = False) -> dict:
@@ -154,7 +204,11 @@ def main() -> None:
     ap.add_argument("--align", type=int, default=64,
                     help="rank alignment of lowrank/blockdense (64: the tensor-core tile; the layers' default is 8)")
     ap.add_argument("--no-fused", action="store_true", help="skip the '-fused' rows (Triton kernels)")
-    ap.add_argument("--append", action="store_true")
+    ap.add_argument("--compile-tokens", default=None,
+                    help="token counts with '-compiled' rows (torch.compile; GPU default 16384, CPU none)")
+    ap.add_argument("--decode-layers", type=int, default=8,
+                    help="FFN blocks in the graphed decode stack ('-decode' rows, GPU only; 0: none)")
+    ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run that this one does not redo")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -164,6 +218,9 @@ def main() -> None:
     tokens = [int(v) for v in (args.tokens or ("16,512,16384" if gpu else "16,512")).split(",")]
     ratios = [float(v) for v in args.ratios.split(",")]
     reps = args.reps or (30 if gpu else 5)
+    compile_tokens = [int(v) for v in (args.compile_tokens or ("16384" if gpu else "")).split(",") if v]
+    decode_layers = args.decode_layers if gpu else 0
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     torch.manual_seed(0)
     rows, skipped = [], []
 
@@ -176,6 +233,23 @@ def main() -> None:
                          "ms": round(res[f"{metric}_ms"], 4), "dense_ms": round(base[f"{metric}_ms"], 4),
                          "ratio": round(ratio, 4), "seconds": round(time.perf_counter() - t0, 2)})
 
+    def save():   # after every setting, so that a run cut short keeps what it measured
+        notes = [
+            "One FFN: Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d), both linears of the kind named; x has T tokens. "
+            f"{'bf16' if gpu else 'fp32'}; median of {reps} timed calls after 3 warm-up calls, synchronised. "
+            "fwbw: forward, then backward of a fixed upstream gradient (no loss), parameter and input grads written "
+            f"fresh each call, as in one training step. Ranks aligned to multiples of {args.align} (--align) where "
+            "the rank is large enough (layers.lowrank_rank / blockdense_shape).",
+            "value = dense time / this time, the dense FFN (nn.Linear) measured in the same run and setting; "
+            "'-graph' rows divide the dense FFN's time by the structured FFN's, both called through "
+            "slimkit.structured.graphed (input copy, CUDA-graph replay, output clone); '-decode' rows divide the "
+            f"graphed dense stack's time by the structured stack's ({decode_layers} blocks, CUDA-event loop).",
+            "'ratio' is the parameter ratio the shape rules reach for the target r (BlockShuffle's depends on the "
+            "block count alone: 1.25/b for d -> 4d).",
+        ] + [f"skipped (no shape meets the ratio): {s}" for s in skipped]
+        write_results(name, args.device, merge_rows(name, rows) if args.append else rows, notes=notes,
+                      columns=("model", "method", "setting", "metric", "value", "ms", "dense_ms", "ratio", "seconds"))
+
     for d in dims:
         for T in tokens:
             x = torch.randn(T, d, device=device, dtype=dtype)
@@ -185,6 +259,13 @@ def main() -> None:
             base_graph = measure(dense, x, reps, backward=False, graph=True) if gpu else None
             add("dense", f"r=1 d={d} T={T}", 1.0, base, base, t0)
             fuse = available(x) and not args.no_fused
+            comp = T in compile_tokens
+            dec = decode_layers > 0 and T == min(tokens)
+            if comp:
+                t0 = time.perf_counter()
+                add("dense-compiled", f"r=1 d={d} T={T}", 1.0, measure(compiled(dense), x, reps), base, t0)
+            if dec:
+                base_dec = decode_ms([build("dense", d, 1.0, device, dtype)[0] for _ in range(decode_layers)], x)
             if fuse:
                 t0 = time.perf_counter()
                 add("dense-fused", f"r=1 d={d} T={T}", 1.0, measure(FusedFFN(dense.fc1, dense.fc2), x, reps), base, t0)
@@ -203,6 +284,18 @@ def main() -> None:
                     if fuse and supported(ffn.fc1):
                         t0 = time.perf_counter()
                         add(f"{kind}-fused", setting, real, measure(FusedFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
+                    if comp:
+                        t0 = time.perf_counter()
+                        add(f"{kind}-compiled", setting, real, measure(compiled(ffn), x, reps), base, t0)
+                    if dec:
+                        t0 = time.perf_counter()
+                        stack = [ffn] + [build(kind, d, ratio, device, dtype, args.align)[0]
+                                         for _ in range(decode_layers - 1)]
+                        add(f"{kind}-decode", setting, real, decode_ms(stack, x), base_dec, t0)
+                        t0 = time.perf_counter()
+                        chosen = [premerge(b, T, graph=True) for b in map(copy.deepcopy, stack)]
+                        add(f"{kind}-decode-premerge", setting, real, decode_ms(chosen, x), base_dec, t0)
+                        del stack, chosen
                     t0 = time.perf_counter()
                     naive = FFN(plain(ffn.fc1), plain(ffn.fc2))
                     add(f"{kind}-plain", setting, real, measure(naive, x, reps), base, t0)
@@ -216,21 +309,6 @@ def main() -> None:
                     del ffn, naive, merged
                     got = {r["method"]: r["value"] for r in rows if r["setting"] == setting and r["metric"] == "fw_speedup"}
                     print(f"  {setting} {kind} (ratio {real:.3f}): fw x{got.get(kind)}", flush=True)
-    notes = [
-        "One FFN: Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d), both linears of the kind named; x has T tokens. "
-        f"{'bf16' if gpu else 'fp32'}; median of {reps} timed calls after 3 warm-up calls, synchronised. "
-        "fwbw: forward, then backward of a fixed upstream gradient (no loss), parameter and input grads written "
-        f"fresh each call, as in one training step. Ranks aligned to multiples of {args.align} (--align) where "
-        "the rank is large enough (layers.lowrank_rank / blockdense_shape).",
-        "value = dense time / this time, the dense FFN (nn.Linear) measured in the same run and setting; "
-        "'-graph' rows divide the dense FFN's time by the structured FFN's, both called through "
-        "slimkit.structured.graphed (input copy, CUDA-graph replay, output clone).",
-        "'ratio' is the parameter ratio the shape rules reach for the target r (BlockShuffle's depends on the "
-        "block count alone: 1.25/b for d -> 4d).",
-    ] + [f"skipped (no shape meets the ratio): {s}" for s in skipped]
-    write_results(name, args.device, rows, notes=notes,
-                  columns=("model", "method", "setting", "metric", "value", "ms", "dense_ms", "ratio", "seconds"))
-
-
+            save()
 if __name__ == "__main__":
     main()
