@@ -98,7 +98,8 @@ def _layers(kind1, kind2, d=16, hdim=48):
 @pytest.mark.parametrize("kind1,kind2", [("dense", "dense"), ("lowrank", "lowrank"), ("blockdense", "lowrank"),
                                          ("lowrank", "blockdense"), ("blockdense", "blockshuffle")])
 @pytest.mark.parametrize("approximate", APPROX)
-def test_fused_ffn_equals_eager_forward_and_gradients(K, kind1, kind2, approximate):
+@pytest.mark.parametrize("matmul", ["triton", "cublas"])
+def test_fused_ffn_equals_eager_forward_and_gradients(K, kind1, kind2, approximate, matmul):
     fc1, fc2 = _layers(kind1, kind2)
     params = list(fc1.parameters()) + list(fc2.parameters())
     x = torch.randn(3, 7, 16, requires_grad=True)          # a leading batch dimension, 21 tokens
@@ -112,7 +113,7 @@ def test_fused_ffn_equals_eager_forward_and_gradients(K, kind1, kind2, approxima
         y.backward(grad)
         return y.detach(), x.grad.clone(), [p.grad.clone() for p in params]
 
-    y, dx, dps = run(lambda t: K.fused_ffn(fc1, fc2, t, approximate))
+    y, dx, dps = run(lambda t: K.fused_ffn(fc1, fc2, t, approximate, matmul))
     y0, dx0, dps0 = run(lambda t: fc2(F.gelu(fc1(t), approximate=approximate)))
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, dx0, rtol=1e-5, atol=1e-5)
@@ -134,7 +135,8 @@ gpu = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="n
 @gpu
 @pytest.mark.parametrize("kind1,kind2", [("dense", "dense"), ("lowrank", "lowrank"), ("blockdense", "blockdense")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_ffn_on_gpu_equals_eager(kind1, kind2, dtype):
+@pytest.mark.parametrize("matmul", ["triton", "cublas"])
+def test_fused_ffn_on_gpu_equals_eager(kind1, kind2, dtype, matmul):
     from slimkit.structured import kernels as K
     from slimkit.structured import make_linear
     torch.manual_seed(0)
@@ -145,7 +147,7 @@ def test_fused_ffn_on_gpu_equals_eager(kind1, kind2, dtype):
     x = torch.randn(2, 300, d, device="cuda", dtype=dtype, requires_grad=True)
     grad = torch.randn(2, 300, d, device="cuda", dtype=dtype)
     outs = []
-    for fn in (lambda t: K.fused_ffn(fc1, fc2, t, "tanh"), lambda t: fc2(F.gelu(fc1(t), approximate="tanh"))):
+    for fn in (lambda t: K.fused_ffn(fc1, fc2, t, "tanh", matmul), lambda t: fc2(F.gelu(fc1(t), approximate="tanh"))):
         for p in params:
             p.grad = None
         x.grad = None

@@ -244,8 +244,12 @@ class _GeluUp(torch.autograd.Function):
     """act = gelu(h @ w^T + b): fused forward, fused GELU-backward + bias-gradient."""
 
     @staticmethod
-    def forward(ctx, h, w, b, approximate):
-        act, pre = linear_gelu(h, w, b, approximate)
+    def forward(ctx, h, w, b, approximate, cublas=False):
+        if cublas:   # cuBLAS matmul (bias in its epilogue), then GELU; only the backward is fused
+            pre = F.linear(h, w, b)
+            act = F.gelu(pre, approximate=approximate)
+        else:
+            act, pre = linear_gelu(h, w, b, approximate)
         ctx.save_for_backward(h, w, pre)
         ctx.has_bias, ctx.approximate = b is not None, approximate
         ctx.bias_dtype = None if b is None else b.dtype
@@ -256,7 +260,7 @@ class _GeluUp(torch.autograd.Function):
         h, w, pre = ctx.saved_tensors
         dpre, db = gelu_backward(dact, pre, ctx.approximate, ctx.has_bias)
         db = None if db is None else db.to(ctx.bias_dtype)
-        return dpre @ w, dpre.t() @ h, db, None
+        return dpre @ w, dpre.t() @ h, db, None, None
 
 
 class _GeluUpDown(torch.autograd.Function):
@@ -307,10 +311,15 @@ def supported(fc1: nn.Module, act: str = "gelu") -> bool:
     return act == "gelu" and (type(fc1) is nn.Linear or isinstance(fc1, (LowRankLinear, BlockDenseLinear)))
 
 
-def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str = "none",
+              matmul: str = "triton") -> torch.Tensor:
     """fc2(gelu(fc1(x))) with the GELU and bias work fused into fc1's last matmul and, where fc2 starts with a
     dense factor, into its first matmul's backward. Equal to the eager expression up to rounding; falls back to
-    it where the kernels do not apply (no Triton/CUDA, fc1 ending block-diagonal). Follows autocast."""
+    it where the kernels do not apply (no Triton/CUDA, fc1 ending block-diagonal). Follows autocast.
+    matmul="cublas" keeps every matmul in cuBLAS and fuses only the backward's elementwise work (GELU' and the
+    bias-gradient sum in one pass over the hidden activations, `gelu_backward`)."""
+    if matmul not in ("triton", "cublas"):
+        raise ValueError(f"fused_ffn: matmul must be 'triton' or 'cublas', got {matmul!r}")
     if not available(x) or not supported(fc1):
         return fc2(F.gelu(fc1(x), approximate=approximate))
     lead = x.shape[:-1]
@@ -322,8 +331,9 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     tail = _tail(fc2)
     with torch.autocast(dev, enabled=False):
         h, w = h.to(dt), w.to(dt)
-        if tail is None:
-            hidden = _GeluUp.apply(h.contiguous(), w, b, approximate)
+        if tail is None or matmul == "cublas":
+            tail = None
+            hidden = _GeluUp.apply(h.contiguous(), w, b, approximate, matmul == "cublas")
         else:
             hidden = _GeluUpDown.apply(h.contiguous(), w, b, tail[0].to(dt), approximate)
     y = fc2(hidden) if tail is None else tail[1](hidden)
