@@ -177,6 +177,9 @@ def sparsify(
     finetune_iters: Optional[int] = typer.Option(None, "--finetune-iters", help="fcpts: steps with the masks fixed (100)"),
     num_samples: int = typer.Option(1024, "--num-samples", help="fcpts: calibration samples"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="fcpts: batch size (64)"),
+    score: Optional[str] = typer.Option(None, help="fcpts: rank weights by 'magnitude' (|w|) or 'activation' "
+                                                   "(|w| * input channel norm); default auto: activation for "
+                                                   "transformers"),
     nm: Optional[str] = typer.Option(None, help="N:M pattern instead, e.g. 2:4 (keep N of every M weights)"),
     exclude: Optional[list[str]] = typer.Option(None, help="layer names (or prefixes) to leave dense; repeatable"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="data to evaluate FP and sparse models on"),
@@ -207,8 +210,8 @@ def sparsify(
     fp_model, is_artifact = load_any(model, weights)
     if is_artifact:
         raise SlimkitError(f"{model} is a saved artifact: give the float model")
-    options = {k: v for k, v in dict(iters=iters, finetune_iters=finetune_iters, batch_size=batch_size).items()
-               if v is not None}
+    options = {k: v for k, v in dict(iters=iters, finetune_iters=finetune_iters, batch_size=batch_size,
+                                     score=score).items() if v is not None}
     learn = nm is None and method in NEEDS_DATA
     if learn:
         calib = calib or default_data(model, "calib")
@@ -219,7 +222,7 @@ def sparsify(
         if is_transformer(fp_model) and isinstance(calib, str):
             calib = text_data(calib)
     if options and (nm is not None or method != "fcpts"):
-        raise SlimkitError("--iters, --finetune-iters and --batch-size apply to --method fcpts only")
+        raise SlimkitError("--iters, --finetune-iters, --batch-size and --score apply to --method fcpts only")
     if nm is None and method == "fcpts":
         options.update(progress=not quiet)
     t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """slimkit.sparsify: set a chosen share of a model's weights to zero, layer by layer, at an exact global sparsity.
 
-Allocation methods (how many weights each layer loses; inside a layer the smallest |w| go):
+Allocation methods (how many weights each layer loses; inside a layer the smallest |w| go, unless noted):
 - "fcpts": rates learned on calibration data (slimkit.methods.fcpts: bridge function, control term, distillation),
-  weights and BatchNorm adjusted with them; needs `calib_data`;
+  weights and BatchNorm adjusted with them; needs `calib_data`; in transformers it ranks weights inside a layer
+  by |w| * input channel norm (score="activation", the default there) instead of |w|;
 - "uniform": every counted layer at the target rate;
 - "global_magnitude": one magnitude threshold over all counted layers;
 - "erk": Erdos-Renyi-Kernel densities (small layers kept denser), as RigL defines them;
@@ -96,7 +97,9 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     `calib_data` (inputs as for slimkit.quantize; at most `num_samples` used) is needed by "fcpts" only; for
     Hugging Face transformers it is text (file, folder, list, shipped corpus name) or token ids, cut into
     `num_samples` blocks of `seq_len` tokens (default 2048, 128 for encoders) with the model's `tokenizer`;
-    `options` are its FCPTSConfig fields (iters, finetune_iters, batch_size, lr, lr_threshold, ...)."""
+    `options` are its FCPTSConfig fields (iters, finetune_iters, batch_size, lr, lr_threshold, score, ...);
+    score="auto" (default) ranks weights inside a layer by |w| * input channel norm in transformers, by |w|
+    elsewhere (slimkit.methods.fcpts)."""
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -116,6 +119,10 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         if unknown:
             raise SlimkitError(f"unknown fcpts option(s) {', '.join(sorted(unknown))}: choose from "
                                f"{', '.join(k for k in FCPTSConfig.__dataclass_fields__ if k != 'sparsity')}")
+        from .methods.fcpts import SCORES
+
+        if options.get("score", "auto") not in SCORES:
+            raise SlimkitError(f"fcpts score must be one of {', '.join(SCORES)}, got {options['score']!r}")
     elif options:
         raise SlimkitError(f"option(s) {', '.join(sorted(options))} apply to method fcpts only")
     if isinstance(exclude, str):
@@ -156,6 +163,10 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     if learn:
         from .methods.fcpts import FCPTSConfig, fcpts
 
+        if options.get("score", "auto") == "auto":
+            from .transformer import is_transformer
+
+            options["score"] = "activation" if is_transformer(out) else "magnitude"
         teacher = copy.deepcopy(model).to(dev).eval()
         out.to(dev)
         masks, log = fcpts(out, teacher, layers, data, FCPTSConfig(sparsity=target, **options), dev)
@@ -212,7 +223,8 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     if log is not None:
         info["sparsity"]["fcpts"] = {"learned_rates": log["learned_rates"], "init_rates": log["init_rates"],
                                      "final_global_rate": log["global_rate"][-1] if log["global_rate"] else None,
-                                     "seconds": log["seconds"], "samples": int(data.shape[0])}
+                                     "seconds": log["seconds"], "samples": int(data.shape[0]),
+                                     "score": options["score"]}
     info.setdefault("model_spec", getattr(model, "_slimkit_spec", None))
     out.slimkit_info = info
     return out

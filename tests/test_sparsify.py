@@ -297,3 +297,41 @@ def test_sparse_transformer_quantized_keeps_zeros_and_its_report(method):
     for name, layer in quant_layers(q).items():
         pruned = weight_oi(s.get_submodule(name)) == 0
         assert torch.all(layer.quantized_weight()[pruned] == 0)   # zero sits on the grid: it stays zero
+
+
+def test_fcpts_activation_score_beats_magnitude_where_inputs_have_outlier_channels():
+    """With a few input channels 30x larger than the rest, |w| alone prunes the weights that carry them; the
+    activation-aware score (|w| * input norm) keeps them, on the same seed and steps."""
+    torch.manual_seed(7)
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    scale = torch.ones(32)
+    scale[:3] = 30.0
+
+    def data(n, seed):
+        return torch.randn(n, 32, generator=torch.Generator().manual_seed(seed)) * scale
+    calib, held_out = data(512, 0), data(256, 1)
+    with torch.no_grad():
+        ref = teacher(held_out)
+
+    def error(score):
+        s = slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.8, iters=60, finetune_iters=0,
+                             score=score, progress=False, device="cpu")
+        assert s.slimkit_info["sparsity"]["fcpts"]["score"] == score
+        with torch.no_grad():
+            return float((s(held_out) - ref).pow(2).mean())
+    assert error("activation") < 0.7 * error("magnitude")
+    with pytest.raises(SlimkitError, match="score"):
+        slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.5, score="gradient")
+
+
+def test_fcpts_score_auto_is_activation_for_transformers():
+    from tiny_hf import VOCAB, tiny_model
+    model = tiny_model("llama").eval()
+    tokens = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+    s = slimkit.sparsify(model, tokens, method="fcpts", sparsity=0.5, iters=3, finetune_iters=0, batch_size=4,
+                         progress=False, device="cpu")
+    assert s.slimkit_info["sparsity"]["fcpts"]["score"] == "activation"
+    teacher, calib, _ = teacher_and_data()
+    s = slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.5, iters=3, finetune_iters=0, progress=False,
+                         device="cpu")
+    assert s.slimkit_info["sparsity"]["fcpts"]["score"] == "magnitude"

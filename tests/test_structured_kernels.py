@@ -137,25 +137,38 @@ gpu = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="n
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("matmul", ["triton", "cublas"])
 def test_fused_ffn_on_gpu_equals_eager(kind1, kind2, dtype, matmul):
+    """fp32: the fused FFN equals the eager one to 1e-4. bf16: both are compared with the fp32 computation, and
+    the fused one's error is no worse than eager's (GELU on the fp32 accumulator rounds differently, so the
+    two bf16 results differ by rounding noise that sums up in the weight gradients; neither is 'the' answer)."""
+    import copy
     from slimkit.structured import kernels as K
     from slimkit.structured import make_linear
     torch.manual_seed(0)
     d, hdim = 256, 1024
-    fc1 = (nn.Linear(d, hdim) if kind1 == "dense" else make_linear(kind1, d, hdim, 0.32)).cuda().to(dtype)
-    fc2 = (nn.Linear(hdim, d) if kind2 == "dense" else make_linear(kind2, hdim, d, 0.32)).cuda().to(dtype)
-    params = list(fc1.parameters()) + list(fc2.parameters())
-    x = torch.randn(2, 300, d, device="cuda", dtype=dtype, requires_grad=True)
-    grad = torch.randn(2, 300, d, device="cuda", dtype=dtype)
-    outs = []
-    for fn in (lambda t: K.fused_ffn(fc1, fc2, t, "tanh", matmul), lambda t: fc2(F.gelu(fc1(t), approximate="tanh"))):
+    fc1 = (nn.Linear(d, hdim) if kind1 == "dense" else make_linear(kind1, d, hdim, 0.32)).cuda()
+    fc2 = (nn.Linear(hdim, d) if kind2 == "dense" else make_linear(kind2, hdim, d, 0.32)).cuda()
+    ref1, ref2 = copy.deepcopy(fc1), copy.deepcopy(fc2)              # fp32 copies
+    fc1, fc2 = fc1.to(dtype), fc2.to(dtype)
+    x = torch.randn(2, 300, d, device="cuda")
+    grad = torch.randn(2, 300, d, device="cuda")
+
+    def run(f1, f2, fn, dt):
+        params = list(f1.parameters()) + list(f2.parameters())
         for p in params:
             p.grad = None
-        x.grad = None
-        with torch.backends.cudnn.flags(allow_tf32=False):
-            torch.backends.cuda.matmul.allow_tf32 = False
-            y = fn(x)
-            y.backward(grad)
-        outs.append([y.detach().float(), x.grad.float()] + [p.grad.float() for p in params])
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, **tol)
+        t = x.to(dt).requires_grad_(True)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        y = fn(f1, f2, t)
+        y.backward(grad.to(dt))
+        return [y.detach().float(), t.grad.float()] + [p.grad.float() for p in params]
+
+    fused = run(fc1, fc2, lambda f1, f2, t: K.fused_ffn(f1, f2, t, "tanh", matmul), dtype)
+    eager = run(fc1, fc2, lambda f1, f2, t: f2(F.gelu(f1(t), approximate="tanh")), dtype)
+    if dtype == torch.float32:
+        for a, b in zip(fused, eager):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        return
+    exact = run(ref1, ref2, lambda f1, f2, t: f2(F.gelu(f1(t), approximate="tanh")), torch.float32)
+    for a, b, r in zip(fused, eager, exact):
+        err_fused, err_eager = ((a - r).abs().max() / r.abs().max()).item(), ((b - r).abs().max() / r.abs().max()).item()
+        assert err_fused <= 1.5 * err_eager + 1e-3, (err_fused, err_eager)

@@ -15,6 +15,12 @@ Choices of ours, where the public code is silent or does otherwise:
 - The distillation gradient reaches the thresholds through a straight-through mask whose backward is that of a
   sigmoid of (|w| - t) / (histogram bin width) (the public release stops it with no_grad; the paper trains the
   thresholds by both terms). Thresholds learn with Adam (the weights with SGD, momentum 0.9, cosine schedule).
+- Scores (`score`): "magnitude" ranks a layer's weights by |w|, as the paper does (CNNs, ViTs). "activation"
+  ranks a linear layer's weights by |w_ij| * ||x_j|| (Wanda's importance: the weight times the L2 norm of its
+  input channel over the calibration tokens, measured once on the dense model) and thresholds that instead; for
+  transformers, whose outlier input channels make |w| alone a poor guide, the rates learned on this score keep
+  what Wanda keeps within a layer while FCPTS still learns how much each layer keeps. Convolutions always use
+  |w|. "auto" (the default, decided in slimkit.sparsify) is "activation" for transformers, "magnitude" else.
 - Exactness: the learned rates go through slimkit.core.sparsity.exact_counts, so the final masks (the largest
   |w| of each layer) hold exactly round(S* n) zeros; then `finetune_iters` more distillation steps with the
   masks fixed, and BatchNorm statistics re-estimated.
@@ -31,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.sparsity import apply_mask, erk_rates, exact_counts, magnitude_mask
+from ..core.wrap import is_conv1d
 
 BINS = 100
 
@@ -70,35 +77,61 @@ class FCPTSConfig:
     weight_decay: float = 3e-4
     temperature: float = 4.0
     control_weight: float = 1.0      # lambda of the control term
+    score: str = "magnitude"         # "magnitude" (|w|) or "activation" (|w| * input channel norm, linears)
     seed: int = 0
     progress: bool = True
 
 
-class _Masked:
-    """Forward pre-hook state of one layer: its threshold logit and the weight it started from."""
+SCORES = ("auto", "magnitude", "activation")
 
-    def __init__(self, layer: nn.Module, rate: float):
+
+class _Masked:
+    """One layer's threshold logit, and the per-input-channel factor of its score (None: the score is |w|)."""
+
+    def __init__(self, layer: nn.Module, rate: float, scale: torch.Tensor | None = None):
         w = layer.weight.detach()
-        self.layer, self.n = layer, w.numel()
-        absw = w.abs().flatten()
+        self.layer, self.n, self.scale = layer, w.numel(), scale
+        absw = self.score(w).flatten()
         k = min(max(int(round(rate * self.n)), 0), self.n - 1)
         t0 = absw.kthvalue(k + 1).values if k > 0 else absw.min() * 0.5
         frac = float((t0 / absw.max().clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6))
         self.logit = nn.Parameter(torch.tensor(math.log(frac / (1 - frac)), device=w.device))
 
+    def score(self, w: torch.Tensor) -> torch.Tensor:
+        return w.abs() if self.scale is None else w.abs() * self.scale
+
     def threshold(self) -> torch.Tensor:
-        return torch.sigmoid(self.logit) * self.layer.weight.detach().abs().max()
+        return torch.sigmoid(self.logit) * self.score(self.layer.weight.detach()).max()
 
     def rate(self) -> torch.Tensor:
-        return SparsityRate.apply(self.layer.weight.detach().abs().flatten(), self.threshold())
+        return SparsityRate.apply(self.score(self.layer.weight.detach()).flatten(), self.threshold())
 
     def masked_weight(self) -> torch.Tensor:
         w = self.layer.weight
         t = self.threshold()
-        width = w.detach().abs().max().clamp_min(1e-12) / BINS
-        soft = torch.sigmoid((w.abs() - t) / width)
-        mask = (w.detach().abs() > t).to(w.dtype) + soft - soft.detach()
+        s = self.score(w)
+        width = s.detach().max().clamp_min(1e-12) / BINS
+        soft = torch.sigmoid((s - t) / width)
+        mask = (s.detach() > t).to(w.dtype) + soft - soft.detach()
         return w * mask
+
+
+def _channel_scales(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """Per linear layer, its input channels' L2 norms (over the calibration tokens, divided by their mean),
+    shaped to broadcast over the weight parameter (Linear (out, in); GPT-2's Conv1D (in, out))."""
+    from .owl import input_norms
+
+    linear = {k: m for k, m in layers.items() if not isinstance(m, nn.modules.conv._ConvNd)}
+    if not linear:
+        return {}
+    with torch.no_grad():
+        norms = input_norms(model, linear, data, device)
+    out = {}
+    for k, n in norms.items():
+        n = (n / n.mean().clamp_min(1e-12)).to(device)
+        out[k] = n[:, None] if is_conv1d(linear[k]) else n[None, :]
+    return out
 
 
 def _forward_masked(model: nn.Module, masked: dict[str, _Masked], x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +183,10 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
     g = torch.Generator().manual_seed(cfg.seed)
     sizes = {k: m.weight.numel() for k, m in layers.items()}
     init = erk_rates({k: tuple(m.weight.shape) for k, m in layers.items()}, cfg.sparsity)
-    masked = {k: _Masked(m, init[k]) for k, m in layers.items()}
+    if cfg.score not in ("magnitude", "activation"):
+        raise ValueError(f"FCPTS score must be 'magnitude' or 'activation', got {cfg.score!r}")
+    scales = _channel_scales(model, layers, data, device) if cfg.score == "activation" else {}
+    masked = {k: _Masked(m, init[k], scales.get(k)) for k, m in layers.items()}
     total = sum(sizes.values())
     weights = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in weights if p.dim() > 1]
@@ -185,7 +221,8 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
     with torch.no_grad():
         learned = {k: float(m.rate()) for k, m in masked.items()}
     counts = exact_counts(learned, sizes, cfg.sparsity)
-    masks = {k: magnitude_mask(layers[k].weight, counts[k]) for k in layers}
+    with torch.no_grad():
+        masks = {k: magnitude_mask(masked[k].score(layers[k].weight), counts[k]) for k in layers}
     with torch.no_grad():
         for k, layer in layers.items():
             layer.weight.copy_(apply_mask(layer.weight, masks[k]))
