@@ -74,6 +74,7 @@ def main() -> None:
 
     for model_name in args.models.split(","):
         lm = model_name not in CNN_MODELS
+        measure_all = None
         if lm:
             model, tok, calib_x, measure, metric, _ = lm_setup(model_name, args.device, args.lm_samples,
                                                                args.seq_len, args.eval_tokens)
@@ -84,7 +85,8 @@ def main() -> None:
         else:
             model, calib_x, eval_x, eval_y, ref, fp, _ = cnn_setup(model_name, args.device)
             metric = CNN_MODELS[model_name]["metric"]
-            measure = lambda m: evaluate(m, eval_x, eval_y, reference=ref, device=args.device)[metric]  # noqa: E731
+            measure_all = lambda m: evaluate(m, eval_x, eval_y, reference=ref, device=args.device)  # noqa: E731
+            measure = lambda m: measure_all(m)[metric]  # noqa: E731
             methods, targets = args.methods.split(","), [float(v) for v in args.sparsities.split(",")]
             fcpts_kw = dict(iters=args.iters, finetune_iters=args.finetune_iters, num_samples=args.num_samples)
         fp_value = measure(model)
@@ -100,11 +102,13 @@ def main() -> None:
                 sparse = slimkit.sparsify(model, calib_x if method in NEEDS_DATA else None, method=method,
                                           sparsity=target, **kw)
                 seconds = time.perf_counter() - t0
-                value = measure(sparse)
+                values = measure_all(sparse) if measure_all else {metric: measure(sparse)}
+                value = values[metric]
                 info = sparse.slimkit_info["sparsity"]
-                rows.append({"model": model_name, "method": method, "setting": f"sparsity={target:g}",
-                             "metric": metric, "value": round(value, 4), "seconds": round(seconds, 1),
-                             "achieved": round(info["achieved"], 6)})
+                for name in [metric] + (["kl"] if metric == "agreement" else []):   # KL ranks where top-1 collapses
+                    rows.append({"model": model_name, "method": method, "setting": f"sparsity={target:g}",
+                                 "metric": name, "value": round(values[name], 4 if name == metric else 5),
+                                 "seconds": round(seconds, 1), "achieved": round(info["achieved"], 6)})
                 print(f"  {target:g} {method}: {metric}={value:.4f} (achieved {info['achieved']:.5f}, "
                       f"{seconds:.0f} s)", flush=True)
                 if method == "fcpts" and target == max(targets):
