@@ -6,7 +6,9 @@ extra kernel launches and copies dominate. Here the choice is measured, not assu
 merged and the structured forward on the real shape, token count, device and dtype (torch.utils.benchmark, which
 synchronises CUDA) and caches the answer per (kind, shapes, tokens, device, dtype, graph). With graph=True (on
 CUDA) both forwards are timed as CUDA-graph replays (decode.graphed), the way a graph-decoded model runs them:
-a graph removes most of the launch cost that pre-merge exists to avoid, so the answer can differ.
+a graph removes most of the launch cost that pre-merge exists to avoid, so the answer can differ. Each graph
+holds GRAPH_REPEATS calls of the layer, so that the time is the layer's own and not one replay's host overhead
+(which a decoded model pays once per step, not once per layer).
 
 Pre-merge is for inference only: the merged nn.Linear holds W = (factors multiplied out), from which the factors
 cannot be recovered (a factorisation is not unique). Keep a copy (copy.deepcopy) of the model to train on.
@@ -60,14 +62,34 @@ def _key(layer: nn.Module, tokens: int, device: torch.device, dtype: torch.dtype
     return type(layer).__name__, shapes, active, tokens, str(device), str(dtype), graph
 
 
+class _Repeat(nn.Module):
+    """`module` applied `times` times to the same input (the last output returned): captured as one graph, its
+    replay time over `times` is the layer's GPU time, with the replay's own host cost spread thin, as in a
+    graph-decoded model where one replay runs every layer."""
+
+    def __init__(self, module: nn.Module, times: int):
+        super().__init__()
+        self.module, self.times = module, times
+
+    def forward(self, x):
+        for _ in range(self.times - 1):
+            self.module(x)
+        return self.module(x)
+
+
+GRAPH_REPEATS = 16
+
+
 def _median_ms(module: nn.Module, x: torch.Tensor, min_run_time: float, graph: bool) -> float:
-    forward = graphed(module, x, clone_output=False) if graph and x.is_cuda else module
+    repeats = GRAPH_REPEATS if graph and x.is_cuda else 1
+    forward = graphed(_Repeat(module, repeats), x, clone_output=False) if repeats > 1 else module
 
     def run():
         with torch.inference_mode():
             return forward(x)
     run()  # warm-up (lazy CUDA init, kernel selection)
-    return Timer(stmt="run()", globals={"run": run}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    timer = Timer(stmt="run()", globals={"run": run})
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3 / repeats
 
 
 def choose_merge(layer: nn.Module, tokens: int, device=None, dtype: torch.dtype | None = None,
