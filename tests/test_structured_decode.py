@@ -8,6 +8,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 from slimkit.structured import GraphedModule, MergeChoice, choose_merge, graphed, make_linear, premerge
+from slimkit.structured.premerge import mergeable_layers
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -160,3 +161,19 @@ def test_graph_sees_in_place_weight_updates():
         layer.bias.add_(1.0)
         ref = layer(x)
     torch.testing.assert_close(g(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@gpu
+def test_premerge_graph_on_gpu_times_replays_and_keeps_outputs():
+    from slimkit.structured.premerge import _CACHE
+    _CACHE.clear()
+    model = _layers()["ffn"].cuda().eval()
+    x = torch.randn(4, 32, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+    for name, layer in mergeable_layers(model).items():
+        c = choose_merge(layer, tokens=4, min_run_time=0.01, graph=True)
+        assert c.merged_ms > 0 and c.structured_ms > 0 and c.merge == (c.merged_ms < c.structured_ms)
+    premerge(model, tokens=4, min_run_time=0.01, graph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)

@@ -82,7 +82,7 @@ GRAPH_REPEATS = 16
 
 def _median_ms(module: nn.Module, x: torch.Tensor, min_run_time: float, graph: bool) -> float:
     repeats = GRAPH_REPEATS if graph and x.is_cuda else 1
-    forward = graphed(_Repeat(module, repeats), x, clone_output=False) if repeats > 1 else module
+    forward = graphed(_Repeat(module, repeats).eval(), x, clone_output=False) if repeats > 1 else module
 
     def run():
         with torch.inference_mode():
