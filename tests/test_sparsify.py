@@ -286,17 +286,33 @@ def test_sparse_transformer_saves_and_loads(tmp_path):
         assert torch.equal(s(tokens).logits, back(tokens).logits)
 
 
-@pytest.mark.parametrize("method", ["minmax", "os_plus"])
-def test_sparse_transformer_quantized_keeps_zeros_and_its_report(method):
+@pytest.mark.parametrize("method", ["minmax", "os_plus", "outlier_suppression"])
+def test_sparse_transformer_quantized_keeps_zeros_saves_compactly_and_reloads(method, tmp_path):
+    from safetensors.torch import load_file
     from tiny_hf import VOCAB, tiny_model
     from slimkit.core.wrap import quant_layers, weight_oi
     s = slimkit.sparsify(tiny_model("llama"), method="global_magnitude", sparsity=0.5)
     tokens = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
     q = slimkit.quantize(s, tokens, method=method, w_bits=8, a_bits=8, device="cpu", progress=False)
     assert q.slimkit_info["sparsity"]["target"] == 0.5
-    for name, layer in quant_layers(q).items():
-        pruned = weight_oi(s.get_submodule(name)) == 0
-        assert torch.all(layer.quantized_weight()[pruned] == 0)   # zero sits on the grid: it stays zero
+    layers = quant_layers(q)
+    for name, layer in layers.items():
+        assert layer.w_mask is not None and layer.w_mask.float().mean() < 0.75      # every counted layer is masked
+        assert torch.all(layer.quantized_weight()[~layer.w_mask] == 0)   # pruned stay zero
+        assert torch.equal(~layer.w_mask, weight_oi(s.get_submodule(name)) == 0)
+    path = slimkit.save(q, tmp_path / "sq")
+    stored = load_file(str(path / "slimkit.safetensors"))
+    for name, layer in layers.items():      # the kept weights' codes and a bitmask, not every code
+        bits = layer.w_quant.spec.bits
+        assert stored[f"{name}.w_packed"].numel() == -(-int(layer.w_mask.sum()) * bits // 8)
+        assert stored[f"{name}.w_mask"].numel() == -(-layer.w_mask.numel() // 8)
+    back = slimkit.load(path)
+    for name, layer in quant_layers(back).items():
+        assert torch.equal(layer.w_mask, layers[name].w_mask)
+        assert torch.equal(layer.w_int[layer.w_mask], layers[name].w_int[layer.w_mask])       # the kept codes
+        assert torch.equal(layer.quantized_weight(), layers[name].quantized_weight())
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens[:2]).logits, q(tokens[:2]).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_fcpts_activation_score_beats_magnitude_where_inputs_have_outlier_channels():

@@ -45,6 +45,37 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return np.packbits(planes, axis=1, bitorder="little").reshape(count)
 
 
+def pack_codes(layer) -> tuple[dict[str, torch.Tensor], dict]:
+    """A frozen QuantLayer's weight codes for storage, by suffix: "w_packed" (bit-packed codes of every weight,
+    or of a sparse layer's kept weights only) and, for a sparse layer, "w_mask" (its keep-bitmask); plus the
+    manifest entries to add ({"w_sparse": True} for a sparse layer)."""
+    spec = layer.w_quant.spec
+    codes = (layer.w_int.cpu().to(torch.int32) - spec.qmin).numpy().astype(np.uint8)
+    out, info = {}, {}
+    if layer.w_mask is not None:   # sparse and quantized: the kept weights' codes and a bitmask
+        keep = layer.w_mask.cpu()
+        codes = codes.reshape(-1)[keep.reshape(-1).numpy()]
+        out["w_mask"] = pack_sparse(keep, keep)["bitmask"]
+        info["w_sparse"] = True
+    out["w_packed"] = torch.from_numpy(pack_bits(codes, spec.bits))
+    return out, info
+
+
+def unpack_codes(layer, tensors: dict[str, torch.Tensor], name: str, shape: list[int], sparse: bool) -> None:
+    """Inverse of pack_codes: set layer.w_int (and a sparse layer's mask) from `tensors` (popping them)."""
+    spec = layer.w_quant.spec
+    count = int(np.prod(shape))
+    if sparse:    # codes of the kept weights only; the pruned ones are zero
+        keep = unpack_sparse(torch.zeros(0), tensors.pop(f"{name}.w_mask"), tuple(shape), check=False)[1]
+        kept = unpack_bits(tensors.pop(f"{name}.w_packed").numpy(), spec.bits, int(keep.sum()))
+        codes = np.zeros(count, dtype=kept.dtype)
+        codes[keep.reshape(-1).numpy()] = kept
+        layer.set_mask(keep)
+    else:
+        codes = unpack_bits(tensors.pop(f"{name}.w_packed").numpy(), spec.bits, count)
+    layer.w_int = torch.from_numpy(codes.astype(np.int16) + spec.qmin).reshape(shape)
+
+
 def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, dict]]:
     """(tensors to store, per-layer quantization settings, sparse float weights' shapes)."""
     tensors, layers = {}, {}
@@ -64,16 +95,11 @@ def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         if layer.w_quant is not None:
             if not layer.frozen:
                 raise SlimkitError(f"layer {name} is not frozen: quantize with slimkit.quantize before saving")
-            spec = layer.w_quant.spec
-            codes = (layer.w_int.cpu().to(torch.int32) - spec.qmin).numpy().astype(np.uint8)
-            tensors.pop(f"{name}.w_int")
-            tensors.pop(f"{name}.layer.weight")
-            if layer.w_mask is not None:   # sparse and quantized: the kept weights' codes and a bitmask
-                keep = tensors.pop(f"{name}.w_mask")
-                codes = codes.reshape(-1)[keep.reshape(-1).numpy()]
-                tensors[f"{name}.w_mask"] = pack_sparse(keep, keep)["bitmask"]
-                info["w_sparse"] = True
-            tensors[f"{name}.w_packed"] = torch.from_numpy(pack_bits(codes, spec.bits))
+            for key in ("w_int", "layer.weight", "w_mask"):
+                tensors.pop(f"{name}.{key}", None)
+            packed, extra = pack_codes(layer)
+            tensors.update({f"{name}.{k}": v for k, v in packed.items()})
+            info.update(extra)
             info["w_shape"] = list(layer.w_int.shape)
             info["w_dtype"] = str(layer.layer.weight.dtype).removeprefix("torch.")
         layers[name] = info
@@ -228,20 +254,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                     handled.update({f"{name}.{qname}.scale", f"{name}.{qname}.zero_point"})
                     q.set_qparams(tensors.pop(f"{name}.{qname}.scale"), tensors.pop(f"{name}.{qname}.zero_point"))
             if layer.w_quant is not None:
-                spec, shape = layer.w_quant.spec, s["w_shape"]
-                count = int(np.prod(shape))
-                if s.get("w_sparse"):    # codes of the kept weights only; the pruned ones are zero
-                    keep = unpack_sparse(torch.zeros(0), tensors.pop(f"{name}.w_mask"), tuple(shape),
-                                         check=False)[1]
-                    kept = unpack_bits(tensors.pop(f"{name}.w_packed").numpy(), spec.bits, int(keep.sum()))
-                    codes = np.zeros(count, dtype=kept.dtype)
-                    codes[keep.reshape(-1).numpy()] = kept
-                    layer.set_mask(keep)
-                    handled.add(f"{name}.w_mask")
-                else:
-                    codes = unpack_bits(tensors.pop(f"{name}.w_packed").numpy(), spec.bits, count)
-                handled.update({f"{name}.w_int", f"{name}.layer.weight"})
-                layer.w_int = torch.from_numpy(codes.astype(np.int16) + spec.qmin).reshape(shape)
+                unpack_codes(layer, tensors, name, s["w_shape"], bool(s.get("w_sparse")))
+                handled.update({f"{name}.w_int", f"{name}.layer.weight", f"{name}.w_mask"})
                 with torch.no_grad():
                     weight_oi(layer.layer).copy_(layer.quantized_weight())
         missing, unexpected = model.load_state_dict(tensors, strict=False)

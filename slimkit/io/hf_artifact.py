@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -22,7 +21,7 @@ from ..core.quantizer import QuantSpec
 from ..core.wrap import LayerPlan, input_affine, quant_layers, set_input_affine, weight_oi, wrap_layers
 from ..errors import SlimkitError
 
-QUANT_PARTS = ("w_int", "w_quant.", "a_quant.", "layer.slimkit_in_")
+QUANT_PARTS = ("w_int", "w_mask", "w_quant.", "a_quant.", "layer.slimkit_in_")
 
 
 def _export_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -62,16 +61,16 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def hf_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """slimkit's part: packed codes and quantizer state of every quantized linear, and its settings."""
-    from .artifact import pack_bits
+    from .artifact import pack_codes
 
     tensors, layers = {}, {}
     for name, layer in quant_layers(model).items():
         if not layer.frozen:
             raise SlimkitError(f"layer {name} is not frozen: quantize with slimkit.quantize before saving")
         info = layer.settings()
-        spec = layer.w_quant.spec
-        codes = (layer.w_int.cpu().to(torch.int32) - spec.qmin).numpy().astype(np.uint8)
-        tensors[f"{name}.w_packed"] = torch.from_numpy(pack_bits(codes, spec.bits))
+        packed, extra = pack_codes(layer)      # a sparse layer: its kept weights' codes and a bitmask
+        tensors.update({f"{name}.{k}": v for k, v in packed.items()})
+        info.update(extra)
         for qname in ("w_quant", "a_quant"):
             q = getattr(layer, qname)
             if q is not None:
@@ -128,7 +127,7 @@ def _spec(d: dict | None) -> QuantSpec | None:
 
 def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the fake-quantized transformer saved at `path`."""
-    from .artifact import HF_QUANT, unpack_bits
+    from .artifact import HF_QUANT, unpack_codes
 
     import transformers
 
@@ -159,9 +158,7 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
                     q = getattr(layer, qname)
                     if q is not None:
                         q.set_qparams(tensors[f"{name}.{qname}.scale"], tensors[f"{name}.{qname}.zero_point"])
-                spec, shape = layer.w_quant.spec, s["w_shape"]
-                codes = unpack_bits(tensors[f"{name}.w_packed"].numpy(), spec.bits, int(np.prod(shape)))
-                layer.w_int = torch.from_numpy(codes.astype(np.int16) + spec.qmin).reshape(shape)
+                unpack_codes(layer, tensors, name, s["w_shape"], bool(s.get("w_sparse")))
                 if f"{name}.bias" in tensors:
                     layer.layer.bias.copy_(tensors[f"{name}.bias"])
                 weight_oi(layer.layer).copy_(layer.quantized_weight())
