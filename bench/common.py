@@ -48,8 +48,15 @@ def merge_rows(name: str, rows: list[dict], key: tuple[str, ...] = ("model", "me
 
 
 def write_results(name: str, device: str, rows: list[dict], notes: list[str] | None = None,
-                  columns: tuple[str, ...] = ("model", "method", "setting", "metric", "value", "seconds")) -> Path:
-    """bench/results/<name>.json ({bench, date, device, git, rows}) and <name>.md (a table + notes)."""
+                  columns: tuple[str, ...] = ("model", "method", "setting", "metric", "value", "seconds"),
+                  append: bool = False) -> Path:
+    """bench/results/<name>.json ({bench, date, device, git, rows}) and <name>.md (a table + notes).
+    append=True (a run in parts): the earlier rows this run does not redo stay (merge_rows), and so do the
+    earlier notes, which may have been written after reading those rows (set_notes)."""
+    path = RESULTS / f"{name}.json"
+    if append and path.exists():
+        rows = merge_rows(name, rows)
+        notes = json.loads(path.read_text()).get("notes") or notes
     doc = {"bench": name, "date": datetime.date.today().isoformat(), "device": device_name(device),
            "git": git_commit(), "rows": rows}
     if notes:

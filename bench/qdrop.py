@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import slimkit  # noqa: E402
-from common import CNN_MODELS, cnn_setup, git_commit, merge_rows, write_results  # noqa: E402
+from common import CNN_MODELS, cnn_setup, git_commit, write_results  # noqa: E402
 from slimkit.eval import evaluate  # noqa: E402
 
 SETTINGS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4), "W2A2": (2, 2)}
@@ -69,7 +69,7 @@ def main() -> None:
                              "iters": iters[model_name] if method != "rtn" else 0, "num_samples": samples[model_name]})
                 print(f"{model_name} {setting} {method}: {spec['metric']}={m[spec['metric']]:.4f} "
                       f"kl={m['kl']:.4f} ({seconds:.0f} s)", flush=True)
-                write_results(args.name, args.device, merge_rows(args.name, rows) if args.append else rows, notes=NOTES,
+                write_results(args.name, args.device, rows, notes=NOTES, append=args.append,
                               columns=("model", "method", "setting", "metric", "value", "kl", "seconds", "iters"))
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import slimkit  # noqa: E402
-from common import CNN_MODELS, RESULTS, cnn_setup, lm_setup, merge_rows, write_results  # noqa: E402
+from common import CNN_MODELS, RESULTS, cnn_setup, lm_setup, write_results  # noqa: E402
 from slimkit.eval import evaluate  # noqa: E402
 from slimkit.sparsify import NEEDS_DATA, plot_rates  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> None:
     rows = []
 
     def save():
-        write_results(args.name, args.device, merge_rows(args.name, rows) if args.append else rows, notes=[
+        write_results(args.name, args.device, rows, notes=[
             "Counted layers: every Conv2d and Linear (first and last included, as FCPTS's code counts them). "
             "'achieved' is the global sparsity over them; 'seconds' is the sparsify call (FCPTS: rate learning, "
             "fine-tuning and the exact projection).",
@@ -70,7 +70,7 @@ def main() -> None:
             "(window 512, stride 256); MiniLM: mean-pooled embedding cosine to fp32 on 256 held-out sentences. "
             "wanda / owl: one-shot, no weight update; sparsegpt: one-shot with the OBS update of the surviving "
             "weights, block by block (ERK is left out for transformers).",
-        ])
+        ], append=args.append)
 
     for model_name in args.models.split(","):
         lm = model_name not in CNN_MODELS

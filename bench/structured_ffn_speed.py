@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import merge_rows, write_results  # noqa: E402
+from common import write_results  # noqa: E402
 from slimkit.errors import SlimkitError  # noqa: E402
 from slimkit.structured import graphed, make_linear, merged_linear, premerge  # noqa: E402
 from slimkit.structured.kernels import available, fused_ffn, supported  # noqa: E402
@@ -247,7 +247,7 @@ def main() -> None:
             "'ratio' is the parameter ratio the shape rules reach for the target r (BlockShuffle's depends on the "
             "block count alone: 1.25/b for d -> 4d).",
         ] + [f"skipped (no shape meets the ratio): {s}" for s in skipped]
-        write_results(name, args.device, merge_rows(name, rows) if args.append else rows, notes=notes,
+        write_results(name, args.device, rows, notes=notes, append=args.append,
                       columns=("model", "method", "setting", "metric", "value", "ms", "dense_ms", "ratio", "seconds"))
 
     for d in dims:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import slimkit  # noqa: E402
-from common import RESULTS, git_commit, lm_setup, merge_rows, write_results  # noqa: E402
+from common import RESULTS, git_commit, lm_setup, write_results  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 METHODS = ("minmax", "smoothquant", "outlier_suppression", "os_plus")
@@ -108,8 +108,8 @@ def main() -> None:
                 print(f"{model_name} {setting} {method}: {metric}={value:.4f} ({seconds:.0f} s)", flush=True)
                 if causal and method == "os_plus" and setting == "W6A6":
                     channel_picture(model, q, calib, 2, RESULTS / f"{args.name}_os_plus_channels.png")
-                write_results(args.name, args.device, merge_rows(args.name, rows) if args.append else rows,
-                              notes=notes(args))
+                write_results(args.name, args.device, rows,
+                              notes=notes(args), append=args.append)
 
 
 def notes(args) -> list[str]:
