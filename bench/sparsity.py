@@ -3,9 +3,11 @@
 Models: the shipped Fashion-MNIST ResNet (top-1 accuracy on the full 10k test split), the pretrained
 EfficientNet-Lite0 (top-1 agreement with fp32 on views of the natural photos that scikit-image and scikit-learn
 bundle), and the transformers SmolLM2-135M (perplexity on held-out Python docs) and MiniLM-L6 (embedding cosine
-to fp32), which also get the one-shot LLM baselines Wanda, OWL and SparseGPT. Every method counts the same layers (CNNs: all
-Conv2d/Linear; transformers: the block linears), and every row's achieved global sparsity is recorded. Writes bench/results/<name>.json and .md, and the per-layer rates FCPTS learned
-as <name>_rates_<model>.png (the highest sparsity run).
+to fp32), which also get the one-shot LLM baselines Wanda, OWL and SparseGPT. Every method counts the same
+layers (CNNs: all Conv2d/Linear; transformers: the block linears), and every row's achieved global sparsity is
+recorded. Writes bench/results/<name>.json and .md, and the per-layer rates FCPTS learned as
+<name>_rates_<model>.png (the highest sparsity run). `--methods fcpts-blockkd` adds FCPTS with block-output
+distillation (block_kd=True) as rows of its own.
 
     python bench/sparsity.py                                   # CPU: Fashion-MNIST ResNet
     python bench/sparsity.py --models minilm-l6,smollm2-135m --append
@@ -27,6 +29,7 @@ from slimkit.eval import evaluate  # noqa: E402
 from slimkit.sparsify import NEEDS_DATA, plot_rates  # noqa: E402
 
 METHODS = ("uniform", "global_magnitude", "erk", "fcpts")
+VARIANTS = {"fcpts-blockkd": ("fcpts", {"block_kd": True})}   # row name -> (method, its extra options)
 
 
 
@@ -97,9 +100,10 @@ def main() -> None:
             for method in methods:
                 t0 = time.perf_counter()
                 kw = dict(device=args.device)
-                if method == "fcpts":
-                    kw.update(fcpts_kw, seed=args.seed, progress=False)
-                sparse = slimkit.sparsify(model, calib_x if method in NEEDS_DATA else None, method=method,
+                base, extra = VARIANTS.get(method, (method, {}))
+                if base == "fcpts":
+                    kw.update(fcpts_kw, seed=args.seed, progress=False, **extra)
+                sparse = slimkit.sparsify(model, calib_x if base in NEEDS_DATA else None, method=base,
                                           sparsity=target, **kw)
                 seconds = time.perf_counter() - t0
                 values = measure_all(sparse) if measure_all else {metric: measure(sparse)}

@@ -351,3 +351,18 @@ def test_fcpts_score_auto_is_activation_for_transformers():
     s = slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.5, iters=3, finetune_iters=0, progress=False,
                          device="cpu")
     assert s.slimkit_info["sparsity"]["fcpts"]["score"] == "magnitude"
+
+
+def test_fcpts_block_kd_matches_block_outputs_and_removes_its_hooks():
+    torch.manual_seed(8)
+    model = small_cnn()
+    calib = torch.randn(64, 3, 8, 8)
+    s = slimkit.sparsify(model, calib, method="fcpts", sparsity=0.6, iters=10, finetune_iters=3, batch_size=16,
+                         block_kd=True, progress=False, device="cpu")
+    total = sum(m.weight.numel() for m in prunable_layers(s).values())
+    assert sum(int((m.weight == 0).sum()) for m in prunable_layers(s).values()) == round(0.6 * total)
+    assert all(not m._forward_hooks for m in s.modules())          # no hook left on the returned model
+    from slimkit.methods.fcpts import _block_loss
+    t = {"a": torch.ones(2, 3), "b": torch.full((4,), 2.0)}
+    assert _block_loss(t, t).item() == 0.0
+    assert _block_loss({"a": torch.zeros(2, 3), "b": t["b"]}, t).item() == pytest.approx(0.5)   # mean of 1 and 0

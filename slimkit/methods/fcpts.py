@@ -21,12 +21,17 @@ Choices of ours, where the public code is silent or does otherwise:
   transformers, whose outlier input channels make |w| alone a poor guide, the rates learned on this score keep
   what Wanda keeps within a layer while FCPTS still learns how much each layer keeps. Convolutions always use
   |w|. "auto" (the default, decided in slimkit.sparsify) is "activation" for transformers, "magnitude" else.
+- `block_kd=True` adds, to the logits' KL, the mean squared error of every block's output (scaled by the
+  teacher's mean square; blocks as slimkit.core.adapters finds them for reconstruction: residual blocks, and
+  every layer outside one), the public code's `--use_intel_layer_loss` variant; its newer run script distils
+  the logits only, the default here.
 - Exactness: the learned rates go through slimkit.core.sparsity.exact_counts, so the final masks (the largest
   |w| of each layer) hold exactly round(S* n) zeros; then `finetune_iters` more distillation steps with the
   masks fixed, and BatchNorm statistics re-estimated.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -78,6 +83,7 @@ class FCPTSConfig:
     temperature: float = 4.0
     control_weight: float = 1.0      # lambda of the control term
     score: str = "magnitude"         # "magnitude" (|w|) or "activation" (|w| * input channel norm, linears)
+    block_kd: bool = False           # also match every block's output (MSE), as the public code's older variant
     seed: int = 0
     progress: bool = True
 
@@ -167,6 +173,40 @@ def _kd_loss(student, teacher, temperature: float) -> torch.Tensor:
                     reduction="batchmean") * t * t
 
 
+class _BlockOutputs:
+    """Forward hooks recording the outputs of `names` (tensors only) in a model, for block_kd."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(module, args, out):
+            if isinstance(out, torch.Tensor):
+                self.out[name] = out
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _block_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of each output's MSE scaled by the teacher output's mean square."""
+    terms = [(student[k].float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+             for k, t in teacher.items() if k in student]
+    return torch.stack(terms).mean()
+
+
+def _block_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    from ..core.adapters import find_blocks
+
+    return [b.name for b in find_blocks(model, example)[0]]
+
+
 def _train_mode(model: nn.Module) -> None:
     """Eval mode (no dropout) except BatchNorm, which trains: its statistics follow the pruned weights."""
     model.eval()
@@ -202,43 +242,53 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
         idx = torch.randint(data.shape[0], (min(cfg.batch_size, data.shape[0]),), generator=g)
         return data[idx].to(device)
 
-    _train_mode(model)
-    for _ in tqdm(range(cfg.iters), desc="FCPTS: learning rates", disable=not cfg.progress, leave=False):
-        x = batch()
+    with contextlib.ExitStack() as stack:     # hooks (block_kd) come off the models however this ends
+        hooks = None
+        if cfg.block_kd:
+            names = _block_names(model.eval(), data[:2].to(device))
+            hooks = tuple(stack.enter_context(_BlockOutputs(m, names)) for m in (model, teacher))
+
+        def distil(student_out, ref) -> torch.Tensor:
+            kd = _kd_loss(student_out, ref, cfg.temperature)
+            return kd if hooks is None else kd + _block_loss(hooks[0].out, hooks[1].out)
+
+        _train_mode(model)
+        for _ in tqdm(range(cfg.iters), desc="FCPTS: learning rates", disable=not cfg.progress, leave=False):
+            x = batch()
+            with torch.no_grad():
+                ref = teacher(x)
+            kd = distil(_forward_masked(model, masked, x), ref)
+            global_rate = sum(m.rate() * m.n for m in masked.values()) / total
+            loss = kd + cfg.control_weight * (global_rate - cfg.sparsity).abs()
+            opt_w.zero_grad(set_to_none=True)
+            opt_t.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_w.step()
+            opt_t.step()
+            sched.step()
+            log["global_rate"].append(float(global_rate.detach()))
+            log["kd"].append(float(kd.detach()))
         with torch.no_grad():
-            ref = teacher(x)
-        kd = _kd_loss(_forward_masked(model, masked, x), ref, cfg.temperature)
-        global_rate = sum(m.rate() * m.n for m in masked.values()) / total
-        loss = kd + cfg.control_weight * (global_rate - cfg.sparsity).abs()
-        opt_w.zero_grad(set_to_none=True)
-        opt_t.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_w.step()
-        opt_t.step()
-        sched.step()
-        log["global_rate"].append(float(global_rate.detach()))
-        log["kd"].append(float(kd.detach()))
-    with torch.no_grad():
-        learned = {k: float(m.rate()) for k, m in masked.items()}
-    counts = exact_counts(learned, sizes, cfg.sparsity)
-    with torch.no_grad():
-        masks = {k: magnitude_mask(masked[k].score(layers[k].weight), counts[k]) for k in layers}
-    with torch.no_grad():
-        for k, layer in layers.items():
-            layer.weight.copy_(apply_mask(layer.weight, masks[k]))
-    for _ in tqdm(range(cfg.finetune_iters), desc="FCPTS: fine-tuning with fixed masks", disable=not cfg.progress,
-                  leave=False):
-        x = batch()
+            learned = {k: float(m.rate()) for k, m in masked.items()}
+        counts = exact_counts(learned, sizes, cfg.sparsity)
         with torch.no_grad():
-            ref = teacher(x)
-        kd = _kd_loss(model(x), ref, cfg.temperature)
-        opt_w.zero_grad(set_to_none=True)
-        kd.backward()
-        opt_w.step()
-        sched.step()
+            masks = {k: magnitude_mask(masked[k].score(layers[k].weight), counts[k]) for k in layers}
         with torch.no_grad():
             for k, layer in layers.items():
                 layer.weight.copy_(apply_mask(layer.weight, masks[k]))
+        for _ in tqdm(range(cfg.finetune_iters), desc="FCPTS: fine-tuning with fixed masks", disable=not cfg.progress,
+                      leave=False):
+            x = batch()
+            with torch.no_grad():
+                ref = teacher(x)
+            kd = distil(model(x), ref)
+            opt_w.zero_grad(set_to_none=True)
+            kd.backward()
+            opt_w.step()
+            sched.step()
+            with torch.no_grad():
+                for k, layer in layers.items():
+                    layer.weight.copy_(apply_mask(layer.weight, masks[k]))
     model.eval()
     log.update({"learned_rates": learned, "init_rates": init, "seconds": time.perf_counter() - t0})
     return masks, log
