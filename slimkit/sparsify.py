@@ -97,7 +97,8 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     `calib_data` (inputs as for slimkit.quantize; at most `num_samples` used) is needed by "fcpts" only; for
     Hugging Face transformers it is text (file, folder, list, shipped corpus name) or token ids, cut into
     `num_samples` blocks of `seq_len` tokens (default 2048, 128 for encoders) with the model's `tokenizer`;
-    `options` are its FCPTSConfig fields (iters, finetune_iters, batch_size, lr, lr_threshold, score, ...);
+    `options` are its FCPTSConfig fields (iters, finetune_iters, batch_size, lr, lr_threshold, score, block_kd,
+    ...);
     score="auto" (default) ranks weights inside a layer by |w| * input channel norm in transformers, by |w|
     elsewhere (slimkit.methods.fcpts)."""
     t0 = time.perf_counter()
