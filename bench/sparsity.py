@@ -7,7 +7,7 @@ to fp32), which also get the one-shot LLM baselines Wanda, OWL and SparseGPT. Ev
 layers (CNNs: all Conv2d/Linear; transformers: the block linears), and every row's achieved global sparsity is
 recorded. Writes bench/results/<name>.json and .md, and the per-layer rates FCPTS learned as
 <name>_rates_<model>.png (the highest sparsity run). `--methods fcpts-blockkd` adds FCPTS with block-output
-distillation (block_kd=True) as rows of its own.
+distillation (block_kd=True) as rows of its own, `fcpts-1600` FCPTS with 1600 rate-learning steps.
 
     python bench/sparsity.py                                   # CPU: Fashion-MNIST ResNet
     python bench/sparsity.py --models minilm-l6,smollm2-135m --append
@@ -29,7 +29,8 @@ from slimkit.eval import evaluate  # noqa: E402
 from slimkit.sparsify import NEEDS_DATA, plot_rates  # noqa: E402
 
 METHODS = ("uniform", "global_magnitude", "erk", "fcpts")
-VARIANTS = {"fcpts-blockkd": ("fcpts", {"block_kd": True})}   # row name -> (method, its extra options)
+VARIANTS = {"fcpts-blockkd": ("fcpts", {"block_kd": True}),   # row name -> (method, its extra options)
+            "fcpts-1600": ("fcpts", {"iters": 1600})}        # the public code's ~1600 steps (100 epochs of 1024)
 
 
 
