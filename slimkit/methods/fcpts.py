@@ -25,8 +25,8 @@ Choices of ours, where the public code is silent or does otherwise:
   teacher's mean square; blocks as slimkit.core.adapters finds them for reconstruction: residual blocks, and
   every layer outside one), the public code's `--use_intel_layer_loss` variant; its newer run script distils
   the logits only, the default here.
-- Exactness: the learned rates go through slimkit.core.sparsity.exact_counts, so the final masks (the largest
-  |w| of each layer) hold exactly round(S* n) zeros; then `finetune_iters` more distillation steps with the
+- Exactness: the learned rates go through slimkit.core.sparsity.exact_counts, so the final masks (the highest
+  scores of each layer) hold exactly round(S* n) zeros; then `finetune_iters` more distillation steps with the
   masks fixed, and BatchNorm statistics re-estimated.
 """
 from __future__ import annotations
