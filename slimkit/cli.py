@@ -43,6 +43,15 @@ def load_any(model: str, weights: Optional[Path] = None):
     return get_model(model, weights=weights), False
 
 
+def shipped_name(model: str, m, is_artifact: bool) -> str:
+    """The shipped model behind MODEL, for its default data: an artifact's recorded builder or Hugging Face
+    name, else MODEL itself."""
+    spec = getattr(m, "_slimkit_spec", None) if is_artifact else None
+    if isinstance(spec, dict) and isinstance(spec.get("builder") or spec.get("hf"), str):
+        return spec.get("builder") or spec["hf"]
+    return model
+
+
 def text_data(name: str) -> list[str]:
     """Evaluation / calibration text: a shipped corpus name, a file or a folder."""
     from .models import TEXT_DATASETS
@@ -122,14 +131,18 @@ def quantize(
     options = {k: v for k, v in options.items() if v is not None}
     QuantConfig.build(recipe, **options)  # fail on bad options before loading anything
     fp_model, is_artifact = load_any(model, weights)
-    if is_artifact:
-        raise SlimkitError(f"{model} is already quantized: give the float model")
+    from .core.wrap import quant_layers
+
+    if is_artifact and quant_layers(fp_model):
+        raise SlimkitError(f"{model} is already quantized: give the float model (or a sparse one from slimkit "
+                           "sparsify)")
     from .transformer import is_transformer
 
+    name = shipped_name(model, fp_model, is_artifact)     # a sparse artifact: its model's default data
     lm = is_transformer(fp_model)
     if lm and calib is not None:
         calib = text_data(calib)
-    calib = calib or default_data(model, "calib")
+    calib = calib or default_data(name, "calib")
     if lm and isinstance(calib, str):
         calib = text_data(calib)
     if calib is None:
@@ -138,7 +151,7 @@ def quantize(
     qmodel = run_quantize(fp_model, calib, recipe=recipe, **options)
     seconds = time.perf_counter() - t0
     rows = {}
-    eval_name = eval_data or default_data(model, "eval")
+    eval_name = eval_data or default_data(name, "eval")
     if lm and eval_name is not None:
         rows = lm_rows(fp_model, qmodel, eval_name, qmodel.slimkit_info["device"], quiet, max_tokens)
         rows["FP"]["seconds"] = None

@@ -1,4 +1,6 @@
 """slimkit.sparsify: exact global sparsity for every allocation, N:M, counted layers, compact save/load, the CLI."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -103,6 +105,15 @@ def test_cli_sparsify_writes_artifact_chart_and_refuses_bad_input(tmp_path):
     for args in (["--sparsity", "1.2"], ["--method", "magic"], ["--nm", "5:4"]):
         bad = CliRunner().invoke(app, ["sparsify", "fmnist-resnet", "--out", str(tmp_path / "bad"), *args])
         assert bad.exit_code != 0 and not (tmp_path / "bad").exists()
+    # the sparse artifact quantizes from the command line too (its model's shipped data by default)
+    q = CliRunner().invoke(app, ["quantize", str(out), "--method", "rtn", "--w-bits", "4", "--a-bits", "8",
+                                 "--out", str(tmp_path / "sq"), "--quiet"])
+    assert q.exit_code == 0, q.output
+    manifest = json.loads((tmp_path / "sq" / "manifest.json").read_text())
+    assert manifest["sparsity"]["target"] == 0.7 and all(s.get("w_sparse") for s in manifest["layers"].values())
+    again = CliRunner().invoke(app, ["quantize", str(tmp_path / "sq"), "--method", "rtn", "--out",
+                                     str(tmp_path / "sqq")])
+    assert again.exit_code != 0 and "already quantized" in str(again.exception)
 
 
 # ---------- FCPTS ----------
