@@ -377,3 +377,23 @@ def test_fcpts_block_kd_matches_block_outputs_and_removes_its_hooks():
     t = {"a": torch.ones(2, 3), "b": torch.full((4,), 2.0)}
     assert _block_loss(t, t).item() == 0.0
     assert _block_loss({"a": torch.zeros(2, 3), "b": t["b"]}, t).item() == pytest.approx(0.5)   # mean of 1 and 0
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_activation_score_scales_follow_each_layers_input_dimension(kind):
+    """|w| * input norm must scale a Linear's columns and GPT-2 Conv1D's rows (its weight is stored (in, out))."""
+    from tiny_hf import VOCAB, tiny_model
+    from slimkit.core.wrap import is_conv1d
+    from slimkit.methods.fcpts import _channel_scales
+    from slimkit.methods.owl import input_norms
+    model = tiny_model(kind).eval()
+    tokens = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    layers = prunable_layers(model)
+    scales = _channel_scales(model, layers, tokens, torch.device("cpu"))
+    norms = input_norms(model, layers, tokens, torch.device("cpu"))
+    assert set(scales) == set(layers)
+    for name, layer in layers.items():
+        s, w = scales[name], layer.weight
+        assert s.shape == ((w.shape[0], 1) if is_conv1d(layer) else (1, w.shape[1]))
+        torch.testing.assert_close(s.flatten(), norms[name] / norms[name].mean())
+        assert (w.abs() * s).shape == w.shape
