@@ -71,7 +71,8 @@ class PlainLowRank(nn.Module):
         self.layer = layer
 
     def forward(self, x):
-        return x @ self.layer.u.t() @ self.layer.v.t() + self.layer.bias
+        y = x @ self.layer.u.t() @ self.layer.v.t()
+        return y if self.layer.bias is None else y + self.layer.bias
 
 
 class PlainBlockDiag(nn.Module):
@@ -88,10 +89,11 @@ class PlainBlockDiag(nn.Module):
         b, _, i = w1.shape
         h = torch.einsum("tbi,boi->tbo", x.reshape(t, b, i), w1)
         if isinstance(layer, BlockDenseLinear):
-            return h.reshape(t, -1) @ layer.v.t() + layer.bias
-        h = h.reshape(t, -1, b).transpose(1, 2)  # the shuffle: middle channel m to block m % b
-        y = torch.einsum("tbi,boi->tob", h, layer.w2)  # block l, row s -> channel s*b + l
-        return y.reshape(t, -1) + layer.bias
+            y = h.reshape(t, -1) @ layer.v.t()
+        else:
+            h = h.reshape(t, -1, b).transpose(1, 2)  # the shuffle: middle channel m to block m % b
+            y = torch.einsum("tbi,boi->tob", h, layer.w2).reshape(t, -1)  # block l, row s -> channel s*b + l
+        return y if layer.bias is None else y + layer.bias
 
 
 class Residual(nn.Module):
@@ -180,13 +182,13 @@ def measure(ffn: nn.Module, x: torch.Tensor, reps: int, backward: bool = True, g
     return out
 
 
-def build(kind: str, d: int, ratio: float, device, dtype, align: int = 8) -> tuple[FFN, float]:
+def build(kind: str, d: int, ratio: float, device, dtype, align: int = 8, bias: bool = True) -> tuple[FFN, float]:
     def make(i: int, o: int) -> nn.Module:
         if kind in ("dense", "blockshuffle"):       # BlockShuffle's shape has no rank to align
-            return make_linear(kind, i, o, ratio, device=device)
-        layer = make_linear(kind, i, o, ratio, device=device, align=align)
+            return make_linear(kind, i, o, ratio, bias, device=device)
+        layer = make_linear(kind, i, o, ratio, bias, device=device, align=align)
         # ranks below 4*align are not rounded to align at all: keep the layers' default multiple of 8 there
-        return layer if layer.rank % 8 == 0 else make_linear(kind, i, o, ratio, device=device)
+        return layer if layer.rank % 8 == 0 else make_linear(kind, i, o, ratio, bias, device=device)
     fc1, fc2 = make(d, 4 * d), make(4 * d, d)
     ffn = FFN(fc1, fc2).to(device=device, dtype=dtype)
     params = sum(p.numel() for n, p in ffn.named_parameters() if not n.endswith("bias"))
@@ -208,11 +210,15 @@ def main() -> None:
                     help="token counts with '-compiled' rows (torch.compile; GPU default 16384, CPU none)")
     ap.add_argument("--decode-layers", type=int, default=8,
                     help="FFN blocks in the graphed decode stack ('-decode' rows, GPU only; 0: none)")
+    ap.add_argument("--no-bias", action="store_true",
+                    help="FFN linears without bias, as slimkit's GPT and Llama-style FFNs have them (results name "
+                         "default structured_ffn_speed_nobias)")
     ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run that this one does not redo")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    name = args.name or ("structured_ffn_speed" if gpu else "structured_ffn_speed_cpu")
+    name = args.name or ("structured_ffn_speed" if gpu else "structured_ffn_speed_cpu") + ("_nobias" * args.no_bias)
+    bias = not args.no_bias
     dtype = torch.bfloat16 if gpu else torch.float32
     dims = [int(v) for v in (args.dims or ("1024,2048,4096" if gpu else "256,512")).split(",")]
     tokens = [int(v) for v in (args.tokens or ("16,512,16384" if gpu else "16,512")).split(",")]
@@ -235,7 +241,8 @@ def main() -> None:
 
     def save():   # after every setting, so that a run cut short keeps what it measured
         notes = [
-            "One FFN: Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d), both linears of the kind named; x has T tokens. "
+            f"One FFN: Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d), both linears of the kind named"
+            f"{' and without bias' if args.no_bias else ', with bias'}; x has T tokens. "
             f"{'bf16' if gpu else 'fp32'}; median of {reps} timed calls after 3 warm-up calls, synchronised. "
             "fwbw: forward, then backward of a fixed upstream gradient (no loss), parameter and input grads written "
             f"fresh each call, as in one training step. Ranks aligned to multiples of {args.align} (--align) where "
@@ -253,7 +260,7 @@ def main() -> None:
     for d in dims:
         for T in tokens:
             x = torch.randn(T, d, device=device, dtype=dtype)
-            dense, _ = build("dense", d, 1.0, device, dtype)
+            dense, _ = build("dense", d, 1.0, device, dtype, bias=bias)
             t0 = time.perf_counter()
             base = measure(dense, x, reps)
             base_graph = measure(dense, x, reps, backward=False, graph=True) if gpu else None
@@ -265,7 +272,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 add("dense-compiled", f"r=1 d={d} T={T}", 1.0, measure(compiled(dense), x, reps), base, t0)
             if dec:
-                base_dec = decode_ms([build("dense", d, 1.0, device, dtype)[0] for _ in range(decode_layers)], x)
+                base_dec = decode_ms([build("dense", d, 1.0, device, dtype, bias=bias)[0]
+                                      for _ in range(decode_layers)], x)
             if fuse:
                 t0 = time.perf_counter()
                 add("dense-fused", f"r=1 d={d} T={T}", 1.0, measure(FusedFFN(dense.fc1, dense.fc2), x, reps), base, t0)
@@ -275,7 +283,7 @@ def main() -> None:
                 setting = f"r={ratio:g} d={d} T={T}"
                 for kind in KINDS:
                     try:
-                        ffn, real = build(kind, d, ratio, device, dtype, args.align)
+                        ffn, real = build(kind, d, ratio, device, dtype, args.align, bias)
                     except SlimkitError as e:
                         skipped.append(f"{kind} {setting}: {str(e).splitlines()[0]}")
                         continue
@@ -289,7 +297,7 @@ def main() -> None:
                         add(f"{kind}-compiled", setting, real, measure(compiled(ffn), x, reps), base, t0)
                     if dec:
                         t0 = time.perf_counter()
-                        stack = [ffn] + [build(kind, d, ratio, device, dtype, args.align)[0]
+                        stack = [ffn] + [build(kind, d, ratio, device, dtype, args.align, bias)[0]
                                          for _ in range(decode_layers - 1)]
                         add(f"{kind}-decode", setting, real, decode_ms(stack, x), base_dec, t0)
                         t0 = time.perf_counter()
