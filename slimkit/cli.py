@@ -194,7 +194,8 @@ def sparsify(
                                                    "(|w| * input channel norm); default auto: activation for "
                                                    "transformers"),
     nm: Optional[str] = typer.Option(None, help="N:M pattern instead, e.g. 2:4 (keep N of every M weights)"),
-    exclude: Optional[list[str]] = typer.Option(None, help="layer names (or prefixes) to leave dense; repeatable"),
+    exclude: Optional[list[str]] = typer.Option(None, help="layers to leave dense: names, parent modules or glob "
+                                                           "patterns (e.g. '*depthwise*'); repeatable"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="data to evaluate FP and sparse models on"),
     weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda for evaluation (default: cuda when available)"),

@@ -23,6 +23,7 @@ global sparsity over them equals the target to within one weight (slimkit.core.s
 from __future__ import annotations
 
 import copy
+import fnmatch
 import time
 
 import torch
@@ -49,8 +50,17 @@ def parse_nm(nm) -> tuple[int, int] | None:
     return n, m
 
 
+def _excluded(name: str, pattern: str) -> bool:
+    """Whether layer `name` is left out by an `exclude` entry: the name itself, a prefix of it (a parent
+    module), or a glob pattern (fnmatch: *, ?, [...])."""
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.startswith(pattern + ".")
+
+
 def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
-    """The layers sparsify counts: Linear/Conv layers by path, minus `exclude` (names or name prefixes) and
+    """The layers sparsify counts: Linear/Conv layers by path, minus `exclude` (names, prefixes or glob
+    patterns such as "*depthwise*"; an entry that matches no layer is an error, as a typo would be) and
     layers whose weight tensor another module also holds (tied weights). In a Hugging Face transformer of a
     supported family, only the linears inside its blocks (the output head and the embeddings stay dense, as
     LLM pruning methods leave them)."""
@@ -65,15 +75,20 @@ def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    found = {}
-    for name, module in model.named_modules():
-        if not quantizable(module) or owners.get(id(module.weight), 0) > 1:
-            continue
-        if any(name == e or name.startswith(e + ".") for e in exclude):
+    found, used = {}, set()
+    candidates = [(n, m) for n, m in model.named_modules() if quantizable(m)]
+    for name, module in candidates:
+        hits = [e for e in exclude if _excluded(name, e)]
+        used.update(hits)
+        if hits or owners.get(id(module.weight), 0) > 1:
             continue
         if inside is not None and not name.startswith(inside):
             continue
         found[name] = module
+    unused = [e for e in exclude if e not in used]
+    if unused:
+        raise SlimkitError(f"exclude entry {unused[0]!r} matches no Linear/Conv layer of the model: give layer names, "
+                           "their parent modules or glob patterns (e.g. '*depthwise*'), as named_modules() lists them")
     return found
 
 
@@ -136,7 +151,8 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         if bad:
             raise SlimkitError(f"N:M {pattern[0]}:{pattern[1]} needs every counted layer's reduction size to divide by "
                                f"{pattern[1]}; these do not: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. "
-                               "Leave them dense with exclude=[...] (--exclude)")
+                               "Leave them dense with exclude=[...] (--exclude): names, parent modules or glob patterns "
+                               "such as '*depthwise*'")
     data = None
     if needs_data:
         from .transformer import is_transformer

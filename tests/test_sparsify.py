@@ -64,6 +64,22 @@ def test_tied_and_excluded_layers_are_not_counted():
     assert set(prunable_layers(model, exclude=["out"])) == {"body"}
     with pytest.raises(SlimkitError, match="no prunable layers"):
         slimkit.sparsify(model, method="uniform", sparsity=0.5, exclude=["body", "out"])
+    with pytest.raises(SlimkitError, match="'bdy' matches no"):     # a typo is an error, not a silent no-op
+        prunable_layers(model, exclude=["bdy"])
+
+
+def test_exclude_takes_parent_modules_and_glob_patterns():
+    """Depthwise convolutions (9 inputs) cannot be 2:4; one glob pattern leaves all of them dense."""
+    def block():
+        return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1))
+    model = nn.Sequential(block(), block(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    assert set(prunable_layers(model, exclude=["0"])) == {"1.0", "1.1", "3"}          # a parent module
+    assert set(prunable_layers(model, exclude=["*.0"])) == {"0.1", "1.1", "3"}        # a glob
+    with pytest.raises(SlimkitError, match="divide by 4"):
+        slimkit.sparsify(model, nm="2:4")
+    sparse = slimkit.sparsify(model, nm="2:4", exclude=["*.0"])
+    assert set(sparse.slimkit_info["sparsity"]["layers"]) == {"0.1", "1.1", "3"}
+    assert torch.equal(sparse[0][0].weight, model[0][0].weight)                        # depthwise left dense
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 2])
