@@ -21,8 +21,11 @@ Triton's interpreter (TRITON_INTERPRET=1 when this module is imported). SLIMKIT_
 
 Status, measured (bench/results/structured_ffn_speed.md, '-fused' rows, one H200): these pointer-based Triton
 matmuls run below cuBLAS, so the fused FFN is slower than the eager one (low-rank 0.32 at d 2048: 2.63 ms against
-2.21 ms). `fused_ffn` is therefore opt-in; nothing in slimkit calls it by default. A Hopper-specific matmul (TMA
-descriptors, warp specialisation) is what would make the epilogue savings (about 0.3 ms there) a net gain.
+2.21 ms). `fused_ffn(..., matmul="cublas")` keeps cuBLAS for every matmul and fuses only the backward's GELU'
+and bias-gradient passes into one; that pass is memory-bound like the two it replaces, and measured no faster
+(2.24 ms against 2.11 ms, bench/structured_ffn_probe.py). `fused_ffn` is therefore opt-in; nothing in slimkit
+calls it by default. A Hopper-specific matmul (TMA descriptors, warp specialisation) is what would make the
+epilogue savings (about 0.3 ms there) a net gain.
 """
 from __future__ import annotations
 
