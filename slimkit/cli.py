@@ -291,8 +291,7 @@ def eval_cmd(
     if is_transformer(m):
         return _eval_lm(m, model, data, reference, dev, quiet, max_tokens)
     spec = getattr(m, "_slimkit_spec", None) if is_artifact else None
-    builder = spec["builder"] if spec else model
-    data = data or default_data(builder, "eval")
+    data = data or default_data(shipped_name(model, m, is_artifact), "eval")
     if data is None:
         raise SlimkitError("give evaluation data with --data (a .safetensors/.npy/.npz file or a shipped dataset)")
     x, y = resolve(data)

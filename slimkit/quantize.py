@@ -18,7 +18,7 @@ from .core.adapters import layer_order
 from .core.data import calibration_tensor
 from .core.fold import fold_bn
 from .core.quantizer import QuantSpec
-from .core.wrap import LayerPlan, quant_layers, quantizers, weight_oi, wrap_layers
+from .core.wrap import LayerPlan, mask_pruned, quant_layers, quantizers, wrap_layers
 from .errors import SlimkitError
 
 
@@ -101,9 +101,7 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
         raise SlimkitError("the model has no quantizable layers (nn.Linear or nn.Conv2d) left to quantize")
     q_model = copy.deepcopy(fp_model)
     wrapped = wrap_layers(q_model, plans)
-    for name in (getattr(model, "slimkit_info", None) or {}).get("sparsity", {}).get("layers", {}):
-        if name in wrapped:   # a sparsified model: its zeros stay zeros through quantization
-            wrapped[name].set_mask(weight_oi(wrapped[name].layer) != 0)
+    mask_pruned(wrapped, (getattr(model, "slimkit_info", None) or {}).get("sparsity"))   # a sparsified model
     calibrate_activations(q_model, data[: cfg.act_calib_samples], device, progress=cfg.progress)
     return fp_model, q_model, folded
 

@@ -23,7 +23,7 @@ from .config import QuantConfig
 from .core import attention
 from .core.families import Group, Layout, layout
 from .core.quantizer import QuantSpec
-from .core.wrap import LayerPlan, layer_modules, quant_layers, quantizers, weight_oi, wrap_layers
+from .core.wrap import LayerPlan, layer_modules, mask_pruned, quant_layers, quantizers, wrap_layers
 from .errors import SlimkitError
 
 
@@ -273,7 +273,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     q_inputs = first_block_inputs(q_model, lay, batches, device)
     fp_inputs = q_inputs
     stats_out = {}
-    sparse = set(((getattr(model, "slimkit_info", None) or {}).get("sparsity") or {}).get("layers", {}))
+    sparsity = (getattr(model, "slimkit_info", None) or {}).get("sparsity")   # a sparsified model's report
     bar = tqdm(lay.blocks, desc=f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits or 16}", disable=not cfg.progress)
     for i, path in enumerate(bar):
         t_block = time.perf_counter()
@@ -283,9 +283,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         ctx = BlockContext(q_model, block, i, lay.groups(i), {}, {}, cfg, device, lay.family.norm)
         fp_outputs = _record_block(ctx, fp_inputs)
         method.transform(ctx)
-        for name, layer in wrap_layers(q_model, _plans(path, block, cfg)).items():
-            if name in sparse:   # a sparsified model: its zeros stay zeros, and its artifact stores only the kept codes
-                layer.set_mask(weight_oi(layer.layer) != 0)
+        mask_pruned(wrap_layers(q_model, _plans(path, block, cfg)), sparsity)
         if cfg.attn_quant:
             scope = next(g.scope for g in ctx.groups if g.name == "attn_in")
             attention.attach(q_model.get_submodule(scope), specs(cfg)[1])
@@ -305,7 +303,6 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     for layer in quant_layers(q_model).values():
         if not layer.frozen:
             layer.freeze()
-    sparsity = (getattr(model, "slimkit_info", None) or {}).get("sparsity")   # a sparsified model's report
     q_model.slimkit_info = {
         "method": cfg.method,
         "config": cfg.to_dict(),

@@ -190,6 +190,15 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def mask_pruned(wrapped: dict[str, "QuantLayer"], sparsity: dict | None) -> None:
+    """Give the QuantLayers of a sparsified model's counted layers (`sparsity`: its slimkit_info["sparsity"]
+    report) their keep-masks, weight != 0: pruned weights stay zero through quantization, and the artifact stores
+    only the kept weights' codes."""
+    for name in (sparsity or {}).get("layers", {}):
+        if name in wrapped:
+            wrapped[name].set_mask(weight_oi(wrapped[name].layer) != 0)
+
+
 def wrap_layers(model: nn.Module, plans: dict[str, LayerPlan], init_qparams: bool = True) -> dict[str, QuantLayer]:
     """Replace each named layer by its QuantLayer twin, in place; returns the wrappers by name.
     `init_qparams=False` skips computing weight scales (when they are about to be loaded)."""
