@@ -7,7 +7,10 @@ to fp32), which also get the one-shot LLM baselines Wanda, OWL and SparseGPT. Ev
 layers (CNNs: all Conv2d/Linear; transformers: the block linears), and every row's achieved global sparsity is
 recorded. Writes bench/results/<name>.json and .md, and the per-layer rates FCPTS learned as
 <name>_rates_<model>.png (the highest sparsity run). `--methods fcpts-blockkd` adds FCPTS with block-output
-distillation (block_kd=True) as rows of its own, `fcpts-1600` FCPTS with 1600 rate-learning steps.
+distillation (block_kd=True) as rows of its own, `fcpts-1600` FCPTS with 1600 rate-learning steps, `fcpts-t1`
+FCPTS distilling at temperature 1. On EfficientNet-Lite0, 'classes' rows count the distinct top-1 classes over
+the evaluation views (fp32: 30): a network that collapsed to one class agrees with fp32 only where that class is
+the fp32 answer.
 
     python bench/sparsity.py                                   # CPU: Fashion-MNIST ResNet
     python bench/sparsity.py --models minilm-l6,smollm2-135m --append
@@ -25,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import slimkit  # noqa: E402
 from common import CNN_MODELS, RESULTS, cnn_setup, lm_setup, write_results  # noqa: E402
-from slimkit.eval import evaluate  # noqa: E402
+from slimkit.eval import evaluate, predict  # noqa: E402
 from slimkit.sparsify import NEEDS_DATA, plot_rates  # noqa: E402
 
 METHODS = ("uniform", "global_magnitude", "erk", "fcpts")
 VARIANTS = {"fcpts-blockkd": ("fcpts", {"block_kd": True}),   # row name -> (method, its extra options)
-            "fcpts-1600": ("fcpts", {"iters": 1600})}        # the public code's ~1600 steps (100 epochs of 1024)
+            "fcpts-1600": ("fcpts", {"iters": 1600}),        # the public code's ~1600 steps (100 epochs of 1024)
+            "fcpts-t1": ("fcpts", {"temperature": 1.0})}      # distillation at T=1 rather than the code's T=4
 
 
 
@@ -89,13 +93,20 @@ def main() -> None:
         else:
             model, calib_x, eval_x, eval_y, ref, fp, _ = cnn_setup(model_name, args.device)
             metric = CNN_MODELS[model_name]["metric"]
-            measure_all = lambda m: evaluate(m, eval_x, eval_y, reference=ref, device=args.device)  # noqa: E731
+            def cnn_measure(m, eval_x=eval_x, eval_y=eval_y, ref=ref, metric=metric):
+                out = evaluate(m, eval_x, eval_y, reference=ref, device=args.device)
+                if metric == "agreement":   # how many classes the views still spread over (collapse shows as 1)
+                    out["classes"] = predict(m, eval_x, device=args.device).argmax(-1).unique().numel()
+                return out
+            measure_all = cnn_measure
             measure = lambda m: measure_all(m)[metric]  # noqa: E731
             methods, targets = args.methods.split(","), [float(v) for v in args.sparsities.split(",")]
             fcpts_kw = dict(iters=args.iters, finetune_iters=args.finetune_iters, num_samples=args.num_samples)
-        fp_value = measure(model)
-        rows.append({"model": model_name, "method": "fp", "setting": "sparsity=0", "metric": metric,
-                     "value": round(fp_value, 4), "seconds": 0.0, "achieved": 0.0})
+        fp_values = measure_all(model) if measure_all else {metric: measure(model)}
+        fp_value = fp_values[metric]
+        for name in [metric] + (["classes"] if "classes" in fp_values else []):
+            rows.append({"model": model_name, "method": "fp", "setting": "sparsity=0", "metric": name,
+                         "value": round(fp_values[name], 4), "seconds": 0.0, "achieved": 0.0})
         print(f"{model_name} FP {metric}={fp_value:.4f}", flush=True)
         for target in targets:
             for method in methods:
@@ -110,7 +121,7 @@ def main() -> None:
                 values = measure_all(sparse) if measure_all else {metric: measure(sparse)}
                 value = values[metric]
                 info = sparse.slimkit_info["sparsity"]
-                for name in [metric] + (["kl"] if metric == "agreement" else []):   # KL ranks where top-1 collapses
+                for name in [metric] + (["kl", "classes"] if metric == "agreement" else []):   # where top-1 collapses
                     rows.append({"model": model_name, "method": method, "setting": f"sparsity={target:g}",
                                  "metric": name, "value": round(values[name], 4 if name == metric else 5),
                                  "seconds": round(seconds, 1), "achieved": round(info["achieved"], 6)})
