@@ -202,6 +202,8 @@ def main() -> None:
     ap.add_argument("--dims", default=None, help="d_model list (GPU default 1024,2048,4096; CPU 256,512)")
     ap.add_argument("--tokens", default=None, help="token counts (GPU default 16,512,16384; CPU 16,512)")
     ap.add_argument("--ratios", default="0.5,0.32,0.25")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="structured kinds to measure (with --append: re-measure "
+                    "some kinds and keep the other rows)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--align", type=int, default=64,
                     help="rank alignment of lowrank/blockdense (64: the tensor-core tile; the layers' default is 8)")
@@ -223,6 +225,9 @@ def main() -> None:
     dims = [int(v) for v in (args.dims or ("1024,2048,4096" if gpu else "256,512")).split(",")]
     tokens = [int(v) for v in (args.tokens or ("16,512,16384" if gpu else "16,512")).split(",")]
     ratios = [float(v) for v in args.ratios.split(",")]
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS):
+        ap.error(f"--kinds takes a comma list of {', '.join(KINDS)}")
     reps = args.reps or (30 if gpu else 5)
     compile_tokens = [int(v) for v in (args.compile_tokens or ("16384" if gpu else "")).split(",") if v]
     decode_layers = args.decode_layers if gpu else 0
@@ -281,7 +286,7 @@ def main() -> None:
             del dense
             for ratio in ratios:
                 setting = f"r={ratio:g} d={d} T={T}"
-                for kind in KINDS:
+                for kind in kinds:
                     try:
                         ffn, real = build(kind, d, ratio, device, dtype, args.align, bias)
                     except SlimkitError as e:
