@@ -129,58 +129,7 @@ def test_fused_ffn_falls_back_where_the_kernels_do_not_apply(K):
     torch.testing.assert_close(K.fused_ffn(fc1, fc2, x), fc2(F.gelu(fc1(x))))
 
 
-@inner
-@pytest.mark.parametrize("shape", [(5, 3, 12), (7, 12, 4), (1, 1, 9), (33, 17, 2)])
-def test_swap_last2_is_the_transpose_and_its_gradient(K, shape):
-    """Bit-exact copy (tiles padded where a side is not a power of two), and the gradient is the inverse swap."""
-    torch.manual_seed(0)
-    x = torch.randn(*shape, requires_grad=True)
-    y = K.swap_last2(x)
-    assert y.is_contiguous() and torch.equal(y, x.detach().transpose(1, 2))
-    g = torch.randn(y.shape)
-    y.backward(g)
-    assert torch.equal(x.grad, g.transpose(1, 2))
-
-
-@inner
-def test_blockshuffle_through_the_triton_swap_equals_its_dense_weight(K):
-    """BlockShuffle's shuffle and interleave run through swap_last2 here; the layer still equals x W^T + b with
-    W its dense equivalent, and its gradients equal those of the reference copies."""
-    from slimkit.structured import make_linear
-
-    torch.manual_seed(0)
-    layer = make_linear("blockshuffle", 16, 32, None, nblocks=4)
-    x = torch.randn(2, 3, 16, requires_grad=True)
-    y = layer(x)
-    w = layer.dense_weight().detach()
-    torch.testing.assert_close(y, x @ w.T + layer.bias, rtol=1e-5, atol=1e-5)
-    y.square().sum().backward()
-    got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
-    x.grad = None
-    layer.zero_grad()
-    orig = K.swap_last2
-    K.swap_last2 = K.swap_last2_ref
-    try:
-        layer(x).square().sum().backward()
-    finally:
-        K.swap_last2 = orig
-    for a, b in zip(got, [x.grad] + [p.grad for p in layer.parameters()]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
 gpu = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
-
-
-@gpu
-@pytest.mark.parametrize("shape", [(16384, 4, 2048), (16384, 512, 4), (1000, 3, 70)])
-def test_swap_last2_on_gpu_is_the_transpose(shape):
-    import slimkit.structured.kernels as K
-    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = K.swap_last2(x)
-    assert torch.equal(y, x.detach().transpose(1, 2))
-    g = torch.randn_like(y)
-    y.backward(g)
-    assert torch.equal(x.grad, g.transpose(1, 2))
 
 
 @gpu

@@ -185,19 +185,6 @@ if triton is not None:
         _gelu_grad_epilogue(dact, rm, rn, pre_ptr, dpre_ptr, dbias_ptr, M, N, som, son, pid_m, HAS_BIAS, APPROX)
 
 
-    @triton.jit
-    def _swap_kernel(x_ptr, y_ptr, N, A, B, BN: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr):
-        """y[n, b, a] = x[n, a, b] for contiguous x (N, A, B) and y (N, B, A): a [BN, BA, BB] tile read along b,
-        permuted in registers/shared memory, written along a, so both sides are coalesced."""
-        n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
-        a = tl.program_id(1) * BA + tl.arange(0, BA)
-        b = tl.program_id(2) * BB + tl.arange(0, BB)
-        base = n[:, None, None] * A * B
-        mask = (n[:, None, None] < N) & (a[None, :, None] < A) & (b[None, None, :] < B)
-        tile = tl.load(x_ptr + base + a[None, :, None] * B + b[None, None, :], mask=mask)
-        tl.store(y_ptr + base + b[None, None, :] * A + a[None, :, None], tile, mask=mask)
-
-
 def _grid(M, N):
     return lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
@@ -252,48 +239,6 @@ def gelu_backward(dact: torch.Tensor, pre: torch.Tensor, approximate: str = "non
                                                                pre.stride(1), HAS_BIAS=bias,
                                                                APPROX=APPROXIMATE[approximate], BM=bm, BN=bn)
     return dpre, (tiles.sum(0) if bias else None)
-
-
-def swap_last2_ref(x: torch.Tensor) -> torch.Tensor:
-    """(N, A, B) -> (N, B, A), contiguous: what `swap_last2` computes."""
-    return x.transpose(-1, -2).contiguous()
-
-
-def _pow2(n: int, cap: int) -> int:
-    return min(cap, 1 << max(0, (n - 1).bit_length()))
-
-
-def _swap(x: torch.Tensor) -> torch.Tensor:
-    x = x.contiguous()
-    N, A, B = x.shape
-    y = x.new_empty(N, B, A)
-    if INTERPRET:
-        ba, bb, bn = _pow2(A, 8), _pow2(B, 8), 2
-    else:   # about 4096 elements a tile: at least 64 bytes along each side of the short dimension, rows fill the rest
-        ba, bb = _pow2(A, 128), _pow2(B, 128)
-        bn = max(1, min(_pow2(N, 1 << 30), 4096 // (ba * bb)))
-    _swap_kernel[(triton.cdiv(N, bn), triton.cdiv(A, ba), triton.cdiv(B, bb))](x, y, N, A, B, BN=bn, BA=ba, BB=bb)
-    return y
-
-
-class _Swap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _swap(x)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _swap(dy)
-
-
-def swap_last2(x: torch.Tensor) -> torch.Tensor:
-    """x (N, A, B) -> (N, B, A) contiguous, differentiable. On CUDA one Triton pass whose reads and writes are
-    both coalesced: PyTorch's generic copy kernel reads a transpose with a short inner side (BlockShuffle's
-    channel shuffle and output interleave, whose inner side is the block count) at a fraction of the memory
-    bandwidth. Elsewhere, and for tensors of other ranks, swap_last2_ref."""
-    if x.dim() != 3 or not available(x) or x.numel() == 0:
-        return swap_last2_ref(x)
-    return _Swap.apply(x)
 
 
 # ---------- autograd ----------

@@ -28,9 +28,7 @@ with SlimkitError, one that misses it by more than `rel_tol` (default 25%):
 
 Forward: each block-diagonal product is one torch.bmm over a (blocks, tokens, width) view of token-major
 activations, its result written straight into a token-major buffer (block_diag_mm; no loop over blocks, no
-activation copy in either pass); BlockShuffle's shuffle and output interleave are one copy each way
-(kernels.swap_last2: on CUDA a Triton transpose that keeps reads and writes coalesced, which PyTorch's copy of a
-transpose with a 4-wide inner side does not).
+activation copy in either pass); BlockShuffle's shuffle and output interleave are one copy each way.
 Seen once on an H100 (bf16, FFN 2048->8192->2048, 16384 tokens, forward+backward, speed-up over dense in the
 same run): lowrank 0.32 2.16x, blockdense 0.32 1.97x, blockdense 0.25 2.60x, blockshuffle 0.31 1.59x (its
 stride-b output interleave copy is what it loses on); at 16 tokens all are slower than dense: see premerge.py.
@@ -332,13 +330,11 @@ class BlockShuffleLinear(StructuredLinear):
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b = self.nblocks
-        from .kernels import swap_last2   # (kernels imports this module)
-
         h = block_diag_mm(x.reshape(-1, b, self.in_features // b), self.w1)     # (T, b, q)
         t, q = h.shape[0], h.shape[2]
-        h = swap_last2(h.view(t, q, b))                       # shuffle: middle channel m goes to block m % b
+        h = h.view(t, q, b).transpose(1, 2).contiguous()      # shuffle: middle channel m goes to block m % b
         y = block_diag_mm(h, self.w2)                         # (T, b, out/b)
-        y = swap_last2(y).view(*x.shape[:-1], self.out_features)     # block l, row s -> channel s*b + l
+        y = y.transpose(1, 2).reshape(*x.shape[:-1], self.out_features)       # block l, row s -> channel s*b + l
         return y if bias is None else y + bias.to(y.dtype)
 
     def spec(self) -> dict:
