@@ -113,7 +113,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     Hugging Face transformers it is text (file, folder, list, shipped corpus name) or token ids, cut into
     `num_samples` blocks of `seq_len` tokens (default 2048, 128 for encoders) with the model's `tokenizer`;
     `options` are its FCPTSConfig fields (iters, finetune_iters, batch_size, lr, lr_threshold, score, block_kd,
-    ...);
+    temperature, ...);
     score="auto" (default) ranks weights inside a layer by |w| * input channel norm in transformers, by |w|
     elsewhere (slimkit.methods.fcpts)."""
     t0 = time.perf_counter()
@@ -139,6 +139,10 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
 
         if options.get("score", "auto") not in SCORES:
             raise SlimkitError(f"fcpts score must be one of {', '.join(SCORES)}, got {options['score']!r}")
+        temperature = options.get("temperature", 1.0)
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise SlimkitError(f"fcpts temperature must be a number above 0 (1 matches the model's own "
+                               f"predictions), got {temperature!r}")
     elif options:
         raise SlimkitError(f"option(s) {', '.join(sorted(options))} apply to method fcpts only")
     if isinstance(exclude, str):

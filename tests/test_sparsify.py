@@ -118,7 +118,8 @@ def test_cli_sparsify_writes_artifact_chart_and_refuses_bad_input(tmp_path):
     layers = prunable_layers(back)
     total = sum(m.weight.numel() for m in layers.values())
     assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.7 * total)
-    for args in (["--sparsity", "1.2"], ["--method", "magic"], ["--nm", "5:4"]):
+    for args in (["--sparsity", "1.2"], ["--method", "magic"], ["--nm", "5:4"], ["--temperature", "0"],
+                 ["--method", "erk", "--temperature", "2"]):
         bad = CliRunner().invoke(app, ["sparsify", "fmnist-resnet", "--out", str(tmp_path / "bad"), *args])
         assert bad.exit_code != 0 and not (tmp_path / "bad").exists()
     # the sparse artifact quantizes from the command line too (its model's shipped data by default)
@@ -145,6 +146,24 @@ def test_bridge_gradient_matches_finite_differences_of_the_rate():
         fd = ((absw < t0 + h).float().mean() - (absw < t0 - h).float().mean()) / (2 * h)
         assert t.grad.item() == pytest.approx(fd.item(), rel=0.05)
         assert SparsityRate.apply(absw, torch.tensor(t0)).item() == pytest.approx((absw < t0).float().mean().item())
+
+
+def test_distillation_loss_is_the_tempered_kl_and_temperature_is_checked():
+    """_kd_loss = T^2 KL(softmax(t/T) || softmax(s/T)), batch-mean over every position; 0 for equal logits; the
+    default T is 1 (the predictions as used); a non-positive temperature is refused before any work."""
+    from slimkit.methods.fcpts import FCPTSConfig, _kd_loss
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
+    for temp in (1.0, 4.0):
+        p = (t / temp).softmax(-1)
+        want = (p * (p.log() - (s / temp).log_softmax(-1))).sum(-1).mean() * temp ** 2
+        assert _kd_loss(s, t, temp).item() == pytest.approx(want.item(), rel=1e-5)
+        assert _kd_loss(t, t, temp).item() == pytest.approx(0.0, abs=1e-6)
+    assert FCPTSConfig(sparsity=0.5).temperature == 1.0
+    teacher, calib, _ = teacher_and_data()
+    for bad in (0, -1.0, "4"):
+        with pytest.raises(SlimkitError, match="temperature"):
+            slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.5, temperature=bad)
 
 
 def teacher_and_data():
