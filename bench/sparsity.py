@@ -32,6 +32,7 @@ from slimkit.eval import evaluate, predict  # noqa: E402
 from slimkit.sparsify import NEEDS_DATA, plot_rates  # noqa: E402
 
 METHODS = ("uniform", "global_magnitude", "erk", "fcpts")
+LM_METHODS = ("wanda", "owl", "sparsegpt")     # the one-shot LLM baselines, run on the transformers only
 # row name -> (method, its extra options); the block_kd and 1600-step rows were measured at the public code's T=4
 VARIANTS = {"fcpts-t4": ("fcpts", {"temperature": 4.0}),                       # the public run script's DistillKL
             "fcpts-blockkd": ("fcpts", {"block_kd": True, "temperature": 4.0}),
@@ -45,7 +46,8 @@ def main() -> None:
     ap.add_argument("--name", default="sparsity")
     ap.add_argument("--models", default="fmnist-resnet")
     ap.add_argument("--sparsities", default="0.5,0.7,0.8,0.9")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=None, help="methods (and variants) to run; default: "
+                    f"{', '.join(METHODS)}, plus {', '.join(LM_METHODS)} on the transformers")
     ap.add_argument("--iters", type=int, default=400, help="FCPTS rate-learning steps")
     ap.add_argument("--finetune-iters", type=int, default=100, help="FCPTS steps with the masks fixed")
     ap.add_argument("--num-samples", type=int, default=1024, help="FCPTS calibration samples")
@@ -79,7 +81,7 @@ def main() -> None:
             f"or the last hidden state (MiniLM). SmolLM2: perplexity over {args.eval_tokens} held-out tokens "
             "(window 512, stride 256); MiniLM: mean-pooled embedding cosine to fp32 on 256 held-out sentences. "
             "wanda / owl: one-shot, no weight update; sparsegpt: one-shot with the OBS update of the surviving "
-            "weights, block by block (ERK is left out for transformers).",
+            "weights, block by block.",
         ], append=args.append)
 
     for model_name in args.models.split(","):
@@ -88,8 +90,7 @@ def main() -> None:
         if lm:
             model, tok, calib_x, measure, metric, _ = lm_setup(model_name, args.device, args.lm_samples,
                                                                args.seq_len, args.eval_tokens)
-            extra = ["wanda", "owl", "sparsegpt"]
-            methods = list(dict.fromkeys([m for m in args.methods.split(",") if m != "erk"] + extra))
+            methods = args.methods.split(",") if args.methods else list(METHODS + LM_METHODS)
             targets = [float(v) for v in args.lm_sparsities.split(",")]
             fcpts_kw = dict(iters=args.lm_iters, finetune_iters=args.lm_finetune_iters, batch_size=4, lr=args.lm_lr)
         else:
@@ -102,7 +103,8 @@ def main() -> None:
                 return out
             measure_all = cnn_measure
             measure = lambda m: measure_all(m)[metric]  # noqa: E731
-            methods, targets = args.methods.split(","), [float(v) for v in args.sparsities.split(",")]
+            methods = [m for m in (args.methods.split(",") if args.methods else METHODS) if m not in LM_METHODS]
+            targets = [float(v) for v in args.sparsities.split(",")]
             fcpts_kw = dict(iters=args.iters, finetune_iters=args.finetune_iters, num_samples=args.num_samples)
         fp_values = measure_all(model) if measure_all else {metric: measure(model)}
         fp_value = fp_values[metric]

@@ -23,6 +23,7 @@ global sparsity over them equals the target to within one weight (slimkit.core.s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import time
 
@@ -190,7 +191,8 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
             options["score"] = "activation" if is_transformer(out) else "magnitude"
         teacher = copy.deepcopy(model).to(dev).eval()
         out.to(dev)
-        masks, log = fcpts(out, teacher, layers, data, FCPTSConfig(sparsity=target, **options), dev)
+        cfg = FCPTSConfig(sparsity=target, **options)
+        masks, log = fcpts(out, teacher, layers, data, cfg, dev)
         out.cpu().eval()
         del teacher
     elif pattern is not None:
@@ -245,7 +247,8 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         info["sparsity"]["fcpts"] = {"learned_rates": log["learned_rates"], "init_rates": log["init_rates"],
                                      "final_global_rate": log["global_rate"][-1] if log["global_rate"] else None,
                                      "seconds": log["seconds"], "samples": int(data.shape[0]),
-                                     "score": options["score"]}
+                                     "score": options["score"],
+                                     "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}}
     info.setdefault("model_spec", getattr(model, "_slimkit_spec", None))
     out.slimkit_info = info
     return out

@@ -379,6 +379,8 @@ def test_fcpts_activation_score_beats_magnitude_where_inputs_have_outlier_channe
         s = slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.8, iters=60, finetune_iters=0,
                              score=score, progress=False, device="cpu")
         assert s.slimkit_info["sparsity"]["fcpts"]["score"] == score
+        config = s.slimkit_info["sparsity"]["fcpts"]["config"]     # what ran, for the report and the manifest
+        assert config["temperature"] == 1.0 and config["iters"] == 60 and config["score"] == score
         with torch.no_grad():
             return float((s(held_out) - ref).pow(2).mean())
     assert error("activation") < 0.7 * error("magnitude")
