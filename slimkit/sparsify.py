@@ -141,7 +141,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         if options.get("score", "auto") not in SCORES:
             raise SlimkitError(f"fcpts score must be one of {', '.join(SCORES)}, got {options['score']!r}")
         temperature = options.get("temperature", 1.0)
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise SlimkitError(f"fcpts temperature must be a number above 0 (1 matches the model's own "
                                f"predictions), got {temperature!r}")
     elif options:

@@ -6,8 +6,9 @@ its derivative ds/dt = density of |w| at t, estimated from a 100-bin histogram o
 kernel density estimate; the public code differentiates a histogram of the signed weights the same way). The
 *control term* lambda * |S(t) - S*| on the size-weighted global rate S = sum n_l s_l / sum n_l drives the global
 sparsity to the target while a distillation loss (KL of the sparse model's logits to the dense model's; for
-encoders without logits, the MSE of the last hidden state) decides where the sparsity goes. Weights, BatchNorm statistics and thresholds learn together on the
-calibration data (BatchNorm in train mode recalibrates to the pruned weights), as in the public code.
+encoders without logits, the MSE of the last hidden state) decides where the sparsity goes. Weights, BatchNorm
+statistics and thresholds learn together on the calibration data (BatchNorm in train mode recalibrates to the
+pruned weights), as in the public code.
 
 Choices of ours, where the public code is silent or does otherwise:
 - t_l = sigmoid(a_l) * max|w_l| (the public code uses sigmoid(a_l) as an absolute threshold): scale-free, so one
