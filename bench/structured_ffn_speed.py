@@ -9,6 +9,9 @@ Rows (bench/results/<name>.json): method dense | lowrank | blockshuffle | blockd
                     the baseline the issue's reference figures were measured with;
   "<kind>-fused"    the same layers through slimkit.structured.kernels.fused_ffn (Triton: bias + GELU in the
                     matmul epilogues, forward and backward; GPU only), "dense-fused" the dense FFN likewise;
+  "<kind>-lt"       the same layers through fused_ffn(matmul="cublaslt"): GELU in the forward matmul's cuBLASLt
+                    epilogue, GELU' in the backward's (slimkit.structured.epilogue; needs nvmath-python, GPU only),
+                    "dense-lt" the dense FFN likewise;
   "<kind>-premerged" the factors merged into one dense matrix (slimkit.structured.merged_linear);
   "<kind>-graph"    forward through slimkit.structured.graphed as users call it (input copied in, CUDA graph
                     replayed, output cloned), its speed-up taken over the dense FFN graphed the same way;
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from slimkit.errors import SlimkitError  # noqa: E402
 from slimkit.structured import graphed, make_linear, merged_linear, premerge  # noqa: E402
+from slimkit.structured import epilogue  # noqa: E402
 from slimkit.structured.kernels import available, fused_ffn, supported  # noqa: E402
 from slimkit.structured.layers import BlockDenseLinear, LowRankLinear  # noqa: E402
 
@@ -61,6 +65,13 @@ class FusedFFN(FFN):
 
     def forward(self, x):
         return fused_ffn(self.fc1, self.fc2, x, approximate="tanh")
+
+
+class LtFFN(FFN):
+    """The same FFN through fused_ffn(matmul="cublaslt"): GELU and GELU' in cuBLASLt epilogues (nvmath-python)."""
+
+    def forward(self, x):
+        return fused_ffn(self.fc1, self.fc2, x, approximate="tanh", matmul="cublaslt")
 
 
 class PlainLowRank(nn.Module):
@@ -208,6 +219,7 @@ def main() -> None:
     ap.add_argument("--align", type=int, default=64,
                     help="rank alignment of lowrank/blockdense (64: the tensor-core tile; the layers' default is 8)")
     ap.add_argument("--no-fused", action="store_true", help="skip the '-fused' rows (Triton kernels)")
+    ap.add_argument("--no-lt", action="store_true", help="skip the '-lt' rows (cuBLASLt epilogues, nvmath-python)")
     ap.add_argument("--compile-tokens", default=None,
                     help="token counts with '-compiled' rows (torch.compile; GPU default 16384, CPU none)")
     ap.add_argument("--decode-layers", type=int, default=8,
@@ -271,6 +283,7 @@ def main() -> None:
             base_graph = measure(dense, x, reps, backward=False, graph=True) if gpu else None
             add("dense", f"r=1 d={d} T={T}", 1.0, base, base, t0)
             fuse = available(x) and not args.no_fused
+            lt = epilogue.available(x) and not args.no_lt
             comp = T in compile_tokens
             dec = decode_layers > 0 and T <= 64        # decoding batch sizes
             if comp:
@@ -279,6 +292,9 @@ def main() -> None:
             if dec:
                 base_dec = decode_ms([build("dense", d, 1.0, device, dtype, bias=bias)[0]
                                       for _ in range(decode_layers)], x)
+            if lt:
+                t0 = time.perf_counter()
+                add("dense-lt", f"r=1 d={d} T={T}", 1.0, measure(LtFFN(dense.fc1, dense.fc2), x, reps), base, t0)
             if fuse:
                 t0 = time.perf_counter()
                 add("dense-fused", f"r=1 d={d} T={T}", 1.0, measure(FusedFFN(dense.fc1, dense.fc2), x, reps), base, t0)
@@ -294,6 +310,9 @@ def main() -> None:
                         continue
                     t0 = time.perf_counter()
                     add(kind, setting, real, measure(ffn, x, reps), base, t0)
+                    if lt and supported(ffn.fc1):
+                        t0 = time.perf_counter()
+                        add(f"{kind}-lt", setting, real, measure(LtFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
                     if fuse and supported(ffn.fc1):
                         t0 = time.perf_counter()
                         add(f"{kind}-fused", setting, real, measure(FusedFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)

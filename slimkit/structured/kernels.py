@@ -25,7 +25,8 @@ matmuls run below cuBLAS, so the fused FFN is slower than the eager one (low-ran
 and bias-gradient passes into one; that pass is memory-bound like the two it replaces, and measured no faster
 (2.24 ms against 2.11 ms, bench/structured_ffn_probe.py). `fused_ffn` is therefore opt-in; nothing in slimkit
 calls it by default. A Hopper-specific matmul (TMA descriptors, warp specialisation) is what would make the
-epilogue savings (about 0.3 ms there) a net gain.
+epilogue savings (about 0.3 ms there) a net gain; `fused_ffn(..., matmul="cublaslt")` takes cuBLASLt's own
+GELU / DGELU epilogues for that (slimkit.structured.epilogue, nvmath-python).
 """
 from __future__ import annotations
 
@@ -320,10 +321,17 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     dense factor, into its first matmul's backward. Equal to the eager expression up to rounding; falls back to
     it where the kernels do not apply (no Triton/CUDA, fc1 ending block-diagonal). Follows autocast.
     matmul="cublas" keeps every matmul in cuBLAS and fuses only the backward's elementwise work (GELU' and the
-    bias-gradient sum in one pass over the hidden activations, `gelu_backward`)."""
-    if matmul not in ("triton", "cublas"):
-        raise ValueError(f"fused_ffn: matmul must be 'triton' or 'cublas', got {matmul!r}")
-    if not available(x) or not supported(fc1):
+    bias-gradient sum in one pass over the hidden activations, `gelu_backward`). matmul="cublaslt" puts GELU
+    (forward) and GELU' (backward) in cuBLASLt matmul epilogues through nvmath-python (slimkit.structured.epilogue;
+    approximate="tanh" only, the GELU cuBLASLt has), with no Triton involved."""
+    if matmul not in ("triton", "cublas", "cublaslt"):
+        raise ValueError(f"fused_ffn: matmul must be 'triton', 'cublas' or 'cublaslt', got {matmul!r}")
+    if matmul == "cublaslt":
+        from . import epilogue
+
+        if not epilogue.available(x) or not supported(fc1) or approximate != "tanh":
+            return fc2(F.gelu(fc1(x), approximate=approximate))
+    elif not available(x) or not supported(fc1):
         return fc2(F.gelu(fc1(x), approximate=approximate))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -334,7 +342,13 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     tail = _tail(fc2)
     with torch.autocast(dev, enabled=False):
         h, w = h.to(dt), w.to(dt)
-        if tail is None or matmul == "cublas":
+        if matmul == "cublaslt":
+            bias = None if b is None else b.to(dt)
+            if tail is None:
+                hidden = epilogue.GeluUp.apply(h.contiguous(), w, bias)
+            else:
+                hidden = epilogue.GeluUpDown.apply(h.contiguous(), w, bias, tail[0].to(dt))
+        elif tail is None or matmul == "cublas":
             tail = None
             hidden = _GeluUp.apply(h.contiguous(), w, b, approximate, matmul == "cublas")
         else:

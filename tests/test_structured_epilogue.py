@@ -1,0 +1,120 @@
+"""fused_ffn(matmul="cublaslt") (slimkit.structured.epilogue): the autograd wiring around the cuBLASLt epilogues,
+checked on the CPU with the epilogues' PyTorch definitions standing in for nvmath, against the eager FFN; the
+fallbacks; and, on a CUDA machine with nvmath-python, the real epilogues against the eager FFN."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slimkit.structured.epilogue as EP
+from slimkit.structured import make_linear
+from slimkit.structured.kernels import fused_ffn
+
+
+def _ffn(kind1: str, kind2: str, bias: bool, d: int = 16, hidden: int = 64):
+    torch.manual_seed(0)
+    fc1 = nn.Linear(d, hidden, bias=bias) if kind1 == "dense" else make_linear(kind1, d, hidden, 0.5, bias)
+    fc2 = nn.Linear(hidden, d, bias=bias) if kind2 == "dense" else make_linear(kind2, hidden, d, 0.5, bias)
+    if bias:
+        with torch.no_grad():      # the layers start with zero biases: make the bias gradients and adds matter
+            fc1.bias.normal_(0, 0.5)
+            fc2.bias.normal_(0, 0.5)
+    return fc1, fc2
+
+
+def _run(fc1, fc2, x, grad, fn):
+    params = list(fc1.parameters()) + list(fc2.parameters())
+    for p in params:
+        p.grad = None
+    t = x.clone().requires_grad_(True)
+    y = fn(fc1, fc2, t)
+    y.backward(grad)
+    return [y.detach(), t.grad] + [p.grad for p in params]
+
+
+def eager(fc1, fc2, t):
+    return fc2(F.gelu(fc1(t), approximate="tanh"))
+
+
+@pytest.mark.parametrize("kind1,kind2", [("dense", "dense"), ("lowrank", "lowrank"), ("blockdense", "dense"),
+                                         ("lowrank", "blockdense"), ("dense", "blockshuffle")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cublaslt_wiring_equals_eager_with_reference_epilogues(monkeypatch, kind1, kind2, bias):
+    """With reference_matmul in place of nvmath, the forward and every gradient equal the eager FFN's (fp32):
+    the operand orders, transposes and the saved pre-activation are what the epilogues need. fc2 starting
+    block-diagonal takes the forward-only path (GeluUp), a dense start the DGELU backward (GeluUpDown)."""
+    monkeypatch.setattr(EP, "_matmul", EP.reference_matmul)
+    monkeypatch.setattr(EP, "available", lambda x: True)
+    calls = []
+    monkeypatch.setattr(EP.GeluUp, "forward", _spy(EP.GeluUp.forward, calls, "up"))
+    monkeypatch.setattr(EP.GeluUpDown, "forward", _spy(EP.GeluUpDown.forward, calls, "updown"))
+    fc1, fc2 = _ffn(kind1, kind2, bias)
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(2))
+    got = _run(fc1, fc2, x, grad, lambda a, b, t: fused_ffn(a, b, t, "tanh", matmul="cublaslt"))
+    want = _run(fc1, fc2, x, grad, eager)
+    assert calls == (["updown"] if kind2 in ("dense", "lowrank") else ["up"])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _spy(fn, calls, name):
+    def wrapped(*args, **kw):
+        calls.append(name)
+        return fn(*args, **kw)
+    return staticmethod(wrapped)
+
+
+def test_cublaslt_falls_back_to_eager_where_it_does_not_apply(monkeypatch):
+    fc1, fc2 = _ffn("lowrank", "lowrank", True)
+    x = torch.randn(5, 16)
+    # no nvmath / no CUDA here: the eager expression, exactly
+    assert not EP.available(x) or x.is_cuda
+    torch.testing.assert_close(fused_ffn(fc1, fc2, x, "tanh", matmul="cublaslt"), eager(fc1, fc2, x), rtol=0, atol=0)
+    # cuBLASLt's GELU is the tanh one: the exact GELU is never sent to it
+    monkeypatch.setattr(EP, "available", lambda x: True)
+    monkeypatch.setattr(EP, "_matmul", lambda *a, **k: pytest.fail("exact GELU must not reach the epilogue"))
+    torch.testing.assert_close(fused_ffn(fc1, fc2, x, "none", matmul="cublaslt"), fc2(F.gelu(fc1(x))))
+    with pytest.raises(ValueError, match="cublaslt"):
+        fused_ffn(fc1, fc2, x, "tanh", matmul="cutlass")
+
+
+def test_reference_epilogues_are_their_definitions():
+    g = torch.Generator().manual_seed(3)
+    a, b, bias = torch.randn(6, 4, generator=g), torch.randn(4, 5, generator=g), torch.randn(6, generator=g)
+    out, aux = EP.reference_matmul("GELU_AUX_BIAS", a, b, {"bias": bias})
+    pre = a @ b + bias[:, None]
+    torch.testing.assert_close(aux["gelu_aux"], pre)
+    torch.testing.assert_close(out, F.gelu(pre, approximate="tanh"))
+    p = pre.clone().requires_grad_(True)
+    F.gelu(p, approximate="tanh").backward(a @ b)
+    torch.testing.assert_close(EP.reference_matmul("DGELU", a, b, {"gelu_aux": pre}), p.grad)
+    with pytest.raises(ValueError):
+        EP.reference_matmul("RELU", a, b, {})
+
+
+gpu_lt = pytest.mark.skipif(not (torch.cuda.is_available() and EP.Matmul is not None),
+                            reason="needs a CUDA GPU and nvmath-python")
+
+
+@gpu_lt
+@pytest.mark.parametrize("kind1,kind2", [("dense", "dense"), ("lowrank", "lowrank"), ("blockdense", "blockdense")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cublaslt_on_gpu_is_as_accurate_as_eager(kind1, kind2, bias):
+    """bf16: the epilogue FFN and the eager one, each against the fp32 eager computation; the epilogue's error
+    is no worse than 1.5x eager's (plus 1e-3 of the largest value), for the output and every gradient."""
+    fc1, fc2 = _ffn(kind1, kind2, bias, d=256, hidden=1024)
+    ref1, ref2 = copy.deepcopy(fc1).cuda(), copy.deepcopy(fc2).cuda()
+    fc1, fc2 = fc1.cuda().bfloat16(), fc2.cuda().bfloat16()
+    x = torch.randn(600, 256, device="cuda")
+    grad = torch.randn(600, 256, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lt = _run(fc1, fc2, x.bfloat16(), grad.bfloat16(), lambda a, b, t: fused_ffn(a, b, t, "tanh", matmul="cublaslt"))
+    ea = _run(fc1, fc2, x.bfloat16(), grad.bfloat16(), eager)
+    exact = _run(ref1, ref2, x, grad, eager)
+    for a, b, r in zip(lt, ea, exact):
+        scale = r.abs().max()
+        err_lt, err_eager = ((a.float() - r).abs().max() / scale).item(), ((b.float() - r).abs().max() / scale).item()
+        assert err_lt <= 1.5 * err_eager + 1e-3, (err_lt, err_eager)
