@@ -33,6 +33,15 @@ from torch import nn
 from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact_counts, global_magnitude_counts,
                             magnitude_mask, nm_keep, uniform_rates, weight_2d)
 from .core.wrap import quantizable
+
+# Besides what quantization wraps (Linear, Conv2d, GPT-2's Conv1D), sparsity counts 1-d and 3-d convolutions:
+# a mask needs only the weight (transposed convolutions, whose weight is stored (in, out), are left out).
+EXTRA_CONVS = (nn.Conv1d, nn.Conv3d)
+
+
+def countable(module: nn.Module) -> bool:
+    """Whether sparsify counts (prunes) this module's weight."""
+    return quantizable(module) or isinstance(module, EXTRA_CONVS)
 from .errors import SlimkitError
 
 METHODS = ("fcpts", "uniform", "global_magnitude", "erk", "wanda", "owl", "sparsegpt")
@@ -60,8 +69,8 @@ def _excluded(name: str, pattern: str) -> bool:
 
 
 def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
-    """The layers sparsify counts: Linear/Conv layers by path, minus `exclude` (names, prefixes or glob
-    patterns such as "*depthwise*"; an entry that matches no layer is an error, as a typo would be) and
+    """The layers sparsify counts: Linear and Conv1d/2d/3d layers (and GPT-2's Conv1D) by path, minus `exclude`
+    (names, prefixes or glob patterns such as "*depthwise*"; an entry that matches no layer is an error) and
     layers whose weight tensor another module also holds (tied weights). In a Hugging Face transformer of a
     supported family, only the linears inside its blocks (the output head and the embeddings stay dense, as
     LLM pruning methods leave them)."""
@@ -77,7 +86,7 @@ def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     found, used = {}, set()
-    candidates = [(n, m) for n, m in model.named_modules() if quantizable(m)]
+    candidates = [(n, m) for n, m in model.named_modules() if countable(m)]
     for name, module in candidates:
         hits = [e for e in exclude if _excluded(name, e)]
         used.update(hits)

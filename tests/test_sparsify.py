@@ -434,3 +434,49 @@ def test_activation_score_scales_follow_each_layers_input_dimension(kind):
         assert s.shape == ((w.shape[0], 1) if is_conv1d(layer) else (1, w.shape[1]))
         torch.testing.assert_close(s.flatten(), norms[name] / norms[name].mean())
         assert (w.abs() * s).shape == w.shape
+
+
+def _conv1d_3d_net():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv1d(4, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Unflatten(1, (1, 1, 16)), nn.Conv3d(1, 2, (1, 3, 3), padding=(0, 1, 1)), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(2 * 16 * 32, 5))
+
+
+def test_conv1d_and_conv3d_layers_are_counted_pruned_and_saved(tmp_path):
+    """1-d and 3-d convolutions count like Conv2d: FCPTS and N:M prune them, the global sparsity is exact, and a
+    saved artifact reloads bit for bit."""
+    net = _conv1d_3d_net()
+    assert list(prunable_layers(net)) == ["0", "4", "7"]
+    x = torch.randn(64, 4, 32, generator=torch.Generator().manual_seed(0))
+    s = slimkit.sparsify(net, x, method="fcpts", sparsity=0.6, iters=20, finetune_iters=2, progress=False)
+    layers = prunable_layers(s)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.6 * total)
+    assert set(s.slimkit_info["sparsity"]["layers"]) == {"0", "4", "7"}
+    uni = prunable_layers(slimkit.sparsify(net, None, method="uniform", sparsity=0.6))
+    for k in ("0", "4"):          # every counted layer at the same rate: the convolutions really are pruned
+        assert abs(int((uni[k].weight == 0).sum()) - 0.6 * uni[k].weight.numel()) <= 1
+    nm = slimkit.sparsify(net, None, nm="2:4", exclude=["4"])     # Conv3d's 2*3*3 = 18 inputs are not a multiple of 4
+    assert is_nm(weight_2d(prunable_layers(nm)["0"]) != 0, 2, 4)
+    slimkit.save(s, tmp_path / "a")
+    back = slimkit.load(tmp_path / "a", model=_conv1d_3d_net())
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_fcpts_distils_dict_outputs_and_refuses_what_it_cannot_read():
+    class DictOut(nn.Module):
+        def __init__(self, key):
+            super().__init__()
+            self.a, self.b, self.key = nn.Linear(8, 32), nn.Linear(32, 4), key
+
+        def forward(self, x):
+            return {self.key: self.b(torch.relu(self.a(x)))}
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    for key in ("logits", "last_hidden_state"):
+        s = slimkit.sparsify(DictOut(key), x, method="fcpts", sparsity=0.5, iters=5, finetune_iters=1, progress=False)
+        assert s.slimkit_info["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(SlimkitError, match="cannot distil.*'scores'"):
+        slimkit.sparsify(DictOut("scores"), x, method="fcpts", sparsity=0.5, iters=5, progress=False)
