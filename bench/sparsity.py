@@ -8,7 +8,8 @@ layers (CNNs: all Conv2d/Linear; transformers: the block linears), and every row
 recorded. Writes bench/results/<name>.json and .md, and the per-layer rates FCPTS learned as
 <name>_rates_<model>.png (the highest sparsity run). `--methods fcpts-blockkd` adds FCPTS with block-output
 distillation (block_kd=True) as rows of its own, `fcpts-1600` FCPTS with 1600 rate-learning steps, `fcpts-t4`
-FCPTS distilling at the public run script's temperature 4 (slimkit's default is 1); those three at T=4. On
+FCPTS distilling at the public run script's temperature 4 (slimkit's default is 1); those three at T=4.
+`fcpts-sparsegpt` (transformers): FCPTS's learned rates, then SparseGPT's update instead of the fine-tuning. On
 EfficientNet-Lite0, 'classes' rows count the distinct top-1 classes over the evaluation views (fp32: 30): a
 network that collapsed to one class agrees with fp32 only where that class is the fp32 answer.
 
@@ -36,7 +37,8 @@ LM_METHODS = ("wanda", "owl", "sparsegpt")     # the one-shot LLM baselines, run
 # row name -> (method, its extra options); the block_kd and 1600-step rows were measured at the public code's T=4
 VARIANTS = {"fcpts-t4": ("fcpts", {"temperature": 4.0}),                       # the public run script's DistillKL
             "fcpts-blockkd": ("fcpts", {"block_kd": True, "temperature": 4.0}),
-            "fcpts-1600": ("fcpts", {"iters": 1600, "temperature": 4.0})}      # the public code's ~1600 steps
+            "fcpts-1600": ("fcpts", {"iters": 1600, "temperature": 4.0}),     # the public code's ~1600 steps
+            "fcpts-sparsegpt": ("fcpts", {"reconstruct": "sparsegpt"})}       # FCPTS's rates, SparseGPT's update
 
 
 

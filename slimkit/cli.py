@@ -195,6 +195,9 @@ def sparsify(
                                                    "transformers"),
     temperature: Optional[float] = typer.Option(None, help="fcpts: distillation temperature of the logits' KL (1; "
                                                            "the public code's run script uses 4)"),
+    reconstruct: Optional[str] = typer.Option(None, help="fcpts: after learning the rates, 'distill' (fine-tune with "
+                                                         "the masks fixed; default) or 'sparsegpt' (SparseGPT's "
+                                                         "update at the learned rates; linear layers)"),
     nm: Optional[str] = typer.Option(None, help="N:M pattern instead, e.g. 2:4 (keep N of every M weights)"),
     exclude: Optional[list[str]] = typer.Option(None, help="layers to leave dense: names, parent modules or glob "
                                                            "patterns (e.g. '*depthwise*'); repeatable"),
@@ -227,7 +230,8 @@ def sparsify(
     if is_artifact:
         raise SlimkitError(f"{model} is a saved artifact: give the float model")
     options = {k: v for k, v in dict(iters=iters, finetune_iters=finetune_iters, batch_size=batch_size,
-                                     score=score, temperature=temperature).items() if v is not None}
+                                     score=score, temperature=temperature,
+                                     reconstruct=reconstruct).items() if v is not None}
     learn = nm is None and method in NEEDS_DATA
     if learn:
         calib = calib or default_data(model, "calib")
@@ -238,8 +242,8 @@ def sparsify(
         if is_transformer(fp_model) and isinstance(calib, str):
             calib = text_data(calib)
     if options and (nm is not None or method != "fcpts"):
-        raise SlimkitError("--iters, --finetune-iters, --batch-size, --score and --temperature apply to --method "
-                           "fcpts only")
+        raise SlimkitError("--iters, --finetune-iters, --batch-size, --score, --temperature and --reconstruct apply "
+                           "to --method fcpts only")
     if nm is None and method == "fcpts":
         options.update(progress=not quiet)
     t0 = time.perf_counter()

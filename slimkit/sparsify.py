@@ -102,6 +102,21 @@ def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
     return found
 
 
+def _sparsegpt(model: nn.Module, layers: dict[str, nn.Module], counts: dict[str, int], data, dev) -> dict:
+    """SparseGPT at the given per-layer counts, block by block for a transformer; the model ends on the CPU."""
+    from .methods.sparsegpt import sparsegpt
+    from .transformer import is_transformer
+
+    blocks = []
+    if is_transformer(model):
+        from .core.families import layout
+
+        blocks = layout(model).blocks
+    masks = sparsegpt(model, layers, blocks, counts, data, dev)
+    model.cpu()
+    return masks
+
+
 def _counts(method: str, layers: dict[str, nn.Module], target: float) -> dict[str, int]:
     sizes = {k: m.weight.numel() for k, m in layers.items()}
     if method == "uniform":
@@ -149,6 +164,9 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
 
         if options.get("score", "auto") not in SCORES:
             raise SlimkitError(f"fcpts score must be one of {', '.join(SCORES)}, got {options['score']!r}")
+        if options.get("reconstruct", "distill") not in ("distill", "sparsegpt"):
+            raise SlimkitError(f"fcpts reconstruct must be 'distill' (fine-tune with the masks fixed) or 'sparsegpt' "
+                               f"(SparseGPT's update at the learned rates), got {options['reconstruct']!r}")
         temperature = options.get("temperature", 1.0)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise SlimkitError(f"fcpts temperature must be a number above 0 (1 matches the model's own "
@@ -159,7 +177,13 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         exclude = (exclude,)
     layers = prunable_layers(model, exclude)
     if not layers:
-        raise SlimkitError("the model has no prunable layers (nn.Linear / nn.Conv2d) left after `exclude`")
+        raise SlimkitError("the model has no prunable layers (nn.Linear / nn.Conv1d/2d/3d) left after `exclude`")
+    if learn and options.get("reconstruct") == "sparsegpt":
+        convs = [k for k, m in layers.items() if isinstance(m, nn.modules.conv._ConvNd)]
+        if convs:
+            raise SlimkitError(f"fcpts reconstruct='sparsegpt' updates linear layers from their inputs; {convs[0]} is a "
+                               "convolution: keep reconstruct='distill' (the default) for CNNs, or exclude the "
+                               "convolutions")
     if pattern is not None:
         bad = [f"{k} ({weight_2d(m).shape[1]} inputs)" for k, m in layers.items() if weight_2d(m).shape[1] % pattern[1]]
         if bad:
@@ -201,23 +225,21 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         teacher = copy.deepcopy(model).to(dev).eval()
         out.to(dev)
         cfg = FCPTSConfig(sparsity=target, **options)
-        masks, log = fcpts(out, teacher, layers, data, cfg, dev)
+        if cfg.reconstruct == "sparsegpt":    # learn the rates on a scratch copy, then prune `out` by SparseGPT
+            scratch = copy.deepcopy(model).to(dev)
+            _, log = fcpts(scratch, teacher, prunable_layers(scratch, exclude), data,
+                           dataclasses.replace(cfg, finetune_iters=0), dev)
+            del scratch
+            masks = _sparsegpt(out, layers, log["counts"], data, dev)
+        else:
+            masks, log = fcpts(out, teacher, layers, data, cfg, dev)
         out.cpu().eval()
         del teacher
     elif pattern is not None:
         masks = {k: nm_keep(m, *pattern) for k, m in layers.items()}
     elif method == "sparsegpt":
-        from .methods.sparsegpt import sparsegpt
-        from .transformer import is_transformer
-
-        blocks = []
-        if is_transformer(out):
-            from .core.families import layout
-
-            blocks = layout(out).blocks
         sizes = {k: m.weight.numel() for k, m in layers.items()}
-        masks = sparsegpt(out, layers, blocks, exact_counts(uniform_rates(sizes, target), sizes, target), data, dev)
-        out.cpu()
+        masks = _sparsegpt(out, layers, exact_counts(uniform_rates(sizes, target), sizes, target), data, dev)
     elif method in ("wanda", "owl"):
         from .methods.owl import input_norms, owl_rates, wanda_mask
 

@@ -480,3 +480,30 @@ def test_fcpts_distils_dict_outputs_and_refuses_what_it_cannot_read():
         assert s.slimkit_info["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
     with pytest.raises(SlimkitError, match="cannot distil.*'scores'"):
         slimkit.sparsify(DictOut("scores"), x, method="fcpts", sparsity=0.5, iters=5, progress=False)
+
+
+def test_fcpts_sparsegpt_reconstruction_prunes_at_the_learned_rates():
+    """reconstruct='sparsegpt': each layer holds exactly the zeros FCPTS's learned rates give it, the surviving
+    weights are SparseGPT-updated (not the dense ones), and the global sparsity is exact; CNNs and unknown
+    values are refused before any work."""
+    teacher, calib, _ = teacher_and_data()
+    s = slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.7, iters=40, finetune_iters=0, progress=False,
+                         reconstruct="sparsegpt", device="cpu")
+    info = s.slimkit_info["sparsity"]
+    layers = prunable_layers(s)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.7 * total)
+    learned = info["fcpts"]["learned_rates"]
+    sizes = {k: m.weight.numel() for k, m in layers.items()}
+    from slimkit.core.sparsity import exact_counts
+    counts = exact_counts(learned, sizes, 0.7)
+    dense = prunable_layers(teacher)
+    for k, m in layers.items():
+        assert int((m.weight == 0).sum()) == counts[k]
+        kept = m.weight != 0
+        assert not torch.equal(m.weight[kept], dense[k].weight[kept])      # OBS moved the survivors
+    with pytest.raises(SlimkitError, match="reconstruct"):
+        slimkit.sparsify(teacher, calib, method="fcpts", sparsity=0.5, reconstruct="adaround")
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(SlimkitError, match="convolution"):
+        slimkit.sparsify(cnn, torch.randn(8, 3, 8, 8), method="fcpts", sparsity=0.5, reconstruct="sparsegpt")

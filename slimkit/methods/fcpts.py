@@ -32,6 +32,10 @@ Choices of ours, where the public code is silent or does otherwise:
   teacher's mean square; blocks as slimkit.core.adapters finds them for reconstruction: residual blocks, and
   every layer outside one), the public code's `--use_intel_layer_loss` variant; its newer run script distils
   the logits only, the default here.
+- `reconstruct="sparsegpt"` (ours, linear layers only): the rates are learned as above on a scratch copy, then
+  the dense model's layers are pruned at those rates by SparseGPT's one-shot update of the surviving weights
+  (methods/sparsegpt.py, block by block) instead of the distillation with fixed masks: FCPTS's allocation with
+  SparseGPT's reconstruction, as OWL's rates are paired with SparseGPT in the LLM pruning literature.
 - Exactness: the learned rates go through slimkit.core.sparsity.exact_counts, so the final masks (the highest
   scores of each layer) hold exactly round(S* n) zeros; then `finetune_iters` more distillation steps with the
   masks fixed, and BatchNorm statistics re-estimated.
@@ -93,6 +97,7 @@ class FCPTSConfig:
     control_weight: float = 1.0      # lambda of the control term
     score: str = "magnitude"         # "magnitude" (|w|) or "activation" (|w| * input channel norm, linears)
     block_kd: bool = False           # also match every block's output (MSE), as the public code's older variant
+    reconstruct: str = "distill"     # after the rates: "distill" (fixed masks, finetune_iters) or "sparsegpt"
     seed: int = 0
     progress: bool = True
 
@@ -304,5 +309,5 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
                 for k, layer in layers.items():
                     layer.weight.copy_(apply_mask(layer.weight, masks[k]))
     model.eval()
-    log.update({"learned_rates": learned, "init_rates": init, "seconds": time.perf_counter() - t0})
+    log.update({"learned_rates": learned, "init_rates": init, "counts": counts, "seconds": time.perf_counter() - t0})
     return masks, log
