@@ -118,3 +118,47 @@ def test_cublaslt_on_gpu_is_as_accurate_as_eager(kind1, kind2, bias):
         scale = r.abs().max()
         err_lt, err_eager = ((a.float() - r).abs().max() / scale).item(), ((b.float() - r).abs().max() / scale).item()
         assert err_lt <= 1.5 * err_eager + 1e-3, (err_lt, err_eager)
+
+
+def test_plans_are_made_once_per_signature_and_the_oldest_dropped(monkeypatch):
+    """_matmul plans and autotunes a shape once, then only swaps operands; past MAX_PLANS the least recently
+    used plan is freed (a stand-in Matmul records what nvmath would be asked to do)."""
+    log = []
+
+    class FakeMatmul:
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+            log.append(("new", tuple(a.shape)))
+
+        def plan(self, epilog=None, epilog_inputs=None, preferences=None):
+            log.append(("plan", epilog))
+
+        def autotune(self, iterations):
+            log.append(("autotune", iterations))
+
+        def reset_operands(self, a=None, b=None, epilog_inputs=None):
+            self.a, self.b = a, b
+            log.append(("reset", tuple(a.shape)))
+
+        def execute(self):
+            return self.a @ self.b
+
+        def free(self):
+            log.append(("free", tuple(self.a.shape)))
+
+    monkeypatch.setattr(EP, "Matmul", FakeMatmul)
+    monkeypatch.setattr(EP, "MatmulEpilog", type("E", (), {"DGELU": "dgelu"}))
+    monkeypatch.setattr(EP, "MatmulPlanPreferences", lambda limit: None)
+    monkeypatch.setattr(EP, "_PLANS", EP.OrderedDict())
+    monkeypatch.setattr(EP, "MAX_PLANS", 2)
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    torch.testing.assert_close(EP._matmul(None, a, b, {}), a @ b)
+    a2 = torch.randn(3, 4)
+    torch.testing.assert_close(EP._matmul(None, a2, b, {}), a2 @ b)        # same signature: operands swapped
+    assert log == [("new", (3, 4)), ("plan", None), ("autotune", EP.AUTOTUNE_ITERS), ("reset", (3, 4))]
+    EP._matmul(None, torch.randn(6, 4), b, {})
+    EP._matmul("DGELU", torch.randn(7, 4), b, {"gelu_aux": torch.randn(7, 5)})
+    assert ("free", (3, 4)) in log and len(EP._PLANS) == 2                 # the (3, 4) plan was the oldest
+    log.clear()
+    EP._matmul(None, a, b, {})
+    assert log[0] == ("new", (3, 4))                                        # planned again after eviction
