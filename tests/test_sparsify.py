@@ -507,3 +507,31 @@ def test_fcpts_sparsegpt_reconstruction_prunes_at_the_learned_rates():
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     with pytest.raises(SlimkitError, match="convolution"):
         slimkit.sparsify(cnn, torch.randn(8, 3, 8, 8), method="fcpts", sparsity=0.5, reconstruct="sparsegpt")
+
+
+def test_input_scored_methods_refuse_layers_whose_forward_never_runs():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: Wanda / SparseGPT cannot see its
+    inputs, so they say which layer and how to leave it out (and then run); weight-only methods prune it; a 1-d
+    convolution is refused as a 2-d one is."""
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(8, 32)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), 1)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.emb(x)).mean(1))
+
+    model, x = Encoder().eval(), torch.randn(16, 10, 8)
+    for method in ("wanda", "sparsegpt"):
+        with pytest.raises(SlimkitError, match=r"out_proj never ran its forward.*exclude"):
+            slimkit.sparsify(model, x, method=method, sparsity=0.5)
+        s = slimkit.sparsify(model, x, method=method, sparsity=0.5, exclude=["*out_proj"])
+        assert "enc.layers.0.self_attn.out_proj" not in s.slimkit_info["sparsity"]["layers"]
+    s = slimkit.sparsify(model, None, method="uniform", sparsity=0.5)
+    assert float((s.enc.layers[0].self_attn.out_proj.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(SlimkitError, match="convolution"):
+        slimkit.sparsify(_conv1d_3d_net(), torch.randn(8, 4, 32), method="wanda", sparsity=0.5)

@@ -163,12 +163,16 @@ def feed_inputs(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tens
     layer's input as fp32 (tokens, in); the forward stops after `stop_at` when given. Convolutions are refused:
     `method` scores weights by their input channels."""
     for name, layer in layers.items():
-        if isinstance(layer, nn.Conv2d):
+        if isinstance(layer, nn.modules.conv._ConvNd):
             raise SlimkitError(f"{method} scores linear layers by their inputs; {name} is a convolution: use fcpts, "
                                "uniform, global_magnitude or erk for CNNs")
+    seen = set()
 
     def hook(name):
-        return lambda module, args: on_input(name, args[0].detach().float().reshape(-1, args[0].shape[-1]))
+        def record(module, args):
+            seen.add(name)
+            on_input(name, args[0].detach().float().reshape(-1, args[0].shape[-1]))
+        return record
 
     def stop(module, args, out):
         raise _Stop
@@ -184,6 +188,13 @@ def feed_inputs(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tens
     finally:
         for h in handles:
             h.remove()
+    missing = [k for k in layers if k not in seen]
+    if missing:
+        raise SlimkitError(f"{method} scores a layer by the inputs its forward receives, and {missing[0]}"
+                           f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} never ran its forward "
+                           "on the calibration data (nn.MultiheadAttention, for one, uses its out_proj's weight "
+                           "directly): leave such layers dense with exclude=[...] (e.g. '*out_proj'), or use fcpts, "
+                           "uniform, global_magnitude or erk")
 
 
 # ---------- compact storage: values + bitmask ----------
