@@ -18,7 +18,7 @@ from .core.adapters import layer_order
 from .core.data import calibration_tensor
 from .core.fold import fold_bn
 from .core.quantizer import QuantSpec
-from .core.wrap import LayerPlan, mask_pruned, quant_layers, quantizers, wrap_layers
+from .core.wrap import LayerPlan, layer_modules, mask_pruned, quant_layers, quantizers, wrap_layers
 from .errors import SlimkitError
 
 
@@ -92,10 +92,10 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
     example = data[:2].to(device)
     check_runs(fp_model, example)
     folded = fold_bn(fp_model, example) if cfg.fold_bn else []
-    order = layer_order(fp_model, example)
-    unknown = [s for s in cfg.skip if s not in order]
+    unknown = [s for s in cfg.skip if s not in layer_modules(fp_model)]
     if unknown:
         raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model")
+    order = layer_order(fp_model, example, called_only=True)     # a layer never called stays float
     plans = layer_plans(order, cfg)
     if not plans:
         raise SlimkitError("the model has no quantizable layers (nn.Linear or nn.Conv2d) left to quantize")

@@ -141,3 +141,38 @@ def test_recipe_dict_and_override(data):
     q = slimkit.quantize(tiny_net(), data, recipe={"method": "rtn", "w_bits": 5, "a_bits": 6}, w_bits=3, progress=False)
     cfg = q.slimkit_info["config"]
     assert cfg["method"] == "rtn" and cfg["w_bits"] == 3 and cfg["a_bits"] == 6
+
+
+def test_models_built_from_torch_transformer_encoder_layers_quantize(tmp_path):
+    """nn.TransformerEncoderLayer reads its linears' weights for a fused inference fast path, and
+    nn.MultiheadAttention uses out_proj's weight without calling it: the linears that run are quantized (the fast
+    path stays off, so the quantization is in effect), out_proj stays float, and the artifact reloads exactly."""
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(8, 32)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), 2)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.emb(x)).mean(1))
+
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), torch.randn(32, 10, 8)
+    for method, kw in (("rtn", {}), ("qdrop", {"iters": 10})):
+        q = slimkit.quantize(model, x, method=method, w_bits=4, a_bits=8, progress=False, **kw)
+        names = set(quant_layers(q))
+        assert {"enc.layers.0.linear1", "enc.layers.1.linear2", "emb", "head"} <= names
+        assert not any("out_proj" in n for n in names)
+        with torch.no_grad():
+            out, ref = q(x), model(x)
+            before = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                slow = q(x)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(before)
+        assert torch.equal(out, slow) and not torch.allclose(out, ref, atol=1e-4)
+    slimkit.save(q, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(slimkit.load(tmp_path / "q", model=Encoder())(x), out)

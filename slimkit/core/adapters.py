@@ -115,8 +115,12 @@ def find_blocks(model: nn.Module, example: torch.Tensor, granularity: str = "blo
     return blocks, skipped
 
 
-def layer_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Quantizable layers in the order the forward pass first calls them (uncalled ones last)."""
+def layer_order(model: nn.Module, example: torch.Tensor, called_only: bool = False) -> list[str]:
+    """Quantizable layers in the order the forward pass first calls them (uncalled ones last, or left out with
+    called_only=True: a layer whose forward never runs, such as nn.MultiheadAttention's out_proj, whose weight
+    the attention reads directly, cannot have its input quantized nor be replaced by a wrapper)."""
     layers = layer_modules(model)
     info = trace_calls(model, example, layers)
+    if called_only:
+        layers = {n: m for n, m in layers.items() if n in info}
     return sorted(layers, key=lambda n: info[n]["order"] if n in info else float("inf"))

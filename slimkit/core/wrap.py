@@ -73,6 +73,10 @@ def weight_qparams(w: torch.Tensor, spec: QuantSpec, observer: str) -> tuple[tor
     return qparams_from_range(lo, hi, spec)
 
 
+def _no_fused_fast_path(module, args) -> None:
+    """A forward pre-hook that does nothing: its presence turns off PyTorch's fused encoder-layer fast path."""
+
+
 class QuantLayer(nn.Module):
     """A Linear or Conv2d whose weight and input activation are fake-quantized."""
 
@@ -89,6 +93,10 @@ class QuantLayer(nn.Module):
         self.to(layer.weight.device)
         self._fast_conv = isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward
         self._w_cache: torch.Tensor | None = None
+        # nn.TransformerEncoderLayer's inference "fast path" computes its linears from their weights in one fused
+        # kernel, which would bypass this wrapper (and fails on it: no .weight); it is never taken while any of
+        # its submodules carries a forward hook, so every QuantLayer carries one that does nothing.
+        self.register_forward_pre_hook(_no_fused_fast_path)
         if self.w_quant is not None and init_qparams:
             self.w_quant.set_qparams(*weight_qparams(weight_oi(layer), w_spec, w_observer))
 
