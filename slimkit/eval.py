@@ -13,13 +13,16 @@ from .core.wrap import QuantLayer
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: torch.device | str = "cpu",
             progress: bool = False, desc: str = "evaluating") -> torch.Tensor:
-    """The model's outputs (logits) for all inputs, computed in batches, returned on the CPU."""
+    """The model's outputs (logits) for all inputs, computed in batches, returned on the CPU. A model may return
+    a tensor, a tuple starting with its logits, or an object or dict with `logits` (or `last_hidden_state`)."""
+    from .methods.fcpts import model_output
+
     model = model.eval().to(device)
     outs = []
     with torch.no_grad():
         for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
             out = model(x[i : i + batch_size].to(device))
-            outs.append((out.logits if hasattr(out, "logits") else out).float().cpu())
+            outs.append(model_output(out)[0].float().cpu())
     return torch.cat(outs)
 
 

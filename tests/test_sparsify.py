@@ -535,3 +535,25 @@ def test_input_scored_methods_refuse_layers_whose_forward_never_runs():
     assert float((s.enc.layers[0].self_attn.out_proj.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
     with pytest.raises(SlimkitError, match="convolution"):
         slimkit.sparsify(_conv1d_3d_net(), torch.randn(8, 4, 32), method="wanda", sparsity=0.5)
+
+
+def test_a_dict_output_model_sparsifies_quantizes_and_evaluates():
+    """A model returning {"logits": ...} goes through FCPTS, quantization and evaluation like a plain one."""
+    from slimkit.eval import evaluate, predict
+
+    class DictNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            return {"logits": self.b(torch.relu(self.a(x)))}
+
+    torch.manual_seed(0)
+    model, x = DictNet().eval(), torch.randn(64, 8)
+    with torch.no_grad():
+        assert torch.equal(predict(model, x), model(x)["logits"])
+    s = slimkit.sparsify(model, x, method="fcpts", sparsity=0.5, iters=5, finetune_iters=1, progress=False)
+    q = slimkit.quantize(s, x, method="rtn", w_bits=8, a_bits=8, progress=False)
+    metrics = evaluate(q, x, reference=model)
+    assert metrics["agreement"] > 0.5 and metrics["kl"] >= 0
