@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -9,14 +10,33 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core.wrap import QuantLayer
+from .errors import SlimkitError
+
+
+def model_output(out) -> tuple[torch.Tensor, bool]:
+    """(the tensor a model's output stands for, whether it is logits; FCPTS distils it, predict returns it): a
+    plain tensor, `.logits` or a dict's "logits" (classifiers, causal LMs) are logits; otherwise the last hidden
+    state (encoders; attribute or dict key), which FCPTS matches by mean squared error; a tuple or list stands for
+    its first tensor, as logits."""
+    if isinstance(out, torch.Tensor):
+        return out, True
+    get = out.get if isinstance(out, Mapping) else (lambda key: getattr(out, key, None))
+    if get("logits") is not None:       # a Hugging Face ModelOutput is a Mapping too
+        return get("logits"), True
+    if get("last_hidden_state") is not None:
+        return get("last_hidden_state"), False
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0], True
+    keys = f" with keys {sorted(out)[:6]}" if isinstance(out, Mapping) else ""
+    raise SlimkitError(f"slimkit cannot distil or evaluate a model output of type {type(out).__name__}{keys}: the "
+                       "model should return logits (a tensor, a tuple starting with them, .logits or a 'logits' key) "
+                       "or a last_hidden_state")
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: torch.device | str = "cpu",
             progress: bool = False, desc: str = "evaluating") -> torch.Tensor:
     """The model's outputs (logits) for all inputs, computed in batches, returned on the CPU. A model may return
     a tensor, a tuple starting with its logits, or an object or dict with `logits` (or `last_hidden_state`)."""
-    from .methods.fcpts import model_output
-
     model = model.eval().to(device)
     outs = []
     with torch.no_grad():

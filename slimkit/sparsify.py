@@ -33,6 +33,10 @@ from torch import nn
 from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact_counts, global_magnitude_counts,
                             magnitude_mask, nm_keep, uniform_rates, weight_2d)
 from .core.wrap import quantizable
+from .errors import SlimkitError
+
+METHODS = ("fcpts", "uniform", "global_magnitude", "erk", "wanda", "owl", "sparsegpt")
+NEEDS_DATA = ("fcpts", "wanda", "owl", "sparsegpt")
 
 # Besides what quantization wraps (Linear, Conv2d, GPT-2's Conv1D), sparsity counts 1-d and 3-d convolutions:
 # a mask needs only the weight (transposed convolutions, whose weight is stored (in, out), are left out).
@@ -42,10 +46,6 @@ EXTRA_CONVS = (nn.Conv1d, nn.Conv3d)
 def countable(module: nn.Module) -> bool:
     """Whether sparsify counts (prunes) this module's weight."""
     return quantizable(module) or isinstance(module, EXTRA_CONVS)
-from .errors import SlimkitError
-
-METHODS = ("fcpts", "uniform", "global_magnitude", "erk", "wanda", "owl", "sparsegpt")
-NEEDS_DATA = ("fcpts", "wanda", "owl", "sparsegpt")
 
 
 def parse_nm(nm) -> tuple[int, int] | None:
@@ -74,13 +74,7 @@ def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
     layers whose weight tensor another module also holds (tied weights). In a Hugging Face transformer of a
     supported family, only the linears inside its blocks (the output head and the embeddings stay dense, as
     LLM pruning methods leave them)."""
-    from .transformer import is_transformer
-
-    inside = None
-    if is_transformer(model):
-        from .core.families import layout
-
-        inside = tuple(b + "." for b in layout(model).blocks)
+    inside = tuple(b + "." for b in _blocks(model)) or None
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
@@ -102,17 +96,22 @@ def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
     return found
 
 
+def _blocks(model: nn.Module) -> list[str]:
+    """A supported transformer's block paths in forward order (none for other models)."""
+    from .transformer import is_transformer
+
+    if not is_transformer(model):
+        return []
+    from .core.families import layout
+
+    return layout(model).blocks
+
+
 def _sparsegpt(model: nn.Module, layers: dict[str, nn.Module], counts: dict[str, int], data, dev) -> dict:
     """SparseGPT at the given per-layer counts, block by block for a transformer; the model ends on the CPU."""
     from .methods.sparsegpt import sparsegpt
-    from .transformer import is_transformer
 
-    blocks = []
-    if is_transformer(model):
-        from .core.families import layout
-
-        blocks = layout(model).blocks
-    masks = sparsegpt(model, layers, blocks, counts, data, dev)
+    masks = sparsegpt(model, layers, _blocks(model), counts, data, dev)
     model.cpu()
     return masks
 
@@ -247,14 +246,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         out.cpu()
         sizes = {k: m.weight.numel() for k, m in layers.items()}
         if method == "owl":
-            from .transformer import is_transformer
-
-            blocks = []
-            if is_transformer(out):
-                from .core.families import layout
-
-                blocks = layout(out).blocks
-            rates = owl_rates(layers, norms, blocks, target)
+            rates = owl_rates(layers, norms, _blocks(out), target)
         else:
             rates = uniform_rates(sizes, target)
         counts = exact_counts(rates, sizes, target)

@@ -147,15 +147,7 @@ def test_models_built_from_torch_transformer_encoder_layers_quantize(tmp_path):
     """nn.TransformerEncoderLayer reads its linears' weights for a fused inference fast path, and
     nn.MultiheadAttention uses out_proj's weight without calling it: the linears that run are quantized (the fast
     path stays off, so the quantization is in effect), out_proj stays float, and the artifact reloads exactly."""
-    class Encoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Linear(8, 32)
-            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), 2)
-            self.head = nn.Linear(32, 3)
-
-        def forward(self, x):
-            return self.head(self.enc(self.emb(x)).mean(1))
+    from tiny_torch import TorchEncoder as Encoder
 
     torch.manual_seed(0)
     model, x = Encoder().eval(), torch.randn(32, 10, 8)

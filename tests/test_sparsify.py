@@ -515,17 +515,9 @@ def test_input_scored_methods_refuse_layers_whose_forward_never_runs():
     convolution is refused as a 2-d one is."""
     torch.manual_seed(0)
 
-    class Encoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Linear(8, 32)
-            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), 1)
-            self.head = nn.Linear(32, 3)
+    from tiny_torch import TorchEncoder
 
-        def forward(self, x):
-            return self.head(self.enc(self.emb(x)).mean(1))
-
-    model, x = Encoder().eval(), torch.randn(16, 10, 8)
+    model, x = TorchEncoder(layers=1).eval(), torch.randn(16, 10, 8)
     for method in ("wanda", "sparsegpt"):
         with pytest.raises(SlimkitError, match=r"out_proj never ran its forward.*exclude"):
             slimkit.sparsify(model, x, method=method, sparsity=0.5)

@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +57,7 @@ from tqdm.auto import tqdm
 
 from ..core.sparsity import apply_mask, erk_rates, exact_counts, magnitude_mask
 from ..core.wrap import is_conv1d
-from ..errors import SlimkitError
+from ..eval import model_output
 
 BINS = 100
 
@@ -161,25 +160,6 @@ def _forward_masked(model: nn.Module, masked: dict[str, _Masked], x: torch.Tenso
     """model(x) with each counted layer's weight replaced by its straight-through masked weight."""
     params = {f"{name}.weight": m.masked_weight() for name, m in masked.items()}
     return torch.func.functional_call(model, params, (x,), strict=False)
-
-
-def model_output(out) -> tuple[torch.Tensor, bool]:
-    """(the tensor to distil, whether it is logits): a plain tensor, `.logits` or a dict's "logits" (classifiers,
-    causal LMs) are logits; otherwise the last hidden state (encoders; attribute or dict key), matched by mean
-    squared error; a tuple or list distils its first tensor as logits."""
-    if isinstance(out, torch.Tensor):
-        return out, True
-    get = out.get if isinstance(out, Mapping) else (lambda key: getattr(out, key, None))
-    if get("logits") is not None:       # a Hugging Face ModelOutput is a Mapping too
-        return get("logits"), True
-    if get("last_hidden_state") is not None:
-        return get("last_hidden_state"), False
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0], True
-    keys = f" with keys {sorted(out)[:6]}" if isinstance(out, Mapping) else ""
-    raise SlimkitError(f"fcpts cannot distil a model output of type {type(out).__name__}{keys}: the model should "
-                       "return logits (a tensor, a tuple starting with them, .logits or a 'logits' key) or a "
-                       "last_hidden_state")
 
 
 def _kd_loss(student, teacher, temperature: float) -> torch.Tensor:

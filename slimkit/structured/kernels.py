@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import epilogue
 from .layers import BlockDenseLinear, LowRankLinear, block_diag_mm
 
 try:
@@ -326,12 +327,8 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     approximate="tanh" only, the GELU cuBLASLt has), with no Triton involved."""
     if matmul not in ("triton", "cublas", "cublaslt"):
         raise ValueError(f"fused_ffn: matmul must be 'triton', 'cublas' or 'cublaslt', got {matmul!r}")
-    if matmul == "cublaslt":
-        from . import epilogue
-
-        if not epilogue.available(x) or not supported(fc1) or approximate != "tanh":
-            return fc2(F.gelu(fc1(x), approximate=approximate))
-    elif not available(x) or not supported(fc1):
+    runs = epilogue.available(x) and approximate == "tanh" if matmul == "cublaslt" else available(x)
+    if not runs or not supported(fc1):
         return fc2(F.gelu(fc1(x), approximate=approximate))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
