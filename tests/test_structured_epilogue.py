@@ -83,19 +83,46 @@ def test_cublaslt_falls_back_to_eager_where_it_does_not_apply(monkeypatch):
 
 def test_reference_epilogues_are_their_definitions():
     g = torch.Generator().manual_seed(3)
-    a, b, bias = torch.randn(6, 4, generator=g), torch.randn(4, 5, generator=g), torch.randn(6, generator=g)
-    out, aux = EP.reference_matmul("GELU_AUX_BIAS", a, b, {"bias": bias})
-    pre = a @ b + bias[:, None]
-    torch.testing.assert_close(aux["gelu_aux"], pre)
+    x, wt, bias = torch.randn(6, 4, generator=g), torch.randn(4, 5, generator=g), torch.randn(5, generator=g)
+    out, aux = torch.empty(6, 5), torch.empty(6, 5)
+    EP.reference_matmul("GELU_AUX_BIAS", x, wt, out, aux, bias)
+    pre = x @ wt + bias
+    torch.testing.assert_close(aux, pre)
     torch.testing.assert_close(out, F.gelu(pre, approximate="tanh"))
     p = pre.clone().requires_grad_(True)
-    F.gelu(p, approximate="tanh").backward(a @ b)
-    torch.testing.assert_close(EP.reference_matmul("DGELU", a, b, {"gelu_aux": pre}), p.grad)
+    F.gelu(p, approximate="tanh").backward(x @ wt)
+    dpre = torch.empty(6, 5)
+    EP.reference_matmul("DGELU", x, wt, dpre, pre)
+    torch.testing.assert_close(dpre, p.grad)
     with pytest.raises(ValueError):
-        EP.reference_matmul("RELU", a, b, {})
+        EP.reference_matmul("RELU", x, wt, out, aux)
 
 
-gpu_lt = pytest.mark.skipif(not (torch.cuda.is_available() and EP.Matmul is not None),
+def test_operand_a_orientation():
+    """wt (K, N) is read as cuBLASLt's A without a copy when one of its strides is 1: a row-major wt (fc2's first
+    factor u) untransposed, w.t() of a row-major w (fc1's last factor) transposed, each with its leading dimension."""
+    u = torch.randn(3, 8)
+    assert EP._a_op(u) == (False, 8)
+    w = torch.randn(8, 3)
+    assert EP._a_op(w.t()) == (True, 3)
+    assert EP._a_op(torch.randn(6, 16)[:, ::2]) is None           # no unit stride: _matmul copies it first
+    assert EP._a_op(torch.randn(1, 8)) == (False, 8)               # a single row: ld is the row length
+
+
+def test_epilogues_apply_only_to_widths_and_dtypes_cublaslt_takes(monkeypatch):
+    assert EP.applies(64, torch.bfloat16) and EP.applies(64, torch.float32)
+    assert not EP.applies(60, torch.bfloat16)                      # the auxiliary output's ld: a multiple of 8
+    assert not EP.applies(64, torch.float64)
+    fc1, fc2 = nn.Linear(16, 60), nn.Linear(60, 16)
+    x = torch.randn(5, 16)
+    with pytest.raises(ValueError, match="epilogue"):
+        EP._matmul("RELU", x, fc1.weight.t(), torch.empty(5, 60), torch.empty(5, 60))
+    monkeypatch.setattr(EP, "available", lambda x: True)
+    monkeypatch.setattr(EP, "_matmul", lambda *a, **k: pytest.fail("must fall back to eager"))
+    torch.testing.assert_close(fused_ffn(fc1, fc2, x, "tanh", matmul="cublaslt"), eager(fc1, fc2, x))
+
+
+gpu_lt = pytest.mark.skipif(not (torch.cuda.is_available() and EP.lt is not None),
                             reason="needs a CUDA GPU and nvmath-python")
 
 
@@ -121,44 +148,38 @@ def test_cublaslt_on_gpu_is_as_accurate_as_eager(kind1, kind2, bias):
 
 
 def test_plans_are_made_once_per_signature_and_the_oldest_dropped(monkeypatch):
-    """_matmul plans and autotunes a shape once, then only swaps operands; past MAX_PLANS the least recently
-    used plan is freed (a stand-in Matmul records what nvmath would be asked to do)."""
+    """_matmul plans and tunes a signature once, then only runs it with new operands; past MAX_PLANS the least
+    recently used plan is dropped (a stand-in plan records what cuBLASLt would be asked to do)."""
     log = []
 
-    class FakeMatmul:
-        def __init__(self, a, b):
-            self.a, self.b = a, b
-            log.append(("new", tuple(a.shape)))
+    class FakePlan:
+        def __init__(self, epilogue, x, wt, aux, bias, aligns):
+            log.append(("new", epilogue, tuple(x.shape), wt.stride()))
 
-        def plan(self, epilog=None, epilog_inputs=None, preferences=None):
-            log.append(("plan", epilog))
+        def tune(self, x, wt, out, aux, bias):
+            log.append(("tune", tuple(x.shape)))
 
-        def autotune(self, iterations):
-            log.append(("autotune", iterations))
+        def run(self, x, wt, out, aux, bias):
+            log.append(("run", tuple(x.shape)))
+            EP.reference_matmul("GELU_AUX", x, wt, out, aux)
 
-        def reset_operands(self, a=None, b=None, epilog_inputs=None):
-            self.a, self.b = a, b
-            log.append(("reset", tuple(a.shape)))
-
-        def execute(self):
-            return self.a @ self.b
-
-        def free(self):
-            log.append(("free", tuple(self.a.shape)))
-
-    monkeypatch.setattr(EP, "Matmul", FakeMatmul)
-    monkeypatch.setattr(EP, "MatmulEpilog", type("E", (), {"DGELU": "dgelu"}))
-    monkeypatch.setattr(EP, "MatmulPlanPreferences", lambda limit: None)
+    monkeypatch.setattr(EP, "_Plan", FakePlan)
+    monkeypatch.setattr(EP, "_alignment", lambda t: 256)      # CPU tensors' addresses vary; tested on the GPU
     monkeypatch.setattr(EP, "_PLANS", EP.OrderedDict())
     monkeypatch.setattr(EP, "MAX_PLANS", 2)
-    a, b = torch.randn(3, 4), torch.randn(4, 5)
-    torch.testing.assert_close(EP._matmul(None, a, b, {}), a @ b)
-    a2 = torch.randn(3, 4)
-    torch.testing.assert_close(EP._matmul(None, a2, b, {}), a2 @ b)        # same signature: operands swapped
-    assert log == [("new", (3, 4)), ("plan", None), ("autotune", EP.AUTOTUNE_ITERS), ("reset", (3, 4))]
-    EP._matmul(None, torch.randn(6, 4), b, {})
-    EP._matmul("DGELU", torch.randn(7, 4), b, {"gelu_aux": torch.randn(7, 5)})
-    assert ("free", (3, 4)) in log and len(EP._PLANS) == 2                 # the (3, 4) plan was the oldest
+    w = torch.randn(5, 4)
+    x = torch.randn(3, 4)
+    act, pre = EP.linear_gelu(x, w, None)
+    torch.testing.assert_close(pre, x @ w.t())
+    torch.testing.assert_close(act, F.gelu(x @ w.t(), approximate="tanh"))
+    EP.linear_gelu(torch.randn(3, 4), w, None)                              # same signature: run only
+    assert log == [("new", "GELU_AUX", (3, 4), (1, 4)), ("tune", (3, 4)), ("run", (3, 4)), ("run", (3, 4))]
+    EP.linear_gelu(torch.randn(6, 4), w, None)
+    EP.linear_gelu(torch.randn(7, 4), w, None)
+    assert len(EP._PLANS) == 2 and all(key[4] != (3, 4) for key in EP._PLANS)   # the (3, 4) plan was the oldest
     log.clear()
-    EP._matmul(None, a, b, {})
-    assert log[0] == ("new", (3, 4))                                        # planned again after eviction
+    EP.linear_gelu(x, w, None)
+    assert log[0][0] == "new"                                               # planned again after eviction
+    log.clear()
+    EP.linear_gelu(torch.randn(16, 8)[:, ::2], w, None)                    # strided x: copied, then planned
+    assert log[0] == ("new", "GELU_AUX", (16, 4), (1, 4))

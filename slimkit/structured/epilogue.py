@@ -1,4 +1,4 @@
-"""The FFN's GELU work in cuBLASLt matmul epilogues, through NVIDIA's nvmath-python (optional, GPU only).
+"""The FFN's GELU work in cuBLASLt matmul epilogues, through nvmath-python's cuBLASLt bindings (optional, GPU only).
 
 An FFN y = fc2(gelu(fc1 x)) spends, besides its matmuls, several memory-bound passes over the (tokens x hidden)
 activations: bias + GELU forward, GELU' backward and the bias-gradient sum. cuBLASLt can do the first two inside
@@ -11,17 +11,20 @@ the matmuls that touch those activations anyway:
   The bias gradient is one torch sum (the fused DGELU_BGRAD epilogue measured about 1 ms slower on an H200).
   An fc2 that starts block-diagonal gets the forward fusion only, and torch's GELU backward.
 
-cuBLASLt's GELU is the tanh approximation, so only F.gelu(approximate="tanh") is fused. Each matmul is planned and
-autotuned once per shape, stride, dtype, device and thread (plans are not thread-safe), then reused with new
-operands; a cached plan keeps its last operands alive until the next call of that shape, and at most MAX_PLANS
-plans are kept (least recently used dropped first).
+cuBLASLt's GELU is the tanh approximation, so only F.gelu(approximate="tanh") is fused.
 
-Measured before this module (a probe of the same calls, H200, bf16, d 2048 -> 8192 -> 2048 at 16384 tokens,
-forward+backward): low-rank 0.3125 2.01 ms against 2.16 ms eager, 2.63x over the eager dense FFN; the dense FFN
-5.10 ms against 5.27 ms. `bench/structured_ffn_speed.py` measures this module as its '-lt' rows.
+The calls go straight to cuBLASLt (nvmath.bindings.cublasLt, a thin Cython layer over the C API): each matmul
+signature (epilogue, shapes, strides, dtype, pointer alignments, device, thread) gets a plan once (descriptors,
+layouts, the heuristic's candidate algorithms timed on the first operands, the fastest kept); afterwards a call
+sets the epilogue's pointers and enqueues the matmul, a few microseconds of host time. nvmath's high-level Matmul
+object was the first version: its per-call bookkeeping (operand wrapping, stream objects, events, result
+allocation) cost about 0.5 ms of host time per call, which at d_model 2048 made the fused FFN host-bound (kernels
+1.78 ms, step 2.83 ms: bench/ffn_kernel_profile.py). At most MAX_PLANS plans are kept (least recently used
+dropped first); plans are per thread, as a cuBLASLt matmul descriptor is not thread-safe.
 
 Used through `slimkit.structured.kernels.fused_ffn(..., matmul="cublaslt")`; `available(x)` says whether it runs
-(nvmath-python importable, x on CUDA, SLIMKIT_FUSED_FFN not 0). Install: pip install nvmath-python==1.0.0.
+(nvmath-python importable, x on CUDA, SLIMKIT_FUSED_FFN not 0). Install: pip install slimkit[cublaslt]
+(nvmath-python 1.0.0).
 """
 from __future__ import annotations
 
@@ -29,74 +32,232 @@ import os
 import threading
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 try:
-    from nvmath.linalg.advanced import Matmul, MatmulEpilog, MatmulPlanPreferences
+    from nvmath import CudaDataType
+    from nvmath.bindings import cublasLt as lt
+    from nvmath.bindings.cublas import ComputeType
 except Exception:        # not installed, or no CUDA runtime: the module reports itself unavailable
-    Matmul = MatmulEpilog = MatmulPlanPreferences = None
+    lt = ComputeType = CudaDataType = None
 
 ENABLED = os.environ.get("SLIMKIT_FUSED_FFN", "1") != "0"
-AUTOTUNE_ITERS = 10
-MAX_PLANS = 32           # plans kept (each holds its last operands): training reuses a handful of shapes
+CANDIDATES = 8           # algorithms the heuristic proposes per plan; each timed on the first call
+TUNE_ITERS = 3
+WORKSPACE = 32 << 20     # bytes of cuBLASLt workspace per device and stream
+MAX_PLANS = 32           # plans kept: training reuses a handful of shapes
+EPILOGUES = ("GELU_AUX", "GELU_AUX_BIAS", "DGELU")
 _PLANS: OrderedDict = OrderedDict()
+_HANDLES: dict = {}
+_WORKSPACES: dict = {}
+_DTYPE = {torch.bfloat16: "CUDA_R_16BF", torch.float16: "CUDA_R_16F", torch.float32: "CUDA_R_32F"}
 
 
 def available(x: torch.Tensor) -> bool:
     """Whether the cuBLASLt path runs for x: nvmath-python present, not disabled, x on CUDA."""
-    return Matmul is not None and ENABLED and x.is_cuda
+    return lt is not None and ENABLED and x.is_cuda
 
 
-def _signature(*tensors: torch.Tensor) -> tuple:
-    return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+def applies(hidden: int, dtype: torch.dtype) -> bool:
+    """Whether the epilogues take an FFN of this hidden width and dtype: the auxiliary output's leading
+    dimension must be a multiple of 8, and the dtype one cuBLASLt's GELU epilogues accept."""
+    return hidden % 8 == 0 and dtype in _DTYPE
 
 
-def _matmul(epilog_name: str | None, a: torch.Tensor, b: torch.Tensor, inputs: dict):
-    """a @ b with the named epilogue (None: plain), from a cached, autotuned plan; returns nvmath's result
-    ((out, aux dict) for epilogues with an auxiliary output, else out)."""
-    key = (epilog_name, threading.get_ident()) + _signature(a, b, *inputs.values())
-    mm = _PLANS.get(key)
-    if mm is None:
-        mm = Matmul(a, b)
-        epilog = getattr(MatmulEpilog, epilog_name) if epilog_name else None
-        mm.plan(epilog=epilog, epilog_inputs=inputs or None, preferences=MatmulPlanPreferences(limit=8))
-        mm.autotune(iterations=AUTOTUNE_ITERS)
-        _PLANS[key] = mm
-        while len(_PLANS) > MAX_PLANS:       # least recently used first (its operands are released with it)
-            old = _PLANS.popitem(last=False)[1]
-            getattr(old, "free", lambda: None)()
+def _alignment(t: torch.Tensor | None) -> int:
+    """The largest power of two (up to 256) dividing t's address: the plan's algorithms may rely on it."""
+    if t is None:
+        return 256
+    p = t.data_ptr()
+    return min(256, p & -p) if p else 256
+
+
+def _set(setter, dtype_of, obj, attr, value) -> np.ndarray:
+    buf = np.array([value], dtype=dtype_of(attr))
+    setter(obj, attr, buf.ctypes.data, buf.itemsize)
+    return buf
+
+
+class _Plan:
+    """One cuBLASLt matmul D = epilogue(op(A) op(B)), column-major, for fixed shapes and strides: out (T, N)
+    row-major is D (N x T, ld N); x (T, K) with unit column stride is B (K x T, ld x.stride(0)); wt (K, N) is
+    A, op(A) = N if wt's rows are contiguous (N x K, ld wt.stride(0)), else T (wt = w^T for w (N, K))."""
+
+    def __init__(self, epilogue: str, x: torch.Tensor, wt: torch.Tensor, aux: torch.Tensor, bias: torch.Tensor | None,
+                 aligns: tuple):
+        (t, k), n = x.shape, wt.shape[1]
+        dt = getattr(CudaDataType, _DTYPE[x.dtype])
+        desc_attr, pref_attr = lt.MatmulDescAttribute, lt.MatmulPreferenceAttribute
+        self.device = x.device
+        self.handle = _handle(x.device)
+        self.desc = lt.matmul_desc_create(ComputeType.COMPUTE_32F, CudaDataType.CUDA_R_32F)
+        self._layouts, self._pref = [], None
+        sd = lt.matmul_desc_set_attribute
+        dtype_of = lt.get_matmul_desc_attribute_dtype
+        trans_a, lda = _a_op(wt)
+        _set(sd, dtype_of, self.desc, desc_attr.TRANSA, 1 if trans_a else 0)     # CUBLAS_OP_T / CUBLAS_OP_N
+        _set(sd, dtype_of, self.desc, desc_attr.TRANSB, 0)
+        _set(sd, dtype_of, self.desc, desc_attr.EPILOGUE, int(getattr(lt.Epilogue, epilogue)))
+        _set(sd, dtype_of, self.desc, desc_attr.EPILOGUE_AUX_LD, n)
+        self._aux_attr, self._bias_attr = desc_attr.EPILOGUE_AUX_POINTER, desc_attr.BIAS_POINTER
+        self._ptr = np.zeros(1, dtype=dtype_of(desc_attr.EPILOGUE_AUX_POINTER))
+        self._set_ptr(self._aux_attr, aux.data_ptr())           # the heuristic checks the epilogue's pointers
+        self._bias = bias is not None
+        if self._bias:
+            _set(sd, dtype_of, self.desc, desc_attr.BIAS_DATA_TYPE, int(dt))
+            self._set_ptr(self._bias_attr, bias.data_ptr())
+        self.a = self._layout(dt, k, n, lda) if trans_a else self._layout(dt, n, k, lda)
+        self.b = self._layout(dt, k, t, x.stride(0))
+        self.d = self._layout(dt, n, t, n)
+        self._pref = lt.matmul_preference_create()
+        sp, pdtype = lt.matmul_preference_set_attribute, lt.get_matmul_preference_attribute_dtype
+        _set(sp, pdtype, self._pref, pref_attr.MAX_WORKSPACE_BYTES, WORKSPACE)
+        for name, align in zip(("MIN_ALIGNMENT_A_BYTES", "MIN_ALIGNMENT_B_BYTES"), aligns):
+            _set(sp, pdtype, self._pref, getattr(pref_attr, name), align)
+        results = np.zeros(CANDIDATES, dtype=lt.matmul_heuristic_result_dtype)
+        count = np.zeros(1, dtype=np.int32)
+        lt.matmul_algo_get_heuristic(self.handle, self.desc, self.a, self.b, self.d, self.d, self._pref,
+                                     CANDIDATES, results.ctypes.data, count.ctypes.data)
+        if int(count[0]) == 0:
+            raise RuntimeError(f"cuBLASLt has no algorithm for {epilogue} at T={t} K={k} N={n} {x.dtype}")
+        self._algos = np.ascontiguousarray(results["algo"][: int(count[0])])     # owns the structs
+        self.algos = [self._algos.ctypes.data + i * self._algos.itemsize for i in range(len(self._algos))]
+        self.algo = self.algos[0]
+        self.alpha, self.beta = np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.float32)
+
+    def _layout(self, dt, rows: int, cols: int, ld: int):
+        layout = lt.matrix_layout_create(dt, rows=rows, cols=cols, ld=ld)
+        self._layouts.append(layout)
+        return layout
+
+    def _set_ptr(self, attr, ptr: int) -> None:
+        self._ptr[0] = ptr
+        lt.matmul_desc_set_attribute(self.desc, attr, self._ptr.ctypes.data, self._ptr.itemsize)
+
+    def run(self, x, wt, out, aux, bias, algo=None) -> None:
+        self._set_ptr(self._aux_attr, aux.data_ptr())
+        if self._bias:
+            self._set_ptr(self._bias_attr, bias.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        ws = _workspace(self.device, stream)
+        algo = self.algo if algo is None else algo
+        lt.matmul(self.handle, self.desc, self.alpha.ctypes.data, wt.data_ptr(), self.a, x.data_ptr(), self.b,
+                  self.beta.ctypes.data, out.data_ptr(), self.d, out.data_ptr(), self.d, algo,
+                  ws.data_ptr(), WORKSPACE, stream.cuda_stream)
+
+    def tune(self, x, wt, out, aux, bias) -> None:
+        """Time each candidate algorithm on these operands (CUDA events) and keep the fastest. The outputs are
+        overwritten by the call that follows."""
+        if len(self.algos) < 2:
+            return
+        best = None
+        for algo in self.algos:
+            self.run(x, wt, out, aux, bias, algo)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(TUNE_ITERS):
+                self.run(x, wt, out, aux, bias, algo)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+            if best is None or ms < best[0]:
+                best = (ms, algo)
+        self.algo = best[1]
+
+    def __del__(self):
+        try:
+            for layout in self._layouts:
+                lt.matrix_layout_destroy(layout)
+            if self._pref is not None:
+                lt.matmul_preference_destroy(self._pref)
+            lt.matmul_desc_destroy(self.desc)
+        except Exception:      # interpreter shutdown: the library may already be gone
+            pass
+
+
+def _handle(device: torch.device):
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _HANDLES:
+        with torch.cuda.device(key):
+            _HANDLES[key] = lt.create()
+    return _HANDLES[key]
+
+
+def _workspace(device: torch.device, stream) -> torch.Tensor:
+    key = (device.index, stream.cuda_stream)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = torch.empty(WORKSPACE, dtype=torch.uint8, device=device)
+    return ws
+
+
+def _a_op(wt: torch.Tensor) -> tuple[bool, int] | None:
+    """How cuBLASLt reads wt (K, N) as operand A: (transposed, leading dimension), or None if neither
+    orientation has a unit stride and a large enough leading dimension."""
+    (k, n), (s0, s1) = wt.shape, wt.stride()
+    if s1 == 1 and s0 >= max(1, n):
+        return False, max(1, n) if k == 1 else s0
+    if s0 == 1 and s1 >= max(1, k):
+        return True, max(1, k) if n == 1 else s1
+    return None
+
+
+def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
+            bias: torch.Tensor | None = None) -> None:
+    """out = epilogue(x @ wt) in place, x (T, K) with unit column stride, wt (K, N) with one unit stride, out and
+    aux (T, N) contiguous; GELU_AUX(_BIAS) writes aux, DGELU reads it (see reference_matmul)."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if _a_op(wt) is None:
+        wt = wt.contiguous()
+    if x.stride(1) != 1 or x.stride(0) < max(1, x.shape[1]):
+        x = x.contiguous()
+    aligns = (_alignment(wt), _alignment(x), _alignment(bias))
+    key = (epilogue, threading.get_ident(), x.device, x.dtype, tuple(x.shape), x.stride(), tuple(wt.shape),
+           wt.stride(), bias is not None, aligns)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _Plan(epilogue, x, wt, aux, bias, aligns)
+        plan.tune(x, wt, out, aux, bias)
+        _PLANS[key] = plan
+        while len(_PLANS) > MAX_PLANS:       # least recently used first
+            _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(key)
-        mm.reset_operands(a=a, b=b, epilog_inputs=inputs or None)
-    return mm.execute()
+    plan.run(x, wt, out, aux, bias)
 
 
-def reference_matmul(epilog_name: str | None, a: torch.Tensor, b: torch.Tensor, inputs: dict):
+def reference_matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> None:
     """What `_matmul` computes, in PyTorch (for tests on any device): the epilogues' definitions.
-    GELU_AUX(_BIAS): pre = a @ b (+ bias per row), out = gelu_tanh(pre), aux {"gelu_aux": pre};
-    DGELU: out = (a @ b) * gelu_tanh'(gelu_aux); None: a @ b."""
-    out = a @ b
-    if epilog_name in ("GELU_AUX", "GELU_AUX_BIAS"):
-        pre = out + inputs["bias"][:, None] if epilog_name == "GELU_AUX_BIAS" else out
-        return F.gelu(pre, approximate="tanh"), {"gelu_aux": pre}
-    if epilog_name == "DGELU":
-        return torch.ops.aten.gelu_backward(out, inputs["gelu_aux"], approximate="tanh")
-    if epilog_name is None:
-        return out
-    raise ValueError(f"no reference for epilogue {epilog_name!r}")
+    GELU_AUX(_BIAS): aux = x @ wt (+ bias per column), out = gelu_tanh(aux); DGELU: out = (x @ wt) *
+    gelu_tanh'(aux)."""
+    z = x @ wt
+    if epilogue in ("GELU_AUX", "GELU_AUX_BIAS"):
+        pre = z + bias if epilogue == "GELU_AUX_BIAS" else z
+        aux.copy_(pre)
+        out.copy_(F.gelu(pre, approximate="tanh"))
+    elif epilogue == "DGELU":
+        out.copy_(torch.ops.aten.gelu_backward(z, aux, approximate="tanh"))
+    else:
+        raise ValueError(f"no reference for epilogue {epilogue!r}")
 
 
 def linear_gelu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-    """(act, pre_t): act = gelu_tanh(h @ w^T + b) (T, N) and the pre-activation as cuBLASLt keeps it, (N, T)."""
-    out, aux = _matmul("GELU_AUX_BIAS" if b is not None else "GELU_AUX", w, h.t(),
-                       {"bias": b} if b is not None else {})
-    return out.t(), aux["gelu_aux"]
+    """(act, pre), both (T, N) row-major: act = gelu_tanh(h @ w^T + b) and the pre-activation."""
+    act = h.new_empty(h.shape[0], w.shape[0])
+    pre = torch.empty_like(act)
+    _matmul("GELU_AUX_BIAS" if b is not None else "GELU_AUX", h, w.t(), act, pre, b)
+    return act, pre
 
 
-def dgelu_linear(dz: torch.Tensor, u: torch.Tensor, pre_t: torch.Tensor) -> torch.Tensor:
-    """dpre = (dz @ u) * gelu_tanh'(pre), (T, N), for dz (T, k), u (k, N) and pre_t from linear_gelu."""
-    return _matmul("DGELU", u.t(), dz.t(), {"gelu_aux": pre_t}).t()
+def dgelu_linear(dz: torch.Tensor, u: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """dpre = (dz @ u) * gelu_tanh'(pre), (T, N), for dz (T, k), u (k, N) and pre from linear_gelu."""
+    dpre = torch.empty_like(pre)
+    _matmul("DGELU", dz, u, dpre, pre)
+    return dpre
 
 
 class GeluUp(torch.autograd.Function):
@@ -104,15 +265,15 @@ class GeluUp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b):
-        act, pre_t = linear_gelu(h, w, b)
-        ctx.save_for_backward(h, w, pre_t)
+        act, pre = linear_gelu(h, w, b)
+        ctx.save_for_backward(h, w, pre)
         ctx.has_bias = b is not None
         return act
 
     @staticmethod
     def backward(ctx, dact):
-        h, w, pre_t = ctx.saved_tensors
-        dpre = torch.ops.aten.gelu_backward(dact, pre_t.t(), approximate="tanh")
+        h, w, pre = ctx.saved_tensors
+        dpre = torch.ops.aten.gelu_backward(dact, pre, approximate="tanh")
         db = dpre.sum(0) if ctx.has_bias else None
         return dpre @ w, dpre.t() @ h, db
 
@@ -123,15 +284,14 @@ class GeluUpDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, u):
-        act, pre_t = linear_gelu(h, w, b)
-        ctx.save_for_backward(h, w, u, act, pre_t)
+        act, pre = linear_gelu(h, w, b)
+        ctx.save_for_backward(h, w, u, act, pre)
         ctx.has_bias = b is not None
         return F.linear(act, u)
 
     @staticmethod
     def backward(ctx, dz):
-        h, w, u, act, pre_t = ctx.saved_tensors
-        dz = dz.contiguous()
-        dpre = dgelu_linear(dz, u, pre_t)
+        h, w, u, act, pre = ctx.saved_tensors
+        dpre = dgelu_linear(dz, u, pre)
         db = dpre.sum(0) if ctx.has_bias else None
         return dpre @ w, dpre.t() @ h, db, dz.t() @ act

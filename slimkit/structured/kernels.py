@@ -335,6 +335,8 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     dev = x.device.type
     amp = torch.is_autocast_enabled(dev)
     dt = torch.get_autocast_dtype(dev) if amp else x.dtype
+    if matmul == "cublaslt" and not epilogue.applies(fc1.out_features, dt):
+        return fc2(F.gelu(fc1(x), approximate=approximate))
     h, w, b = _head(fc1, x2.to(dt) if amp else x2)
     tail = _tail(fc2)
     with torch.autocast(dev, enabled=False):
