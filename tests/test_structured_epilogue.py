@@ -39,23 +39,26 @@ def eager(fc1, fc2, t):
 
 
 @pytest.mark.parametrize("kind1,kind2", [("dense", "dense"), ("lowrank", "lowrank"), ("blockdense", "dense"),
-                                         ("lowrank", "blockdense"), ("dense", "blockshuffle")])
+                                         ("lowrank", "blockdense"), ("dense", "blockshuffle"),
+                                         ("blockdense", "blockdense"), ("blockshuffle", "lowrank")])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cublaslt_wiring_equals_eager_with_reference_epilogues(monkeypatch, kind1, kind2, bias):
     """With reference_matmul in place of nvmath, the forward and every gradient equal the eager FFN's (fp32):
     the operand orders, transposes and the saved pre-activation are what the epilogues need. fc2 starting
-    block-diagonal takes the forward-only path (GeluUp), a dense start the DGELU backward (GeluUpDown)."""
+    block-diagonal takes the batched DGELU over its blocks (GeluUpBlock), a dense start the DGELU backward
+    (GeluUpDown); an fc1 ending block-diagonal (BlockShuffle) runs eager."""
     monkeypatch.setattr(EP, "_matmul", EP.reference_matmul)
     monkeypatch.setattr(EP, "available", lambda x: True)
     calls = []
     monkeypatch.setattr(EP.GeluUp, "forward", _spy(EP.GeluUp.forward, calls, "up"))
     monkeypatch.setattr(EP.GeluUpDown, "forward", _spy(EP.GeluUpDown.forward, calls, "updown"))
+    monkeypatch.setattr(EP.GeluUpBlock, "forward", _spy(EP.GeluUpBlock.forward, calls, "block"))
     fc1, fc2 = _ffn(kind1, kind2, bias)
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
     grad = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(2))
     got = _run(fc1, fc2, x, grad, lambda a, b, t: fused_ffn(a, b, t, "tanh", matmul="cublaslt"))
     want = _run(fc1, fc2, x, grad, eager)
-    assert calls == (["updown"] if kind2 in ("dense", "lowrank") else ["up"])
+    assert calls == ([] if kind1 == "blockshuffle" else ["updown"] if kind2 in ("dense", "lowrank") else ["block"])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -127,7 +130,8 @@ gpu_lt = pytest.mark.skipif(not (torch.cuda.is_available() and EP.lt is not None
 
 
 @gpu_lt
-@pytest.mark.parametrize("kind1,kind2", [("dense", "dense"), ("lowrank", "lowrank"), ("blockdense", "blockdense")])
+@pytest.mark.parametrize("kind1,kind2", [("dense", "dense"), ("lowrank", "lowrank"), ("blockdense", "blockdense"),
+                                         ("lowrank", "blockshuffle")])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cublaslt_on_gpu_is_as_accurate_as_eager(kind1, kind2, bias):
     """bf16: the epilogue FFN and the eager one, each against the fp32 eager computation; the epilogue's error
@@ -153,7 +157,7 @@ def test_plans_are_made_once_per_signature_and_the_oldest_dropped(monkeypatch):
     log = []
 
     class FakePlan:
-        def __init__(self, epilogue, x, wt, aux, bias, aligns):
+        def __init__(self, epilogue, x, wt, out, aux, bias, aligns):
             log.append(("new", epilogue, tuple(x.shape), wt.stride()))
 
         def tune(self, x, wt, out, aux, bias):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import epilogue
-from .layers import BlockDenseLinear, LowRankLinear, block_diag_mm
+from .layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear, block_diag_mm
 
 try:
     import triton
@@ -302,6 +302,16 @@ def _head(fc1: nn.Module, x: torch.Tensor):
     return None
 
 
+def _block_tail(fc2: nn.Module):
+    """fc2 as (first block-diagonal factor (b, q, N_hidden/b), finish(z (T, b, q))) for a layer that starts
+    block-diagonal (BlockDense, BlockShuffle), else None."""
+    if isinstance(fc2, BlockDenseLinear):
+        return fc2.blocks, (lambda z: fc2.after_first(z, fc2.bias))
+    if isinstance(fc2, BlockShuffleLinear):
+        return fc2.w1, (lambda z: fc2.after_first(z, fc2.bias))
+    return None
+
+
 def _tail(fc2: nn.Module):
     """fc2 as (first dense weight (K, N_hidden), finish(z)), or None when it does not start with a dense factor."""
     if type(fc2) is nn.Linear:
@@ -343,7 +353,11 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
         h, w = h.to(dt), w.to(dt)
         if matmul == "cublaslt":
             bias = None if b is None else b.to(dt)
-            if tail is None:
+            block = _block_tail(fc2) if tail is None else None
+            if block is not None:
+                tail = (None, block[1])
+                hidden = epilogue.GeluUpBlock.apply(h.contiguous(), w, bias, block[0].to(dt))
+            elif tail is None:
                 hidden = epilogue.GeluUp.apply(h.contiguous(), w, bias)
             else:
                 hidden = epilogue.GeluUpDown.apply(h.contiguous(), w, bias, tail[0].to(dt))

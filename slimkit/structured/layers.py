@@ -234,6 +234,14 @@ class StructuredLinear(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "kind") + f", ratio={self.param_ratio:.3f}"
 
 
+def block_diag_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y[t, k] = w[k] @ x[t, k], x (T, b, p), w (b, q, p) -> y (T, b, q), one bmm reading and writing token-major
+    views (no autograd: _BlockDiagMM and the fused FFN paths call it)."""
+    y = x.new_empty(x.shape[0], w.shape[0], w.shape[1])
+    torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out=y.transpose(0, 1))
+    return y
+
+
 class _BlockDiagMM(torch.autograd.Function):
     """y[t, k] = w[k] @ x[t, k] for x (T, b, p), w (b, q, p) -> y (T, b, q), all token-major.
 
@@ -244,9 +252,7 @@ class _BlockDiagMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        y = x.new_empty(x.shape[0], w.shape[0], w.shape[1])
-        torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out=y.transpose(0, 1))
-        return y
+        return block_diag_product(x, w)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -331,10 +337,14 @@ class BlockShuffleLinear(StructuredLinear):
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b = self.nblocks
         h = block_diag_mm(x.reshape(-1, b, self.in_features // b), self.w1)     # (T, b, q)
-        t, q = h.shape[0], h.shape[2]
-        h = h.view(t, q, b).transpose(1, 2).contiguous()      # shuffle: middle channel m goes to block m % b
+        return self.after_first(h, bias).reshape(*x.shape[:-1], self.out_features)
+
+    def after_first(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer from the first block-diagonal product h (T, b, q) on: shuffle, w2, interleave, bias."""
+        b, t, q = self.nblocks, h.shape[0], h.shape[2]
+        h = h.reshape(t, q, b).transpose(1, 2).contiguous()   # shuffle: middle channel m goes to block m % b
         y = block_diag_mm(h, self.w2)                         # (T, b, out/b)
-        y = y.transpose(1, 2).reshape(*x.shape[:-1], self.out_features)       # block l, row s -> channel s*b + l
+        y = y.transpose(1, 2).reshape(t, self.out_features)   # block l, row s -> channel s*b + l
         return y if bias is None else y + bias.to(y.dtype)
 
     def spec(self) -> dict:
@@ -365,7 +375,11 @@ class BlockDenseLinear(StructuredLinear):
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b = self.nblocks
         h = block_diag_mm(x.reshape(-1, b, self.in_features // b), self.blocks)   # (T, b, rank/b)
-        return F.linear(h.view(*x.shape[:-1], self.rank), self.v, bias)
+        return self.after_first(h, bias).view(*x.shape[:-1], self.out_features)
+
+    def after_first(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer from the block-diagonal product h (T, b, rank/b) on: the dense projection and bias."""
+        return F.linear(h.reshape(h.shape[0], self.rank), self.v, bias)
 
     def dense_weight(self) -> torch.Tensor:
         return self.v @ torch.block_diag(*self.blocks.unbind(0))
