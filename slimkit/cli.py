@@ -354,7 +354,7 @@ def train_lm(
                                                help="a decaying dense guide during the first part of training"),
     guide_fraction: Optional[float] = typer.Option(None, "--guide-fraction",
                                                    help="self-guided: share of the steps the guide fades over (0.5)"),
-    act: Optional[str] = typer.Option(None, help="FFN activation: gelu (default) | swiglu"),
+    act: Optional[str] = typer.Option(None, help="FFN activation: gelu (default) | gelu_tanh | swiglu"),
     pos: Optional[str] = typer.Option(None, help="positions: rope (default) | learned"),
     norm: Optional[str] = typer.Option(None, help="layernorm (default) | rmsnorm"),
     d_model: Optional[int] = typer.Option(None, "--d-model", help="width (384)"),
@@ -376,6 +376,8 @@ def train_lm(
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32"),
     fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="under torchrun: shard with FSDP2 instead of DDP"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model"),
+    ffn_kernel: Optional[str] = typer.Option(None, "--ffn-kernel", help="eager (default) | cublaslt: GELU and GELU' "
+                                             "in cuBLASLt matmul epilogues (CUDA + nvmath-python, --act gelu_tanh)"),
     seed: Optional[int] = typer.Option(None, help="random seed (0): weights and data order"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ):

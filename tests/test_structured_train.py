@@ -235,3 +235,50 @@ def test_cli_train_lm(corpus, tmp_path):
     assert [p.name for p in ckpt_dirs(out)] == ["step_000002", "step_000004"]
     r = CliRunner().invoke(app, ["train-lm", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert isinstance(r.exception, SlimkitError) and "does not exist" in str(r.exception)
+
+
+def test_tanh_gelu_and_the_cublaslt_ffn_kernel(monkeypatch, corpus, tmp_path):
+    """ffn='gelu_tanh' is GELU's tanh approximation; set_ffn_kernel('cublaslt') routes every GPT FFN through
+    fused_ffn(matmul='cublaslt'), which (here with the epilogues' PyTorch definitions standing in for cuBLASLt)
+    gives the eager model's loss and gradients, dense and low-rank; an exact-GELU model refuses the kernel."""
+    import torch.nn.functional as F
+
+    import slimkit.structured.epilogue as EP
+    from slimkit.structured import replace_ffn
+    from slimkit.structured.gpt import set_ffn_kernel
+
+    cfg = GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, seq_len=16, ffn="gelu_tanh")
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    x = torch.randn(3, 32)
+    mlp = m.blocks[0].mlp
+    torch.testing.assert_close(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh")), rtol=0, atol=0)
+    assert not torch.allclose(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))), atol=1e-7)
+    monkeypatch.setattr(EP, "available", lambda t: True)
+    monkeypatch.setattr(EP, "_matmul", EP.reference_matmul)
+    idx, tgt = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    for kind in ("dense", "lowrank"):
+        torch.manual_seed(0)
+        m = GPT(cfg) if kind == "dense" else replace_ffn(GPT(cfg), "lowrank", 0.5)
+        grads = []
+        for kernel in ("eager", "cublaslt"):
+            set_ffn_kernel(m, kernel)
+            m.zero_grad()
+            loss = m(idx, tgt)[1]
+            loss.backward()
+            grads.append([loss.detach()] + [p.grad.clone() for p in m.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SlimkitError, match="gelu_tanh"):
+        set_ffn_kernel(GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, seq_len=16)), "cublaslt")
+    with pytest.raises(SlimkitError, match="ffn kernel"):
+        set_ffn_kernel(m, "triton")
+    _, data, _ = corpus
+    with pytest.raises(SlimkitError, match="gelu_tanh"):
+        tiny(tmp_path / "a", data, ffn_kernel="cublaslt")
+    with pytest.raises(SlimkitError, match="compile"):
+        tiny(tmp_path / "a", data, ffn_kernel="cublaslt", act="gelu_tanh", compile=True)
+    with pytest.raises(SlimkitError, match="ffn_kernel"):
+        tiny(tmp_path / "a", data, ffn_kernel="fast")
+    r = train(tiny(tmp_path / "run", data, steps=3, act="gelu_tanh", ffn="lowrank", ffn_kernel="cublaslt"))
+    assert r["config"]["ffn_kernel"] == "cublaslt" and np.isfinite(r["val_loss"])

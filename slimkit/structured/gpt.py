@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimkitError
+from .kernels import fused_ffn
+
+FFN_ACTS = ("gelu", "gelu_tanh", "swiglu")
+FFN_KERNELS = ("eager", "cublaslt")
 
 
 @dataclass
@@ -27,7 +31,7 @@ class GPTConfig:
     d_ff: Optional[int] = None
     seq_len: int = 256
     pos: str = "rope"          # "rope" | "learned"
-    ffn: str = "gelu"          # "gelu" | "swiglu"
+    ffn: str = "gelu"          # "gelu" | "gelu_tanh" (GELU's tanh approximation) | "swiglu"
     norm: str = "layernorm"    # "layernorm" | "rmsnorm"
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -36,8 +40,8 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.pos not in ("rope", "learned"):
             raise SlimkitError(f"GPTConfig.pos must be 'rope' or 'learned', got {self.pos!r}")
-        if self.ffn not in ("gelu", "swiglu"):
-            raise SlimkitError(f"GPTConfig.ffn must be 'gelu' or 'swiglu', got {self.ffn!r}")
+        if self.ffn not in FFN_ACTS:
+            raise SlimkitError(f"GPTConfig.ffn must be one of {', '.join(FFN_ACTS)}, got {self.ffn!r}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise SlimkitError(f"GPTConfig.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "seq_len"):
@@ -50,7 +54,7 @@ class GPTConfig:
             raise SlimkitError(f"rotary positions need an even head size, got d_model/n_head = "
                                f"{self.d_model // self.n_head}")
         if self.d_ff is None:
-            self.d_ff = 4 * self.d_model if self.ffn == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+            self.d_ff = 4 * self.d_model if self.ffn != "swiglu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
         if not 0.0 <= self.dropout < 1.0:
             raise SlimkitError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -93,19 +97,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The feed-forward block: fc2(gelu(fc1 x)) or fc2(silu(gate x) * fc1 x). Its linears are what replace_ffn swaps."""
+    """The feed-forward block: fc2(gelu(fc1 x)) or fc2(silu(gate x) * fc1 x). Its linears are what replace_ffn swaps.
+    `kernel` = "cublaslt" (set_ffn_kernel) runs a tanh-GELU FFN through fused_ffn(matmul="cublaslt"): GELU and
+    GELU' in cuBLASLt matmul epilogues where they apply (CUDA, nvmath-python, fc1 ending in a dense factor), the
+    same computation eagerly elsewhere."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.swiglu = cfg.ffn == "swiglu"
+        self.approximate = "tanh" if cfg.ffn == "gelu_tanh" else "none"
+        self.kernel = "eager"
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         if self.swiglu:
             self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.gate(x)) * self.fc1(x) if self.swiglu else F.gelu(self.fc1(x))
-        return self.fc2(h)
+        if self.swiglu:
+            return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
+        if self.kernel == "cublaslt":
+            return fused_ffn(self.fc1, self.fc2, x, self.approximate, matmul="cublaslt")
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
@@ -203,3 +215,18 @@ class GPT(nn.Module):
         guide is active; the trainer uses that sum, which also counts active guides.
         """
         return 6 * self.matmul_params() + self.attention_flops_per_token(seq_len)
+
+
+def set_ffn_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Run every GPT feed-forward block of model eagerly ("eager") or through cuBLASLt's GELU epilogues
+    ("cublaslt", GPUs with nvmath-python; needs GPTConfig.ffn = "gelu_tanh", the GELU those epilogues compute).
+    The parameters and the function are unchanged, so a checkpoint trained one way resumes the other."""
+    if kernel not in FFN_KERNELS:
+        raise SlimkitError(f"ffn kernel must be one of {', '.join(FFN_KERNELS)}, got {kernel!r}")
+    for m in model.modules():
+        if isinstance(m, MLP):
+            if kernel == "cublaslt" and (m.swiglu or m.approximate != "tanh"):
+                raise SlimkitError("the cublaslt FFN kernel fuses GELU's tanh approximation only: train with "
+                                   "--act gelu_tanh (GPTConfig.ffn='gelu_tanh')")
+            m.kernel = kernel
+    return model

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SlimkitError
 from .data import BatchSampler, Corpus, atomic_write, eval_windows, open_corpus, prepare_corpus
-from .gpt import GPT, GPTConfig
+from .gpt import FFN_KERNELS, GPT, GPTConfig, set_ffn_kernel
 
 FFN_KINDS = ("dense", "lowrank", "blockshuffle", "blockdense")
 CKPT_FORMAT = 1
@@ -56,7 +56,7 @@ class TrainConfig:
     d_ff: Optional[int] = None
     seq_len: int = 256
     pos: str = "rope"
-    act: str = "gelu"                   # FFN activation: "gelu" | "swiglu"
+    act: str = "gelu"                   # FFN activation: "gelu" | "gelu_tanh" | "swiglu"
     norm: str = "layernorm"
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -90,6 +90,7 @@ class TrainConfig:
     dtype: str = "auto"                 # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
     fsdp: bool = False
     compile: bool = False
+    ffn_kernel: str = "eager"           # "eager" | "cublaslt" (tanh GELU in cuBLASLt epilogues; needs act gelu_tanh)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -98,6 +99,14 @@ class TrainConfig:
         if self.self_guided and self.ffn == "dense":
             raise SlimkitError("self-guided training guides a structured FFN: give --ffn lowrank, blockshuffle or "
                                "blockdense")
+        if self.ffn_kernel not in FFN_KERNELS:
+            raise SlimkitError(f"ffn_kernel must be one of {', '.join(FFN_KERNELS)}, got {self.ffn_kernel!r}")
+        if self.ffn_kernel == "cublaslt":
+            if self.act != "gelu_tanh":
+                raise SlimkitError("--ffn-kernel cublaslt fuses GELU's tanh approximation only: add --act gelu_tanh")
+            if self.compile:
+                raise SlimkitError("--ffn-kernel cublaslt and --compile do not combine (torch.compile does its own "
+                                   "GELU fusion): pick one")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise SlimkitError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
@@ -116,7 +125,7 @@ class TrainConfig:
 
 # fields that may change between a run and its resumption: they do not change what a step computes
 RUNTIME_FIELDS = {"out", "corpus", "data_dir", "eval_every", "eval_tokens", "ckpt_every", "keep_ckpts", "resume",
-                  "device", "dtype", "progress", "compile", "fsdp", "batch_size", "grad_accum"}
+                  "device", "dtype", "progress", "compile", "fsdp", "batch_size", "grad_accum", "ffn_kernel"}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -188,7 +197,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, guides_dropped: bool = False)
     for p in model.parameters():  # FSDP2 shards only contiguous parameters (SVD-initialised factors may not be)
         if not p.is_contiguous():
             p.data = p.data.contiguous()
-    return model
+    return set_ffn_kernel(model, cfg.ffn_kernel)
 
 
 def guides_done(cfg: TrainConfig, step: int) -> bool:
@@ -430,6 +439,11 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     from it stops the run as a kill would, which is how the tests simulate one.
     """
     d, device = setup_dist(cfg.device)
+    if cfg.ffn_kernel == "cublaslt" and device.type == "cuda":
+        from . import epilogue
+        if epilogue.lt is None:
+            raise SlimkitError("--ffn-kernel cublaslt needs nvmath-python: pip install 'slimkit[cublaslt]' (or train "
+                               "with --ffn-kernel eager)")
     out = Path(cfg.out)
     found = ckpt_dirs(out)
     if found and not cfg.resume:
