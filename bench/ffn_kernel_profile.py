@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from structured_ffn_speed import LtFFN, build, loop_ms, median_ms  # noqa: E402
 
 
-def step_kernels(ffn, x, grad, steps: int) -> list:
+def step_kernels(ffn, x, grad, steps: int, sync: bool = False) -> list:
     def step():
         ffn.zero_grad(set_to_none=True)
         x.grad = None
@@ -32,6 +32,8 @@ def step_kernels(ffn, x, grad, steps: int) -> list:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
+            if sync:
+                torch.cuda.synchronize()
         torch.cuda.synchronize()
     evs = sorted((ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
                  key=lambda ev: ev.time_range.start)
@@ -47,6 +49,8 @@ def main() -> None:
     ap.add_argument("--no-bias", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--lt", action="store_true", help="through fused_ffn(matmul='cublaslt') (nvmath-python)")
+    ap.add_argument("--sync", action="store_true", help="synchronise after each profiled step (as the speed bench "
+                    "times), and print the GPU's idle time before each kernel")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("ffn_kernel_profile needs a CUDA GPU")
@@ -73,7 +77,7 @@ def main() -> None:
             step()
         host = (time.perf_counter() - t0) / 3 * 1e3
         torch.cuda.synchronize()
-        evs = step_kernels(ffn, x, grad, args.steps)
+        evs = step_kernels(ffn, x, grad, args.steps, args.sync)
         n = len(evs) // args.steps           # kernels per step; the step's sequence, times averaged over steps
         total = sum(ev.device_time for ev in evs) / args.steps
         print(f"\n{kind}{'-lt' if args.lt else ''} (ratio {real:.3f}): {total / 1000:.3f} ms of kernels per step, "
@@ -81,7 +85,10 @@ def main() -> None:
               f"{host:.3f} ms of host time")
         for i in range(n):
             us = sum(evs[j * n + i].device_time for j in range(args.steps)) / args.steps
-            print(f"  {us:8.1f} us  {evs[i].name[:120]}")
+            gap = "" if i == 0 else "  idle before %6.1f us" % (sum(
+                evs[j * n + i].time_range.start - evs[j * n + i - 1].time_range.end for j in range(args.steps))
+                / args.steps)
+            print(f"  {us:8.1f} us{gap}  {evs[i].name[:100]}")
 
 
 if __name__ == "__main__":
