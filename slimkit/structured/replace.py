@@ -16,7 +16,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
