@@ -187,3 +187,27 @@ def test_plans_are_made_once_per_signature_and_the_oldest_dropped(monkeypatch):
     log.clear()
     EP.linear_gelu(torch.randn(16, 8)[:, ::2], w, None)                    # strided x: copied, then planned
     assert log[0] == ("new", "GELU_AUX", (16, 4), (1, 4))
+
+
+def test_self_guided_layers_fuse_once_their_guide_is_gone(monkeypatch):
+    """While a self-guided layer's dense guide is active, fused_ffn runs the eager mix; after drop_guide the
+    wrapper computes its structured layer alone, and fused_ffn fuses that layer (same outputs and gradients)."""
+    from slimkit.structured import SelfGuided
+
+    monkeypatch.setattr(EP, "_matmul", EP.reference_matmul)
+    monkeypatch.setattr(EP, "available", lambda x: True)
+    calls = []
+    monkeypatch.setattr(EP.GeluUpDown, "forward", _spy(EP.GeluUpDown.forward, calls, "updown"))
+    fc1, fc2 = _ffn("lowrank", "lowrank", True)
+    fc1, fc2 = SelfGuided(fc1), SelfGuided(fc2)
+    x = torch.randn(9, 16, generator=torch.Generator().manual_seed(4))
+    grad = torch.randn(9, 16, generator=torch.Generator().manual_seed(5))
+    fused = lambda a, b, t: fused_ffn(a, b, t, "tanh", matmul="cublaslt")  # noqa: E731
+    for a, b in zip(_run(fc1, fc2, x, grad, fused), _run(fc1, fc2, x, grad, eager)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert calls == []
+    fc1.drop_guide()
+    fc2.drop_guide()
+    for a, b in zip(_run(fc1, fc2, x, grad, fused), _run(fc1, fc2, x, grad, eager)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert calls == ["updown"]

@@ -40,6 +40,7 @@ from torch import nn
 
 from . import epilogue
 from .layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear, block_diag_mm
+from .self_guided import SelfGuided
 
 try:
     import triton
@@ -304,6 +305,12 @@ def _head(fc1: nn.Module, x: torch.Tensor):
     return None
 
 
+def _unguided(m: nn.Module) -> nn.Module:
+    """A self-guided layer whose dense guide is gone (or has no share left) computes its structured layer alone:
+    that layer, so the fused paths see it; any other module as it is."""
+    return m.layer if isinstance(m, SelfGuided) and not m.guide_active else m
+
+
 def _block_tail(fc2: nn.Module):
     """fc2 as (first block-diagonal factor (b, q, N_hidden/b), finish(z (T, b, q))) for a layer that starts
     block-diagonal (BlockDense, BlockShuffle), else None."""
@@ -339,6 +346,7 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     approximate="tanh" only, the GELU cuBLASLt has), with no Triton involved."""
     if matmul not in ("triton", "cublas", "cublaslt"):
         raise ValueError(f"fused_ffn: matmul must be 'triton', 'cublas' or 'cublaslt', got {matmul!r}")
+    fc1, fc2 = _unguided(fc1), _unguided(fc2)
     runs = epilogue.available(x) and approximate == "tanh" if matmul == "cublaslt" else available(x)
     if not runs or not supported(fc1):
         return fc2(F.gelu(fc1(x), approximate=approximate))
