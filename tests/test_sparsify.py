@@ -322,14 +322,44 @@ def test_sparsegpt_compensates_better_than_wanda_and_hits_the_target():
     assert all(abs(r["rate"] - 0.5) < 0.01 for r in gpt2.slimkit_info["sparsity"]["layers"].values())
 
 
-def test_sparse_transformer_saves_and_loads(tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
+def test_sparse_transformer_saves_and_loads(kind, tmp_path):
+    """GPT-2 and OPT tie the output head to the embedding: the artifact stores it once and the reload keeps
+    the two tied."""
     from tiny_hf import VOCAB, tiny_model
-    s = slimkit.sparsify(tiny_model("llama"), method="global_magnitude", sparsity=0.6)
-    path = slimkit.save(s, tmp_path / "llama-s60")
-    back = slimkit.load(path, model=tiny_model("llama", seed=1))      # other weights: all must come from the file
+    s = slimkit.sparsify(tiny_model(kind), method="global_magnitude", sparsity=0.6)
+    path = slimkit.save(s, tmp_path / f"{kind}-s60")
+    back = slimkit.load(path, model=tiny_model(kind, seed=1))      # other weights: all must come from the file
     tokens = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(s(tokens).logits, back(tokens).logits)
+    tied = json.loads((path / "manifest.json").read_text()).get("tied_tensors", {})
+    assert bool(tied) == (kind != "llama")
+    head, emb = back.get_output_embeddings().weight, back.get_input_embeddings().weight
+    assert (head is emb) == (kind != "llama")
+
+
+class SharedLayerNet(nn.Module):
+    """A layer applied twice and a second module holding the same weight: three names, two tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(self.a(x))))))
+
+
+def test_models_with_shared_weights_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model, x = SharedLayerNet().eval(), torch.randn(16, 8)
+    s = slimkit.sparsify(model, x, method="fcpts", sparsity=0.5, iters=5, finetune_iters=1, progress=False)
+    back = slimkit.load(slimkit.save(s, tmp_path / "s"), model=SharedLayerNet())
+    assert torch.equal(back(x), s(x)) and back.a.weight is back.b.weight
+    q = slimkit.quantize(s, x, method="rtn", w_bits=8, a_bits=8)
+    back = slimkit.load(slimkit.save(q, tmp_path / "q"), model=SharedLayerNet())
+    assert torch.equal(back(x), q(x))
 
 
 @pytest.mark.parametrize("method", ["minmax", "os_plus", "outlier_suppression"])

@@ -81,7 +81,7 @@ def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     tensors, layers = {}, {}
     qlayers = quant_layers(model)
     for key, value in model.state_dict().items():
-        tensors[key] = value.detach().cpu().contiguous()
+        tensors[key] = value.detach()
     sparse = {}
     for name in (getattr(model, "slimkit_info", None) or {}).get("sparsity", {}).get("layers", {}):
         key = f"{name}.weight"
@@ -90,6 +90,8 @@ def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             packed = pack_sparse(w, w != 0)
             tensors[f"{key}.values"], tensors[f"{key}.bitmask"] = packed["values"], packed["bitmask"]
             sparse[name] = {"shape": list(w.shape)}
+    for key, value in tensors.items():
+        tensors[key] = value.cpu().contiguous()
     for name, layer in qlayers.items():
         info = layer.settings()
         if layer.w_quant is not None:
@@ -104,6 +106,29 @@ def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             info["w_dtype"] = str(layer.layer.weight.dtype).removeprefix("torch.")
         layers[name] = info
     return tensors, layers, sparse
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Keep one copy of tensors that share memory (tied weights: an output head reusing the embedding, a layer
+    used twice): safetensors stores no aliases. Returns {dropped key: the key holding the same tensor}; a tensor
+    that only overlaps another (a different view of one storage) is stored as a copy of its own."""
+    tied, seen, storages = {}, {}, {}
+    for key in list(tensors):
+        t = tensors[key]
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        sig = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if sig in seen:
+            tied[key] = seen[sig]
+            del tensors[key]
+            continue
+        seen[sig] = key
+        base = t.untyped_storage().data_ptr()
+        if base in storages:
+            tensors[key] = t.clone()
+        else:
+            storages[base] = key
+    return tied
 
 
 def _jsonable(obj):
@@ -137,6 +162,9 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
         manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers}
         if sparse:
             manifest["sparse_weights"] = sparse
+        tied = _untie(tensors)
+        if tied:
+            manifest["tied_tensors"] = tied
         extra = None
     if metrics:
         manifest["metrics"] = _jsonable({**info.get("metrics", {}), **metrics})
@@ -242,6 +270,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         raise SlimkitError(f"the artifact at {path} does not match this model architecture: {e}") from None
     handled = set()
     try:
+        for key, source in manifest.get("tied_tensors", {}).items():
+            tensors[key] = tensors[source]
         for name, entry in manifest.get("sparse_weights", {}).items():
             key = f"{name}.weight"
             tensors[key] = unpack_sparse(tensors.pop(f"{key}.values"), tensors.pop(f"{key}.bitmask"),
