@@ -170,6 +170,36 @@ def test_attention_matmul_inputs_quantized(kind, tmp_path):
     assert torch.equal(output(slimkit.load(tmp_path / "art"), ev), y)
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "opt", "gpt2", "bert"])
+def test_attention_pass_through_keeps_masks(kind):
+    """Routed through slimkit's attention function with no quantizers attached, a model computes what it did
+    before, bit for bit, with a left-padded row and (Mistral) a sliding window shorter than the sequence:
+    the attention mask reaches the new function."""
+    import transformers as T
+
+    from slimkit.core.attention import use_quantized_attention
+    from tiny_hf import VOCAB
+
+    if kind == "mistral":
+        torch.manual_seed(0)
+        model = T.MistralForCausalLM(T.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                     max_position_embeddings=128, sliding_window=8)).eval()
+    else:
+        model = tiny_model(kind)
+    model.set_attn_implementation("sdpa")
+    tokens = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :7] = 0                                    # row 1 left-padded
+    routed = copy.deepcopy(model)
+    use_quantized_attention(routed)
+    with torch.no_grad():
+        want = model(tokens, attention_mask=mask)[0]
+        got = routed(tokens, attention_mask=mask)[0]
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1, 7:], want[1, 7:], rtol=0, atol=0)
+
+
 def test_attention_quant_refused_for_families_without_the_interface():
     with pytest.raises(slimkit.SlimkitError, match="attn_quant needs"):
         slimkit.quantize(tiny_model("bloom"), tiny_inputs("bloom", 2, 8), method="minmax", attn_quant=True, **OPTS)

@@ -39,9 +39,13 @@ def _quantized_attention(module, query, key, value, attention_mask, **kwargs):
 
 def use_quantized_attention(model: nn.Module) -> None:
     """Route the model's attention through slimkit's function (a pass-through until quantizers are attached)."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(ATTN_IMPL, _quantized_attention)
+    # the mask too: for an attention function it does not know, transformers builds no mask at all (and SDPA
+    # then runs plain causal attention: no padding, no sliding window)
+    AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
     try:
         model.set_attn_implementation(ATTN_IMPL)
     except (ValueError, AttributeError, NotImplementedError) as e:
