@@ -197,16 +197,31 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         if is_transformer(model):   # token ids (N, L), from text with the model's tokenizer
             from types import SimpleNamespace
 
-            from .transformer import lm_calibration
+            from .transformer import check_token_ids, lm_calibration, model_vocab
 
             data = lm_calibration(model, calib_data, SimpleNamespace(num_samples=num_samples, seq_len=seq_len,
                                                                      seed=options.get("seed", 0)), tokenizer)
-            if not isinstance(data, torch.Tensor) or data.numel() == 0:
+            if isinstance(data, dict):      # {'input_ids', 'attention_mask'}: unpadded rows only
+                mask = data.get("attention_mask")
+                if mask is not None and not bool((mask != 0).all()):
+                    raise SlimkitError("sparsify calibrates on unpadded token blocks: give input_ids (N, L) whose "
+                                       "rows are all real tokens (or text), not a padded batch")
+                data = data.get("input_ids")
+            if isinstance(data, torch.Tensor) and data.numel() == 0 and not isinstance(calib_data, torch.Tensor):
                 raise SlimkitError("the calibration text gave no token blocks: give more text or token ids (N, L)")
+            check_token_ids(model_vocab(model), data)
         else:
             from .core.data import calibration_tensor
+            from .quantize import check_runs
 
             data = calibration_tensor(calib_data, num_samples, options.get("seed", 0))
+            was_training = model.training
+            model.eval()          # a trial forward: BatchNorm must not learn from it
+            try:
+                p = next(model.parameters(), None)
+                check_runs(model, data[:2] if p is None else data[:2].to(p.device))
+            finally:
+                model.train(was_training)
     out = model if inplace else copy.deepcopy(model)
     layers = prunable_layers(out, exclude)
     log = None

@@ -190,7 +190,25 @@ def calibrate_block(ctx: BlockContext) -> None:
             q.observer = None
 
 
-def _batches(calib, cfg: QuantConfig) -> list[dict]:
+def model_vocab(obj) -> int | None:
+    """The vocabulary size of a model (or of the `vocab_size` a config object carries), or None."""
+    config = getattr(obj, "config", None)
+    return getattr(config, "vocab_size", None) if config is not None else getattr(obj, "vocab_size", None)
+
+
+def check_token_ids(vocab_size: int | None, ids) -> None:
+    """Calibration token ids must be a non-empty integer tensor (N, L) of ids the model's embedding has."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0 or \
+            ids.dtype not in (torch.int64, torch.int32):
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise SlimkitError(f"calibration token ids must be a non-empty integer tensor (N, L), got {got}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        raise SlimkitError(f"calibration token ids run from {lo} to {hi}, outside the model's vocabulary "
+                           f"(0 to {vocab_size - 1 if vocab_size else '?'}): were they made by another tokenizer?")
+
+
+def _batches(calib, cfg: QuantConfig, vocab_size: int | None = None) -> list[dict]:
     """Calibration input as a list of model-input dicts (input_ids, attention_mask)."""
     if isinstance(calib, dict):
         calib = {k: v for k, v in calib.items() if isinstance(v, torch.Tensor)}
@@ -202,9 +220,7 @@ def _batches(calib, cfg: QuantConfig) -> list[dict]:
     else:
         raise SlimkitError("transformer calibration data must be token ids (N, L), a dict of input_ids / "
                            "attention_mask, or text with a tokenizer (pass tokenizer=...)")
-    if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0 or ids.dtype not in (torch.int64, torch.int32):
-        raise SlimkitError(f"calibration token ids must be a non-empty integer tensor (N, L), got "
-                           f"{tuple(ids.shape)} {ids.dtype}")
+    check_token_ids(vocab_size, ids)
     n = ids.shape[0]
     bs = max(1, cfg.lm_batch_size)
     return [{k: v[i: i + bs] for k, v in calib.items()} for i in range(0, n, bs)]
@@ -259,7 +275,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     method = TRANSFORMER_METHODS[cfg.method]
     t0 = time.perf_counter()
     lay = layout(model)
-    batches = _batches(calib, cfg)
+    batches = _batches(calib, cfg, model_vocab(model))
     q_model = model if inplace else copy.deepcopy(model)
     q_model.eval()
     home = next(q_model.parameters()).device

@@ -579,3 +579,28 @@ def test_a_dict_output_model_sparsifies_quantizes_and_evaluates():
     q = slimkit.quantize(s, x, method="rtn", w_bits=8, a_bits=8, progress=False)
     metrics = evaluate(q, x, reference=model)
     assert metrics["agreement"] > 0.5 and metrics["kl"] >= 0
+
+
+def test_calibration_data_is_checked_before_any_work():
+    """Inputs the model cannot take, and token ids that are not (N, L) integers inside the vocabulary, are
+    refused up front with the reason; a dict of input_ids (no padding) is taken like the ids alone."""
+    from tiny_hf import VOCAB, tiny_model
+    with pytest.raises(SlimkitError, match=r"does not accept calibration inputs of shape \(5, 12, 12\)"):
+        slimkit.sparsify(small_cnn(), torch.randn(8, 5, 12, 12), method="fcpts", sparsity=0.5, iters=2,
+                         finetune_iters=1, progress=False)
+    llama = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    for bad, why in ((ids.float(), "integer tensor"), (ids[None], "integer tensor"), (ids[0], "integer tensor"),
+                     (ids + VOCAB, "outside the model's vocabulary"), (ids[:0], "non-empty")):
+        with pytest.raises(SlimkitError, match=why):
+            slimkit.sparsify(llama, bad, method="wanda", sparsity=0.5)
+        with pytest.raises(SlimkitError, match=why):
+            slimkit.quantize(llama, bad, method="minmax", w_bits=8, a_bits=8, progress=False, device="cpu")
+    a = slimkit.sparsify(llama, ids, method="wanda", sparsity=0.5)
+    b = slimkit.sparsify(llama, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, method="wanda",
+                         sparsity=0.5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    with pytest.raises(SlimkitError, match="unpadded"):
+        slimkit.sparsify(llama, {"input_ids": ids, "attention_mask": padded}, method="wanda", sparsity=0.5)
