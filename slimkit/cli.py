@@ -86,7 +86,8 @@ def quantize(
     method: Optional[str] = typer.Option(None, help="CNNs: rtn | adaround | brecq | qdrop (default qdrop); "
                                                     "transformers: minmax | smoothquant | outlier_suppression | os_plus"),
     w_bits: Optional[int] = typer.Option(None, "--w-bits", help="weight bits, 2..8 (default 4)"),
-    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="activation bits, 2..8 (default 4)"),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="activation bits, 2..8 (default 4; 0: weight-only, "
+                                         "activations stay float)"),
     calib: Optional[str] = typer.Option(None, help="calibration data: .safetensors/.npy/.npz file or shipped dataset name "
                                                    "(default: the shipped model's calibration set)"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="data to evaluate FP and quantized models on"),
@@ -129,6 +130,8 @@ def quantize(
                    seq_len=seq_len, a_granularity=a_granularity, attn_quant=attn_quant,
                    token_clipping=token_clipping, progress=False if quiet else None)
     options = {k: v for k, v in options.items() if v is not None}
+    if options.get("a_bits") == 0:
+        options["a_bits"] = None      # weight-only
     QuantConfig.build(recipe, **options)  # fail on bad options before loading anything
     fp_model, is_artifact = load_any(model, weights)
     from .core.wrap import quant_layers

@@ -84,6 +84,9 @@ class QuantConfig:
             values = {**PRESETS[preset], **values}
         if values.get("first_last_bits") == 0:
             values["first_last_bits"] = None  # 0: the first and last layer get the same bits as the others
+        for name in ("skip", "blocks"):    # one path given as a string: a list of one, not of its characters
+            if isinstance(values.get(name), str):
+                values[name] = [values[name]]
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -113,6 +116,13 @@ class QuantConfig:
                 raise SlimkitError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.iters < 0:
             raise SlimkitError(f"iters must be non-negative, got {self.iters}")
+        if isinstance(self.w_group_size, bool) or not isinstance(self.w_group_size, int) or self.w_group_size < 1:
+            raise SlimkitError(f"w_group_size must be a positive integer, got {self.w_group_size!r}")
+        for name in ("skip", "blocks"):
+            paths = getattr(self, name)
+            if paths is not None and (not isinstance(paths, (list, tuple)) or
+                                      not all(isinstance(p, str) for p in paths)):
+                raise SlimkitError(f"{name} must be a list of module paths, got {paths!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

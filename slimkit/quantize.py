@@ -18,7 +18,7 @@ from .core.adapters import layer_order
 from .core.data import calibration_tensor
 from .core.fold import fold_bn
 from .core.quantizer import QuantSpec
-from .core.wrap import LayerPlan, layer_modules, mask_pruned, quant_layers, quantizers, wrap_layers
+from .core.wrap import LayerPlan, layer_modules, mask_pruned, quant_layers, quantizers, weight_oi, wrap_layers
 from .errors import SlimkitError
 
 
@@ -42,6 +42,20 @@ def check_runs(model: nn.Module, example: torch.Tensor) -> None:
     except Exception as e:
         raise SlimkitError(f"the model does not accept calibration inputs of shape {tuple(example.shape[1:])} "
                            f"(per sample): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def check_groups(layers: dict[str, nn.Module], plans: dict[str, LayerPlan]) -> None:
+    """Per-group weight quantization needs each output channel's weights (a Linear's inputs, a convolution's
+    in_channels x kernel) to split into whole groups: name the first layer where they do not."""
+    for name, plan in plans.items():
+        spec = plan.w_spec
+        if spec is None or spec.granularity != "group" or name not in layers:
+            continue
+        row = weight_oi(layers[name])[0].numel()
+        if row % spec.group_size:
+            raise SlimkitError(f"w_group_size {spec.group_size} does not divide layer {name}'s {row} weights per output "
+                               f"channel: pick a group size that divides every layer's (a power of two such as 32 "
+                               f"often does), or keep {name} in float with skip=[...]")
 
 
 def layer_plans(order: list[str], cfg: QuantConfig) -> dict[str, LayerPlan]:
@@ -97,6 +111,7 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
         raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model")
     order = layer_order(fp_model, example, called_only=True)     # a layer never called stays float
     plans = layer_plans(order, cfg)
+    check_groups(layer_modules(fp_model), plans)
     if not plans:
         raise SlimkitError("the model has no quantizable layers (nn.Linear or nn.Conv2d) left to quantize")
     q_model = copy.deepcopy(fp_model)
@@ -106,8 +121,19 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
     return fp_model, q_model, folded
 
 
+class _Default:
+    """The default of an argument for which None means something (a_bits=None: weight-only)."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+DEFAULT = _Default()
+
+
 def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: int | None = None,
-             a_bits: int | None = None, recipe=None, tokenizer=None, inplace: bool = False, **options) -> nn.Module:
+             a_bits: int | None | _Default = DEFAULT, recipe=None, tokenizer=None, inplace: bool = False,
+             **options) -> nn.Module:
     """Quantize a copy of `model` with `method` ("rtn", "adaround", "brecq", "qdrop"; default qdrop W4A4).
 
     `calib_data`: inputs as a tensor, array, (inputs, labels), list, Dataset/DataLoader, file or shipped name.
@@ -116,11 +142,14 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     token ids (N, L), a dict of input_ids / attention_mask, or text (a file, folder or list of strings) with
     `tokenizer` (see slimkit.transformer). `inplace=True` quantizes a transformer without copying it first
     (for models that fill most of memory).
-    Pass `a_bits=None` in a recipe for weight-only quantization. The result carries `slimkit_info` (the
-    manifest: method, config, per-layer settings, per-block losses, timings) used by `slimkit.save`.
+    `a_bits=None` (here or in a recipe) quantizes weights only; leaving a_bits out takes the recipe's or the
+    default 4. The result carries `slimkit_info` (the manifest: method, config, per-layer settings, per-block
+    losses, timings) used by `slimkit.save`.
     """
     t0 = time.perf_counter()
-    named = {k: v for k, v in (("method", method), ("w_bits", w_bits), ("a_bits", a_bits)) if v is not None}
+    named = {k: v for k, v in (("method", method), ("w_bits", w_bits)) if v is not None}
+    if a_bits is not DEFAULT:
+        named["a_bits"] = a_bits
     cfg = QuantConfig.build(recipe, **named, **options)
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -170,6 +170,16 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise SlimkitError(f"fcpts temperature must be a number above 0 (1 matches the model's own "
                                f"predictions), got {temperature!r}")
+        for name, low in (("iters", 1), ("finetune_iters", 0), ("batch_size", 1)):
+            v = options.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise SlimkitError(f"fcpts {name} must be an integer of at least {low}, got {v!r}")
+        for name in ("lr", "lr_threshold", "weight_decay", "control_weight"):
+            v = options.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or
+                                  (name != "weight_decay" and v == 0)):
+                raise SlimkitError(f"fcpts {name} must be a number above 0{' (or 0)' if name == 'weight_decay' else ''}, "
+                                   f"got {v!r}")
     elif options:
         raise SlimkitError(f"option(s) {', '.join(sorted(options))} apply to method fcpts only")
     if isinstance(exclude, str):

@@ -290,6 +290,11 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     fp_inputs = q_inputs
     stats_out = {}
     sparsity = (getattr(model, "slimkit_info", None) or {}).get("sparsity")   # a sparsified model's report
+    from .quantize import check_groups
+
+    for path in lay.blocks:       # before any block is quantized: a bad group size is reported at once
+        block = q_model.get_submodule(path)
+        check_groups({f"{path}.{n}": m for n, m in layer_modules(block).items()}, _plans(path, block, cfg))
     bar = tqdm(lay.blocks, desc=f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits or 16}", disable=not cfg.progress)
     for i, path in enumerate(bar):
         t_block = time.perf_counter()

@@ -128,6 +128,27 @@ def test_errors_are_clear(tmp_path, data):
         slimkit.load(tmp_path / "y", model=tiny_net())
 
 
+def test_options_are_checked_up_front_and_mean_what_they_say(data):
+    """a_bits=None is weight-only (as in a recipe); a single skip path may be a string; a group size that does not
+    divide a layer, a non-positive one and a block path that is no module are SlimkitErrors naming the problem."""
+    m = tiny_net()
+    q = slimkit.quantize(m, data, method="rtn", a_bits=None, progress=False)
+    assert all(layer.a_quant is None for layer in quant_layers(q).values())
+    assert q.slimkit_info["config"]["a_bits"] is None
+    q = slimkit.quantize(m, data, method="rtn", progress=False)           # a_bits left out: the default 4
+    assert {layer.a_quant.spec.bits for layer in quant_layers(q).values()} == {4, 8}
+    q = slimkit.quantize(m, data, method="rtn", skip="3.conv1", progress=False)
+    assert "3.conv1" not in quant_layers(q)
+    with pytest.raises(slimkit.SlimkitError, match=r"w_group_size 5 does not divide layer 0's 9 weights"):
+        slimkit.quantize(m, data, method="rtn", w_granularity="group", w_group_size=5, progress=False)
+    with pytest.raises(slimkit.SlimkitError, match="w_group_size must be a positive integer"):
+        slimkit.quantize(m, data, method="rtn", w_granularity="group", w_group_size=0, progress=False)
+    with pytest.raises(slimkit.SlimkitError, match="blocks names 'nope'"):
+        slimkit.quantize(m, data, method="qdrop", iters=2, blocks=["nope"], progress=False)
+    with pytest.raises(slimkit.SlimkitError, match="fcpts iters must be an integer of at least 1"):
+        slimkit.sparsify(m, data, method="fcpts", sparsity=0.5, iters=-5)
+
+
 def test_inputs_in_many_forms(data):
     m = tiny_net()
     ds = torch.utils.data.TensorDataset(data, torch.zeros(len(data)))

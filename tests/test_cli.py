@@ -119,6 +119,10 @@ def test_recipe_file_sets_fields(work):
 
     manifest = json.loads((work / "out" / "manifest.json").read_text())
     assert manifest["method"] == "rtn" and manifest["config"]["w_bits"] == 3 and manifest["config"]["a_bits"] == 5
+    ok = run("quantize", "nets.py:tiny", "--recipe", "r.yaml", "--a-bits", "0", "--calib", "calib.npy", "--out", "wo",
+             "--quiet", cwd=work)                      # --a-bits 0: weight-only, over the recipe's 5
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((work / "wo" / "manifest.json").read_text())["config"]["a_bits"] is None
     (work / "bad.yaml").write_text("methd: rtn\n")
     expect_error(run("quantize", "nets.py:tiny", "--recipe", "bad.yaml", "--calib", "calib.npy", "--out", "o2", cwd=work),
                  "unknown option", "methd")

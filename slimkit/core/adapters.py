@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import SlimkitError
 from .wrap import layer_modules
 
 BLOCK_TYPES: set[str] = {
@@ -85,7 +86,8 @@ def find_blocks(model: nn.Module, example: torch.Tensor, granularity: str = "blo
         if block_names is not None:
             missing = [n for n in block_names if n not in dict(model.named_modules())]
             if missing:
-                raise ValueError(f"no module named {missing[0]!r} in the model (blocks must be module paths)")
+                raise SlimkitError(f"blocks names {missing[0]!r}, which is no module of the model: give module paths "
+                                   "as named_modules() lists them")
             candidates = {n: model.get_submodule(n) for n in block_names}
         else:
             for name, m in model.named_modules():

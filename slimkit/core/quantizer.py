@@ -61,8 +61,10 @@ def to_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return x.movedim(spec.ch_axis, 0).reshape(x.shape[spec.ch_axis], -1)
     if spec.granularity == "token":
         return x.reshape(-1, x.shape[-1])
-    if x.shape[-1] % spec.group_size:
-        raise ValueError(f"last dimension {x.shape[-1]} is not divisible by group_size {spec.group_size}")
+    row = x[0].numel() if spec.ch_axis == 0 and x.dim() > 1 else x.shape[-1]   # a weight: groups stay in a channel
+    if row % spec.group_size:
+        raise ValueError(f"{'each output channel' if spec.ch_axis == 0 else 'the last dimension'} holds {row} "
+                         f"values, not divisible by group_size {spec.group_size}")
     return x.reshape(-1, spec.group_size)
 
 
