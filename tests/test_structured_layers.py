@@ -14,7 +14,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 from slimkit.structured import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, MergeChoice, SelfGuided,
-                                SelfGuidedSchedule, choose_merge, drop_guides, load_structured, make_linear,
+                                SelfGuidedSchedule, choose_merge, drop_guides, ffn_linears, load_structured, make_linear,
                                 premerge, replace_ffn, save_structured, set_progress, train_flops_per_token)
 from slimkit.structured.premerge import mergeable_layers
 from tests.tiny_hf import tiny_inputs, tiny_model
@@ -298,6 +298,52 @@ def test_replace_ffn_hf_runs_trains_and_reloads(family, expected, kind, tmp_path
         torch.testing.assert_close(again(**inputs).logits, ref)
 
 
+@pytest.mark.parametrize("family,expected", [("opt", {"fc1", "fc2"}),
+                                             ("bert", {"intermediate.dense", "output.dense"})])
+def test_replace_ffn_finds_layer_level_ffn_pairs(family, expected, tmp_path):
+    """OPT keeps its FFN linears on the decoder layer (fc1 / fc2), BERT in intermediate.dense / output.dense:
+    both are found (attention's own output.dense is not), the model runs and learns, and reloads exactly."""
+    model = tiny_model(family)
+    names = set(ffn_linears(model))
+    assert {n.split(".", 4 if family == "opt" else 3)[-1] for n in names} == expected and len(names) == 4
+    attn = {n for n, m in model.named_modules() if "attention" in n or "self_attn" in n}
+    replace_ffn(model, "blockdense", 0.32)
+    assert not any(isinstance(model.get_submodule(n), BlockDenseLinear) for n in attn)
+    inputs = tiny_inputs(family)
+    out = model(**inputs)[0]
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None for n in names for p in model.get_submodule(n).parameters())
+    model.eval()
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+    save_structured(model, tmp_path / "sk")
+    again = load_structured(tiny_model(family, seed=3), tmp_path / "sk").eval()
+    with torch.no_grad():
+        assert torch.equal(again(**inputs)[0], ref)
+
+
+def test_load_structured_keeps_the_guides_share_and_refuses_another_layout(tmp_path):
+    """A self-guided model saved mid-guide reloads at the same dense share, so its outputs are the same; a model
+    already converted to another kind is a clear error, not a size-mismatch traceback."""
+    model = replace_ffn(tiny_model("llama"), "lowrank", 0.32, self_guided=True)
+    with torch.no_grad():                                      # guide and factors apart, as after training
+        for n, p in model.named_parameters():
+            if ".mlp." in n:
+                p.add_(0.05 * torch.randn_like(p))
+    set_progress(model, 1, 4)
+    model.eval()
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    save_structured(model, tmp_path / "sg")
+    back = load_structured(tiny_model("llama", seed=2), tmp_path / "sg").eval()
+    assert {m.share for m in back.modules() if isinstance(m, SelfGuided)} == {0.5}
+    with torch.no_grad():
+        assert torch.equal(back(**inputs).logits, ref)
+    with pytest.raises(SlimkitError, match="already a structured layer unlike the saved one"):
+        load_structured(replace_ffn(tiny_model("llama"), "blockdense", 0.32), tmp_path / "sg")
+
+
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -340,7 +386,17 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(SlimkitError, match="curve"):
         SelfGuidedSchedule(curve="exp")
     with pytest.raises(SlimkitError, match="supported: Hugging Face Llama"):
-        replace_ffn(tiny_model("bert"), "lowrank", 0.3)
+        replace_ffn(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)), "lowrank", 0.3)
+    with pytest.raises(SlimkitError, match="align must be a positive integer, got 0"):
+        make_linear("lowrank", 64, 64, 0.5, align=0)
+    with pytest.raises(SlimkitError, match="in_features must be a positive integer, got 0"):
+        make_linear("blockshuffle", 0, 64, 0.5)
+    with pytest.raises(SlimkitError, match="nblocks must be a positive integer, got 2.0"):
+        make_linear("blockdense", 64, 64, 0.3, nblocks=2.0)
+    with pytest.raises(SlimkitError, match="rank must be a positive integer, got 0"):
+        BlockDenseLinear(64, 64, rank=0, nblocks=4)
+    with pytest.raises(SlimkitError, match="self_guided must be True/False or a SelfGuidedSchedule"):
+        replace_ffn(tiny_model("llama"), "lowrank", 0.3, self_guided="yes")
     with pytest.raises(SlimkitError, match="with kind='dense' drop self_guided"):
         replace_ffn(tiny_model("llama"), "dense", 0.3, self_guided=True)
     with pytest.raises(SlimkitError, match="not written by slimkit"):

@@ -55,17 +55,18 @@ REL_TOL = 0.25    # how far (relative) the achieved parameter ratio may miss the
 def svd_factors(out_features: int, in_features: int, rank: int, std: float = INIT_STD,
                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's "svd" init: best rank-r factors (U (r, in), V (out, r)) of a dense N(0, std) matrix,
-    the singular values split evenly between them."""
+    the singular values split evenly between them. Row-major, as every parameter here (LAPACK hands U back
+    column-major): a saved layer then reloads with the same memory layout and computes bit for bit alike."""
     w0 = torch.randn(out_features, in_features, device=device) * std
     u, s, vh = torch.linalg.svd(w0, full_matrices=False)
     root = s[:rank].sqrt()
-    return root[:, None] * vh[:rank], u[:, :rank] * root
+    return (root[:, None] * vh[:rank]).contiguous(), (u[:, :rank] * root).contiguous()
 
 
 def orthogonal_like(w: torch.Tensor) -> torch.Tensor:
     """The paper's "ortho" init: each matrix (batched over leading dims) replaced by U Vh of its SVD."""
     u, _, vh = torch.linalg.svd(w, full_matrices=False)
-    return u @ vh
+    return (u @ vh).contiguous()
 
 
 def _ortho_normal(*shape: int, device=None) -> torch.Tensor:
@@ -85,8 +86,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _check_positive(kind: str, **values) -> None:
+    """Widths, ranks, block counts and alignments are positive integers (None: not given)."""
+    for name, v in values.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise SlimkitError(f"{kind}: {name} must be a positive integer, got {v!r}")
+
+
 def _check_divides(nblocks: int, width: int, what: str, kind: str) -> None:
-    if nblocks < 1 or width % nblocks:
+    _check_positive(kind, nblocks=nblocks)
+    if width % nblocks:
         near = [d for d in _divisors(width) if d <= 4 * max(nblocks, 1)][-6:]
         raise SlimkitError(f"{kind}: nblocks={nblocks} does not divide {what}={width}; "
                            f"pass a divisor of {width}, e.g. one of {near}")
@@ -115,6 +124,7 @@ def lowrank_rank(in_features: int, out_features: int, param_ratio: float, align:
                  rel_tol: float = REL_TOL) -> int:
     """Rank r with r*(in+out) nearest param_ratio*in*out (a multiple of `align` once r is 4*align or more)."""
     ratio = _check_ratio(param_ratio, "lowrank")
+    _check_positive("lowrank", in_features=in_features, out_features=out_features, align=align)
     target = ratio * in_features * out_features / (in_features + out_features)
     rank = _round_step(target, align, 1)
     ratio_of = lambda r: r * (in_features + out_features) / (in_features * out_features)
@@ -137,6 +147,7 @@ def blockshuffle_nblocks(in_features: int, out_features: int, param_ratio: float
                          nblocks: int | None = None, rel_tol: float = REL_TOL) -> int:
     """Block count b (dividing both widths) whose ratio is nearest param_ratio; `nblocks` is checked instead."""
     kind = "blockshuffle"
+    _check_positive(kind, in_features=in_features, out_features=out_features, nblocks=nblocks)
     if nblocks is not None:
         _check_divides(nblocks, in_features, "in_features", kind)
         _check_divides(nblocks, out_features, "out_features", kind)
@@ -163,6 +174,7 @@ def blockdense_shape(in_features: int, out_features: int, param_ratio: float, nb
     """(rank, nblocks) of a BlockDense layer with rank*(in/b + out) nearest param_ratio*in*out."""
     kind = "blockdense"
     ratio = _check_ratio(param_ratio, kind)
+    _check_positive(kind, in_features=in_features, out_features=out_features, nblocks=nblocks, align=align)
     if nblocks is None:
         nblocks = next(b for b in (4, 2, 1) if in_features % b == 0)
     _check_divides(nblocks, in_features, "in_features", kind)
@@ -189,6 +201,7 @@ class StructuredLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
         super().__init__()
+        _check_positive(self.kind, in_features=in_features, out_features=out_features)
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
@@ -359,6 +372,7 @@ class BlockDenseLinear(StructuredLinear):
     def __init__(self, in_features: int, out_features: int, rank: int, nblocks: int, bias: bool = True,
                  device=None, init: bool = True):
         super().__init__(in_features, out_features, bias, device)
+        _check_positive(self.kind, rank=rank)
         _check_divides(nblocks, in_features, "in_features", self.kind)
         _check_divides(nblocks, rank, "rank", self.kind)
         self.rank, self.nblocks = rank, nblocks
@@ -395,6 +409,8 @@ def make_linear(kind: str, in_features: int, out_features: int, param_ratio: flo
                 nblocks: int | None = None, **kw) -> nn.Module:
     """A linear layer of `kind` keeping about `param_ratio` of the dense weights ("dense" ignores the ratio).
     Extra keywords go to the kind's from_ratio / constructor (align, rel_tol, init_std, device)."""
+    _check_positive(kind, in_features=in_features, out_features=out_features, nblocks=nblocks,
+                    align=kw.get("align"))
     if kind == "dense":
         return nn.Linear(in_features, out_features, bias=bias, device=kw.get("device"))
     if kind == "lowrank":

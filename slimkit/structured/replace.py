@@ -1,9 +1,10 @@
 """Swap a model's feed-forward linears for structured ones, and save / load the result.
 
-Found generically: every nn.Linear or Hugging Face Conv1D inside a module named `mlp`, `ffn` or `feed_forward`.
-That covers Hugging Face Llama-style models (mlp.gate_proj / up_proj / down_proj), GPT-2 (mlp.c_fc / c_proj,
-Conv1D with its weight stored (in, out)) and slimkit's GPT (mlp.fc1 / fc2, and mlp.gate for SwiGLU). Attention
-is never touched. As in the paper (CLAIRE-Labo/StructuredFFN src/modules/__init__.py replace_mlp) the new layers
+Found generically: every nn.Linear or Hugging Face Conv1D inside a module named `mlp`, `ffn` or `feed_forward`,
+and a layer's fc1 / fc2 or intermediate.dense / output.dense pair where the two chain d -> h -> d. That covers
+Hugging Face Llama-style models (mlp.gate_proj / up_proj / down_proj), GPT-2 (mlp.c_fc / c_proj, Conv1D with its
+weight stored (in, out)), OPT (fc1 / fc2), BERT-style encoders and slimkit's GPT (mlp.fc1 / fc2, and mlp.gate for
+SwiGLU). Attention is never touched. As in the paper (CLAIRE-Labo/StructuredFFN src/modules/__init__.py replace_mlp) the new layers
 are freshly initialised for training from scratch; the old FFN weights are not carried over.
 
 Saving: the model's state dict is plain tensors, so `save_pretrained` / `torch.save(model.state_dict())` work,
@@ -25,9 +26,10 @@ from .layers import KINDS, StructuredLinear, layer_from_spec, make_linear
 from .self_guided import SelfGuided, SelfGuidedSchedule
 
 FFN_NAMES = ("mlp", "ffn", "feed_forward")
-SUPPORTED = ("Hugging Face Llama-style models (mlp.gate_proj/up_proj/down_proj), GPT-2 (mlp.c_fc/c_proj), and "
-             "GPT-style models whose blocks hold their feed-forward nn.Linear layers in a module named "
-             + "/".join(FFN_NAMES))
+FFN_PAIRS = (("fc1", "fc2"), ("intermediate.dense", "output.dense"))
+SUPPORTED = ("Hugging Face Llama-style models (mlp.gate_proj/up_proj/down_proj), GPT-2 (mlp.c_fc/c_proj), OPT "
+             "(fc1/fc2), BERT-style encoders (intermediate.dense/output.dense), and GPT-style models whose blocks "
+             "hold their feed-forward nn.Linear layers in a module named " + "/".join(FFN_NAMES))
 WEIGHTS, MANIFEST = "model.safetensors", "structured.json"
 
 
@@ -37,18 +39,39 @@ def _widths(layer: nn.Module) -> tuple[int, int]:
     return (w.shape[0], w.shape[1]) if is_conv1d(layer) else (w.shape[1], w.shape[0])
 
 
+def _linear(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.Linear) or (m is not None and is_conv1d(m))
+
+
+def _ffn_pair(module: nn.Module) -> tuple[str, str] | None:
+    """The (up, down) child paths of a transformer layer that holds its FFN linears directly (OPT, BART and
+    Whisper: fc1 / fc2; BERT, RoBERTa, MPNet: intermediate.dense / output.dense): two linears d -> h -> d."""
+    for up, down in FFN_PAIRS:
+        try:
+            a, b = module.get_submodule(up), module.get_submodule(down)
+        except AttributeError:
+            continue
+        if _linear(a) and _linear(b) and _widths(a)[1] == _widths(b)[0] and _widths(a)[0] == _widths(b)[1]:
+            return up, down
+    return None
+
+
 def ffn_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Dense feed-forward linears by name: nn.Linear / Conv1D inside an mlp/ffn/feed_forward module, not inside
-    an already structured or self-guided layer."""
-    done = [n + "." for n, m in model.named_modules() if isinstance(m, (StructuredLinear, SelfGuided))]
+    """Dense feed-forward linears by name: nn.Linear / Conv1D inside an mlp/ffn/feed_forward module, or a
+    layer's fc1/fc2 or intermediate.dense/output.dense pair (see _ffn_pair); not inside an already structured or
+    self-guided layer."""
+    done = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (StructuredLinear, SelfGuided)))
     found = {}
     for name, module in model.named_modules():
-        if name.rpartition(".")[2] not in FFN_NAMES:
-            continue
-        for sub, child in module.named_modules():
-            full = f"{name}.{sub}"
-            if sub and (isinstance(child, nn.Linear) or is_conv1d(child)) and not full.startswith(tuple(done)):
-                found[full] = child
+        if name.rpartition(".")[2] in FFN_NAMES:
+            subs = [sub for sub, child in module.named_modules() if sub and _linear(child)]
+        else:
+            pair = _ffn_pair(module)
+            subs = list(pair) if pair else []
+        for sub in subs:
+            full = f"{name}.{sub}" if name else sub
+            if not full.startswith(done):
+                found[full] = module.get_submodule(sub)
     return found
 
 
@@ -59,6 +82,8 @@ def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
     Extra keywords go to make_linear (align, rel_tol, init_std). Returns the model."""
     if kind not in KINDS:
         raise SlimkitError(f"unknown structured kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if not (self_guided is None or isinstance(self_guided, (bool, SelfGuidedSchedule))):
+        raise SlimkitError(f"self_guided must be True/False or a SelfGuidedSchedule, got {self_guided!r}")
     schedule = SelfGuidedSchedule() if self_guided is True else (self_guided or None)
     if kind == "dense":
         if schedule is not None:
@@ -111,7 +136,17 @@ def _rebuild(spec: dict, device, dtype) -> nn.Module:
     wrapped = SelfGuided(layer, sched, init_guide=False)
     if not guided["guide"]:
         wrapped.drop_guide()
+    else:
+        wrapped.share = float(guided.get("share", 1.0))     # the mix it was saved at (older manifests: 1)
     return wrapped
+
+
+def _same_layout(spec: dict, saved: dict) -> bool:
+    """Whether a layer's spec matches a saved one in everything its weights' shapes depend on."""
+    drop = lambda d: {k: v for k, v in d.items() if k != "self_guided"}  # noqa: E731
+    g1, g2 = spec.get("self_guided"), saved.get("self_guided")
+    return drop(spec) == drop(saved) and (g1 is None) == (g2 is None) and (
+        g1 is None or g1["guide"] == g2["guide"])
 
 
 def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
@@ -128,6 +163,11 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
             raise SlimkitError(f"the saved model has a structured layer at {name}, which this model lacks: "
                                "build the same architecture before loading") from None
         if isinstance(old, (StructuredLinear, SelfGuided)):
+            if not _same_layout(old.spec(), spec):
+                raise SlimkitError(f"{name} is already a structured layer unlike the saved one ({old.spec()} here, "
+                                   f"{spec} saved): load into a fresh dense model, or one replaced the same way")
+            if isinstance(old, SelfGuided) and old.guide is not None:
+                old.share = float(spec.get("self_guided", {}).get("share", old.share))
             continue
         if _widths(old) != (spec["in_features"], spec["out_features"]):
             raise SlimkitError(f"{name}: saved as {spec['in_features']}->{spec['out_features']}, this model has "

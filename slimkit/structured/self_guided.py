@@ -123,7 +123,8 @@ class SelfGuided(nn.Module):
     def spec(self) -> dict:
         inner = self.layer.spec() if hasattr(self.layer, "spec") else {"kind": "dense"}
         return {**inner, "self_guided": {"guide": self.guide is not None, "guide_fraction": self.schedule.guide_fraction,
-                                         "curve": self.schedule.curve, "reduce_flops": self.schedule.reduce_flops}}
+                                         "curve": self.schedule.curve, "reduce_flops": self.schedule.reduce_flops,
+                                         "share": self.share}}
 
 
 def self_guided_modules(model: nn.Module) -> list[SelfGuided]:
