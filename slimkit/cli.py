@@ -117,13 +117,12 @@ def quantize(
     from . import quantize as run_quantize
     from .config import QuantConfig
     from .core.data import resolve
-    from .eval import evaluate, predict
-    from .io.artifact import save
+    from .eval import check_data, evaluate, predict
+    from .io.artifact import check_output, save
     from .models.registry import default_data
     from .report import print_table
 
-    if out.exists() and not overwrite:
-        raise SlimkitError(f"{out} already exists: choose another --out or pass --overwrite")
+    check_output(out, overwrite)      # before any work: a bad --out fails at once
     options = dict(method=method, w_bits=w_bits, a_bits=a_bits, preset=preset, iters=iters, num_samples=num_samples,
                    batch_size=batch_size, drop_prob=drop_prob, w_observer=w_observer, a_observer=a_observer,
                    w_granularity=w_granularity, first_last_bits=first_last_bits, device=device, seed=seed,
@@ -150,16 +149,18 @@ def quantize(
         calib = text_data(calib)
     if calib is None:
         raise SlimkitError("give calibration data with --calib (a .safetensors/.npy/.npz file or a shipped dataset)")
+    eval_name = eval_data or default_data(name, "eval")
+    if not lm and eval_name is not None:     # evaluation data that does not fit fails now, not after the run
+        x, y = resolve(eval_name)
+        check_data(fp_model, x, y)
     t0 = time.perf_counter()
     qmodel = run_quantize(fp_model, calib, recipe=recipe, **options)
     seconds = time.perf_counter() - t0
     rows = {}
-    eval_name = eval_data or default_data(name, "eval")
     if lm and eval_name is not None:
         rows = lm_rows(fp_model, qmodel, eval_name, qmodel.slimkit_info["device"], quiet, max_tokens)
         rows["FP"]["seconds"] = None
     elif eval_name is not None:
-        x, y = resolve(eval_name)
         dev = qmodel.slimkit_info["device"]
         ref = predict(fp_model, x, device=dev, progress=not quiet, desc="evaluating FP")
         rows["FP"] = evaluate(fp_model, x, y, reference=ref, device=dev)
@@ -213,8 +214,8 @@ def sparsify(
 ):
     from .core.data import resolve
     from .core.sparsity import check_target
-    from .eval import evaluate, model_size_bytes, predict
-    from .io.artifact import save
+    from .eval import check_data, evaluate, model_size_bytes, predict
+    from .io.artifact import check_output, save
     from .models.registry import default_data
     from .quantize import pick_device
     from .report import print_table
@@ -222,8 +223,7 @@ def sparsify(
     from .sparsify import sparsify as run_sparsify
     from .transformer import is_transformer
 
-    if out.exists() and not overwrite:
-        raise SlimkitError(f"{out} already exists: choose another --out or pass --overwrite")
+    check_output(out, overwrite)      # before any work: a bad --out fails at once
     if nm is None:
         check_target(sparsity)
         if method not in METHODS:
@@ -249,17 +249,19 @@ def sparsify(
                            "to --method fcpts only")
     if nm is None and method == "fcpts":
         options.update(progress=not quiet)
+    eval_name = eval_data or default_data(model, "eval")
+    if not is_transformer(fp_model) and eval_name is not None:   # fails now if it does not fit, not after the run
+        x, y = resolve(eval_name)
+        check_data(fp_model, x, y)
     t0 = time.perf_counter()
     smodel = run_sparsify(fp_model, calib if learn else None, method=method, sparsity=sparsity, nm=nm,
                           exclude=tuple(exclude or ()), device=device, num_samples=num_samples, **options)
     seconds = time.perf_counter() - t0
     dev = str(pick_device(device))
-    eval_name = eval_data or default_data(model, "eval")
     if is_transformer(fp_model) and eval_name is not None:
         rows = lm_rows(fp_model, smodel, eval_name, dev, quiet, max_tokens)
         rows = {"FP": rows["FP"], "sparse": rows["quantized"]}
     elif eval_name is not None:
-        x, y = resolve(eval_name)
         ref = predict(fp_model, x, device=dev, progress=not quiet, desc="evaluating FP")
         rows = {"FP": evaluate(fp_model, x, y, reference=ref, device=dev),
                 "sparse": evaluate(smodel, x, y, reference=ref, device=dev, progress=not quiet)}

@@ -79,7 +79,7 @@ class QuantConfig:
             raise SlimkitError(f"unknown option {unknown[0]!r}; known options: {', '.join(cls.fields())}")
         preset = values.get("preset")
         if preset is not None:
-            if preset not in PRESETS:
+            if not isinstance(preset, str) or preset not in PRESETS:
                 raise SlimkitError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
             values = {**PRESETS[preset], **values}
         if values.get("first_last_bits") == 0:
@@ -91,8 +91,25 @@ class QuantConfig:
         cfg.validate()
         return cfg
 
+    def _check_types(self) -> None:
+        """Every field holds a value of its annotated type (a recipe's "no" is no bool, "8" no int)."""
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
+                 "list[str]": (list, tuple)}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            allowed = [t.strip() for t in str(f.type).split("|")]
+            ok = any(isinstance(v, kinds[t]) and not (isinstance(v, bool) and t in ("int", "float"))
+                     for t in allowed if t in kinds)
+            if not ok:
+                want = " or ".join("none" if t == "None" else "a list of names" if t == "list[str]" else
+                                   {"int": "an integer", "float": "a number", "bool": "true/false",
+                                    "str": "a string"}.get(t, t) for t in allowed)
+                raise SlimkitError(f"{f.name} must be {want}, got {v!r}")
+
     def validate(self) -> None:
         from .methods import METHODS, TRANSFORMER_METHODS
+
+        self._check_types()
 
         if self.method not in METHODS and self.method not in TRANSFORMER_METHODS:
             raise SlimkitError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)} (CNNs) or "
@@ -116,6 +133,15 @@ class QuantConfig:
                 raise SlimkitError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.iters < 0:
             raise SlimkitError(f"iters must be non-negative, got {self.iters}")
+        for name in ("lr_round", "lr_act"):
+            if not getattr(self, name) > 0:
+                raise SlimkitError(f"{name} must be above 0, got {getattr(self, name)}")
+        if self.round_weight < 0 or self.twc_iters < 0:
+            raise SlimkitError("round_weight and twc_iters must be non-negative")
+        if not 0.0 <= self.warmup < 1.0:
+            raise SlimkitError(f"warmup is a share of the iterations, in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise SlimkitError(f"alpha (SmoothQuant's migration strength) must be in [0, 1], got {self.alpha}")
         if isinstance(self.w_group_size, bool) or not isinstance(self.w_group_size, int) or self.w_group_size < 1:
             raise SlimkitError(f"w_group_size must be a positive integer, got {self.w_group_size!r}")
         for name in ("skip", "blocks"):
@@ -133,6 +159,8 @@ def load_recipe(recipe: str | Path | dict) -> dict:
     if isinstance(recipe, dict):
         return dict(recipe)
     path = Path(recipe)
+    if path.is_dir():
+        raise SlimkitError(f"recipe {path} is a folder: give a YAML file or a shipped recipe name")
     if not path.exists():
         shipped = Path(__file__).parent / "recipes" / f"{recipe}.yaml"
         if not shipped.exists():
@@ -142,6 +170,6 @@ def load_recipe(recipe: str | Path | dict) -> dict:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SlimkitError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise SlimkitError(f"recipe {path} must be a mapping of option: value")
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise SlimkitError(f"recipe {path} must be a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in values.items()}

@@ -46,7 +46,36 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: to
     return torch.cat(outs)
 
 
+def check_data(model: nn.Module, x, labels=None, device: torch.device | str = "cpu") -> None:
+    """Evaluation inputs the model takes and labels that fit them, or a clear error (before any long run):
+    labels are class indices, one integer per sample."""
+    from .quantize import check_runs
+
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or len(x) == 0:
+        raise SlimkitError("the evaluation data is empty or a single number: give samples along a first axis")
+    if labels is not None:
+        if labels.dim() != 1 or len(labels) != len(x):
+            raise SlimkitError(f"evaluation labels must be one class index per sample: got labels of shape "
+                               f"{tuple(labels.shape)} for {len(x)} samples (one-hot labels: take their argmax)")
+        if torch.is_floating_point(labels) or labels.dtype == torch.bool:
+            raise SlimkitError(f"evaluation labels must be integer class indices, got {labels.dtype}")
+        if len(labels) and int(labels.min()) < 0:
+            raise SlimkitError(f"evaluation labels must be class indices from 0, got {int(labels.min())}")
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters(), None)
+        check_runs(model, x[:2].to(p.device if p is not None else device), "evaluation inputs")
+    finally:
+        model.train(was_training)
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    if labels.dim() != 1 or len(labels) != len(logits):
+        raise SlimkitError(f"labels of shape {tuple(labels.shape)} do not fit {len(logits)} predictions: give one "
+                           "class index per sample")
+    if len(labels) and int(labels.max()) >= logits.shape[-1]:
+        raise SlimkitError(f"label {int(labels.max())} is out of range: the model scores {logits.shape[-1]} classes")
     return (logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
 
 
@@ -80,6 +109,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = No
     """Metrics of `model` on inputs `x`: top1 (with labels); agreement and kl (with a reference model or its
     logits); size in bytes; seconds."""
     t0 = time.perf_counter()
+    check_data(model, x, labels, device)
     logits = predict(model, x, batch_size, device, progress)
     metrics: dict[str, float] = {"samples": len(x), "size_bytes": model_size_bytes(model)}
     if labels is not None:

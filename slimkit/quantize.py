@@ -34,13 +34,13 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def check_runs(model: nn.Module, example: torch.Tensor) -> None:
-    """Fail with a clear message when the calibration data does not fit the model."""
+def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration inputs") -> None:
+    """Fail with a clear message when the calibration (or evaluation) data does not fit the model."""
     try:
         with torch.no_grad():
             model(example)
     except Exception as e:
-        raise SlimkitError(f"the model does not accept calibration inputs of shape {tuple(example.shape[1:])} "
+        raise SlimkitError(f"the model does not accept {what} of shape {tuple(example.shape[1:])} "
                            f"(per sample): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 

@@ -147,6 +147,8 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     target = check_target(sparsity) if pattern is None else 1 - pattern[0] / pattern[1]
     if pattern is None and method not in METHODS:
         raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise SlimkitError(f"num_samples must be a positive integer, got {num_samples!r}")
     learn = pattern is None and method == "fcpts"
     needs_data = pattern is None and method in NEEDS_DATA
     if needs_data and calib_data is None:

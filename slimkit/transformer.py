@@ -226,13 +226,22 @@ def _batches(calib, cfg: QuantConfig, vocab_size: int | None = None) -> list[dic
     return [{k: v[i: i + bs] for k, v in calib.items()} for i in range(0, n, bs)]
 
 
+def context_length(model: nn.Module) -> int:
+    """The longest sequence the model's position embeddings cover (2048 when its config does not say)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+
+
 def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
     """Token ids or an encoder batch from any accepted calibration form (text needs a tokenizer)."""
     n = cfg.num_samples or 128
-    if isinstance(calib, torch.Tensor):
-        return calib[:n]
-    if isinstance(calib, dict):
-        return {k: v[:n] for k, v in calib.items()}
+    max_pos = context_length(model)
+    if isinstance(calib, (torch.Tensor, dict)):
+        ids = calib.get("input_ids") if isinstance(calib, dict) else calib
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > max_pos:
+            raise SlimkitError(f"calibration sequences of {ids.shape[1]} tokens are longer than the model's context "
+                               f"({max_pos} positions): cut them to {max_pos} or less")
+        return calib[:n] if isinstance(calib, torch.Tensor) else {k: v[:n] for k, v in calib.items()}
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "_slimkit_tokenizer", None)
     if tokenizer is None:
         raise SlimkitError("calibration text needs the model's tokenizer: pass tokenizer=... (slimkit.load_hf "
@@ -242,7 +251,9 @@ def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
     from .models.registry import get_dataset
 
     texts = get_dataset(calib) if isinstance(calib, str) and calib in TEXT_DATASETS else text.read_texts(calib)
-    max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
+    if cfg.seq_len is not None and cfg.seq_len > max_pos:
+        raise SlimkitError(f"seq_len {cfg.seq_len} is longer than the model's context ({max_pos} positions): give "
+                           f"--seq-len {max_pos} or less")
     if is_encoder(model):
         return encoder_blocks(texts, tokenizer, n, cfg.seq_len or min(128, max_pos), cfg.seed)
     length = cfg.seq_len or min(2048, max_pos)

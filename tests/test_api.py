@@ -147,6 +147,24 @@ def test_options_are_checked_up_front_and_mean_what_they_say(data):
         slimkit.quantize(m, data, method="qdrop", iters=2, blocks=["nope"], progress=False)
     with pytest.raises(slimkit.SlimkitError, match="fcpts iters must be an integer of at least 1"):
         slimkit.sparsify(m, data, method="fcpts", sparsity=0.5, iters=-5)
+    for bad, why in ((dict(fold_bn="no"), "fold_bn must be true/false"), (dict(iters="ten"), "iters must be an "
+                     "integer"), (dict(warmup=5), "warmup"), (dict(a_bits=4.5), "a_bits must be an integer or none")):
+        with pytest.raises(slimkit.SlimkitError, match=why):
+            slimkit.quantize(m, data, method="rtn", progress=False, **bad)
+
+
+def test_evaluation_labels_are_checked(data):
+    from slimkit.eval import evaluate
+    m = tiny_net()
+    labels = torch.arange(len(data)) % 5
+    assert 0.0 <= evaluate(m, data, labels)["top1"] <= 1.0
+    for bad, why in ((torch.nn.functional.one_hot(labels), "one class index per sample"), (labels[:5], "one class"),
+                     (labels.float(), "integer class indices"), (labels + 5, "out of range: the model scores 5"),
+                     (labels - 1, "from 0")):
+        with pytest.raises(slimkit.SlimkitError, match=why):
+            evaluate(m, data, bad)
+    with pytest.raises(slimkit.SlimkitError, match=r"evaluation inputs of shape \(3, 10, 10\)"):
+        evaluate(m, torch.zeros(4, 3, 10, 10))
 
 
 def test_inputs_in_many_forms(data):

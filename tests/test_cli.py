@@ -23,6 +23,12 @@ FACTORY = textwrap.dedent("""
 
     def no_layers():
         return nn.Sequential(nn.ReLU(), nn.Flatten())
+
+    def needs_width(width):
+        return nn.Linear(width, width)
+
+    def broken():
+        raise RuntimeError("boom")
 """)
 
 
@@ -40,6 +46,9 @@ def work(tmp_path: Path) -> Path:
     np.save(tmp_path / "empty.npy", np.zeros((0, 1, 8, 8), np.float32))
     np.savez(tmp_path / "labelled.npz", x=rng.standard_normal((16, 1, 8, 8)).astype(np.float32),
              y=rng.integers(0, 3, 16))
+    np.savez(tmp_path / "onehot.npz", x=rng.standard_normal((16, 1, 8, 8)).astype(np.float32),
+             y=np.eye(3)[rng.integers(0, 3, 16)])
+    np.save(tmp_path / "scalar.npy", np.float32(3))
     return tmp_path
 
 
@@ -126,3 +135,38 @@ def test_recipe_file_sets_fields(work):
     (work / "bad.yaml").write_text("methd: rtn\n")
     expect_error(run("quantize", "nets.py:tiny", "--recipe", "bad.yaml", "--calib", "calib.npy", "--out", "o2", cwd=work),
                  "unknown option", "methd")
+
+
+def test_outputs_and_data_are_checked_before_the_work(work):
+    """--overwrite replaces earlier artifacts only (a folder of other files survives); an --out that cannot be
+    written, evaluation data that does not fit, factories that cannot build and recipes with wrong types all
+    fail at once, with one line, leaving nothing behind."""
+    (work / "mine").mkdir()
+    (work / "mine" / "notes.txt").write_text("keep me")
+    expect_error(run("quantize", "nets.py:tiny", "--calib", "calib.npy", "--out", "mine", "--overwrite", *FAST,
+                     cwd=work), "not a slimkit artifact")
+    assert (work / "mine" / "notes.txt").read_text() == "keep me"
+    (work / "afile").write_text("x")
+    expect_error(run("quantize", "nets.py:tiny", "--calib", "calib.npy", "--out", "afile/q", *FAST, cwd=work),
+                 "is a file")
+    expect_error(run("quantize", "nets.py:tiny", "--calib", "calib.npy", "--out", ".", "--overwrite", *FAST,
+                     cwd=work), "current folder")
+    expect_error(run("quantize", "nets.py:tiny", "--calib", "calib.npy", "--eval-data", "wrong.npy", "--out", "q",
+                     *FAST, cwd=work), "evaluation inputs", "(3, 8, 8)")
+    expect_error(run("sparsify", "nets.py:tiny", "--method", "uniform", "--sparsity", "0.5", "--eval-data",
+                     "onehot.npz", "--out", "s", "--quiet", cwd=work), "one class index per sample")
+    expect_error(run("quantize", "nets.py:needs_width", "--calib", "calib.npy", "--out", "q", *FAST, cwd=work),
+                 "without arguments")
+    expect_error(run("quantize", "nets.py:broken", "--calib", "calib.npy", "--out", "q", *FAST, cwd=work),
+                 "RuntimeError: boom")
+    expect_error(run("quantize", "nets.py:tiny", "--calib", "scalar.npy", "--out", "q", *FAST, cwd=work),
+                 "single number")
+    (work / "r.yaml").write_text("method: rtn\nfold_bn: 'no'\n")
+    expect_error(run("quantize", "nets.py:tiny", "--recipe", "r.yaml", "--calib", "calib.npy", "--out", "q", *FAST,
+                     cwd=work), "fold_bn must be true/false")
+    assert not any((work / n).exists() for n in ("q", "s", "afile/q"))
+    ok = run("quantize", "nets.py:tiny", "--method", "rtn", "--calib", "calib.npy", "--out", "q", *FAST, cwd=work)
+    assert ok.returncode == 0, ok.stderr
+    ok = run("quantize", "nets.py:tiny", "--method", "rtn", "--calib", "calib.npy", "--out", "q", "--overwrite",
+             *FAST, cwd=work)                                  # an earlier artifact: replaced
+    assert ok.returncode == 0, ok.stderr

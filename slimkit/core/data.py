@@ -107,6 +107,8 @@ def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
 def calibration_tensor(data, num_samples: int, seed: int = 0) -> torch.Tensor:
     """The float calibration inputs, at most `num_samples` of them (a fixed random subset when more)."""
     x, _ = resolve(data)
+    if x.dim() == 0:
+        raise SlimkitError("the calibration data is a single number: give samples stacked along a first axis")
     if x.numel() == 0 or x.shape[0] == 0:
         raise SlimkitError("the calibration data is empty: give at least one sample")
     if not torch.is_floating_point(x):

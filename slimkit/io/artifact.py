@@ -143,14 +143,46 @@ def _jsonable(obj):
     return repr(obj)
 
 
+def check_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Fail early, before any work, when an artifact cannot be written at `path`: it exists (without
+    `overwrite`); it exists and is not an earlier slimkit artifact or an empty folder (`overwrite` replaces
+    only those: it would delete whatever else is there); it is the current folder or holds it; or its nearest
+    existing parent is a file or not writable."""
+    path = Path(path)
+    full = path.resolve()
+    cwd = Path.cwd().resolve()
+    if full == cwd or full in cwd.parents:
+        raise SlimkitError(f"{path} is the current folder or holds it: give a new folder for the artifact")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise SlimkitError(f"{path} already exists: choose another path or pass overwrite=True (--overwrite)")
+        if not path.is_dir() or path.is_symlink():
+            raise SlimkitError(f"{path} exists and is not a folder: --overwrite replaces earlier artifacts only; "
+                               "choose another path")
+        if any(path.iterdir()):
+            try:
+                read_manifest(path)
+            except SlimkitError:
+                raise SlimkitError(f"{path} exists and is not a slimkit artifact: --overwrite replaces earlier "
+                                   "artifacts (or empty folders) only, as it deletes what the folder holds; "
+                                   "choose another path") from None
+    parent = full.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SlimkitError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SlimkitError(f"cannot write {path}: {parent} is not writable")
+    return path
+
+
 def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: dict | None = None) -> Path:
     """Write a quantized model to directory `path` (safetensors + JSON manifest), atomically."""
     path = Path(path)
     info = getattr(model, "slimkit_info", None)
     if info is None or not (quant_layers(model) or "sparsity" in info):
         raise SlimkitError("this model was not produced by slimkit.quantize or slimkit.sparsify: nothing to save")
-    if path.exists() and not overwrite:
-        raise SlimkitError(f"{path} already exists: choose another path or pass overwrite=True (--overwrite)")
+    check_output(path, overwrite)
     if "family" in info:  # a Hugging Face transformer: a model directory transformers can reload, plus ours
         from .hf_artifact import hf_tensors, write_hf
 
@@ -175,7 +207,10 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
         save_file(tensors, str(tmp / manifest.get("weights", WEIGHTS)), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
 
-    _write_atomic(path, write)
+    try:
+        _write_atomic(path, write)
+    except OSError as e:
+        raise SlimkitError(f"could not write the artifact {path}: {e.strerror or e}") from None
     return path
 
 

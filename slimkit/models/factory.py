@@ -40,7 +40,15 @@ def build_from_factory(spec: str, weights: str | Path | None = None) -> nn.Modul
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         raise SlimkitError(f"{target} has no function {fn_name!r}")
-    model = fn()
+    try:
+        model = fn()
+    except TypeError as e:
+        if "argument" in str(e):
+            raise SlimkitError(f"{spec} cannot be called without arguments ({e}): point at a function that builds "
+                               "the model with no arguments (wrap it: def build(): return Net(width=64))") from None
+        raise SlimkitError(f"{spec} failed: TypeError: {e}") from None
+    except Exception as e:
+        raise SlimkitError(f"{spec} failed while building the model: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
@@ -62,4 +70,5 @@ def load_weights(model: nn.Module, weights: str | Path) -> None:
         state = load_file(str(path))
         model.load_state_dict(state)
     except Exception as e:
-        raise SlimkitError(f"cannot load {path} into the model: {str(e).splitlines()[0]}") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise SlimkitError(f"cannot load {path} into the model: {' '.join(lines[:4])[:600]}") from None
