@@ -87,15 +87,25 @@ def fidelity(logits: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, float]
 
 
 def model_size_bytes(model: nn.Module) -> int:
-    """Storage size: quantized weights at their bit width plus their scales and zero points (fp32),
+    """Storage size, as slimkit.save stores the model: quantized weights at their bit width plus their scales and
+    zero points (fp32); a sparse layer's kept weights (values, or codes when quantized) plus a one-bit mask;
     every other parameter and buffer at its own dtype."""
     total, counted = 0, set()
-    for module in model.modules():
+    sparse = set(((getattr(model, "slimkit_info", None) or {}).get("sparsity") or {}).get("layers", {}))
+    for name, module in model.named_modules():
         if isinstance(module, QuantLayer) and module.w_quant is not None:
             w = module.layer.weight
-            total += (w.numel() * module.w_quant.spec.bits + 7) // 8
+            kept = w.numel() if module.w_mask is None else int(module.w_mask.sum())
+            total += (kept * module.w_quant.spec.bits + 7) // 8
+            total += 0 if module.w_mask is None else (w.numel() + 7) // 8
             total += 2 * module.w_quant.scale.numel() * 4
             counted.update({id(w), id(module.w_int), id(module.w_quant.scale), id(module.w_quant.zero_point)})
+            if module.w_mask is not None:
+                counted.add(id(module.w_mask))
+        elif name in sparse and getattr(module, "weight", None) is not None and id(module.weight) not in counted:
+            w = module.weight
+            total += int((w != 0).sum()) * w.element_size() + (w.numel() + 7) // 8
+            counted.add(id(w))
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in counted:
             total += t.numel() * t.element_size()

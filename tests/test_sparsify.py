@@ -604,3 +604,18 @@ def test_calibration_data_is_checked_before_any_work():
     padded[0, :3] = 0
     with pytest.raises(SlimkitError, match="unpadded"):
         slimkit.sparsify(llama, {"input_ids": ids, "attention_mask": padded}, method="wanda", sparsity=0.5)
+
+
+def test_model_size_counts_what_the_artifact_stores(tmp_path):
+    """A sparse layer's size is its kept values plus a 1-bit mask, a sparse quantized one its kept codes plus the
+    mask: the reported size follows the artifact's weights (the file adds only its safetensors header)."""
+    from slimkit.eval import model_size_bytes
+    m, x = small_cnn(), torch.randn(32, 3, 8, 8)
+    s = slimkit.sparsify(m, method="uniform", sparsity=0.8)
+    q = slimkit.quantize(s, x, method="rtn", w_bits=4, a_bits=8, progress=False)
+    dense, sparse, both = model_size_bytes(m), model_size_bytes(s), model_size_bytes(q)
+    assert sparse < dense / 3 and both < sparse
+    for model, size in ((s, sparse), (q, both)):
+        path = slimkit.save(model, tmp_path / str(size))
+        on_disk = (path / "model.safetensors").stat().st_size
+        assert size < on_disk < size + 4096
