@@ -235,8 +235,9 @@ def sentences(texts: Sequence[str], n: int, min_words: int = 5, max_words: int =
     if len(pool) < n and at_least is not None and len(pool) >= at_least:
         n = len(pool)
     if len(pool) < n:
-        raise SlimkitError(f"only {len(pool)} prose sentences of {min_words}-{max_words} words in the texts, {n} "
-                           "asked: give more text or ask for fewer")
+        need = n if at_least is None else at_least
+        raise SlimkitError(f"only {len(pool)} prose sentences of {min_words}-{max_words} words in the texts, at "
+                           f"least {need} needed: give more text")
     return random.Random(seed).sample(pool, n)
 
 

@@ -48,12 +48,18 @@ def load_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
+        elif path.is_dir():
+            raise SlimkitError(f"{path} is a folder: give the inputs as one .safetensors, .npy or .npz file (images "
+                               "stacked into an array), or pass a tensor / Dataset / DataLoader from Python")
         else:
             raise SlimkitError(f"unsupported data file {path.name}: use .safetensors, .npy or .npz (pickles are never loaded)")
     except SlimkitError:
         raise
     except Exception as e:  # corrupt file, pickled object array, ...
-        raise SlimkitError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
+        why = f"{type(e).__name__}: {e}"
+        if "pickle" in str(e).lower():
+            why = "it is no NumPy array file, or it holds Python objects (never unpickled)"
+        raise SlimkitError(f"cannot read data file {path}: {why}") from None
     x = _pick(arrays, INPUT_KEYS, "input", str(path), required=True)
     y = _pick(arrays, LABEL_KEYS, "label", str(path), required=False)
     return _as_tensor(x), (_as_tensor(y) if y is not None else None)
