@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from .core.observers import OBSERVERS
@@ -93,8 +95,10 @@ class QuantConfig:
 
     def _check_types(self) -> None:
         """Every field holds a value of its annotated type (a recipe's "no" is no bool, "8" no int)."""
-        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
-                 "list[str]": (list, tuple)}
+        kinds = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,), "str": (str,),
+                 "None": (type(None),), "list[str]": (list, tuple)}
+        if isinstance(self.device, torch.device):      # pick_device takes one as well as its name
+            self.device = str(self.device)
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             allowed = [t.strip() for t in str(f.type).split("|")]

@@ -65,9 +65,14 @@ def check_data(model: nn.Module, x, labels=None, device: torch.device | str = "c
     model.eval()
     try:
         p = next(model.parameters(), None)
-        check_runs(model, x[:2].to(p.device if p is not None else device), "evaluation inputs")
+        out = check_runs(model, x[:2].to(p.device if p is not None else device), "evaluation inputs")
     finally:
         model.train(was_training)
+    if labels is not None and len(labels):
+        scores, is_logits = model_output(out)
+        if is_logits and int(labels.max()) >= scores.shape[-1]:
+            raise SlimkitError(f"label {int(labels.max())} is out of range: the model scores {scores.shape[-1]} "
+                               "classes")
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -34,11 +34,11 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration inputs") -> None:
-    """Fail with a clear message when the calibration (or evaluation) data does not fit the model."""
+def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration inputs"):
+    """The model's output on `example`; a clear message when the calibration (or evaluation) data does not fit."""
     try:
         with torch.no_grad():
-            model(example)
+            return model(example)
     except Exception as e:
         raise SlimkitError(f"the model does not accept {what} of shape {tuple(example.shape[1:])} "
                            f"(per sample): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +166,32 @@ def test_evaluation_labels_are_checked(data):
             evaluate(m, data, bad)
     with pytest.raises(slimkit.SlimkitError, match=r"evaluation inputs of shape \(3, 10, 10\)"):
         evaluate(m, torch.zeros(4, 3, 10, 10))
+    from slimkit.eval import check_data          # what the CLI runs before compressing: the class count too
+    check_data(m, data, labels)
+    with pytest.raises(slimkit.SlimkitError, match="out of range: the model scores 5"):
+        check_data(m, data, labels + 5)
+
+
+def test_config_takes_devices_and_numpy_numbers(data):
+    import numpy as np
+    from slimkit.config import QuantConfig
+    cfg = QuantConfig.build(device=torch.device("cpu"), seed=np.int64(3), drop_prob=np.float32(0.5), iters=np.int32(7))
+    assert cfg.device == "cpu" and cfg.seed == 3 and cfg.iters == 7
+
+
+def test_check_output_on_links_and_folders(tmp_path, monkeypatch):
+    from slimkit.io.artifact import check_output
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loopa").symlink_to(tmp_path / "loopb")
+    (tmp_path / "loopb").symlink_to(tmp_path / "loopa")
+    with pytest.raises(slimkit.SlimkitError, match="broken symbolic link"):
+        check_output("dangling/x")
+    with pytest.raises(slimkit.SlimkitError, match="cannot write loopa"):
+        check_output("loopa/x")
+    with pytest.raises(slimkit.SlimkitError, match="current folder"):
+        check_output(".", overwrite=True)
+    assert check_output("new/deeper/x") == Path("new/deeper/x")
 
 
 def test_inputs_in_many_forms(data):

@@ -29,6 +29,9 @@ FACTORY = textwrap.dedent("""
 
     def broken():
         raise RuntimeError("boom")
+
+    def calls_badly():
+        return nn.Linear(4)        # a TypeError inside a factory that takes no arguments
 """)
 
 
@@ -159,6 +162,8 @@ def test_outputs_and_data_are_checked_before_the_work(work):
                  "without arguments")
     expect_error(run("quantize", "nets.py:broken", "--calib", "calib.npy", "--out", "q", *FAST, cwd=work),
                  "RuntimeError: boom")
+    expect_error(run("quantize", "nets.py:calls_badly", "--calib", "calib.npy", "--out", "q", *FAST, cwd=work),
+                 "failed while building the model: TypeError")
     expect_error(run("quantize", "nets.py:tiny", "--calib", "scalar.npy", "--out", "q", *FAST, cwd=work),
                  "single number")
     (work / "r.yaml").write_text("method: rtn\nfold_bn: 'no'\n")

@@ -120,6 +120,12 @@ def test_epilogues_apply_only_to_widths_and_dtypes_cublaslt_takes(monkeypatch):
     x = torch.randn(5, 16)
     with pytest.raises(ValueError, match="epilogue"):
         EP._matmul("RELU", x, fc1.weight.t(), torch.empty(5, 60), torch.empty(5, 60))
+    with pytest.raises(ValueError, match="one dtype"):        # a float32 bias read as bf16 bytes would be garbage
+        EP._matmul("GELU_AUX_BIAS", x, fc1.weight.t(), torch.empty(5, 60), torch.empty(5, 60),
+                   fc1.bias.double())
+    with pytest.raises(ValueError, match="contiguous vector of N"):
+        EP._matmul("GELU_AUX_BIAS", x, fc1.weight.t(), torch.empty(5, 60), torch.empty(5, 60),
+                   torch.zeros(120)[::2])
     monkeypatch.setattr(EP, "available", lambda x: True)
     monkeypatch.setattr(EP, "_matmul", lambda *a, **k: pytest.fail("must fall back to eager"))
     torch.testing.assert_close(fused_ffn(fc1, fc2, x, "tanh", matmul="cublaslt"), eager(fc1, fc2, x))

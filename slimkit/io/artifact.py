@@ -149,8 +149,11 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     only those: it would delete whatever else is there); it is the current folder or holds it; or its nearest
     existing parent is a file or not writable."""
     path = Path(path)
-    full = path.resolve()
-    cwd = Path.cwd().resolve()
+    try:
+        full = path.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError) as e:      # a symlink loop
+        raise SlimkitError(f"cannot write {path}: {e}") from None
     if full == cwd or full in cwd.parents:
         raise SlimkitError(f"{path} is the current folder or holds it: give a new folder for the artifact")
     if path.exists() or path.is_symlink():
@@ -166,8 +169,10 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
                 raise SlimkitError(f"{path} exists and is not a slimkit artifact: --overwrite replaces earlier "
                                    "artifacts (or empty folders) only, as it deletes what the folder holds; "
                                    "choose another path") from None
-    parent = full.parent
+    parent = path.absolute().parent          # as written: the folders mkdir will have to create or pass
     while not parent.exists():
+        if parent.is_symlink():
+            raise SlimkitError(f"cannot write {path}: {parent} is a broken symbolic link")
         parent = parent.parent
     if not parent.is_dir():
         raise SlimkitError(f"cannot write {path}: {parent} is a file, not a folder")

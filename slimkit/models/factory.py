@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -41,12 +42,14 @@ def build_from_factory(spec: str, weights: str | Path | None = None) -> nn.Modul
     if fn is None or not callable(fn):
         raise SlimkitError(f"{target} has no function {fn_name!r}")
     try:
-        model = fn()
+        inspect.signature(fn).bind()
     except TypeError as e:
-        if "argument" in str(e):
-            raise SlimkitError(f"{spec} cannot be called without arguments ({e}): point at a function that builds "
-                               "the model with no arguments (wrap it: def build(): return Net(width=64))") from None
-        raise SlimkitError(f"{spec} failed: TypeError: {e}") from None
+        raise SlimkitError(f"{spec} cannot be called without arguments ({e}): point at a function that builds "
+                           "the model with no arguments (wrap it: def build(): return Net(width=64))") from None
+    except ValueError:                      # a builtin without a signature: just call it
+        pass
+    try:
+        model = fn()
     except Exception as e:
         raise SlimkitError(f"{spec} failed while building the model: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):

@@ -57,6 +57,7 @@ WORKSPACE = 32 << 20     # bytes of cuBLASLt workspace per device and stream
 MAX_PLANS = 32           # plans kept: training reuses a handful of shapes
 EPILOGUES = ("GELU_AUX", "GELU_AUX_BIAS", "DGELU")
 _PLANS: OrderedDict = OrderedDict()
+_LOCK = threading.Lock()          # guards _PLANS, _HANDLES and _WORKSPACES (plans themselves are per thread)
 _HANDLES: dict = {}
 _WORKSPACES: dict = {}
 _DTYPE = {torch.bfloat16: "CUDA_R_16BF", torch.float16: "CUDA_R_16F", torch.float32: "CUDA_R_32F"}
@@ -188,17 +189,21 @@ class _Plan:
 
 def _handle(device: torch.device):
     key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _HANDLES:
-        with torch.cuda.device(key):
-            _HANDLES[key] = lt.create()
-    return _HANDLES[key]
+    with _LOCK:
+        if key not in _HANDLES:
+            with torch.cuda.device(key):
+                _HANDLES[key] = lt.create()
+        return _HANDLES[key]
 
 
 def _workspace(device: torch.device, stream) -> torch.Tensor:
     key = (device.index, stream.cuda_stream)
     ws = _WORKSPACES.get(key)
     if ws is None:
-        ws = _WORKSPACES[key] = torch.empty(WORKSPACE, dtype=torch.uint8, device=device)
+        with _LOCK:
+            ws = _WORKSPACES.get(key)
+            if ws is None:
+                ws = _WORKSPACES[key] = torch.empty(WORKSPACE, dtype=torch.uint8, device=device)
     return ws
 
 
@@ -223,6 +228,10 @@ def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor,
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if out.shape != aux.shape or any(u.stride(1) != 1 or u.stride(0) < u.shape[1] for u in (out, aux)):
         raise ValueError("out and aux need one shape, unit column strides and row strides of at least N")
+    if any(t.dtype != x.dtype for t in (wt, out, aux) + (() if bias is None else (bias,))):
+        raise ValueError("x, wt, out, aux and bias must share one dtype")
+    if bias is not None and (bias.dim() != 1 or bias.stride(0) != 1 or bias.numel() != out.shape[1]):
+        raise ValueError("bias must be a contiguous vector of N values")
     if _a_op(wt) is None:
         wt = wt.contiguous()
     if x.stride(1) != 1 or x.stride(0) < max(1, x.shape[1]):
@@ -230,15 +239,17 @@ def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor,
     aligns = (_alignment(wt), _alignment(x), _alignment(out), _alignment(out), _alignment(aux), _alignment(bias))
     key = (epilogue, threading.get_ident(), x.device, x.dtype, tuple(x.shape), x.stride(), tuple(wt.shape),
            wt.stride(), out.stride(), aux.stride(), bias is not None, aligns)
-    plan = _PLANS.get(key)
-    if plan is None:
+    with _LOCK:
+        plan = _PLANS.get(key)
+        if plan is not None:
+            _PLANS.move_to_end(key)
+    if plan is None:                         # built outside the lock: the key is this thread's own
         plan = _Plan(epilogue, x, wt, out, aux, bias, aligns)
         plan.tune(x, wt, out, aux, bias)
-        _PLANS[key] = plan
-        while len(_PLANS) > MAX_PLANS:       # least recently used first
-            _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
+        with _LOCK:
+            _PLANS[key] = plan
+            while len(_PLANS) > MAX_PLANS:   # least recently used first
+                _PLANS.popitem(last=False)
     plan.run(x, wt, out, aux, bias)
 
 
