@@ -227,9 +227,14 @@ def _batches(calib, cfg: QuantConfig, vocab_size: int | None = None) -> list[dic
 
 
 def context_length(model: nn.Module) -> int:
-    """The longest sequence the model's position embeddings cover (2048 when its config does not say)."""
+    """The longest sequence the model's position embeddings cover (2048 when its config does not say). RoBERTa
+    and MPNet count positions from padding_idx + 1, so they hold that many fewer tokens than their table."""
     config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    for name, m in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            return min(n, m.num_embeddings - m.padding_idx - 1)
+    return n
 
 
 def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):

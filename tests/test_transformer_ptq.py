@@ -233,3 +233,33 @@ def test_os_plus_token_clipping_sets_ranges_by_token_wise_clipping():
         assert block["os_plus"] == plain.slimkit_info["blocks"][name]["os_plus"]  # same shift/scale search
     assert clipped.slimkit_info["config"]["token_clipping"] is True
     assert torch.isfinite(output(clipped, ev)).all() and err(clipped, ref, ev) != err(plain, ref, ev)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_quantize_and_reload(dtype, tmp_path):
+    """A model loaded in bf16 / fp16 quantizes in its own dtype (the fp32 scales do not promote it), stays close
+    to its float outputs, and reloads from the artifact in that dtype with the same outputs."""
+    import transformers as T
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    model = T.LlamaForCausalLM.from_pretrained(tmp_path / "src", dtype=dtype).eval()
+    ids = tiny_inputs("llama", 8, 16)["input_ids"]
+    for method in ("minmax", "os_plus"):
+        q = slimkit.quantize(model, ids, method=method, w_bits=8, a_bits=8, **OPTS)
+        with torch.no_grad():
+            got, ref = q(ids[:2]).logits, model(ids[:2]).logits
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 0.05
+        back = slimkit.load(slimkit.save(q, tmp_path / method))
+        assert next(back.parameters()).dtype == dtype
+        with torch.no_grad():
+            assert torch.equal(back(ids[:2]).logits, got)
+
+
+def test_context_of_models_counting_positions_after_padding():
+    """MPNet (like RoBERTa) numbers positions from padding_idx + 1: its 130-entry table holds 128 tokens."""
+    from slimkit.transformer import context_length
+    model = tiny_model("mpnet")
+    assert context_length(model) == 128 and context_length(tiny_model("bert")) == 128
+    ids = torch.randint(3, 100, (2, 129), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(slimkit.SlimkitError, match="longer than the model's context \\(128 positions\\)"):
+        slimkit.quantize(model, ids, method="minmax", w_bits=8, a_bits=8, **OPTS)

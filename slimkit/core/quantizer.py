@@ -268,19 +268,19 @@ class Quantizer(nn.Module):
             return x
         if self.dynamic:
             out = dynamic_fake_quant(x, self.spec)
-            return drop_mix(out, x, self.quant_prob) if self.quant_prob < 1.0 else out
+            return (drop_mix(out, x, self.quant_prob) if self.quant_prob < 1.0 else out).to(x.dtype)
         rows = to_rows(x, self.spec)
         zp = self.zero_point.reshape(-1, 1)
         if self.alpha is not None:  # AdaRound: floor + learned h(V), on the weight this quantizer was set up for
             scale = self.scale.reshape(-1, 1)
             soft = (self.alpha >= 0).to(rows.dtype) if self.hard_round else rectified_sigmoid(self.alpha)
             q = torch.clamp(self.w_floor + soft + zp, self.spec.qmin, self.spec.qmax)
-            return from_rows((q - zp) * scale, x, self.spec)
+            return from_rows((q - zp) * scale, x, self.spec).to(x.dtype)
         learned = isinstance(self.scale, nn.Parameter)
         factor = 1.0 / (rows.numel() / self.scale.numel() * self.spec.qmax) ** 0.5 if learned else 1.0
         fn = compiled_static_fake_quant() if self.compiled else static_fake_quant
         out = fn(rows, self.scale.reshape(-1, 1), zp, self.spec.qmin, self.spec.qmax, factor, learned, self.quant_prob)
-        return from_rows(out, x, self.spec)
+        return from_rows(out, x, self.spec).to(x.dtype)     # fp32 scales must not promote a bf16 / fp16 model
 
     def int_codes(self, w: torch.Tensor) -> torch.Tensor:
         """Integer codes of `w` (same shape as w, as int16) under the current scales and rounding."""

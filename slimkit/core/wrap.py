@@ -134,7 +134,7 @@ class QuantLayer(nn.Module):
         layer = self.layer
         affine = input_affine(layer)  # a channel transform kept at the input (post-LN blocks)
         if affine is not None:
-            x = (x - affine[1]) / affine[0]
+            x = (x - affine[1].to(x.dtype)) / affine[0].to(x.dtype)
         if self.a_quant is not None:
             x = self.a_quant(x)
         w = self.quantized_weight()

@@ -137,7 +137,7 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
             arch = (config.architectures or [None])[0]
             cls = getattr(transformers, arch) if arch else transformers.AutoModel
             with _quiet_transformers():
-                model = cls.from_pretrained(path, dtype=torch.float32)
+                model = cls.from_pretrained(path, dtype="auto")     # the dtype it was saved in (config.json)
         except (OSError, ValueError, AttributeError, TypeError) as e:
             raise SlimkitError(f"transformers could not load the model directory {path}: {str(e).splitlines()[0]}") from None
     model.eval()
