@@ -141,10 +141,10 @@ def median_ms(fn, device, reps: int) -> float:
     return statistics.median(times)
 
 
-def loop_ms(fn, iters: int = 200, loops: int = 7) -> float:
+def loop_ms(fn, iters: int = 200, loops: int = 7, warmup: int = 10) -> float:
     """Median over `loops` of the mean CUDA-event time of `iters` back-to-back calls of fn, in ms: for calls of
     tens of microseconds, where a synchronisation around each call would time the host as much as the GPU."""
-    for _ in range(10):
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(loops):

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
+from structured_ffn_speed import loop_ms  # noqa: E402
 from slimkit.structured import epilogue, replace_ffn  # noqa: E402
 from slimkit.structured.gpt import GPT, GPTConfig, set_ffn_kernel  # noqa: E402
 
@@ -45,24 +46,16 @@ def step_ms(model, idx, tgt, device, iters: int, loops: int) -> float:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        return loop_ms(step, iters, loops, warmup=3)
     for _ in range(3):
         step()
     times = []
     for _ in range(loops):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / iters)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                step()
-            times.append((time.perf_counter() - t0) * 1e3 / iters)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        times.append((time.perf_counter() - t0) * 1e3 / iters)
     return statistics.median(times)
 
 

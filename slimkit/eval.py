@@ -46,7 +46,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: to
     return torch.cat(outs)
 
 
-def check_data(model: nn.Module, x, labels=None, device: torch.device | str = "cpu") -> None:
+def check_data(model: nn.Module, x, labels=None) -> None:
     """Evaluation inputs the model takes and labels that fit them, or a clear error (before any long run):
     labels are class indices, one integer per sample."""
     from .quantize import check_runs
@@ -61,13 +61,7 @@ def check_data(model: nn.Module, x, labels=None, device: torch.device | str = "c
             raise SlimkitError(f"evaluation labels must be integer class indices, got {labels.dtype}")
         if len(labels) and int(labels.min()) < 0:
             raise SlimkitError(f"evaluation labels must be class indices from 0, got {int(labels.min())}")
-    was_training = model.training
-    model.eval()
-    try:
-        p = next(model.parameters(), None)
-        out = check_runs(model, x[:2].to(p.device if p is not None else device), "evaluation inputs")
-    finally:
-        model.train(was_training)
+    out = check_runs(model, x[:2], "evaluation inputs")
     if labels is not None and len(labels):
         scores, is_logits = model_output(out)
         if is_logits and int(labels.max()) >= scores.shape[-1]:
@@ -124,7 +118,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = No
     """Metrics of `model` on inputs `x`: top1 (with labels); agreement and kl (with a reference model or its
     logits); size in bytes; seconds."""
     t0 = time.perf_counter()
-    check_data(model, x, labels, device)
+    check_data(model, x, labels)
     logits = predict(model, x, batch_size, device, progress)
     metrics: dict[str, float] = {"samples": len(x), "size_bytes": model_size_bytes(model)}
     if labels is not None:

@@ -35,13 +35,19 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration inputs"):
-    """The model's output on `example`; a clear message when the calibration (or evaluation) data does not fit."""
+    """The model's output on `example` (moved to the model's device; the forward runs in eval mode, so BatchNorm
+    learns nothing from it); a clear message when the calibration (or evaluation) data does not fit."""
+    p = next(model.parameters(), None)
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            return model(example)
+            return model(example if p is None else example.to(p.device))
     except Exception as e:
         raise SlimkitError(f"the model does not accept {what} of shape {tuple(example.shape[1:])} "
                            f"(per sample): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        model.train(was_training)
 
 
 def check_groups(layers: dict[str, nn.Module], plans: dict[str, LayerPlan]) -> None:
@@ -106,12 +112,13 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
     example = data[:2].to(device)
     check_runs(fp_model, example)
     folded = fold_bn(fp_model, example) if cfg.fold_bn else []
-    unknown = [s for s in cfg.skip if s not in layer_modules(fp_model)]
+    modules = layer_modules(fp_model)
+    unknown = [s for s in cfg.skip if s not in modules]
     if unknown:
         raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model")
     order = layer_order(fp_model, example, called_only=True)     # a layer never called stays float
     plans = layer_plans(order, cfg)
-    check_groups(layer_modules(fp_model), plans)
+    check_groups(modules, plans)
     if not plans:
         raise SlimkitError("the model has no quantizable layers (nn.Linear or nn.Conv2d) left to quantize")
     q_model = copy.deepcopy(fp_model)

@@ -227,13 +227,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
             from .quantize import check_runs
 
             data = calibration_tensor(calib_data, num_samples, options.get("seed", 0))
-            was_training = model.training
-            model.eval()          # a trial forward: BatchNorm must not learn from it
-            try:
-                p = next(model.parameters(), None)
-                check_runs(model, data[:2] if p is None else data[:2].to(p.device))
-            finally:
-                model.train(was_training)
+            check_runs(model, data[:2])
     out = model if inplace else copy.deepcopy(model)
     layers = prunable_layers(out, exclude)
     log = None

@@ -190,10 +190,9 @@ def calibrate_block(ctx: BlockContext) -> None:
             q.observer = None
 
 
-def model_vocab(obj) -> int | None:
-    """The vocabulary size of a model (or of the `vocab_size` a config object carries), or None."""
-    config = getattr(obj, "config", None)
-    return getattr(config, "vocab_size", None) if config is not None else getattr(obj, "vocab_size", None)
+def model_vocab(model: nn.Module) -> int | None:
+    """The vocabulary size in a Hugging Face model's config, or None."""
+    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 def check_token_ids(vocab_size: int | None, ids) -> None:
