@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -141,6 +142,31 @@ def median_ms(fn, device, reps: int) -> float:
     return statistics.median(times)
 
 
+def events_ms(fn, device, reps: int) -> float:
+    """Median GPU time of fn() in ms, timed by CUDA events around each call with no host synchronisation between
+    calls (the host enqueues ahead, as in a training loop), L2 flushed before each call by writing a 256 MiB
+    buffer so that no call finds its weights cached from the one before (the method of triton.testing.do_bench).
+    On the CPU it falls back to median_ms."""
+    if device.type != "cuda":
+        return median_ms(fn, device, reps)
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    for _ in range(3):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda.synchronize()
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+TIMERS = {"sync": median_ms, "events": events_ms}
+
+
 def loop_ms(fn, iters: int = 200, loops: int = 7, warmup: int = 10) -> float:
     """Median over `loops` of the mean CUDA-event time of `iters` back-to-back calls of fn, in ms: for calls of
     tens of microseconds, where a synchronisation around each call would time the host as much as the GPU."""
@@ -171,15 +197,16 @@ def compiled(ffn: nn.Module) -> nn.Module:
     return torch.compile(ffn, dynamic=False)
 
 
-def measure(ffn: nn.Module, x: torch.Tensor, reps: int, backward: bool = True, graph: bool = False) -> dict:
+def measure(ffn: nn.Module, x: torch.Tensor, reps: int, backward: bool = True, graph: bool = False,
+            timer=median_ms) -> dict:
     device = x.device
     out = {}
     if graph:
         replay = graphed(ffn.eval(), x)
-        out["fw_ms"] = median_ms(lambda: replay(x), device, reps)
+        out["fw_ms"] = timer(lambda: replay(x), device, reps)
     else:
         with torch.no_grad():
-            out["fw_ms"] = median_ms(lambda: ffn(x), device, reps)
+            out["fw_ms"] = timer(lambda: ffn(x), device, reps)
     if backward:
         xg = x.detach().requires_grad_(True)
         grad = torch.randn_like(x)    # a fixed upstream gradient: the FFN's own work, no loss around it
@@ -188,7 +215,7 @@ def measure(ffn: nn.Module, x: torch.Tensor, reps: int, backward: bool = True, g
             ffn.zero_grad(set_to_none=True)   # one training step's backward: grads written, not accumulated
             xg.grad = None
             ffn(xg).backward(grad)
-        out["fwbw_ms"] = median_ms(step, device, reps)
+        out["fwbw_ms"] = timer(step, device, reps)
         ffn.zero_grad(set_to_none=True)
     return out
 
@@ -227,11 +254,17 @@ def main() -> None:
     ap.add_argument("--no-bias", action="store_true",
                     help="FFN linears without bias, as slimkit's GPT and Llama-style FFNs have them (results name "
                          "default structured_ffn_speed_nobias)")
+    ap.add_argument("--timing", choices=sorted(TIMERS), default="sync",
+                    help="sync: wall time with a CUDA synchronisation around each call (host latency included); "
+                         "events: GPU time from CUDA events around each call, no synchronisation between calls, L2 "
+                         "flushed before each (results name gets '_events')")
     ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run that this one does not redo")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    name = args.name or ("structured_ffn_speed" if gpu else "structured_ffn_speed_cpu") + ("_nobias" * args.no_bias)
+    name = args.name or (("structured_ffn_speed" if gpu else "structured_ffn_speed_cpu") + ("_nobias" * args.no_bias)
+                         + ("_events" * (args.timing == "events")))
+    meas = functools.partial(measure, timer=TIMERS[args.timing])
     bias = not args.no_bias
     dtype = torch.bfloat16 if gpu else torch.float32
     dims = [int(v) for v in (args.dims or ("1024,2048,4096" if gpu else "256,512")).split(",")]
@@ -260,7 +293,10 @@ def main() -> None:
         notes = [
             f"One FFN: Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d), both linears of the kind named"
             f"{' and without bias' if args.no_bias else ', with bias'}; x has T tokens. "
-            f"{'bf16' if gpu else 'fp32'}; median of {reps} timed calls after 3 warm-up calls, synchronised. "
+            f"{'bf16' if gpu else 'fp32'}; median of {reps} timed calls after 3 warm-up calls, " + (
+                "each timed by CUDA events with no synchronisation between calls and L2 flushed before each "
+                "(--timing events: GPU time, host latency hidden as in a training loop). " if args.timing == "events"
+                else "synchronised around each call (wall time, host latency included). ") +
             "fwbw: forward, then backward of a fixed upstream gradient (no loss), parameter and input grads written "
             f"fresh each call, as in one training step. Ranks aligned to multiples of {args.align} (--align) where "
             "the rank is large enough (layers.lowrank_rank / blockdense_shape).",
@@ -279,8 +315,8 @@ def main() -> None:
             x = torch.randn(T, d, device=device, dtype=dtype)
             dense, _ = build("dense", d, 1.0, device, dtype, bias=bias)
             t0 = time.perf_counter()
-            base = measure(dense, x, reps)
-            base_graph = measure(dense, x, reps, backward=False, graph=True) if gpu else None
+            base = meas(dense, x, reps)
+            base_graph = meas(dense, x, reps, backward=False, graph=True) if gpu else None
             add("dense", f"r=1 d={d} T={T}", 1.0, base, base, t0)
             fuse = available(x) and not args.no_fused
             lt = epilogue.available(x) and not args.no_lt
@@ -288,16 +324,16 @@ def main() -> None:
             dec = decode_layers > 0 and T <= 64        # decoding batch sizes
             if comp:
                 t0 = time.perf_counter()
-                add("dense-compiled", f"r=1 d={d} T={T}", 1.0, measure(compiled(dense), x, reps), base, t0)
+                add("dense-compiled", f"r=1 d={d} T={T}", 1.0, meas(compiled(dense), x, reps), base, t0)
             if dec:
                 base_dec = decode_ms([build("dense", d, 1.0, device, dtype, bias=bias)[0]
                                       for _ in range(decode_layers)], x)
             if lt:
                 t0 = time.perf_counter()
-                add("dense-lt", f"r=1 d={d} T={T}", 1.0, measure(LtFFN(dense.fc1, dense.fc2), x, reps), base, t0)
+                add("dense-lt", f"r=1 d={d} T={T}", 1.0, meas(LtFFN(dense.fc1, dense.fc2), x, reps), base, t0)
             if fuse:
                 t0 = time.perf_counter()
-                add("dense-fused", f"r=1 d={d} T={T}", 1.0, measure(FusedFFN(dense.fc1, dense.fc2), x, reps), base, t0)
+                add("dense-fused", f"r=1 d={d} T={T}", 1.0, meas(FusedFFN(dense.fc1, dense.fc2), x, reps), base, t0)
             print(f"d={d} T={T} dense fw {base['fw_ms']:.4f} ms fwbw {base['fwbw_ms']:.4f} ms", flush=True)
             del dense
             for ratio in ratios:
@@ -309,16 +345,16 @@ def main() -> None:
                         skipped.append(f"{kind} {setting}: {str(e).splitlines()[0]}")
                         continue
                     t0 = time.perf_counter()
-                    add(kind, setting, real, measure(ffn, x, reps), base, t0)
+                    add(kind, setting, real, meas(ffn, x, reps), base, t0)
                     if lt and supported(ffn.fc1):
                         t0 = time.perf_counter()
-                        add(f"{kind}-lt", setting, real, measure(LtFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
+                        add(f"{kind}-lt", setting, real, meas(LtFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
                     if fuse and supported(ffn.fc1):
                         t0 = time.perf_counter()
-                        add(f"{kind}-fused", setting, real, measure(FusedFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
+                        add(f"{kind}-fused", setting, real, meas(FusedFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
                     if comp:
                         t0 = time.perf_counter()
-                        add(f"{kind}-compiled", setting, real, measure(compiled(ffn), x, reps), base, t0)
+                        add(f"{kind}-compiled", setting, real, meas(compiled(ffn), x, reps), base, t0)
                     if dec:
                         t0 = time.perf_counter()
                         stack = [ffn] + [build(kind, d, ratio, device, dtype, args.align, bias)[0]
@@ -330,13 +366,13 @@ def main() -> None:
                         del stack, chosen
                     t0 = time.perf_counter()
                     naive = FFN(plain(ffn.fc1), plain(ffn.fc2))
-                    add(f"{kind}-plain", setting, real, measure(naive, x, reps), base, t0)
+                    add(f"{kind}-plain", setting, real, meas(naive, x, reps), base, t0)
                     t0 = time.perf_counter()
                     merged = FFN(merged_linear(ffn.fc1), merged_linear(ffn.fc2))
-                    add(f"{kind}-premerged", setting, real, measure(merged, x, reps, backward=False), base, t0)
+                    add(f"{kind}-premerged", setting, real, meas(merged, x, reps, backward=False), base, t0)
                     if gpu:
                         t0 = time.perf_counter()
-                        add(f"{kind}-graph", setting, real, measure(ffn, x, reps, backward=False, graph=True),
+                        add(f"{kind}-graph", setting, real, meas(ffn, x, reps, backward=False, graph=True),
                             base_graph, t0)
                     del ffn, naive, merged
                     got = {r["method"]: r["value"] for r in rows if r["setting"] == setting and r["metric"] == "fw_speedup"}
