@@ -419,15 +419,24 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted", markup=False)
         sys.exit(130)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # click's usage errors: typer >= 0.22 raises those of its own bundled copy of click
+        if isinstance(e, _click_errors("ClickException")):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, _click_errors("Abort")):
             sys.exit(1)
         raise
+
+
+def _click_errors(name: str) -> tuple[type, ...]:
+    """click's exception class `name`, from typer's bundled click and from the click package where installed."""
+    found = [c for c in typer.BadParameter.__mro__ + typer.Abort.__mro__ if c.__name__ == name]
+    try:
+        import click
+        found.append(getattr(click.exceptions, name))
+    except (ImportError, AttributeError):
+        pass
+    return tuple(found)
 
 
 if __name__ == "__main__":

@@ -175,3 +175,16 @@ def test_outputs_and_data_are_checked_before_the_work(work):
     ok = run("quantize", "nets.py:tiny", "--method", "rtn", "--calib", "calib.npy", "--out", "q", "--overwrite",
              *FAST, cwd=work)                                  # an earlier artifact: replaced
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["train-lm", "--steps", "abc", "--out", "x"], ["Invalid value for '--steps'"]),
+    (["train-lm", "--corpus", "."], ["Missing option '--out'"]),
+    (["quantize", "--no-such-option"], ["No such option"]),
+    (["nosuchcmd"], ["No such command"]),
+])
+def test_usage_errors_exit_2_without_traceback(args, words, tmp_path):
+    """typer bundles its own click: its usage errors are shown as click shows them (Usage / Error lines), exit 2."""
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert all(w in r.stderr for w in words), r.stderr

@@ -126,7 +126,9 @@ class QuantLayer(nn.Module):
             if self._w_cache is None or self._w_cache.device != self.w_int.device:
                 rows = to_rows(self.w_int.float(), self.w_quant.spec)
                 deq = dequantize(rows, self.w_quant.scale.reshape(-1, 1), self.w_quant.zero_point.reshape(-1, 1))
-                self._w_cache = self._masked(from_rows(deq, self.w_int, self.w_quant.spec).to(w.dtype))
+                # one layout whatever the codes' (a Conv1D's are a transposed view, a reloaded artifact's are not):
+                # half-precision CPU matmuls round differently by layout, so a reload would not be bit-exact
+                self._w_cache = self._masked(from_rows(deq, self.w_int, self.w_quant.spec).to(w.dtype)).contiguous()
             return self._w_cache
         return self._masked(self.w_quant(w))
 
