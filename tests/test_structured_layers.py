@@ -401,3 +401,72 @@ def test_bad_inputs_raise_clear_errors():
         replace_ffn(tiny_model("llama"), "dense", 0.3, self_guided=True)
     with pytest.raises(SlimkitError, match="not written by slimkit"):
         load_structured(tiny_model("llama"), "/nonexistent")
+
+
+class _MoEBlock(nn.Module):
+    """A mixture-of-experts FFN as Qwen2-MoE / JetMoE lay one out: routers beside SwiGLU experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.gate = nn.Linear(16, 4, bias=False)                   # router: d -> experts
+        self.mlp.router = nn.Module()
+        self.mlp.router.layer = nn.Linear(16, 4, bias=False)
+        self.mlp.shared_expert_gate = nn.Linear(16, 1, bias=False)
+        self.mlp.experts = nn.ModuleList()
+        for _ in range(2):
+            e = nn.Module()
+            e.gate, e.up, e.down = nn.Linear(16, 48), nn.Linear(16, 48), nn.Linear(48, 16)   # a SwiGLU gate widens
+            self.mlp.experts.append(e)
+
+
+def test_replace_ffn_leaves_routers_and_fails_whole():
+    """Routers pick experts and stay dense; the experts' linears (SwiGLU gate included) are replaced. A kind no
+    layer can take fails before any layer is swapped."""
+    block = _MoEBlock()
+    assert sorted(ffn_linears(block)) == sorted(f"mlp.experts.{i}.{n}" for i in range(2) for n in ("gate", "up", "down"))
+    replace_ffn(block, "lowrank", 0.32)
+    assert all(type(block.get_submodule(f"mlp.{n}")) is nn.Linear for n in ("gate", "router.layer", "shared_expert_gate"))
+    model = tiny_model("llama")     # intermediate 64: nblocks 6 divides none of gate/up (in 32) and down (in 64)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(SlimkitError, match="nblocks=6 does not divide"):
+        replace_ffn(model, "blockdense", 0.32, nblocks=6)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_layer_keywords_ratio_types_and_blockdense_cap():
+    with pytest.raises(SlimkitError, match="blockshuffle takes no align"):
+        make_linear("blockshuffle", 64, 128, 0.32, align=4)
+    with pytest.raises(SlimkitError, match="blockdense takes no init_std"):
+        make_linear("blockdense", 64, 128, 0.32, init_std=0.01)
+    with pytest.raises(SlimkitError, match="no fewer than the dense layer"):
+        make_linear("blockdense", 8, 64, 0.9)
+    with pytest.raises(SlimkitError, match="param_ratio must be a number"):
+        make_linear("lowrank", 64, 64, "0.3")
+    import numpy as np
+    assert make_linear("lowrank", np.int64(64), 64, np.float64(0.3)).rank == make_linear("lowrank", 64, 64, 0.3).rank
+
+
+def test_load_structured_bad_files_leave_the_model_alone(tmp_path):
+    model = replace_ffn(tiny_model("llama"), "lowrank", 0.32)
+    save_structured(model, tmp_path / "ok")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SlimkitError, match="is a file"):
+        save_structured(model, tmp_path / "file")
+    import shutil
+    for name, damage in [("json", lambda p: (p / "structured.json").write_text("{not json")),
+                         ("weights", lambda p: (p / "model.safetensors").write_bytes(b"\0" * 10)),
+                         ("other", None)]:
+        bad = tmp_path / name
+        shutil.copytree(tmp_path / "ok", bad)
+        if damage:
+            damage(bad)
+        else:      # weights of another width
+            save_structured(replace_ffn(tiny_model("llama"), "lowrank", 0.5), tmp_path / "half")
+            shutil.copy(tmp_path / "half" / "model.safetensors", bad / "model.safetensors")
+        fresh = tiny_model("llama")
+        ref = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with pytest.raises(SlimkitError, match="corrupt|do not fit"):
+            load_structured(fresh, bad)
+        state = fresh.state_dict()
+        assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)

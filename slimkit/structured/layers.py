@@ -37,6 +37,8 @@ FLOPs: 2 * tokens * weights (each weight is used in one multiply-add per token);
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +78,8 @@ def _ortho_normal(*shape: int, device=None) -> torch.Tensor:
 # ---------- shape rules (pure functions) ----------
 
 def _check_ratio(param_ratio: float | None, kind: str) -> float:
-    if param_ratio is None or not 0.0 < float(param_ratio) < 1.0:
+    if (param_ratio is None or isinstance(param_ratio, bool) or not isinstance(param_ratio, numbers.Real)
+            or not 0.0 < float(param_ratio) < 1.0):
         raise SlimkitError(f"{kind}: param_ratio must be a number in (0, 1) (the share of the dense layer's "
                            f"weights to keep), got {param_ratio!r}")
     return float(param_ratio)
@@ -89,7 +92,7 @@ def _divisors(n: int) -> list[int]:
 def _check_positive(kind: str, **values) -> None:
     """Widths, ranks, block counts and alignments are positive integers (None: not given)."""
     for name, v in values.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
             raise SlimkitError(f"{kind}: {name} must be a positive integer, got {v!r}")
 
 
@@ -189,6 +192,10 @@ def blockdense_shape(in_features: int, out_features: int, param_ratio: float, nb
           "one of these, use fewer blocks (finer ranks), or keep it dense", rel_tol)
     if rank > in_features:
         raise SlimkitError(f"blockdense: rank {rank} exceeds in_features={in_features}; lower param_ratio")
+    if achieved >= 1.0:
+        raise SlimkitError(f"blockdense: rank {rank}, nblocks={nblocks} of a {in_features}->{out_features} layer keeps "
+                           f"{achieved:.3g} of its weights, no fewer than the dense layer; lower param_ratio or "
+                           "keep it dense")
     return rank, nblocks
 
 
@@ -405,12 +412,23 @@ class BlockDenseLinear(StructuredLinear):
 STRUCTURED = {cls.kind: cls for cls in (LowRankLinear, BlockShuffleLinear, BlockDenseLinear)}
 
 
+KEYWORDS = {"dense": {"device"}, "lowrank": {"align", "rel_tol", "init_std", "device", "init"},
+            "blockdense": {"align", "rel_tol", "device", "init"}, "blockshuffle": {"rel_tol", "device", "init"}}
+
+
 def make_linear(kind: str, in_features: int, out_features: int, param_ratio: float | None, bias: bool = True,
                 nblocks: int | None = None, **kw) -> nn.Module:
     """A linear layer of `kind` keeping about `param_ratio` of the dense weights ("dense" ignores the ratio).
-    Extra keywords go to the kind's from_ratio / constructor (align, rel_tol, init_std, device)."""
+    Extra keywords go to the kind's from_ratio / constructor: align (lowrank, blockdense), rel_tol (all three),
+    init_std (lowrank), device."""
     _check_positive(kind, in_features=in_features, out_features=out_features, nblocks=nblocks,
                     align=kw.get("align"))
+    extra = set(kw) - KEYWORDS.get(kind, set(kw))
+    if extra:
+        raise SlimkitError(f"{kind} takes no {', '.join(sorted(extra))} (its keywords: "
+                           f"{', '.join(sorted(KEYWORDS[kind]))}); drop {'it' if len(extra) == 1 else 'them'}")
+    in_features, out_features = operator.index(in_features), operator.index(out_features)
+    nblocks = None if nblocks is None else operator.index(nblocks)
     if kind == "dense":
         return nn.Linear(in_features, out_features, bias=bias, device=kw.get("device"))
     if kind == "lowrank":

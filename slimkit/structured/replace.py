@@ -17,7 +17,8 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from ..core.wrap import is_conv1d, set_submodule
@@ -26,6 +27,11 @@ from .layers import KINDS, StructuredLinear, layer_from_spec, make_linear
 from .self_guided import SelfGuided, SelfGuidedSchedule
 
 FFN_NAMES = ("mlp", "ffn", "feed_forward")
+# a mixture-of-experts FFN's routing linears (Switch and NLLB-MoE router.classifier, JetMoE / AFMoE router.*,
+# Qwen2-MoE shared_expert_gate): they pick experts, they are no FFN weights. A linear named `gate` or `wg` is a
+# router when it narrows (d -> experts: Qwen2-MoE mlp.gate, Hunyuan gate.wg), a SwiGLU gate when it widens.
+ROUTER_NAMES = ("router", "gating", "shared_expert_gate")
+NARROW_ROUTER_NAMES = ("gate", "wg")
 FFN_PAIRS = (("fc1", "fc2"), ("intermediate.dense", "output.dense"))
 SUPPORTED = ("Hugging Face Llama-style models (mlp.gate_proj/up_proj/down_proj), GPT-2 (mlp.c_fc/c_proj), OPT "
              "(fc1/fc2), BERT-style encoders (intermediate.dense/output.dense), and GPT-style models whose blocks "
@@ -41,6 +47,15 @@ def _widths(layer: nn.Module) -> tuple[int, int]:
 
 def _linear(m: nn.Module | None) -> bool:
     return isinstance(m, nn.Linear) or (m is not None and is_conv1d(m))
+
+
+def _router(path: str, layer: nn.Module) -> bool:
+    """Whether the linear at `path` (inside an FFN module) routes tokens to experts rather than transforming them."""
+    parts = path.split(".")
+    if any(part in ROUTER_NAMES or part.endswith("router") for part in parts):
+        return True
+    in_f, out_f = _widths(layer)
+    return any(part in NARROW_ROUTER_NAMES for part in parts) and out_f < in_f
 
 
 def _ffn_pair(module: nn.Module) -> tuple[str, str] | None:
@@ -64,7 +79,8 @@ def ffn_linears(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in FFN_NAMES:
-            subs = [sub for sub, child in module.named_modules() if sub and _linear(child)]
+            subs = [sub for sub, child in module.named_modules()
+                    if sub and _linear(child) and not _router(sub, child)]
         else:
             pair = _ffn_pair(module)
             subs = list(pair) if pair else []
@@ -79,7 +95,7 @@ def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
                 self_guided: SelfGuidedSchedule | bool | None = None, nblocks: int | None = None, **kw) -> nn.Module:
     """Replace every feed-forward linear of `model` by a `kind` layer keeping about `param_ratio` of its weights,
     in place, on the old layer's device and dtype; wrapped in SelfGuided when a schedule (or True) is given.
-    Extra keywords go to make_linear (align, rel_tol, init_std). Returns the model."""
+    Extra keywords go to make_linear (align, rel_tol, init_std: each kind takes its own). Returns the model."""
     if kind not in KINDS:
         raise SlimkitError(f"unknown structured kind {kind!r}; choose one of {', '.join(KINDS)}")
     if not (self_guided is None or isinstance(self_guided, (bool, SelfGuidedSchedule))):
@@ -92,14 +108,18 @@ def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
     targets = ffn_linears(model)
     if not targets:
         raise SlimkitError(f"found no feed-forward linears in {type(model).__name__}; supported: {SUPPORTED}")
-    for name, old in targets.items():
+    built = {}
+    for name, old in targets.items():    # every layer built before any is swapped: an error leaves the model as it was
         w = old.weight
         in_f, out_f = _widths(old)
-        new = make_linear(kind, in_f, out_f, param_ratio, bias=old.bias is not None, nblocks=nblocks,
-                          device=w.device, **kw)
-        if schedule is not None:
-            new = SelfGuided(new, schedule)
-        set_submodule(model, name, new.to(dtype=w.dtype))
+        try:
+            new = make_linear(kind, in_f, out_f, param_ratio, bias=old.bias is not None, nblocks=nblocks,
+                              device=w.device, **kw)
+        except SlimkitError as e:
+            raise SlimkitError(f"{name}: {e}") from None
+        built[name] = (SelfGuided(new, schedule) if schedule is not None else new).to(dtype=w.dtype)
+    for name, new in built.items():
+        set_submodule(model, name, new)
     return model
 
 
@@ -116,7 +136,12 @@ def save_structured(model: nn.Module, path: str | Path) -> Path:
     """Write the model's weights (safetensors; tied weights stored once) and the structured layers' shapes
     (structured.json) into directory `path`."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise SlimkitError(f"{path} is a file: save_structured writes a folder; give a new path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SlimkitError(f"cannot create {path}: {e}") from None
     tmp = path / (WEIGHTS + ".tmp")
     save_model(model, str(tmp))
     os.replace(tmp, path / WEIGHTS)
@@ -141,6 +166,21 @@ def _rebuild(spec: dict, device, dtype) -> nn.Module:
     return wrapped
 
 
+def _weights_fit(model: nn.Module, weights: dict) -> str | None:
+    """What keeps `weights` (a state dict whose tied tensors appear once) from loading into `model`, or None."""
+    state = model.state_dict(keep_vars=True)
+    unexpected = sorted(k for k in weights if k not in state)
+    wrong = sorted(k for k in weights if k in state and tuple(weights[k].shape) != tuple(state[k].shape))
+    groups: dict[int, list[str]] = {}
+    for k, v in state.items():
+        groups.setdefault(v.data_ptr() if v.numel() else id(v), []).append(k)
+    missing = sorted(k for keys in groups.values() if not any(j in weights for j in keys) for k in keys)
+    if not (unexpected or wrong or missing):
+        return None
+    return (f"missing {missing[:5]}, unexpected {unexpected[:5]}, of another shape "
+            f"{[(k, tuple(weights[k].shape), tuple(state[k].shape)) for k in wrong[:3]]}")
+
+
 def _same_layout(spec: dict, saved: dict) -> bool:
     """Whether a layer's spec matches a saved one in everything its weights' shapes depend on."""
     drop = lambda d: {k: v for k, v in d.items() if k != "self_guided"}  # noqa: E731
@@ -155,8 +195,20 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise SlimkitError(f"{path} has no {MANIFEST}: not written by slimkit.structured.save_structured")
-    manifest = json.loads((path / MANIFEST).read_text())
-    for name, spec in manifest["layers"].items():
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        layers = manifest["layers"]
+        if not isinstance(layers, dict):
+            raise TypeError("'layers' is no mapping")
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise SlimkitError(f"{path / MANIFEST} is corrupt ({e}): save the model again with save_structured") from None
+    try:
+        weights = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SlimkitError(f"{path / WEIGHTS} is missing or corrupt ({e}): save the model again with "
+                           "save_structured") from None
+    swaps = {}
+    for name, spec in layers.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -169,12 +221,20 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
             if isinstance(old, SelfGuided) and old.guide is not None:
                 old.share = float(spec.get("self_guided", {}).get("share", old.share))
             continue
-        if _widths(old) != (spec["in_features"], spec["out_features"]):
-            raise SlimkitError(f"{name}: saved as {spec['in_features']}->{spec['out_features']}, this model has "
-                               f"{_widths(old)[0]}->{_widths(old)[1]}; build the same architecture before loading")
-        set_submodule(model, name, _rebuild(spec, old.weight.device, old.weight.dtype))
-    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
-    if missing or unexpected:
-        raise SlimkitError(f"weights in {path} do not fit this model: missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
+        try:
+            if _widths(old) != (spec["in_features"], spec["out_features"]):
+                raise SlimkitError(f"{name}: saved as {spec['in_features']}->{spec['out_features']}, this model has "
+                                   f"{_widths(old)[0]}->{_widths(old)[1]}; build the same architecture before loading")
+            swaps[name] = _rebuild(spec, old.weight.device, old.weight.dtype)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SlimkitError(f"{path / MANIFEST} is corrupt at {name} ({e}): save the model again") from None
+    olds = {name: model.get_submodule(name) for name in swaps}
+    for name, new in swaps.items():
+        set_submodule(model, name, new)
+    problem = _weights_fit(model, weights)
+    if problem:
+        for name, old in olds.items():       # leave the model as it came
+            set_submodule(model, name, old)
+        raise SlimkitError(f"weights in {path} do not fit this model: {problem}")
+    model.load_state_dict(weights, strict=False)     # tied tensors are stored once; loading one fills its twins
     return model
