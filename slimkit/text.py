@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -36,10 +37,20 @@ def is_text_file(path: Path) -> bool:
 
 
 def _read(path: Path) -> str:
-    if path.name.lower().endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8", errors="replace")
+    """A text file's contents (UTF-8; undecodable bytes replaced), gzipped or not. A corrupt or truncated .gz, an
+    unreadable file, or one holding NUL characters (binary, or UTF-16 text) is a SlimkitError naming it."""
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
+    except (OSError, EOFError, zlib.error) as e:     # gzip.BadGzipFile is an OSError; a cut-off .gz an EOFError
+        raise SlimkitError(f"cannot read {path}: {e or type(e).__name__}; repair or remove it") from None
+    if "\0" in text:
+        raise SlimkitError(f"{path} looks binary (it holds NUL characters; UTF-16 text does too): give UTF-8 text "
+                           "files, or remove it")
+    return text
 
 
 def text_files(folder: Path) -> list[Path]:

@@ -282,3 +282,53 @@ def test_tanh_gelu_and_the_cublaslt_ffn_kernel(monkeypatch, corpus, tmp_path):
         tiny(tmp_path / "a", data, ffn_kernel="fast")
     r = train(tiny(tmp_path / "run", data, steps=3, act="gelu_tanh", ffn="lowrank", ffn_kernel="cublaslt"))
     assert r["config"]["ffn_kernel"] == "cublaslt" and np.isfinite(r["val_loss"])
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint(corpus, tmp_path):
+    """A damaged newest checkpoint is skipped for the one before (same losses as an unbroken run); when none
+    reads back, one clear error."""
+    _, data, _ = corpus
+    full = train(tiny(tmp_path / "full", data, ckpt_every=3))
+
+    def kill_at_8(step, loss):
+        if step == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "run", data, ckpt_every=3), on_step=kill_at_8)
+    older, newest = ckpt_dirs(tmp_path / "run")
+    (newest / "model.safetensors").write_bytes(b"\0" * 16)
+    resumed = train(tiny(tmp_path / "run", data, ckpt_every=3, resume=True))
+    assert resumed["losses"] == full["losses"]
+    for ck in ckpt_dirs(tmp_path / "run"):
+        (ck / "state.json").write_text("{not json")
+    with pytest.raises(SlimkitError, match="corrupt.*no earlier checkpoint"):
+        train(tiny(tmp_path / "run", data, ckpt_every=3, resume=True))
+
+
+@pytest.mark.parametrize("kw,match", [({"lr": -1e-3}, "lr must be a positive"), ({"lr": float("nan")}, "lr must"),
+                                      ({"seed": -1}, "seed must be"), ({"d_ff": 0}, "d_ff must be"),
+                                      ({"device": "meta"}, "device must be"), ({"device": "foo"}, "device must be")])
+def test_bad_training_settings(kw, match, tmp_path):
+    with pytest.raises(SlimkitError, match=match):
+        tiny(tmp_path / "x", tmp_path, **kw)
+
+
+def test_bad_corpus_files_and_out(tmp_path):
+    good = "some plain text, long enough to train a small tokenizer on. " * 20
+    for name, write in [("cut.txt.gz", lambda p: p.write_bytes(gzip.compress(good.encode())[:40])),
+                        ("junk.txt.gz", lambda p: p.write_bytes(b"not gzip at all")),
+                        ("utf16.txt", lambda p: p.write_bytes(good.encode("utf-16"))),
+                        ("binary.txt", lambda p: p.write_bytes(bytes(range(256)) * 4))]:
+        root = tmp_path / name.replace(".", "_")
+        root.mkdir()
+        (root / "ok.txt").write_text(good)
+        write(root / name)
+        with pytest.raises(SlimkitError, match=f"(cannot read|looks binary).*{name}|{name}.*(cannot read|looks binary)"):
+            prepare_corpus(root, tmp_path / "out", vocab_size=300, progress=False)
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(SlimkitError, match="is a file: give the folder"):
+        prepare_corpus(root / "ok.txt", tmp_path / "out", progress=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SlimkitError, match="is a file: give a folder"):
+        train(tiny(tmp_path / "afile", tmp_path))

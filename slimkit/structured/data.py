@@ -36,8 +36,8 @@ FORMAT = 1  # bump when the token files' layout changes: old caches are then reb
 
 # --- tokenizers -------------------------------------------------------------------------------------------------
 
-def train_bpe(files: list[Path], vocab_size: int):
-    """A byte-level BPE (GPT-2 style: every byte encodable, exact decode) trained on files, with EOT as id 0."""
+def train_bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2 style: every byte encodable, exact decode) trained on texts, with EOT as id 0."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
@@ -47,7 +47,7 @@ def train_bpe(files: list[Path], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((read_text(p) for p in files), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
@@ -96,7 +96,7 @@ def source_hash(root: Path, files: list[Path]) -> str:
     """sha256 over the relative paths and contents of the source files: changes when any file changes."""
     h = hashlib.sha256()
     for p in files:
-        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(os.fsencode(p.relative_to(root).as_posix()) + b"\0")     # names need not be UTF-8
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 
@@ -137,8 +137,13 @@ def load_tokens(path: str | Path) -> np.memmap:
     side = path.with_suffix(".json")
     if not path.exists() or not side.exists():
         raise SlimkitError(f"{path} or its sidecar {side.name} is missing: prepare the corpus (slimkit tokenize)")
-    meta = json.loads(side.read_text())
-    dtype = np.dtype(meta["dtype"])
+    try:
+        meta = json.loads(side.read_text())
+        dtype = np.dtype(meta["dtype"])
+        if dtype not in (np.uint16, np.uint32) or not isinstance(meta["n_tokens"], int):
+            raise ValueError(f"dtype {dtype.name}, n_tokens {meta['n_tokens']!r}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise SlimkitError(f"{side} is corrupt ({e}): delete {path.parent} and prepare the corpus again") from None
     if path.stat().st_size != meta["n_tokens"] * dtype.itemsize:
         raise SlimkitError(f"{path} holds {path.stat().st_size} bytes, its sidecar says {meta['n_tokens']} tokens of "
                            f"{dtype.name}: delete {path.parent} and prepare the corpus again")
@@ -200,6 +205,9 @@ def prepare_corpus(corpus: str | Path, data_dir: Optional[str | Path] = None, to
     root = Path(corpus).expanduser()
     if tokenizer not in TOKENIZERS:
         raise SlimkitError(f"unknown tokenizer {tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
+    if root.is_file():
+        raise SlimkitError(f"corpus {root} is a file: give the folder that holds the text files (a folder of one "
+                           "file works: its last val_percent of tokens are held out)")
     if not root.is_dir():
         raise SlimkitError(f"corpus folder {root} does not exist: give a folder of text files "
                            f"({', '.join(TEXT_SUFFIXES)}, or those .gz)")
@@ -219,15 +227,15 @@ def prepare_corpus(corpus: str | Path, data_dir: Optional[str | Path] = None, to
         return cached
 
     train_files, val_files = split_files(root, files, val_percent) if len(files) > 1 else (files, [])
-    if tokenizer == "bpe":
-        if progress:
-            print(f"slimkit: training a {vocab_size}-token BPE on {len(train_files)} files of {root}", flush=True)
-        tok = train_bpe(train_files, vocab_size)
-    else:
-        tok = smollm2_tokenizer()
     texts = {"train": [read_text(p) for p in train_files], "val": [read_text(p) for p in val_files]}
     if not any(t.strip() for t in texts["train"] + texts["val"]):
         raise SlimkitError(f"the text files of {root} are all blank: put the training text there")
+    if tokenizer == "bpe":
+        if progress:
+            print(f"slimkit: training a {vocab_size}-token BPE on {len(train_files)} files of {root}", flush=True)
+        tok = train_bpe(texts["train"], vocab_size)
+    else:
+        tok = smollm2_tokenizer()
     streams = {k: encode_texts(tok, v) if v else np.zeros(0, np.int64) for k, v in texts.items()}
     split = "by-file"
     if len(files) == 1 and val_percent > 0:

@@ -55,6 +55,8 @@ class GPTConfig:
                                f"{self.d_model // self.n_head}")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.ffn != "swiglu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.d_ff < 1:
+            raise SlimkitError(f"GPTConfig.d_ff must be >= 1, got {self.d_ff}")
         if not 0.0 <= self.dropout < 1.0:
             raise SlimkitError(f"dropout must be in [0, 1), got {self.dropout}")
 

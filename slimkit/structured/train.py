@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -114,6 +115,21 @@ class TrainConfig:
                 raise SlimkitError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.eval_every < 0 or self.ckpt_every < 0:
             raise SlimkitError("warmup, eval_every and ckpt_every must be >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SlimkitError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise SlimkitError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise SlimkitError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.d_ff is not None and self.d_ff < 1:
+            raise SlimkitError(f"d_ff must be >= 1, got {self.d_ff}")
+        if self.device is not None:
+            try:
+                kind = torch.device(self.device).type
+            except (RuntimeError, TypeError):
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise SlimkitError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.corpus is None and self.data_dir is None:
             raise SlimkitError("give a corpus folder (--corpus DIR) or a prepared data_dir")
 
@@ -344,14 +360,42 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     """(model state dict, optimizer state dict, state.json) of a checkpoint folder; tied names restored."""
     from safetensors.torch import load_file
 
-    meta = json.loads((path / "state.json").read_text())
-    if meta.get("format") != CKPT_FORMAT:
-        raise SlimkitError(f"{path} is a checkpoint of format {meta.get('format')}, this slimkit reads {CKPT_FORMAT}")
-    msd = load_file(path / "model.safetensors")
-    for alias, name in meta["aliases"].items():
-        msd[alias] = msd[name]
-    osd = unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"])
+    from safetensors import SafetensorError
+
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("state.json holds no mapping")
+        if meta.get("format") != CKPT_FORMAT:
+            raise SlimkitError(f"{path} is a checkpoint of format {meta.get('format')}, this slimkit reads "
+                               f"{CKPT_FORMAT}")
+        msd = load_file(path / "model.safetensors")
+        for alias, name in meta["aliases"].items():
+            msd[alias] = msd[name]
+        osd = unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"])
+    except SlimkitError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+        raise CorruptCheckpoint(f"checkpoint {path} is incomplete or corrupt ({type(e).__name__}: {e})") from None
     return msd, osd, meta
+
+
+class CorruptCheckpoint(SlimkitError):
+    """A checkpoint folder whose files cannot be read back."""
+
+
+def _latest_readable(found: list[Path], main: bool) -> tuple[Path, tuple[dict, dict, dict]]:
+    """The newest checkpoint of `found` (oldest first) that reads back, and its contents; a corrupt newer one is
+    skipped with a warning (a disk fault or a copy cut short: the writes themselves are atomic)."""
+    first = None
+    for path in reversed(found):
+        try:
+            return path, read_checkpoint(path)
+        except CorruptCheckpoint as e:
+            first = first or e
+            if main:
+                print(f"slimkit: warning: {e}; trying the one before", file=sys.stderr, flush=True)
+    raise SlimkitError(f"{first}; no earlier checkpoint reads back either: delete the ckpt folder to start over")
 
 
 def load_model(path: str | Path, device: str = "cpu") -> GPT:
@@ -445,6 +489,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
             raise SlimkitError("--ffn-kernel cublaslt needs nvmath-python: pip install 'slimkit[cublaslt]' (or train "
                                "with --ffn-kernel eager)")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SlimkitError(f"--out {out} is a file: give a folder for the run's checkpoints")
     found = ckpt_dirs(out)
     if found and not cfg.resume:
         raise SlimkitError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
@@ -464,7 +510,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     start, losses, history, flops, tokens, elapsed = 0, [], [], 0.0, 0, 0.0
     resume_from = found[-1] if (found and cfg.resume) else None
     if resume_from is not None:
-        msd, osd, saved = read_checkpoint(resume_from)
+        resume_from, (msd, osd, saved) = _latest_readable(found, d.main)
         _check_resumable(saved, cfg, global_batch, corpus)
         start, losses, history = saved["step"], saved["losses"], saved["history"]
         flops, tokens, elapsed = saved["train_flops"], saved["tokens"], saved["elapsed_s"]
@@ -475,7 +521,10 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     model = wrap(raw, cfg, d, device)
     opt = make_optimizer(raw, cfg, fused=device.type == "cuda" and not cfg.fsdp)
     if resume_from is not None:
-        _load_full_state(raw, opt, msd, osd)
+        try:
+            _load_full_state(raw, opt, msd, osd)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise SlimkitError(f"checkpoint {resume_from} does not fit this model: {str(e).splitlines()[0]}") from None
         del msd, osd
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
