@@ -470,3 +470,9 @@ def test_load_structured_bad_files_leave_the_model_alone(tmp_path):
             load_structured(fresh, bad)
         state = fresh.state_dict()
         assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("tokens", [0, -1, 2.5])
+def test_premerge_refuses_bad_token_counts(tokens):
+    with pytest.raises(SlimkitError, match="tokens must be a positive integer"):
+        premerge(replace_ffn(tiny_model("llama"), "lowrank", 0.32), tokens)

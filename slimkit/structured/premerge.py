@@ -16,6 +16,7 @@ cannot be recovered (a factorisation is not unique). Keep a copy (copy.deepcopy)
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from ..core.wrap import set_submodule
+from ..errors import SlimkitError
 from .decode import graphed
 from .layers import StructuredLinear
 from .self_guided import SelfGuided
@@ -92,11 +94,18 @@ def _median_ms(module: nn.Module, x: torch.Tensor, min_run_time: float, graph: b
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3 / repeats
 
 
+def _check_tokens(tokens) -> None:
+    if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 1:
+        raise SlimkitError(f"tokens must be a positive integer (tokens per forward, e.g. the decoding batch), "
+                           f"got {tokens!r}")
+
+
 def choose_merge(layer: nn.Module, tokens: int, device=None, dtype: torch.dtype | None = None,
                  min_run_time: float = 0.05, graph: bool = False) -> MergeChoice:
     """Time `layer` and its merged twin on `tokens` tokens (default: the layer's own device and dtype);
     merge only when the merged one is strictly faster. `graph=True` times both as CUDA-graph replays (on the
     CPU it changes nothing but the cache entry). Cached per kind, shapes, tokens, device, dtype and graph."""
+    _check_tokens(tokens)
     device, dtype = _where(layer, device, dtype)
     key = _key(layer, tokens, device, dtype, graph)
     if key not in _CACHE:
@@ -123,6 +132,8 @@ def premerge(model: nn.Module, tokens: int, device=None, dtype: torch.dtype | No
     forward (for decoding: the batch size); `always=True` merges every one without timing. `graph=True` decides
     by CUDA-graph replay times, for a model decoded through decode.graphed (no effect on the CPU). In place;
     inference only (see the module docstring). Returns the model."""
+    if not always:
+        _check_tokens(tokens)
     for name, layer in mergeable_layers(model).items():
         if always or choose_merge(layer, tokens, device, dtype, min_run_time, graph).merge:
             set_submodule(model, name, merged_linear(layer))
