@@ -470,6 +470,11 @@ def test_load_structured_bad_files_leave_the_model_alone(tmp_path):
             load_structured(fresh, bad)
         state = fresh.state_dict()
         assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+    import transformers as T
+    config = tiny_model("llama").config
+    config.intermediate_size = 96
+    with pytest.raises(SlimkitError, match="saved as 32->64, this model has 32->96"):    # a wider twin
+        load_structured(T.LlamaForCausalLM(config), tmp_path / "ok")
 
 
 @pytest.mark.parametrize("tokens", [0, -1, 2.5])

@@ -226,6 +226,8 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
                 raise SlimkitError(f"{name}: saved as {spec['in_features']}->{spec['out_features']}, this model has "
                                    f"{_widths(old)[0]}->{_widths(old)[1]}; build the same architecture before loading")
             swaps[name] = _rebuild(spec, old.weight.device, old.weight.dtype)
+        except SlimkitError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise SlimkitError(f"{path / MANIFEST} is corrupt at {name} ({e}): save the model again") from None
     olds = {name: model.get_submodule(name) for name in swaps}
