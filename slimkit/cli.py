@@ -92,9 +92,9 @@ def quantize(
                                                    "(default: the shipped model's calibration set)"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="data to evaluate FP and quantized models on"),
     recipe: Optional[str] = typer.Option(None, help="YAML recipe: any of the options below as fields"),
-    preset: Optional[str] = typer.Option(None, help="paper (20000 iters/block) | demo (1000) | fast (100, for smoke tests)"),
+    preset: Optional[str] = typer.Option(None, help="paper (20000 iters/block) | demo (500) | fast (100, for smoke tests)"),
     iters: Optional[int] = typer.Option(None, help="reconstruction iterations per block"),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default 1024)"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default 1024 images; 128 text sequences for transformers)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="reconstruction batch size (default 32)"),
     drop_prob: Optional[float] = typer.Option(None, "--drop-prob", help="QDrop: probability of keeping activation quantization (0.5)"),
     w_observer: Optional[str] = typer.Option(None, "--w-observer", help="minmax | ema | mse | percentile"),
@@ -192,7 +192,7 @@ def sparsify(
                                                    "dataset name (default: the shipped model's calibration set)"),
     iters: Optional[int] = typer.Option(None, help="fcpts: rate-learning steps (400)"),
     finetune_iters: Optional[int] = typer.Option(None, "--finetune-iters", help="fcpts: steps with the masks fixed (100)"),
-    num_samples: int = typer.Option(1024, "--num-samples", help="fcpts: calibration samples"),
+    num_samples: int = typer.Option(1024, "--num-samples", help="calibration samples (images, or text sequences for transformers; every method)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="fcpts: batch size (64)"),
     score: Optional[str] = typer.Option(None, help="fcpts: rank weights by 'magnitude' (|w|) or 'activation' "
                                                    "(|w| * input channel norm); default auto: activation for "
@@ -412,7 +412,11 @@ def tokenize(
 def main() -> None:
     """Entry point: bad input prints one line and exits with code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)    # typer turns Ctrl-C into a returned 130, an explicit Exit into its code
+        if isinstance(code, int) and code:
+            if code == 130:
+                console.print("interrupted", markup=False)
+            sys.exit(code)
     except (SlimkitError, ImportError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)

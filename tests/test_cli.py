@@ -188,3 +188,17 @@ def test_usage_errors_exit_2_without_traceback(args, words, tmp_path):
     r = run(*args, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_ctrl_c_exits_130(monkeypatch, tmp_path):
+    """typer returns Ctrl-C as exit code 130 instead of raising it: main must exit with it, not with 0."""
+    import slimkit.structured.data as data
+    from slimkit import cli
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "prepare_corpus", interrupted)
+    monkeypatch.setattr(sys, "argv", ["slimkit", "tokenize", str(tmp_path), "--out", str(tmp_path / "t")])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 130
