@@ -202,3 +202,9 @@ def test_ctrl_c_exits_130(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 130
+
+
+def test_eval_of_a_missing_folder_says_so(tmp_path):
+    expect_error(run("eval", "runs/none", cwd=tmp_path), "runs/none does not exist")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    expect_error(run("eval", "./model.pt", cwd=tmp_path), "is no slimkit artifact or model folder")

@@ -30,6 +30,11 @@ def get_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.Modu
             raise SlimkitError(f"{name} is a Hugging Face model: give weights as a model folder, not weights=")
         return load_hf(name)[0]
     if name not in MODELS:
+        if "/" in name or "\\" in name or name.startswith("."):
+            what = "is no slimkit artifact or model folder" if Path(name).exists() else "does not exist"
+            raise SlimkitError(f"{name} {what}: give the folder of a saved slimkit artifact or of a Hugging "
+                               f"Face model, a shipped model ({', '.join([*MODELS, *HF_MODELS])}), or a factory "
+                               "'file.py:function'")
         raise SlimkitError(f"unknown model {name!r}: use a shipped model ({', '.join([*MODELS, *HF_MODELS])}), a saved "
                            "slimkit directory, or a factory 'file.py:function'")
     try:
