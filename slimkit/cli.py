@@ -285,7 +285,8 @@ def eval_cmd(
     data: Optional[str] = typer.Option(None, help="evaluation data (default: the shipped model's evaluation set)"),
     reference: Optional[str] = typer.Option(None, help="the full-precision model to compare with (default: the one a "
                                                        "saved artifact was made from, when slimkit can build it)"),
-    weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model"),
+    weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model (with a saved "
+                                                      "artifact as MODEL: for the float reference it is compared with)"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     max_tokens: int = typer.Option(20000, "--max-tokens", help="transformers: evaluation tokens for perplexity"),
     quiet: bool = typer.Option(False, help="no progress bars"),
@@ -308,10 +309,12 @@ def eval_cmd(
         raise SlimkitError("give evaluation data with --data (a .safetensors/.npy/.npz file or a shipped dataset)")
     x, y = resolve(data)
     ref_model = None
+    ref_weights = weights if is_artifact else None     # an artifact holds its own weights: --weights is its reference's
     if reference is not None:
-        ref_model, _ = load_any(reference)
+        ref_model, _ = load_any(reference, ref_weights)
     elif is_artifact and spec:
-        ref_model = get_model(spec["builder"], **spec.get("kwargs", {}))
+        kwargs = {**spec.get("kwargs", {}), **({"weights": ref_weights} if ref_weights is not None else {})}
+        ref_model = get_model(spec["builder"], **kwargs)
     metrics = evaluate(m, x, y, reference=ref_model, device=dev, progress=not quiet)
     if y is None and ref_model is None:
         console.print("[yellow]no labels and no reference model: only size is reported[/]")

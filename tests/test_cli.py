@@ -208,3 +208,28 @@ def test_eval_of_a_missing_folder_says_so(tmp_path):
     expect_error(run("eval", "runs/none", cwd=tmp_path), "runs/none does not exist")
     (tmp_path / "model.pt").write_bytes(b"x")
     expect_error(run("eval", "./model.pt", cwd=tmp_path), "is no slimkit artifact or model folder")
+
+
+def test_eval_weights_go_to_the_artifacts_reference(work):
+    """With a saved artifact as MODEL, --weights loads the float reference (a factory's trained weights), so the
+    fidelity is measured against the model that was quantized, not a fresh initialisation."""
+    import re
+
+    import torch
+    from safetensors.torch import save_file
+    scope = {}
+    exec(FACTORY, scope)
+    net = scope["tiny"]()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))          # "trained": far from the factory's own initialisation
+    save_file(net.state_dict(), str(work / "trained.safetensors"))
+    ok = run("quantize", "nets.py:tiny", "--weights", "trained.safetensors", "--method", "rtn", "--w-bits", "8",
+             "--a-bits", "8", "--calib", "calib.npy", "--out", "out", *FAST, cwd=work)
+    assert ok.returncode == 0, ok.stderr
+
+    def agreement(*extra):
+        r = run("eval", "out", "--data", "labelled.npz", "--reference", "nets.py:tiny", "--quiet", *extra, cwd=work)
+        assert r.returncode == 0, r.stderr
+        return float(re.search(r"agreement with FP\D+([\d.]+)%", r.stdout).group(1))
+    assert agreement("--weights", "trained.safetensors") > 90 > agreement()
