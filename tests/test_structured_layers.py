@@ -47,14 +47,32 @@ def test_lowrank_ratio_within_rounding(i, o, ratio):
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_blockshuffle_ratio_is_nearest_block_count(i, o, ratio):
     layer = make_linear("blockshuffle", i, o, ratio, init=False)
-    ratio_of = lambda b: min(i, o) * (i + o) / (b * i * o)
-    options = [b for b in range(1, math.gcd(i, o) + 1) if i % b == 0 and o % b == 0 and ratio_of(b) < 1]
-    best = min(options, key=lambda b: abs(math.log(ratio_of(b) / ratio)))
-    assert layer.nblocks == best
-    assert layer.num_params == min(i, o) * (i + o) // best + o
+    m = min(i, o)
+    ratio_of = lambda k, l: (m * i // k + m * o // l) / (i * o)
+    pairs = [(k, l) for k in range(1, m + 1) for l in range(1, m + 1)
+             if i % k == 0 and m % k == 0 and o % l == 0 and m % l == 0 and ratio_of(k, l) < 1]
+    miss = lambda kl: abs(math.log(ratio_of(*kl) / ratio))
+    equal = min((kl for kl in pairs if kl[0] == kl[1]), key=miss)
+    k, l = layer.nblocks, layer.nblocks2
+    assert layer.num_params == m * i // k + m * o // l + o
+    assert layer.w1.shape == (k, m // k, i // k) and layer.w2.shape == (l, o // l, m // l)
+    if miss(equal) <= math.log(1.05):            # the paper's form (one block count) when it is within 5%
+        assert (k, l) == equal
+    else:                                         # else the nearest of all (k, l)
+        assert miss((k, l)) <= min(map(miss, pairs)) + 1e-9
     assert abs(layer.param_ratio - ratio) <= 0.25 * ratio
     if (i, o) == (768, 3072) and ratio == 0.32:
-        assert layer.nblocks == 4 and layer.param_ratio == 0.3125   # the paper's 32% BlockShuffle (nblocks 4)
+        assert (k, l) == (4, 4) and layer.param_ratio == 0.3125   # the paper's 32% BlockShuffle (nblocks 4)
+
+
+@pytest.mark.parametrize("i,o,ratio,pair", [(2048, 8192, 0.25, (2, 8)), (8192, 2048, 0.25, (8, 2)),
+                                            (2048, 8192, 0.32, (4, 4)), (64, 256, 0.25, (2, 8))])
+def test_blockshuffle_quarter_at_power_of_two_widths(i, o, ratio, pair):
+    """One block count gives 1.25/b at d -> 4d (0.3125, 0.156: no 25%); two counts reach it exactly."""
+    layer = make_linear("blockshuffle", i, o, ratio, init=False)
+    assert (layer.nblocks, layer.nblocks2) == pair
+    if ratio == 0.25:
+        assert layer.param_ratio == 0.25
 
 
 @pytest.mark.parametrize("i,o", SHAPES)
@@ -74,15 +92,16 @@ def test_blockdense_ratio_within_rounding(i, o, ratio, nblocks):
 # ---------- exact dense equivalents and layout ----------
 
 def _monarch_reference(layer: BlockShuffleLinear) -> torch.Tensor:
-    """W = P_out BD2 P_mid BD1 with explicit permutations (the Monarch layout of the paper's op)."""
-    b = layer.nblocks
+    """W = P_out BD2 P_mid BD1 with explicit permutations (the Monarch layout of the paper's op), k first-factor
+    and l second-factor blocks."""
+    l = layer.nblocks2
     bd1 = torch.block_diag(*layer.w1.unbind(0))
     bd2 = torch.block_diag(*layer.w2.unbind(0))
     mid, out = bd1.shape[0], bd2.shape[0]
-    # block l of the second factor reads middle channels l, l+b, l+2b, ...
-    p_mid = torch.tensor([r * b + l for l in range(b) for r in range(mid // b)])
-    # block l, row s writes output channel s*b + l
-    p_out = torch.tensor([s * b + l for l in range(b) for s in range(out // b)])
+    # block j of the second factor reads middle channels j, j+l, j+2l, ...
+    p_mid = torch.tensor([r * l + j for j in range(l) for r in range(mid // l)])
+    # block j, row s writes output channel s*l + j
+    p_out = torch.tensor([s * l + j for j in range(l) for s in range(out // l)])
     w = bd2 @ bd1[p_mid]
     return torch.empty_like(w).index_copy_(0, p_out, w)
 
@@ -99,11 +118,68 @@ def test_dense_weight_reproduces_forward(kind, i, o, bias):
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("i,o,nblocks", [(32, 64, 4), (64, 32, 4), (24, 36, 4), (48, 48, 3)])
-def test_blockshuffle_is_monarch_layout(i, o, nblocks):
-    # (24, 36, 4) has q = 6, not a multiple of 4: the two-copy shuffle path; the others take the one-copy path
-    layer = _build("blockshuffle", i, o, None, nblocks=nblocks)
-    torch.testing.assert_close(layer.dense_weight(), _monarch_reference(layer), atol=1e-6, rtol=1e-5)
+@pytest.mark.parametrize("i,o,nblocks,nblocks2", [(32, 64, 4, 4), (64, 32, 4, 4), (24, 36, 4, 4), (48, 48, 3, 3),
+                                                  (32, 128, 2, 8), (128, 32, 8, 2), (24, 36, 3, 6)])
+def test_blockshuffle_is_monarch_layout(i, o, nblocks, nblocks2):
+    layer = _build("blockshuffle", i, o, None, nblocks=nblocks, nblocks2=nblocks2)
+    ref = _monarch_reference(layer)
+    torch.testing.assert_close(layer.dense_weight(), ref, atol=1e-6, rtol=1e-5)
+    # the token-major path the fused FFN kernels take (after_first) is the same layer
+    x = torch.randn(7, i, generator=torch.Generator().manual_seed(2))
+    h = torch.einsum("tkp,kqp->tkq", x.view(7, nblocks, -1), layer.w1)
+    torch.testing.assert_close(layer.after_first(h), x @ ref.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_fm", [False, True])
+@pytest.mark.parametrize("out_fm", [False, True])
+@pytest.mark.parametrize("k,l", [(2, 2), (2, 4), (4, 2)])
+def test_monarch_feature_major_op_gradients(in_fm, out_fm, k, l):
+    """The copy-free op's hand-written backward against autograd's numerical gradients, in every layout."""
+    from slimkit.structured.layers import _Monarch
+    g = torch.Generator().manual_seed(3)
+    i, o, t = 8, 16, 5
+    m = min(i, o)
+    x = torch.randn(*((i, t) if in_fm else (t, i)), dtype=torch.float64, generator=g, requires_grad=True)
+    w1 = torch.randn(k, m // k, i // k, dtype=torch.float64, generator=g, requires_grad=True)
+    w2 = torch.randn(l, o // l, m // l, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _Monarch.apply(*a, in_fm, out_fm), (x, w1, w2))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("blocks", [((4, 4), (4, 4)), ((2, 8), (8, 2))])
+def test_blockshuffle_ffn_equals_layer_by_layer(bias, blocks):
+    """The feature-major FFN (no transposes between the layers) computes the eager FFN, values and gradients."""
+    from slimkit.structured import blockshuffle_ffn
+    from slimkit.structured.kernels import eager_ffn
+    torch.manual_seed(0)
+    fc1 = BlockShuffleLinear(32, 128, blocks[0][0], bias=bias, nblocks2=blocks[0][1]).double()
+    fc2 = BlockShuffleLinear(128, 32, blocks[1][0], bias=bias, nblocks2=blocks[1][1]).double()
+    if bias:
+        nn.init.normal_(fc1.bias), nn.init.normal_(fc2.bias)
+    x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
+    params = [x, *fc1.parameters(), *fc2.parameters()]
+    want = fc2(F.gelu(fc1(x), approximate="tanh"))
+    grad = torch.randn_like(want)
+    want_g = torch.autograd.grad(want, params, grad)
+    for got in (blockshuffle_ffn(fc1, fc2, x, lambda h: F.gelu(h, approximate="tanh")),
+                eager_ffn(fc1, fc2, x, "tanh")):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        for a, b in zip(torch.autograd.grad(got, params, grad), want_g):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_blockshuffle_spec_round_trip_and_old_specs():
+    from slimkit.structured.layers import layer_from_spec
+    layer = make_linear("blockshuffle", 64, 256, 0.25)
+    spec = layer.spec()
+    assert spec["nblocks"] == 2 and spec["nblocks2"] == 8
+    again = layer_from_spec(spec)
+    again.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 64)
+    assert torch.equal(again(x), layer(x))
+    old = {k: v for k, v in make_linear("blockshuffle", 64, 256, None, nblocks=4).spec().items() if k != "nblocks2"}
+    assert (layer_from_spec(old).nblocks, layer_from_spec(old).nblocks2) == (4, 4)   # specs saved before nblocks2
 
 
 @pytest.mark.parametrize("kind,i,o", [("blockshuffle", 8, 12), ("blockshuffle", 12, 8), ("blockdense", 8, 12),
@@ -377,6 +453,10 @@ def test_bad_inputs_raise_clear_errors():
         make_linear("blockdense", 64, 32, 0.3, nblocks=5)
     with pytest.raises(SlimkitError, match="ratio is fixed by the block count .* b=4: 0.375"):
         make_linear("blockshuffle", 32, 64, 0.1, nblocks=4)
+    with pytest.raises(SlimkitError, match=r"nblocks2=3 does not divide the middle width min\(in, out\)=32"):
+        make_linear("blockshuffle", 32, 96, None, nblocks=4, nblocks2=3)
+    with pytest.raises(SlimkitError, match="nblocks2=5 does not divide out_features=64"):
+        make_linear("blockshuffle", 32, 64, None, nblocks=4, nblocks2=5)
     with pytest.raises(SlimkitError, match="no block count that saves weights"):
         make_linear("blockshuffle", 31, 64, 0.3)
     with pytest.raises(SlimkitError, match="choose one of dense, lowrank, blockshuffle, blockdense"):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimkitError
-from .kernels import fused_ffn
+from .kernels import eager_ffn, fused_ffn
 
 FFN_ACTS = ("gelu", "gelu_tanh", "swiglu")
 FFN_KERNELS = ("eager", "cublaslt")
@@ -102,7 +102,8 @@ class MLP(nn.Module):
     """The feed-forward block: fc2(gelu(fc1 x)) or fc2(silu(gate x) * fc1 x). Its linears are what replace_ffn swaps.
     `kernel` = "cublaslt" (set_ffn_kernel) runs a tanh-GELU FFN through fused_ffn(matmul="cublaslt"): GELU and
     GELU' in cuBLASLt matmul epilogues where they apply (CUDA, nvmath-python, fc1 ending in a dense factor), the
-    same computation eagerly elsewhere."""
+    same computation eagerly elsewhere. Either way two BlockShuffle linears keep the hidden activations
+    feature-major between them (kernels.eager_ffn)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -119,7 +120,7 @@ class MLP(nn.Module):
             return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
         if self.kernel == "cublaslt":
             return fused_ffn(self.fc1, self.fc2, x, self.approximate, matmul="cublaslt")
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+        return eager_ffn(self.fc1, self.fc2, x, self.approximate)
 
 
 class Block(nn.Module):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import epilogue
-from .layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear, block_diag_mm
+from .layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear, block_diag_mm, blockshuffle_ffn
 from .self_guided import SelfGuided
 
 try:
@@ -330,6 +330,16 @@ def _tail(fc2: nn.Module):
     return None
 
 
+def eager_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """fc2(gelu(fc1(x))) through PyTorch ops. Two BlockShuffle layers (self-guided ones whose guide is gone
+    included) keep the hidden activations feature-major between them (layers.blockshuffle_ffn), which saves
+    their transposes; anything else runs layer by layer."""
+    a, b = _unguided(fc1), _unguided(fc2)
+    if isinstance(a, BlockShuffleLinear) and isinstance(b, BlockShuffleLinear):
+        return blockshuffle_ffn(a, b, x, lambda h: F.gelu(h, approximate=approximate))
+    return fc2(F.gelu(fc1(x), approximate=approximate))
+
+
 def supported(fc1: nn.Module, act: str = "gelu") -> bool:
     """Whether fused_ffn fuses anything for this fc1 (nn.Linear, LowRankLinear, BlockDenseLinear) and activation."""
     return act == "gelu" and (type(fc1) is nn.Linear or isinstance(fc1, (LowRankLinear, BlockDenseLinear)))
@@ -349,14 +359,14 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     fc1, fc2 = _unguided(fc1), _unguided(fc2)
     runs = epilogue.available(x) and approximate == "tanh" if matmul == "cublaslt" else available(x)
     if not runs or not supported(fc1):
-        return fc2(F.gelu(fc1(x), approximate=approximate))
+        return eager_ffn(fc1, fc2, x, approximate)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     dev = x.device.type
     amp = torch.is_autocast_enabled(dev)
     dt = torch.get_autocast_dtype(dev) if amp else x.dtype
     if matmul == "cublaslt" and not epilogue.applies(fc1.out_features, dt):
-        return fc2(F.gelu(fc1(x), approximate=approximate))
+        return eager_ffn(fc1, fc2, x, approximate)
     h, w, b = _head(fc1, x2.to(dt) if amp else x2)
     tail = _tail(fc2)
     with torch.autocast(dev, enabled=False):

@@ -20,18 +20,24 @@ weights (bias not counted) over in*out. Each kind takes the achievable shape nea
 with SlimkitError, one that misses it by more than `rel_tol` (default 25%):
 - lowrank: rank r = ratio*in*out/(in+out) rounded to a multiple of `align` (8, for tensor cores), or to an integer
   when that is below 4*align; the rounding error in the ratio is at most step/2*(in+out)/(in*out).
-- blockshuffle: weights min(in,out)*(in+out)/b, so the ratio is a function of b alone; b is the divisor of
-  gcd(in, out) nearest the target in log-ratio (or `nblocks` when given, checked against the target).
+- blockshuffle: weights m*in/k + m*out/l (m = min(in, out)) for k first-factor and l second-factor blocks. The
+  paper's form has k = l = b, ratio m*(in+out)/(b*in*out): 1.25/b at d -> 4d, so no b gives 25% at power-of-two
+  widths (0.3125 at b=4, 0.156 at b=8). The b nearest the target in log-ratio is taken when it is within 5%
+  (EQUAL_TOL); otherwise the (k, l) pair nearest the target, Monarch's general form (its op takes w1 (k, q, p)
+  and w2 (l, s, r) with l*r = k*q): (2, 8) for d -> 4d and (8, 2) for 4d -> d give exactly 0.25. `nblocks`
+  (and `nblocks2`) when given are checked against the target instead.
 - blockdense: weights rank*(in/b + out); rank = ratio*in*out/(in/b+out) rounded to a multiple of lcm(b, align)
   (or of b when below 4 times that); b = nblocks, default the yaml's 4 (2, then 1, when 4 does not divide `in`).
   Each linear is matched on its own (the paper gives fc1 and fc2 one rank and matches the FFN total instead).
 
 Forward: each block-diagonal product is one torch.bmm over a (blocks, tokens, width) view of token-major
 activations, its result written straight into a token-major buffer (block_diag_mm; no loop over blocks, no
-activation copy in either pass); BlockShuffle's shuffle and output interleave are one copy each way.
-Seen once on an H100 (bf16, FFN 2048->8192->2048, 16384 tokens, forward+backward, speed-up over dense in the
-same run): lowrank 0.32 2.16x, blockdense 0.32 1.97x, blockdense 0.25 2.60x, blockshuffle 0.31 1.59x (its
-stride-b output interleave copy is what it loses on); at 16 tokens all are slower than dense: see premerge.py.
+activation copy in either pass). BlockShuffle runs feature-major (_Monarch): its shuffle and output interleave
+are then strided views that torch.bmm reads and writes in place, and only the change back to token-major at
+the end copies (once per FFN when two BlockShuffle layers meet, blockshuffle_ffn). The paper's op (Monarch's)
+copies for the shuffle and the interleave instead; at d 2048, 16384 tokens on an H100 that FFN took 3.25 ms
+forward+backward against 2.47 ms feature-major (dense 5.1 ms). At 16 tokens all kinds are slower than dense:
+see premerge.py.
 FLOPs: 2 * tokens * weights (each weight is used in one multiply-add per token); bias adds are not counted.
 """
 from __future__ import annotations
@@ -50,6 +56,7 @@ from ..errors import SlimkitError
 KINDS = ("dense", "lowrank", "blockshuffle", "blockdense")
 INIT_STD = 0.02   # configs/model/gpt2.yaml: initializer_range
 REL_TOL = 0.25    # how far (relative) the achieved parameter ratio may miss the target
+EQUAL_TOL = 0.05  # BlockShuffle keeps one block count for both factors (the paper's form) when it is this close
 
 
 # ---------- initialisation (pure functions) ----------
@@ -96,11 +103,11 @@ def _check_positive(kind: str, **values) -> None:
             raise SlimkitError(f"{kind}: {name} must be a positive integer, got {v!r}")
 
 
-def _check_divides(nblocks: int, width: int, what: str, kind: str) -> None:
-    _check_positive(kind, nblocks=nblocks)
+def _check_divides(nblocks: int, width: int, what: str, kind: str, name: str = "nblocks") -> None:
+    _check_positive(kind, **{name: nblocks})
     if width % nblocks:
         near = [d for d in _divisors(width) if d <= 4 * max(nblocks, 1)][-6:]
-        raise SlimkitError(f"{kind}: nblocks={nblocks} does not divide {what}={width}; "
+        raise SlimkitError(f"{kind}: {name}={nblocks} does not divide {what}={width}; "
                            f"pass a divisor of {width}, e.g. one of {near}")
 
 
@@ -141,35 +148,69 @@ def lowrank_rank(in_features: int, out_features: int, param_ratio: float, align:
     return rank
 
 
-def blockshuffle_ratio(in_features: int, out_features: int, nblocks: int) -> float:
-    """Parameter ratio of a BlockShuffle layer: min(in,out)*(in+out)/(b*in*out)."""
-    return min(in_features, out_features) * (in_features + out_features) / (nblocks * in_features * out_features)
+def blockshuffle_ratio(in_features: int, out_features: int, nblocks: int, nblocks2: int | None = None) -> float:
+    """Parameter ratio of a BlockShuffle layer with k = nblocks first-factor and l = nblocks2 (default k)
+    second-factor blocks: m*in/k + m*out/l weights over in*out, m = min(in, out) the middle width."""
+    k, l = nblocks, nblocks if nblocks2 is None else nblocks2
+    m = min(in_features, out_features)
+    return m / (out_features * k) + m / (in_features * l)
 
 
-def blockshuffle_nblocks(in_features: int, out_features: int, param_ratio: float | None,
-                         nblocks: int | None = None, rel_tol: float = REL_TOL) -> int:
-    """Block count b (dividing both widths) whose ratio is nearest param_ratio; `nblocks` is checked instead."""
+def _shuffle_pairs(in_features: int, out_features: int) -> list[tuple[int, int]]:
+    """Every (k, l) a BlockShuffle layer can take (k divides in and the middle width, l divides out and the
+    middle width) that keeps fewer weights than dense."""
+    m = min(in_features, out_features)
+    firsts, seconds = _divisors(math.gcd(in_features, m)), _divisors(math.gcd(out_features, m))
+    return [(k, l) for k in firsts for l in seconds if blockshuffle_ratio(in_features, out_features, k, l) < 1.0]
+
+
+def blockshuffle_shape(in_features: int, out_features: int, param_ratio: float | None, nblocks: int | None = None,
+                       nblocks2: int | None = None, rel_tol: float = REL_TOL) -> tuple[int, int]:
+    """Block counts (k, l) of the two factors for `param_ratio`: the paper's form, one count b for both, when
+    some b comes within EQUAL_TOL of the target (the b nearest in log-ratio); else Monarch's general form, the
+    pair nearest the target (ties to the most even pair). Given counts are checked instead (nblocks alone means
+    both factors take it)."""
     kind = "blockshuffle"
-    _check_positive(kind, in_features=in_features, out_features=out_features, nblocks=nblocks)
-    if nblocks is not None:
-        _check_divides(nblocks, in_features, "in_features", kind)
-        _check_divides(nblocks, out_features, "out_features", kind)
+    _check_positive(kind, in_features=in_features, out_features=out_features, nblocks=nblocks, nblocks2=nblocks2)
+    if nblocks is not None or nblocks2 is not None:
+        k = nblocks if nblocks is not None else nblocks2
+        l = nblocks2 if nblocks2 is not None else nblocks
+        _check_shuffle_blocks(in_features, out_features, k, l)
         if param_ratio is None:
-            return nblocks
-    ratio = _check_ratio(param_ratio, kind)
-    options = [b for b in _divisors(math.gcd(in_features, out_features))
-               if blockshuffle_ratio(in_features, out_features, b) < 1.0]
-    if nblocks is None and not options:
-        raise SlimkitError(f"{kind}: a {in_features}->{out_features} layer has no block count that saves weights "
-                           f"(gcd of the widths is {math.gcd(in_features, out_features)}); pick another kind")
-    best = nblocks or min(options,
-                          key=lambda b: abs(math.log(blockshuffle_ratio(in_features, out_features, b) / ratio)))
-    table = ", ".join(f"b={b}: {blockshuffle_ratio(in_features, out_features, b):.3g}" for b in options[:8])
-    _miss(kind, blockshuffle_ratio(in_features, out_features, best), ratio,
-          f"nblocks={best} of a {in_features}->{out_features} layer",
-          f"its ratio is fixed by the block count ({table or 'no block count below ratio 1'}): "
-          "pass one of these as param_ratio or nblocks, or pick another kind", rel_tol)
+            return k, l
+        ratio = _check_ratio(param_ratio, kind)
+        best = (k, l)
+    else:
+        ratio = _check_ratio(param_ratio, kind)
+        pairs = _shuffle_pairs(in_features, out_features)
+        if not pairs:
+            raise SlimkitError(f"{kind}: a {in_features}->{out_features} layer has no block count that saves "
+                               f"weights (gcd of the widths is {math.gcd(in_features, out_features)}); "
+                               "pick another kind")
+        miss = lambda kl: abs(math.log(blockshuffle_ratio(in_features, out_features, *kl) / ratio))
+        equal = [kl for kl in pairs if kl[0] == kl[1]]
+        best = min(equal, key=miss) if equal else None
+        if best is None or miss(best) > math.log1p(EQUAL_TOL):
+            best = min(pairs, key=lambda kl: (round(miss(kl), 9), abs(math.log(kl[0] / kl[1]))))
+    options = [kl for kl in _shuffle_pairs(in_features, out_features) if kl[0] == kl[1]]
+    table = ", ".join(f"b={k}: {blockshuffle_ratio(in_features, out_features, k):.3g}" for k, _ in options[:8])
+    shape = f"nblocks={best[0]}" + (f", nblocks2={best[1]}" if best[1] != best[0] else "")
+    _miss(kind, blockshuffle_ratio(in_features, out_features, *best), ratio,
+          f"{shape} of a {in_features}->{out_features} layer",
+          f"its ratio is fixed by the block count ({table or 'no block count below ratio 1'}, one count for both "
+          "factors): pass one of these ratios, or nblocks (and nblocks2 for the second factor), or pick another "
+          "kind", rel_tol)
     return best
+
+
+def _check_shuffle_blocks(in_features: int, out_features: int, k: int, l: int) -> None:
+    kind, m = "blockshuffle", min(in_features, out_features)
+    _check_divides(k, in_features, "in_features", kind)
+    _check_divides(l, out_features, "out_features", kind, name="nblocks2" if l != k else "nblocks")
+    for name, v in (("nblocks", k), ("nblocks2", l)):
+        if m % v:
+            raise SlimkitError(f"{kind}: {name}={v} does not divide the middle width min(in, out)={m}; "
+                               f"pass a divisor of {m}")
 
 
 def blockdense_shape(in_features: int, out_features: int, param_ratio: float, nblocks: int | None = None,
@@ -331,44 +372,123 @@ class LowRankLinear(StructuredLinear):
         return {**super().spec(), "rank": self.rank}
 
 
+class _Monarch(torch.autograd.Function):
+    """BlockShuffle's two block-diagonal products and the shuffle between them, with no activation copied.
+
+    Feature-major (hidden x tokens) is the layout in which the op is all strided views: with hT = BD1 x^T
+    (m, T), the second factor's block j reads rows j, j+l, j+2l, ... of hT, a (r, T) matrix of row stride l*T,
+    and its row s lands at output row s*l + j, again a matrix of row stride l*T. torch.bmm takes such views as
+    they are (cuBLAS's strided-batched lda/ldc), so only the layout changes at the ends cost a copy:
+    `in_fm` says x is (in, T) instead of (T, in) (a token-major x is read transposed, free), `out_fm` that the
+    result stays (out, T) instead of being transposed to (T, out) (one copy). Two BlockShuffle layers in a row
+    (an FFN) therefore copy only at the FFN's output (blockshuffle_ffn)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, in_fm: bool, out_fm: bool):
+        (k, q, p), (l, s, r) = w1.shape, w2.shape
+        t = x.shape[1] if in_fm else x.shape[0]
+        xb = x.view(k, p, t) if in_fm else x.view(t, k, p).permute(1, 2, 0)
+        h = x.new_empty(k * q, t)
+        torch.bmm(w1, xb, out=h.view(k, q, t))
+        y = x.new_empty(l * s, t)
+        torch.bmm(w2, h.view(r, l, t).transpose(0, 1), out=y.view(s, l, t).transpose(0, 1))
+        ctx.save_for_backward(x, w1, w2, h)
+        ctx.in_fm, ctx.out_fm = in_fm, out_fm
+        return y if out_fm else y.t().contiguous()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, h = ctx.saved_tensors
+        (k, q, p), (l, s, r) = w1.shape, w2.shape
+        dy = dy.contiguous() if ctx.out_fm else dy.t().contiguous()          # (out, T)
+        t = dy.shape[1]
+        xb = x.view(k, p, t) if ctx.in_fm else x.view(t, k, p).permute(1, 2, 0)
+        hv, dyv = h.view(r, l, t).transpose(0, 1), dy.view(s, l, t).transpose(0, 1)
+        dw2 = torch.bmm(dyv, hv.transpose(1, 2)) if ctx.needs_input_grad[2] else None
+        dx = dw1 = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dh = x.new_empty(k * q, t)
+            torch.bmm(w2.transpose(1, 2), dyv, out=dh.view(r, l, t).transpose(0, 1))
+            dhb = dh.view(k, q, t)
+            if ctx.needs_input_grad[1]:
+                dw1 = torch.bmm(dhb, xb.transpose(1, 2))
+            if ctx.needs_input_grad[0]:
+                if ctx.in_fm:
+                    dx = x.new_empty(k * p, t)
+                    torch.bmm(w1.transpose(1, 2), dhb, out=dx.view(k, p, t))
+                else:
+                    dx = x.new_empty(t, k * p)
+                    torch.bmm(dhb.transpose(1, 2), w1, out=dx.view(t, k, p).transpose(0, 1))
+        return dx, dw1, dw2, None, None
+
+
+def monarch_product(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, in_fm: bool = False,
+                    out_fm: bool = False) -> torch.Tensor:
+    """BlockShuffle's product without bias: x (T, in) or, with in_fm, (in, T); result (T, out) or, with
+    out_fm, (out, T). w1 (k, m/k, in/k), w2 (l, out/l, m/l). Under autocast all are cast to its dtype first."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
+    with torch.autocast(dev, enabled=False):
+        return _Monarch.apply(x.contiguous(), w1, w2, in_fm, out_fm)
+
+
 class BlockShuffleLinear(StructuredLinear):
-    """Monarch-like: block-diagonal w1 (b, q, in/b), channel shuffle, block-diagonal w2 (b, out/b, q), with
-    middle width b*q = min(in, out); the output of block l, row s is channel s*b + l."""
+    """Monarch-like: block-diagonal w1 (k, m/k, in/k), channel shuffle, block-diagonal w2 (l, out/l, m/l), with
+    middle width m = min(in, out); k = nblocks, l = nblocks2 (default k, the paper's form). Second-factor block j
+    reads middle channels j, j+l, j+2l, ...; its row s is output channel s*l + j."""
 
     kind = "blockshuffle"
 
     def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool = True, device=None,
-                 init: bool = True):
+                 init: bool = True, nblocks2: int | None = None):
         super().__init__(in_features, out_features, bias, device)
-        _check_divides(nblocks, in_features, "in_features", self.kind)
-        _check_divides(nblocks, out_features, "out_features", self.kind)
-        self.nblocks = b = nblocks
-        q = min(in_features, out_features) // b
+        _check_positive(self.kind, nblocks=nblocks, nblocks2=nblocks2)
+        k, l = nblocks, nblocks if nblocks2 is None else nblocks2
+        _check_shuffle_blocks(in_features, out_features, k, l)
+        self.nblocks, self.nblocks2 = k, l
+        m = min(in_features, out_features)
         make = _ortho_normal if init else (lambda *s, device=None: torch.empty(*s, device=device))
-        self.w1 = nn.Parameter(make(b, q, in_features // b, device=device))
-        self.w2 = nn.Parameter(make(b, out_features // b, q, device=device))
+        self.w1 = nn.Parameter(make(k, m // k, in_features // k, device=device))
+        self.w2 = nn.Parameter(make(l, out_features // l, m // l, device=device))
 
     @classmethod
     def from_ratio(cls, in_features: int, out_features: int, param_ratio: float | None, bias: bool = True,
-                   nblocks: int | None = None, rel_tol: float = REL_TOL, **kw) -> "BlockShuffleLinear":
-        return cls(in_features, out_features,
-                   blockshuffle_nblocks(in_features, out_features, param_ratio, nblocks, rel_tol), bias, **kw)
+                   nblocks: int | None = None, nblocks2: int | None = None, rel_tol: float = REL_TOL,
+                   **kw) -> "BlockShuffleLinear":
+        k, l = blockshuffle_shape(in_features, out_features, param_ratio, nblocks, nblocks2, rel_tol)
+        return cls(in_features, out_features, k, bias, nblocks2=l, **kw)
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        b = self.nblocks
-        h = block_diag_mm(x.reshape(-1, b, self.in_features // b), self.w1)     # (T, b, q)
-        return self.after_first(h, bias).reshape(*x.shape[:-1], self.out_features)
+        y = monarch_product(x.reshape(-1, self.in_features), self.w1, self.w2)
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def after_first(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer from the first block-diagonal product h (T, b, q) on: shuffle, w2, interleave, bias."""
-        b, t, q = self.nblocks, h.shape[0], h.shape[2]
-        h = h.reshape(t, q, b).transpose(1, 2).contiguous()   # shuffle: middle channel m goes to block m % b
-        y = block_diag_mm(h, self.w2)                         # (T, b, out/b)
-        y = y.transpose(1, 2).reshape(t, self.out_features)   # block l, row s -> channel s*b + l
+        """The layer from the first block-diagonal product h (T, k, m/k) (token-major) on: shuffle, w2,
+        interleave, bias (a copy each for the shuffle and the interleave)."""
+        l, t = self.nblocks2, h.shape[0]
+        h = h.reshape(t, -1, l).transpose(1, 2).contiguous()   # shuffle: middle channel c goes to block c % l
+        y = block_diag_mm(h, self.w2)                          # (T, l, out/l)
+        y = y.transpose(1, 2).reshape(t, self.out_features)    # block j, row s -> channel s*l + j
         return y if bias is None else y + bias.to(y.dtype)
 
     def spec(self) -> dict:
-        return {**super().spec(), "nblocks": self.nblocks}
+        return {**super().spec(), "nblocks": self.nblocks, "nblocks2": self.nblocks2}
+
+
+def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor, activation) -> torch.Tensor:
+    """fc2(activation(fc1(x))) for two BlockShuffle layers, the hidden activations kept feature-major between
+    them (see _Monarch): the only activation copies are the output's transpose and its gradient's. `activation`
+    is elementwise (it sees a (hidden, T) tensor)."""
+    x2 = x.reshape(-1, fc1.in_features)
+    h = monarch_product(x2, fc1.w1, fc1.w2, out_fm=True)
+    if fc1.bias is not None:
+        h = h + fc1.bias.to(h.dtype)[:, None]
+    y = monarch_product(activation(h), fc2.w1, fc2.w2, in_fm=True)
+    y = y if fc2.bias is None else y + fc2.bias.to(y.dtype)
+    return y.view(*x.shape[:-1], fc2.out_features)
 
 
 class BlockDenseLinear(StructuredLinear):
@@ -413,14 +533,14 @@ STRUCTURED = {cls.kind: cls for cls in (LowRankLinear, BlockShuffleLinear, Block
 
 
 KEYWORDS = {"dense": {"device"}, "lowrank": {"align", "rel_tol", "init_std", "device", "init"},
-            "blockdense": {"align", "rel_tol", "device", "init"}, "blockshuffle": {"rel_tol", "device", "init"}}
+            "blockdense": {"align", "rel_tol", "device", "init"}, "blockshuffle": {"nblocks2", "rel_tol", "device", "init"}}
 
 
 def make_linear(kind: str, in_features: int, out_features: int, param_ratio: float | None, bias: bool = True,
                 nblocks: int | None = None, **kw) -> nn.Module:
     """A linear layer of `kind` keeping about `param_ratio` of the dense weights ("dense" ignores the ratio).
     Extra keywords go to the kind's from_ratio / constructor: align (lowrank, blockdense), rel_tol (all three),
-    init_std (lowrank), device."""
+    init_std (lowrank), nblocks2 (blockshuffle: the second factor's block count), device."""
     _check_positive(kind, in_features=in_features, out_features=out_features, nblocks=nblocks,
                     align=kw.get("align"))
     extra = set(kw) - KEYWORDS.get(kind, set(kw))
