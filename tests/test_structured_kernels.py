@@ -172,3 +172,66 @@ def test_fused_ffn_on_gpu_equals_eager(kind1, kind2, dtype, matmul):
     for a, b, r in zip(fused, eager, exact):
         err_fused, err_eager = ((a - r).abs().max() / r.abs().max()).item(), ((b - r).abs().max() / r.abs().max()).item()
         assert err_fused <= 1.5 * err_eager + 1e-3, (err_fused, err_eager)
+
+
+# ---------- feature-major BlockShuffle: transpose and bias + GELU kernels ----------
+
+def _fm_device():
+    """CUDA (compiled kernels) in this process, the CPU in the interpreted child; else skip."""
+    if INTERPRETED:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    pytest.skip("needs a CUDA GPU or Triton's interpreter")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 130), (64, 64), (200, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transpose_kernel_is_bit_exact(shape, dtype):
+    import slimkit.structured.kernels as K
+    dev = _fm_device()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)).to(dev, dtype)
+    assert K.available(x)
+    y = K.transpose(x)
+    assert y.is_contiguous() and torch.equal(y, x.t().contiguous())
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("shape", [(48, 37), (5, 300)])
+def test_bias_gelu_rows_matches_reference(approximate, shape):
+    """Kernel against the PyTorch expression in fp32: values, and the gradients of h and of the bias (whose row
+    sums are added per token tile)."""
+    import slimkit.structured.kernels as K
+    dev = _fm_device()
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(*shape, generator=g).to(dev).requires_grad_(True)
+    b = torch.randn(shape[0], generator=g).to(dev).requires_grad_(True)
+    dact = torch.randn(*shape, generator=g).to(dev)
+    got = K.bias_gelu_rows(h, b, approximate)
+    want = F.gelu(h + b[:, None], approximate=approximate)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dh, db = torch.autograd.grad(got, [h, b], dact)
+    dh0, db0 = torch.autograd.grad(want, [h, b], dact)
+    torch.testing.assert_close(dh, dh0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, db0, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_blockshuffle_ffn_with_kernels_equals_layer_by_layer(bias):
+    """The feature-major FFN with its kernels (transpose, bias + GELU) against the eager layers, fp32."""
+    from slimkit.structured import BlockShuffleLinear
+    import slimkit.structured.kernels as K
+    dev = _fm_device()
+    torch.manual_seed(6)
+    fc1 = BlockShuffleLinear(32, 128, 2, bias=bias, nblocks2=8).to(dev)
+    fc2 = BlockShuffleLinear(128, 32, 8, bias=bias, nblocks2=2).to(dev)
+    if bias:
+        nn.init.normal_(fc1.bias), nn.init.normal_(fc2.bias)
+    x = torch.randn(3, 41, 32, device=dev, requires_grad=True)
+    params = [x, *fc1.parameters(), *fc2.parameters()]
+    want = fc2(F.gelu(fc1(x), approximate="tanh"))
+    grad = torch.randn_like(want)
+    got = K.blockshuffle_ffn(fc1, fc2, x, "tanh")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

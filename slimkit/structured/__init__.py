@@ -4,8 +4,9 @@ Wei et al., "Building on Efficient Foundations: Effectively Training LLMs with S
 (arXiv 2406.16450). Each module's docstring names what it took from the paper's code (CLAIRE-Labo/StructuredFFN).
 """
 from .decode import GraphedModule, graphed
-from .layers import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, StructuredLinear, blockshuffle_ffn,
-                     forward_flops, make_linear)
+from .kernels import blockshuffle_ffn
+from .layers import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, StructuredLinear, forward_flops,
+                     make_linear)
 from .premerge import MergeChoice, choose_merge, merged_linear, premerge
 from .replace import ffn_linears, load_structured, replace_ffn, save_structured
 from .self_guided import SelfGuided, SelfGuidedSchedule, drop_guides, set_progress, train_flops_per_token

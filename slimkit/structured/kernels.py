@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import epilogue
-from .layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear, block_diag_mm, blockshuffle_ffn
+from .layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear, block_diag_mm, monarch_product
 from .self_guided import SelfGuided
 
 try:
@@ -189,6 +189,42 @@ if triton is not None:
         dact = tl.load(dact_ptr + rm[:, None] * som + rn[None, :] * son, mask=mask, other=0.0).to(tl.float32)
         _gelu_grad_epilogue(dact, rm, rn, pre_ptr, dpre_ptr, dbias_ptr, M, N, som, son, pid_m, HAS_BIAS, APPROX)
 
+    @triton.jit
+    def _transpose_kernel(x_ptr, y_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
+        """y (C, R) = x (R, C)^T, both contiguous: one tile read along C, written along R."""
+        rr = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+        cc = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
+        mask = (rr[:, None] < R) & (cc[None, :] < C)
+        tile = tl.load(x_ptr + rr[:, None] * C + cc[None, :], mask=mask)
+        tl.store(y_ptr + cc[None, :] * R + rr[:, None], tile, mask=mask)
+
+    @triton.jit
+    def _bias_gelu_rows_kernel(h_ptr, b_ptr, act_ptr, R, C, APPROX: tl.constexpr, BR: tl.constexpr,
+                               BC: tl.constexpr):
+        """act = gelu(h + b[row]) on feature-major h (R features, C tokens), the sum kept in fp32."""
+        rr = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+        cc = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
+        mask = (rr[:, None] < R) & (cc[None, :] < C)
+        offs = rr[:, None] * C + cc[None, :]
+        pre = (tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+               + tl.load(b_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[:, None])
+        tl.store(act_ptr + offs, _gelu(pre, APPROX).to(act_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bias_gelu_rows_bwd_kernel(dact_ptr, h_ptr, b_ptr, dh_ptr, db_ptr, R, C, APPROX: tl.constexpr,
+                                   BR: tl.constexpr, BC: tl.constexpr):
+        """dh = dact * gelu'(h + b[row]); this token tile's row sums of dh into db[tile, row] (torch adds the
+        tiles: deterministic, no atomics)."""
+        rr = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+        cc = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
+        mask = (rr[:, None] < R) & (cc[None, :] < C)
+        offs = rr[:, None] * C + cc[None, :]
+        pre = (tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+               + tl.load(b_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[:, None])
+        dh = tl.load(dact_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _gelu_grad(pre, APPROX)
+        tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(db_ptr + tl.program_id(1) * R + rr, tl.sum(tl.where(mask, dh, 0.0), axis=1), mask=rr < R)
+
 
 def _grid(M, N):
     return lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
@@ -330,13 +366,74 @@ def _tail(fc2: nn.Module):
     return None
 
 
+def transpose(x: torch.Tensor) -> torch.Tensor:
+    """x.t().contiguous() for a 2-D x: a tiled Triton kernel where the kernels run (torch's strided copy moved a
+    16384 x 2048 bf16 transpose at about a fifth of an H100's bandwidth), torch elsewhere. Bit-exact either way."""
+    if x.dim() != 2 or x.numel() == 0 or not available(x):
+        return x.t().contiguous()
+    x = x.contiguous()
+    r, c = x.shape
+    y = x.new_empty(c, r)
+    _transpose_kernel[(triton.cdiv(r, 64), triton.cdiv(c, 64))](x, y, r, c, BR=64, BC=64)
+    return y
+
+
+class _BiasGeluRows(torch.autograd.Function):
+    """gelu(h + b[:, None]) for feature-major h: one pass each way (torch would add the broadcast bias in a
+    separate, unvectorised pass and reduce its gradient in another)."""
+
+    @staticmethod
+    def forward(ctx, h, b, approximate):
+        r, c = h.shape
+        act = torch.empty_like(h)
+        grid = (triton.cdiv(r, 32), triton.cdiv(c, 128))
+        _bias_gelu_rows_kernel[grid](h, b, act, r, c, APPROXIMATE[approximate], BR=32, BC=128)
+        ctx.save_for_backward(h, b)
+        ctx.approximate = approximate
+        return act
+
+    @staticmethod
+    def backward(ctx, dact):
+        h, b = ctx.saved_tensors
+        r, c = h.shape
+        dact = dact.contiguous()
+        dh = torch.empty_like(h)
+        grid = (triton.cdiv(r, 32), triton.cdiv(c, 128))
+        db = torch.empty(grid[1], r, device=h.device, dtype=torch.float32)
+        _bias_gelu_rows_bwd_kernel[grid](dact, h, b, dh, db, r, c, APPROXIMATE[ctx.approximate], BR=32, BC=128)
+        return dh, db.sum(0).to(b.dtype), None
+
+
+def bias_gelu_rows(h: torch.Tensor, b: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
+    """gelu(h + b[:, None]) on feature-major (features, tokens) activations; the Triton kernels where they run,
+    the PyTorch expression elsewhere (the kernels keep the sum in fp32, so in bf16 the two differ by rounding)."""
+    if b is None:
+        return F.gelu(h, approximate=approximate)
+    b = b.to(h.dtype)
+    if h.dim() == 2 and h.numel() and available(h):
+        return _BiasGeluRows.apply(h.contiguous(), b.contiguous(), approximate)
+    return F.gelu(h + b[:, None], approximate=approximate)
+
+
+def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor,
+                     approximate: str = "none") -> torch.Tensor:
+    """fc2(gelu(fc1(x))) for two BlockShuffle layers, the hidden activations kept feature-major between them
+    (layers._Monarch): the only activation copies are the output's transpose and its gradient's, and fc1's bias
+    rides in the GELU pass (bias_gelu_rows)."""
+    x2 = x.reshape(-1, fc1.in_features)
+    h = monarch_product(x2, fc1.w1, fc1.w2, out_fm=True)
+    y = monarch_product(bias_gelu_rows(h, fc1.bias, approximate), fc2.w1, fc2.w2, in_fm=True)
+    y = y if fc2.bias is None else y + fc2.bias.to(y.dtype)
+    return y.view(*x.shape[:-1], fc2.out_features)
+
+
 def eager_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """fc2(gelu(fc1(x))) through PyTorch ops. Two BlockShuffle layers (self-guided ones whose guide is gone
-    included) keep the hidden activations feature-major between them (layers.blockshuffle_ffn), which saves
-    their transposes; anything else runs layer by layer."""
+    included) keep the hidden activations feature-major between them (blockshuffle_ffn), which saves their
+    transposes; anything else runs layer by layer."""
     a, b = _unguided(fc1), _unguided(fc2)
     if isinstance(a, BlockShuffleLinear) and isinstance(b, BlockShuffleLinear):
-        return blockshuffle_ffn(a, b, x, lambda h: F.gelu(h, approximate=approximate))
+        return blockshuffle_ffn(a, b, x, approximate)
     return fc2(F.gelu(fc1(x), approximate=approximate))
 
 

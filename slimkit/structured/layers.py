@@ -34,7 +34,7 @@ Forward: each block-diagonal product is one torch.bmm over a (blocks, tokens, wi
 activations, its result written straight into a token-major buffer (block_diag_mm; no loop over blocks, no
 activation copy in either pass). BlockShuffle runs feature-major (_Monarch): its shuffle and output interleave
 are then strided views that torch.bmm reads and writes in place, and only the change back to token-major at
-the end copies (once per FFN when two BlockShuffle layers meet, blockshuffle_ffn). The paper's op (Monarch's)
+the end copies (once per FFN when two BlockShuffle layers meet, kernels.blockshuffle_ffn). The paper's op (Monarch's)
 copies for the shuffle and the interleave instead; at d 2048, 16384 tokens on an H100 that FFN took 3.25 ms
 forward+backward against 2.47 ms feature-major (dense 5.1 ms). At 16 tokens all kinds are slower than dense:
 see premerge.py.
@@ -372,6 +372,11 @@ class LowRankLinear(StructuredLinear):
         return {**super().spec(), "rank": self.rank}
 
 
+def _transpose(x: torch.Tensor) -> torch.Tensor:
+    from .kernels import transpose      # kernels imports this module
+    return transpose(x)
+
+
 class _Monarch(torch.autograd.Function):
     """BlockShuffle's two block-diagonal products and the shuffle between them, with no activation copied.
 
@@ -381,7 +386,8 @@ class _Monarch(torch.autograd.Function):
     they are (cuBLAS's strided-batched lda/ldc), so only the layout changes at the ends cost a copy:
     `in_fm` says x is (in, T) instead of (T, in) (a token-major x is read transposed, free), `out_fm` that the
     result stays (out, T) instead of being transposed to (T, out) (one copy). Two BlockShuffle layers in a row
-    (an FFN) therefore copy only at the FFN's output (blockshuffle_ffn)."""
+    (an FFN) therefore copy only at the FFN's output (kernels.blockshuffle_ffn). The copies take
+    kernels.transpose (a tiled Triton kernel on CUDA)."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, in_fm: bool, out_fm: bool):
@@ -394,13 +400,13 @@ class _Monarch(torch.autograd.Function):
         torch.bmm(w2, h.view(r, l, t).transpose(0, 1), out=y.view(s, l, t).transpose(0, 1))
         ctx.save_for_backward(x, w1, w2, h)
         ctx.in_fm, ctx.out_fm = in_fm, out_fm
-        return y if out_fm else y.t().contiguous()
+        return y if out_fm else _transpose(y)
 
     @staticmethod
     def backward(ctx, dy):
         x, w1, w2, h = ctx.saved_tensors
         (k, q, p), (l, s, r) = w1.shape, w2.shape
-        dy = dy.contiguous() if ctx.out_fm else dy.t().contiguous()          # (out, T)
+        dy = dy.contiguous() if ctx.out_fm else _transpose(dy.contiguous())   # (out, T)
         t = dy.shape[1]
         xb = x.view(k, p, t) if ctx.in_fm else x.view(t, k, p).permute(1, 2, 0)
         hv, dyv = h.view(r, l, t).transpose(0, 1), dy.view(s, l, t).transpose(0, 1)
@@ -476,19 +482,6 @@ class BlockShuffleLinear(StructuredLinear):
 
     def spec(self) -> dict:
         return {**super().spec(), "nblocks": self.nblocks, "nblocks2": self.nblocks2}
-
-
-def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor, activation) -> torch.Tensor:
-    """fc2(activation(fc1(x))) for two BlockShuffle layers, the hidden activations kept feature-major between
-    them (see _Monarch): the only activation copies are the output's transpose and its gradient's. `activation`
-    is elementwise (it sees a (hidden, T) tensor)."""
-    x2 = x.reshape(-1, fc1.in_features)
-    h = monarch_product(x2, fc1.w1, fc1.w2, out_fm=True)
-    if fc1.bias is not None:
-        h = h + fc1.bias.to(h.dtype)[:, None]
-    y = monarch_product(activation(h), fc2.w1, fc2.w2, in_fm=True)
-    y = y if fc2.bias is None else y + fc2.bias.to(y.dtype)
-    return y.view(*x.shape[:-1], fc2.out_features)
 
 
 class BlockDenseLinear(StructuredLinear):
