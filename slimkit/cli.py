@@ -314,7 +314,12 @@ def eval_cmd(
         ref_model, _ = load_any(reference, ref_weights)
     elif is_artifact and spec:
         kwargs = {**spec.get("kwargs", {}), **({"weights": ref_weights} if ref_weights is not None else {})}
-        ref_model = get_model(spec["builder"], **kwargs)
+        gone = kwargs.get("weights")
+        if gone is not None and not Path(gone).exists():
+            console.print(f"[yellow]the float reference's weights {gone} (recorded when the artifact was made) are "
+                          "gone: agreement with FP is not reported; pass them with --weights, or --reference[/]")
+        else:
+            ref_model = get_model(spec["builder"], **kwargs)
     metrics = evaluate(m, x, y, reference=ref_model, device=dev, progress=not quiet)
     if y is None and ref_model is None:
         console.print("[yellow]no labels and no reference model: only size is reported[/]")

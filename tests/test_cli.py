@@ -233,3 +233,26 @@ def test_eval_weights_go_to_the_artifacts_reference(work):
         assert r.returncode == 0, r.stderr
         return float(re.search(r"agreement with FP\D+([\d.]+)%", r.stdout).group(1))
     assert agreement("--weights", "trained.safetensors") > 90 > agreement()
+
+
+def test_artifact_of_a_factory_model_evaluates_from_another_folder(work):
+    """The artifact holds every weight: it rebuilds from any folder, and after its float weights are deleted,
+    eval still reports accuracy and says why agreement with FP is missing."""
+    from safetensors.torch import save_file
+    scope = {}
+    exec(FACTORY, scope)
+    save_file(scope["tiny"]().state_dict(), str(work / "trained.safetensors"))
+    ok = run("quantize", "nets.py:tiny", "--weights", "trained.safetensors", "--method", "rtn", "--w-bits", "8",
+             "--a-bits", "8", "--calib", "calib.npy", "--out", "out", *FAST, cwd=work)
+    assert ok.returncode == 0, ok.stderr
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    ev = run("eval", str(work / "out"), "--data", str(work / "labelled.npz"), "--quiet", cwd=elsewhere)
+    assert ev.returncode == 0, ev.stderr
+    assert "agreement" in ev.stdout and "top-1" in ev.stdout
+    (work / "trained.safetensors").unlink()
+    ev = run("eval", str(work / "out"), "--data", str(work / "labelled.npz"), "--quiet", cwd=elsewhere)
+    assert ev.returncode == 0, ev.stderr
+    assert "top-1" in ev.stdout and "agreement" not in ev.stdout
+    said = "".join(ev.stderr.split())          # rich wraps long paths
+    assert "trained.safetensors" in said and "aregone" in said and "--weights" in said

@@ -293,7 +293,14 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         else:
             from ..models.registry import get_model
 
-            model = get_model(spec["builder"], **spec.get("kwargs", {}))
+            # the architecture only: every weight comes from the artifact, so the float weights the model was
+            # built with (recorded as a path) need not exist any more
+            kwargs = {k: v for k, v in spec.get("kwargs", {}).items() if k != "weights"}
+            try:
+                model = get_model(spec["builder"], **kwargs)
+            except SlimkitError as e:
+                raise SlimkitError(f"cannot rebuild the architecture of {path} from {spec['builder']} ({e}); pass "
+                                   "it yourself: slimkit.load(path, model=YourModel())") from None
     import copy
 
     model = copy.deepcopy(model).eval().cpu()

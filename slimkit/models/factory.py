@@ -27,6 +27,7 @@ def build_from_factory(spec: str, weights: str | Path | None = None) -> nn.Modul
             path = Path(target).resolve()
             if not path.exists():
                 raise SlimkitError(f"model factory file {target} does not exist")
+            spec = f"{path}:{fn_name}"     # recorded absolute, so an artifact rebuilds from any folder
             mod_name = f"slimkit_user_{path.stem}"
             module_spec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(module_spec)
