@@ -85,30 +85,45 @@ def fidelity(logits: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, float]
     return {"agreement": agree, "kl": kl}
 
 
+def _storage_key(t: torch.Tensor):
+    """What identifies a tensor's memory: two Parameter objects over one storage (a head tied to the embedding
+    through separate Parameter wrappers) are stored once, as slimkit.save stores them."""
+    return (t.device, t.data_ptr(), t.numel(), t.dtype) if t.numel() else id(t)
+
+
 def model_size_bytes(model: nn.Module) -> int:
     """Storage size, as slimkit.save stores the model: quantized weights at their bit width plus their scales and
     zero points (fp32); a sparse layer's kept weights (values, or codes when quantized) plus a one-bit mask;
-    every other parameter and buffer at its own dtype."""
+    every other parameter and buffer at its own dtype, each storage once. A quantized layer's float weight that
+    another module also uses as it is (a quantized head tied to the embedding) is counted in float too."""
     total, counted = 0, set()
     sparse = set(((getattr(model, "slimkit_info", None) or {}).get("sparsity") or {}).get("layers", {}))
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer) and m.w_quant is not None}
+    float_users: dict = {}          # storage -> modules holding it as a plain parameter
     for name, module in model.named_modules():
-        if isinstance(module, QuantLayer) and module.w_quant is not None:
+        if not isinstance(module, QuantLayer) and not any(name == q + ".layer" for q in quantized):
+            for p in module.parameters(recurse=False):
+                float_users.setdefault(_storage_key(p), []).append(name)
+    for name, module in model.named_modules():
+        if name in quantized:
             w = module.layer.weight
             kept = w.numel() if module.w_mask is None else int(module.w_mask.sum())
             total += (kept * module.w_quant.spec.bits + 7) // 8
             total += 0 if module.w_mask is None else (w.numel() + 7) // 8
             total += 2 * module.w_quant.scale.numel() * 4
-            counted.update({id(w), id(module.w_int), id(module.w_quant.scale), id(module.w_quant.zero_point)})
-            if module.w_mask is not None:
-                counted.add(id(module.w_mask))
-        elif name in sparse and getattr(module, "weight", None) is not None and id(module.weight) not in counted:
+            skip = [module.w_int, module.w_quant.scale, module.w_quant.zero_point]
+            skip += [w] if _storage_key(w) not in float_users else []
+            skip += [module.w_mask] if module.w_mask is not None else []
+            counted.update(_storage_key(t) for t in skip if t is not None)
+        elif name in sparse and getattr(module, "weight", None) is not None \
+                and _storage_key(module.weight) not in counted:
             w = module.weight
             total += int((w != 0).sum()) * w.element_size() + (w.numel() + 7) // 8
-            counted.add(id(w))
+            counted.add(_storage_key(w))
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in counted:
+        if _storage_key(t) not in counted:
             total += t.numel() * t.element_size()
-            counted.add(id(t))
+            counted.add(_storage_key(t))
     return total
 
 

@@ -234,3 +234,28 @@ def test_models_built_from_torch_transformer_encoder_layers_quantize(tmp_path):
     slimkit.save(q, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(slimkit.load(tmp_path / "q", model=Encoder())(x), out)
+
+
+def test_size_of_a_quantized_layer_sharing_its_weight_with_a_float_one():
+    """A weight one quantized layer and one float layer share is stored packed for the first and in float for
+    the second; a float weight two layers share is counted once."""
+    from slimkit.eval import model_size_bytes
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8, bias=False)
+            self.b.weight = self.a.weight          # quantized a, float b: both forms are needed
+
+        def forward(self, x):
+            return self.c(self.b(torch.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    q = slimkit.quantize(Shared(), torch.randn(32, 8), method="rtn", w_bits=4, a_bits=8, skip=["b"],
+                         progress=False)
+    layers = quant_layers(q)
+    assert set(layers) == {"a", "c"}
+    floats = 64 * 4 + 8 * 4 + 8 * 4           # the shared weight once in float, a's and b's biases
+    packed = sum((64 * m.w_quant.spec.bits + 7) // 8 + 2 * m.w_quant.scale.numel() * 4 for m in layers.values())
+    act = sum(t.numel() * t.element_size() for m in layers.values() if m.a_quant is not None for t in m.a_quant.buffers())
+    assert model_size_bytes(q) == floats + packed + act

@@ -265,3 +265,23 @@ def test_context_of_models_counting_positions_after_padding():
     ids = torch.randint(3, 100, (2, 129), generator=torch.Generator().manual_seed(0))
     with pytest.raises(slimkit.SlimkitError, match="longer than the model's context \\(128 positions\\)"):
         slimkit.quantize(model, ids, method="minmax", w_bits=8, a_bits=8, **OPTS)
+
+
+def test_size_counts_a_tied_embedding_once_in_memory_and_after_reload(tmp_path):
+    """A head tied to the embedding (transformer PTQ leaves the head in float) is stored once: the size reported
+    after quantize equals the size of the reloaded artifact and the count by hand."""
+    from slimkit.eval import model_size_bytes
+
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    q = slimkit.quantize(model, tiny_inputs("llama", 8, 16, seed=1), method="minmax", w_bits=4, a_bits=8, **OPTS)
+    layers = quant_layers(q)
+    slimkit.save(q, tmp_path / "art")
+    again = slimkit.load(tmp_path / "art")
+    packed = {t.data_ptr() for m in layers.values() for t in (m.layer.weight, m.w_int, m.w_quant.scale,
+                                                             m.w_quant.zero_point)}
+    by_hand = sum(t.numel() * t.element_size() for ptr, t in
+                  {p.data_ptr(): p for p in list(q.parameters()) + list(q.buffers())}.items() if ptr not in packed)
+    by_hand += sum((m.layer.weight.numel() * 4 + 7) // 8 + 2 * m.w_quant.scale.numel() * 4 for m in layers.values())
+    assert model_size_bytes(q) == model_size_bytes(again) == by_hand
