@@ -192,7 +192,7 @@ def sparsify(
                                                    "dataset name (default: the shipped model's calibration set)"),
     iters: Optional[int] = typer.Option(None, help="fcpts: rate-learning steps (400)"),
     finetune_iters: Optional[int] = typer.Option(None, "--finetune-iters", help="fcpts: steps with the masks fixed (100)"),
-    num_samples: int = typer.Option(1024, "--num-samples", help="calibration samples (images, or text sequences for transformers; every method)"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples for the methods that take data (default 1024 images; 128 text sequences for transformers)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="fcpts: batch size (64)"),
     score: Optional[str] = typer.Option(None, help="fcpts: rank weights by 'magnitude' (|w|) or 'activation' "
                                                    "(|w| * input channel norm); default auto: activation for "
@@ -247,15 +247,14 @@ def sparsify(
     if options and (nm is not None or method != "fcpts"):
         raise SlimkitError("--iters, --finetune-iters, --batch-size, --score, --temperature and --reconstruct apply "
                            "to --method fcpts only")
-    if nm is None and method == "fcpts":
-        options.update(progress=not quiet)
     eval_name = eval_data or default_data(model, "eval")
     if not is_transformer(fp_model) and eval_name is not None:   # fails now if it does not fit, not after the run
         x, y = resolve(eval_name)
         check_data(fp_model, x, y)
     t0 = time.perf_counter()
     smodel = run_sparsify(fp_model, calib if learn else None, method=method, sparsity=sparsity, nm=nm,
-                          exclude=tuple(exclude or ()), device=device, num_samples=num_samples, **options)
+                          exclude=tuple(exclude or ()), device=device, num_samples=num_samples, progress=not quiet,
+                          **options)
     seconds = time.perf_counter() - t0
     dev = str(pick_device(device))
     if is_transformer(fp_model) and eval_name is not None:

@@ -107,11 +107,12 @@ def _blocks(model: nn.Module) -> list[str]:
     return layout(model).blocks
 
 
-def _sparsegpt(model: nn.Module, layers: dict[str, nn.Module], counts: dict[str, int], data, dev) -> dict:
+def _sparsegpt(model: nn.Module, layers: dict[str, nn.Module], counts: dict[str, int], data, dev,
+               progress: bool) -> dict:
     """SparseGPT at the given per-layer counts, block by block for a transformer; the model ends on the CPU."""
     from .methods.sparsegpt import sparsegpt
 
-    masks = sparsegpt(model, layers, _blocks(model), counts, data, dev)
+    masks = sparsegpt(model, layers, _blocks(model), counts, data, dev, progress)
     model.cpu()
     return masks
 
@@ -128,14 +129,16 @@ def _counts(method: str, layers: dict[str, nn.Module], target: float) -> dict[st
 
 
 def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity: float = 0.5, nm=None,
-             exclude=(), inplace: bool = False, device: str | None = None, num_samples: int = 1024,
-             seq_len: int | None = None, tokenizer=None, **options) -> nn.Module:
+             exclude=(), inplace: bool = False, device: str | None = None, num_samples: int | None = None,
+             seq_len: int | None = None, tokenizer=None, progress: bool = True, **options) -> nn.Module:
     """A copy of `model` (or `model` itself with inplace=True) whose counted layers hold `sparsity` zeros in all,
     allocated by `method`; or N:M sparse with `nm="2:4"`. The result's `slimkit_info["sparsity"]` holds the
     target, the achieved global sparsity, the counted layers and each one's rate (see `sparsity_table`).
-    `calib_data` (inputs as for slimkit.quantize; at most `num_samples` used) is needed by "fcpts" only; for
+    `calib_data` (inputs as for slimkit.quantize; at most `num_samples` used: default 1024 inputs, or 128 token
+    blocks for transformers, as SparseGPT and Wanda calibrate) is needed by fcpts, wanda, owl and sparsegpt; for
     Hugging Face transformers it is text (file, folder, list, shipped corpus name) or token ids, cut into
     `num_samples` blocks of `seq_len` tokens (default 2048, 128 for encoders) with the model's `tokenizer`;
+    `progress` shows progress bars;
     `options` are its FCPTSConfig fields (iters, finetune_iters, batch_size, lr, lr_threshold, score, block_kd,
     temperature, ...);
     score="auto" (default) ranks weights inside a layer by |w| * input channel norm in transformers, by |w|
@@ -147,7 +150,8 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     target = check_target(sparsity) if pattern is None else 1 - pattern[0] / pattern[1]
     if pattern is None and method not in METHODS:
         raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
         raise SlimkitError(f"num_samples must be a positive integer, got {num_samples!r}")
     learn = pattern is None and method == "fcpts"
     needs_data = pattern is None and method in NEEDS_DATA
@@ -211,7 +215,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
 
             from .transformer import check_token_ids, lm_calibration, model_vocab
 
-            data = lm_calibration(model, calib_data, SimpleNamespace(num_samples=num_samples, seq_len=seq_len,
+            data = lm_calibration(model, calib_data, SimpleNamespace(num_samples=num_samples or 128, seq_len=seq_len,
                                                                      seed=options.get("seed", 0)), tokenizer)
             if isinstance(data, dict):      # {'input_ids', 'attention_mask'}: unpadded rows only
                 mask = data.get("attention_mask")
@@ -226,7 +230,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
             from .core.data import calibration_tensor
             from .quantize import check_runs
 
-            data = calibration_tensor(calib_data, num_samples, options.get("seed", 0))
+            data = calibration_tensor(calib_data, num_samples or 1024, options.get("seed", 0))
             check_runs(model, data[:2])
     out = model if inplace else copy.deepcopy(model)
     layers = prunable_layers(out, exclude)
@@ -244,13 +248,13 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
             options["score"] = "activation" if is_transformer(out) else "magnitude"
         teacher = copy.deepcopy(model).to(dev).eval()
         out.to(dev)
-        cfg = FCPTSConfig(sparsity=target, **options)
+        cfg = FCPTSConfig(sparsity=target, progress=progress, **options)
         if cfg.reconstruct == "sparsegpt":    # learn the rates on a scratch copy, then prune `out` by SparseGPT
             scratch = copy.deepcopy(model).to(dev)
             _, log = fcpts(scratch, teacher, prunable_layers(scratch, exclude), data,
                            dataclasses.replace(cfg, finetune_iters=0), dev)
             del scratch
-            masks = _sparsegpt(out, layers, log["counts"], data, dev)
+            masks = _sparsegpt(out, layers, log["counts"], data, dev, progress)
         else:
             masks, log = fcpts(out, teacher, layers, data, cfg, dev)
         out.cpu().eval()
@@ -259,11 +263,12 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         masks = {k: nm_keep(m, *pattern) for k, m in layers.items()}
     elif method == "sparsegpt":
         sizes = {k: m.weight.numel() for k, m in layers.items()}
-        masks = _sparsegpt(out, layers, exact_counts(uniform_rates(sizes, target), sizes, target), data, dev)
+        masks = _sparsegpt(out, layers, exact_counts(uniform_rates(sizes, target), sizes, target), data, dev,
+                           progress)
     elif method in ("wanda", "owl"):
         from .methods.owl import input_norms, owl_rates, wanda_mask
 
-        norms = input_norms(out, layers, data, dev)
+        norms = input_norms(out, layers, data, dev, progress=progress)
         out.cpu()
         sizes = {k: m.weight.numel() for k, m in layers.items()}
         if method == "owl":

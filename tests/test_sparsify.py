@@ -322,6 +322,40 @@ def test_sparsegpt_compensates_better_than_wanda_and_hits_the_target():
     assert all(abs(r["rate"] - 0.5) < 0.01 for r in gpt2.slimkit_info["sparsity"]["layers"].values())
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_sequential_sparsegpt_equals_rerunning_the_pruned_model(kind):
+    """Block inputs captured once and carried through each pruned block give what re-running the whole (partly
+    pruned) model up to each block gives: the same masks and the same updated weights."""
+    import copy
+
+    from tiny_hf import VOCAB, tiny_model
+
+    from slimkit.core.families import layout
+    from slimkit.core.sparsity import exact_counts, uniform_rates
+    from slimkit.methods.sparsegpt import hessians, prune_layer, sparsegpt
+
+    model = tiny_model(kind, layers=3).eval()
+    tokens = torch.randint(3, VOCAB, (12, 16), generator=torch.Generator().manual_seed(4))
+    sizes = {k: m.weight.numel() for k, m in prunable_layers(model).items()}
+    counts = exact_counts(uniform_rates(sizes, 0.5), sizes, 0.5)
+    dev = torch.device("cpu")
+    seq = copy.deepcopy(model)
+    masks = sparsegpt(seq, prunable_layers(seq), layout(seq).blocks, counts, tokens, dev)
+    ref = copy.deepcopy(model)
+    ref_layers, ref_masks = prunable_layers(ref), {}
+    for path in layout(ref).blocks:            # the earlier algorithm: a forward from the start per block
+        names = [k for k in ref_layers if k.startswith(path + ".")]
+        with torch.no_grad():
+            hs = hessians(ref, {k: ref_layers[k] for k in names}, tokens, dev, stop_at=ref.get_submodule(path))
+        for k in names:
+            ref_masks[k] = prune_layer(ref_layers[k], hs[k], counts[k])
+    assert set(masks) == set(ref_masks) == set(sizes)
+    for k in masks:
+        assert torch.equal(masks[k], ref_masks[k]), k
+    for (n, a), (_, b) in zip(seq.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
 def test_sparse_transformer_saves_and_loads(kind, tmp_path):
     """GPT-2 and OPT tie the output head to the embedding: the artifact stores it once and the reload keeps

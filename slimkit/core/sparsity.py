@@ -157,11 +157,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def feed_inputs(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor, device: torch.device,
-                on_input, method: str, batch_size: int = 8, stop_at: nn.Module | None = None) -> None:
-    """Run the calibration data through `model` in batches and call on_input(name, x) with each counted linear
-    layer's input as fp32 (tokens, in); the forward stops after `stop_at` when given. Convolutions are refused:
-    `method` scores weights by their input channels."""
+def record_inputs(layers: dict[str, nn.Module], on_input, method: str, run) -> None:
+    """Call run() with a hook on every layer that passes on_input(name, x) each input as fp32 (tokens, in); then
+    check every layer saw one. Convolutions are refused: `method` scores weights by their input channels."""
     for name, layer in layers.items():
         if isinstance(layer, nn.modules.conv._ConvNd):
             raise SlimkitError(f"{method} scores linear layers by their inputs; {name} is a convolution: use fcpts, "
@@ -174,17 +172,9 @@ def feed_inputs(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tens
             on_input(name, args[0].detach().float().reshape(-1, args[0].shape[-1]))
         return record
 
-    def stop(module, args, out):
-        raise _Stop
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    if stop_at is not None:
-        handles.append(stop_at.register_forward_hook(stop))
     try:
-        for i in range(0, data.shape[0], batch_size):
-            try:
-                model(data[i:i + batch_size].to(device))
-            except _Stop:
-                pass
+        run()
     finally:
         for h in handles:
             h.remove()
@@ -195,6 +185,31 @@ def feed_inputs(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tens
                            "on the calibration data (nn.MultiheadAttention, for one, uses its out_proj's weight "
                            "directly): leave such layers dense with exclude=[...] (e.g. '*out_proj'), or use fcpts, "
                            "uniform, global_magnitude or erk")
+
+
+def feed_inputs(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor, device: torch.device,
+                on_input, method: str, batch_size: int = 8, stop_at: nn.Module | None = None,
+                progress: bool = False) -> None:
+    """Run the calibration data through `model` in batches and call on_input(name, x) with each counted linear
+    layer's input as fp32 (tokens, in) (record_inputs); the forward stops after `stop_at` when given."""
+    from tqdm.auto import tqdm
+
+    def stop(module, args, out):
+        raise _Stop
+
+    def run():
+        starts = range(0, data.shape[0], batch_size)
+        for i in tqdm(starts, desc=f"{method}: calibration inputs", disable=not progress, leave=False):
+            try:
+                model(data[i:i + batch_size].to(device))
+            except _Stop:
+                pass
+    handle = stop_at.register_forward_hook(stop) if stop_at is not None else None
+    try:
+        record_inputs(layers, on_input, method, run)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 # ---------- compact storage: values + bitmask ----------

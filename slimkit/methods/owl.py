@@ -18,14 +18,15 @@ from ..core.wrap import is_conv1d, weight_oi
 
 
 def input_norms(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor, device: torch.device,
-                batch_size: int = 8) -> dict[str, torch.Tensor]:
+                batch_size: int = 8, progress: bool = False) -> dict[str, torch.Tensor]:
     """Per layer, the L2 norm of each input channel over every calibration token (fp32, on the CPU)."""
     sums: dict[str, torch.Tensor] = {}
 
     def add(name, x):
         sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
     model.eval().to(device)
-    feed_inputs(model, layers, data, device, add, "wanda / owl", batch_size)
+    with torch.no_grad():
+        feed_inputs(model, layers, data, device, add, "wanda / owl", batch_size, progress=progress)
     return {k: v.sqrt().cpu() for k, v in sums.items()}
 
 
