@@ -269,7 +269,7 @@ def sparsify(
     rows["FP"]["seconds"], rows["sparse"]["seconds"] = None, seconds
     save(smodel, out, overwrite=overwrite, metrics={"fp": rows["FP"], "sparse": rows["sparse"], "eval_data": eval_name})
     rows["FP"]["size_bytes"] = model_size_bytes(fp_model)
-    rows["sparse"]["size_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    rows["sparse"]["size_bytes"] = model_size_bytes(smodel)    # as FP's and as eval counts it, not the files
     plot_rates(smodel.slimkit_info, out / "sparsity.png")
     con = Console()
     con.print(sparsity_table(smodel.slimkit_info))

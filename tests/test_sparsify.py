@@ -118,6 +118,9 @@ def test_cli_sparsify_writes_artifact_chart_and_refuses_bad_input(tmp_path):
     layers = prunable_layers(back)
     total = sum(m.weight.numel() for m in layers.values())
     assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.7 * total)
+    from slimkit.eval import model_size_bytes
+    from slimkit.report import fmt_size
+    assert fmt_size(model_size_bytes(back)) in r.output     # the size eval reports too, not the files on disk
     for args in (["--sparsity", "1.2"], ["--method", "magic"], ["--nm", "5:4"], ["--temperature", "0"],
                  ["--method", "erk", "--temperature", "2"]):
         bad = CliRunner().invoke(app, ["sparsify", "fmnist-resnet", "--out", str(tmp_path / "bad"), *args])
