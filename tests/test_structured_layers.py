@@ -561,3 +561,36 @@ def test_load_structured_bad_files_leave_the_model_alone(tmp_path):
 def test_premerge_refuses_bad_token_counts(tokens):
     with pytest.raises(SlimkitError, match="tokens must be a positive integer"):
         premerge(replace_ffn(tiny_model("llama"), "lowrank", 0.32), tokens)
+
+
+def test_replace_ffn_on_t5_and_switch_runs_trains_and_reloads(tmp_path):
+    """T5 keeps its FFN in DenseReluDense and casts to wo.weight's dtype before wo (as Switch's experts do):
+    every FFN linear becomes structured, routers stay dense, and the models train and reload."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 96, (2, 7))
+
+    def t5():
+        return T.T5ForConditionalGeneration(T.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                       num_heads=4, decoder_start_token_id=0)).eval()
+
+    def switch():
+        return T.SwitchTransformersForConditionalGeneration(T.SwitchTransformersConfig(
+            vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+            num_experts=4, expert_capacity=8, decoder_start_token_id=0, num_sparse_encoder_layers=1,
+            num_sparse_decoder_layers=1)).eval()
+
+    for build, kind in ((t5, "lowrank"), (switch, "blockdense")):
+        model = build()
+        names = set(ffn_linears(model))
+        assert names and not any("router" in n for n in names)
+        replace_ffn(model, kind, 0.5, self_guided=(kind == "lowrank"))
+        assert all(isinstance(model.get_submodule(n), (SelfGuided, LowRankLinear, BlockDenseLinear)) for n in names)
+        assert all(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.endswith("router.classifier"))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        save_structured(model, tmp_path / kind)
+        again = load_structured(build(), tmp_path / kind)
+        torch.testing.assert_close(again(input_ids=ids, labels=ids).logits, model(input_ids=ids, labels=ids).logits)

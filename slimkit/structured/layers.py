@@ -266,6 +266,13 @@ class StructuredLinear(nn.Module):
         return [p for n, p in self.named_parameters(recurse=False) if n != "bias"]
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The first factor, so that code which reads a linear's `.weight.dtype` / `.device` works unchanged
+        (transformers' T5 and Switch FFNs cast their input to `wo.weight.dtype`). It is not the (out, in) matrix:
+        that is dense_weight()."""
+        return self.factors()[0]
+
+    @property
     def weight_params(self) -> int:
         return sum(p.numel() for p in self.factors())
 

@@ -1,6 +1,7 @@
 """Swap a model's feed-forward linears for structured ones, and save / load the result.
 
-Found generically: every nn.Linear or Hugging Face Conv1D inside a module named `mlp`, `ffn` or `feed_forward`,
+Found generically: every nn.Linear or Hugging Face Conv1D inside a module named `mlp`, `ffn`, `feed_forward` or
+`DenseReluDense` (T5),
 and a layer's fc1 / fc2 or intermediate.dense / output.dense pair where the two chain d -> h -> d. That covers
 Hugging Face Llama-style models (mlp.gate_proj / up_proj / down_proj), GPT-2 (mlp.c_fc / c_proj, Conv1D with its
 weight stored (in, out)), OPT (fc1 / fc2), BERT-style encoders and slimkit's GPT (mlp.fc1 / fc2, and mlp.gate for
@@ -26,7 +27,7 @@ from ..errors import SlimkitError
 from .layers import KINDS, StructuredLinear, layer_from_spec, make_linear
 from .self_guided import SelfGuided, SelfGuidedSchedule
 
-FFN_NAMES = ("mlp", "ffn", "feed_forward")
+FFN_NAMES = ("mlp", "ffn", "feed_forward", "DenseReluDense")     # the last: T5, mT5, LongT5, UMT5
 # a mixture-of-experts FFN's routing linears (Switch and NLLB-MoE router.classifier, JetMoE / AFMoE router.*,
 # Qwen2-MoE shared_expert_gate): they pick experts, they are no FFN weights. A linear named `gate` or `wg` is a
 # router when it narrows (d -> experts: Qwen2-MoE mlp.gate, Hunyuan gate.wg), a SwiGLU gate when it widens.

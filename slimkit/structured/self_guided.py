@@ -86,6 +86,11 @@ class SelfGuided(nn.Module):
         return self.layer.out_features
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The structured layer's `weight` (its first factor: for code that reads a linear's weight dtype)."""
+        return self.layer.weight
+
+    @property
     def bias(self) -> torch.Tensor | None:
         return self.layer.bias
 
