@@ -6,6 +6,7 @@ kernels, eager and fused. Prints its figures (GPU only):
 
     python bench/structured_ffn_probe.py
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -64,4 +65,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("structured_ffn_probe.py measures CUDA kernels: run it on a GPU machine (device tool)")
     main()

@@ -3,7 +3,8 @@ without self-guided training, trained on the same token data at two model sizes;
 FLOPs and wall time, and a picture of loss against training FLOPs (the scaling picture).
 
     python bench/structured_ffn_train.py --device cuda --deadline 540     # GPU preset, one H100/H200 (~7 min)
-    python bench/structured_ffn_train.py --preset cpu --name structured_ffn_train_cpu   # smoke scale, CPU (~1 min)
+    python bench/structured_ffn_train.py --preset cpu --name structured_ffn_train_cpu \
+        --corpus /usr/share/doc/python3.11/html/_sources                  # smoke scale, CPU (~1 min)
     python bench/structured_ffn_train.py --preset gpu --plan              # the grid, its FLOPs, a time estimate
 
 Through the device tool (its machine has neither doc package): prepare the tokens here, carry them there.

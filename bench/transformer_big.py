@@ -4,7 +4,8 @@ The model lives in CPU memory (fp32, 27 GB); each transformer block visits the G
 OS+ search, calibration and quantized outputs, then goes back. Reports peak GPU memory and time per block.
 
     python bench/transformer_big.py                     # on the GPU machine (device tool)
-    python bench/transformer_big.py --layers 2 --hidden 256 --device cpu   # a small smoke run
+    python bench/transformer_big.py --layers 2 --hidden 256 --intermediate 688 --heads 4 --sequences 4 \
+        --seq-len 128 --device cpu --name transformer_big_smoke       # a small smoke run (about 30 s, CPU)
 """
 from __future__ import annotations
 
