@@ -100,6 +100,9 @@ def quantize(
     w_observer: Optional[str] = typer.Option(None, "--w-observer", help="minmax | ema | mse | percentile"),
     a_observer: Optional[str] = typer.Option(None, "--a-observer", help="minmax | ema | mse | percentile"),
     w_granularity: Optional[str] = typer.Option(None, "--w-granularity", help="channel | tensor | group"),
+    w_group_size: Optional[int] = typer.Option(None, "--w-group-size",
+                                               help="weights per group with --w-granularity group (128)"),
+    skip: Optional[list[str]] = typer.Option(None, "--skip", help="a layer (module path) to keep in float; repeatable"),
     first_last_bits: Optional[int] = typer.Option(None, "--first-last-bits", help="bits of the first and last layer (8; 0: same as the rest)"),
     weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
@@ -125,7 +128,8 @@ def quantize(
     check_output(out, overwrite)      # before any work: a bad --out fails at once
     options = dict(method=method, w_bits=w_bits, a_bits=a_bits, preset=preset, iters=iters, num_samples=num_samples,
                    batch_size=batch_size, drop_prob=drop_prob, w_observer=w_observer, a_observer=a_observer,
-                   w_granularity=w_granularity, first_last_bits=first_last_bits, device=device, seed=seed,
+                   w_granularity=w_granularity, w_group_size=w_group_size, skip=skip or None,
+                   first_last_bits=first_last_bits, device=device, seed=seed,
                    seq_len=seq_len, a_granularity=a_granularity, attn_quant=attn_quant,
                    token_clipping=token_clipping, progress=False if quiet else None)
     options = {k: v for k, v in options.items() if v is not None}

@@ -61,7 +61,7 @@ def check_groups(layers: dict[str, nn.Module], plans: dict[str, LayerPlan]) -> N
         if row % spec.group_size:
             raise SlimkitError(f"w_group_size {spec.group_size} does not divide layer {name}'s {row} weights per output "
                                f"channel: pick a group size that divides every layer's (a power of two such as 32 "
-                               f"often does), or keep {name} in float with skip=[...]")
+                               f"often does; --w-group-size, w_group_size=), or keep {name} in float (--skip {name}, skip=[...])")
 
 
 def layer_plans(order: list[str], cfg: QuantConfig) -> dict[str, LayerPlan]:
@@ -115,7 +115,8 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
     modules = layer_modules(fp_model)
     unknown = [s for s in cfg.skip if s not in modules]
     if unknown:
-        raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model")
+        raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model: give the module "
+                           f"path of a quantized layer (as `print(model)` names it, e.g. 'fc' or 'layer1.0.conv1')")
     order = layer_order(fp_model, example, called_only=True)     # a layer never called stays float
     plans = layer_plans(order, cfg)
     check_groups(modules, plans)

@@ -256,3 +256,19 @@ def test_artifact_of_a_factory_model_evaluates_from_another_folder(work):
     assert "top-1" in ev.stdout and "agreement" not in ev.stdout
     said = "".join(ev.stderr.split())          # rich wraps long paths
     assert "trained.safetensors" in said and "aregone" in said and "--weights" in said
+
+
+def test_group_size_and_skip_from_the_command_line(work):
+    """--w-group-size and --skip reach the recipe fields their error messages name."""
+    import json
+    bad = run("quantize", "nets.py:tiny", "--method", "rtn", "--w-bits", "4", "--a-bits", "8", "--w-granularity",
+              "group", "--w-group-size", "7", "--calib", "calib.npy", "--out", "out", *FAST, cwd=work)
+    expect_error(bad, "w_group_size 7 does not divide", "--w-group-size", "--skip")
+    ok = run("quantize", "nets.py:tiny", "--method", "rtn", "--w-bits", "4", "--a-bits", "8", "--w-granularity",
+             "group", "--w-group-size", "4", "--skip", "0", "--calib", "calib.npy", "--out", "out", *FAST, cwd=work)
+    assert ok.returncode == 0, ok.stderr
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+    assert manifest["config"]["w_group_size"] == 4 and manifest["config"]["skip"] == ["0"]
+    assert "0" not in manifest["layers"] and "3" in manifest["layers"]      # conv 0 has 9 weights a channel
+    expect_error(run("quantize", "nets.py:tiny", "--skip", "nope", "--calib", "calib.npy", "--out", "o2", *FAST,
+                     cwd=work), "skip names 'nope'", "module path")
