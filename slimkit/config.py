@@ -166,9 +166,12 @@ def load_recipe(recipe: str | Path | dict) -> dict:
     if path.is_dir():
         raise SlimkitError(f"recipe {path} is a folder: give a YAML file or a shipped recipe name")
     if not path.exists():
-        shipped = Path(__file__).parent / "recipes" / f"{recipe}.yaml"
-        if not shipped.exists():
-            raise SlimkitError(f"recipe {str(recipe)!r} not found: give a YAML file path or a shipped recipe name")
+        shelf = Path(__file__).parent / "recipes"
+        name = str(recipe)
+        shipped = shelf / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        if path.parent != Path(".") or not shipped.is_file():
+            names = ", ".join(sorted(p.stem for p in shelf.glob("*.yaml")))
+            raise SlimkitError(f"recipe {name!r} not found: give a YAML file path or a shipped recipe name ({names})")
         path = shipped
     try:
         values = yaml.safe_load(path.read_text())

@@ -209,6 +209,17 @@ def test_recipe_dict_and_override(data):
     assert cfg["method"] == "rtn" and cfg["w_bits"] == 3 and cfg["a_bits"] == 6
 
 
+def test_shipped_recipes_by_name_or_file_name(tmp_path, monkeypatch):
+    from slimkit.config import load_recipe
+    monkeypatch.chdir(tmp_path)          # no file of that name here: the shipped one
+    assert load_recipe("qdrop-w4a4") == load_recipe("qdrop-w4a4.yaml")
+    assert load_recipe("qdrop-w4a4")["method"] == "qdrop"
+    with pytest.raises(slimkit.SlimkitError, match=r"recipe 'qdrop-w3a3' not found.*qdrop-w2a4, qdrop-w4a4, rtn-w8a8"):
+        load_recipe("qdrop-w3a3")
+    (tmp_path / "qdrop-w4a4.yaml").write_text("method: rtn\n")     # a file of that name wins
+    assert load_recipe("qdrop-w4a4.yaml")["method"] == "rtn"
+
+
 def test_models_built_from_torch_transformer_encoder_layers_quantize(tmp_path):
     """nn.TransformerEncoderLayer reads its linears' weights for a fused inference fast path, and
     nn.MultiheadAttention uses out_proj's weight without calling it: the linears that run are quantized (the fast
