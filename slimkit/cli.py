@@ -1,6 +1,7 @@
 """The `slimkit` command: sub-commands mirror the library's verbs (quantize, eval)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -402,6 +403,8 @@ def train_lm(
     options = {k: v for k, v in locals().items() if k not in ("quiet", "TrainConfig", "train") and v is not None}
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     report = train(TrainConfig(**options, progress=not quiet))
+    if int(os.environ.get("RANK", "0")) != 0:      # under torchrun: one summary, from rank 0
+        return
     Console().print(f"val ppl {report['val_ppl']:.2f}, train ppl {report['train_ppl']:.2f}, {report['tokens']:,} tokens, "
                     f"{report['train_flops']:.3g} training FLOPs, {report['wall_s']:.0f} s; report in {out}/report.json")
 

@@ -155,7 +155,7 @@ def test_kill_and_resume_is_exact(corpus, tmp_path):
     assert [p.name for p in ckpt_dirs(tmp_path / "killed")] == ["step_000005"]
     with pytest.raises(SlimkitError, match="--resume"):
         train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1))
-    with pytest.raises(SlimkitError, match="lr"):
+    with pytest.raises(SlimkitError, match=r"lr \(0.003 saved, 0.001 now\)"):
         train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1, lr=1e-3, resume=True))
     resumed = train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1, resume=True))
     assert resumed["losses"][5:] == full["losses"][5:]  # steps 6..10, bitwise
@@ -332,3 +332,12 @@ def test_bad_corpus_files_and_out(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SlimkitError, match="is a file: give a folder"):
         train(tiny(tmp_path / "afile", tmp_path))
+
+
+def test_cpu_runs_say_what_they_cannot_do(corpus, tmp_path, capsys):
+    """--fsdp in one process and --ffn-kernel cublaslt on the CPU are said, and the report records what ran."""
+    _, data, _ = corpus
+    report = train(tiny(tmp_path / "run", data, steps=2, fsdp=True, ffn_kernel="cublaslt", act="gelu_tanh"))
+    err = capsys.readouterr().err
+    assert "--fsdp" in err and "unsharded" in err and "cublaslt runs on CUDA only" in err
+    assert report["config"]["ffn_kernel"] == "eager"

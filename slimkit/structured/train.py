@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace as replace_fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -416,8 +416,8 @@ def load_model(path: str | Path, device: str = "cpu") -> GPT:
 def _check_resumable(meta: dict, cfg: TrainConfig, global_batch: int, corpus: Corpus) -> None:
     """A resumed run must compute what the interrupted one would have: same settings, batch and data."""
     saved = meta["config"]
-    diff = [f.name for f in fields(TrainConfig) if f.name not in RUNTIME_FIELDS
-            and saved.get(f.name) != getattr(cfg, f.name)]
+    diff = [f"{f.name} ({saved.get(f.name)!r} saved, {getattr(cfg, f.name)!r} now)" for f in fields(TrainConfig)
+            if f.name not in RUNTIME_FIELDS and saved.get(f.name) != getattr(cfg, f.name)]
     if meta["data"]["source_hash"] != corpus.meta["source_hash"]:
         diff.append("the corpus (its files changed)")
     if meta["global_batch"] != global_batch:
@@ -483,6 +483,14 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     from it stops the run as a kill would, which is how the tests simulate one.
     """
     d, device = setup_dist(cfg.device)
+    if d.main and cfg.fsdp and d.world == 1:
+        print("slimkit: warning: --fsdp shards the model over the processes torchrun starts; this is one process, "
+              "so it trains unsharded", file=sys.stderr, flush=True)
+    if cfg.ffn_kernel == "cublaslt" and device.type != "cuda":
+        if d.main:
+            print("slimkit: warning: --ffn-kernel cublaslt runs on CUDA only; this run on the CPU takes the eager "
+                  "FFN (and records ffn_kernel eager)", file=sys.stderr, flush=True)
+        cfg = replace_fields(cfg, ffn_kernel="eager")
     if cfg.ffn_kernel == "cublaslt" and device.type == "cuda":
         from . import epilogue
         if epilogue.lt is None:
