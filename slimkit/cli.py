@@ -181,6 +181,9 @@ def quantize(
     info = qmodel.slimkit_info
     cfg = info["config"]
     a = cfg["a_bits"] if cfg["a_bits"] is not None else "16"
+    if (getattr(fp_model, "slimkit_info", None) or {}).get("sparsity"):
+        # the float model here is the sparse one; `slimkit eval` of the result compares with the dense original
+        rows = {"FP (sparse)": rows["FP"], "quantized": rows["quantized"]}
     print_table(rows, title=f"{info['method']} W{cfg['w_bits']}A{a} on {model}", console=Console())
     Console().print(f"saved to {out}")
 

@@ -129,6 +129,7 @@ def test_cli_sparsify_writes_artifact_chart_and_refuses_bad_input(tmp_path):
     q = CliRunner().invoke(app, ["quantize", str(out), "--method", "rtn", "--w-bits", "4", "--a-bits", "8",
                                  "--out", str(tmp_path / "sq"), "--quiet"])
     assert q.exit_code == 0, q.output
+    assert "FP (sparse)" in q.output          # the float row is the sparse model, not the dense original
     manifest = json.loads((tmp_path / "sq" / "manifest.json").read_text())
     assert manifest["sparsity"]["target"] == 0.7 and all(s.get("w_sparse") for s in manifest["layers"].values())
     again = CliRunner().invoke(app, ["quantize", str(tmp_path / "sq"), "--method", "rtn", "--out",
