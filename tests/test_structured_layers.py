@@ -594,3 +594,44 @@ def test_replace_ffn_on_t5_and_switch_runs_trains_and_reloads(tmp_path):
         save_structured(model, tmp_path / kind)
         again = load_structured(build(), tmp_path / kind)
         torch.testing.assert_close(again(input_ids=ids, labels=ids).logits, model(input_ids=ids, labels=ids).logits)
+
+
+def test_replace_ffn_keeps_a_shared_linear_shared():
+    """A linear two FFNs hold (weight sharing across blocks) becomes one structured layer held by both."""
+    class Block(nn.Module):
+        def __init__(self, up: nn.Linear, down: nn.Linear):
+            super().__init__()
+            self.mlp = nn.Sequential(up, nn.GELU(), down)
+
+        def forward(self, x):
+            return x + self.mlp(x)
+
+    up, down = nn.Linear(16, 64), nn.Linear(64, 16)
+    model = nn.Sequential(Block(up, down), Block(up, nn.Linear(64, 16)))
+    replace_ffn(model, "lowrank", 0.5)
+    assert model[0].mlp[0] is model[1].mlp[0] and isinstance(model[0].mlp[0], LowRankLinear)
+    assert model[0].mlp[2] is not model[1].mlp[2]
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 3
+    model(torch.randn(2, 16)).sum().backward()
+
+
+def test_save_and_load_structured_keep_a_shared_linear_shared(tmp_path):
+    class Block(nn.Module):
+        def __init__(self, up: nn.Linear):
+            super().__init__()
+            self.mlp = nn.Sequential(up, nn.GELU(), nn.Linear(64, 16))
+
+        def forward(self, x):
+            return x + self.mlp(x)
+
+    def build():
+        torch.manual_seed(0)
+        up = nn.Linear(16, 64)
+        return nn.Sequential(Block(up), Block(up))
+
+    model = replace_ffn(build(), "blockdense", 0.5)
+    save_structured(model, tmp_path / "s")
+    again = load_structured(build(), tmp_path / "s")
+    assert again[0].mlp[0] is again[1].mlp[0] and isinstance(again[1].mlp[0], BlockDenseLinear)
+    x = torch.randn(3, 16)
+    assert torch.equal(again(x), model(x))

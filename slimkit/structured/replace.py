@@ -119,9 +119,19 @@ def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
         except SlimkitError as e:
             raise SlimkitError(f"{name}: {e}") from None
         built[name] = (SelfGuided(new, schedule) if schedule is not None else new).to(dtype=w.dtype)
-    for name, new in built.items():
-        set_submodule(model, name, new)
+    _swap(model, built, targets)
     return model
+
+
+def _swap(model: nn.Module, news: dict[str, nn.Module], olds: dict[str, nn.Module]) -> None:
+    """Put news[name] wherever olds[name] is held: a linear that two parents hold (weights shared across blocks)
+    is listed once by named_modules, and every path to it must get the same new layer."""
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    for name, new in news.items():
+        for path in paths.get(id(olds[name]), [name]):
+            set_submodule(model, path, new)
 
 
 def structured_specs(model: nn.Module) -> dict[str, dict]:
@@ -208,7 +218,7 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
     except (SafetensorError, OSError, ValueError) as e:
         raise SlimkitError(f"{path / WEIGHTS} is missing or corrupt ({e}): save the model again with "
                            "save_structured") from None
-    swaps = {}
+    swaps, shares = {}, {}
     for name, spec in layers.items():
         try:
             old = model.get_submodule(name)
@@ -220,7 +230,7 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
                 raise SlimkitError(f"{name} is already a structured layer unlike the saved one ({old.spec()} here, "
                                    f"{spec} saved): load into a fresh dense model, or one replaced the same way")
             if isinstance(old, SelfGuided) and old.guide is not None:
-                old.share = float(spec.get("self_guided", {}).get("share", old.share))
+                shares[name] = float(spec.get("self_guided", {}).get("share", old.share))
             continue
         try:
             if _widths(old) != (spec["in_features"], spec["out_features"]):
@@ -232,12 +242,12 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
         except (KeyError, TypeError, ValueError) as e:
             raise SlimkitError(f"{path / MANIFEST} is corrupt at {name} ({e}): save the model again") from None
     olds = {name: model.get_submodule(name) for name in swaps}
-    for name, new in swaps.items():
-        set_submodule(model, name, new)
+    _swap(model, swaps, olds)
     problem = _weights_fit(model, weights)
     if problem:
-        for name, old in olds.items():       # leave the model as it came
-            set_submodule(model, name, old)
+        _swap(model, olds, swaps)            # leave the model as it came
         raise SlimkitError(f"weights in {path} do not fit this model: {problem}")
     model.load_state_dict(weights, strict=False)     # tied tensors are stored once; loading one fills its twins
+    for name, share in shares.items():
+        model.get_submodule(name).share = share
     return model
