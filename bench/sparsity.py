@@ -117,10 +117,10 @@ def main() -> None:
         for target in targets:
             for method in methods:
                 t0 = time.perf_counter()
-                kw = dict(device=args.device)
+                kw = dict(device=args.device, progress=False)
                 base, extra = VARIANTS.get(method, (method, {}))
                 if base == "fcpts":
-                    kw.update(fcpts_kw, seed=args.seed, progress=False, **extra)
+                    kw.update(fcpts_kw, seed=args.seed, **extra)
                 sparse = slimkit.sparsify(model, calib_x if base in NEEDS_DATA else None, method=base,
                                           sparsity=target, **kw)
                 seconds = time.perf_counter() - t0
