@@ -281,7 +281,7 @@ def test_tanh_gelu_and_the_cublaslt_ffn_kernel(monkeypatch, corpus, tmp_path):
     with pytest.raises(SlimkitError, match="ffn_kernel"):
         tiny(tmp_path / "a", data, ffn_kernel="fast")
     r = train(tiny(tmp_path / "run", data, steps=3, act="gelu_tanh", ffn="lowrank", ffn_kernel="cublaslt"))
-    assert r["config"]["ffn_kernel"] == "cublaslt" and np.isfinite(r["val_loss"])
+    assert r["config"]["ffn_kernel"] == "eager" and np.isfinite(r["val_loss"])     # on the CPU: what ran
 
 
 def test_resume_skips_a_corrupt_latest_checkpoint(corpus, tmp_path):
