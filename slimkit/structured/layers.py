@@ -35,9 +35,10 @@ activations, its result written straight into a token-major buffer (block_diag_m
 activation copy in either pass). BlockShuffle runs feature-major (_Monarch): its shuffle and output interleave
 are then strided views that torch.bmm reads and writes in place, and only the change back to token-major at
 the end copies (once per FFN when two BlockShuffle layers meet, kernels.blockshuffle_ffn). The paper's op (Monarch's)
-copies for the shuffle and the interleave instead; at d 2048, 16384 tokens on an H100 that FFN took 3.25 ms
-forward+backward against 2.47 ms feature-major (dense 5.1 ms). At 16 tokens all kinds are slower than dense:
-see premerge.py.
+copies for the shuffle and the interleave instead; at d 2048, 16384 tokens, 31% of the weights, on an H100
+that FFN took 3.28 ms of GPU time forward+backward against 2.13 ms feature-major (dense 5.18 ms;
+bench/results/structured_ffn_speed_nobias_events.md). At 16 tokens all kinds are slower than dense: see
+premerge.py.
 FLOPs: 2 * tokens * weights (each weight is used in one multiply-add per token); bias adds are not counted.
 """
 from __future__ import annotations
