@@ -51,6 +51,7 @@ except ImportError:      # the CPU build of torch brings no Triton: the referenc
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ENABLED = os.environ.get("SLIMKIT_FUSED_FFN", "1") != "0"
 APPROXIMATE = {"none": 0, "tanh": 1}
+MAX_GRID_Y = 65535      # CUDA's limit on a grid's second dimension (the 2-D kernels' token tiles)
 
 
 def available(x: torch.Tensor) -> bool:
@@ -369,7 +370,7 @@ def _tail(fc2: nn.Module):
 def transpose(x: torch.Tensor) -> torch.Tensor:
     """x.t().contiguous() for a 2-D x: a tiled Triton kernel where the kernels run (torch's strided copy moved a
     16384 x 2048 bf16 transpose at about a fifth of an H100's bandwidth), torch elsewhere. Bit-exact either way."""
-    if x.dim() != 2 or x.numel() == 0 or not available(x):
+    if x.dim() != 2 or x.numel() == 0 or not available(x) or triton.cdiv(x.shape[1], 64) > MAX_GRID_Y:
         return x.t().contiguous()
     x = x.contiguous()
     r, c = x.shape
@@ -410,7 +411,7 @@ def bias_gelu_rows(h: torch.Tensor, b: torch.Tensor | None, approximate: str = "
     if b is None:
         return F.gelu(h, approximate=approximate)
     b = b.to(h.dtype)
-    if h.dim() == 2 and h.numel() and available(h):
+    if h.dim() == 2 and h.numel() and available(h) and triton.cdiv(h.shape[1], 128) <= MAX_GRID_Y:
         return _BiasGeluRows.apply(h.contiguous(), b.contiguous(), approximate)
     return F.gelu(h + b[:, None], approximate=approximate)
 
