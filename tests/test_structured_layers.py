@@ -434,7 +434,7 @@ def test_replace_ffn_gpt_style_swiglu_and_idempotent():
     replace_ffn(model, "lowrank", 0.3, self_guided=True)
     assert isinstance(model[0].attn, nn.Linear) and isinstance(model[1].mlp.gate, SelfGuided)
     assert model[0].mlp.fc2.layer.bias is None
-    with pytest.raises(SlimkitError, match="no feed-forward linears"):       # guides are not FFN linears to swap
+    with pytest.raises(SlimkitError, match="structured already"):       # guides are not FFN linears to swap
         replace_ffn(model, "lowrank", 0.3)
 
 
@@ -635,3 +635,40 @@ def test_save_and_load_structured_keep_a_shared_linear_shared(tmp_path):
     assert again[0].mlp[0] is again[1].mlp[0] and isinstance(again[1].mlp[0], BlockDenseLinear)
     x = torch.randn(3, 16)
     assert torch.equal(again(x), model(x))
+
+
+def test_ffn_discovery_across_layouts():
+    """FFN linears are found in ALBERT (ffn / ffn_output), XLM (ffns.N.lin1 / lin2) and Phi-3 (fused
+    gate_up_proj, d -> 2h); a projector named mlp (d -> d') is left alone; experts fused into one tensor are
+    refused (none else found) or reported (some found), clearly."""
+    import warnings
+
+    import transformers as T
+
+    small = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    albert = T.AlbertModel(T.AlbertConfig(**small, embedding_size=16))
+    assert {n.rsplit(".", 1)[-1] for n in ffn_linears(albert)} == {"ffn", "ffn_output"}
+    xlm = T.XLMModel(T.XLMConfig(vocab_size=96, emb_dim=32, n_layers=2, n_heads=4))
+    assert len(ffn_linears(xlm)) == 4 and all(n.startswith("ffns.") for n in ffn_linears(xlm))
+    phi3 = T.Phi3ForCausalLM(T.Phi3Config(**small, pad_token_id=0))
+    assert {n.rsplit(".", 1)[-1] for n in ffn_linears(phi3)} == {"gate_up_proj", "down_proj"}
+    replace_ffn(phi3, "lowrank", 0.5)
+    phi3(torch.randint(1, 96, (1, 5))).logits.sum().backward()
+
+    class Projector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8))
+    assert ffn_linears(Projector()) == {}
+
+    moe = dict(small, num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)
+    with pytest.raises(SlimkitError, match="fused weight tensors.*replaces nn.Linear layers only"):
+        replace_ffn(T.MixtralForCausalLM(T.MixtralConfig(**moe)), "lowrank", 0.5)
+    qwen = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**small, num_experts=4, num_experts_per_tok=2,
+                                                  moe_intermediate_size=32, shared_expert_intermediate_size=64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        replace_ffn(qwen, "lowrank", 0.5)
+    assert any("fused expert weight tensors" in str(w.message) for w in caught)
+    with pytest.raises(SlimkitError, match="structured already"):
+        replace_ffn(qwen, "lowrank", 0.5)
