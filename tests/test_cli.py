@@ -272,3 +272,19 @@ def test_group_size_and_skip_from_the_command_line(work):
     assert "0" not in manifest["layers"] and "3" in manifest["layers"]      # conv 0 has 9 weights a channel
     expect_error(run("quantize", "nets.py:tiny", "--skip", "nope", "--calib", "calib.npy", "--out", "o2", *FAST,
                      cwd=work), "skip names 'nope'", "module path")
+
+
+def test_artifact_of_a_package_factory_evaluates_from_another_folder(work):
+    """A 'package.module:function' factory importable from the folder quantize ran in is found again from any
+    folder: the artifact records where it was imported from."""
+    (work / "mypkg").mkdir()
+    (work / "mypkg" / "__init__.py").write_text("")
+    (work / "mypkg" / "nets.py").write_text(FACTORY)
+    ok = run("quantize", "mypkg.nets:tiny", "--method", "rtn", "--w-bits", "8", "--a-bits", "8", "--calib",
+             "calib.npy", "--out", "out", *FAST, cwd=work)
+    assert ok.returncode == 0, ok.stderr
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    ev = run("eval", str(work / "out"), "--data", str(work / "labelled.npz"), "--quiet", cwd=elsewhere)
+    assert ev.returncode == 0, ev.stderr
+    assert "agreement" in ev.stdout and "top-1" in ev.stdout

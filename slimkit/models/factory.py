@@ -17,8 +17,31 @@ def is_factory(spec: str) -> bool:
     return ":" in spec and not Path(spec).exists()
 
 
-def build_from_factory(spec: str, weights: str | Path | None = None) -> nn.Module:
-    """Call the factory named by `spec` and load `weights` (safetensors) into what it returns."""
+def _import(target: str, root: str | None):
+    """import_module(target); when that fails and `root` (the folder it was imported from when the artifact was
+    made) is given, once more with root on sys.path, so an artifact evaluates from any folder."""
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError:
+        if not root or root in sys.path:
+            raise
+    sys.path.insert(0, root)
+    return importlib.import_module(target)
+
+
+def _root(module, target: str) -> str | None:
+    """The sys.path folder `module` (imported as `target`) was found in."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve()
+    path = path.parent if path.name == "__init__.py" else path
+    return str(path.parents[len(target.split(".")) - 1])
+
+
+def build_from_factory(spec: str, weights: str | Path | None = None, root: str | None = None) -> nn.Module:
+    """Call the factory named by `spec` and load `weights` (safetensors) into what it returns. `root`: where a
+    'package.module:function' factory was imported from (recorded in artifacts)."""
     target, _, fn_name = spec.rpartition(":")
     if not target or not fn_name:
         raise SlimkitError(f"model factory {spec!r} must look like 'file.py:function' or 'package.module:function'")
@@ -34,7 +57,8 @@ def build_from_factory(spec: str, weights: str | Path | None = None) -> nn.Modul
             sys.modules[mod_name] = module
             module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(target)
+            module = _import(target, root)
+            root = _root(module, target)
     except SlimkitError:
         raise
     except Exception as e:
@@ -57,7 +81,10 @@ def build_from_factory(spec: str, weights: str | Path | None = None) -> nn.Modul
         raise SlimkitError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         load_weights(model, weights)
-    model._slimkit_spec = {"builder": spec, "kwargs": {"weights": str(Path(weights).resolve())} if weights else {}}
+    kwargs = {"weights": str(Path(weights).resolve())} if weights else {}
+    if not target.endswith(".py") and root:
+        kwargs["root"] = root
+    model._slimkit_spec = {"builder": spec, "kwargs": kwargs}
     return model.eval()
 
 

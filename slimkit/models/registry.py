@@ -20,7 +20,7 @@ DEFAULT_DATA = {
 def get_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.Module:
     """A shipped model by name, or a user's model from a factory spec ('file.py:function')."""
     if is_factory(name):
-        return build_from_factory(name, weights or kwargs.get("weights"))
+        return build_from_factory(name, weights or kwargs.get("weights"), kwargs.get("root"))
     from . import HF_MODELS, MODELS
 
     if name in HF_MODELS:  # a transformers model; its tokenizer: slimkit.models.hf.load_hf(name)
