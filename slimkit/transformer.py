@@ -132,6 +132,68 @@ def first_block_inputs(model: nn.Module, lay: Layout, batches: list[dict], devic
     return captured
 
 
+def layer_types(model: nn.Module, lay: Layout) -> list[str] | None:
+    """The blocks' attention kinds when they differ (transformers' config.layer_types: Qwen2 with sliding-window
+    layers mixes "full_attention" and "sliding_attention", and passes each kind its own mask); else None."""
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    if not types or len(types) != len(lay.blocks) or len(set(types)) < 2:
+        return None
+    return list(types)
+
+
+def _passthrough(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def inputs_by_layer_type(model: nn.Module, lay: Layout, batches: list[dict], device: torch.device,
+                         types: list[str]) -> dict[str, list[tuple]]:
+    """(extra args, kwargs) that the first block of each attention kind receives, per calibration batch: the
+    blocks before it pass their input through unrun, so this costs no block compute. Block-by-block passes give
+    each block its own kind's arguments, which the first block's alone are not."""
+    found = {}
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        for kind in dict.fromkeys(types):
+            first = types.index(kind)
+            captured = []
+
+            def hook(module, args, kwargs):
+                kwargs = dict(kwargs)
+                if not args:
+                    kwargs.pop("hidden_states")
+                captured.append((tuple(args[1:]), kwargs))
+                raise _Stop
+
+            skipped = [model.get_submodule(p) for p in lay.blocks[:first]]
+            for block in skipped:
+                block.forward = _passthrough
+            handle = model.get_submodule(lay.blocks[first]).register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    for batch in batches:
+                        try:
+                            model(**{k: v.to(device) for k, v in batch.items()})
+                        except _Stop:
+                            pass
+            finally:
+                handle.remove()
+                for block in skipped:
+                    del block.forward
+            found[kind] = captured
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    return found
+
+
+def with_layer_arguments(inputs: list, block: int, types: list[str] | None, by_type: dict | None) -> list:
+    """inputs [(hidden, args, kwargs), ...] with block `block`'s own extra arguments where kinds differ."""
+    if types is None:
+        return inputs
+    return [(h, *by_type[types[block]][b]) for b, (h, _, _) in enumerate(inputs)]
+
+
 def _record_block(ctx: BlockContext, fp_inputs: list) -> list[torch.Tensor]:
     """Run the float block, recording each group's input statistics and one call of its scope."""
     handles = []
@@ -303,6 +365,8 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     _move_outside_blocks(q_model, lay, device)
     q_inputs = first_block_inputs(q_model, lay, batches, device)
     fp_inputs = q_inputs
+    types = layer_types(q_model, lay)
+    by_type = inputs_by_layer_type(q_model, lay, batches, device, types) if types else None
     stats_out = {}
     sparsity = (getattr(model, "slimkit_info", None) or {}).get("sparsity")   # a sparsified model's report
     from .quantize import check_groups
@@ -313,6 +377,8 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     bar = tqdm(lay.blocks, desc=f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits or 16}", disable=not cfg.progress)
     for i, path in enumerate(bar):
         t_block = time.perf_counter()
+        fp_inputs = with_layer_arguments(fp_inputs, i, types, by_type)
+        q_inputs = with_layer_arguments(q_inputs, i, types, by_type)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         block = q_model.get_submodule(path).to(device)

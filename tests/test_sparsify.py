@@ -326,19 +326,29 @@ def test_sparsegpt_compensates_better_than_wanda_and_hits_the_target():
     assert all(abs(r["rate"] - 0.5) < 0.01 for r in gpt2.slimkit_info["sparsity"]["layers"].values())
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2-sliding"])
 def test_sequential_sparsegpt_equals_rerunning_the_pruned_model(kind):
     """Block inputs captured once and carried through each pruned block give what re-running the whole (partly
-    pruned) model up to each block gives: the same masks and the same updated weights."""
+    pruned) model up to each block gives: the same masks and the same updated weights. Qwen2 with sliding-window
+    layers passes those layers another mask than its first (full-attention) layer."""
     import copy
 
+    import transformers as T
     from tiny_hf import VOCAB, tiny_model
 
     from slimkit.core.families import layout
     from slimkit.core.sparsity import exact_counts, uniform_rates
     from slimkit.methods.sparsegpt import hessians, prune_layer, sparsegpt
 
-    model = tiny_model(kind, layers=3).eval()
+    if kind == "qwen2-sliding":
+        torch.manual_seed(0)
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
+                                                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                                 use_sliding_window=True, sliding_window=4,
+                                                 max_window_layers=1)).eval()
+        assert len(set(model.config.layer_types)) == 2
+    else:
+        model = tiny_model(kind, layers=3).eval()
     tokens = torch.randint(3, VOCAB, (12, 16), generator=torch.Generator().manual_seed(4))
     sizes = {k: m.weight.numel() for k, m in prunable_layers(model).items()}
     counts = exact_counts(uniform_rates(sizes, 0.5), sizes, 0.5)

@@ -285,3 +285,42 @@ def test_size_counts_a_tied_embedding_once_in_memory_and_after_reload(tmp_path):
                   {p.data_ptr(): p for p in list(q.parameters()) + list(q.buffers())}.items() if ptr not in packed)
     by_hand += sum((m.layer.weight.numel() * 4 + 7) // 8 + 2 * m.w_quant.scale.numel() * 4 for m in layers.values())
     assert model_size_bytes(q) == model_size_bytes(again) == by_hand
+
+
+def test_blocks_of_another_attention_kind_get_their_own_arguments():
+    """Qwen2 with sliding-window layers gives those layers another mask than the first (full) one: the
+    block-by-block passes take each kind's arguments from a forward in which earlier blocks are not run, and they
+    equal what the real forward passes."""
+    import transformers as T
+
+    from slimkit.core.families import layout
+    from slimkit.transformer import first_block_inputs, inputs_by_layer_type, layer_types, with_layer_arguments
+
+    torch.manual_seed(0)
+    model = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, use_sliding_window=True,
+                                             sliding_window=4, max_window_layers=1)).eval()
+    lay = layout(model)
+    types = layer_types(model, lay)
+    assert types == ["full_attention", "sliding_attention", "sliding_attention"]
+    batches = [{"input_ids": torch.randint(1, 96, (2, 12))} for _ in range(2)]
+    real = {}
+    hooks = [model.get_submodule(p).register_forward_pre_hook(
+        lambda m, a, k, i=i: real.setdefault(i, []).append(k["attention_mask"]), with_kwargs=True)
+        for i, p in enumerate(lay.blocks)]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in hooks:
+        h.remove()
+    inputs = first_block_inputs(model, lay, batches, torch.device("cpu"))
+    by_type = inputs_by_layer_type(model, lay, batches, torch.device("cpu"), types)
+    def same(a, b):
+        return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+    for i in range(3):
+        got = with_layer_arguments(inputs, i, types, by_type)
+        for b, (_, _, kwargs) in enumerate(got):
+            assert same(kwargs["attention_mask"], real[i][b])
+    assert not same(real[0][0], real[1][0])      # the kinds' masks differ
+    assert layer_types(tiny_model("llama"), layout(tiny_model("llama"))) is None

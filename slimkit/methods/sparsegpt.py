@@ -6,10 +6,11 @@ pruned (the block's share of the layer's count, over all rows: the paper's adapt
 pruned or kept column's error is spread over the later columns through the upper Cholesky factor of H^-1 (the
 optimal brain surgeon update), so the layer's output on X changes as little as possible.
 Layers are pruned block by block (transformer blocks in order; each block's inputs come from the already
-pruned blocks before it), as the paper runs it: the first block's inputs are captured once and each pruned
-block's outputs become the next one's inputs, so every block runs once per calibration batch (the inputs of one
-block are held in memory: 128 sequences of 2048 tokens at width 576 take 0.6 GB in fp32). A model without
-transformer blocks is one block.
+pruned blocks before it), as the paper runs it: the first block's inputs are captured once, and each pruned
+block's outputs become the next one's inputs. Every block runs twice per calibration batch (to record its layers'
+inputs, then pruned, to pass its outputs on), never the whole model again; blocks of another attention kind
+(Qwen2's sliding-window layers) get their own masks. The inputs of one block are held in memory: 128 sequences
+of 2048 tokens at width 576 take 0.6 GB in fp32. A model without transformer blocks is one block.
 """
 from __future__ import annotations
 
@@ -95,11 +96,15 @@ def sparsegpt(model: nn.Module, layers: dict[str, nn.Module], blocks: list[str],
     masks = {}
     if blocks:
         from ..core.families import layout
-        from ..transformer import first_block_inputs, run_block
+        from ..transformer import first_block_inputs, inputs_by_layer_type, layer_types, run_block, with_layer_arguments
 
+        lay = layout(model)
         batches = [{"input_ids": data[i:i + BATCH]} for i in range(0, data.shape[0], BATCH)]
-        inputs = first_block_inputs(model, layout(model), batches, device)
-        for path in tqdm(blocks, desc="sparsegpt", disable=not progress):
+        inputs = first_block_inputs(model, lay, batches, device)
+        types = layer_types(model, lay) if list(blocks) == list(lay.blocks) else None
+        by_type = inputs_by_layer_type(model, lay, batches, device, types) if types else None
+        for i, path in enumerate(tqdm(blocks, desc="sparsegpt", disable=not progress)):
+            inputs = with_layer_arguments(inputs, i, types, by_type)
             block = model.get_submodule(path)
             names = [k for k in layers if k.startswith(path + ".")]
             if names:
