@@ -341,3 +341,32 @@ def test_cpu_runs_say_what_they_cannot_do(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--fsdp" in err and "unsharded" in err and "cublaslt runs on CUDA only" in err
     assert report["config"]["ffn_kernel"] == "eager"
+
+
+def test_blockshuffle_checkpoints_of_an_earlier_shape_rule_load_and_resume(corpus, tmp_path, monkeypatch):
+    """A BlockShuffle run saved when 25% at d -> 4d meant 4 blocks (one count for both factors) loads and resumes
+    with today's rule (2 and 8 blocks): the layers take the checkpoint's block counts."""
+    import slimkit.structured.layers as L
+
+    _, data, _ = corpus
+    kw = dict(ffn="blockshuffle", param_ratio=0.25, ckpt_every=4, steps=8)
+    new_rule = L.blockshuffle_shape
+    old_rule = lambda i, o, r, nblocks=None, nblocks2=None, rel_tol=L.REL_TOL: (4, 4)   # noqa: E731
+    monkeypatch.setattr(L, "blockshuffle_shape", old_rule)
+    full = train(tiny(tmp_path / "full", data, **kw))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_6(step, loss):
+        if step == 6:
+            raise Killed
+    with pytest.raises(Killed):
+        train(tiny(tmp_path / "run", data, **kw), on_step=kill_at_6)
+    monkeypatch.setattr(L, "blockshuffle_shape", new_rule)
+    assert new_rule(32, 128, 0.25) == (2, 8)
+    model = load_model(tmp_path / "full")
+    fc1 = model.blocks[0].mlp.fc1
+    assert (fc1.nblocks, fc1.nblocks2) == (4, 4)
+    resumed = train(tiny(tmp_path / "run", data, resume=True, **kw))
+    assert resumed["losses"] == full["losses"]

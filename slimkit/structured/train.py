@@ -202,14 +202,48 @@ def guide_schedule(cfg: TrainConfig):
     return _structured()[4](cfg.guide_fraction, cfg.guide_curve) if cfg.self_guided else None
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, guides_dropped: bool = False) -> nn.Module:
-    """The GPT of cfg, its FFNs replaced by cfg.ffn layers (with self-guided guides unless already dropped)."""
+def _fit_blockshuffle(model: nn.Module, state: dict) -> None:
+    """BlockShuffle layers take the block counts a checkpoint's weights have: the shape rule for a ratio may have
+    changed since it was written (0.25 at d -> 4d gave 4 blocks before two-count shapes, 2 and 8 now)."""
+    from ..core.wrap import set_submodule
+    from .layers import BlockShuffleLinear
+    from .self_guided import SelfGuided
+
+    for name, m in list(model.named_modules()):
+        inner = isinstance(m, SelfGuided)
+        layer = m.layer if inner else m
+        if not isinstance(layer, BlockShuffleLinear):
+            continue
+        prefix = f"{name}.layer" if inner else name
+        w1, w2 = state.get(f"{prefix}.w1"), state.get(f"{prefix}.w2")
+        if w1 is None or w2 is None or w1.dim() != 3 or w2.dim() != 3:
+            continue
+        k, l = int(w1.shape[0]), int(w2.shape[0])
+        if (k, l) == (layer.nblocks, layer.nblocks2):
+            continue
+        try:
+            new = BlockShuffleLinear(layer.in_features, layer.out_features, k, bias=layer.bias is not None,
+                                     nblocks2=l, init=False)
+        except SlimkitError:
+            continue            # load_state_dict then names the mismatch
+        if inner:
+            m.layer = new
+        else:
+            set_submodule(model, name, new)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, guides_dropped: bool = False,
+                state: Optional[dict] = None) -> nn.Module:
+    """The GPT of cfg, its FFNs replaced by cfg.ffn layers (with self-guided guides unless already dropped);
+    with a checkpoint's `state`, BlockShuffle layers shaped as its weights are."""
     model = GPT(cfg.gpt_config(vocab_size))
     if cfg.ffn != "dense":
         replace_ffn, _, drop_guides, _, _ = _structured()
         replace_ffn(model, cfg.ffn, cfg.param_ratio, self_guided=guide_schedule(cfg), nblocks=cfg.nblocks)
         if cfg.self_guided and guides_dropped:
             drop_guides(model)
+        if state is not None and cfg.ffn == "blockshuffle":
+            _fit_blockshuffle(model, state)
     for p in model.parameters():  # FSDP2 shards only contiguous parameters (SVD-initialised factors may not be)
         if not p.is_contiguous():
             p.data = p.data.contiguous()
@@ -408,7 +442,7 @@ def load_model(path: str | Path, device: str = "cpu") -> GPT:
         path = found[-1]
     msd, _, meta = read_checkpoint(path)
     cfg = TrainConfig(**{**meta["config"], "resume": False})
-    model = build_model(cfg, meta["vocab_size"], guides_dropped=meta["guides_dropped"])
+    model = build_model(cfg, meta["vocab_size"], guides_dropped=meta["guides_dropped"], state=msd)
     model.load_state_dict(msd)
     return model.to(device).eval()
 
@@ -525,7 +559,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     guides_dropped = guides_done(cfg, start)
 
     torch.manual_seed(cfg.seed)  # the initial weights
-    raw = build_model(cfg, vocab, guides_dropped).to(device)
+    raw = build_model(cfg, vocab, guides_dropped, state=msd if resume_from is not None else None).to(device)
     model = wrap(raw, cfg, d, device)
     opt = make_optimizer(raw, cfg, fused=device.type == "cuda" and not cfg.fsdp)
     if resume_from is not None:
