@@ -656,10 +656,12 @@ def test_ffn_discovery_across_layouts():
     phi3(torch.randint(1, 96, (1, 5))).logits.sum().backward()
 
     class Projector(nn.Module):
-        def __init__(self):
+        def __init__(self, *widths):
             super().__init__()
-            self.mlp = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8))
-    assert ffn_linears(Projector()) == {}
+            self.mlp = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+    for widths in ((32, 32, 8), (16, 64, 64), (16, 32, 32), (16, 32, 48)):
+        assert ffn_linears(Projector(*widths)) == {}, widths
+    assert len(ffn_linears(Projector(16, 16, 16))) == 2        # an FFN of width 16 -> 16 -> 16
 
     moe = dict(small, num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)
     with pytest.raises(SlimkitError, match="fused weight tensors.*replaces nn.Linear layers only"):

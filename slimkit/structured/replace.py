@@ -24,7 +24,6 @@ import json
 import os
 import re
 import warnings
-from collections import Counter
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -91,11 +90,16 @@ def _ffn_pairs(module: nn.Module) -> list[str]:
 
 
 def _maps_back(linears: list[nn.Module]) -> bool:
-    """Whether two of the linears chain d -> h -> d, as an FFN's up and down projections do (in any registration
-    order: Meta's Llama code registers w1, w2 (down), w3), the up one possibly fused with its gate (d -> 2h, as
-    Phi-3's gate_up_proj and ModernBERT's Wi); a projector (d -> d') holds no such pair."""
-    shapes = Counter(_widths(m) for m in linears)
-    return any(a[0] == b[1] and a[1] % b[0] == 0 and (a != b or shapes[a] > 1) for a in shapes for b in shapes)
+    """Whether the linears (in registration order) hold an FFN's up and down projections: with d the first one's
+    input width, one maps d -> h (or d -> 2h, up fused with its gate: Phi-3's gate_up_proj, ModernBERT's Wi) and
+    another h -> d, in any order (Meta's Llama code registers w1, w2 (down), w3). A projector (d -> d', or
+    d -> h -> h') holds no such pair."""
+    if not linears:
+        return False
+    widths = [_widths(m) for m in linears]
+    d = widths[0][0]
+    return any(i != j and a[0] == d and b[1] == d and a[1] in (b[0], 2 * b[0])
+               for i, a in enumerate(widths) for j, b in enumerate(widths))
 
 
 def fused_experts(model: nn.Module) -> list[str]:
