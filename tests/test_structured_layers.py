@@ -674,3 +674,23 @@ def test_ffn_discovery_across_layouts():
     assert any("fused expert weight tensors" in str(w.message) for w in caught)
     with pytest.raises(SlimkitError, match="structured already"):
         replace_ffn(qwen, "lowrank", 0.5)
+
+
+def test_numpy_block_counts_and_zero_tokens(tmp_path):
+    """NumPy integers for nblocks / nblocks2 / rank give plain-int specs (saved as JSON); zero tokens pass."""
+    import json
+
+    import numpy as np
+
+    layers = [make_linear("blockshuffle", 32, 128, None, nblocks=np.int64(2), nblocks2=np.int64(8)),
+              BlockDenseLinear(32, 16, rank=np.int64(8), nblocks=np.int64(4)), LowRankLinear(32, 16, rank=np.int64(4))]
+    for layer in layers:
+        assert json.loads(json.dumps(layer.spec())) == layer.spec()
+        assert layer(torch.zeros(0, layer.in_features)).shape == (0, layer.out_features)
+    shuffle = layers[0]
+    assert shuffle.after_first(torch.zeros(0, 2, 16)).shape == (0, 128)
+    model = nn.Sequential(nn.Module())
+    model[0].mlp = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
+    replace_ffn(model, "blockshuffle", None, nblocks=np.int64(2), nblocks2=np.int64(8))
+    save_structured(model, tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "structured.json").read_text())

@@ -52,6 +52,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ENABLED = os.environ.get("SLIMKIT_FUSED_FFN", "1") != "0"
 APPROXIMATE = {"none": 0, "tanh": 1}
 MAX_GRID_Y = 65535      # CUDA's limit on a grid's second dimension (the 2-D kernels' token tiles)
+FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)    # what the kernels compute in fp32 without loss
 
 
 def available(x: torch.Tensor) -> bool:
@@ -406,12 +407,14 @@ class _BiasGeluRows(torch.autograd.Function):
 
 
 def bias_gelu_rows(h: torch.Tensor, b: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
-    """gelu(h + b[:, None]) on feature-major (features, tokens) activations; the Triton kernels where they run,
-    the PyTorch expression elsewhere (the kernels keep the sum in fp32, so in bf16 the two differ by rounding)."""
+    """gelu(h + b[:, None]) on feature-major (features, tokens) activations; the Triton kernels where they run
+    (fp16 / bf16 / fp32), the PyTorch expression elsewhere, float64 included (the kernels keep the sum in fp32,
+    so in bf16 the two differ by rounding)."""
     if b is None:
         return F.gelu(h, approximate=approximate)
     b = b.to(h.dtype)
-    if h.dim() == 2 and h.numel() and available(h) and triton.cdiv(h.shape[1], 128) <= MAX_GRID_Y:
+    if h.dim() == 2 and h.numel() and available(h) and h.dtype in FAST_DTYPES and \
+            triton.cdiv(h.shape[1], 128) <= MAX_GRID_Y:
         return _BiasGeluRows.apply(h.contiguous(), b.contiguous(), approximate)
     return F.gelu(h + b[:, None], approximate=approximate)
 

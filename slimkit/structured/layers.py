@@ -359,7 +359,7 @@ class LowRankLinear(StructuredLinear):
         super().__init__(in_features, out_features, bias, device)
         if not 1 <= rank <= min(in_features, out_features):
             raise SlimkitError(f"lowrank: rank must be in [1, {min(in_features, out_features)}], got {rank}")
-        self.rank = rank
+        self.rank = operator.index(rank)      # a NumPy integer too, stored as int (specs are JSON)
         u, v = (svd_factors(out_features, in_features, rank, init_std, device) if init else
                 (torch.empty(rank, in_features, device=device), torch.empty(out_features, rank, device=device)))
         self.u, self.v = nn.Parameter(u), nn.Parameter(v)
@@ -461,7 +461,7 @@ class BlockShuffleLinear(StructuredLinear):
         _check_positive(self.kind, nblocks=nblocks, nblocks2=nblocks2)
         k, l = nblocks, nblocks if nblocks2 is None else nblocks2
         _check_shuffle_blocks(in_features, out_features, k, l)
-        self.nblocks, self.nblocks2 = k, l
+        self.nblocks, self.nblocks2 = operator.index(k), operator.index(l)
         m = min(in_features, out_features)
         make = _ortho_normal if init else (lambda *s, device=None: torch.empty(*s, device=device))
         self.w1 = nn.Parameter(make(k, m // k, in_features // k, device=device))
@@ -483,7 +483,7 @@ class BlockShuffleLinear(StructuredLinear):
         """The layer from the first block-diagonal product h (T, k, m/k) (token-major) on: shuffle, w2,
         interleave, bias (a copy each for the shuffle and the interleave)."""
         l, t = self.nblocks2, h.shape[0]
-        h = h.reshape(t, -1, l).transpose(1, 2).contiguous()   # shuffle: middle channel c goes to block c % l
+        h = h.reshape(t, self.w2.shape[2], l).transpose(1, 2).contiguous()   # shuffle: channel c to block c % l
         y = block_diag_mm(h, self.w2)                          # (T, l, out/l)
         y = y.transpose(1, 2).reshape(t, self.out_features)    # block j, row s -> channel s*l + j
         return y if bias is None else y + bias.to(y.dtype)
@@ -503,7 +503,7 @@ class BlockDenseLinear(StructuredLinear):
         _check_positive(self.kind, rank=rank)
         _check_divides(nblocks, in_features, "in_features", self.kind)
         _check_divides(nblocks, rank, "rank", self.kind)
-        self.rank, self.nblocks = rank, nblocks
+        self.rank, self.nblocks = operator.index(rank), operator.index(nblocks)
         make = _ortho_normal if init else (lambda *s, device=None: torch.empty(*s, device=device))
         self.blocks = nn.Parameter(make(nblocks, rank // nblocks, in_features // nblocks, device=device))
         self.v = nn.Parameter(make(out_features, rank, device=device))

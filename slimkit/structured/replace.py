@@ -218,12 +218,13 @@ def save_structured(model: nn.Module, path: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SlimkitError(f"cannot create {path}: {e}") from None
-    tmp = path / (WEIGHTS + ".tmp")
-    save_model(model, str(tmp))
-    os.replace(tmp, path / WEIGHTS)
-    manifest = {"format": "slimkit-structured", "version": 1, "layers": structured_specs(model)}
-    (path / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
-    os.replace(path / (MANIFEST + ".tmp"), path / MANIFEST)
+    manifest = json.dumps({"format": "slimkit-structured", "version": 1, "layers": structured_specs(model)},
+                          indent=1)       # first: a spec that does not serialise fails before anything is written
+    tmp_weights, tmp_manifest = path / (WEIGHTS + ".tmp"), path / (MANIFEST + ".tmp")
+    save_model(model, str(tmp_weights))
+    tmp_manifest.write_text(manifest)
+    os.replace(tmp_weights, path / WEIGHTS)
+    os.replace(tmp_manifest, path / MANIFEST)
     return path
 
 
