@@ -322,6 +322,8 @@ def eval_cmd(
     elif is_artifact and spec:
         kwargs = {**spec.get("kwargs", {}), **({"weights": ref_weights} if ref_weights is not None else {})}
         gone = kwargs.get("weights")
+        if ref_weights is not None and not Path(ref_weights).exists():
+            raise SlimkitError(f"--weights {ref_weights} does not exist")
         if gone is not None and not Path(gone).exists():
             console.print(f"[yellow]the float reference's weights {gone} (recorded when the artifact was made) are "
                           "gone: agreement with FP is not reported; pass them with --weights, or --reference[/]")

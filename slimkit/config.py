@@ -168,7 +168,8 @@ def load_recipe(recipe: str | Path | dict) -> dict:
     if not path.exists():
         shelf = Path(__file__).parent / "recipes"
         name = str(recipe)
-        shipped = shelf / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        stem = name.rsplit(".", 1)[0] if name.endswith((".yaml", ".yml")) else name
+        shipped = shelf / f"{stem}.yaml"
         if path.parent != Path(".") or not shipped.is_file():
             names = ", ".join(sorted(p.stem for p in shelf.glob("*.yaml")))
             raise SlimkitError(f"recipe {name!r} not found: give a YAML file path or a shipped recipe name ({names})")

@@ -212,7 +212,7 @@ def test_recipe_dict_and_override(data):
 def test_shipped_recipes_by_name_or_file_name(tmp_path, monkeypatch):
     from slimkit.config import load_recipe
     monkeypatch.chdir(tmp_path)          # no file of that name here: the shipped one
-    assert load_recipe("qdrop-w4a4") == load_recipe("qdrop-w4a4.yaml")
+    assert load_recipe("qdrop-w4a4") == load_recipe("qdrop-w4a4.yaml") == load_recipe("qdrop-w4a4.yml")
     assert load_recipe("qdrop-w4a4")["method"] == "qdrop"
     with pytest.raises(slimkit.SlimkitError, match=r"recipe 'qdrop-w3a3' not found.*qdrop-w2a4, qdrop-w4a4, rtn-w8a8"):
         load_recipe("qdrop-w3a3")

@@ -161,12 +161,16 @@ def test_blockshuffle_ffn_equals_layer_by_layer(bias, blocks):
     want = fc2(F.gelu(fc1(x), approximate="tanh"))
     grad = torch.randn_like(want)
     want_g = torch.autograd.grad(want, params, grad)
+    seen = []
+    hooked = (fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape)), None)
     for got in (blockshuffle_ffn(fc1, fc2, x, "tanh"),
-                eager_ffn(fc1, fc2, x, "tanh")):
+                eager_ffn(fc1, fc2, x, "tanh")):     # hooked: layer by layer, so the hook sees fc1's output
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
         for a, b in zip(torch.autograd.grad(got, params, grad), want_g):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert seen == [(3, 5, 128)]              # eager_ffn's call (blockshuffle_ffn itself does not run hooks)
+    hooked[0].remove()
 
 
 def test_blockshuffle_spec_round_trip_and_old_specs():

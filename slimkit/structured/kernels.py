@@ -431,12 +431,17 @@ def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.
     return y.view(*x.shape[:-1], fc2.out_features)
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook is registered on any of the modules (the feature-major path does not call them)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def eager_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """fc2(gelu(fc1(x))) through PyTorch ops. Two BlockShuffle layers (self-guided ones whose guide is gone
     included) keep the hidden activations feature-major between them (blockshuffle_ffn), which saves their
-    transposes; anything else runs layer by layer."""
+    transposes, unless a forward hook is registered on them; anything else runs layer by layer."""
     a, b = _unguided(fc1), _unguided(fc2)
-    if isinstance(a, BlockShuffleLinear) and isinstance(b, BlockShuffleLinear):
+    if isinstance(a, BlockShuffleLinear) and isinstance(b, BlockShuffleLinear) and not _hooked(fc1, fc2, a, b):
         return blockshuffle_ffn(a, b, x, approximate)
     return fc2(F.gelu(fc1(x), approximate=approximate))
 

@@ -174,6 +174,8 @@ def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
     if getattr(cfg, "pretraining_tp", 1) > 1 and getattr(cfg, "slow_but_exact", False):
         raise SlimkitError("this BLOOM model's slow_but_exact path slices its FFN's weight matrices, which "
                            "structured layers do not have: set model.config.slow_but_exact = False first")
+    seen = set()
+    targets = {n: m for n, m in targets.items() if not (id(m) in seen or seen.add(id(m)))}   # shared: once
     built = {}
     for name, old in targets.items():    # every layer built before any is swapped: an error leaves the model as it was
         w = old.weight
