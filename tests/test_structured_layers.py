@@ -142,7 +142,10 @@ def test_monarch_feature_major_op_gradients(in_fm, out_fm, k, l):
     x = torch.randn(*((i, t) if in_fm else (t, i)), dtype=torch.float64, generator=g, requires_grad=True)
     w1 = torch.randn(k, m // k, i // k, dtype=torch.float64, generator=g, requires_grad=True)
     w2 = torch.randn(l, o // l, m // l, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: _Monarch.apply(*a, in_fm, out_fm), (x, w1, w2))
+    assert torch.autograd.gradcheck(lambda *a: _Monarch.apply(*a, None, in_fm, out_fm), (x, w1, w2))
+    if not out_fm:         # a bias rides in the closing transpose, its gradient in the gradient's
+        b = torch.randn(o, dtype=torch.float64, generator=g, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda *a: _Monarch.apply(*a, in_fm, out_fm), (x, w1, w2, b))
 
 
 @pytest.mark.parametrize("bias", [True, False])

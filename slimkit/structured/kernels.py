@@ -192,12 +192,19 @@ if triton is not None:
         _gelu_grad_epilogue(dact, rm, rn, pre_ptr, dpre_ptr, dbias_ptr, M, N, som, son, pid_m, HAS_BIAS, APPROX)
 
     @triton.jit
-    def _transpose_kernel(x_ptr, y_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
-        """y (C, R) = x (R, C)^T, both contiguous: one tile read along C, written along R."""
+    def _transpose_kernel(x_ptr, y_ptr, b_ptr, s_ptr, R, C, HAS_BIAS: tl.constexpr, COLSUM: tl.constexpr,
+                          BR: tl.constexpr, BC: tl.constexpr):
+        """y (C, R) = x (R, C)^T (+ b[r] on y's column r), both contiguous: one tile read along C, written along
+        R; with COLSUM also this row tile's column sums of x into s[tile, c]."""
         rr = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
         cc = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
         mask = (rr[:, None] < R) & (cc[None, :] < C)
-        tile = tl.load(x_ptr + rr[:, None] * C + cc[None, :], mask=mask)
+        tile = tl.load(x_ptr + rr[:, None] * C + cc[None, :], mask=mask, other=0.0)
+        if COLSUM:
+            tl.store(s_ptr + tl.program_id(0) * C + cc, tl.sum(tile.to(tl.float32), axis=0), mask=cc < C)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
+            tile = (tile.to(tl.float32) + bias[:, None]).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + cc[None, :] * R + rr[:, None], tile, mask=mask)
 
     @triton.jit
@@ -368,16 +375,41 @@ def _tail(fc2: nn.Module):
     return None
 
 
-def transpose(x: torch.Tensor) -> torch.Tensor:
-    """x.t().contiguous() for a 2-D x: a tiled Triton kernel where the kernels run (torch's strided copy moved a
-    16384 x 2048 bf16 transpose at about a fifth of an H100's bandwidth), torch elsewhere. Bit-exact either way."""
-    if x.dim() != 2 or x.numel() == 0 or not available(x) or triton.cdiv(x.shape[1], 64) > MAX_GRID_Y:
-        return x.t().contiguous()
+def _tiled(x: torch.Tensor) -> bool:
+    return (x.dim() == 2 and x.numel() > 0 and available(x) and x.dtype in FAST_DTYPES
+            and triton.cdiv(x.shape[1], 64) <= MAX_GRID_Y)
+
+
+def transpose(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x.t().contiguous() (+ bias, one value per row of x, i.e. per column of the result) for a 2-D x: a tiled
+    Triton kernel where the kernels run (torch's strided copy moved a 16384 x 2048 bf16 transpose at about a fifth
+    of an H100's bandwidth), torch elsewhere. Bit-exact either way without bias; with it, the sum is rounded once
+    from fp32, as torch's is."""
+    if not _tiled(x):
+        y = x.t().contiguous()
+        return y if bias is None else y + bias.to(y.dtype)
     x = x.contiguous()
     r, c = x.shape
     y = x.new_empty(c, r)
-    _transpose_kernel[(triton.cdiv(r, 64), triton.cdiv(c, 64))](x, y, r, c, BR=64, BC=64)
+    b = x if bias is None else bias.to(x.dtype).contiguous()
+    _transpose_kernel[(triton.cdiv(r, 64), triton.cdiv(c, 64))](x, y, b, y, r, c, HAS_BIAS=bias is not None,
+                                                                 COLSUM=False, BR=64, BC=64)
     return y
+
+
+def transpose_colsum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x.t().contiguous(), x.sum(0)) in one pass where the kernels run (the column sums are added per row tile
+    in fp32, deterministically): the gradient of y = x'^T + bias gives both the transposed gradient and the
+    bias's."""
+    if not _tiled(x):
+        return x.t().contiguous(), x.sum(0)
+    x = x.contiguous()
+    r, c = x.shape
+    y = x.new_empty(c, r)
+    sums = torch.empty(triton.cdiv(r, 64), c, device=x.device, dtype=torch.float32)
+    _transpose_kernel[(triton.cdiv(r, 64), triton.cdiv(c, 64))](x, y, x, sums, r, c, HAS_BIAS=False, COLSUM=True,
+                                                                 BR=64, BC=64)
+    return y, sums.sum(0).to(x.dtype)
 
 
 class _BiasGeluRows(torch.autograd.Function):
@@ -422,12 +454,11 @@ def bias_gelu_rows(h: torch.Tensor, b: torch.Tensor | None, approximate: str = "
 def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor,
                      approximate: str = "none") -> torch.Tensor:
     """fc2(gelu(fc1(x))) for two BlockShuffle layers, the hidden activations kept feature-major between them
-    (layers._Monarch): the only activation copies are the output's transpose and its gradient's, and fc1's bias
-    rides in the GELU pass (bias_gelu_rows)."""
+    (layers._Monarch): the only activation copies are the output's transpose and its gradient's, fc1's bias rides
+    in the GELU pass (bias_gelu_rows) and fc2's in the output's transpose (its gradient in the gradient's)."""
     x2 = x.reshape(-1, fc1.in_features)
     h = monarch_product(x2, fc1.w1, fc1.w2, out_fm=True)
-    y = monarch_product(bias_gelu_rows(h, fc1.bias, approximate), fc2.w1, fc2.w2, in_fm=True)
-    y = y if fc2.bias is None else y + fc2.bias.to(y.dtype)
+    y = monarch_product(bias_gelu_rows(h, fc1.bias, approximate), fc2.w1, fc2.w2, in_fm=True, bias=fc2.bias)
     return y.view(*x.shape[:-1], fc2.out_features)
 
 

@@ -380,9 +380,14 @@ class LowRankLinear(StructuredLinear):
         return {**super().spec(), "rank": self.rank}
 
 
-def _transpose(x: torch.Tensor) -> torch.Tensor:
+def _transpose(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     from .kernels import transpose      # kernels imports this module
-    return transpose(x)
+    return transpose(x, bias)
+
+
+def _transpose_colsum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .kernels import transpose_colsum
+    return transpose_colsum(x)
 
 
 class _Monarch(torch.autograd.Function):
@@ -398,7 +403,7 @@ class _Monarch(torch.autograd.Function):
     kernels.transpose (a tiled Triton kernel on CUDA)."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, in_fm: bool, out_fm: bool):
+    def forward(ctx, x, w1, w2, bias, in_fm: bool, out_fm: bool):
         (k, q, p), (l, s, r) = w1.shape, w2.shape
         t = x.shape[1] if in_fm else x.shape[0]
         xb = x.view(k, p, t) if in_fm else x.view(t, k, p).permute(1, 2, 0)
@@ -407,14 +412,21 @@ class _Monarch(torch.autograd.Function):
         y = x.new_empty(l * s, t)
         torch.bmm(w2, h.view(r, l, t).transpose(0, 1), out=y.view(s, l, t).transpose(0, 1))
         ctx.save_for_backward(x, w1, w2, h)
-        ctx.in_fm, ctx.out_fm = in_fm, out_fm
-        return y if out_fm else _transpose(y)
+        ctx.in_fm, ctx.out_fm, ctx.bias_dtype = in_fm, out_fm, None if bias is None else bias.dtype
+        return y if out_fm else _transpose(y, bias)
 
     @staticmethod
     def backward(ctx, dy):
         x, w1, w2, h = ctx.saved_tensors
         (k, q, p), (l, s, r) = w1.shape, w2.shape
-        dy = dy.contiguous() if ctx.out_fm else _transpose(dy.contiguous())   # (out, T)
+        db = None
+        if ctx.out_fm:
+            dy = dy.contiguous()                                             # (out, T)
+        elif ctx.needs_input_grad[3]:
+            dy, db = _transpose_colsum(dy.contiguous())
+            db = db.to(ctx.bias_dtype)
+        else:
+            dy = _transpose(dy.contiguous())
         t = dy.shape[1]
         xb = x.view(k, p, t) if ctx.in_fm else x.view(t, k, p).permute(1, 2, 0)
         hv, dyv = h.view(r, l, t).transpose(0, 1), dy.view(s, l, t).transpose(0, 1)
@@ -433,19 +445,25 @@ class _Monarch(torch.autograd.Function):
                 else:
                     dx = x.new_empty(t, k * p)
                     torch.bmm(dhb.transpose(1, 2), w1, out=dx.view(t, k, p).transpose(0, 1))
-        return dx, dw1, dw2, None, None
+        return dx, dw1, dw2, db, None, None
 
 
 def monarch_product(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, in_fm: bool = False,
-                    out_fm: bool = False) -> torch.Tensor:
-    """BlockShuffle's product without bias: x (T, in) or, with in_fm, (in, T); result (T, out) or, with
-    out_fm, (out, T). w1 (k, m/k, in/k), w2 (l, out/l, m/l). Under autocast all are cast to its dtype first."""
+                    out_fm: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """BlockShuffle's product: x (T, in) or, with in_fm, (in, T); result (T, out) or, with out_fm, (out, T).
+    w1 (k, m/k, in/k), w2 (l, out/l, m/l). A bias (token-major results only) is added in the closing transpose.
+    Under autocast all are cast to its dtype first."""
+    if bias is not None and out_fm:
+        raise ValueError("monarch_product adds a bias to a token-major result only (out_fm=False)")
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    elif bias is not None:
+        bias = bias.to(x.dtype)
     with torch.autocast(dev, enabled=False):
-        return _Monarch.apply(x.contiguous(), w1, w2, in_fm, out_fm)
+        return _Monarch.apply(x.contiguous(), w1, w2, bias, in_fm, out_fm)
 
 
 class BlockShuffleLinear(StructuredLinear):
@@ -475,8 +493,7 @@ class BlockShuffleLinear(StructuredLinear):
         return cls(in_features, out_features, k, bias, nblocks2=l, **kw)
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = monarch_product(x.reshape(-1, self.in_features), self.w1, self.w2)
-        y = y if bias is None else y + bias.to(y.dtype)
+        y = monarch_product(x.reshape(-1, self.in_features), self.w1, self.w2, bias=bias)
         return y.view(*x.shape[:-1], self.out_features)
 
     def after_first(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
