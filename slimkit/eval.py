@@ -88,7 +88,7 @@ def fidelity(logits: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, float]
 def _storage_key(t: torch.Tensor):
     """What identifies a tensor's memory: two Parameter objects over one storage (a head tied to the embedding
     through separate Parameter wrappers) are stored once, as slimkit.save stores them."""
-    return (t.device, t.data_ptr(), t.numel(), t.dtype) if t.numel() else id(t)
+    return (t.device, t.data_ptr(), t.numel(), t.dtype) if t.numel() and t.device.type != "meta" else id(t)
 
 
 def model_size_bytes(model: nn.Module) -> int:

@@ -270,3 +270,6 @@ def test_size_of_a_quantized_layer_sharing_its_weight_with_a_float_one():
     packed = sum((64 * m.w_quant.spec.bits + 7) // 8 + 2 * m.w_quant.scale.numel() * 4 for m in layers.values())
     act = sum(t.numel() * t.element_size() for m in layers.values() if m.a_quant is not None for t in m.a_quant.buffers())
     assert model_size_bytes(q) == floats + packed + act
+    with torch.device("meta"):                 # meta tensors have no storage to share: each counts
+        meta = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    assert model_size_bytes(meta) == 2 * (16 + 4) * 4
