@@ -116,6 +116,8 @@ def fused_experts(model: nn.Module) -> list[str]:
         expert = any("expert" in part for part in parts)
         ffn = expert or any(_FFN_NAME.match(part) or "moe" in part for part in name.split("."))
         for pname, p in module.named_parameters(recurse=False):
+            if pname in ("scale", "zero_point"):      # a quantizer's, not a weight
+                continue
             if (p.dim() == 3 and ffn) or (p.dim() == 2 and expert):
                 found.append(f"{name}.{pname}" if name else pname)
     return found
