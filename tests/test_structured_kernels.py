@@ -195,7 +195,9 @@ def test_transpose_kernel_is_bit_exact(shape, dtype):
     y = K.transpose(x)
     assert y.is_contiguous() and torch.equal(y, x.t().contiguous())
     b = torch.randn(shape[0], generator=torch.Generator().manual_seed(5)).to(dev, dtype)
-    torch.testing.assert_close(K.transpose(x, b), x.t() + b, rtol=0, atol=0)     # rounded once, as torch
+    # rounded once, as torch: exactly on the GPU; Triton's interpreter rounds fp32 -> bf16 its own way (1 ulp)
+    tol = 2 ** -7 if INTERPRETED and dtype == torch.bfloat16 else 0
+    torch.testing.assert_close(K.transpose(x, b), x.t() + b, rtol=tol, atol=tol)
     yt, sums = K.transpose_colsum(x)
     assert torch.equal(yt, x.t().contiguous())
     torch.testing.assert_close(sums.float(), x.float().sum(0), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
