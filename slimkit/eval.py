@@ -99,11 +99,9 @@ def model_size_bytes(model: nn.Module) -> int:
     total, counted = 0, set()
     sparse = set(((getattr(model, "slimkit_info", None) or {}).get("sparsity") or {}).get("layers", {}))
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer) and m.w_quant is not None}
-    float_users: dict = {}          # storage -> modules holding it as a plain parameter
-    for name, module in model.named_modules():
-        if not isinstance(module, QuantLayer) and not any(name == q + ".layer" for q in quantized):
-            for p in module.parameters(recurse=False):
-                float_users.setdefault(_storage_key(p), []).append(name)
+    inner = {f"{q}.layer" for q in quantized}
+    float_used = {_storage_key(p) for name, module in model.named_modules()      # held as plain parameters
+                  if not isinstance(module, QuantLayer) and name not in inner for p in module.parameters(recurse=False)}
     for name, module in model.named_modules():
         if name in quantized:
             w = module.layer.weight
@@ -112,7 +110,7 @@ def model_size_bytes(model: nn.Module) -> int:
             total += 0 if module.w_mask is None else (w.numel() + 7) // 8
             total += 2 * module.w_quant.scale.numel() * 4
             skip = [module.w_int, module.w_quant.scale, module.w_quant.zero_point]
-            skip += [w] if _storage_key(w) not in float_users else []
+            skip += [w] if _storage_key(w) not in float_used else []
             skip += [module.w_mask] if module.w_mask is not None else []
             counted.update(_storage_key(t) for t in skip if t is not None)
         elif name in sparse and getattr(module, "weight", None) is not None \

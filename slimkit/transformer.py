@@ -103,17 +103,25 @@ def _move_outside_blocks(model: nn.Module, lay: Layout, device: torch.device) ->
                 module._buffers[key] = b.to(device)
 
 
-def first_block_inputs(model: nn.Module, lay: Layout, batches: list[dict], device: torch.device) -> list:
-    """(hidden_states, extra args, kwargs) of the first block for each calibration batch."""
-    block0 = model.get_submodule(lay.blocks[0])
+def _passthrough(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _block_inputs(model: nn.Module, lay: Layout, index: int, batches: list[dict], device: torch.device) -> list:
+    """(hidden_states, extra args, kwargs) that block `index` receives for each calibration batch; the blocks
+    before it pass their input through unrun, so this costs no block compute."""
     captured = []
 
     def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, tuple(args[1:]), dict(kwargs)))
+        captured.append((hidden, tuple(args[1:]), kwargs))
         raise _Stop
 
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    skipped = [model.get_submodule(p) for p in lay.blocks[:index]]
+    for block in skipped:
+        block.forward = _passthrough
+    handle = model.get_submodule(lay.blocks[index]).register_forward_pre_hook(hook, with_kwargs=True)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
@@ -125,8 +133,16 @@ def first_block_inputs(model: nn.Module, lay: Layout, batches: list[dict], devic
                     pass
     finally:
         handle.remove()
+        for block in skipped:
+            del block.forward
         if use_cache is not None:
             model.config.use_cache = use_cache
+    return captured
+
+
+def first_block_inputs(model: nn.Module, lay: Layout, batches: list[dict], device: torch.device) -> list:
+    """(hidden_states, extra args, kwargs) of the first block for each calibration batch."""
+    captured = _block_inputs(model, lay, 0, batches, device)
     if len(captured) != len(batches):
         raise SlimkitError("the model's forward never reached its first block: is the family adapter right?")
     return captured
@@ -141,50 +157,13 @@ def layer_types(model: nn.Module, lay: Layout) -> list[str] | None:
     return list(types)
 
 
-def _passthrough(*args, **kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def inputs_by_layer_type(model: nn.Module, lay: Layout, batches: list[dict], device: torch.device,
                          types: list[str]) -> dict[str, list[tuple]]:
-    """(extra args, kwargs) that the first block of each attention kind receives, per calibration batch: the
-    blocks before it pass their input through unrun, so this costs no block compute. Block-by-block passes give
-    each block its own kind's arguments, which the first block's alone are not."""
-    found = {}
-    use_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False
-    try:
-        for kind in dict.fromkeys(types):
-            first = types.index(kind)
-            captured = []
-
-            def hook(module, args, kwargs):
-                kwargs = dict(kwargs)
-                if not args:
-                    kwargs.pop("hidden_states")
-                captured.append((tuple(args[1:]), kwargs))
-                raise _Stop
-
-            skipped = [model.get_submodule(p) for p in lay.blocks[:first]]
-            for block in skipped:
-                block.forward = _passthrough
-            handle = model.get_submodule(lay.blocks[first]).register_forward_pre_hook(hook, with_kwargs=True)
-            try:
-                with torch.no_grad():
-                    for batch in batches:
-                        try:
-                            model(**{k: v.to(device) for k, v in batch.items()})
-                        except _Stop:
-                            pass
-            finally:
-                handle.remove()
-                for block in skipped:
-                    del block.forward
-            found[kind] = captured
-    finally:
-        if use_cache is not None:
-            model.config.use_cache = use_cache
-    return found
+    """(extra args, kwargs) that the first block of each attention kind receives, per calibration batch (from
+    _block_inputs). Block-by-block passes give each block its own kind's arguments, which the first block's alone
+    are not."""
+    return {kind: [(args, kwargs) for _, args, kwargs in _block_inputs(model, lay, types.index(kind), batches, device)]
+            for kind in dict.fromkeys(types)}
 
 
 def with_layer_arguments(inputs: list, block: int, types: list[str] | None, by_type: dict | None) -> list:

@@ -235,6 +235,18 @@ def test_eval_weights_go_to_the_artifacts_reference(work):
     assert agreement("--weights", "trained.safetensors") > 90 > agreement()
 
 
+def _quantize_then_eval_elsewhere(work, factory, *extra):
+    """Quantize `factory` in `work` (W8A8 rtn), then eval the artifact from another folder; both must succeed."""
+    ok = run("quantize", factory, *extra, "--method", "rtn", "--w-bits", "8", "--a-bits", "8", "--calib",
+             "calib.npy", "--out", "out", *FAST, cwd=work)
+    assert ok.returncode == 0, ok.stderr
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    ev = run("eval", str(work / "out"), "--data", str(work / "labelled.npz"), "--quiet", cwd=elsewhere)
+    assert ev.returncode == 0, ev.stderr
+    return ev
+
+
 def test_artifact_of_a_factory_model_evaluates_from_another_folder(work):
     """The artifact holds every weight: it rebuilds from any folder, and after its float weights are deleted,
     eval still reports accuracy and says why agreement with FP is missing."""
@@ -242,16 +254,10 @@ def test_artifact_of_a_factory_model_evaluates_from_another_folder(work):
     scope = {}
     exec(FACTORY, scope)
     save_file(scope["tiny"]().state_dict(), str(work / "trained.safetensors"))
-    ok = run("quantize", "nets.py:tiny", "--weights", "trained.safetensors", "--method", "rtn", "--w-bits", "8",
-             "--a-bits", "8", "--calib", "calib.npy", "--out", "out", *FAST, cwd=work)
-    assert ok.returncode == 0, ok.stderr
-    elsewhere = work / "elsewhere"
-    elsewhere.mkdir()
-    ev = run("eval", str(work / "out"), "--data", str(work / "labelled.npz"), "--quiet", cwd=elsewhere)
-    assert ev.returncode == 0, ev.stderr
+    ev = _quantize_then_eval_elsewhere(work, "nets.py:tiny", "--weights", "trained.safetensors")
     assert "agreement" in ev.stdout and "top-1" in ev.stdout
     (work / "trained.safetensors").unlink()
-    ev = run("eval", str(work / "out"), "--data", str(work / "labelled.npz"), "--quiet", cwd=elsewhere)
+    ev = run("eval", str(work / "out"), "--data", str(work / "labelled.npz"), "--quiet", cwd=work / "elsewhere")
     assert ev.returncode == 0, ev.stderr
     assert "top-1" in ev.stdout and "agreement" not in ev.stdout
     said = "".join(ev.stderr.split())          # rich wraps long paths
@@ -280,11 +286,5 @@ def test_artifact_of_a_package_factory_evaluates_from_another_folder(work):
     (work / "mypkg").mkdir()
     (work / "mypkg" / "__init__.py").write_text("")
     (work / "mypkg" / "nets.py").write_text(FACTORY)
-    ok = run("quantize", "mypkg.nets:tiny", "--method", "rtn", "--w-bits", "8", "--a-bits", "8", "--calib",
-             "calib.npy", "--out", "out", *FAST, cwd=work)
-    assert ok.returncode == 0, ok.stderr
-    elsewhere = work / "elsewhere"
-    elsewhere.mkdir()
-    ev = run("eval", str(work / "out"), "--data", str(work / "labelled.npz"), "--quiet", cwd=elsewhere)
-    assert ev.returncode == 0, ev.stderr
+    ev = _quantize_then_eval_elsewhere(work, "mypkg.nets:tiny")
     assert "agreement" in ev.stdout and "top-1" in ev.stdout

@@ -192,13 +192,24 @@ if triton is not None:
         _gelu_grad_epilogue(dact, rm, rn, pre_ptr, dpre_ptr, dbias_ptr, M, N, som, son, pid_m, HAS_BIAS, APPROX)
 
     @triton.jit
+    def _tile2d(R, C, BR: tl.constexpr, BC: tl.constexpr):
+        """Row and column indices (int64) of this program's (BR, BC) tile of an (R, C) array, and its mask."""
+        rr = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+        cc = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
+        return rr, cc, (rr[:, None] < R) & (cc[None, :] < C)
+
+    @triton.jit
+    def _biased_rows(h_ptr, b_ptr, rr, offs, mask, R):
+        """h + b[row] in fp32 on a tile of feature-major h."""
+        return (tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                + tl.load(b_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[:, None])
+
+    @triton.jit
     def _transpose_kernel(x_ptr, y_ptr, b_ptr, s_ptr, R, C, HAS_BIAS: tl.constexpr, COLSUM: tl.constexpr,
                           BR: tl.constexpr, BC: tl.constexpr):
         """y (C, R) = x (R, C)^T (+ b[r] on y's column r), both contiguous: one tile read along C, written along
         R; with COLSUM also this row tile's column sums of x into s[tile, c]."""
-        rr = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-        cc = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
-        mask = (rr[:, None] < R) & (cc[None, :] < C)
+        rr, cc, mask = _tile2d(R, C, BR, BC)
         tile = tl.load(x_ptr + rr[:, None] * C + cc[None, :], mask=mask, other=0.0)
         if COLSUM:
             tl.store(s_ptr + tl.program_id(0) * C + cc, tl.sum(tile.to(tl.float32), axis=0), mask=cc < C)
@@ -211,12 +222,9 @@ if triton is not None:
     def _bias_gelu_rows_kernel(h_ptr, b_ptr, act_ptr, R, C, APPROX: tl.constexpr, BR: tl.constexpr,
                                BC: tl.constexpr):
         """act = gelu(h + b[row]) on feature-major h (R features, C tokens), the sum kept in fp32."""
-        rr = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-        cc = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
-        mask = (rr[:, None] < R) & (cc[None, :] < C)
+        rr, cc, mask = _tile2d(R, C, BR, BC)
         offs = rr[:, None] * C + cc[None, :]
-        pre = (tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-               + tl.load(b_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[:, None])
+        pre = _biased_rows(h_ptr, b_ptr, rr, offs, mask, R)
         tl.store(act_ptr + offs, _gelu(pre, APPROX).to(act_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -224,12 +232,9 @@ if triton is not None:
                                    BR: tl.constexpr, BC: tl.constexpr):
         """dh = dact * gelu'(h + b[row]); this token tile's row sums of dh into db[tile, row] (torch adds the
         tiles: deterministic, no atomics)."""
-        rr = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-        cc = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
-        mask = (rr[:, None] < R) & (cc[None, :] < C)
+        rr, cc, mask = _tile2d(R, C, BR, BC)
         offs = rr[:, None] * C + cc[None, :]
-        pre = (tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-               + tl.load(b_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[:, None])
+        pre = _biased_rows(h_ptr, b_ptr, rr, offs, mask, R)
         dh = tl.load(dact_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _gelu_grad(pre, APPROX)
         tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
         tl.store(db_ptr + tl.program_id(1) * R + rr, tl.sum(tl.where(mask, dh, 0.0), axis=1), mask=rr < R)
