@@ -122,6 +122,17 @@ def _bmm_persistent(a_ptr, b_ptr, c_ptr, p_ptr, bias_ptr, sum_ptr, Z, M, N, K, s
                   sbias_i, nbias, pid_n, MODE, APPROX, BM, BN)
 
 
+def _scratch(size: int, align: int, stream) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _launch_persistent(grid, *args, **kw):
+    """The TMA kernel builds its descriptors on the device, in scratch memory from Triton's allocator (a context
+    variable, so set in each thread: autograd runs the backward in its own)."""
+    triton.set_allocator(_scratch)
+    _bmm_persistent[grid](*args, **kw)
+
+
 def fc1_second(kind: str, w2, h, bias, mode: int = 1):
     """(pre, act) (l*s, T): block j = w2[j] @ rows j, j+l, ... of the feature-major h; its row s is channel s*l + j."""
     (l, s, r), t = w2.shape, h.shape[1]
@@ -134,7 +145,7 @@ def fc1_second(kind: str, w2, h, bias, mode: int = 1):
                        BK=bk, GROUP_M=8, num_stages=stages, num_warps=warps)
     else:
         nprog = torch.cuda.get_device_properties(h.device).multi_processor_count
-        _bmm_persistent[(nprog,)](w2, h, act, pre, bias, w2, l, s, t, r, s * r, r, **strides, A_T=False, MODE=mode,
+        _launch_persistent((nprog,), w2, h, act, pre, bias, w2, l, s, t, r, s * r, r, **strides, A_T=False, MODE=mode,
                                   APPROX=0, BM=bm, BN=bn, BK=bk, GROUP_M=8, NPROG=nprog, STAGES=stages,
                                   num_warps=warps)
     return pre, act
@@ -153,7 +164,7 @@ def fc2_first_grad(kind: str, w1, dg, pre, mode: int = 2):
                        BN=bn, BK=bk, GROUP_M=8, num_stages=stages, num_warps=warps)
     else:
         nprog = torch.cuda.get_device_properties(dg.device).multi_processor_count
-        _bmm_persistent[(nprog,)](w1, dg, dpre, pre, w1, sums, k, p, t, q, q * p, p, **strides, A_T=True, MODE=mode,
+        _launch_persistent((nprog,), w1, dg, dpre, pre, w1, sums, k, p, t, q, q * p, p, **strides, A_T=True, MODE=mode,
                                   APPROX=0, BM=bm, BN=bn, BK=bk, GROUP_M=8, NPROG=nprog, STAGES=stages,
                                   num_warps=warps)
     return dpre, sums.sum(0)
@@ -218,7 +229,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("structured_ffn_epilogue_probe: needs a CUDA GPU (Hopper or newer for the TMA kernel)")
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, device="cuda", dtype=torch.int8))
     torch.manual_seed(0)
     dev, dt = torch.device("cuda"), torch.bfloat16
     ffn, _ = build("blockshuffle", D, RATIO, dev, dt)
