@@ -173,7 +173,14 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     if cfg.method in TRANSFORMER_METHODS:
         raise SlimkitError(f"method {cfg.method!r} is for Hugging Face transformers; this model "
                            f"({type(model).__name__}) is not one: use rtn, adaround, brecq or qdrop")
+    if quant_layers(model):
+        raise SlimkitError("this model is already quantized (it holds slimkit's quantized layers): quantize the "
+                           "float model (a sparse one from slimkit.sparsify included) instead")
     data = calibration_tensor(calib_data, cfg.num_samples or 1024, cfg.seed)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype != torch.float32:
+        raise SlimkitError(f"the model's parameters are {str(dtype).replace('torch.', '')}: slimkit quantizes CNNs "
+                           "in float32 (reconstruction needs its precision); pass model.float()")
     torch.manual_seed(cfg.seed)
 
     fp_model, q_model, folded = prepare(model, data, cfg, device)

@@ -31,8 +31,11 @@ ATTN_QUANT_FAMILIES = ("llama", "opt", "gpt2", "bert")
 
 
 def is_transformer(model) -> bool:
-    """A Hugging Face model (it has a config with a model_type)."""
-    return isinstance(model, nn.Module) and getattr(getattr(model, "config", None), "model_type", None) is not None
+    """A Hugging Face model (it has a config with a model_type) that reads tokens or features, i.e. whose main
+    input is not `pixel_values`: vision models (ResNet, ConvNext, MobileNet, ViT ...) take slimkit's generic path
+    for any nn.Module (the CNN methods, block by block), as a user's own network would."""
+    return (isinstance(model, nn.Module) and getattr(getattr(model, "config", None), "model_type", None) is not None
+            and getattr(model, "main_input_name", "input_ids") != "pixel_values")
 
 
 class _Stop(Exception):

@@ -273,3 +273,67 @@ def test_size_of_a_quantized_layer_sharing_its_weight_with_a_float_one():
     with torch.device("meta"):                 # meta tensors have no storage to share: each counts
         meta = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     assert model_size_bytes(meta) == 2 * (16 + 4) * 4
+
+
+def _hf_vision(kind: str) -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    if kind == "resnet":
+        cfg = T.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                             layer_type="basic", num_labels=10)
+        return T.ResNetForImageClassification(cfg).eval()
+    cfg = T.MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.25, num_labels=10)
+    model = T.MobileNetV2ForImageClassification(cfg).eval()
+    for m in model.modules():     # its own init leaves logits near 1e-27 at this depth: scale to unit activations
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["resnet", "mobilenetv2"])
+def test_hugging_face_vision_cnns_take_the_cnn_path(tmp_path, kind):
+    """A Hugging Face CNN (config.model_type set, main input pixel_values) is quantized and sparsified like any
+    module: its BatchNorms fold although it returns a ModelOutput, MobileNetV2's padding reads its quantized convs'
+    stride, and the artifact reloads exactly."""
+    from slimkit.transformer import is_transformer
+
+    model, x = _hf_vision(kind), torch.randn(12, 3, 32, 32)
+    assert not is_transformer(model)
+    q = slimkit.quantize(model, x, method="rtn", w_bits=8, a_bits=8, progress=False)
+    assert q.slimkit_info["folded_bn"]
+    with torch.no_grad():
+        out, ref = q(x).logits, model(x).logits
+    # W8A8 on random weights, ~50 layers deep for MobileNetV2 (depthwise convs, per-tensor activations)
+    assert ((out - ref).norm() / ref.norm()).item() < (0.05 if kind == "resnet" else 0.25)
+    slimkit.save(q, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(slimkit.load(tmp_path / "q", model=_hf_vision(kind))(x).logits, out)
+    s = slimkit.sparsify(model, None, method="uniform", sparsity=0.5)
+    assert abs(s.slimkit_info["sparsity"]["achieved"] - 0.5) < 1e-3
+
+
+def test_calibration_data_forms_with_other_targets():
+    """Targets that are not one class per sample (one-hot rows, masks) are left out, not an error; samples given as
+    dicts (Hugging Face datasets style) are read by their input key; arrays of Python objects are refused."""
+    from slimkit.core.data import resolve
+
+    x = torch.randn(6, 1, 4, 4)
+    onehot = torch.nn.functional.one_hot(torch.arange(6) % 3, 3)
+    ds = torch.utils.data.TensorDataset(x, onehot)
+    got, labels = resolve(ds)
+    assert torch.equal(got, x) and labels is None
+    got, labels = resolve(torch.utils.data.DataLoader(ds, batch_size=4))
+    assert torch.equal(got, x) and labels is None
+    got, labels = resolve([{"pixel_values": x[i], "labels": i % 3} for i in range(6)])
+    assert torch.equal(got, x) and labels.tolist() == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(slimkit.SlimkitError, match="Python objects"):
+        resolve([[1, "a"], [2, "b"]])
+
+
+def test_quantize_refuses_quantized_and_non_float32_models(data):
+    q = slimkit.quantize(tiny_net(), data, method="rtn", progress=False)
+    with pytest.raises(slimkit.SlimkitError, match="already quantized"):
+        slimkit.quantize(q, data, method="rtn", progress=False)
+    with pytest.raises(slimkit.SlimkitError, match=r"float64.*model.float\(\)"):
+        slimkit.quantize(tiny_net().double(), data.double(), method="rtn", progress=False)

@@ -31,8 +31,9 @@ def _randomize_bn(model: nn.Module, seed: int) -> None:
         if isinstance(m, nn.BatchNorm2d):
             c = m.num_features
             with torch.no_grad():
-                m.running_mean.copy_(torch.randn(c, generator=g))
-                m.running_var.copy_(torch.rand(c, generator=g) * 3 + 0.05)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(c, generator=g))
+                    m.running_var.copy_(torch.rand(c, generator=g) * 3 + 0.05)
                 if m.weight is not None:
                     m.weight.copy_(torch.randn(c, generator=g))
                     m.bias.copy_(torch.randn(c, generator=g))
@@ -96,13 +97,14 @@ class SharedOutput(nn.Module):
         return self.bn(y) + y
 
 
-def test_fold_bn_refuses_shared_conv_output():
+def test_fold_bn_leaves_shared_conv_output_unfolded():
     torch.manual_seed(0)
     model = SharedOutput()
     _randomize_bn(model, 2)
     assert find_conv_bn_pairs(model.eval(), torch.randn(2, 3, 8, 8)) == [("conv", "bn")]  # the pair is seen...
-    with pytest.raises(SlimkitError, match="changed the model's output"):  # ...and the check refuses the fold
-        fold_bn(model, torch.randn(2, 3, 8, 8))
+    with pytest.warns(UserWarning, match="1 conv -> BatchNorm pair.*conv -> bn"):   # ...and the check keeps it
+        assert fold_bn(model, torch.randn(2, 3, 8, 8)) == []
+    assert isinstance(model.bn, nn.BatchNorm2d)
 
 
 def test_fold_bn_refusal_leaves_model_untouched():
@@ -112,12 +114,81 @@ def test_fold_bn_refusal_leaves_model_untouched():
     model.train()
     x = torch.randn(2, 3, 8, 8)
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(SlimkitError):
+    with pytest.warns(UserWarning):
         fold_bn(model, x)
     assert isinstance(model.bn, nn.BatchNorm2d)
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+class DenseStyle(nn.Module):
+    """Two conv -> BN pairs: the first conv's output also goes into a concatenation (unsafe to fold), the
+    second's only into its BN (safe); the model returns a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        z = torch.cat([torch.relu(self.bn1(y)), y], 1)
+        return {"logits": self.bn2(self.conv2(z)).mean((2, 3)), "aux": z.mean()}
+
+
+def test_fold_bn_keeps_the_safe_pairs_when_one_is_unsafe():
+    torch.manual_seed(0)
+    model = DenseStyle()
+    _randomize_bn(model, 4)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.warns(UserWarning, match="conv1 -> bn1"):
+        assert fold_bn(model, x) == [("conv2", "bn2")]
+    assert isinstance(model.bn1, nn.BatchNorm2d) and isinstance(model.bn2, nn.Identity)
+    with torch.no_grad():
+        after = model(x)
+    for key in before:      # every output of the dict, not only the first
+        assert _rel(after[key], before[key]) < 1e-5, key
+
+
+class InplaceReluBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(torch.relu_(self.conv(x)))
+
+
+class SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv1(x)) + self.bn(self.conv2(x))
+
+
+@pytest.mark.parametrize("make", [InplaceReluBetween, SharedBN,
+                                  lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))],
+                         ids=["inplace-relu-between", "shared-bn", "no-running-stats"])
+def test_fold_bn_skips_pairs_that_cannot_fold(make):
+    """A conv -> relu_ -> BN chain (the BN sees the conv's tensor, changed in place), a BN shared by two convs and
+    a BN without running statistics are no pairs: nothing is folded, the outputs stay, no error."""
+    torch.manual_seed(0)
+    model = make()
+    _randomize_bn(model, 5)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    assert find_conv_bn_pairs(model, x) == []
+    assert fold_bn(model, x) == []
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
 
 
 def test_fold_bn_ignores_bn_not_fed_by_conv():
@@ -285,3 +356,26 @@ def test_output_loss_sums_channels_and_averages_the_rest():
     target[0, :, 0, 0] = 3.0
     expected = ((pred - target) ** 2).sum(1).mean()
     assert output_loss(pred, target).item() == pytest.approx(expected.item())
+
+
+def test_capture_keeps_block_inputs_the_block_changes_in_place():
+    """A pre-activation block that starts with relu_(x) changes its own input: the cached float input (which
+    QDrop mixes into the block's input) must be the input as it came in."""
+    from slimkit.core.reconstruct import capture
+
+    class PreAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu, self.conv = nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.relu(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), PreAct(), nn.Flatten()).eval()
+    x = torch.randn(6, 3, 8, 8)
+    cpu = torch.device("cpu")
+    fp_in, fp_out, _, _ = capture(model, model[1], x, 4, cpu, True, cpu)
+    with torch.no_grad():
+        assert torch.equal(fp_in, model[0](x)) and fp_in.min() < 0
+        assert torch.equal(fp_out, model[1](model[0](x)))

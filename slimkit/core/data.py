@@ -6,6 +6,7 @@ holding inputs under "x" / "images" / "inputs" (labels under "y" / "labels"); or
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,18 @@ import torch
 
 from ..errors import SlimkitError
 
-INPUT_KEYS = ("x", "images", "inputs", "input", "data")
+INPUT_KEYS = ("x", "images", "inputs", "input", "data", "pixel_values", "image")
 LABEL_KEYS = ("y", "labels", "label", "targets")
 
 
 def _as_tensor(a) -> torch.Tensor:
-    t = torch.from_numpy(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
-    return t
+    if isinstance(a, torch.Tensor):
+        return a
+    arr = np.asarray(a)
+    if arr.dtype.kind in "OUSV":      # Python objects, strings, bytes, records
+        raise SlimkitError(f"cannot use a {type(a).__name__} of Python objects or strings as data: give numbers (a "
+                           "tensor, an array, or nested lists of numbers)")
+    return torch.from_numpy(arr)
 
 
 def _pick(mapping: dict, keys: tuple, what: str, source: str, required: bool):
@@ -93,7 +99,12 @@ def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise SlimkitError("the data is empty: give at least one calibration sample")
     xs, ys = [], []
     for item in items:
-        if isinstance(item, (tuple, list)) and len(item) >= 1:
+        if isinstance(item, Mapping):       # a Hugging Face style sample or batch: {"pixel_values": ..., "labels": ...}
+            xs.append(_as_tensor(_pick(item, INPUT_KEYS, "input", "a data sample", required=True)))
+            label = _pick(item, LABEL_KEYS, "label", "a data sample", required=False)
+            if label is not None:
+                ys.append(_as_tensor(label))
+        elif isinstance(item, (tuple, list)) and len(item) >= 1:
             xs.append(_as_tensor(item[0]))
             if len(item) > 1:
                 ys.append(_as_tensor(item[1]))
@@ -105,7 +116,10 @@ def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise SlimkitError(f"data samples have different shapes ({', '.join(map(str, sorted(shapes)))}): give samples of one shape")
     x = torch.cat(xs) if batched else torch.stack(xs)
     y = None
-    if ys and len(ys) == len(xs):
+    # class labels: one number per sample. Other targets (one-hot rows, masks, boxes) are not what top-1 needs,
+    # and calibration never reads targets: they are left out.
+    scalar = all(t.numel() == (len(xi) if batched else 1) for t, xi in zip(ys, xs))
+    if ys and len(ys) == len(xs) and scalar:
         y = torch.cat([t.reshape(-1) for t in ys]) if batched else torch.stack([t.reshape(()) for t in ys])
     return x, y
 

@@ -3,36 +3,46 @@
 Pairs are found by running the model once with hooks: a BatchNorm whose input is the very tensor a
 Conv2d just produced belongs to that conv. Folding  W' = W * g / sqrt(v + eps),
 b' = (b - m) * g / sqrt(v + eps) + beta  and replacing the BatchNorm by nn.Identity keeps the function;
-`fold_bn` checks that on the example input and refuses (with the error) if it does not hold.
+`fold_bn` checks that on the example input and leaves unfolded (with a warning) any pair for which it does not
+hold.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ..errors import SlimkitError
 from .wrap import set_submodule
 
 
+def _foldable(bn: nn.BatchNorm2d) -> bool:
+    """A BatchNorm with running statistics (track_running_stats=False normalises by each batch's own)."""
+    return bn.running_mean is not None and bn.running_var is not None
+
+
 def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv name, bn name) pairs where the BN consumes the conv's output directly."""
+    """(conv name, bn name) pairs where the BN consumes the conv's output directly: the very tensor, unchanged
+    in place since (a conv -> ReLU(inplace) -> BN chain is no pair), each conv and BN called once in the forward
+    (a module shared by two places cannot take the other's fold) and the BN keeping running statistics."""
     names = {m: n for n, m in model.named_modules()}
-    last_outputs: dict[int, tuple[str, weakref.ref]] = {}
-    pairs: list[tuple[str, str]] = []
-    used: set[str] = set()
+    last_outputs: dict[int, tuple[str, weakref.ref, int]] = {}
+    candidates: list[tuple[str, str]] = []
+    calls: dict[str, int] = {}
 
     def conv_hook(module, inputs, output):
-        last_outputs[id(output)] = (names[module], weakref.ref(output))
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        last_outputs[id(output)] = (names[module], weakref.ref(output), output._version)
 
     def bn_pre_hook(module, inputs):
-        conv, ref = last_outputs.get(id(inputs[0]), (None, None))
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        conv, ref, version = last_outputs.get(id(inputs[0]), (None, None, None))
         # ids are reused once a tensor is freed: the pair holds only if the very conv output is still alive here
-        if conv is not None and ref() is inputs[0] and conv not in used:
-            pairs.append((conv, names[module]))
-            used.add(conv)
+        if conv is not None and ref() is inputs[0] and inputs[0]._version == version and _foldable(module):
+            candidates.append((conv, names[module]))
 
     handles = []
     for m in model.modules():
@@ -46,7 +56,7 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[st
     finally:
         for h in handles:
             h.remove()
-    return pairs
+    return [(c, b) for c, b in candidates if calls[c] == 1 and calls[b] == 1]
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -73,34 +83,76 @@ def full_precision_math():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
 
 
+def _flat(out) -> torch.Tensor:
+    """Every floating-point tensor of a model's output (a tensor, a tuple / list / dict / ModelOutput of them,
+    nested) as one flat float64 vector, for comparing two outputs."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().double().flatten() if out.is_floating_point() else out.new_zeros(0, dtype=torch.float64)
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    parts = [_flat(v) for v in values]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _rel_change(model: nn.Module, example: torch.Tensor, before: torch.Tensor) -> float:
+    with torch.no_grad(), full_precision_math():
+        after = _flat(model(example))
+    if after.shape != before.shape:
+        return float("inf")
+    return ((after - before).norm() / before.norm().clamp_min(1e-12)).item()
+
+
 def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: float = 1e-5) -> list[tuple[str, str]]:
-    """Fold every Conv2d→BatchNorm2d pair of `model` in place; returns the pairs folded."""
+    """Fold every Conv2d→BatchNorm2d pair of `model` in place; returns the pairs folded.
+
+    With `check`, the model's outputs on `example` must stay the same (relative error under 10 * rtol). When
+    folding all pairs at once changes them (a conv output that also feeds a residual or a concatenation beside
+    its BatchNorm), the pairs are folded one at a time, each kept only if the outputs hold, and a warning names
+    those left unfolded (they run as float BatchNorms; quantization goes on). Any error restores the model."""
     was_training = model.training
     model.eval()
     pairs = find_conv_bn_pairs(model, example)
     if not pairs:
+        model.train(was_training)
         return pairs
     with torch.no_grad(), full_precision_math():
-        before = model(example) if check else None
-    undo = []
-    for conv_name, bn_name in pairs:
+        before = _flat(model(example)) if check else None
+    done: list[tuple] = []
+
+    def fold(conv_name: str, bn_name: str) -> None:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        undo.append((conv, conv.weight.detach().clone(), conv.bias, bn_name, bn))
+        done.append((conv, conv.weight.detach().clone(), conv.bias, bn_name, bn))
         fold_conv_bn(conv, bn)
         set_submodule(model, bn_name, nn.Identity())
-    if check:
-        with torch.no_grad(), full_precision_math():
-            after = model(example)
-        err = ((after - before).norm() / before.norm().clamp_min(1e-12)).item()
-        if err > rtol * 10:
-            for conv, weight, bias, bn_name, bn in undo:  # leave the model as it was
-                with torch.no_grad():
-                    conv.weight.copy_(weight)
-                conv.bias = bias
-                set_submodule(model, bn_name, bn)
-            model.train(was_training)
-            raise SlimkitError(
-                f"folding BatchNorm into the preceding convolutions changed the model's output (relative error {err:.2e}); "
-                "a convolution's output is probably used elsewhere too. Pass fold_bn=False to quantize without folding.")
+
+    def undo(upto: int = 0) -> None:
+        while len(done) > upto:
+            conv, weight, bias, bn_name, bn = done.pop()
+            with torch.no_grad():
+                conv.weight.copy_(weight)
+            conv.bias = bias
+            set_submodule(model, bn_name, bn)
+
+    try:
+        for conv_name, bn_name in pairs:
+            fold(conv_name, bn_name)
+        if check and _rel_change(model, example, before) > rtol * 10:
+            undo()
+            kept, refused = [], []
+            for pair in pairs:       # one at a time: keep those that leave the outputs as they were
+                fold(*pair)
+                if _rel_change(model, example, before) > rtol * 10:
+                    undo(len(done) - 1)
+                    refused.append(pair)
+                else:
+                    kept.append(pair)
+            listed = ", ".join(f"{c} -> {b}" for c, b in refused[:5]) + (" ..." if len(refused) > 5 else "")
+            warnings.warn(f"BatchNorm folding: {len(refused)} conv -> BatchNorm pair(s) left unfolded ({listed}): "
+                          "folding them changes the model's output, so the conv's output is also used elsewhere. "
+                          "They stay float BatchNorms after their quantized convs.", stacklevel=3)
+            pairs = kept
+    except BaseException:
+        undo()
+        model.train(was_training)
+        raise
     model.train(was_training)
     return pairs

@@ -63,13 +63,13 @@ def capture(model: nn.Module, module: nn.Module, data: torch.Tensor, batch_size:
     extra: dict = {}
 
     def pre(m, args, kwargs):
-        inputs.append(args[0].detach().to(cache_device))
+        inputs.append(args[0].detach().to(cache_device, copy=True))   # a copy: the block may change it in place
         extra["args"], extra["kwargs"] = args[1:], kwargs
         if not want_output:
             raise _Stop
 
     def post(m, args, kwargs, out):
-        outputs.append(out.detach().to(cache_device))
+        outputs.append(out.detach().to(cache_device, copy=True))
         raise _Stop
 
     h1 = module.register_forward_pre_hook(pre, with_kwargs=True)

@@ -100,6 +100,24 @@ class QuantLayer(nn.Module):
         if self.w_quant is not None and init_qparams:
             self.w_quant.set_qparams(*weight_qparams(weight_oi(layer), w_spec, w_observer))
 
+    def __getattr__(self, name: str):
+        """The wrapped layer's own attributes (weight, bias, stride, padding, kernel_size, in_features, ...),
+        which model code may read from the module it holds (Hugging Face's MobileNetV2 pads by `conv.stride`,
+        its ViT casts to `projection.weight.dtype`). They are the float layer's: the forward quantizes."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            layer = self.__dict__.get("_modules", {}).get("layer")    # (no recursion while being unpickled)
+            if layer is None:
+                raise
+            try:
+                return getattr(layer, name)
+            except AttributeError:
+                raise AttributeError(f"'{type(self).__name__}' object (wrapping {type(layer).__name__}) has no "
+                                     f"attribute '{name}'") from None
+
     @property
     def kind(self) -> str:
         return "conv2d" if isinstance(self.layer, nn.Conv2d) else "conv1d" if is_conv1d(self.layer) else "linear"

@@ -209,11 +209,12 @@ def _block_names(model: nn.Module, example: torch.Tensor) -> list[str]:
     return [b.name for b in find_blocks(model, example)[0]]
 
 
-def _train_mode(model: nn.Module) -> None:
-    """Eval mode (no dropout) except BatchNorm, which trains: its statistics follow the pruned weights."""
+def _train_mode(model: nn.Module, batch: int) -> None:
+    """Eval mode (no dropout) except BatchNorm, which trains: its statistics follow the pruned weights. With one
+    sample per batch a BatchNorm1d has one value per channel and no statistics to take: it stays in eval mode."""
     model.eval()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (batch > 1 or not isinstance(m, nn.BatchNorm1d)):
             m.train()
 
 
@@ -254,7 +255,7 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
             kd = _kd_loss(student_out, ref, cfg.temperature)
             return kd if hooks is None else kd + _block_loss(hooks[0].out, hooks[1].out)
 
-        _train_mode(model)
+        _train_mode(model, min(cfg.batch_size, data.shape[0]))
         for _ in tqdm(range(cfg.iters), desc="FCPTS: learning rates", disable=not cfg.progress, leave=False):
             x = batch()
             with torch.no_grad():
