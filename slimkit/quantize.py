@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -113,6 +114,11 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
     check_runs(fp_model, example)
     folded = fold_bn(fp_model, example) if cfg.fold_bn else []
     modules = layer_modules(fp_model)
+    other = sorted({type(m).__name__ for m in fp_model.modules()
+                    if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd))})
+    if other:
+        warnings.warn(f"the model's {', '.join(other)} layers stay float: slimkit quantizes nn.Linear and nn.Conv2d "
+                      "layers", stacklevel=3)
     unknown = [s for s in cfg.skip if s not in modules]
     if unknown:
         raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model: give the module "
