@@ -321,6 +321,18 @@ def test_drop_guides_frees_dense_params():
     assert torch.equal(model[0](x), model[0].layer(x))
 
 
+def test_drop_guides_keeps_an_optimizers_parameter_names_in_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(SelfGuided(make_linear("lowrank", 32, 64, 0.3)), nn.GELU(), nn.Linear(64, 8))
+    opt = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
+    if "param_names" not in opt.param_groups[0]:
+        pytest.skip("this torch builds no named optimizers")
+    drop_guides(model, opt)
+    group = opt.param_groups[0]
+    assert group["param_names"] == [n for n, _ in model.named_parameters()]
+    assert all(p is q for p, q in zip(group["params"], model.parameters()))
+
+
 # ---------- FLOPs ----------
 
 def test_flops_match_manual_formulas():
@@ -620,6 +632,14 @@ def test_replace_ffn_keeps_a_shared_linear_shared():
     assert model[0].mlp[2] is not model[1].mlp[2]
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 3
     model(torch.randn(2, 16)).sum().backward()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = model(x)
+    premerge(model.eval(), tokens=1, always=True)          # and premerge merges it once, for both blocks
+    assert model[0].mlp[0] is model[1].mlp[0] and type(model[0].mlp[0]) is nn.Linear
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_save_and_load_structured_keep_a_shared_linear_shared(tmp_path):

@@ -306,7 +306,23 @@ def test_resume_skips_a_corrupt_latest_checkpoint(corpus, tmp_path):
         train(tiny(tmp_path / "run", data, ckpt_every=3, resume=True))
 
 
+def test_load_model_restores_the_guides_share(corpus, tmp_path):
+    """A checkpoint taken while the dense guides still mix in (here: guided for the whole run, so the final one)
+    loads with the share its last step trained and evaluated with, not the guide alone (share 1)."""
+    from slimkit.structured import SelfGuidedSchedule
+    from slimkit.structured.self_guided import self_guided_modules
+
+    _, data, _ = corpus
+    train(tiny(tmp_path / "g", data, steps=6, ffn="lowrank", param_ratio=0.5, self_guided=True, guide_fraction=1.0))
+    model = load_model(tmp_path / "g")
+    shares = {m.share for m in self_guided_modules(model)}
+    assert shares == {SelfGuidedSchedule(1.0).share(5, 6)} and 0 < shares.pop() < 0.1
+
+
 @pytest.mark.parametrize("kw,match", [({"lr": -1e-3}, "lr must be a positive"), ({"lr": float("nan")}, "lr must"),
+                                      ({"weight_decay": float("nan")}, "weight_decay must"),
+                                      ({"grad_clip": -1.0}, "grad_clip must"), ({"beta2": 1.0}, r"beta2 must be in"),
+                                      ({"dropout": 1.5}, "dropout must"), ({"val_percent": 100}, "val_percent must"),
                                       ({"seed": -1}, "seed must be"), ({"d_ff": 0}, "d_ff must be"),
                                       ({"device": "meta"}, "device must be"), ({"device": "foo"}, "device must be")])
 def test_bad_training_settings(kw, match, tmp_path):

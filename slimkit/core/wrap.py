@@ -218,6 +218,17 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def swap_modules(model: nn.Module, news: dict[str, nn.Module], olds: dict[str, nn.Module]) -> None:
+    """Put news[name] wherever olds[name] is held: a module that two parents hold (weights shared across blocks)
+    is listed once by named_modules, and every path to it must get the same new module."""
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    for name, new in news.items():
+        for path in paths.get(id(olds[name]), [name]):
+            set_submodule(model, path, new)
+
+
 def mask_pruned(wrapped: dict[str, "QuantLayer"], sparsity: dict | None) -> None:
     """Give the QuantLayers of a sparsified model's counted layers (`sparsity`: its slimkit_info["sparsity"]
     report) their keep-masks, weight != 0: pruned weights stay zero through quantization, and the artifact stores

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.benchmark import Timer
 
-from ..core.wrap import set_submodule
+from ..core.wrap import swap_modules
 from ..errors import SlimkitError
 from .decode import graphed
 from .layers import StructuredLinear
@@ -134,7 +134,8 @@ def premerge(model: nn.Module, tokens: int, device=None, dtype: torch.dtype | No
     inference only (see the module docstring). Returns the model."""
     if not always:
         _check_tokens(tokens)
-    for name, layer in mergeable_layers(model).items():
-        if always or choose_merge(layer, tokens, device, dtype, min_run_time, graph).merge:
-            set_submodule(model, name, merged_linear(layer))
+    layers = mergeable_layers(model)
+    news = {name: merged_linear(layer) for name, layer in layers.items()
+            if always or choose_merge(layer, tokens, device, dtype, min_run_time, graph).merge}
+    swap_modules(model, news, layers)       # a layer shared by two blocks: one merged layer, shared the same way
     return model

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from ..core.wrap import is_conv1d, set_submodule
+from ..core.wrap import is_conv1d, swap_modules
 from ..errors import SlimkitError
 from .layers import KINDS, StructuredLinear, layer_from_spec, make_linear
 from .self_guided import SelfGuided, SelfGuidedSchedule
@@ -188,19 +188,8 @@ def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
         except SlimkitError as e:
             raise SlimkitError(f"{name}: {e}") from None
         built[name] = (SelfGuided(new, schedule) if schedule is not None else new).to(dtype=w.dtype)
-    _swap(model, built, targets)
+    swap_modules(model, built, targets)
     return model
-
-
-def _swap(model: nn.Module, news: dict[str, nn.Module], olds: dict[str, nn.Module]) -> None:
-    """Put news[name] wherever olds[name] is held: a linear that two parents hold (weights shared across blocks)
-    is listed once by named_modules, and every path to it must get the same new layer."""
-    paths: dict[int, list[str]] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(m), []).append(path)
-    for name, new in news.items():
-        for path in paths.get(id(olds[name]), [name]):
-            set_submodule(model, path, new)
 
 
 def structured_specs(model: nn.Module) -> dict[str, dict]:
@@ -312,10 +301,10 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
         except (KeyError, TypeError, ValueError) as e:
             raise SlimkitError(f"{path / MANIFEST} is corrupt at {name} ({e}): save the model again") from None
     olds = {name: model.get_submodule(name) for name in swaps}
-    _swap(model, swaps, olds)
+    swap_modules(model, swaps, olds)
     problem = _weights_fit(model, weights)
     if problem:
-        _swap(model, olds, swaps)            # leave the model as it came
+        swap_modules(model, olds, swaps)            # leave the model as it came
         raise SlimkitError(f"weights in {path} do not fit this model: {problem}")
     model.load_state_dict(weights, strict=False)     # tied tensors are stored once; loading one fills its twins
     for name, share in shares.items():

@@ -46,7 +46,8 @@ class SelfGuidedSchedule:
     def __post_init__(self):
         if self.curve not in CURVES:
             raise SlimkitError(f"self-guided curve must be one of {CURVES}, got {self.curve!r}")
-        if not 0.0 <= self.guide_fraction <= 1.0:
+        if isinstance(self.guide_fraction, bool) or not isinstance(self.guide_fraction, (int, float)) \
+                or not 0.0 <= self.guide_fraction <= 1.0:
             raise SlimkitError(f"guide_fraction is a share of training in [0, 1], got {self.guide_fraction}")
 
     def guided_steps(self, total_steps: int) -> int:
@@ -153,7 +154,10 @@ def drop_guides(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     if optimizer is not None and dropped:
         gone = {id(p) for p in dropped}
         for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in gone]
+            keep = [i for i, p in enumerate(group["params"]) if id(p) not in gone]
+            if "param_names" in group:     # an optimizer built from named_parameters() (torch >= 2.6)
+                group["param_names"] = [group["param_names"][i] for i in keep]
+            group["params"] = [group["params"][i] for i in keep]
         for p in dropped:
             optimizer.state.pop(p, None)
     return sum(p.numel() for p in dropped)

@@ -119,6 +119,14 @@ class TrainConfig:
             raise SlimkitError(f"lr must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise SlimkitError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name, lo, hi, closed in (("weight_decay", 0, math.inf, True), ("grad_clip", 0, math.inf, True),
+                                     ("beta1", 0, 1, False), ("beta2", 0, 1, False), ("dropout", 0, 1, False),
+                                     ("val_percent", 0, 100, False)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and math.isfinite(v) and lo <= v and (v < hi or (closed and v == hi))
+            if not ok:
+                what = f"a number >= {lo}" if hi == math.inf else f"in [{lo}, {hi})"
+                raise SlimkitError(f"{name} must be {what}, got {v!r}")
         if not 0 <= self.seed < 2 ** 32:
             raise SlimkitError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.d_ff is not None and self.d_ff < 1:
@@ -444,6 +452,10 @@ def load_model(path: str | Path, device: str = "cpu") -> GPT:
     cfg = TrainConfig(**{**meta["config"], "resume": False})
     model = build_model(cfg, meta["vocab_size"], guides_dropped=meta["guides_dropped"], state=msd)
     model.load_state_dict(msd)
+    if cfg.self_guided and not meta["guides_dropped"]:
+        # the guides' dense share is no weight: set it as the run last trained and evaluated with (the share
+        # of the checkpoint's last step)
+        _structured()[1](model, max(meta["step"] - 1, 0), cfg.steps)
     return model.to(device).eval()
 
 
