@@ -61,6 +61,15 @@ def test_cublaslt_wiring_equals_eager_with_reference_epilogues(monkeypatch, kind
     assert calls == ([] if kind1 == "blockshuffle" else ["updown"] if kind2 in ("dense", "lowrank") else ["block"])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    params = list(fc1.parameters()) + list(fc2.parameters())
+
+    def penalty_grads(fn):       # second order (a gradient penalty): the epilogue functions' backward differentiates
+        t = x.clone().requires_grad_(True)
+        gx, = torch.autograd.grad((fn(fc1, fc2, t) * grad).sum(), t, create_graph=True)
+        gs = torch.autograd.grad(gx.square().sum(), params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+    for a, b in zip(penalty_grads(lambda a, b, t: fused_ffn(a, b, t, "tanh", matmul="cublaslt")), penalty_grads(eager)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def _spy(fn, calls, name):

@@ -120,6 +120,14 @@ def test_fused_ffn_equals_eager_forward_and_gradients(K, kind1, kind2, approxima
     for a, b in zip(dps, dps0):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
+    def penalty_grads(fn):       # second order: d/dparams of |d out / d x|^2
+        gx, = torch.autograd.grad((fn(x) * grad).sum(), x, create_graph=True)
+        gs = torch.autograd.grad(gx.square().sum(), params, allow_unused=True)    # (fc2's bias: unused)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+    for a, b in zip(penalty_grads(lambda t: K.fused_ffn(fc1, fc2, t, approximate, matmul)),
+                    penalty_grads(lambda t: fc2(F.gelu(fc1(t), approximate=approximate)))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
 
 @inner
 def test_fused_ffn_falls_back_where_the_kernels_do_not_apply(K):
@@ -218,10 +226,14 @@ def test_bias_gelu_rows_matches_reference(approximate, shape):
     got = K.bias_gelu_rows(h, b, approximate)
     want = F.gelu(h + b[:, None], approximate=approximate)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    dh, db = torch.autograd.grad(got, [h, b], dact)
-    dh0, db0 = torch.autograd.grad(want, [h, b], dact)
+    dh, db = torch.autograd.grad(got, [h, b], dact, create_graph=True)
+    dh0, db0 = torch.autograd.grad(want, [h, b], dact, create_graph=True)
     torch.testing.assert_close(dh, dh0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(db, db0, rtol=1e-4, atol=1e-4)
+    # second order (a gradient penalty): the kernel's backward is differentiable too
+    for a, b_ in zip(torch.autograd.grad(dh.square().sum() + db.sum(), [h, b]),
+                     torch.autograd.grad(dh0.square().sum() + db0.sum(), [h, b])):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -3,6 +3,7 @@ replace_ffn on tiny Hugging Face models. CPU, seconds, fixed seeds."""
 from __future__ import annotations
 
 import gc
+import json
 import math
 import weakref
 
@@ -526,6 +527,10 @@ def test_replace_ffn_leaves_routers_and_fails_whole():
     assert sorted(ffn_linears(block)) == sorted(f"mlp.experts.{i}.{n}" for i in range(2) for n in ("gate", "up", "down"))
     replace_ffn(block, "lowrank", 0.32)
     assert all(type(block.get_submodule(f"mlp.{n}")) is nn.Linear for n in ("gate", "router.layer", "shared_expert_gate"))
+    narrow = nn.Module()            # a SwiGLU FFN narrower than d_model: its gate narrows too, like its up
+    narrow.mlp = nn.Module()
+    narrow.mlp.gate, narrow.mlp.up, narrow.mlp.down = nn.Linear(64, 48), nn.Linear(64, 48), nn.Linear(48, 64)
+    assert sorted(ffn_linears(narrow)) == ["mlp.down", "mlp.gate", "mlp.up"]
     model = tiny_model("llama")     # intermediate 64: nblocks 6 divides none of gate/up (in 32) and down (in 64)
     before = {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(SlimkitError, match="nblocks=6 does not divide"):
@@ -534,6 +539,12 @@ def test_replace_ffn_leaves_routers_and_fails_whole():
 
 
 def test_layer_keywords_ratio_types_and_blockdense_cap():
+    with pytest.raises(SlimkitError, match="replace_ffn takes no device"):
+        replace_ffn(tiny_model("llama"), "lowrank", 0.5, device="cpu")
+    for kw, what in ((dict(rel_tol=float("nan")), "rel_tol must be a non-negative"),
+                     (dict(rel_tol=-1), "rel_tol must"), (dict(init_std=float("nan")), "init_std must be a positive")):
+        with pytest.raises(SlimkitError, match=what):
+            make_linear("lowrank", 64, 64, 0.3, **kw)
     with pytest.raises(SlimkitError, match="blockshuffle takes no align"):
         make_linear("blockshuffle", 64, 128, 0.32, align=4)
     with pytest.raises(SlimkitError, match="blockdense takes no init_std"):
@@ -565,15 +576,42 @@ def test_load_structured_bad_files_leave_the_model_alone(tmp_path):
             shutil.copy(tmp_path / "half" / "model.safetensors", bad / "model.safetensors")
         fresh = tiny_model("llama")
         ref = {k: v.clone() for k, v in fresh.state_dict().items()}
-        with pytest.raises(SlimkitError, match="corrupt|do not fit"):
+        with pytest.raises(SlimkitError, match="two different saves" if name == "other" else "corrupt"):
             load_structured(fresh, bad)
         state = fresh.state_dict()
         assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+    manifest = json.loads((tmp_path / "other" / "structured.json").read_text())
+    manifest.pop("save_id")              # a manifest of before save ids: the weights' own check still refuses
+    (tmp_path / "other" / "structured.json").write_text(json.dumps(manifest))
+    with pytest.raises(SlimkitError, match="do not fit"):
+        load_structured(tiny_model("llama"), tmp_path / "other")
+    manifest = json.loads((tmp_path / "ok" / "structured.json").read_text())
+    manifest["layers"]["model.layers.0.mlp"] = next(iter(manifest["layers"].values()))    # names a non-linear
+    (tmp_path / "json").mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "ok" / "model.safetensors", tmp_path / "json" / "model.safetensors")
+    (tmp_path / "json" / "structured.json").write_text(json.dumps(manifest))
+    with pytest.raises(SlimkitError, match="where this model has a LlamaMLP, not a linear"):
+        load_structured(tiny_model("llama"), tmp_path / "json")
     import transformers as T
     config = tiny_model("llama").config
     config.intermediate_size = 96
     with pytest.raises(SlimkitError, match="saved as 32->64, this model has 32->96"):    # a wider twin
         load_structured(T.LlamaForCausalLM(config), tmp_path / "ok")
+
+
+def test_a_failed_save_leaves_no_temporary_files_and_the_old_save(tmp_path, monkeypatch):
+    import slimkit.structured.replace as R
+    model = replace_ffn(tiny_model("llama"), "lowrank", 0.32)
+    save_structured(model, tmp_path / "s")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+
+    def full_disk(*a, **kw):
+        (tmp_path / "s" / "model.safetensors.tmp").write_bytes(b"\0" * 8)     # a partial write, then the error
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(R, "save_model", full_disk)
+    with pytest.raises(SlimkitError, match="cannot write the structured model.*No space left"):
+        save_structured(model, tmp_path / "s")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
 
 
 @pytest.mark.parametrize("tokens", [0, -1, 2.5])
@@ -721,3 +759,23 @@ def test_numpy_block_counts_and_zero_tokens(tmp_path):
     replace_ffn(model, "blockshuffle", None, nblocks=np.int64(2), nblocks2=np.int64(8))
     save_structured(model, tmp_path / "s")
     assert json.loads((tmp_path / "s" / "structured.json").read_text())
+
+
+@pytest.mark.parametrize("kind,ratio,kw", [("lowrank", 0.5, {}), ("blockdense", 0.5, {}), ("blockshuffle", 0.25, {}),
+                                          ("blockshuffle", None, {"nblocks": 2})])
+def test_second_order_gradients(kind, ratio, kw):
+    """Gradient penalties and Hessian-vector products differentiate the backward: the custom backward functions
+    (block-diagonal products, BlockShuffle's feature-major op) stay differentiable (gradgradcheck, float64), for
+    a layer and for the feature-major BlockShuffle FFN."""
+    torch.manual_seed(0)
+    layer = make_linear(kind, 8, 16, ratio, **kw).double()
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    params = tuple(p for p in layer.parameters())
+    fn = lambda x, *ps: torch.func.functional_call(layer, dict(zip([n for n, _ in layer.named_parameters()], ps)), (x,))  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x, *params))
+    if kind == "blockshuffle":
+        from slimkit.structured.kernels import eager_ffn
+
+        fc2 = make_linear(kind, 16, 8, ratio, **kw).double()
+        ffn = lambda x: eager_ffn(layer, fc2, x)  # noqa: E731
+        assert torch.autograd.gradgradcheck(ffn, (x,))

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import block_diag_product
+from .layers import block_diag_product, block_diag_reference, regrad
 
 try:
     from nvmath import CudaDataType
@@ -307,19 +307,26 @@ def dgelu_block_diag(dz: torch.Tensor, blocks: torch.Tensor, pre: torch.Tensor) 
     return dpre
 
 
+def _up_reference(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """gelu_tanh(h @ w^T + b) in differentiable torch ops."""
+    return F.gelu(F.linear(h, w, None if b is None else b.to(h.dtype)), approximate="tanh")
+
+
 class GeluUp(torch.autograd.Function):
     """act = gelu_tanh(h @ w^T + b), the epilogue forward; the backward is torch's GELU backward."""
 
     @staticmethod
     def forward(ctx, h, w, b):
         act, pre = linear_gelu(h, w, b)
-        ctx.save_for_backward(h, w, pre)
+        ctx.save_for_backward(h, w, pre, b)
         ctx.has_bias = b is not None
         return act
 
     @staticmethod
     def backward(ctx, dact):
-        h, w, pre = ctx.saved_tensors
+        h, w, pre, b = ctx.saved_tensors
+        if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
+            return regrad(_up_reference, (h, w, b), ctx.needs_input_grad, dact)
         dpre = torch.ops.aten.gelu_backward(dact, pre, approximate="tanh")
         db = dpre.sum(0) if ctx.has_bias else None
         return dpre @ w, _grad_like(w, dpre.t(), h), db
@@ -332,13 +339,16 @@ class GeluUpDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, u):
         act, pre = linear_gelu(h, w, b)
-        ctx.save_for_backward(h, w, u, act, pre)
+        ctx.save_for_backward(h, w, u, act, pre, b)
         ctx.has_bias = b is not None
         return F.linear(act, u)
 
     @staticmethod
     def backward(ctx, dz):
-        h, w, u, act, pre = ctx.saved_tensors
+        h, w, u, act, pre, b = ctx.saved_tensors
+        if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
+            ref = lambda h, w, b, u: F.linear(_up_reference(h, w, b), u)   # noqa: E731
+            return regrad(ref, (h, w, b, u), ctx.needs_input_grad, dz)
         dpre = dgelu_linear(dz, u, pre)
         db = dpre.sum(0) if ctx.has_bias else None
         return dpre @ w, _grad_like(w, dpre.t(), h), db, _grad_like(u, dz.t(), act)
@@ -353,13 +363,17 @@ class GeluUpBlock(torch.autograd.Function):
     def forward(ctx, h, w, b, blocks):
         act, pre = linear_gelu(h, w, b)
         nb, _, p = blocks.shape
-        ctx.save_for_backward(h, w, blocks, act, pre)
+        ctx.save_for_backward(h, w, blocks, act, pre, b)
         ctx.has_bias = b is not None
         return block_diag_product(act.view(act.shape[0], nb, p), blocks)
 
     @staticmethod
     def backward(ctx, dz):
-        h, w, blocks, act, pre = ctx.saved_tensors
+        h, w, blocks, act, pre, b = ctx.saved_tensors
+        if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
+            ref = lambda h, w, b, blocks: block_diag_reference(   # noqa: E731
+                _up_reference(h, w, b).reshape(h.shape[0], blocks.shape[0], blocks.shape[2]), blocks)
+            return regrad(ref, (h, w, b, blocks), ctx.needs_input_grad, dz)
         dz = dz.contiguous()
         dpre = dgelu_block_diag(dz, blocks, pre)
         db = dpre.sum(0) if ctx.has_bias else None

@@ -43,6 +43,7 @@ FLOPs: 2 * tokens * weights (each weight is used in one multiply-add per token);
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -303,6 +304,26 @@ class StructuredLinear(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "kind") + f", ratio={self.param_ratio:.3f}"
 
 
+def regrad(reference, inputs: tuple, needs: tuple, grad_out: torch.Tensor) -> tuple:
+    """A custom Function's input gradients when its backward must itself be differentiable (create_graph=True:
+    gradient penalties, Hessian-vector products): recompute `reference(*inputs)` with plain differentiable torch
+    ops and differentiate that, so the gradients carry a graph. `needs`: ctx.needs_input_grad for `inputs`
+    (non-tensors and inputs that need no gradient get None)."""
+    wanted = [i for i, (t, n) in enumerate(zip(inputs, needs)) if n and isinstance(t, torch.Tensor)]
+    with torch.enable_grad():
+        out = reference(*inputs)
+        grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True,
+                                    allow_unused=True)
+    result = [None] * len(inputs)
+    for i, g in zip(wanted, grads):
+        result[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(result)
+
+
+def block_diag_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("tbp,bqp->tbq", x, w)
+
+
 def block_diag_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """y[t, k] = w[k] @ x[t, k], x (T, b, p), w (b, q, p) -> y (T, b, q), one bmm reading and writing token-major
     views (no autograd: _BlockDiagMM and the fused FFN paths call it)."""
@@ -326,6 +347,8 @@ class _BlockDiagMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w = ctx.saved_tensors
+        if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
+            return regrad(block_diag_reference, (x, w), ctx.needs_input_grad, dy)
         dy_b = dy.contiguous().transpose(0, 1)                      # (b, T, q)
         dx = dw = None
         if ctx.needs_input_grad[0]:
@@ -390,6 +413,17 @@ def _transpose_colsum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return transpose_colsum(x)
 
 
+def _monarch_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, in_fm: bool = False,
+                       out_fm: bool = False) -> torch.Tensor:
+    """_Monarch's forward (without bias) in plain differentiable torch ops, copies included."""
+    (k, _, p), (l, s, r) = w1.shape, w2.shape
+    t = x.shape[1] if in_fm else x.shape[0]
+    xb = x.reshape(k, p, t) if in_fm else x.reshape(t, k, p).permute(1, 2, 0)
+    h = torch.bmm(w1, xb).reshape(r, l, t).transpose(0, 1)              # block j: rows j, j+l, ... of the middle
+    y = torch.bmm(w2, h).transpose(0, 1).reshape(l * s, t)              # its row s to output row s*l + j
+    return y if out_fm else y.t()
+
+
 class _Monarch(torch.autograd.Function):
     """BlockShuffle's two block-diagonal products and the shuffle between them, with no activation copied.
 
@@ -418,6 +452,11 @@ class _Monarch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w1, w2, h = ctx.saved_tensors
+        if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
+            ref = functools.partial(_monarch_reference, in_fm=ctx.in_fm, out_fm=ctx.out_fm)
+            dx, dw1, dw2 = regrad(ref, (x, w1, w2), ctx.needs_input_grad[:3], dy)
+            db = dy.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+            return dx, dw1, dw2, db, None, None
         (k, q, p), (l, s, r) = w1.shape, w2.shape
         db = None
         if ctx.out_fm:
@@ -562,6 +601,12 @@ def make_linear(kind: str, in_features: int, out_features: int, param_ratio: flo
     _check_positive(kind, in_features=in_features, out_features=out_features, nblocks=nblocks,
                     align=kw.get("align"))
     extra = set(kw) - KEYWORDS.get(kind, set(kw))
+    for name, positive in (("rel_tol", False), ("init_std", True)):
+        v = kw.get(name)
+        if name in kw and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+                           or v < 0 or (positive and v == 0)):
+            raise SlimkitError(f"{kind}: {name} must be a {'positive' if positive else 'non-negative'} number, "
+                               f"got {v!r}")
     if extra:
         raise SlimkitError(f"{kind} takes no {', '.join(sorted(extra))} (its keywords: "
                            f"{', '.join(sorted(KEYWORDS[kind]))}); drop {'it' if len(extra) == 1 else 'them'}")

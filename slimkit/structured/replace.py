@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 import warnings
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
@@ -66,13 +67,22 @@ def _linear(m: nn.Module | None) -> bool:
     return isinstance(m, nn.Linear) or (m is not None and is_conv1d(m))
 
 
-def _router(path: str, layer: nn.Module) -> bool:
-    """Whether the linear at `path` (inside an FFN module) routes tokens to experts rather than transforming them."""
-    parts = path.split(".")
-    if any(part in ROUTER_NAMES or part.endswith("router") for part in parts):
+def _router(path: str, layer: nn.Module, siblings: list[tuple[str, nn.Module]] = ()) -> bool:
+    """Whether the linear at `path` (inside an FFN module) routes tokens to experts rather than transforming them.
+    A narrowing 'gate' is a router unless a sibling linear has its very widths: then it is a GLU gate (SwiGLU
+    with a hidden width below d_model)."""
+    if _named(path, ROUTER_NAMES, router_suffix=True):
         return True
     in_f, out_f = _widths(layer)
-    return any(part in NARROW_ROUTER_NAMES for part in parts) and out_f < in_f
+    if not (_named(path, NARROW_ROUTER_NAMES) and out_f < in_f):
+        return False
+    return not any(_widths(other) == (in_f, out_f) for name, other in siblings
+                   if not _named(name, ROUTER_NAMES + NARROW_ROUTER_NAMES, router_suffix=True))
+
+
+def _named(path: str, names: tuple[str, ...], router_suffix: bool = False) -> bool:
+    """Whether a part of `path` is one of `names` (or, with router_suffix, ends in 'router')."""
+    return any(part in names or (router_suffix and part.endswith("router")) for part in path.split("."))
 
 
 def _ffn_pairs(module: nn.Module) -> list[str]:
@@ -132,8 +142,8 @@ def ffn_linears(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         subs = _ffn_pairs(module)
         if _FFN_NAME.match(name.rpartition(".")[2]) and not _linear(module):
-            inner = [sub for sub, child in module.named_modules()
-                     if sub and _linear(child) and not _router(sub, child)]
+            linears = [(sub, child) for sub, child in module.named_modules() if sub and _linear(child)]
+            inner = [sub for sub, child in linears if not _router(sub, child, linears)]
             if _maps_back([module.get_submodule(sub) for sub in inner]):
                 subs += inner
         for sub in subs:
@@ -150,6 +160,11 @@ def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
     Extra keywords go to make_linear (align, rel_tol, init_std: each kind takes its own). Returns the model."""
     if kind not in KINDS:
         raise SlimkitError(f"unknown structured kind {kind!r}; choose one of {', '.join(KINDS)}")
+    fixed = sorted({"device", "init", "bias", "dtype"} & set(kw))
+    if fixed:
+        raise SlimkitError(f"replace_ffn takes no {', '.join(fixed)}: each new layer takes the device, dtype and "
+                           "bias of the linear it replaces, and the paper's initialisation (move the model "
+                           "afterwards with model.to(...))")
     if not (self_guided is None or isinstance(self_guided, (bool, SelfGuidedSchedule))):
         raise SlimkitError(f"self_guided must be True/False or a SelfGuidedSchedule, got {self_guided!r}")
     schedule = SelfGuidedSchedule() if self_guided is True else (self_guided or None)
@@ -211,13 +226,23 @@ def save_structured(model: nn.Module, path: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SlimkitError(f"cannot create {path}: {e}") from None
-    manifest = json.dumps({"format": "slimkit-structured", "version": 1, "layers": structured_specs(model)},
+    # one id ties the two files: a save killed between its two renames leaves them disagreeing, which
+    # load_structured tells, instead of loading new weights under an old manifest
+    save_id = uuid.uuid4().hex
+    manifest = json.dumps({"format": "slimkit-structured", "version": 1, "save_id": save_id,
+                           "layers": structured_specs(model)},
                           indent=1)       # first: a spec that does not serialise fails before anything is written
     tmp_weights, tmp_manifest = path / (WEIGHTS + ".tmp"), path / (MANIFEST + ".tmp")
-    save_model(model, str(tmp_weights))
-    tmp_manifest.write_text(manifest)
-    os.replace(tmp_weights, path / WEIGHTS)
-    os.replace(tmp_manifest, path / MANIFEST)
+    try:
+        save_model(model, str(tmp_weights), metadata={"slimkit_save_id": save_id})
+        tmp_manifest.write_text(manifest)
+        os.replace(tmp_weights, path / WEIGHTS)
+        os.replace(tmp_manifest, path / MANIFEST)
+    except OSError as e:
+        raise SlimkitError(f"cannot write the structured model into {path}: {e}") from None
+    finally:
+        for tmp in (tmp_weights, tmp_manifest):
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -274,9 +299,14 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
         raise SlimkitError(f"{path / MANIFEST} is corrupt ({e}): save the model again with save_structured") from None
     try:
         weights = load_file(str(path / WEIGHTS))
+        with safe_open(str(path / WEIGHTS), "pt") as f:
+            saved_with = (f.metadata() or {}).get("slimkit_save_id")
     except (SafetensorError, OSError, ValueError) as e:
         raise SlimkitError(f"{path / WEIGHTS} is missing or corrupt ({e}): save the model again with "
                            "save_structured") from None
+    if manifest.get("save_id") is not None and saved_with != manifest["save_id"]:
+        raise SlimkitError(f"{path}: its {WEIGHTS} and {MANIFEST} come from two different saves (one was "
+                           "interrupted between writing them): save the model again with save_structured")
     swaps, shares = {}, {}
     for name, spec in layers.items():
         try:
@@ -284,6 +314,9 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
         except AttributeError:
             raise SlimkitError(f"the saved model has a structured layer at {name}, which this model lacks: "
                                "build the same architecture before loading") from None
+        if not (_linear(old) or isinstance(old, (StructuredLinear, SelfGuided))):
+            raise SlimkitError(f"the saved model has a structured layer at {name}, where this model has a "
+                               f"{type(old).__name__}, not a linear: build the same architecture before loading")
         if isinstance(old, (StructuredLinear, SelfGuided)):
             if not _same_layout(old.spec(), spec):
                 raise SlimkitError(f"{name} is already a structured layer unlike the saved one ({old.spec()} here, "
