@@ -307,16 +307,23 @@ def test_resume_skips_a_corrupt_latest_checkpoint(corpus, tmp_path):
 
 
 def test_load_model_restores_the_guides_share(corpus, tmp_path):
-    """A checkpoint taken while the dense guides still mix in (here: guided for the whole run, so the final one)
-    loads with the share its last step trained and evaluated with, not the guide alone (share 1)."""
+    """A checkpoint taken while the dense guides still mix in loads with the share its last step trained and
+    evaluated with, not the guide alone (share 1); guided for the whole run, the final model has its guides
+    dropped (their share has reached zero)."""
     from slimkit.structured import SelfGuidedSchedule
     from slimkit.structured.self_guided import self_guided_modules
 
     _, data, _ = corpus
-    train(tiny(tmp_path / "g", data, steps=6, ffn="lowrank", param_ratio=0.5, self_guided=True, guide_fraction=1.0))
-    model = load_model(tmp_path / "g")
-    shares = {m.share for m in self_guided_modules(model)}
-    assert shares == {SelfGuidedSchedule(1.0).share(5, 6)} and 0 < shares.pop() < 0.1
+    train(tiny(tmp_path / "g", data, steps=6, ffn="lowrank", param_ratio=0.5, self_guided=True, guide_fraction=1.0,
+               ckpt_every=4, keep_ckpts=3))
+    steps = [p.name for p in ckpt_dirs(tmp_path / "g")]
+    assert steps == ["step_000004", "step_000006"]
+    middle = load_model(tmp_path / "g" / "ckpt" / "step_000004")
+    shares = {m.share for m in self_guided_modules(middle)}
+    assert shares == {SelfGuidedSchedule(1.0).share(3, 6)} and 0 < shares.pop() < 1
+    final = load_model(tmp_path / "g")
+    assert all(m.guide is None for m in self_guided_modules(final))
+    assert read_checkpoint(ckpt_dirs(tmp_path / "g")[-1])[2]["guides_dropped"]
 
 
 @pytest.mark.parametrize("kw,match", [({"lr": -1e-3}, "lr must be a positive"), ({"lr": float("nan")}, "lr must"),

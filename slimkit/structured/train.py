@@ -637,6 +637,11 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
                         lr=f"{lr:.2e}")
         bar.update(1)
         done = step + 1
+        if cfg.self_guided and not guides_dropped and guides_done(cfg, done):
+            # the guide's share is zero from here on: drop it now, so that an evaluation or checkpoint at this
+            # step (the final one too, when the guides fade over the whole run) sees the structured model alone
+            raw, model, opt = _drop_guides(raw, opt, cfg, vocab, d, device)
+            guides_dropped = True
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
             row = run_eval(done)
             if d.main:
