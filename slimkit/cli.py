@@ -89,8 +89,10 @@ def quantize(
     w_bits: Optional[int] = typer.Option(None, "--w-bits", help="weight bits, 2..8 (default 4)"),
     a_bits: Optional[int] = typer.Option(None, "--a-bits", help="activation bits, 2..8 (default 4; 0: weight-only, "
                                          "activations stay float)"),
-    calib: Optional[str] = typer.Option(None, help="calibration data: .safetensors/.npy/.npz file or shipped dataset name "
-                                                   "(default: the shipped model's calibration set)"),
+    calib: Optional[str] = typer.Option(None, help="calibration data: for a CNN a .safetensors/.npy/.npz file or shipped "
+                                                   "dataset name; for a transformer text (a file, a folder or a shipped "
+                                                   "corpus, tokenised with the model folder's tokenizer) (default: the "
+                                                   "shipped model's calibration set)"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="data to evaluate FP and quantized models on"),
     recipe: Optional[str] = typer.Option(None, help="YAML recipe: any of the options below as fields"),
     preset: Optional[str] = typer.Option(None, help="paper (20000 iters/block) | demo (500) | fast (100, for smoke tests)"),
@@ -153,7 +155,8 @@ def quantize(
     if lm and isinstance(calib, str):
         calib = text_data(calib)
     if calib is None:
-        raise SlimkitError("give calibration data with --calib (a .safetensors/.npy/.npz file or a shipped dataset)")
+        raise SlimkitError("give calibration data with --calib (for a CNN a .safetensors/.npy/.npz file or a shipped "
+                           "dataset; for a transformer a text file, a folder of text or a shipped corpus)")
     eval_name = eval_data or default_data(name, "eval")
     if not lm and eval_name is not None:     # evaluation data that does not fit fails now, not after the run
         x, y = resolve(eval_name)
@@ -196,8 +199,9 @@ def sparsify(
     method: str = typer.Option("fcpts", help="fcpts (learned per-layer rates; needs calibration data) | uniform | "
                                              "global_magnitude | erk | wanda | owl | sparsegpt (LLM baselines; need data)"),
     sparsity: float = typer.Option(0.5, help="share of the counted weights set to zero, in [0, 1)"),
-    calib: Optional[str] = typer.Option(None, help="fcpts calibration inputs: .safetensors/.npy/.npz file or shipped "
-                                                   "dataset name (default: the shipped model's calibration set)"),
+    calib: Optional[str] = typer.Option(None, help="calibration inputs: for a CNN a .safetensors/.npy/.npz file or "
+                                                   "shipped dataset name; for a transformer text (a file, a folder or "
+                                                   "a shipped corpus) (default: the shipped model's calibration set)"),
     iters: Optional[int] = typer.Option(None, help="fcpts: rate-learning steps (400)"),
     finetune_iters: Optional[int] = typer.Option(None, "--finetune-iters", help="fcpts: steps with the masks fixed (100)"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples for the methods that take data (default 1024 images; 128 text sequences for transformers)"),

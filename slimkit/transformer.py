@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -204,6 +205,21 @@ def specs(cfg: QuantConfig) -> tuple[QuantSpec, QuantSpec | None]:
     return w_spec, a_spec
 
 
+def _check_skip(model: nn.Module, lay, skip: list[str]) -> None:
+    """Each skip entry names a block linear: by its path, or by its path inside a block (then in every block)."""
+    full, inner = set(), set()
+    for path in lay.blocks:
+        for name in layer_modules(model.get_submodule(path)):
+            full.add(f"{path}.{name}")
+            inner.add(name)
+    unknown = [s for s in skip if s not in full and s not in inner]
+    if unknown:
+        example = sorted(full)[0] if full else "model.layers.0.mlp.down_proj"
+        raise SlimkitError(f"skip names {unknown[0]!r}, which is no linear of the model's blocks (only they are "
+                           f"quantized): give a path such as {example!r}, or one inside a block such as "
+                           f"{example.removeprefix(lay.blocks[0] + '.')!r} to keep it float in every block")
+
+
 def _plans(block_prefix: str, block: nn.Module, cfg: QuantConfig) -> dict[str, LayerPlan]:
     w_spec, a_spec = specs(cfg)
     return {f"{block_prefix}.{name}": LayerPlan(w_spec, a_spec, cfg.w_observer, cfg.a_observer)
@@ -253,7 +269,7 @@ def check_token_ids(vocab_size: int | None, ids) -> None:
 
 def _batches(calib, cfg: QuantConfig, vocab_size: int | None = None) -> list[dict]:
     """Calibration input as a list of model-input dicts (input_ids, attention_mask)."""
-    if isinstance(calib, dict):
+    if isinstance(calib, Mapping):
         calib = {k: v for k, v in calib.items() if isinstance(v, torch.Tensor)}
         if "input_ids" not in calib:
             raise SlimkitError("calibration dict needs 'input_ids' (and optionally 'attention_mask')")
@@ -284,6 +300,8 @@ def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
     """Token ids or an encoder batch from any accepted calibration form (text needs a tokenizer)."""
     n = cfg.num_samples or 128
     max_pos = context_length(model)
+    if isinstance(calib, Mapping):      # a tokenizer's BatchEncoding too (a UserDict, not a dict)
+        calib = dict(calib)
     if isinstance(calib, (torch.Tensor, dict)):
         ids = calib.get("input_ids") if isinstance(calib, dict) else calib
         if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > max_pos:
@@ -334,6 +352,14 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     method = TRANSFORMER_METHODS[cfg.method]
     t0 = time.perf_counter()
     lay = layout(model)
+    if cfg.method != "minmax" and getattr(model.config, "apply_residual_connection_post_layernorm", False):
+        raise SlimkitError(f"{cfg.method} folds channel transforms into the norms, and this model's norms' outputs "
+                           "are its residual stream (apply_residual_connection_post_layernorm=True), which would "
+                           "change; use method='minmax'")
+    if cfg.first_last_bits not in (None, 8):
+        raise SlimkitError("first_last_bits sets a CNN's first and last layer; a transformer's block linears all "
+                           "take w_bits (its embeddings and head stay float): drop first_last_bits")
+    _check_skip(model, lay, cfg.skip)
     batches = _batches(calib, cfg, model_vocab(model))
     q_model = model if inplace else copy.deepcopy(model)
     q_model.eval()

@@ -324,3 +324,24 @@ def test_blocks_of_another_attention_kind_get_their_own_arguments():
             assert same(kwargs["attention_mask"], real[i][b])
     assert not same(real[0][0], real[1][0])      # the kinds' masks differ
     assert layer_types(tiny_model("llama"), layout(tiny_model("llama"))) is None
+
+
+def test_calibration_options_and_models_the_transforms_cannot_take():
+    """A tokenizer's BatchEncoding calibrates; a skip entry naming no block linear, first_last_bits (a CNN
+    setting) and BLOOM's residual-from-the-norm variant (for the transform methods) are refused clearly."""
+    import transformers as T
+
+    model, calib = tiny_model("llama"), tiny_inputs("llama", 4, 12)
+    enc = T.BatchEncoding({"input_ids": calib["input_ids"], "attention_mask": torch.ones_like(calib["input_ids"])})
+    q = slimkit.quantize(model, enc, method="minmax", w_bits=8, a_bits=8, **OPTS)
+    assert quant_layers(q)
+    q = slimkit.quantize(model, calib, method="minmax", skip=["mlp.down_proj"], **OPTS)
+    assert not any(n.endswith("mlp.down_proj") for n in quant_layers(q))       # a block-relative name: every block
+    with pytest.raises(slimkit.SlimkitError, match="skip names 'model.layers.0.mlp.down_prj', which is no linear"):
+        slimkit.quantize(model, calib, method="minmax", skip=["model.layers.0.mlp.down_prj"], **OPTS)
+    with pytest.raises(slimkit.SlimkitError, match="first_last_bits sets a CNN's"):
+        slimkit.quantize(model, calib, method="minmax", first_last_bits=4, **OPTS)
+    bloom = tiny_model("bloom")
+    bloom.config.apply_residual_connection_post_layernorm = True
+    with pytest.raises(slimkit.SlimkitError, match="apply_residual_connection_post_layernorm"):
+        slimkit.quantize(bloom, tiny_inputs("bloom", 2, 8), method="os_plus", **OPTS)

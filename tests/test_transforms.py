@@ -107,3 +107,26 @@ def test_refused_shift_leaves_model_untouched():
     with pytest.raises(SlimkitError):
         apply_transform(model, layout(model).groups(0)[0], torch.full((32,), 2.0), torch.ones(32))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_norms_without_weights_take_the_transform_at_the_linears_input():
+    """OPT with layer_norm_elementwise_affine=False: no gamma to migrate (gamma_scale gives None) and no weight
+    to fold a scale into, so scales and shifts stay at the linears' input; the function holds (float64: exactly)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                      word_embed_proj_dim=32, layer_norm_elementwise_affine=False)
+    model = T.OPTForCausalLM(cfg).eval().double()
+    ids = {"input_ids": torch.randint(4, 96, (2, 12))}
+    with torch.no_grad():
+        ref = model(**ids).logits
+    lay = layout(model)
+    g = torch.Generator().manual_seed(3)
+    for i in range(len(lay.blocks)):
+        for group in lay.groups(i):
+            if group.fold == "norm":
+                assert gamma_scale(model, group) is None and can_shift(model, group)
+        random_transform(model, lay.groups(i), g)
+    with torch.no_grad():
+        assert rel_err(model(**ids).logits, ref) < 1e-12

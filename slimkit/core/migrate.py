@@ -18,30 +18,32 @@ def apply_transform(model: nn.Module, group: Group, scale: torch.Tensor, shift: 
     """Replace the activation the group's linears read by (X - shift) / scale, keeping the model's function."""
     layers = [float_layer(model.get_submodule(n)) for n in group.layers]
     dtype = weight_oi(layers[0]).dtype
-    scale = scale.to(weight_oi(layers[0]).device, torch.float32)
-    shift = None if shift is None or not torch.any(shift != 0) else shift.to(scale.device, torch.float32)
+    exact = torch.float64 if dtype == torch.float64 else torch.float32      # the fold's own arithmetic
+    scale = scale.to(weight_oi(layers[0]).device, exact)
+    shift = None if shift is None or not torch.any(shift != 0) else shift.to(scale.device, exact)
+    fold = fold_of(model, group)
     if shift is not None and not can_shift(model, group):  # checked first: never leave a half-applied transform
         where = {"norm": f"{group.prev} (a norm without bias, e.g. RMSNorm) or a bias-less linear",
-                 "linear": f"{group.prev}'s non-linearity"}.get(group.fold, "a linear without bias")
+                 "linear": f"{group.prev}'s non-linearity"}.get(fold, "a linear without bias")
         raise SlimkitError(f"{group.name}: a channel shift cannot fold into {where}; use scaling only")
     for layer in layers:
         w = weight_oi(layer)
         if shift is not None:
-            layer.bias.add_((w.float() @ shift).to(layer.bias.dtype))
+            layer.bias.add_((w.to(exact) @ shift).to(layer.bias.dtype))
         w.mul_(scale.to(dtype))
-    if group.fold == "norm":
+    if fold == "norm":
         norm = model.get_submodule(group.prev)
         if shift is not None:
             norm.bias.sub_(shift.to(norm.bias.dtype))
         norm.weight.div_(scale.to(norm.weight.dtype))
         if getattr(norm, "bias", None) is not None:
             norm.bias.div_(scale.to(norm.bias.dtype))
-    elif group.fold == "linear":
+    elif fold == "linear":
         prev = float_layer(model.get_submodule(group.prev))
         weight_oi(prev).div_(scale.to(dtype)[:, None])
         if prev.bias is not None:
             prev.bias.div_(scale.to(prev.bias.dtype))
-    elif group.fold == "input":
+    elif fold == "input":
         for layer in layers:  # compose with an earlier transform: ((x - z0)/s0 - z)/s = (x - z0 - s0 z)/(s0 s)
             old = input_affine(layer)
             s0, z0 = old if old is not None else (torch.ones_like(scale), torch.zeros_like(scale))
@@ -51,12 +53,21 @@ def apply_transform(model: nn.Module, group: Group, scale: torch.Tensor, shift: 
         raise SlimkitError(f"unknown fold {group.fold!r} for group {group.name}")
 
 
+def fold_of(model: nn.Module, group: Group) -> str:
+    """Where the group's transform folds: its family's `fold`, except that a norm without weight (LayerNorm with
+    elementwise_affine=False) has no gamma to take a scale, so the transform stays at the linears' input."""
+    if group.fold == "norm" and getattr(model.get_submodule(group.prev), "weight", None) is None:
+        return "input"
+    return group.fold
+
+
 def can_shift(model: nn.Module, group: Group) -> bool:
     """Whether a channel shift folds for this group: a norm with bias, or consumers with biases."""
-    if group.fold == "norm":
+    fold = fold_of(model, group)
+    if fold == "norm":
         return getattr(model.get_submodule(group.prev), "bias", None) is not None and all(
             float_layer(model.get_submodule(n)).bias is not None for n in group.layers)
-    if group.fold == "input":
+    if fold == "input":
         return all(float_layer(model.get_submodule(n)).bias is not None for n in group.layers)
     return False
 
@@ -72,7 +83,10 @@ def gamma_scale(model: nn.Module, group: Group, eps: float = 1e-5) -> torch.Tens
     non-scaling norm output x_hat + beta / gamma. Channels with |gamma| < eps keep scale 1."""
     if group.fold == "linear" or group.prev is None:
         return None
-    gamma = model.get_submodule(group.prev).weight.detach().float()
+    weight = getattr(model.get_submodule(group.prev), "weight", None)
+    if weight is None:             # a norm without affine parameters: no gamma to migrate
+        return None
+    gamma = weight.detach().float()
     return torch.where(gamma.abs() < eps, torch.ones_like(gamma), gamma)
 
 
