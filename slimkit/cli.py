@@ -323,6 +323,14 @@ def eval_cmd(
     ref_weights = weights if is_artifact else None     # an artifact holds its own weights: --weights is its reference's
     if reference is not None:
         ref_model, _ = load_any(reference, ref_weights)
+    elif is_artifact and spec and "hf" in spec:      # a Hugging Face image model: its float twin from the folder
+        from .models.hf import SHIPPED, load_hf
+
+        if spec["hf"] in SHIPPED or Path(spec["hf"]).is_dir():
+            ref_model = load_hf(spec["hf"])[0]
+        else:
+            console.print(f"[yellow]the float model's folder {spec['hf']} (recorded when the artifact was made) is "
+                          "gone: agreement with FP is not reported; pass it with --reference[/]")
     elif is_artifact and spec:
         kwargs = {**spec.get("kwargs", {}), **({"weights": ref_weights} if ref_weights is not None else {})}
         gone = kwargs.get("weights")

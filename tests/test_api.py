@@ -314,17 +314,22 @@ def test_hugging_face_vision_cnns_take_the_cnn_path(tmp_path, kind):
 
 
 def test_calibration_data_forms_with_other_targets():
-    """Targets that are not one class per sample (one-hot rows, masks) are left out, not an error; samples given as
-    dicts (Hugging Face datasets style) are read by their input key; arrays of Python objects are refused."""
+    """Targets that are not one class per sample (one-hot rows, masks) do not stop calibration, and evaluation
+    refuses them as labels; samples given as dicts (Hugging Face datasets style) are read by their input key;
+    arrays of Python objects are refused."""
     from slimkit.core.data import resolve
 
     x = torch.randn(6, 1, 4, 4)
     onehot = torch.nn.functional.one_hot(torch.arange(6) % 3, 3)
     ds = torch.utils.data.TensorDataset(x, onehot)
     got, labels = resolve(ds)
-    assert torch.equal(got, x) and labels is None
+    assert torch.equal(got, x) and torch.equal(labels, onehot)
     got, labels = resolve(torch.utils.data.DataLoader(ds, batch_size=4))
-    assert torch.equal(got, x) and labels is None
+    assert torch.equal(got, x) and torch.equal(labels, onehot)
+    q = slimkit.quantize(tiny_net(), torch.utils.data.TensorDataset(torch.randn(8, 1, 10, 10), onehot[:1].repeat(8, 1)),
+                         method="rtn", progress=False)           # calibration reads no targets
+    with pytest.raises(slimkit.SlimkitError, match="class index"):
+        slimkit.evaluate(q, *resolve(ds))
     got, labels = resolve([{"pixel_values": x[i], "labels": i % 3} for i in range(6)])
     assert torch.equal(got, x) and labels.tolist() == [0, 1, 2, 0, 1, 2]
     with pytest.raises(slimkit.SlimkitError, match="Python objects"):

@@ -288,3 +288,22 @@ def test_artifact_of_a_package_factory_evaluates_from_another_folder(work):
     (work / "mypkg" / "nets.py").write_text(FACTORY)
     ev = _quantize_then_eval_elsewhere(work, "mypkg.nets:tiny")
     assert "agreement" in ev.stdout and "top-1" in ev.stdout
+
+
+def test_a_hugging_face_image_model_folder_quantizes_and_evaluates(tmp_path):
+    """A saved transformers ResNet (no tokenizer) loads as an image model, quantizes on the CNN path, and its
+    artifact evaluates against the float model rebuilt from the folder."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                         num_labels=10)
+    T.ResNetForImageClassification(cfg).save_pretrained(tmp_path / "resnet")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype("float32"))
+    r = run("quantize", "resnet", "--method", "rtn", "--w-bits", "8", "--a-bits", "8", "--calib", "x.npy",
+            "--out", "q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("eval", "q", "--data", "x.npy", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "agreement with FP" in r.stdout

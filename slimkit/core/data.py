@@ -116,11 +116,14 @@ def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise SlimkitError(f"data samples have different shapes ({', '.join(map(str, sorted(shapes)))}): give samples of one shape")
     x = torch.cat(xs) if batched else torch.stack(xs)
     y = None
-    # class labels: one number per sample. Other targets (one-hot rows, masks, boxes) are not what top-1 needs,
-    # and calibration never reads targets: they are left out.
-    scalar = all(t.numel() == (len(xi) if batched else 1) for t, xi in zip(ys, xs))
-    if ys and len(ys) == len(xs) and scalar:
-        y = torch.cat([t.reshape(-1) for t in ys]) if batched else torch.stack([t.reshape(()) for t in ys])
+    if ys and len(ys) == len(xs):
+        scalar = all(t.numel() == (len(xi) if batched else 1) for t, xi in zip(ys, xs))
+        if scalar:          # class labels: one number per sample
+            y = torch.cat([t.reshape(-1) for t in ys]) if batched else torch.stack([t.reshape(()) for t in ys])
+        elif len({tuple(t.shape[1:]) if batched else tuple(t.shape) for t in ys}) == 1:
+            # other targets (one-hot rows, masks) as they are: calibration never reads them, and evaluation
+            # refuses them as labels with its own message
+            y = torch.cat(ys) if batched else torch.stack(ys)
     return x, y
 
 

@@ -124,12 +124,14 @@ def _no_progress_bars():
 
 
 def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None) -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer) from a shipped name or a local HF folder; causal LM or encoder per its config.
+    """(model in eval mode, tokenizer) from a shipped name or a local HF folder; causal LM or encoder per its config,
+    or an image model (ResNet, ConvNext, ViT ...; tokenizer None), which slimkit treats as any CNN.
 
     The tokenizer is also attached as model._slimkit_tokenizer, and model._slimkit_spec records the source.
     tokenizer: a tokenizer object or a folder holding one, for model folders saved without tokenizer files.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
+                              AutoTokenizer)
 
     name = str(name_or_path)
     if name in SHIPPED:
@@ -142,14 +144,21 @@ def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokeni
             raise SlimkitError(f"{path} is not a Hugging Face model folder (no config.json): save it with "
                                "model.save_pretrained(folder)")
         path, spec = path.resolve(), str(path.resolve())
+    config = AutoConfig.from_pretrained(path)
+    if _vision(config):       # an image model: no tokenizer, slimkit's CNN path (inputs are pixel_values)
+        return _load(AutoModelForImageClassification if _classifier(config) else AutoModel, path, dtype, spec), None
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tok_path = Path(tokenizer) if tokenizer is not None else path
         if not _has_tokenizer(tok_path):
             raise SlimkitError(f"no tokenizer files in {tok_path}: save one there (tokenizer.save_pretrained) or pass "
                                "tokenizer=<tokenizer object or folder>")
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    config = AutoConfig.from_pretrained(path)
-    auto = AutoModelForCausalLM if config_kind(config) == "causal" else AutoModel
+    model = _load(AutoModelForCausalLM if config_kind(config) == "causal" else AutoModel, path, dtype, spec)
+    model._slimkit_tokenizer = tokenizer  # so get_model(name) users and quantize() can tokenize calibration text
+    return model, tokenizer
+
+
+def _load(auto, path: Path, dtype: torch.dtype, spec: str) -> nn.Module:
     try:
         with _no_progress_bars():
             model = auto.from_pretrained(path, dtype=dtype)
@@ -157,5 +166,16 @@ def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokeni
         raise SlimkitError(f"cannot load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     model.eval()
     model._slimkit_spec = {"hf": spec}
-    model._slimkit_tokenizer = tokenizer  # so get_model(name) users and quantize() can tokenize calibration text
-    return model, tokenizer
+    return model
+
+
+def _vision(config) -> bool:
+    """An image model's config: transformers builds an image classifier for its type (ResNet, ConvNext, ViT ...)
+    and it is no text model (no vocabulary)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and getattr(config, "vocab_size", None) is None
+
+
+def _classifier(config) -> bool:
+    return any(a.endswith("ForImageClassification") for a in (getattr(config, "architectures", None) or []))
