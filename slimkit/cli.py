@@ -161,6 +161,8 @@ def quantize(
     if not lm and eval_name is not None:     # evaluation data that does not fit fails now, not after the run
         x, y = resolve(eval_name)
         check_data(fp_model, x, y)
+    elif eval_name is not None:
+        text_data(eval_name)
     t0 = time.perf_counter()
     qmodel = run_quantize(fp_model, calib, recipe=recipe, **options)
     seconds = time.perf_counter() - t0
@@ -263,6 +265,8 @@ def sparsify(
     if not is_transformer(fp_model) and eval_name is not None:   # fails now if it does not fit, not after the run
         x, y = resolve(eval_name)
         check_data(fp_model, x, y)
+    elif eval_name is not None:
+        text_data(eval_name)        # evaluation text that does not exist fails now, not after the run
     t0 = time.perf_counter()
     smodel = run_sparsify(fp_model, calib if learn else None, method=method, sparsity=sparsity, nm=nm,
                           exclude=tuple(exclude or ()), device=device, num_samples=num_samples, progress=not quiet,
@@ -381,6 +385,9 @@ def train_lm(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where the token files go (default: slimkit's cache)"),
     tokenizer: Optional[str] = typer.Option(None, help="bpe (trained on the corpus; default) | smollm2"),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="BPE vocabulary (8192)"),
+    val_percent: Optional[float] = typer.Option(None, "--val-percent", help="share of the corpus files held out for "
+                                                "evaluation, by a stable hash of their paths (10; a single file: its "
+                                                "last tokens)"),
     ffn: Optional[str] = typer.Option(None, help="dense (default) | lowrank | blockshuffle | blockdense"),
     param_ratio: Optional[float] = typer.Option(None, "--param-ratio", help="structured FFN parameters / dense (0.32)"),
     nblocks: Optional[int] = typer.Option(None, help="blocks of the block-diagonal kinds (default: from the ratio)"),

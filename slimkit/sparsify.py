@@ -146,10 +146,18 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .core.wrap import quant_layers
+
+    if quant_layers(model):
+        raise SlimkitError("this model is already quantized: sparsify the float model first, then quantize the "
+                           "sparse one (slimkit keeps its zeros through quantization)")
     pattern = parse_nm(nm)
     target = check_target(sparsity) if pattern is None else 1 - pattern[0] / pattern[1]
     if pattern is None and method not in METHODS:
         raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
+    if pattern is not None and (method not in (None, "fcpts") or sparsity not in (None, 0.5)):
+        raise SlimkitError(f"nm={nm!r} prunes every group of {pattern[1]} weights to {pattern[0]} by magnitude, which "
+                           f"sets both the method and the sparsity ({target:.0%}): drop method= and sparsity=")
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise SlimkitError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -285,7 +293,8 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         for name, layer in layers.items():
             keep = masks[name].to(layer.weight.device)
             layer.weight.copy_(apply_mask(layer.weight, keep))
-            report[name] = {"numel": keep.numel(), "pruned": int((~keep).sum()), "rate": float((~keep).float().mean())}
+            zeros = int((layer.weight == 0).sum())     # the zeros there are (a model pruned before keeps its own)
+            report[name] = {"numel": keep.numel(), "pruned": zeros, "rate": zeros / keep.numel()}
     total = sum(r["numel"] for r in report.values())
     pruned = sum(r["pruned"] for r in report.values())
     info = dict(getattr(model, "slimkit_info", None) or {})

@@ -54,9 +54,20 @@ def _read(path: Path) -> str:
 
 
 def text_files(folder: Path) -> list[Path]:
-    """Text-like files under folder, recursively, sorted by relative path; hidden files and folders skipped."""
-    files = [p for p in folder.rglob("*") if p.is_file() and is_text_file(p)
-             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    """Text-like files under folder, recursively (symbolic links to folders followed, each real folder once, so
+    a link loop ends), sorted by relative path; hidden files and folders skipped."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            p = Path(root) / name
+            if not name.startswith(".") and p.is_file() and is_text_file(p):
+                files.append(p)
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 

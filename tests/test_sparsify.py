@@ -82,12 +82,34 @@ def test_exclude_takes_parent_modules_and_glob_patterns():
     assert torch.equal(sparse[0][0].weight, model[0][0].weight)                        # depthwise left dense
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.0, 2])
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, False, float("nan")])
 def test_bad_sparsity_is_refused(bad):
     with pytest.raises(SlimkitError, match=r"\[0, 1\)"):
         slimkit.sparsify(small_cnn(), sparsity=bad)
     with pytest.raises(SlimkitError, match="unknown sparsity method"):
         slimkit.sparsify(small_cnn(), method="magic", sparsity=0.5)
+
+
+def test_sparsify_inputs_and_reports_of_models_already_compressed():
+    """NumPy and 0-d torch scalars are targets too; nm= sets method and sparsity, so another of either is refused;
+    a quantized model is refused (its float weights are not what runs); the report counts the zeros the weights
+    hold, a model pruned before included."""
+    import numpy as np
+
+    for target in (np.float32(0.5), torch.tensor(0.5)):
+        assert slimkit.sparsify(small_cnn(), method="uniform", sparsity=target).slimkit_info["sparsity"]["target"] == 0.5
+    with pytest.raises(SlimkitError, match="sets both the method and the sparsity"):
+        slimkit.sparsify(small_cnn(), method="uniform", nm="2:4")
+    with pytest.raises(SlimkitError, match="sets both the method and the sparsity"):
+        slimkit.sparsify(small_cnn(), sparsity=0.7, nm="2:4")
+    q = slimkit.quantize(small_cnn(), torch.randn(8, 3, 8, 8), method="rtn", progress=False)
+    with pytest.raises(SlimkitError, match="already quantized"):
+        slimkit.sparsify(q, method="uniform", sparsity=0.5)
+    half = slimkit.sparsify(small_cnn(), method="uniform", sparsity=0.5)
+    again = slimkit.sparsify(half, method="uniform", sparsity=0.3)
+    layers = prunable_layers(again)
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values()) / sum(m.weight.numel() for m in layers.values())
+    assert again.slimkit_info["sparsity"]["achieved"] == pytest.approx(zeros) and zeros >= 0.5
 
 
 def test_save_load_restores_the_same_masked_weights(tmp_path):
@@ -667,3 +689,14 @@ def test_model_size_counts_what_the_artifact_stores(tmp_path):
         path = slimkit.save(model, tmp_path / str(size))
         on_disk = (path / "model.safetensors").stat().st_size
         assert size < on_disk < size + 4096
+
+
+def test_fcpts_on_a_bf16_transformer():
+    from tiny_hf import VOCAB, tiny_model
+    model = tiny_model("llama").to(torch.bfloat16).eval()
+    tokens = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+    s = slimkit.sparsify(model, tokens, method="fcpts", sparsity=0.5, iters=4, finetune_iters=2, batch_size=4,
+                         progress=False, device="cpu")
+    layers = prunable_layers(s)
+    assert all(m.weight.dtype == torch.bfloat16 for m in layers.values())
+    assert s.slimkit_info["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)

@@ -326,7 +326,28 @@ def test_load_model_restores_the_guides_share(corpus, tmp_path):
     assert read_checkpoint(ckpt_dirs(tmp_path / "g")[-1])[2]["guides_dropped"]
 
 
+def test_guides_draw_no_random_numbers(corpus, tmp_path):
+    """Building the dense guides draws nothing from the generator: guided for 0% of the run, training is the
+    plain structured run's, loss for loss."""
+    _, data, _ = corpus
+    kw = dict(steps=4, ffn="lowrank", param_ratio=0.5)
+    plain = train(tiny(tmp_path / "plain", data, **kw))
+    guided = train(tiny(tmp_path / "guided", data, self_guided=True, guide_fraction=0.0, **kw))
+    assert guided["losses"] == plain["losses"]
+
+
+def test_a_refused_resume_leaves_the_data_folder_alone(corpus, tmp_path):
+    root, _, _ = corpus
+    data = tmp_path / "tokens"
+    train(tiny(tmp_path / "run", data, corpus=str(root), tokenizer="bpe", vocab_size=300, steps=2))
+    before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+    with pytest.raises(SlimkitError, match=r"vocab_size \(300 saved, 400 now\)"):
+        train(tiny(tmp_path / "run", data, corpus=str(root), tokenizer="bpe", vocab_size=400, steps=4, resume=True))
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.parametrize("kw,match", [({"lr": -1e-3}, "lr must be a positive"), ({"lr": float("nan")}, "lr must"),
+                                      ({"guide_fraction": 5}, "guide_fraction is a share"),
                                       ({"weight_decay": float("nan")}, "weight_decay must"),
                                       ({"grad_clip": -1.0}, "grad_clip must"), ({"beta2": 1.0}, r"beta2 must be in"),
                                       ({"dropout": 1.5}, "dropout must"), ({"val_percent": 100}, "val_percent must"),

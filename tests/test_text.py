@@ -342,3 +342,19 @@ def test_minilm_embeds_related_sentences_closer():
     cos = F.cosine_similarity(e[:1], e[1:], dim=-1)
     assert cos[0] > cos[1] + 0.3
     assert lm_kind(model) == "encoder"
+
+
+def test_text_files_follow_folder_links_once(tmp_path):
+    """A linked folder is read like a real one, and a link back up (a loop) ends."""
+    from slimkit.text import text_files
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.txt").write_text("alpha\n")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "b.txt").write_text("beta\n")
+    (tmp_path / "corpus" / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "corpus" / "loop").symlink_to(tmp_path / "corpus", target_is_directory=True)
+    (tmp_path / "corpus" / ".hidden").mkdir()
+    (tmp_path / "corpus" / ".hidden" / "c.txt").write_text("hidden\n")
+    names = [p.relative_to(tmp_path / "corpus").as_posix() for p in text_files(tmp_path / "corpus")]
+    assert names == ["b.txt", "linked/a.txt"]

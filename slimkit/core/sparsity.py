@@ -11,6 +11,7 @@ Ties in magnitude are broken by position (a stable sort), so masks are determini
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -20,7 +21,10 @@ from ..errors import SlimkitError
 
 
 def check_target(sparsity: float) -> float:
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+    """The target as a float: any real number in [0, 1) (NumPy and 0-d torch scalars too; not a bool)."""
+    if isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1 and sparsity.is_floating_point():
+        sparsity = sparsity.item()
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) < 1.0:
         raise SlimkitError(f"sparsity must be in [0, 1) (the share of weights set to zero), got {sparsity!r}")
     return float(sparsity)
 

@@ -135,7 +135,7 @@ class _Masked:
         width = s.detach().max().clamp_min(1e-12) / BINS
         soft = torch.sigmoid((s - t) / width)
         mask = (s.detach() > t).to(w.dtype) + soft - soft.detach()
-        return w * mask
+        return w * mask.to(w.dtype)     # (the threshold and scores are fp32: keep a bf16 / fp16 weight's dtype)
 
 
 def _channel_scales(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tensor,

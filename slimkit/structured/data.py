@@ -335,7 +335,7 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: Optional[int] = N
     n = (len(tokens) - 1) // seq_len
     if n < 1:
         raise SlimkitError(f"the val split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
-                           "give more text, a larger val share, or a shorter seq_len")
+                           "give more text, a larger val share (--val-percent), or a shorter seq_len")
     idx = np.arange(n)
     if max_tokens is not None and n * seq_len > max_tokens:
         idx = np.unique(np.linspace(0, n - 1, max(1, max_tokens // seq_len)).round().astype(np.int64))

@@ -237,7 +237,7 @@ def blockdense_shape(in_features: int, out_features: int, param_ratio: float, nb
         raise SlimkitError(f"blockdense: rank {rank} exceeds in_features={in_features}; lower param_ratio")
     if achieved >= 1.0:
         raise SlimkitError(f"blockdense: rank {rank}, nblocks={nblocks} of a {in_features}->{out_features} layer keeps "
-                           f"{achieved:.3g} of its weights, no fewer than the dense layer; lower param_ratio or "
+                           f"{achieved:.1%} of its weights, no fewer than the dense layer; lower param_ratio or "
                            "keep it dense")
     return rank, nblocks
 

@@ -72,7 +72,10 @@ class SelfGuided(nn.Module):
         self.layer, self.schedule, self.share = layer, schedule or SelfGuidedSchedule(), 1.0
         if guide is None:  # the paper starts the guide at the structured layer's own matrix
             p = next(layer.parameters())
-            guide = nn.Linear(layer.in_features, layer.out_features, bias=False, device=p.device, dtype=p.dtype)
+            # no random init (it would draw from the global generator and shift every later layer's init): the
+            # guide is the layer's own matrix, or weights loaded next
+            guide = torch.nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=False,
+                                             device=p.device, dtype=p.dtype)
             if init_guide:
                 with torch.no_grad():
                     guide.weight.copy_(layer.dense_weight())

@@ -97,6 +97,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.ffn not in FFN_KINDS:
             raise SlimkitError(f"unknown ffn {self.ffn!r}: use one of {', '.join(FFN_KINDS)}")
+        if isinstance(self.guide_fraction, bool) or not isinstance(self.guide_fraction, (int, float)) \
+                or not 0 <= self.guide_fraction <= 1:
+            raise SlimkitError(f"guide_fraction is a share of training in [0, 1], got {self.guide_fraction!r}")
         if self.self_guided and self.ffn == "dense":
             raise SlimkitError("self-guided training guides a structured FFN: give --ffn lowrank, blockshuffle or "
                                "blockdense")
@@ -459,12 +462,13 @@ def load_model(path: str | Path, device: str = "cpu") -> GPT:
     return model.to(device).eval()
 
 
-def _check_resumable(meta: dict, cfg: TrainConfig, global_batch: int, corpus: Corpus) -> None:
-    """A resumed run must compute what the interrupted one would have: same settings, batch and data."""
+def _check_resumable(meta: dict, cfg: TrainConfig, global_batch: int, corpus: Corpus | None) -> None:
+    """A resumed run must compute what the interrupted one would have: same settings, batch and data (the data
+    only with `corpus`: the settings are checked first, before the data folder is prepared)."""
     saved = meta["config"]
     diff = [f"{f.name} ({saved.get(f.name)!r} saved, {getattr(cfg, f.name)!r} now)" for f in fields(TrainConfig)
             if f.name not in RUNTIME_FIELDS and saved.get(f.name) != getattr(cfg, f.name)]
-    if meta["data"]["source_hash"] != corpus.meta["source_hash"]:
+    if corpus is not None and meta["data"]["source_hash"] != corpus.meta["source_hash"]:
         diff.append("the corpus (its files changed)")
     if meta["global_batch"] != global_batch:
         diff.append(f"global batch ({meta['global_batch']} saved, {global_batch} now: batch_size * grad_accum * "
@@ -549,9 +553,13 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     if found and not cfg.resume:
         raise SlimkitError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
                            "--out")
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    resume_from = saved = None
+    if found and cfg.resume:     # settings checked before the data folder is touched (a refused resume changes nothing)
+        resume_from, (msd, osd, saved) = _latest_readable(found, d.main)
+        _check_resumable(saved, cfg, global_batch, None)
     corpus = _prepare_data(cfg, d)
     vocab = 64 * math.ceil(corpus.vocab_size / 64)  # padded: matmuls run faster on multiples of 64
-    global_batch = cfg.batch_size * cfg.grad_accum * d.world
     sampler = BatchSampler(corpus.train, cfg.seq_len, global_batch, cfg.seed)
     val_windows = eval_windows(corpus.val, cfg.seq_len, cfg.eval_tokens)
     train_windows = eval_windows(corpus.train, cfg.seq_len, cfg.eval_tokens)
@@ -562,10 +570,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
 
     # state that survives a resume
     start, losses, history, flops, tokens, elapsed = 0, [], [], 0.0, 0, 0.0
-    resume_from = found[-1] if (found and cfg.resume) else None
-    if resume_from is not None:
-        resume_from, (msd, osd, saved) = _latest_readable(found, d.main)
-        _check_resumable(saved, cfg, global_batch, corpus)
+    if saved is not None:
+        _check_resumable(saved, cfg, global_batch, corpus)     # and the corpus it tokenised
         start, losses, history = saved["step"], saved["losses"], saved["history"]
         flops, tokens, elapsed = saved["train_flops"], saved["tokens"], saved["elapsed_s"]
     guides_dropped = guides_done(cfg, start)
