@@ -307,3 +307,7 @@ def test_a_hugging_face_image_model_folder_quantizes_and_evaluates(tmp_path):
     r = run("eval", "q", "--data", "x.npy", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "agreement with FP" in r.stdout
+    (tmp_path / "resnet").rename(tmp_path / "moved")    # the artifact carries the config: it still loads
+    r = run("eval", "q", "--data", "x.npy", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "is gone" in r.stdout + r.stderr and "size" in r.stdout

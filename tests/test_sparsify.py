@@ -700,3 +700,18 @@ def test_fcpts_on_a_bf16_transformer():
     layers = prunable_layers(s)
     assert all(m.weight.dtype == torch.bfloat16 for m in layers.values())
     assert s.slimkit_info["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_a_sparse_hugging_face_artifact_carries_its_config(tmp_path):
+    """The artifact of a sparsified transformers model holds its config, so it loads where the model's source
+    folder is gone, to the same outputs."""
+    from tiny_hf import VOCAB, tiny_model
+    model = tiny_model("gpt2").eval()
+    model._slimkit_spec = {"hf": str(tmp_path / "was_here")}        # as load_hf records a model folder
+    s = slimkit.sparsify(model, method="uniform", sparsity=0.5)
+    slimkit.save(s, tmp_path / "s")
+    assert (tmp_path / "s" / "hf_config" / "config.json").exists()
+    again = slimkit.load(tmp_path / "s")
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, s(ids).logits)

@@ -30,6 +30,7 @@ from ..errors import SlimkitError
 FORMAT, VERSION = "slimkit", 1
 WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
 HF_QUANT = "slimkit.safetensors"  # Hugging Face artifacts: model.safetensors is transformers' own file
+HF_CONFIG = "hf_config"           # other artifacts of Hugging Face models: their config.json (+ tokenizer) there
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -203,6 +204,11 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
         if tied:
             manifest["tied_tensors"] = tied
         extra = None
+        if "hf" in (info.get("model_spec") or {}) and hasattr(getattr(model, "config", None), "save_pretrained"):
+            # a Hugging Face model (sparse, or an image model): its config and tokenizer travel with the artifact,
+            # so it rebuilds where its source folder is gone
+            manifest["hf_config"] = HF_CONFIG
+            extra = lambda tmp: _write_hf_config(model, tmp / HF_CONFIG)  # noqa: E731
     if metrics:
         manifest["metrics"] = _jsonable({**info.get("metrics", {}), **metrics})
 
@@ -217,6 +223,14 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
     except OSError as e:
         raise SlimkitError(f"could not write the artifact {path}: {e.strerror or e}") from None
     return path
+
+
+def _write_hf_config(model: nn.Module, folder: Path) -> None:
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    tokenizer = getattr(model, "_slimkit_tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -286,10 +300,16 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if not spec:
             raise SlimkitError(f"{path} holds a model slimkit cannot rebuild by name: pass the float architecture, "
                                "slimkit.load(path, model=YourModel())")
-        if "hf" in spec:    # a sparsified Hugging Face model: its float architecture from the same source
-            from ..models.hf import load_hf
+        if "hf" in spec:    # a Hugging Face model (sparse, or an image model): its float architecture
+            from ..models.hf import SHIPPED, hf_from_config, load_hf
 
-            model = load_hf(spec["hf"])[0]
+            if spec["hf"] in SHIPPED or Path(spec["hf"]).is_dir():
+                model = load_hf(spec["hf"])[0]
+            elif manifest.get("hf_config") and (path / manifest["hf_config"]).is_dir():
+                model = hf_from_config(path / manifest["hf_config"], spec["hf"])
+            else:
+                raise SlimkitError(f"{path} was made from the Hugging Face model in {spec['hf']}, which is gone: put "
+                                   "it back, or pass the float architecture, slimkit.load(path, model=...)")
         else:
             from ..models.registry import get_model
 

@@ -158,6 +158,23 @@ def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokeni
     return model, tokenizer
 
 
+def hf_from_config(folder: str | Path, spec: str) -> nn.Module:
+    """The architecture a config folder describes (causal LM, encoder or image model, as load_hf picks), with its
+    tokenizer when the folder holds one; its weights random, for an artifact's to replace."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if _vision(config):
+        auto = AutoModelForImageClassification if _classifier(config) else AutoModel
+    else:
+        auto = AutoModelForCausalLM if config_kind(config) == "causal" else AutoModel
+    model = auto.from_config(config).eval()     # (initialised: buffers such as rotary frequencies are not saved)
+    model._slimkit_spec = {"hf": spec}
+    model._slimkit_tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
+    return model
+
+
 def _load(auto, path: Path, dtype: torch.dtype, spec: str) -> nn.Module:
     try:
         with _no_progress_bars():
