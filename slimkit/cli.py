@@ -328,9 +328,9 @@ def eval_cmd(
     if reference is not None:
         ref_model, _ = load_any(reference, ref_weights)
     elif is_artifact and spec and "hf" in spec:      # a Hugging Face image model: its float twin from the folder
-        from .models.hf import SHIPPED, load_hf
+        from .models.hf import load_hf, source_available
 
-        if spec["hf"] in SHIPPED or Path(spec["hf"]).is_dir():
+        if source_available(spec["hf"]):
             ref_model = load_hf(spec["hf"])[0]
         else:
             console.print(f"[yellow]the float model's folder {spec['hf']} (recorded when the artifact was made) is "

@@ -14,7 +14,6 @@ from slimkit.core.fold import find_conv_bn_pairs, fold_bn
 from slimkit.core.quantizer import QuantSpec
 from slimkit.core.reconstruct import ReconConfig, beta_at, output_loss
 from slimkit.core.wrap import LayerPlan, QuantLayer, layer_modules, unwrap_layers, wrap_layers
-from slimkit.errors import SlimkitError
 from slimkit.io.artifact import pack_bits, unpack_bits
 
 
@@ -137,14 +136,19 @@ class DenseStyle(nn.Module):
         return {"logits": self.bn2(self.conv2(z)).mean((2, 3)), "aux": z.mean()}
 
 
-def test_fold_bn_keeps_the_safe_pairs_when_one_is_unsafe():
+def _eval_with_output(make, seed: int):
+    """(model in eval mode with random BatchNorm statistics, an input, the model's output on it)."""
     torch.manual_seed(0)
-    model = DenseStyle()
-    _randomize_bn(model, 4)
+    model = make()
+    _randomize_bn(model, seed)
     model.eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        before = model(x)
+        return model, x, model(x)
+
+
+def test_fold_bn_keeps_the_safe_pairs_when_one_is_unsafe():
+    model, x, before = _eval_with_output(DenseStyle, 4)
     with pytest.warns(UserWarning, match="conv1 -> bn1"):
         assert fold_bn(model, x) == [("conv2", "bn2")]
     assert isinstance(model.bn1, nn.BatchNorm2d) and isinstance(model.bn2, nn.Identity)
@@ -178,13 +182,7 @@ class SharedBN(nn.Module):
 def test_fold_bn_skips_pairs_that_cannot_fold(make):
     """A conv -> relu_ -> BN chain (the BN sees the conv's tensor, changed in place), a BN shared by two convs and
     a BN without running statistics are no pairs: nothing is folded, the outputs stay, no error."""
-    torch.manual_seed(0)
-    model = make()
-    _randomize_bn(model, 5)
-    model.eval()
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        before = model(x)
+    model, x, before = _eval_with_output(make, 5)
     assert find_conv_bn_pairs(model, x) == []
     assert fold_bn(model, x) == []
     with torch.no_grad():

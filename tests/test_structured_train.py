@@ -47,6 +47,18 @@ def corpus(tmp_path_factory):
     return root, data, c
 
 
+class Killed(Exception):
+    """A run stopped from its on_step callback, as a kill would stop it."""
+
+
+def kill_at(n: int, error: type[BaseException] = Killed):
+    """An on_step callback that stops the run after step n (with `error`: KeyboardInterrupt for Ctrl-C)."""
+    def on_step(step, loss):
+        if step == n:
+            raise error
+    return on_step
+
+
 def tiny(out, data_dir, **kw) -> TrainConfig:
     base = dict(out=str(out), data_dir=str(data_dir), d_model=32, n_layer=2, n_head=2, seq_len=32, batch_size=8,
                 steps=10, lr=3e-3, warmup=3, eval_every=0, eval_tokens=512, ckpt_every=0, device="cpu",
@@ -143,15 +155,8 @@ def test_kill_and_resume_is_exact(corpus, tmp_path):
     _, data, _ = corpus
     full = train(tiny(tmp_path / "full", data, ckpt_every=5, dropout=0.1))
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_7(step, loss):
-        if step == 7:
-            raise Killed
-
     with pytest.raises(Killed):
-        train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1), on_step=kill_at_7)
+        train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1), on_step=kill_at(7))
     assert [p.name for p in ckpt_dirs(tmp_path / "killed")] == ["step_000005"]
     with pytest.raises(SlimkitError, match="--resume"):
         train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1))
@@ -176,16 +181,10 @@ def test_self_guided_resume_across_the_guide_drop(corpus, tmp_path):
     kw = dict(ffn="lowrank", param_ratio=0.5, self_guided=True, guide_fraction=0.5, ckpt_every=3)
     full = train(tiny(tmp_path / "full", data, **kw))
 
-    def kill_at(n):
-        def on_step(step, loss):
-            if step == n:
-                raise KeyboardInterrupt
-        return on_step
-
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(tmp_path / "run", data, **kw), on_step=kill_at(4))
+        train(tiny(tmp_path / "run", data, **kw), on_step=kill_at(4, KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(tmp_path / "run", data, resume=True, **kw), on_step=kill_at(8))
+        train(tiny(tmp_path / "run", data, resume=True, **kw), on_step=kill_at(8, KeyboardInterrupt))
     assert [p.name for p in ckpt_dirs(tmp_path / "run")] == ["step_000003", "step_000006"]
     resumed = train(tiny(tmp_path / "run", data, resume=True, **kw))
     assert resumed["losses"] == full["losses"]
@@ -290,12 +289,8 @@ def test_resume_skips_a_corrupt_latest_checkpoint(corpus, tmp_path):
     _, data, _ = corpus
     full = train(tiny(tmp_path / "full", data, ckpt_every=3))
 
-    def kill_at_8(step, loss):
-        if step == 8:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(tmp_path / "run", data, ckpt_every=3), on_step=kill_at_8)
+        train(tiny(tmp_path / "run", data, ckpt_every=3), on_step=kill_at(8, KeyboardInterrupt))
     older, newest = ckpt_dirs(tmp_path / "run")
     (newest / "model.safetensors").write_bytes(b"\0" * 16)
     resumed = train(tiny(tmp_path / "run", data, ckpt_every=3, resume=True))
@@ -399,14 +394,8 @@ def test_blockshuffle_checkpoints_of_an_earlier_shape_rule_load_and_resume(corpu
     monkeypatch.setattr(L, "blockshuffle_shape", old_rule)
     full = train(tiny(tmp_path / "full", data, **kw))
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_6(step, loss):
-        if step == 6:
-            raise Killed
     with pytest.raises(Killed):
-        train(tiny(tmp_path / "run", data, **kw), on_step=kill_at_6)
+        train(tiny(tmp_path / "run", data, **kw), on_step=kill_at(6))
     monkeypatch.setattr(L, "blockshuffle_shape", new_rule)
     assert new_rule(32, 128, 0.25) == (2, 8)
     model = load_model(tmp_path / "full")

@@ -301,9 +301,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise SlimkitError(f"{path} holds a model slimkit cannot rebuild by name: pass the float architecture, "
                                "slimkit.load(path, model=YourModel())")
         if "hf" in spec:    # a Hugging Face model (sparse, or an image model): its float architecture
-            from ..models.hf import SHIPPED, hf_from_config, load_hf
+            from ..models.hf import hf_from_config, load_hf, source_available
 
-            if spec["hf"] in SHIPPED or Path(spec["hf"]).is_dir():
+            if source_available(spec["hf"]):
                 model = load_hf(spec["hf"])[0]
             elif manifest.get("hf_config") and (path / manifest["hf_config"]).is_dir():
                 model = hf_from_config(path / manifest["hf_config"], spec["hf"])

@@ -130,8 +130,7 @@ def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokeni
     The tokenizer is also attached as model._slimkit_tokenizer, and model._slimkit_spec records the source.
     tokenizer: a tokenizer object or a folder holding one, for model folders saved without tokenizer files.
     """
-    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
-                              AutoTokenizer)
+    from transformers import AutoConfig, AutoTokenizer
 
     name = str(name_or_path)
     if name in SHIPPED:
@@ -146,14 +145,14 @@ def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokeni
         path, spec = path.resolve(), str(path.resolve())
     config = AutoConfig.from_pretrained(path)
     if _vision(config):       # an image model: no tokenizer, slimkit's CNN path (inputs are pixel_values)
-        return _load(AutoModelForImageClassification if _classifier(config) else AutoModel, path, dtype, spec), None
+        return _load(_auto_class(config), path, dtype, spec), None
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tok_path = Path(tokenizer) if tokenizer is not None else path
         if not _has_tokenizer(tok_path):
             raise SlimkitError(f"no tokenizer files in {tok_path}: save one there (tokenizer.save_pretrained) or pass "
                                "tokenizer=<tokenizer object or folder>")
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    model = _load(AutoModelForCausalLM if config_kind(config) == "causal" else AutoModel, path, dtype, spec)
+    model = _load(_auto_class(config), path, dtype, spec)
     model._slimkit_tokenizer = tokenizer  # so get_model(name) users and quantize() can tokenize calibration text
     return model, tokenizer
 
@@ -161,15 +160,11 @@ def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokeni
 def hf_from_config(folder: str | Path, spec: str) -> nn.Module:
     """The architecture a config folder describes (causal LM, encoder or image model, as load_hf picks), with its
     tokenizer when the folder holds one; its weights random, for an artifact's to replace."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
-    if _vision(config):
-        auto = AutoModelForImageClassification if _classifier(config) else AutoModel
-    else:
-        auto = AutoModelForCausalLM if config_kind(config) == "causal" else AutoModel
-    model = auto.from_config(config).eval()     # (initialised: buffers such as rotary frequencies are not saved)
+    model = _auto_class(config).from_config(config).eval()     # (initialised: buffers such as rotary frequencies are not saved)
     model._slimkit_spec = {"hf": spec}
     model._slimkit_tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
     return model
@@ -184,6 +179,21 @@ def _load(auto, path: Path, dtype: torch.dtype, spec: str) -> nn.Module:
     model.eval()
     model._slimkit_spec = {"hf": spec}
     return model
+
+
+def source_available(name: str) -> bool:
+    """Whether load_hf can still find the model an artifact recorded: a shipped name or an existing folder."""
+    return name in SHIPPED or Path(name).is_dir()
+
+
+def _auto_class(config):
+    """The transformers Auto class slimkit builds a config with: an image classifier (or the bare image model),
+    a causal LM, or the bare encoder."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+
+    if _vision(config):
+        return AutoModelForImageClassification if _classifier(config) else AutoModel
+    return AutoModelForCausalLM if config_kind(config) == "causal" else AutoModel
 
 
 def _vision(config) -> bool:

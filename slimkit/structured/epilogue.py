@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import block_diag_product, block_diag_reference, regrad
+from .layers import block_diag_product, block_diag_reference, linear_cast_bias, regrad
 
 try:
     from nvmath import CudaDataType
@@ -309,7 +309,7 @@ def dgelu_block_diag(dz: torch.Tensor, blocks: torch.Tensor, pre: torch.Tensor) 
 
 def _up_reference(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """gelu_tanh(h @ w^T + b) in differentiable torch ops."""
-    return F.gelu(F.linear(h, w, None if b is None else b.to(h.dtype)), approximate="tanh")
+    return F.gelu(linear_cast_bias(h, w, b), approximate="tanh")
 
 
 class GeluUp(torch.autograd.Function):

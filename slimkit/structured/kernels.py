@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import epilogue
-from .layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear, block_diag_mm, monarch_product, regrad
+from .layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear, block_diag_mm, linear_cast_bias, monarch_product, regrad
 from .self_guided import SelfGuided
 
 try:
@@ -72,11 +72,6 @@ def gelu_grad_ref(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     else:
         g = 0.5 * (1 + torch.erf(x32 * 0.7071067811865476)) + x32 * torch.exp(-0.5 * x32 * x32) * 0.3989422804014327
     return g.to(x.dtype)
-
-
-def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with the bias cast to the input's dtype (the fused paths take an fp32 bias beside bf16 weights)."""
-    return F.linear(h, w, None if b is None else b.to(h.dtype))
 
 
 def linear_gelu_ref(h, w, b, approximate="none"):
@@ -322,7 +317,7 @@ class _GeluUp(torch.autograd.Function):
     def backward(ctx, dact):
         h, w, pre, b = ctx.saved_tensors
         if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
-            ref = lambda h, w, b: F.gelu(_linear(h, w, b), approximate=ctx.approximate)   # noqa: E731
+            ref = lambda h, w, b: F.gelu(linear_cast_bias(h, w, b), approximate=ctx.approximate)   # noqa: E731
             return regrad(ref, (h, w, b), ctx.needs_input_grad[:3], dact) + (None, None)
         dpre, db = gelu_backward(dact, pre, ctx.approximate, ctx.has_bias)
         db = None if db is None else db.to(ctx.bias_dtype)
@@ -344,7 +339,7 @@ class _GeluUpDown(torch.autograd.Function):
     def backward(ctx, dz):
         h, w, w2, pre, act, b = ctx.saved_tensors
         if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
-            ref = lambda h, w, b, w2: F.gelu(_linear(h, w, b), approximate=ctx.approximate) @ w2.t()  # noqa: E731
+            ref = lambda h, w, b, w2: F.gelu(linear_cast_bias(h, w, b), approximate=ctx.approximate) @ w2.t()  # noqa: E731
             return regrad(ref, (h, w, b, w2), ctx.needs_input_grad[:4], dz) + (None,)
         dz = dz.contiguous()
         dpre, db = gelu_linear_backward(dz, w2, pre, ctx.approximate, ctx.has_bias)

@@ -304,6 +304,11 @@ class StructuredLinear(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "kind") + f", ratio={self.param_ratio:.3f}"
 
 
+def linear_cast_bias(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear with the bias cast to the input's dtype (the fused paths take an fp32 bias beside bf16 weights)."""
+    return F.linear(h, w, None if b is None else b.to(h.dtype))
+
+
 def regrad(reference, inputs: tuple, needs: tuple, grad_out: torch.Tensor) -> tuple:
     """A custom Function's input gradients when its backward must itself be differentiable (create_graph=True:
     gradient penalties, Hessian-vector products): recompute `reference(*inputs)` with plain differentiable torch

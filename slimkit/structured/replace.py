@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from ..core.wrap import is_conv1d, swap_modules
@@ -298,9 +298,9 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise SlimkitError(f"{path / MANIFEST} is corrupt ({e}): save the model again with save_structured") from None
     try:
-        weights = load_file(str(path / WEIGHTS))
         with safe_open(str(path / WEIGHTS), "pt") as f:
             saved_with = (f.metadata() or {}).get("slimkit_save_id")
+            weights = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise SlimkitError(f"{path / WEIGHTS} is missing or corrupt ({e}): save the model again with "
                            "save_structured") from None
