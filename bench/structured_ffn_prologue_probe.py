@@ -218,8 +218,8 @@ def main():
         got = best(_dw, DW_CONFIGS, (dh, pre, b, dw, S, K, T), S, K, gelu, dw, dw_ref if gelu else dw_plain)
         if got:
             row("triton-B", "fc2-first-dW", metric, got[0], got[1])
-            row("triton-B", "fc2-first-dW", ("rel_err" + metric[len("fused"):-3]) if gelu else "rel_err_plain", got[2],
-                    got[1])
+            row("triton-B", "fc2-first-dW", ("rel_err" + metric[len("fused"):-3]) if gelu else "rel_err_plain",
+                got[2], got[1])
     for r in rows:
         print(r)
     notes = [
