@@ -3,6 +3,7 @@ replace_ffn on tiny Hugging Face models. CPU, seconds, fixed seeds."""
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import math
 import weakref
@@ -263,6 +264,29 @@ def test_choose_merge_measures_and_caches_on_cpu():
         ref = model(x)
         premerge(model, tokens=3, min_run_time=0.01)                       # whichever measured faster, per layer
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+
+premerge_mod = importlib.import_module("slimkit.structured.premerge")    # the module (the package exports the function)
+
+
+def test_choose_merge_times_each_call_with_cold_weights(monkeypatch):
+    """A decoding model streams each layer's weights from memory, so the timing must too: it cycles through
+    copies of the layer whose weights add up to twice the cache, each copy called in turn, none twice in a row."""
+    monkeypatch.setattr(premerge_mod, "CPU_CACHE_BYTES", 40_000)
+    layer = make_linear("lowrank", 32, 64, 0.5).eval()            # 4 KB of fp32 weights (+ bias)
+    size = sum(p.numel() * p.element_size() for p in layer.parameters())
+    copies = premerge_mod._cold_copies(layer, torch.device("cpu"))
+    assert copies[0] is layer and len(copies) == -(-80_000 // size)
+    assert len({p.data_ptr() for c in copies for p in c.parameters()}) == len(copies) * len(list(layer.parameters()))
+    calls = []
+    layer.register_forward_hook(lambda m, a, out: calls.append(id(m)))    # deep copies carry the hook along
+    premerge_mod._median_ms(layer, torch.randn(3, 32), 0.001, graph=False)
+    n = len(copies)
+    assert len(calls) >= 2 * n and calls[0] == id(layer) and len(set(calls[:n])) == n
+    assert calls[n:2 * n] == calls[:n]
+    monkeypatch.setattr(premerge_mod, "MAX_COPIES", 3)
+    assert len(premerge_mod._cold_copies(layer, torch.device("cpu"))) == 3
 
 
 # ---------- self-guided training ----------
