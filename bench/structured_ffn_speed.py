@@ -302,7 +302,8 @@ def main() -> None:
             "the rank is large enough (layers.lowrank_rank / blockdense_shape).",
             "value = dense time / this time, the dense FFN (nn.Linear) measured in the same run and setting; "
             "'-graph' rows divide the dense FFN's time by the structured FFN's, both called through "
-            "slimkit.structured.graphed (input copy, CUDA-graph replay, output clone); '-decode' rows divide the "
+            "slimkit.structured.graphed (input copy, CUDA-graph replay, output clone; the dense one timed before and "
+            "after the kinds, the faster kept); '-decode' rows divide the "
             f"graphed dense stack's time by the structured stack's ({decode_layers} blocks, CUDA-event loop).",
             "'ratio' is the parameter ratio the shape rules reach for the target r (BlockShuffle's is set by its "
             "block counts: 1.25/b with one count b for both factors at d -> 4d, the paper's form, kept when within "
@@ -337,7 +338,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 add("dense-fused", f"r=1 d={d} T={T}", 1.0, meas(FusedFFN(dense.fc1, dense.fc2), x, reps), base, t0)
             print(f"d={d} T={T} dense fw {base['fw_ms']:.4f} ms fwbw {base['fwbw_ms']:.4f} ms", flush=True)
-            del dense
+            graph_rows = []     # (row, the structured FFN's graphed time): re-based below if the dense one drops
             for ratio in ratios:
                 setting = f"r={ratio:g} d={d} T={T}"
                 for kind in kinds:
@@ -374,11 +375,18 @@ def main() -> None:
                     add(f"{kind}-premerged", setting, real, meas(merged, x, reps, backward=False), base, t0)
                     if gpu:
                         t0 = time.perf_counter()
-                        add(f"{kind}-graph", setting, real, meas(ffn, x, reps, backward=False, graph=True),
-                            base_graph, t0)
+                        res = meas(ffn, x, reps, backward=False, graph=True)
+                        add(f"{kind}-graph", setting, real, res, base_graph, t0)
+                        graph_rows.append((rows[-1], res["fw_ms"]))
                     del ffn, naive, merged
                     got = {r["method"]: r["value"] for r in rows if r["setting"] == setting and r["metric"] == "fw_speedup"}
                     print(f"  {setting} {kind} (ratio {real:.3f}): fw x{got.get(kind)}", flush=True)
+            if gpu:   # the graphed dense FFN once more: one replay per call can catch a slow moment; keep the faster
+                again = meas(dense, x, reps, backward=False, graph=True)["fw_ms"]
+                if again < base_graph["fw_ms"]:
+                    for row, ms in graph_rows:
+                        row.update(value=round(again / ms, 3), dense_ms=round(again, 4))
+            del dense
             save()
 if __name__ == "__main__":
     main()
