@@ -19,15 +19,15 @@ on a bf16-rounded pre-activation, so in bf16 it differs from F.gelu by rounding 
 Triton runs these on CUDA; `available(x)` says whether they apply. Tests run the kernels on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1 when this module is imported). SLIMKIT_FUSED_FFN=0 turns them off.
 
-Status, measured (bench/results/structured_ffn_speed.md, '-fused' rows, one H200): these pointer-based Triton
-matmuls run below cuBLAS, so the fused FFN is slower than the eager one (low-rank 0.32 at d 2048: 2.63 ms against
-2.21 ms). `fused_ffn(..., matmul="cublas")` keeps cuBLAS for every matmul and fuses only the backward's GELU'
+Status, measured (bench/results/structured_ffn_speed.md, '-fused' rows, one H100): these pointer-based Triton
+matmuls run below cuBLAS, so the fused FFN is slower than the eager one (low-rank 0.32 at d 2048: 2.32 ms against
+2.17 ms). `fused_ffn(..., matmul="cublas")` keeps cuBLAS for every matmul and fuses only the backward's GELU'
 and bias-gradient passes into one; that pass is memory-bound like the two it replaces, and measured no faster
 (2.24 ms against 2.11 ms, bench/structured_ffn_probe.py). `fused_ffn` is therefore opt-in; nothing in slimkit
 calls it by default. A Hopper-specific matmul (TMA descriptors, warp specialisation) is what would make the
 epilogue savings (about 0.3 ms there) a net gain; `fused_ffn(..., matmul="cublaslt")` takes cuBLASLt's own
-GELU / DGELU epilogues for that (slimkit.structured.epilogue, nvmath-python): low-rank 0.3125 at d 2048 without
-biases 2.00 ms against 2.16 ms eager on an H100 (bench/results/structured_ffn_speed_lt_nobias.md), and it is what
+GELU / DGELU epilogues for that (slimkit.structured.epilogue, nvmath-python): low-rank 0.3125 at d 2048 1.91 ms
+against 2.17 ms eager on an H100 ('-lt' rows of bench/results/structured_ffn_speed.md), and it is what
 slimkit's GPT runs with `set_ffn_kernel(model, "cublaslt")` (train-lm --ffn-kernel cublaslt).
 """
 from __future__ import annotations
