@@ -169,27 +169,27 @@ def quantize(
     rows = {}
     if lm and eval_name is not None:
         rows = lm_rows(fp_model, qmodel, eval_name, qmodel.slimkit_info["device"], quiet, max_tokens)
-        rows["FP"]["seconds"] = None
     elif eval_name is not None:
         dev = qmodel.slimkit_info["device"]
         ref = predict(fp_model, x, device=dev, progress=not quiet, desc="evaluating FP")
         rows["FP"] = evaluate(fp_model, x, y, reference=ref, device=dev)
         rows["quantized"] = evaluate(qmodel, x, y, reference=ref, device=dev, progress=not quiet)
-        rows["FP"]["seconds"] = None
     else:
         from .eval import model_size_bytes
 
         rows = {"FP": {"size_bytes": model_size_bytes(fp_model)}, "quantized": {"size_bytes": model_size_bytes(qmodel)}}
-    rows["quantized"]["seconds"] = seconds
+    for r in rows.values():
+        r.pop("seconds", None)        # a fake-quantized model's inference time is no speed figure: not reported
+    rows["quantized"]["compress_seconds"] = seconds
     metrics = {"fp": rows["FP"], "quantized": rows["quantized"], "eval_data": eval_name}
     save(qmodel, out, overwrite=overwrite, metrics=metrics)
     info = qmodel.slimkit_info
     cfg = info["config"]
-    a = cfg["a_bits"] if cfg["a_bits"] is not None else "16"
+    bits = f"W{cfg['w_bits']}" + (f"A{cfg['a_bits']}" if cfg["a_bits"] is not None else " (weights only)")
     if (getattr(fp_model, "slimkit_info", None) or {}).get("sparsity"):
         # the float model here is the sparse one; `slimkit eval` of the result compares with the dense original
         rows = {"FP (sparse)": rows["FP"], "quantized": rows["quantized"]}
-    print_table(rows, title=f"{info['method']} W{cfg['w_bits']}A{a} on {model}", console=Console())
+    print_table(rows, title=f"{info['method']} {bits} on {model}", console=Console())
     Console().print(f"saved to {out}")
 
 
@@ -282,7 +282,9 @@ def sparsify(
                 "sparse": evaluate(smodel, x, y, reference=ref, device=dev, progress=not quiet)}
     else:
         rows = {"FP": {}, "sparse": {}}
-    rows["FP"]["seconds"], rows["sparse"]["seconds"] = None, seconds
+    for r in rows.values():
+        r.pop("seconds", None)        # masked weights run as dense ones: their inference time is no speed figure
+    rows["sparse"]["compress_seconds"] = seconds
     save(smodel, out, overwrite=overwrite, metrics={"fp": rows["FP"], "sparse": rows["sparse"], "eval_data": eval_name})
     rows["FP"]["size_bytes"] = model_size_bytes(fp_model)
     rows["sparse"]["size_bytes"] = model_size_bytes(smodel)    # as FP's and as eval counts it, not the files

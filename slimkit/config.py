@@ -23,6 +23,11 @@ PRESETS = {
 }
 
 
+RECONSTRUCTION_METHODS = ("adaround", "brecq", "qdrop")
+RECONSTRUCTION_FIELDS = ("batch_size", "iters", "lr_round", "lr_act", "round_weight", "warmup", "compile", "cuda_graph")
+TRANSFORMER_ONLY = ("seq_len", "lm_batch_size", "alpha", "attn_quant", "search_steps", "twc_iters", "token_clipping")
+
+
 @dataclass
 class QuantConfig:
     method: str = "qdrop"
@@ -137,6 +142,9 @@ class QuantConfig:
                 raise SlimkitError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.iters < 0:
             raise SlimkitError(f"iters must be non-negative, got {self.iters}")
+        if self.iters == 0 and self.method in RECONSTRUCTION_METHODS:
+            raise SlimkitError(f"{self.method} learns by block reconstruction and needs iters of at least 1; "
+                               "to round to nearest without reconstruction use method rtn")
         for name in ("lr_round", "lr_act"):
             if not getattr(self, name) > 0:
                 raise SlimkitError(f"{name} must be above 0, got {getattr(self, name)}")
@@ -156,6 +164,16 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def applied(self) -> dict:
+        """The settings this config's method reads on a CNN, for its manifest: transformer-only settings left out,
+        and the reconstruction ones (iterations, learning rates, QDrop's drop) only for methods that reconstruct."""
+        skip = set(TRANSFORMER_ONLY)
+        if self.method not in RECONSTRUCTION_METHODS:
+            skip |= set(RECONSTRUCTION_FIELDS) | {"drop_prob", "drop_inputs", "blocks"}
+        elif self.method != "qdrop":
+            skip |= {"drop_prob", "drop_inputs"}
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
 
 
 def load_recipe(recipe: str | Path | dict) -> dict:

@@ -201,7 +201,7 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     q_model.eval()
     q_model.slimkit_info = {
         "method": cfg.method,
-        "config": cfg.to_dict(),
+        "config": cfg.applied(),
         "folded_bn": [list(p) for p in folded],
         "layers": {name: layer.settings() for name, layer in quant_layers(q_model).items()},
         "blocks": stats,

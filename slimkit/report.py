@@ -6,10 +6,11 @@ from rich.table import Table
 
 
 def fmt_size(n: float) -> str:
+    """Bytes in SI units (1 KB = 1000 B), as file managers and `ls -lh --si` show them."""
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+        if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
+        n /= 1000
     return f"{n:.2f} GB"
 
 
@@ -20,15 +21,18 @@ def fmt_metric(key: str, value) -> str:
         return f"{100 * value:.2f}%"
     if key == "size_bytes":
         return fmt_size(value)
-    if key == "seconds":
+    if key in ("seconds", "compress_seconds"):
         return f"{value:.1f} s"
+    if key == "cosine" and isinstance(value, float) and value != 1.0:
+        return f"{value:.6f}"         # 0.9999984 must not print as FP's 1
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
 
 
 LABELS = {"top1": "top-1 accuracy", "agreement": "top-1 agreement with FP", "kl": "KL(FP || model)",
-          "ppl": "perplexity", "cosine": "embedding cosine to FP", "size_bytes": "size", "seconds": "time"}
+          "ppl": "perplexity", "cosine": "embedding cosine to FP", "size_bytes": "size", "seconds": "inference time",
+          "compress_seconds": "compression time"}
 
 
 def results_table(rows: dict[str, dict], title: str = "slimkit") -> Table:

@@ -172,6 +172,39 @@ def test_evaluation_labels_are_checked(data):
         check_data(m, data, labels + 5)
 
 
+
+def test_report_figures_say_what_they_measure(data):
+    """evaluate's seconds are the model's own (not its reference's); sizes print in SI units; a cosine short of 1
+    does not print as 1; a manifest records the settings its method applied, not the CNN or transformer ones
+    it ignored; reconstruction with zero iterations is refused rather than titled as a run."""
+    import time
+
+    from slimkit.eval import evaluate
+    from slimkit.report import fmt_metric, fmt_size
+
+    class Slow(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            time.sleep(0.3)
+            return self.inner(x)
+
+    m = tiny_net()
+    assert evaluate(m, data, reference=Slow(m))["seconds"] < 0.3
+    assert evaluate(Slow(m), data)["seconds"] >= 0.3
+    assert fmt_size(2_793_248) == "2.79 MB" and fmt_size(999) == "999 B" and fmt_size(352_900) == "352.90 KB"
+    assert fmt_metric("cosine", 0.9999984) == "0.999998" and fmt_metric("cosine", 1.0) == "1"
+    rtn = slimkit.quantize(m, data, method="rtn", progress=False).slimkit_info["config"]
+    assert "iters" not in rtn and "drop_prob" not in rtn and "alpha" not in rtn and "seq_len" not in rtn
+    assert rtn["w_bits"] == 4 and rtn["fold_bn"] is True
+    qd = slimkit.quantize(m, data, method="qdrop", iters=2, batch_size=8, num_samples=16,
+                          progress=False).slimkit_info["config"]
+    assert qd["iters"] == 2 and qd["drop_prob"] == 0.5 and "twc_iters" not in qd
+    with pytest.raises(slimkit.SlimkitError, match="iters of at least 1.*method rtn"):
+        slimkit.quantize(m, data, method="qdrop", iters=0, progress=False)
+
 def test_config_takes_devices_and_numpy_numbers(data):
     import numpy as np
     from slimkit.config import QuantConfig

@@ -135,6 +135,7 @@ def test_recipe_file_sets_fields(work):
              "--quiet", cwd=work)                      # --a-bits 0: weight-only, over the recipe's 5
     assert ok.returncode == 0, ok.stderr
     assert json.loads((work / "wo" / "manifest.json").read_text())["config"]["a_bits"] is None
+    assert "rtn W3 (weights only)" in ok.stdout and "A16" not in ok.stdout     # the activations stay float32
     (work / "bad.yaml").write_text("methd: rtn\n")
     expect_error(run("quantize", "nets.py:tiny", "--recipe", "bad.yaml", "--calib", "calib.npy", "--out", "o2", cwd=work),
                  "unknown option", "methd")

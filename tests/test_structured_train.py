@@ -151,6 +151,26 @@ def test_loss_falls(corpus, tmp_path):
     assert json.loads((tmp_path / "run" / "report.json").read_text())["val_ppl"] == r["val_ppl"]
 
 
+
+def test_report_figures_match_the_settings_it_records(corpus, tmp_path):
+    """A finished run resumed with other evaluation settings measures again, so report.json's figures are those
+    of the eval_tokens it records; the report gives the parameter ratio the FFNs reach besides the requested one."""
+    _, data, _ = corpus
+    first = train(tiny(tmp_path / "run", data, steps=4, ffn="lowrank", param_ratio=0.32, eval_tokens=256))
+    assert first["history"][-1]["eval_tokens"] == 256
+    fc1 = load_model(tmp_path / "run").blocks[0].mlp.fc1                 # rank 8 of 32 -> 128: 0.3125
+    assert first["param_ratio"] == 0.32 and first["ffn_param_ratio"] == pytest.approx(fc1.param_ratio) == 0.3125
+    again = train(tiny(tmp_path / "run", data, steps=4, ffn="lowrank", param_ratio=0.32, eval_tokens=128,
+                       resume=True))
+    assert again["losses"] == first["losses"] and len(again["history"]) == len(first["history"])
+    assert again["history"][-1]["eval_tokens"] == 128 and again["config"]["eval_tokens"] == 128
+    assert again["val_loss"] != first["val_loss"]
+    same = train(tiny(tmp_path / "run", data, steps=4, ffn="lowrank", param_ratio=0.32, eval_tokens=128,
+                      resume=True))
+    assert same["val_loss"] == again["val_loss"]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["history"][-1]["eval_tokens"] == 128
+    assert train(tiny(tmp_path / "dense", data, steps=1))["ffn_param_ratio"] is None
+
 def test_kill_and_resume_is_exact(corpus, tmp_path):
     _, data, _ = corpus
     full = train(tiny(tmp_path / "full", data, ckpt_every=5, dropout=0.1))

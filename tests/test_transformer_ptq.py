@@ -65,6 +65,9 @@ def test_w8a8_is_close_to_full_precision():
     ref = output(model, ev)
     q = slimkit.quantize(model, tiny_inputs("gpt2", 8, 16, seed=1), method="smoothquant", w_bits=8, a_bits=8, **OPTS)
     assert ((output(q, ev) - ref).abs().max() / ref.abs().max()).item() < 0.05
+    cfg = q.slimkit_info["config"]          # what was applied: no CNN settings, no other method's
+    assert cfg["alpha"] == 0.5 and cfg["w_bits"] == 8 and cfg["seq_len"] is None
+    assert not {"first_last_bits", "iters", "drop_prob", "fold_bn", "search_steps", "twc_iters"} & set(cfg)
 
 
 def test_per_token_dynamic_activations():

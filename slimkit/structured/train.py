@@ -597,7 +597,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
                 "data": {"dir": str(corpus.dir), "source_hash": corpus.meta["source_hash"]}}
 
     def run_eval(step: int) -> dict:
-        row = {"step": step, "tokens": tokens, "train_flops": flops,
+        row = {"step": step, "tokens": tokens, "train_flops": flops, "eval_tokens": cfg.eval_tokens,
                "val_loss": evaluate(model, val_windows, cfg.batch_size, device, autocast, d),
                "train_loss": evaluate(model, train_windows, cfg.batch_size, device, autocast, d)}
         row.update(val_ppl=math.exp(row["val_loss"]), train_ppl=math.exp(row["train_loss"]))
@@ -658,6 +658,12 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         if on_step is not None:
             on_step(done, loss_val)
     bar.close()
+    if start == cfg.steps and history and history[-1]["step"] == cfg.steps and \
+            history[-1].get("eval_tokens") != cfg.eval_tokens:
+        # a finished run resumed with other evaluation settings: its figures are measured again, so that the
+        # report's numbers are those of the settings it records
+        history.pop()
+        run_eval(cfg.steps)
     report = _report(cfg, raw, history, losses, flops, tokens, elapsed, d, device)
     if d.main:
         atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
@@ -682,6 +688,17 @@ def _drop_guides(raw: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, v
     return new_raw, model, new_opt
 
 
+def _ffn_ratio(model: nn.Module) -> float | None:
+    """The parameter ratio the structured FFN linears reach (their weights over the dense ones'; the requested
+    param_ratio is a target the shape rules meet to within a block or a rank step), None for a dense model."""
+    from .layers import StructuredLinear
+
+    layers = [m for m in model.modules() if isinstance(m, StructuredLinear)]
+    if not layers:
+        return None
+    return sum(m.weight_params for m in layers) / sum(m.in_features * m.out_features for m in layers)
+
+
 def _report(cfg: TrainConfig, model: nn.Module, history: list, losses: list, flops: float, tokens: int,
             elapsed: float, d: Dist, device: torch.device) -> dict:
     last = history[-1] if history else {}
@@ -693,6 +710,7 @@ def _report(cfg: TrainConfig, model: nn.Module, history: list, losses: list, flo
         "steps": cfg.steps, "tokens": tokens, "train_flops": flops, "wall_s": elapsed,
         "tokens_per_s": tokens / elapsed if elapsed else None,
         "params": sum(p.numel() for p in model.parameters()), "ffn": cfg.ffn, "param_ratio": cfg.param_ratio,
+        "ffn_param_ratio": _ffn_ratio(model),
         "self_guided": cfg.self_guided, "world_size": d.world,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "config": asdict(cfg), "history": history, "losses": losses,
