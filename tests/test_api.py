@@ -124,6 +124,14 @@ def test_errors_are_clear(tmp_path, data):
     slimkit.save(q, tmp_path / "y")
     with pytest.raises(slimkit.SlimkitError, match="already exists"):
         slimkit.save(q, tmp_path / "y")
+    import shutil
+    shutil.copytree(tmp_path / "y", tmp_path / "bits")
+    manifest = json.loads((tmp_path / "y" / "manifest.json").read_text())
+    name = next(n for n, s in manifest["layers"].items() if s["weight"]["bits"] == 4)
+    manifest["layers"][name]["weight"]["bits"] = 2          # the codes would be misread at 2 bits
+    (tmp_path / "bits" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(slimkit.SlimkitError, match="bit width or shape does not match the stored codes"):
+        slimkit.load(tmp_path / "bits", model=tiny_net())
     (tmp_path / "y" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(slimkit.SlimkitError, match="corrupt"):
         slimkit.load(tmp_path / "y", model=tiny_net())

@@ -715,3 +715,15 @@ def test_a_sparse_hugging_face_artifact_carries_its_config(tmp_path):
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, s(ids).logits)
+    other = tiny_model("gpt2")                 # the source folder now holds another model: the artifact's own config
+    other.config.activation_function = "relu"
+    other.save_pretrained(tmp_path / "was_here")
+    with torch.no_grad():
+        assert torch.equal(slimkit.load(tmp_path / "s")(ids).logits, s(ids).logits)
+    import json
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    layer = next(iter(manifest["sparse_weights"]))
+    manifest["sparse_weights"][layer]["shape"][0] *= 2
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(slimkit.SlimkitError, match="corrupt or does not match"):
+        slimkit.load(tmp_path / "s")

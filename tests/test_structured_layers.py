@@ -623,6 +623,23 @@ def test_load_structured_bad_files_leave_the_model_alone(tmp_path):
         load_structured(T.LlamaForCausalLM(config), tmp_path / "ok")
 
 
+
+def test_save_structured_keeps_out_of_other_folders_and_load_checks_the_format(tmp_path):
+    model = replace_ffn(tiny_model("llama"), "lowrank", 0.32)
+    hf = tmp_path / "hf"
+    tiny_model("llama").save_pretrained(hf)               # a Hugging Face folder: its model.safetensors must survive
+    before = (hf / "model.safetensors").read_bytes()
+    with pytest.raises(SlimkitError, match="already holds other files.*config.json"):
+        save_structured(model, hf)
+    assert (hf / "model.safetensors").read_bytes() == before and not (hf / "structured.json").exists()
+    save_structured(model, tmp_path / "s")
+    save_structured(model, tmp_path / "s")               # over its own earlier save: fine
+    manifest = json.loads((tmp_path / "s" / "structured.json").read_text())
+    for key, value, why in (("version", 2, "version 2"), ("format", "x", "not a structured-model manifest")):
+        (tmp_path / "s" / "structured.json").write_text(json.dumps({**manifest, key: value}))
+        with pytest.raises(SlimkitError, match=why):
+            load_structured(tiny_model("llama"), tmp_path / "s")
+
 def test_a_failed_save_leaves_no_temporary_files_and_the_old_save(tmp_path, monkeypatch):
     import slimkit.structured.replace as R
     model = replace_ffn(tiny_model("llama"), "lowrank", 0.32)

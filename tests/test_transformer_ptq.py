@@ -152,6 +152,35 @@ def test_load_rejects_corrupt_hf_artifact(tmp_path):
         slimkit.save(q, tmp_path / "art")
 
 
+def test_a_damaged_hf_manifest_is_refused_not_misread(tmp_path):
+    """A layer dropped from the manifest (it would run in float), an activation quantizer removed, a bit width
+    changed (the codes would be misread) or a damaged config: each a clear error, never a different model."""
+    import json
+    import shutil
+    q = slimkit.quantize(tiny_model("llama"), tiny_inputs("llama", 4, 8), method="minmax", w_bits=4, a_bits=8,
+                         **OPTS)
+    slimkit.save(q, tmp_path / "art")
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    name = next(iter(manifest["layers"]))
+
+    def damaged(tag, change, why):
+        bad = tmp_path / tag
+        shutil.copytree(tmp_path / "art", bad)
+        m = json.loads(json.dumps(manifest))
+        change(m)
+        (bad / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(slimkit.SlimkitError, match=why):
+            slimkit.load(bad)
+    damaged("dropped", lambda m: m["layers"].pop(name), "tensors its manifest does not name")
+    damaged("no_act", lambda m: m["layers"][name].update(act=None), "tensors its manifest does not name")
+    damaged("bits", lambda m: m["layers"][name]["weight"].update(bits=2), "bit width or shape does not match")
+    shutil.copytree(tmp_path / "art", tmp_path / "cfg")
+    config = json.loads((tmp_path / "cfg" / "config.json").read_text())
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    with pytest.raises(slimkit.SlimkitError, match="could not load the model directory"):
+        slimkit.load(tmp_path / "cfg")
+
+
 @pytest.mark.parametrize("kind", ["llama", "opt", "gpt2", "bert"])
 def test_attention_matmul_inputs_quantized(kind, tmp_path):
     from slimkit.core.attention import attention_quantizers

@@ -40,7 +40,12 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of pack_bits: `count` unsigned integers of `bits` bits each."""
+    """Inverse of pack_bits: `count` unsigned integers of `bits` bits each. The stream must have exactly the
+    bytes they take (a manifest whose bit width or shape does not match its codes is refused, not misread)."""
+    need = -(-count * bits // 8)
+    if packed.ndim != 1 or packed.size != need:
+        raise ValueError(f"packed codes hold {packed.size} bytes, but {count} codes of {bits} bits take {need}: "
+                         "the manifest's bit width or shape does not match the stored codes")
     planes = np.unpackbits(packed, bitorder="little")[: count * bits].reshape(count, bits)
     planes = np.pad(planes, ((0, 0), (0, 8 - bits)))
     return np.packbits(planes, axis=1, bitorder="little").reshape(count)
@@ -268,6 +273,8 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SlimkitError(f"{mf} is corrupt (not valid JSON: {e})") from None
+    except OSError as e:
+        raise SlimkitError(f"{mf} cannot be read ({e.strerror or e}): check its permissions") from None
     weights = manifest.get("weights", WEIGHTS) if isinstance(manifest, dict) else WEIGHTS
     if not (path / weights).exists():
         raise SlimkitError(f"{path} is not a complete slimkit artifact: {weights} is missing")
@@ -276,6 +283,22 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("version") != VERSION:
         raise SlimkitError(f"{path} has artifact version {manifest.get('version')}, this slimkit reads version {VERSION}: upgrade slimkit")
     return manifest
+
+
+def why(e: BaseException) -> str:
+    """The first two lines of an error (torch's load_state_dict puts the key it names on the second)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:400] or type(e).__name__
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or a clear error saying whether it is unreadable or corrupt."""
+    try:
+        return load_file(str(file))
+    except PermissionError as e:
+        raise SlimkitError(f"{file} cannot be read ({e.strerror}): check its permissions") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SlimkitError(f"{file} is corrupt: {e}") from None
 
 
 def _spec(d: dict | None) -> QuantSpec | None:
@@ -291,10 +314,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         from .hf_artifact import load_hf_artifact
 
         return load_hf_artifact(path, manifest, model)
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SlimkitError(f"{path / WEIGHTS} is corrupt: {e}") from None
+    tensors = read_weights(path / WEIGHTS)
     if model is None:
         spec = manifest.get("model_spec")
         if not spec:
@@ -303,10 +323,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if "hf" in spec:    # a Hugging Face model (sparse, or an image model): its float architecture
             from ..models.hf import hf_from_config, load_hf, source_available
 
-            if source_available(spec["hf"]):
-                model = load_hf(spec["hf"])[0]
-            elif manifest.get("hf_config") and (path / manifest["hf_config"]).is_dir():
+            # the config saved with the artifact first: the source folder may since hold another model
+            if manifest.get("hf_config") and (path / manifest["hf_config"]).is_dir():
                 model = hf_from_config(path / manifest["hf_config"], spec["hf"])
+            elif source_available(spec["hf"]):
+                model = load_hf(spec["hf"])[0]
             else:
                 raise SlimkitError(f"{path} was made from the Hugging Face model in {spec['hf']}, which is gone: put "
                                    "it back, or pass the float architecture, slimkit.load(path, model=...)")
@@ -356,8 +377,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 with torch.no_grad():
                     weight_oi(layer.layer).copy_(layer.quantized_weight())
         missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise SlimkitError(f"the artifact at {path} is corrupt or does not match the model: {str(e).splitlines()[0]}") from None
+    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise SlimkitError(f"the artifact at {path} is corrupt or does not match the model: {why(e)}") from None
     missing = [k for k in missing if k not in handled]
     if missing or unexpected:
         raise SlimkitError(f"the artifact at {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

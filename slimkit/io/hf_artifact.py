@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from ..core.attention import ATTN_IMPL, attach, attention_quantizers, use_quantized_attention
@@ -127,7 +126,7 @@ def _spec(d: dict | None) -> QuantSpec | None:
 
 def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the fake-quantized transformer saved at `path`."""
-    from .artifact import HF_QUANT, unpack_codes
+    from .artifact import HF_QUANT, read_weights, unpack_codes, why
 
     import transformers
 
@@ -138,13 +137,11 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
             cls = getattr(transformers, arch) if arch else transformers.AutoModel
             with _quiet_transformers():
                 model = cls.from_pretrained(path, dtype="auto")     # the dtype it was saved in (config.json)
-        except (OSError, ValueError, AttributeError, TypeError) as e:
-            raise SlimkitError(f"transformers could not load the model directory {path}: {str(e).splitlines()[0]}") from None
+        except (OSError, ValueError, AttributeError, TypeError, RuntimeError, KeyError, SafetensorError) as e:
+            raise SlimkitError(f"transformers could not load the model directory {path} (its config.json or "
+                               f"model.safetensors is damaged or does not match): {why(e)}") from None
     model.eval()
-    try:
-        tensors = load_file(str(path / HF_QUANT))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SlimkitError(f"{path / HF_QUANT} is corrupt: {e}") from None
+    tensors = read_weights(path / HF_QUANT)
     try:
         plans = {n: LayerPlan(_spec(s["weight"]), _spec(s["act"]), s.get("w_observer") or "minmax",
                               s.get("a_observer") or "minmax") for n, s in manifest["layers"].items()}
@@ -153,14 +150,14 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
             for name, layer in wrapped.items():
                 s = manifest["layers"][name]
                 if s.get("input_affine"):
-                    set_input_affine(layer.layer, tensors[f"{name}.in_scale"], tensors[f"{name}.in_shift"])
+                    set_input_affine(layer.layer, tensors.pop(f"{name}.in_scale"), tensors.pop(f"{name}.in_shift"))
                 for qname in ("w_quant", "a_quant"):
                     q = getattr(layer, qname)
                     if q is not None:
-                        q.set_qparams(tensors[f"{name}.{qname}.scale"], tensors[f"{name}.{qname}.zero_point"])
+                        q.set_qparams(tensors.pop(f"{name}.{qname}.scale"), tensors.pop(f"{name}.{qname}.zero_point"))
                 unpack_codes(layer, tensors, name, s["w_shape"], bool(s.get("w_sparse")))
                 if f"{name}.bias" in tensors:
-                    layer.layer.bias.copy_(tensors[f"{name}.bias"])
+                    layer.layer.bias.copy_(tensors.pop(f"{name}.bias"))
                 weight_oi(layer.layer).copy_(layer.quantized_weight())
                 if layer.a_quant is not None:
                     layer.a_quant.observer = None
@@ -170,10 +167,13 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
                 quant = attach(model.get_submodule(name.rpartition(".")[0]), QuantSpec(**spec))
                 for part in ("q", "k", "v"):
                     q = getattr(quant, part)
-                    q.set_qparams(tensors[f"{name}.{part}.scale"], tensors[f"{name}.{part}.zero_point"])
+                    q.set_qparams(tensors.pop(f"{name}.{part}.scale"), tensors.pop(f"{name}.{part}.zero_point"))
                     q.observer = None
-    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise SlimkitError(f"the artifact at {path} is corrupt or does not match its model: {str(e).splitlines()[0]}") from None
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise SlimkitError(f"the artifact at {path} is corrupt or does not match its model: {why(e)}") from None
+    if tensors:     # stored state the manifest does not account for: a layer dropped from it would run in float
+        raise SlimkitError(f"the artifact at {path} is corrupt: {HF_QUANT} holds tensors its manifest does not name "
+                           f"({', '.join(sorted(tensors)[:3])}{', ...' if len(tensors) > 3 else ''})")
     try:
         model._slimkit_tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):

@@ -55,6 +55,7 @@ SUPPORTED = ("Hugging Face Llama-style models (mlp.gate_proj/up_proj/down_proj),
              "(fc1/fc2), BERT-style encoders (intermediate.dense/output.dense), and GPT-style models whose blocks "
              "hold their feed-forward nn.Linear layers in a module named " + "/".join(FFN_NAMES))
 WEIGHTS, MANIFEST = "model.safetensors", "structured.json"
+FORMAT, VERSION = "slimkit-structured", 1
 
 
 def _widths(layer: nn.Module) -> tuple[int, int]:
@@ -222,6 +223,13 @@ def save_structured(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SlimkitError(f"{path} is a file: save_structured writes a folder; give a new path")
+    if path.is_dir():
+        foreign = sorted(p.name for p in path.iterdir()
+                         if p.name not in (WEIGHTS, MANIFEST, WEIGHTS + ".tmp", MANIFEST + ".tmp"))
+        if foreign:     # e.g. a Hugging Face model folder or another artifact, whose model.safetensors it would replace
+            raise SlimkitError(f"{path} already holds other files ({', '.join(foreign[:3])}"
+                               f"{', ...' if len(foreign) > 3 else ''}): save_structured writes into a new folder or "
+                               "over its own earlier save; give another path")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -229,7 +237,7 @@ def save_structured(model: nn.Module, path: str | Path) -> Path:
     # one id ties the two files: a save killed between its two renames leaves them disagreeing, which
     # load_structured tells, instead of loading new weights under an old manifest
     save_id = uuid.uuid4().hex
-    manifest = json.dumps({"format": "slimkit-structured", "version": 1, "save_id": save_id,
+    manifest = json.dumps({"format": FORMAT, "version": VERSION, "save_id": save_id,
                            "layers": structured_specs(model)},
                           indent=1)       # first: a spec that does not serialise fails before anything is written
     tmp_weights, tmp_manifest = path / (WEIGHTS + ".tmp"), path / (MANIFEST + ".tmp")
@@ -297,6 +305,12 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
             raise TypeError("'layers' is no mapping")
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise SlimkitError(f"{path / MANIFEST} is corrupt ({e}): save the model again with save_structured") from None
+    if manifest.get("format") != FORMAT:
+        raise SlimkitError(f"{path / MANIFEST} is not a structured-model manifest (format {manifest.get('format')!r}, "
+                           f"expected {FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise SlimkitError(f"{path} was saved as structured-model version {manifest.get('version')!r}; this slimkit "
+                           f"reads version {VERSION}: use the slimkit that saved it, or upgrade")
     try:
         with safe_open(str(path / WEIGHTS), "pt") as f:
             saved_with = (f.metadata() or {}).get("slimkit_save_id")
