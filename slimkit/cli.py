@@ -37,6 +37,9 @@ def load_any(model: str, weights: Optional[Path] = None):
     if path.is_dir() and (path / "config.json").exists():  # a Hugging Face model directory
         from .models.hf import load_hf
 
+        if weights is not None:
+            raise SlimkitError(f"--weights is for models built by name or factory; {model} is a Hugging Face folder "
+                               "that holds its own weights: drop --weights")
         return load_hf(path)[0], False
     if path.is_dir():
         raise SlimkitError(f"{model} is not a slimkit artifact (no manifest.json) and not a Hugging Face model "
@@ -94,7 +97,9 @@ def quantize(
                                                    "corpus, tokenised with the model folder's tokenizer) (default: the "
                                                    "shipped model's calibration set)"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="data to evaluate FP and quantized models on"),
-    recipe: Optional[str] = typer.Option(None, help="YAML recipe: any of the options below as fields"),
+    recipe: Optional[str] = typer.Option(None, help="YAML recipe: fields of slimkit.QuantConfig (the method "
+                                                    "options below, e.g. w_bits, iters; not the model, data or output "
+                                                    "arguments); options given here override it"),
     preset: Optional[str] = typer.Option(None, help="paper (20000 iters/block) | demo (500) | fast (100, for smoke tests)"),
     iters: Optional[int] = typer.Option(None, help="reconstruction iterations per block"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default 1024 images; 128 text sequences for transformers)"),
@@ -110,13 +115,16 @@ def quantize(
     weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
     seed: Optional[int] = typer.Option(None, help="random seed (0)"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="transformers: tokens per calibration sequence (2048)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="transformers: tokens per calibration sequence "
+                                                                  "(2048 for causal LMs, 128 for encoders; at most the "
+                                                                  "model's context)"),
     a_granularity: Optional[str] = typer.Option(None, "--a-granularity", help="tensor (static) | token (dynamic)"),
     attn_quant: Optional[bool] = typer.Option(None, "--attn-quant/--no-attn-quant",
                                               help="transformers: also quantize the attention matmul inputs"),
     token_clipping: Optional[bool] = typer.Option(None, "--token-clipping/--no-token-clipping",
                                                   help="os_plus: activation ranges by token-wise clipping"),
-    max_tokens: int = typer.Option(20000, "--max-tokens", help="transformers: evaluation tokens for perplexity"),
+    max_tokens: int = typer.Option(20000, "--max-tokens", min=1,
+                                   help="transformers: evaluation tokens for perplexity"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ):
@@ -145,7 +153,16 @@ def quantize(
     if is_artifact and quant_layers(fp_model):
         raise SlimkitError(f"{model} is already quantized: give the float model (or a sparse one from slimkit "
                            "sparsify)")
+    if is_artifact and weights is not None:
+        raise SlimkitError(f"{model} is a saved artifact that holds its own weights: drop --weights")
     from .transformer import is_transformer
+
+    if not is_transformer(fp_model):
+        given = [flag for flag, value in (("--seq-len", seq_len), ("--attn-quant", attn_quant),
+                                          ("--token-clipping", token_clipping)) if value is not None]
+        if given:
+            raise SlimkitError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to transformers; "
+                               f"{model} is a CNN: drop {'it' if len(given) == 1 else 'them'}")
 
     name = shipped_name(model, fp_model, is_artifact)     # a sparse artifact: its model's default data
     lm = is_transformer(fp_model)
@@ -222,7 +239,8 @@ def sparsify(
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="data to evaluate FP and sparse models on"),
     weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda for evaluation (default: cuda when available)"),
-    max_tokens: int = typer.Option(20000, "--max-tokens", help="transformers: evaluation tokens for perplexity"),
+    max_tokens: int = typer.Option(20000, "--max-tokens", min=1,
+                                   help="transformers: evaluation tokens for perplexity"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ):
@@ -250,6 +268,9 @@ def sparsify(
                                      score=score, temperature=temperature,
                                      reconstruct=reconstruct).items() if v is not None}
     learn = nm is None and method in NEEDS_DATA
+    if calib is not None and not learn:
+        raise SlimkitError(f"--calib is not used by {'N:M magnitude pruning' if nm else method} (no data needed): "
+                           "drop it, or choose a method that learns from data (" + ", ".join(NEEDS_DATA) + ")")
     if learn:
         calib = calib or default_data(model, "calib")
         if calib is None:
@@ -305,7 +326,8 @@ def eval_cmd(
     weights: Optional[Path] = typer.Option(None, help="safetensors state dict for a factory-built model (with a saved "
                                                       "artifact as MODEL: for the float reference it is compared with)"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
-    max_tokens: int = typer.Option(20000, "--max-tokens", help="transformers: evaluation tokens for perplexity"),
+    max_tokens: int = typer.Option(20000, "--max-tokens", min=1,
+                                   help="transformers: evaluation tokens for perplexity"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ):
     from .core.data import resolve
@@ -329,6 +351,9 @@ def eval_cmd(
     ref_weights = weights if is_artifact else None     # an artifact holds its own weights: --weights is its reference's
     if reference is not None:
         ref_model, _ = load_any(reference, ref_weights)
+        if is_transformer(ref_model):
+            raise SlimkitError(f"--reference {reference} is a transformer, but {model} is a CNN: give the float "
+                               "model it was made from")
     elif is_artifact and spec and "hf" in spec:      # a Hugging Face image model: its float twin from the folder
         from .models.hf import load_hf, source_available
 
@@ -369,10 +394,18 @@ def _eval_lm(m, model: str, data: Optional[str], reference: Optional[str], dev, 
     if tok is None:
         raise SlimkitError(f"{model} has no tokenizer files: save the tokenizer in the model directory")
     ref = None
+    if lm_kind(m) != "encoder" and reference is not None:
+        raise SlimkitError(f"{model} is a causal LM, scored by perplexity, which needs no reference: drop --reference "
+                           "(evaluate the float model on its own for its perplexity)")
     if lm_kind(m) == "encoder":
         if reference is None and source is None:
             raise SlimkitError("embedding cosine needs the float model: pass --reference MODEL")
         ref = load_any(reference)[0] if reference is not None else load_hf(source)[0]
+        from .transformer import is_transformer
+
+        if not is_transformer(ref) or lm_kind(ref) != "encoder":
+            raise SlimkitError(f"--reference {reference} is not a transformer encoder like {model}: give the float "
+                               "model it was made from")
     metrics = evaluate_lm(m, text_data(data), tok, reference=ref, max_tokens=max_tokens, device=dev, progress=not quiet)
     print_table({Path(model).name or model: metrics}, title=f"eval on {data}", console=Console())
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,8 @@ class QuantConfig:
     compile: bool | None = None  # torch.compile the activation fake-quant; default: on the CPU for >= 500 iterations
     cuda_graph: bool = True  # on CUDA, replay each reconstruction iteration as a CUDA graph
     # transformers (slimkit.transformer)
-    seq_len: int | None = None  # tokens per calibration sequence; default min(2048, the model's context)
+    seq_len: int | None = None  # tokens per calibration sequence; default 2048 (causal LMs) or 128 (encoders),
+    # at most the model's context
     lm_batch_size: int = 4  # calibration sequences per forward pass
     alpha: float = 0.5  # SmoothQuant's migration strength
     attn_quant: bool = False  # also quantize the attention matmul inputs (Q, K, V) at a_bits
@@ -146,10 +148,12 @@ class QuantConfig:
             raise SlimkitError(f"{self.method} learns by block reconstruction and needs iters of at least 1; "
                                "to round to nearest without reconstruction use method rtn")
         for name in ("lr_round", "lr_act"):
-            if not getattr(self, name) > 0:
-                raise SlimkitError(f"{name} must be above 0, got {getattr(self, name)}")
-        if self.round_weight < 0 or self.twc_iters < 0:
-            raise SlimkitError("round_weight and twc_iters must be non-negative")
+            if not 0 < getattr(self, name) < math.inf:
+                raise SlimkitError(f"{name} must be a finite number above 0, got {getattr(self, name)}")
+        if not 0 <= self.round_weight < math.inf:
+            raise SlimkitError(f"round_weight must be a finite number, 0 or above, got {self.round_weight}")
+        if self.twc_iters < 0:
+            raise SlimkitError(f"twc_iters must be non-negative, got {self.twc_iters}")
         if not 0.0 <= self.warmup < 1.0:
             raise SlimkitError(f"warmup is a share of the iterations, in [0, 1), got {self.warmup}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -196,6 +200,10 @@ def load_recipe(recipe: str | Path | dict) -> dict:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SlimkitError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise SlimkitError(f"recipe {path} is not a text file (not UTF-8): give a YAML file") from None
+    except OSError as e:
+        raise SlimkitError(f"recipe {path} cannot be read ({e.strerror or e})") from None
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise SlimkitError(f"recipe {path} must be a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in values.items()}

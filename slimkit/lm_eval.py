@@ -69,6 +69,8 @@ def sliding_nll(model: nn.Module, tokens: torch.Tensor, window: int = 2048, stri
     if isinstance(max_pos, int) and 2 <= max_pos < window:
         window, stride = max_pos, min(stride, max_pos)
     if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+            raise SlimkitError(f"max_tokens must be an integer of at least 2 (tokens to score), got {max_tokens!r}")
         tokens = tokens[:max_tokens]
     if tokens.numel() < 2:
         raise SlimkitError(f"perplexity needs at least 2 tokens, got {tokens.numel()}")

@@ -371,6 +371,9 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         raise SlimkitError(f"{cfg.method} folds channel transforms into the norms, and this model's norms' outputs "
                            "are its residual stream (apply_residual_connection_post_layernorm=True), which would "
                            "change; use method='minmax'")
+    if cfg.token_clipping and cfg.method != "os_plus":
+        raise SlimkitError(f"token_clipping sets OS+'s activation ranges; {cfg.method} does not use it: drop it or "
+                           "choose method os_plus")
     if cfg.first_last_bits not in (None, 8):
         raise SlimkitError("first_last_bits sets a CNN's first and last layer; a transformer's block linears all "
                            "take w_bits (its embeddings and head stay float): drop first_last_bits")

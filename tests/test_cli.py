@@ -141,6 +141,26 @@ def test_recipe_file_sets_fields(work):
                  "unknown option", "methd")
 
 
+
+def test_options_that_would_be_ignored_are_refused(work):
+    """Transformer options on a CNN, --calib for a data-free sparsity method, a recipe that is no text or holds
+    an infinite weight, and an output that is a file for the tokenizer: one-line errors, not silent no-ops."""
+    expect_error(run("quantize", "nets.py:tiny", "--method", "rtn", "--seq-len", "64", "--attn-quant", "--calib",
+                     "calib.npy", "--out", "o1", *FAST, cwd=work), "--seq-len, --attn-quant apply to transformers")
+    expect_error(run("sparsify", "nets.py:tiny", "--method", "uniform", "--sparsity", "0.5", "--calib", "nope.npy",
+                     "--out", "o2", "--quiet", cwd=work), "--calib is not used by uniform")
+    (work / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    expect_error(run("quantize", "nets.py:tiny", "--recipe", "binary.yaml", "--calib", "calib.npy", "--out", "o3",
+                     cwd=work), "not a text file")
+    (work / "inf.yaml").write_text("method: qdrop\niters: 5\nround_weight: .inf\n")
+    expect_error(run("quantize", "nets.py:tiny", "--recipe", "inf.yaml", "--calib", "calib.npy", "--out", "o4",
+                     cwd=work), "round_weight must be a finite number")
+    (work / "corpus").mkdir()
+    (work / "corpus" / "a.txt").write_text("some text to tokenise\n" * 50)
+    (work / "taken").write_text("a file")
+    expect_error(run("tokenize", "corpus", "--out", "taken", cwd=work), "is a file")
+    assert not any((work / n).exists() for n in ("o1", "o2", "o3", "o4"))
+
 def test_outputs_and_data_are_checked_before_the_work(work):
     """--overwrite replaces earlier artifacts only (a folder of other files survives); an --out that cannot be
     written, evaluation data that does not fit, factories that cannot build and recipes with wrong types all

@@ -49,3 +49,11 @@ def test_bad_transformer_inputs(model_dirs, tmp_path):
     assert not (tmp_path / "y").exists()
     r = run("quantize", d, "--method", "os_plus", "--w-bits", "9", "--out", str(tmp_path / "z"))
     assert r.returncode == 2 and "w_bits must be" in r.stderr
+    r = run("quantize", d, "--method", "minmax", "--weights", str(short), "--out", str(tmp_path / "w"))
+    assert r.returncode == 2 and "drop --weights" in r.stderr and "Traceback" not in r.stderr
+    r = run("eval", d, "--data", str(model_dirs / "corpus.txt"), "--max-tokens", "-5")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run("eval", d, "--data", str(model_dirs / "corpus.txt"), "--reference", str(model_dirs / "bert"))
+    assert r.returncode == 2 and "drop --reference" in r.stderr
+    r = run("eval", str(model_dirs / "bert"), "--data", str(model_dirs / "corpus.txt"), "--reference", "fmnist-resnet")
+    assert r.returncode == 2 and "not a transformer encoder" in r.stderr and "Traceback" not in r.stderr

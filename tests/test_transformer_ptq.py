@@ -265,6 +265,8 @@ def test_os_plus_token_clipping_sets_ranges_by_token_wise_clipping():
         assert block["os_plus"] == plain.slimkit_info["blocks"][name]["os_plus"]  # same shift/scale search
     assert clipped.slimkit_info["config"]["token_clipping"] is True
     assert torch.isfinite(output(clipped, ev)).all() and err(clipped, ref, ev) != err(plain, ref, ev)
+    with pytest.raises(slimkit.SlimkitError, match="minmax does not use it"):
+        slimkit.quantize(model, calib, method="minmax", token_clipping=True, **OPTS)
 
 
 @pytest.mark.parametrize("kind, methods", [("llama", ("minmax", "os_plus")), ("gpt2", ("smoothquant",))])

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -253,7 +254,11 @@ def _write_atomic(path: Path, write) -> None:
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            try:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            except OSError as e:     # the new artifact is in place; only the old copy could not be removed
+                warnings.warn(f"saved {path}, but the artifact it replaced could not be removed ({e.strerror or e}): "
+                              f"delete {old} yourself", stacklevel=3)
         else:
             os.replace(tmp, path)
     finally:

@@ -219,6 +219,8 @@ def prepare_corpus(corpus: str | Path, data_dir: Optional[str | Path] = None, to
                            "the training text there, e.g. the Linux kernel docs (apt-get install linux-doc-6.1, "
                            "/usr/share/doc/linux-doc-6.1/Documentation)")
     out = Path(data_dir) if data_dir is not None else default_data_dir(root, tokenizer, vocab_size)
+    if out.exists() and not out.is_dir():      # before the tokenizer is trained, not after
+        raise SlimkitError(f"the data folder {out} is a file: give a folder for the token files (--out / --data-dir)")
     settings = {"tokenizer": tokenizer, "bpe_vocab_size": vocab_size if tokenizer == "bpe" else None,
                 "val_percent": val_percent, "source": str(root.resolve()), "source_hash": source_hash(root, files),
                 "n_files": len(files)}
