@@ -54,11 +54,12 @@ def write_results(name: str, device: str, rows: list[dict], notes: list[str] | N
     append=True (a run in parts): the earlier rows this run does not redo stay (merge_rows), and so do the
     earlier notes, which may have been written after reading those rows (set_notes)."""
     path = RESULTS / f"{name}.json"
+    commit, where = git_commit(), device_name(device)
+    rows = [{**r, "git": commit, "device": where} for r in rows]   # each row says where it was measured
     if append and path.exists():
         rows = merge_rows(name, rows)
         notes = json.loads(path.read_text()).get("notes") or notes
-    doc = {"bench": name, "date": datetime.date.today().isoformat(), "device": device_name(device),
-           "git": git_commit(), "rows": rows}
+    doc = {"bench": name, "date": datetime.date.today().isoformat(), "device": where, "git": commit, "rows": rows}
     if notes:
         doc["notes"] = notes
     return _write(doc, columns)
@@ -73,6 +74,21 @@ def set_notes(name: str, notes: list[str],
     return _write(doc, columns)
 
 
+def provenance(doc: dict) -> str:
+    """The markdown header line: date, device and commit, or, for a file written in parts, each device and
+    commit with its row count (rows written before rows carried their own say so)."""
+    if not any("git" in r for r in doc["rows"]):
+        return f"{doc['date']} on {doc['device']}, commit {doc['git']}"
+
+    def counted(field: str) -> str:
+        counts: dict[str, int] = {}
+        for r in doc["rows"]:
+            key = r.get(field, "an earlier run (see the notes)")
+            counts[key] = counts.get(key, 0) + 1
+        return ", ".join(f"{k} ({n} rows)" for k, n in counts.items()) if len(counts) > 1 else next(iter(counts))
+    return f"{doc['date']}; device {counted('device')}; commit {counted('git')}"
+
+
 def _write(doc: dict, columns: tuple[str, ...]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = doc["bench"]
@@ -80,7 +96,7 @@ def _write(doc: dict, columns: tuple[str, ...]) -> Path:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
-    lines = [f"# {name}", "", f"{doc['date']} on {doc['device']}, commit {doc['git']}", ""]
+    lines = [f"# {name}", "", provenance(doc), ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in doc["rows"]:
         cells = []
