@@ -134,13 +134,15 @@ def mse_search(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Q
                chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the clipped range [r*lo, r*hi] (r = 1, 1-step, ...) with the least sum |x - q(x)|^p.
 
-    On the GPU the ratios are tried in chunks as one batched tensor (ratio, row, value): a few kernels instead
-    of ~6 a ratio (the CPU gains nothing from it: it runs one ratio at a time). The first ratio with the least
-    error wins, as in a loop over r with a strict comparison, so both paths pick the same range."""
+    The ratios are tried in chunks as one batched tensor (ratio, row, value): a few kernels instead of ~6 a
+    ratio. On the GPU, launch-bound, the chunks hold up to 16M values; on the CPU up to 1M, so that a small
+    tensor (a weight searched once per OS+ threshold candidate) takes one pass instead of 80 while a large one
+    still runs a ratio at a time, in cache. The first ratio with the least error wins, as in a loop over r with
+    a strict comparison, so every chunking picks the same range."""
     values = values.detach()
     r_all = torch.tensor([1.0 - i * step for i in range(ratios)], dtype=lo.dtype, device=lo.device)
-    if chunk is None:  # GPU: batched ratios (it is launch-bound); CPU: one ratio at a time
-        chunk = max(1, min(ratios, (1 << 24) // max(1, values.numel()))) if values.is_cuda else 1
+    if chunk is None:
+        chunk = max(1, min(ratios, (1 << (24 if values.is_cuda else 20)) // max(1, values.numel())))
     best_err = torch.full_like(lo, float("inf"))
     best_scale, best_zp = qparams_from_range(lo, hi, spec)
     for i in range(0, ratios, chunk):
