@@ -132,6 +132,14 @@ def test_errors_are_clear(tmp_path, data):
     (tmp_path / "bits" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(slimkit.SlimkitError, match="bit width or shape does not match the stored codes"):
         slimkit.load(tmp_path / "bits", model=tiny_net())
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(tmp_path / "y", tmp_path / "nan")
+    tensors = load_file(str(tmp_path / "nan" / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("w_quant.scale"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(tmp_path / "nan" / "model.safetensors"))
+    with pytest.raises(slimkit.SlimkitError, match="not finite positive numbers in " + key.replace(".", r"\.")):
+        slimkit.load(tmp_path / "nan", model=tiny_net())
     (tmp_path / "y" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(slimkit.SlimkitError, match="corrupt"):
         slimkit.load(tmp_path / "y", model=tiny_net())

@@ -306,6 +306,16 @@ def read_weights(file: Path) -> dict[str, torch.Tensor]:
         raise SlimkitError(f"{file} is corrupt: {e}") from None
 
 
+def check_scales(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every stored quantization step must be a finite positive number: a NaN or zero one would load into a model
+    that outputs NaN or constant values."""
+    bad = [k for k, t in tensors.items() if k.endswith(".scale") and t.is_floating_point()
+           and not bool((torch.isfinite(t) & (t > 0)).all())]
+    if bad:
+        raise SlimkitError(f"the artifact at {path} is corrupt: quantization steps that are not finite positive "
+                           f"numbers in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
+
+
 def _spec(d: dict | None) -> QuantSpec | None:
     return None if d is None else QuantSpec(**d)
 
@@ -320,6 +330,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
 
         return load_hf_artifact(path, manifest, model)
     tensors = read_weights(path / WEIGHTS)
+    check_scales(tensors, path)
     if model is None:
         spec = manifest.get("model_spec")
         if not spec:

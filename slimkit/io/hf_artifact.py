@@ -126,7 +126,7 @@ def _spec(d: dict | None) -> QuantSpec | None:
 
 def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the fake-quantized transformer saved at `path`."""
-    from .artifact import HF_QUANT, read_weights, unpack_codes, why
+    from .artifact import HF_QUANT, check_scales, read_weights, unpack_codes, why
 
     import transformers
 
@@ -142,6 +142,7 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
                                f"model.safetensors is damaged or does not match): {why(e)}") from None
     model.eval()
     tensors = read_weights(path / HF_QUANT)
+    check_scales(tensors, path)
     try:
         plans = {n: LayerPlan(_spec(s["weight"]), _spec(s["act"]), s.get("w_observer") or "minmax",
                               s.get("a_observer") or "minmax") for n, s in manifest["layers"].items()}
