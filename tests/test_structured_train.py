@@ -423,3 +423,51 @@ def test_blockshuffle_checkpoints_of_an_earlier_shape_rule_load_and_resume(corpu
     assert (fc1.nblocks, fc1.nblocks2) == (4, 4)
     resumed = train(tiny(tmp_path / "run", data, resume=True, **kw))
     assert resumed["losses"] == full["losses"]
+
+
+def test_folders_written_by_two_preparations_at_once_are_told(corpus, tmp_path):
+    """Each preparation stamps its files with one id and its tokenizer's hash: a folder whose val split comes
+    from another preparation (two runs writing it at once) is refused, and the default cache folder names every
+    setting, so runs that differ in val_percent do not share one."""
+    import shutil
+
+    from slimkit.structured.data import default_data_dir, open_corpus
+    root, data, _ = corpus
+    other = tmp_path / "other"
+    prepare_corpus(root, other, tokenizer="bpe", vocab_size=384, progress=False)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data, mixed)
+    for name in ("val.json", "val.bin"):
+        shutil.copy(other / name, mixed / name)
+    with pytest.raises(SlimkitError, match="mixes the files of two preparations"):
+        open_corpus(mixed)
+    shutil.copy(other / "tokenizer.json", tmp_path / "tok.json")
+    shutil.copytree(data, tmp_path / "tok")
+    shutil.copy(other / "tokenizer.json", tmp_path / "tok" / "tokenizer.json")
+    with pytest.raises(SlimkitError, match="mixes"):
+        open_corpus(tmp_path / "tok")
+    assert open_corpus(data).vocab_size == 320
+    assert default_data_dir(root, "bpe", 320, 10) != default_data_dir(root, "bpe", 320, 30)
+
+
+def test_run_folders_and_devices_are_checked_before_any_work(corpus, tmp_path, monkeypatch):
+    """--out or --data-dir under a file, and CUDA asked for where there is none (under torchrun too): one clear
+    error before the data is touched or a process group is joined."""
+    from slimkit.structured.train import _dedupe, setup_dist
+    _, data, _ = corpus
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SlimkitError, match=r"--out .*afile is a file"):
+        train(tiny(tmp_path / "afile" / "sub", data))
+    with pytest.raises(SlimkitError, match=r"--data-dir .*afile is a file"):
+        train(tiny(tmp_path / "run", tmp_path / "afile" / "dd"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SlimkitError, match="CUDA is not available"):
+        setup_dist("cuda")
+    # FSDP's gathered state dict holds a tied weight as two copies: the model's tie still stores it once
+    m = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, seq_len=16))
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    tensors, aliases = _dedupe(sd, m)
+    assert aliases == {"lm_head.weight": "tok_emb.weight"} and "lm_head.weight" not in tensors
+    assert _dedupe(sd)[1] == {}

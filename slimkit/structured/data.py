@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -170,12 +171,13 @@ class Corpus:
         return load_tokenizer(self.dir)
 
 
-def default_data_dir(corpus: Path, tokenizer: str, vocab_size: int) -> Path:
-    """Where a corpus's token files are cached: <slimkit cache>/tokens/<folder>-<path hash>-<tokenizer>."""
+def default_data_dir(corpus: Path, tokenizer: str, vocab_size: int, val_percent: float = 10.0) -> Path:
+    """Where a corpus's token files are cached: <slimkit cache>/tokens/<folder>-<path hash>-<tokenizer>-val<pct>
+    (every setting in the name, so that two runs with different settings never share a folder)."""
     from ..models.hf import cache_dir
 
     key = hashlib.sha1(str(corpus.resolve()).encode()).hexdigest()[:8]
-    name = f"{corpus.name or 'corpus'}-{key}-{tokenizer}{vocab_size if tokenizer == 'bpe' else ''}"
+    name = f"{corpus.name or 'corpus'}-{key}-{tokenizer}{vocab_size if tokenizer == 'bpe' else ''}-val{val_percent:g}"
     return cache_dir() / "tokens" / name
 
 
@@ -218,7 +220,7 @@ def prepare_corpus(corpus: str | Path, data_dir: Optional[str | Path] = None, to
         raise SlimkitError(f"{root} holds no non-empty text files ({', '.join(TEXT_SUFFIXES)}, or those .gz): put "
                            "the training text there, e.g. the Linux kernel docs (apt-get install linux-doc-6.1, "
                            "/usr/share/doc/linux-doc-6.1/Documentation)")
-    out = Path(data_dir) if data_dir is not None else default_data_dir(root, tokenizer, vocab_size)
+    out = Path(data_dir) if data_dir is not None else default_data_dir(root, tokenizer, vocab_size, val_percent)
     if out.exists() and not out.is_dir():      # before the tokenizer is trained, not after
         raise SlimkitError(f"the data folder {out} is a file: give a folder for the token files (--out / --data-dir)")
     settings = {"tokenizer": tokenizer, "bpe_vocab_size": vocab_size if tokenizer == "bpe" else None,
@@ -245,18 +247,25 @@ def prepare_corpus(corpus: str | Path, data_dir: Optional[str | Path] = None, to
         cut = len(ids) - max(1, int(len(ids) * val_percent / 100))
         streams = {"train": ids[:cut], "val": ids[cut:]}
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SlimkitError(f"cannot create the data folder {out}: {e.strerror or e}") from None
     vocab = tok.get_vocab_size()
     atomic_write(out / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
+    # one id for the files of this preparation: a folder another run wrote into at the same time is told, not used
+    prep = {"prep_id": uuid.uuid4().hex, "tokenizer_sha1": hashlib.sha1((out / "tokenizer.json").read_bytes()).hexdigest()}
     names = {"train": [p.relative_to(root).as_posix() for p in train_files],
              "val": [p.relative_to(root).as_posix() for p in val_files]}
     for name, ids in streams.items():
-        meta = {**settings, "split": name, "split_rule": split, "vocab_size": vocab,
+        meta = {**settings, **prep, "split": name, "split_rule": split, "vocab_size": vocab,
                 "tokenizer_name": "byte-level BPE (tokenizers)" if tokenizer == "bpe" else "SmolLM2-135M BPE",
                 "eot_id": tok.token_to_id(EOT), "files": names[name]}
         write_tokens(out / f"{name}.bin", ids, meta)
     corpus_obj = _cached(out, settings)
-    assert corpus_obj is not None
+    if corpus_obj is None:
+        raise SlimkitError(f"the data folder {out} changed while it was written (another run preparing it with other "
+                           "settings at the same time?): give each run its own --data-dir, or run again")
     if progress:
         print(f"slimkit: {root} → {out}: {corpus_obj.train.size:,} train and {corpus_obj.val.size:,} val tokens "
               f"(vocab {vocab})", flush=True)
@@ -274,10 +283,28 @@ def _cached(out: Path, settings: dict) -> Optional[Corpus]:
     for meta in metas.values():
         if meta.get("format") != FORMAT or any(meta.get(k) != v for k, v in settings.items()):
             return None
+    if _mixed(out, metas):
+        return None
     try:
         return Corpus(out, load_tokens(out / "train.bin"), load_tokens(out / "val.bin"), metas["train"])
     except SlimkitError:
         return None
+
+
+def _mixed(out: Path, metas: dict) -> bool:
+    """Whether the folder's files come from different preparations (two runs writing it at once): train and val
+    of different ids, or a tokenizer other than the one they were encoded with. Folders from before these
+    fields pass."""
+    ids = {m.get("prep_id") for m in metas.values()}
+    if len(ids) > 1:
+        return True
+    want = {m.get("tokenizer_sha1") for m in metas.values()} - {None}
+    if not want:
+        return False
+    try:
+        return {hashlib.sha1((out / "tokenizer.json").read_bytes()).hexdigest()} != want
+    except OSError:
+        return True
 
 
 def open_corpus(data_dir: str | Path) -> Corpus:
@@ -286,7 +313,14 @@ def open_corpus(data_dir: str | Path) -> Corpus:
     meta_path = out / "train.json"
     if not meta_path.exists():
         raise SlimkitError(f"{out} is not a prepared corpus (no train.json): run slimkit tokenize CORPUS --out {out}")
-    return Corpus(out, load_tokens(out / "train.bin"), load_tokens(out / "val.bin"), json.loads(meta_path.read_text()))
+    try:
+        metas = {k: json.loads((out / f"{k}.json").read_text()) for k in ("train", "val")}
+    except (OSError, ValueError) as e:
+        raise SlimkitError(f"{out} holds a damaged prepared corpus ({e}): tokenise it again") from None
+    if _mixed(out, metas):
+        raise SlimkitError(f"{out} mixes the files of two preparations (two runs wrote it at once): tokenise it "
+                           "again into an empty folder")
+    return Corpus(out, load_tokens(out / "train.bin"), load_tokens(out / "val.bin"), metas["train"])
 
 
 # --- batches ----------------------------------------------------------------------------------------------------

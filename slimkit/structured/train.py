@@ -179,6 +179,8 @@ class Dist:
 def setup_dist(device: Optional[str]) -> tuple[Dist, torch.device]:
     """Join the process group when started by torchrun (RANK/WORLD_SIZE set): NCCL on CUDA, gloo on CPU."""
     want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if want_cuda and not torch.cuda.is_available():
+        raise SlimkitError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
         dev = torch.device("cuda", d.local_rank) if want_cuda else torch.device("cpu")
@@ -187,8 +189,6 @@ def setup_dist(device: Optional[str]) -> tuple[Dist, torch.device]:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if want_cuda else "gloo")
         return d, dev
-    if want_cuda and not torch.cuda.is_available():
-        raise SlimkitError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
     return Dist(), torch.device(device or ("cuda" if want_cuda else "cpu"))
 
 
@@ -325,14 +325,26 @@ def _load_full_state(model: nn.Module, opt: torch.optim.Optimizer, msd: dict, os
                    options=StateDictOptions(full_state_dict=True))
 
 
-def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors stored once when several names share them (tied embeddings); returns (tensors, alias -> name)."""
+def _dedupe(sd: dict[str, torch.Tensor], model: nn.Module | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors stored once when several names share them (tied embeddings); returns (tensors, alias -> name).
+    Shared memory tells a tie; so does one Parameter under two names in `model`, for state dicts gathered from
+    FSDP shards, whose full tensors are separate copies."""
+    tied: dict[str, str] = {}
+    if model is not None:
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            tied[name] = first.setdefault(id(p), name)
     seen: dict[tuple, str] = {}
     out, aliases = {}, {}
     for k, v in sd.items():
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        owner = tied.get(k, k)
         if v.numel() and key in seen:
             aliases[k] = seen[key]
+            continue
+        if owner != k and owner in out and torch.equal(out[owner], v.detach()):
+            aliases[k] = owner
             continue
         seen[key] = k
         out[k] = v.detach().contiguous()
@@ -379,7 +391,7 @@ def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sta
     msd, osd = _full_state(model, opt)  # every rank takes part (FSDP gathers)
     if not d.main:
         return None
-    tensors, aliases = _dedupe(msd)
+    tensors, aliases = _dedupe(msd, model)
     opt_tensors, opt_meta = flatten_optimizer(osd)
     final = out / "ckpt" / f"step_{state['step']:06d}"
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -508,13 +520,13 @@ def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, device: t
 
 def _prepare_data(cfg: TrainConfig, d: Dist) -> Corpus:
     """Rank 0 tokenises (or finds the cached tokens); the other ranks then open its folder. An error stops all."""
-    corpus, err = None, None
+    corpus, err, failure = None, None, None
     if d.main:
         try:
             corpus = (prepare_corpus(cfg.corpus, cfg.data_dir, cfg.tokenizer, cfg.vocab_size, cfg.val_percent,
                                      progress=cfg.progress) if cfg.corpus is not None else open_corpus(cfg.data_dir))
-        except SlimkitError as e:
-            err = str(e)
+        except Exception as e:      # noqa: BLE001 - told to every rank, so none waits for rank 0 forever
+            err, failure = (str(e) if isinstance(e, SlimkitError) else f"{type(e).__name__}: {e}"), e
     if d.world > 1:
         box = [err, None if corpus is None else str(corpus.dir)]
         dist.broadcast_object_list(box, src=0)
@@ -522,8 +534,19 @@ def _prepare_data(cfg: TrainConfig, d: Dist) -> Corpus:
         if err is None and not d.main:
             corpus = open_corpus(folder)
     if err is not None:
+        if d.main and not isinstance(failure, SlimkitError):
+            raise failure
         raise SlimkitError(err)
     return corpus
+
+
+def _check_folder(path, flag: str) -> None:
+    """A folder the run will create: no part of its path may be a file (fails at once, on every rank)."""
+    for p in [Path(path), *Path(path).parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise SlimkitError(f"{flag} {path}: {p} is a file; give a folder path")
+            return
 
 
 def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
@@ -549,6 +572,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SlimkitError(f"--out {out} is a file: give a folder for the run's checkpoints")
+    _check_folder(out, "--out")
+    if cfg.data_dir is not None:
+        _check_folder(cfg.data_dir, "--data-dir")
     found = ckpt_dirs(out)
     if found and not cfg.resume:
         raise SlimkitError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
