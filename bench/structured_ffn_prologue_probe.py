@@ -48,18 +48,22 @@ def _prologue(x, GELU: tl.constexpr):
 
 
 @triton.jit
-def _fwd_b(w_ptr, pre_ptr, b_ptr, out_ptr, S, K, T, n_m, n_n,
-           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, GELU: tl.constexpr):
-    # out[blk] (S, T) = W[blk] (S, K) @ gelu(pre[blk] (K, T) + b[blk])
+def _block_tile(n_m, n_n, GROUP_M: tl.constexpr):
+    """(block, row tile, column tile) of this program: blocks one after another, tiles in grouped order within
+    each (GROUP_M row tiles share their column tiles in L2)."""
     pid = tl.program_id(0)
-    per_blk = n_m * n_n
-    blk = pid // per_blk
-    t = pid % per_blk
+    blk, t = pid // (n_m * n_n), pid % (n_m * n_n)
     per_group = GROUP_M * n_n
     first = (t // per_group) * GROUP_M
     size = tl.minimum(n_m - first, GROUP_M)
-    pid_m = first + (t % per_group) % size
-    pid_n = (t % per_group) // size
+    return blk, first + (t % per_group) % size, (t % per_group) // size
+
+
+@triton.jit
+def _fwd_b(w_ptr, pre_ptr, b_ptr, out_ptr, S, K, T, n_m, n_n,
+           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, GELU: tl.constexpr):
+    # out[blk] (S, T) = W[blk] (S, K) @ gelu(pre[blk] (K, T) + b[blk])
+    blk, pid_m, pid_n = _block_tile(n_m, n_n, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -81,15 +85,7 @@ def _fwd_b(w_ptr, pre_ptr, b_ptr, out_ptr, S, K, T, n_m, n_n,
 def _fwd_a(w_ptr, pre_ptr, b_ptr, out_ptr, S, K, T, n_m, n_n,
            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, GELU: tl.constexpr):
     # out[blk]^T (T, S) = gelu(pre[blk] + b)^T (T, K) @ W[blk]^T (K, S): the transformed operand is A
-    pid = tl.program_id(0)
-    per_blk = n_m * n_n
-    blk = pid // per_blk
-    t = pid % per_blk
-    per_group = GROUP_M * n_n
-    first = (t // per_group) * GROUP_M
-    size = tl.minimum(n_m - first, GROUP_M)
-    pid_m = first + (t % per_group) % size          # token tiles
-    pid_n = (t % per_group) // size                 # S tiles
+    blk, pid_m, pid_n = _block_tile(n_m, n_n, GROUP_M)      # pid_m: token tiles, pid_n: S tiles
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -111,15 +107,7 @@ def _fwd_a(w_ptr, pre_ptr, b_ptr, out_ptr, S, K, T, n_m, n_n,
 def _dw(dh_ptr, pre_ptr, b_ptr, dw_ptr, S, K, T, n_m, n_n,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, GELU: tl.constexpr):
     # dW[blk] (S, K) = dh[blk] (S, T) @ gelu(pre[blk] + b)^T (T, K)
-    pid = tl.program_id(0)
-    per_blk = n_m * n_n
-    blk = pid // per_blk
-    t = pid % per_blk
-    per_group = GROUP_M * n_n
-    first = (t // per_group) * GROUP_M
-    size = tl.minimum(n_m - first, GROUP_M)
-    pid_m = first + (t % per_group) % size
-    pid_n = (t % per_group) // size
+    blk, pid_m, pid_n = _block_tile(n_m, n_n, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
