@@ -27,6 +27,12 @@ PRESETS = {
 RECONSTRUCTION_METHODS = ("adaround", "brecq", "qdrop")
 RECONSTRUCTION_FIELDS = ("batch_size", "iters", "lr_round", "lr_act", "round_weight", "warmup", "compile", "cuda_graph")
 TRANSFORMER_ONLY = ("seq_len", "lm_batch_size", "alpha", "attn_quant", "search_steps", "twc_iters", "token_clipping")
+# the fields the transformer path reads, and those only one of its methods reads
+TRANSFORMER_FIELDS = ("method", "w_bits", "a_bits", "w_granularity", "w_symmetric", "w_group_size", "a_granularity",
+                      "a_symmetric", "w_observer", "a_observer", "skip", "preset", "num_samples", "seq_len",
+                      "lm_batch_size", "attn_quant", "seed", "device")
+METHOD_FIELDS = {"smoothquant": ("alpha",), "os_plus": ("search_steps", "token_clipping"),
+                 "outlier_suppression": ("twc_iters", "lr_act")}
 
 
 @dataclass
@@ -169,15 +175,20 @@ class QuantConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def applied(self) -> dict:
-        """The settings this config's method reads on a CNN, for its manifest: transformer-only settings left out,
-        and the reconstruction ones (iterations, learning rates, QDrop's drop) only for methods that reconstruct."""
+    def applied(self, transformer: bool = False) -> dict:
+        """The settings this config's method reads, for its manifest. A transformer run: the transformer fields and
+        its method's own (no BN folding, first/last-layer bits or reconstruction). A CNN run: no transformer-only
+        settings, and the reconstruction ones (iterations, learning rates, QDrop's drop) only for methods that
+        reconstruct."""
+        full = self.to_dict()
+        if transformer:
+            return {k: full[k] for k in TRANSFORMER_FIELDS + METHOD_FIELDS.get(self.method, ())}
         skip = set(TRANSFORMER_ONLY)
         if self.method not in RECONSTRUCTION_METHODS:
             skip |= set(RECONSTRUCTION_FIELDS) | {"drop_prob", "drop_inputs", "blocks"}
         elif self.method != "qdrop":
             skip |= {"drop_prob", "drop_inputs"}
-        return {k: v for k, v in self.to_dict().items() if k not in skip}
+        return {k: v for k, v in full.items() if k not in skip}
 
 
 def load_recipe(recipe: str | Path | dict) -> dict:

@@ -344,21 +344,6 @@ def is_encoder(model: nn.Module) -> bool:
     return layout(model).family.name in ("bert", "mpnet")
 
 
-# the QuantConfig fields the transformer path reads, and those only one method reads; the rest (BN folding,
-# first/last-layer bits, reconstruction iterations, QDrop's drop) are CNN settings and are not recorded
-TRANSFORMER_FIELDS = ("method", "w_bits", "a_bits", "w_granularity", "w_symmetric", "w_group_size", "a_granularity",
-                      "a_symmetric", "w_observer", "a_observer", "skip", "preset", "num_samples", "seq_len",
-                      "lm_batch_size", "attn_quant", "seed", "device")
-METHOD_FIELDS = {"smoothquant": ("alpha",), "os_plus": ("search_steps", "token_clipping"),
-                 "outlier_suppression": ("twc_iters", "lr_act")}
-
-
-def applied_config(cfg: QuantConfig) -> dict:
-    """The settings a transformer quantization applied, for its manifest."""
-    full = cfg.to_dict()
-    return {k: full[k] for k in TRANSFORMER_FIELDS + METHOD_FIELDS.get(cfg.method, ())}
-
-
 def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torch.device,
                          inplace: bool = False) -> nn.Module:
     """Quantize a Hugging Face model block by block with the method in `cfg` (see the module docstring)."""
@@ -433,7 +418,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
             layer.freeze()
     q_model.slimkit_info = {
         "method": cfg.method,
-        "config": applied_config(cfg),
+        "config": cfg.applied(transformer=True),
         "family": lay.family.name,
         "model_type": model.config.model_type,
         "layers": {name: layer.settings() for name, layer in quant_layers(q_model).items()},
