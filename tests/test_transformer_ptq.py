@@ -289,6 +289,12 @@ def test_half_precision_models_quantize_and_reload(dtype, kind, methods, tmp_pat
         assert next(back.parameters()).dtype == dtype
         with torch.no_grad():
             assert torch.equal(back(ids[:2]).logits, got)
+    # cast in memory (.to(dtype)) instead: its rotary frequencies, a buffer no checkpoint stores, are half precision
+    # too, and the reload casts them back (the manifest records their dtype)
+    q = slimkit.quantize(tiny_model(kind).to(dtype).eval(), ids, method=methods[0], w_bits=8, a_bits=8, **OPTS)
+    back = slimkit.load(slimkit.save(q, tmp_path / "cast"))
+    with torch.no_grad():
+        assert torch.equal(back(ids[:2]).logits, q(ids[:2]).logits)
 
 
 def test_context_of_models_counting_positions_after_padding():

@@ -124,6 +124,34 @@ def _spec(d: dict | None) -> QuantSpec | None:
     return None if d is None else QuantSpec(**d)
 
 
+def buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """The dtypes of the model's non-persistent floating buffers (rotary frequencies and the like), which no
+    checkpoint stores: a model cast with .to(bfloat16) holds them in bf16, one rebuilt by transformers in fp32,
+    and the outputs differ (up to 2e-2 in a bf16 Llama's logits)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "_non_persistent_buffers_set", ()):
+            buf = module._buffers.get(name)
+            if buf is not None and buf.is_floating_point():
+                out[f"{prefix}.{name}" if prefix else name] = str(buf.dtype).removeprefix("torch.")
+    return out
+
+
+def restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
+    """Cast the non-persistent buffers back to the dtypes buffer_dtypes recorded (names the model lacks are
+    skipped: a user's own instance may differ)."""
+    for full, dtype in dtypes.items():
+        prefix, _, name = full.rpartition(".")
+        try:
+            module = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            continue
+        buf = module._buffers.get(name)
+        want = getattr(torch, dtype, None)
+        if buf is not None and isinstance(want, torch.dtype) and buf.dtype != want:
+            module._buffers[name] = buf.to(want)
+
+
 def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the fake-quantized transformer saved at `path`."""
     from .artifact import HF_QUANT, check_scales, read_weights, unpack_codes, why
@@ -141,6 +169,7 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
             raise SlimkitError(f"transformers could not load the model directory {path} (its config.json or "
                                f"model.safetensors is damaged or does not match): {why(e)}") from None
     model.eval()
+    restore_buffer_dtypes(model, manifest.get("buffer_dtypes") or {})
     tensors = read_weights(path / HF_QUANT)
     check_scales(tensors, path)
     try:
