@@ -132,7 +132,6 @@ def main():
         try_quack(what, lambda cfg: (lambda: qg.gemm_act(h, wt, bias=b, activation="gelu_tanh_approx",
                                                          config=cfg, tuned=False)),
                   lambda out: max(rel_err(out[0], pre_ref), rel_err(out[1], act_ref)))
-    del h, w, pre_ref, act_ref
 
     # ---- down-dgrad, dense: low-rank fc2's u at 31% (dz (T, rank) @ u (rank, 8192)) ----
     rank = lowrank_rank(H, D, 0.32)
@@ -151,7 +150,6 @@ def main():
         try_quack(what, lambda cfg: (lambda: qg.gemm_dact(dz, u, pre, activation="gelu_tanh_approx",
                                                           config=cfg, tuned=False)),
                   lambda out: rel_err(out[0], ref))
-    del dz, u, ref
 
     # ---- down-dgrad, block-diagonal: BlockDense fc2's 4 blocks at 25% ----
     r2, nb = blockdense_shape(H, D, 0.25)
