@@ -727,3 +727,18 @@ def test_a_sparse_hugging_face_artifact_carries_its_config(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(slimkit.SlimkitError, match="corrupt or does not match"):
         slimkit.load(tmp_path / "s")
+
+
+def test_a_sparse_hugging_face_model_the_user_built_reloads_from_its_config(tmp_path):
+    """A transformers model built by the user (not through load_hf) carries its config and class into the
+    artifact too: slimkit.load rebuilds it without model=, to the same outputs, as the same class."""
+    from tiny_hf import VOCAB, tiny_model
+    import transformers as T
+    base = T.GPT2Model(tiny_model("gpt2").config).eval()       # a class load_hf would not pick (no LM head)
+    s = slimkit.sparsify(base, method="uniform", sparsity=0.5)
+    slimkit.save(s, tmp_path / "s")
+    again = slimkit.load(tmp_path / "s")
+    assert type(again) is T.GPT2Model
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again(ids).last_hidden_state, s(ids).last_hidden_state)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.quantizer import QuantSpec
 from ..core.sparsity import pack_sparse, unpack_sparse
+from ..core.entry import reattach_entries
 from ..core.wrap import LayerPlan, quant_layers, set_submodule, weight_oi, wrap_layers
 from ..errors import SlimkitError
 
@@ -196,10 +197,12 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
         raise SlimkitError("this model was not produced by slimkit.quantize or slimkit.sparsify: nothing to save")
     check_output(path, overwrite)
     if "family" in info:  # a Hugging Face transformer: a model directory transformers can reload, plus ours
-        from .hf_artifact import hf_tensors, write_hf
+        from .hf_artifact import buffer_dtypes, hf_tensors, write_hf
 
         tensors, layers = hf_tensors(model)
         manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers, "weights": HF_QUANT}
+        if buffer_dtypes(model):
+            manifest["buffer_dtypes"] = buffer_dtypes(model)
         extra = lambda tmp: write_hf(model, tmp)  # noqa: E731  (transformers' files first)
     else:
         tensors, layers, sparse = _state_tensors(model)
@@ -210,10 +213,11 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
         if tied:
             manifest["tied_tensors"] = tied
         extra = None
-        if "hf" in (info.get("model_spec") or {}) and hasattr(getattr(model, "config", None), "save_pretrained"):
-            # a Hugging Face model (sparse, or an image model): its config and tokenizer travel with the artifact,
-            # so it rebuilds where its source folder is gone
+        if hasattr(getattr(model, "config", None), "save_pretrained"):
+            # a Hugging Face model (sparse, or an image model; loaded by slimkit or built by the user): its config
+            # and tokenizer travel with the artifact, so it rebuilds where its source folder is gone
             manifest["hf_config"] = HF_CONFIG
+            manifest["hf_class"] = type(model).__name__
             extra = lambda tmp: _write_hf_config(model, tmp / HF_CONFIG)  # noqa: E731
     if metrics:
         manifest["metrics"] = _jsonable({**info.get("metrics", {}), **metrics})
@@ -320,6 +324,43 @@ def _spec(d: dict | None) -> QuantSpec | None:
     return None if d is None else QuantSpec(**d)
 
 
+def _rebuild(path: Path, manifest: dict) -> nn.Module:
+    """The float architecture an artifact names: a Hugging Face model from the config saved with it (or its
+    source), a shipped / registered model from its builder."""
+    spec = manifest.get("model_spec") or {}
+    saved_config = path / manifest["hf_config"] if manifest.get("hf_config") else None
+    if saved_config is not None and saved_config.is_dir():
+        # the config saved with the artifact first: the source folder may since hold another model, and a model the
+        # user built has no other record
+        from ..models.hf import hf_from_config
+
+        try:
+            return hf_from_config(saved_config, spec.get("hf"), manifest.get("hf_class"))
+        except (OSError, ValueError, AttributeError, TypeError, KeyError) as e:
+            raise SlimkitError(f"cannot rebuild the Hugging Face model of {path} from its saved config ({why(e)}); "
+                               "pass the float architecture: slimkit.load(path, model=...)") from None
+    if not spec:
+        raise SlimkitError(f"{path} holds a model slimkit cannot rebuild by name: pass the float architecture, "
+                           "slimkit.load(path, model=YourModel())")
+    if "hf" in spec:    # a Hugging Face model (sparse, or an image model) whose artifact kept no config
+        from ..models.hf import load_hf, source_available
+
+        if source_available(spec["hf"]):
+            return load_hf(spec["hf"])[0]
+        raise SlimkitError(f"{path} was made from the Hugging Face model in {spec['hf']}, which is gone: put "
+                           "it back, or pass the float architecture, slimkit.load(path, model=...)")
+    from ..models.registry import get_model
+
+    # the architecture only: every weight comes from the artifact, so the float weights the model was built with
+    # (recorded as a path) need not exist any more
+    kwargs = {k: v for k, v in spec.get("kwargs", {}).items() if k != "weights"}
+    try:
+        return get_model(spec["builder"], **kwargs)
+    except SlimkitError as e:
+        raise SlimkitError(f"cannot rebuild the architecture of {path} from {spec['builder']} ({e}); pass "
+                           "it yourself: slimkit.load(path, model=YourModel())") from None
+
+
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a saved quantized model. `model`: a float instance of the architecture, needed only when the
     artifact came from a model slimkit cannot build by name (your own nn.Module class)."""
@@ -332,32 +373,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     tensors = read_weights(path / WEIGHTS)
     check_scales(tensors, path)
     if model is None:
-        spec = manifest.get("model_spec")
-        if not spec:
-            raise SlimkitError(f"{path} holds a model slimkit cannot rebuild by name: pass the float architecture, "
-                               "slimkit.load(path, model=YourModel())")
-        if "hf" in spec:    # a Hugging Face model (sparse, or an image model): its float architecture
-            from ..models.hf import hf_from_config, load_hf, source_available
-
-            # the config saved with the artifact first: the source folder may since hold another model
-            if manifest.get("hf_config") and (path / manifest["hf_config"]).is_dir():
-                model = hf_from_config(path / manifest["hf_config"], spec["hf"])
-            elif source_available(spec["hf"]):
-                model = load_hf(spec["hf"])[0]
-            else:
-                raise SlimkitError(f"{path} was made from the Hugging Face model in {spec['hf']}, which is gone: put "
-                                   "it back, or pass the float architecture, slimkit.load(path, model=...)")
-        else:
-            from ..models.registry import get_model
-
-            # the architecture only: every weight comes from the artifact, so the float weights the model was
-            # built with (recorded as a path) need not exist any more
-            kwargs = {k: v for k, v in spec.get("kwargs", {}).items() if k != "weights"}
-            try:
-                model = get_model(spec["builder"], **kwargs)
-            except SlimkitError as e:
-                raise SlimkitError(f"cannot rebuild the architecture of {path} from {spec['builder']} ({e}); pass "
-                                   "it yourself: slimkit.load(path, model=YourModel())") from None
+        model = _rebuild(path, manifest)
     import copy
 
     model = copy.deepcopy(model).eval().cpu()
@@ -393,7 +409,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 with torch.no_grad():
                     weight_oi(layer.layer).copy_(layer.quantized_weight())
         missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
+        reattach_entries(model, manifest["layers"])
+    except (KeyError, RuntimeError, ValueError, IndexError, TypeError, AttributeError, StopIteration) as e:
         raise SlimkitError(f"the artifact at {path} is corrupt or does not match the model: {why(e)}") from None
     missing = [k for k in missing if k not in handled]
     if missing or unexpected:

@@ -157,15 +157,22 @@ def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokeni
     return model, tokenizer
 
 
-def hf_from_config(folder: str | Path, spec: str) -> nn.Module:
-    """The architecture a config folder describes (causal LM, encoder or image model, as load_hf picks), with its
-    tokenizer when the folder holds one; its weights random, for an artifact's to replace."""
+def hf_from_config(folder: str | Path, spec: str | None, cls_name: str | None = None) -> nn.Module:
+    """The architecture a config folder describes (the transformers class `cls_name` where given and known, else
+    the causal LM, encoder or image model load_hf picks), with its tokenizer when the folder holds one; its
+    weights random, for an artifact's to replace. `spec`: the source load_hf had (None: a user's own model)."""
+    import transformers
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
-    model = _auto_class(config).from_config(config).eval()     # (initialised: buffers such as rotary frequencies are not saved)
-    model._slimkit_spec = {"hf": spec}
+    cls = getattr(transformers, cls_name, None) if cls_name else None
+    if cls is None or not hasattr(cls, "from_config") and not hasattr(cls, "_from_config"):
+        cls = _auto_class(config)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    model = build(config).eval()     # (initialised: buffers such as rotary frequencies are not saved)
+    if spec is not None:
+        model._slimkit_spec = {"hf": spec}
     model._slimkit_tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
     return model
 
