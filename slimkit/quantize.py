@@ -15,11 +15,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .core.adapters import layer_order
+from .core.adapters import find_blocks, layer_order
+from .core.entry import attach_entries
 from .core.data import calibration_tensor
 from .core.fold import fold_bn
 from .core.quantizer import QuantSpec
-from .core.wrap import LayerPlan, layer_modules, mask_pruned, quant_layers, quantizers, weight_oi, wrap_layers
+from .core.wrap import (LayerPlan, layer_modules, mask_pruned, quant_layers, quantizable, quantizers, weight_oi,
+                        wrap_layers)
 from .errors import SlimkitError
 
 
@@ -66,13 +68,17 @@ def check_groups(layers: dict[str, nn.Module], plans: dict[str, LayerPlan]) -> N
 
 
 def layer_plans(order: list[str], cfg: QuantConfig) -> dict[str, LayerPlan]:
-    """Bits and granularity for each layer; the first and last layer get `first_last_bits`."""
+    """Bits and granularity for each layer; the first and last layer get `first_last_bits`. The first layer's
+    input, the model's own input (already 8-bit pixels for images), is not quantized, as in QDrop's and BRECQ's
+    code (with first_last_bits None it takes a_bits like the rest)."""
     plans = {}
     kept = [n for n in order if n not in cfg.skip]
     for name in kept:
         edge = cfg.first_last_bits is not None and name in (kept[0], kept[-1])
         w_bits = cfg.first_last_bits if edge else cfg.w_bits
         a_bits = None if cfg.a_bits is None else (cfg.first_last_bits if edge else cfg.a_bits)
+        if cfg.first_last_bits is not None and name == order[0]:
+            a_bits = None
         w_spec = QuantSpec(w_bits, cfg.w_symmetric, cfg.w_granularity, cfg.w_group_size, ch_axis=0)
         a_spec = None if a_bits is None else QuantSpec(a_bits, cfg.a_symmetric, cfg.a_granularity, cfg.w_group_size, ch_axis=1)
         plans[name] = LayerPlan(w_spec, a_spec, cfg.w_observer, cfg.a_observer)
@@ -105,6 +111,21 @@ def calibrate_activations(model: nn.Module, data: torch.Tensor, device: torch.de
             q.observer = None  # statistics are no longer needed; free their memory
 
 
+def _loose_weights(model: nn.Module) -> list[str]:
+    """Parameters of two or more dimensions held directly by modules that are not layers slimkit quantizes nor
+    embeddings / normalisations / the convolutions it already warns about: weights a custom forward uses
+    through torch.nn.functional, which stay float."""
+    known = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+             nn.GroupNorm, nn.MultiheadAttention)
+    found = []
+    for name, module in model.named_modules():
+        if quantizable(module) or isinstance(module, known):
+            continue
+        found += [f"{name}.{p}" if name else p for p, t in module.named_parameters(recurse=False)
+                  if t.dim() >= 2 and t.is_floating_point()]
+    return found
+
+
 def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torch.device
             ) -> tuple[nn.Module, nn.Module, list]:
     """The float model with BatchNorm folded, its quantized twin with calibrated activation ranges, and the
@@ -119,6 +140,11 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
     if other:
         warnings.warn(f"the model's {', '.join(other)} layers stay float: slimkit quantizes nn.Linear and nn.Conv2d "
                       "layers", stacklevel=3)
+    loose = _loose_weights(fp_model)
+    if loose:
+        warnings.warn(f"{len(loose)} weight tensor(s) outside nn.Linear / nn.Conv2d modules stay float ("
+                      f"{', '.join(loose[:4])}{', ...' if len(loose) > 4 else ''}): slimkit quantizes layers, not "
+                      "weights a forward passes to F.linear / F.conv2d itself", stacklevel=3)
     unknown = [s for s in cfg.skip if s not in modules]
     if unknown:
         raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model: give the module "
@@ -130,6 +156,8 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
         raise SlimkitError("the model has no quantizable layers (nn.Linear or nn.Conv2d) left to quantize")
     q_model = copy.deepcopy(fp_model)
     wrapped = wrap_layers(q_model, plans)
+    if cfg.a_bits is not None:      # block inputs quantized once, shared by every reader (core.entry)
+        attach_entries(q_model, find_blocks(q_model, example, block_names=cfg.blocks)[0], example)
     mask_pruned(wrapped, (getattr(model, "slimkit_info", None) or {}).get("sparsity"))   # a sparsified model
     calibrate_activations(q_model, data[: cfg.act_calib_samples], device, progress=cfg.progress)
     return fp_model, q_model, folded
@@ -167,6 +195,8 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     cfg = QuantConfig.build(recipe, **named, **options)
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod         # torch.compile's wrapper: its graph hides the layers' calls; the model's own
     device = pick_device(cfg.device)
     from .methods import TRANSFORMER_METHODS
     from .transformer import is_transformer, lm_calibration, quantize_transformer

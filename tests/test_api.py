@@ -55,8 +55,9 @@ def test_quantize_leaves_input_model_untouched(data):
 def test_first_and_last_layer_at_8_bits(data):
     q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=3, a_bits=4, progress=False)
     layers = quant_layers(q)
-    bits = {n: (l.w_quant.spec.bits, l.a_quant.spec.bits) for n, l in layers.items()}
-    assert bits["0"] == (8, 8) and bits["7"] == (8, 8)
+    bits = {n: (l.w_quant.spec.bits, l.a_quant.spec.bits if l.a_quant else None) for n, l in layers.items()}
+    assert bits["0"] == (8, None) and bits["7"] == (8, 8)     # the image input is not quantized (QDrop's code)
+    # a block's second entry-less layer reads the block's shared input quantizer, held by its conv1
     assert all(b == (3, 4) for n, b in bits.items() if n not in ("0", "7"))
     q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=3, a_bits=4, first_last_bits=None, progress=False)
     assert all(l.w_quant.spec.bits == 3 for l in quant_layers(q).values())
@@ -76,6 +77,64 @@ def test_save_load_reproduces_outputs_exactly(tmp_path, data, method):
         assert torch.equal(q(x), loaded(x))
     # no pickle: the directory holds exactly the safetensors file and the JSON manifest
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
+
+
+def test_block_inputs_are_quantized_once_and_shared(tmp_path, data):
+    """As in QDrop's quantized ResNets, what flows between blocks is one quantized tensor: a block's shortcut and
+    its first layer read the same quantized input (its conv1 holds the quantizer, which a pre-hook applies to the
+    block's input), and a reload keeps that."""
+    def check(model):
+        layers = quant_layers(model)
+        for b in ("3", "4"):
+            conv1, conv2 = layers[f"{b}.conv1"], layers[f"{b}.conv2"]
+            assert conv1.entry_block == b and conv1.a_quant is not None and conv2.entry_block is None
+            block, seen = model.get_submodule(b), {}
+            h1 = block.register_forward_pre_hook(lambda m, a: seen.__setitem__("raw", a[0]), prepend=True)
+            h2 = block.register_forward_pre_hook(lambda m, a: seen.__setitem__("block", a[0]))
+            h3 = conv1.register_forward_pre_hook(lambda m, a: seen.__setitem__("conv1", a[0]))
+            with torch.no_grad():
+                model(data[:8])
+            for h in (h1, h2, h3):
+                h.remove()
+            q = conv1.a_quant
+            assert torch.equal(seen["block"], q(seen["raw"])) and torch.equal(seen["conv1"], seen["block"])
+            codes = seen["block"] / q.scale + q.zero_point          # on the quantizer's grid, whole block input
+            assert (codes - codes.round()).abs().max() < 1e-3 and not torch.equal(seen["raw"], seen["block"])
+        return layers
+
+    q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=4, a_bits=4, progress=False)
+    check(q)
+    out = slimkit.save(q, tmp_path / "art")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layers"]["3.conv1"]["act_at"] == "3" and "act_at" not in manifest["layers"]["3.conv2"]
+    loaded = slimkit.load(out, model=tiny_net())
+    check(loaded)
+    with torch.no_grad():
+        assert torch.equal(q(data), loaded(data))
+    w = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=4, a_bits=None, progress=False)
+    assert all(l.entry_block is None for l in quant_layers(w).values())        # weight-only: nothing to share
+
+
+def test_qdrop_block_input_mixes_its_quantized_input_with_the_float_one():
+    """QDrop's block input: torch.where(rand < p, quantized input, float input), once (no second drop inside)."""
+    from slimkit.core.quantizer import QuantSpec, Quantizer
+    from slimkit.core.reconstruct import block_input
+
+    g = torch.Generator().manual_seed(0)
+    q_x = torch.randn(100_000, generator=g)
+    fp_x = q_x + 0.3 * torch.randn(100_000, generator=g)
+    quant = Quantizer(QuantSpec(4, False, "tensor"), "minmax")
+    quant.observing = True
+    quant(q_x)
+    quant.observing = False
+    quant.compute_qparams()
+    torch.manual_seed(0)
+    x = block_input(q_x, fp_x, quant, 0.5)
+    quantized, floats = x == quant(q_x), x == fp_x
+    assert bool((quantized | floats).all())
+    assert abs(quantized.float().mean().item() - 0.5) < 0.01 and abs(floats.float().mean().item() - 0.5) < 0.01
+    assert torch.equal(block_input(q_x, None, quant, 1.0), quant(q_x))          # BRECQ: quantized input only
+    assert torch.equal(block_input(q_x, None, None, 1.0), q_x)
 
 
 def test_packed_weights_are_small(tmp_path, data):
@@ -153,7 +212,7 @@ def test_options_are_checked_up_front_and_mean_what_they_say(data):
     assert all(layer.a_quant is None for layer in quant_layers(q).values())
     assert q.slimkit_info["config"]["a_bits"] is None
     q = slimkit.quantize(m, data, method="rtn", progress=False)           # a_bits left out: the default 4
-    assert {layer.a_quant.spec.bits for layer in quant_layers(q).values()} == {4, 8}
+    assert {layer.a_quant.spec.bits for layer in quant_layers(q).values() if layer.a_quant} == {4, 8}
     q = slimkit.quantize(m, data, method="rtn", skip="3.conv1", progress=False)
     assert "3.conv1" not in quant_layers(q)
     with pytest.raises(slimkit.SlimkitError, match=r"w_group_size 5 does not divide layer 0's 9 weights"):
@@ -391,3 +450,27 @@ def test_quantize_refuses_quantized_and_non_float32_models(data):
         slimkit.quantize(q, data, method="rtn", progress=False)
     with pytest.raises(slimkit.SlimkitError, match=r"float64.*model.float\(\)"):
         slimkit.quantize(tiny_net().double(), data.double(), method="rtn", progress=False)
+
+
+class _Functional(nn.Module):
+    """Weights a custom forward uses through torch.nn.functional, beside a Conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(1, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+        self.fw = nn.Parameter(torch.randn(5, 8) * 0.1)
+
+    def forward(self, x):
+        x = torch.relu(nn.functional.conv2d(torch.relu(self.c0(x)), self.w, padding=1))
+        return nn.functional.linear(x.mean((2, 3)), self.fw)
+
+
+def test_compiled_models_quantize_and_functional_weights_are_named(data):
+    """A torch.compile'd model quantizes as the model it wraps (its graph hid the layers' calls); weights used
+    through F.conv2d / F.linear stay float with a warning that names them."""
+    q = slimkit.quantize(torch.compile(tiny_net()), data, method="rtn", w_bits=4, a_bits=4, progress=False)
+    assert len(quant_layers(q)) == 6
+    with pytest.warns(UserWarning, match=r"2 weight tensor\(s\) outside .*\(w, fw\)"):
+        q = slimkit.quantize(_Functional().eval(), data, method="rtn", w_bits=4, a_bits=8, progress=False)
+    assert list(quant_layers(q)) == ["c0"]

@@ -21,6 +21,10 @@ BLOCK_TYPES: set[str] = {
     "InvertedResidual",  # MobileNetV2 / V3 (torchvision, timm)
     "MBConvBlock", "MBConv", "FusedMBConv",  # EfficientNet(-Lite), EfficientNetV2
     "DepthwiseSeparableConv", "EdgeResidual",  # timm's EfficientNet family
+    "ResBottleneckBlock",  # RegNet (torchvision)
+    "ResNetBasicLayer", "ResNetBottleNeckLayer",  # Hugging Face ResNet
+    "MobileNetV2InvertedResidual",  # Hugging Face MobileNetV2
+    "RegNetXLayer", "RegNetYLayer",  # Hugging Face RegNet
 }
 
 
@@ -115,6 +119,17 @@ def find_blocks(model: nn.Module, example: torch.Tensor, granularity: str = "blo
             skipped.append(name)
     blocks.sort(key=lambda b: b.order)
     return blocks, skipped
+
+
+def warn_if_layerwise(blocks: list[Block], method: str) -> None:
+    """Block reconstruction on a model none of whose blocks was recognised runs layer by layer (AdaRound's
+    granularity, not the method's): say so, and how to name the blocks."""
+    if len(blocks) > 1 and all(len(b.layers) == 1 for b in blocks):
+        import warnings
+
+        warnings.warn(f"{method}: no residual block of this model was recognised, so it is reconstructed layer by "
+                      "layer; name its blocks (blocks=[module paths], or a recipe's blocks:) or register their class "
+                      "(slimkit.core.adapters.register_block_type)", stacklevel=4)
 
 
 def layer_order(model: nn.Module, example: torch.Tensor, called_only: bool = False) -> list[str]:

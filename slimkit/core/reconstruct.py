@@ -9,8 +9,10 @@ For each block in execution order:
    20 -> 2 after a 20% warm-up), the defaults of QDrop's public code;
 3. freeze the block (hard rounding, integer weight codes) and go on.
 QDrop (Wei et al., 2022) drops activation quantization at random: each element of each activation
-quantizer's output, and of the block input, keeps its quantized value with probability `quant_prob`
-(0.5) and takes the full-precision one otherwise. Memory: only one block's caches are held at a time.
+quantizer's output keeps its quantized value with probability `quant_prob` (0.5) and takes its unquantized
+one otherwise; the block input, quantized by the block's input quantizer (core.entry), keeps it with the same
+probability and takes the full-precision model's input otherwise (QDrop's recon.py). Memory: only one
+block's caches are held at a time.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Block
+from .entry import entry_of, set_entry_enabled
 from .quantizer import drop_mix
 from .wrap import QuantLayer, quant_layers, weight_oi
 
@@ -72,7 +75,7 @@ def capture(model: nn.Module, module: nn.Module, data: torch.Tensor, batch_size:
         outputs.append(out.detach().to(cache_device, copy=True))
         raise _Stop
 
-    h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
+    h1 = module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)   # before a block-input quantizer
     h2 = module.register_forward_hook(post, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -113,6 +116,27 @@ def _set_lr(opt: torch.optim.Optimizer, value: float) -> None:
             group["lr"] = value
 
 
+def block_input(q_x: torch.Tensor, fp_x: torch.Tensor | None, entry_q, quant_prob: float) -> torch.Tensor:
+    """A reconstruction step's block input: the quantized-prefix input through the block's input quantizer (if
+    it has one) and, for QDrop (fp_x given, quant_prob < 1), each element of that kept with probability
+    quant_prob and replaced by the float input's otherwise, as QDrop's code mixes them."""
+    x = entry_q(q_x) if entry_q is not None else q_x
+    if fp_x is not None and quant_prob < 1.0:
+        x = drop_mix(x, fp_x, quant_prob)
+    return x
+
+
+def _input_quant_outside(block: nn.Module, entry: QuantLayer | None, outside: bool) -> None:
+    """While reconstructing, the block's input quantizer runs in the training step instead of in the block:
+    the block-input hook off, or a one-layer block's own input quantization."""
+    if entry is None:
+        return
+    if entry is block:
+        block.entry_block = "" if outside else None      # "" (not None): the layer skips its input quantizer
+    else:
+        set_entry_enabled(block, not outside)
+
+
 def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: torch.Tensor,
                       cfg: ReconConfig, device: torch.device, args: tuple = (), kwargs: dict | None = None,
                       desc: str = "") -> dict:
@@ -135,6 +159,14 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
             if cfg.learn_act and cfg.act_in_recon and not layer.a_quant.dynamic:
                 layer.a_quant.make_learnable()
                 act_params.append(layer.a_quant.scale)
+    # the quantizer of the block's input (core.entry's shared one, or a one-layer block's own): quantized here,
+    # outside the block, so that QDrop mixes it with the float input as its code does, drop_mix(q(x_q), x_fp)
+    entry = entry_of(block) if not isinstance(block, QuantLayer) else (block if block.entry_block is None else None)
+    entry_q = entry.a_quant if entry is not None else None
+    if entry_q is None:
+        entry = None
+    else:
+        entry_q.quant_prob = 1.0          # no drop of its own: the mix below is the drop
     learned = {id(p) for p in round_params + act_params}
     frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in learned]
     for p in frozen:
@@ -159,9 +191,8 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
     def one_step() -> torch.Tensor:
         idx = torch.randint(0, n, (batch,), device=q_in.device)
         x = q_in.index_select(0, idx).to(device, non_blocking=True)
-        if cfg.mix_inputs and cfg.quant_prob < 1.0:
-            x_fp = fp_in.index_select(0, idx).to(device, non_blocking=True)
-            x = drop_mix(x, x_fp, cfg.quant_prob)
+        x_fp = fp_in.index_select(0, idx).to(device, non_blocking=True) if cfg.mix_inputs else None
+        x = block_input(x, x_fp, entry_q, cfg.quant_prob)
         target = fp_out.index_select(0, idx).to(device, non_blocking=True)
         rec = output_loss(block(x, *args, **kwargs), target)
         loss = rec
@@ -182,6 +213,7 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
         if opt_act is not None:
             _set_lr(opt_act, cfg.lr_act * _cosine(step, cfg.iters))
 
+    _input_quant_outside(block, entry, True)
     first_loss = last_loss = float("nan")
     smoothed = None
     graph, graph_loss, warm = None, None, 3
@@ -221,6 +253,7 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
             bar.set_postfix(loss=f"{smoothed:.4g}")
     bar.close()
     del graph
+    _input_quant_outside(block, entry, False)
     for p in frozen:
         p.requires_grad_(True)
     for layer in layers:

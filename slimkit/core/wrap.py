@@ -90,6 +90,9 @@ class QuantLayer(nn.Module):
         self.a_quant = Quantizer(a_spec, a_observer) if a_spec is not None else None
         self.register_buffer("w_int", None)  # integer codes once frozen
         self.register_buffer("w_mask", None)  # a sparse layer's keep-mask (slimkit.sparsify), shaped as w_int
+        # the block whose input this layer reads as it is, quantized once by the block (core.entry): set, the
+        # layer's own input quantizer (if it kept one) runs there and not here
+        self.entry_block: str | None = None
         self.to(layer.weight.device)
         self._fast_conv = isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward
         self._w_cache: torch.Tensor | None = None
@@ -155,7 +158,7 @@ class QuantLayer(nn.Module):
         affine = input_affine(layer)  # a channel transform kept at the input (post-LN blocks)
         if affine is not None:
             x = (x - affine[1].to(x.dtype)) / affine[0].to(x.dtype)
-        if self.a_quant is not None:
+        if self.a_quant is not None and self.entry_block is None:
             x = self.a_quant(x)
         w = self.quantized_weight()
         if (isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward) or is_conv1d(layer):
@@ -181,14 +184,18 @@ class QuantLayer(nn.Module):
         return super()._apply(fn, recurse)
 
     def settings(self) -> dict:
-        """The per-layer quantization settings recorded in the manifest."""
-        return {
+        """The per-layer quantization settings recorded in the manifest ('act_at': the block whose input, quantized
+        once, this layer reads; 'act' is then that shared quantizer, held by one of the block's entry layers)."""
+        out = {
             "kind": self.kind,
             "weight": self.w_quant.spec.to_dict() if self.w_quant else None,
             "act": self.a_quant.spec.to_dict() if self.a_quant else None,
             "w_observer": self.w_quant.observer_name if self.w_quant else None,
             "a_observer": self.a_quant.observer_name if self.a_quant else None,
         }
+        if self.entry_block is not None:
+            out["act_at"] = self.entry_block
+        return out
 
 
 @dataclass

@@ -2,12 +2,13 @@
 AdaRound weights and activation step sizes together, on inputs from the already-quantized blocks."""
 from __future__ import annotations
 
-from ..core.adapters import find_blocks
+from ..core.adapters import find_blocks, warn_if_layerwise
 from ..core.reconstruct import reconstruct_model
 from .common import recon_config
 
 
 def run(q_model, fp_model, data, cfg, device) -> dict:
     blocks, _ = find_blocks(q_model, data[:1].to(device), block_names=cfg.blocks)
+    warn_if_layerwise(blocks, "brecq")
     rc = recon_config(cfg, adaround=True, learn_act=True, act_in_recon=True, quant_prob=1.0, mix_inputs=False)
     return reconstruct_model(q_model, fp_model, data, blocks, rc, device)
