@@ -33,6 +33,11 @@ TRANSFORMER_FIELDS = ("method", "w_bits", "a_bits", "w_granularity", "w_symmetri
                       "lm_batch_size", "attn_quant", "seed", "device")
 METHOD_FIELDS = {"smoothquant": ("alpha",), "os_plus": ("search_steps", "token_clipping"),
                  "outlier_suppression": ("twc_iters", "lr_act")}
+# Defaults a method changes (below a preset's, a recipe's and explicit values): min-max is what the baseline
+# named so computes; Outlier Suppression's fine-grained clipping learns its steps at lr 1e-5, the public
+# code's (ptq_glue_quant.py's learn: lr), where QDrop's 4e-5 would overshoot the coarse range.
+METHOD_DEFAULTS = {"minmax": {"w_observer": "minmax", "a_observer": "minmax"},
+                   "outlier_suppression": {"lr_act": 1e-5}}
 
 
 @dataclass
@@ -97,6 +102,9 @@ class QuantConfig:
             if not isinstance(preset, str) or preset not in PRESETS:
                 raise SlimkitError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
             values = {**PRESETS[preset], **values}
+        method = values.get("method", cls.method)
+        if isinstance(method, str):
+            values = {**METHOD_DEFAULTS.get(method, {}), **values}
         if values.get("first_last_bits") == 0:
             values["first_last_bits"] = None  # 0: the first and last layer get the same bits as the others
         for name in ("skip", "blocks"):    # one path given as a string: a list of one, not of its characters

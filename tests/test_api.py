@@ -474,3 +474,16 @@ def test_compiled_models_quantize_and_functional_weights_are_named(data):
     with pytest.warns(UserWarning, match=r"2 weight tensor\(s\) outside .*\(w, fw\)"):
         q = slimkit.quantize(_Functional().eval(), data, method="rtn", w_bits=4, a_bits=8, progress=False)
     assert list(quant_layers(q)) == ["c0"]
+
+
+def test_method_defaults_sit_below_recipes_and_explicit_options():
+    """'minmax' computes min-max ranges; Outlier Suppression learns its ranges at the public code's lr 1e-5; a
+    recipe or an explicit option still overrides either."""
+    from slimkit.config import QuantConfig
+    mm = QuantConfig.build(method="minmax")
+    assert (mm.w_observer, mm.a_observer) == ("minmax", "minmax")
+    assert QuantConfig.build(method="minmax", a_observer="mse").a_observer == "mse"
+    assert QuantConfig.build({"method": "minmax", "w_observer": "percentile"}).w_observer == "percentile"
+    assert QuantConfig.build(method="outlier_suppression").lr_act == 1e-5
+    assert QuantConfig.build(method="outlier_suppression", lr_act=3e-5).lr_act == 3e-5
+    assert QuantConfig.build(method="qdrop").lr_act == 4e-5 and QuantConfig.build().w_observer == "mse"

@@ -7,7 +7,8 @@ Token-Wise Clipping, coarse stage: outliers live in few tokens, so for each acti
 range is set by a quantile of the per-token maxima (and minima): tokens whose extreme lies beyond the
 alpha-quantile are clipped, the range is the largest extreme among the rest; alpha is searched from 1.0
 down (step 0.01; to 0.9 / 0.7 / 0.1 at 8 / 6 / 4 bits, as the public code) for the lowest block-output
-error. Fine stage: the activation steps and zero points are learned (LSQ+) against the float block output.
+error. Fine stage: the activation steps and zero points are learned (LSQ+, Adam at lr_act, 1e-5 by default as
+the public code's, with cosine decay over twc_iters steps) against the float block output.
 The paper measures both stages on the model's final output; slimkit measures on each block's output so one
 block is in memory at a time.
 """
