@@ -6,9 +6,14 @@ Unlike the paper, the shift is kept only where it lowers the searched error (see
 MiniLM at W4A8, the midpoint shift alone cut the embedding cosine from 0.942 (min-max) to 0.836.
 Scale: for a clipping threshold t, s_j = max(1, max(X_j - z_j) / t, min(X_j - z_j) / -t) squeezes the channels
 that exceed [-t, t]; t is searched on a grid from the largest |X - z| down (at least `search_steps` points,
-every 0.5 of range as in the public code) to minimise the squared error of the group's scope output (the
-attention output for q/k/v, the MLP or layer output otherwise) with quantized input and quantized weights.
-Both fold into the norm / producing linear and the consumers' weights and biases (core/migrate.py).
+every 0.5 of range as in the public code, at most 4 x search_steps) to minimise the squared error of the
+group's scope output (the attention module's output, its output projection included, for q/k/v; the MLP's or
+the layer's output otherwise) with quantized input and quantized weights, on one recorded calibration batch,
+while the channel extremes that set z and s come from every calibration token. Both fold into the norm /
+producing linear and the consumers' weights and biases (core/migrate.py).
+Where this differs from the public code (ModelTC/Outlier_Suppression_Plus), which compares the attention output
+before the output projection and, for LLaMA's gate/up, act(gate) * up; does not cap the grid; takes extremes and
+loss from one batch; and observes weights by min-max in the search (the configured w_observer here).
 """
 from __future__ import annotations
 
