@@ -81,7 +81,9 @@ def find_entries(model: nn.Module, block_names: list[str], example: torch.Tensor
     for b in block_names:
         handles.append(modules[b].register_forward_pre_hook(block_hook(b)))
     for name, m in modules.items():
-        if not (isinstance(m, QuantLayer) or quantizable(m)) or name.endswith(".layer"):
+        parent, _, leaf = name.rpartition(".")
+        inside_wrapper = leaf == "layer" and isinstance(modules.get(parent), QuantLayer)   # a wrapper's float layer
+        if not (isinstance(m, QuantLayer) or quantizable(m)) or inside_wrapper:
             continue
         owners = [b for b in block_names if name.startswith(b + ".")]
         if owners:
