@@ -239,3 +239,11 @@ def test_mse_search_batched_ratios_pick_the_same_range(symmetric):
     for chunk in (7, 80):
         batched = mse_search(values, lo, hi, spec, chunk=chunk)
         assert torch.equal(one[0], batched[0]) and torch.equal(one[1], batched[1])
+
+
+def test_lp_error_is_the_power_of_the_absolute_error():
+    from slimkit.core.observers import lp_error
+    d = torch.cat([torch.randn(1000), torch.zeros(3), torch.tensor([-2.0, 1e-20, 3e4])])
+    for p in (2.0, 2.4, 1.5, 3):
+        torch.testing.assert_close(lp_error(d, p), d.abs().pow(p), rtol=2e-6, atol=0)
+    assert torch.equal(lp_error(torch.zeros(4), 2.4), torch.zeros(4))
