@@ -42,6 +42,16 @@ class Block:
     order: int  # position of its first call in the forward pass
 
 
+def run_hooked(model: nn.Module, example: torch.Tensor, handles: list) -> None:
+    """One no-grad forward of `model` on `example`, then the tracing hooks in `handles` removed (even on error)."""
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def trace_calls(model: nn.Module, example: torch.Tensor, modules: dict[str, nn.Module]) -> dict[str, dict]:
     """Run the model once; for each named module record first-call order, call count, and whether its
     call had exactly one tensor argument and returned one tensor (what a block must do)."""
@@ -67,12 +77,7 @@ def trace_calls(model: nn.Module, example: torch.Tensor, modules: dict[str, nn.M
         pre, post = make_hooks(name)
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, example, handles)
     return info
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adapters import run_hooked
 from .wrap import QuantLayer, quantizable
 
 
@@ -88,12 +89,7 @@ def find_entries(model: nn.Module, block_names: list[str], example: torch.Tensor
         owners = [b for b in block_names if name.startswith(b + ".")]
         if owners:
             handles.append(m.register_forward_pre_hook(layer_hook(name, owners)))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, example, handles)
     found = {}
     for b, names in reads.items():
         layers = [modules[n] for n in names]

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .adapters import run_hooked
 from .wrap import set_submodule
 
 
@@ -50,12 +51,7 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[st
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.BatchNorm2d):
             handles.append(m.register_forward_pre_hook(bn_pre_hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, example, handles)
     return [(c, b) for c, b in candidates if calls[c] == 1 and calls[b] == 1]
 
 

@@ -191,7 +191,8 @@ def reconstruct_block(block: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor,
     def one_step() -> torch.Tensor:
         idx = torch.randint(0, n, (batch,), device=q_in.device)
         x = q_in.index_select(0, idx).to(device, non_blocking=True)
-        x_fp = fp_in.index_select(0, idx).to(device, non_blocking=True) if cfg.mix_inputs else None
+        mix = cfg.mix_inputs and cfg.quant_prob < 1.0
+        x_fp = fp_in.index_select(0, idx).to(device, non_blocking=True) if mix else None
         x = block_input(x, x_fp, entry_q, cfg.quant_prob)
         target = fp_out.index_select(0, idx).to(device, non_blocking=True)
         rec = output_loss(block(x, *args, **kwargs), target)

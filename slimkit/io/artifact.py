@@ -201,8 +201,9 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
 
         tensors, layers = hf_tensors(model)
         manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers, "weights": HF_QUANT}
-        if buffer_dtypes(model):
-            manifest["buffer_dtypes"] = buffer_dtypes(model)
+        dtypes = buffer_dtypes(model)
+        if dtypes:
+            manifest["buffer_dtypes"] = dtypes
         extra = lambda tmp: write_hf(model, tmp)  # noqa: E731  (transformers' files first)
     else:
         tensors, layers, sparse = _state_tensors(model)

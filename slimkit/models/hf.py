@@ -167,9 +167,10 @@ def hf_from_config(folder: str | Path, spec: str | None, cls_name: str | None = 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     cls = getattr(transformers, cls_name, None) if cls_name else None
-    if cls is None or not hasattr(cls, "from_config") and not hasattr(cls, "_from_config"):
-        cls = _auto_class(config)
-    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    # a model class builds with _from_config, an Auto class with from_config
+    build = getattr(cls, "from_config", None) or getattr(cls, "_from_config", None)
+    if build is None:
+        build = _auto_class(config).from_config
     model = build(config).eval()     # (initialised: buffers such as rotary frequencies are not saved)
     if spec is not None:
         model._slimkit_spec = {"hf": spec}
