@@ -359,6 +359,100 @@ def dgelu_bd_cols_kernel(a_desc, b_desc, out_desc, pre_ptr, part_ptr, M, N, QB: 
     tma.store_wait(pendings=0)
 
 
+@gluon.jit
+def _gelu_tanh(x):
+    u = C0 * x * (1.0 + A0 * x * x)
+    t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=gl.float32, is_pure=True, pack=1)
+    return 0.5 * x * (1.0 + t)
+
+
+@gluon.jit
+def _up_load(a_desc, b_desc, bars, a_bufs, b_bufs, g, pid, nprog, num_n, KT, total_k, STAGES: gl.constexpr):
+    """Issue the loads of this program's g-th (tile, k) piece into ring slot g % STAGES."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    tile = pid + (g // KT) * nprog
+    k = (g % KT) * BK
+    more = g < total_k
+    slot = g % STAGES
+    mbarrier.expect(bars.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=more)
+    tma.async_copy_global_to_shared(a_desc, [(tile // num_n) * BM, k], bars.index(slot), a_bufs.index(slot), more)
+    tma.async_copy_global_to_shared(b_desc, [(tile % num_n) * BN, k], bars.index(slot), b_bufs.index(slot), more)
+
+
+@gluon.jit
+def linear_gelu_kernel(a_desc, b_desc, pre_desc, act_desc, bias_ptr, M, N, K, STAGES: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, layout: gl.constexpr, num_warps: gl.constexpr):
+    """act = gelu_tanh(h @ w^T + b) and pre = h @ w^T + b for h (M, K), w (N, K): persistent over output tiles,
+    the (tile, k) pieces streaming through one STAGES-deep ring across tile boundaries, the epilogue's two tiles
+    leaving by TMA stores that run while the next tile multiplies."""
+    BM: gl.constexpr = pre_desc.block_type.shape[0]
+    BN: gl.constexpr = pre_desc.block_type.shape[1]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    num_n = gl.cdiv(N, BN)
+    num_tiles = gl.cdiv(M, BM) * num_n
+    KT = gl.cdiv(K, BK)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    total = gl.cdiv(num_tiles - pid, nprog)
+    total_k = total * KT
+
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    o_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_type.shape, pre_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    cols_l: gl.constexpr = gl.SliceLayout(0, layout)
+    for g0 in gl.static_range(STAGES - 1):
+        _up_load(a_desc, b_desc, bars, a_bufs, b_bufs, g0, pid, nprog, num_n, KT, total_k, STAGES)
+    g = 0
+    for t in range(total):
+        tile = pid + t * nprog
+        off_m = (tile // num_n) * BM
+        off_n = (tile % num_n) * BN
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
+        for kk in range(KT):
+            slot = g % STAGES
+            mbarrier.wait(bars.index(slot), (g // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            _up_load(a_desc, b_desc, bars, a_bufs, b_bufs, g + STAGES - 1, pid, nprog, num_n, KT, total_k, STAGES)
+            g += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        if HAS_BIAS:
+            cols = off_n + gl.arange(0, BN, layout=cols_l)
+            acc = acc + gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
+        act = _gelu_tanh(acc)
+        tma.store_wait(pendings=0)
+        o_bufs.index(0).store(acc.to(gl.bfloat16))
+        o_bufs.index(1).store(act.to(gl.bfloat16))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(pre_desc, [off_m, off_n], o_bufs.index(0))
+        tma.async_copy_shared_to_global(act_desc, [off_m, off_n], o_bufs.index(1))
+    tma.store_wait(pendings=0)
+
+
+def linear_gelu_gluon(h, w, b, cfg):
+    """(act, pre) = (gelu_tanh(h @ w^T + b), h @ w^T + b), bf16."""
+    BM, BN, BK, stages, occ, warps = cfg
+    m, k = h.shape
+    n = w.shape[0]
+    act = h.new_empty(m, n)
+    pre = torch.empty_like(act)
+    bf = gl.bfloat16
+    a = TensorDescriptor.from_tensor(h, [BM, BK], gl.NVMMASharedLayout.get_default_for([BM, BK], bf))
+    bd = TensorDescriptor.from_tensor(w, [BN, BK], gl.NVMMASharedLayout.get_default_for([BN, BK], bf))
+    lay = gl.NVMMASharedLayout.get_default_for([BM, BN], bf)
+    pd, ad = TensorDescriptor.from_tensor(pre, [BM, BN], lay), TensorDescriptor.from_tensor(act, [BM, BN], lay)
+    sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+    grid = (min(sms * occ, triton.cdiv(m, BM) * triton.cdiv(n, BN)), )
+    linear_gelu_kernel[grid](a, bd, pd, ad, b if b is not None else pre, m, n, k, stages, b is not None,
+                             mma_layout(BM, BN, warps), num_warps=warps)
+    return act, pre
+
+
 def _descs(dz2, blocks2, pre, out, BM, BN, BK):
     bf = gl.bfloat16
     a = TensorDescriptor.from_tensor(dz2, [BM, BK], gl.NVMMASharedLayout.get_default_for([BM, BK], bf))
@@ -474,6 +568,7 @@ def event_ms(fn, reps=REPS, warm=WARM):
 def host_us(fn, n=50):
     """Host time per call: n calls enqueued back to back (the GPU queue absorbs them), then one sync."""
     fn()
+    fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
@@ -485,6 +580,68 @@ def host_us(fn, n=50):
 
 def rel(got, want):
     return ((got.float() - want).norm() / want.norm()).item()
+
+
+UP_SETTING = "up+bias+gelu blockdense r=0.25 d=2048 T=16384"
+# BM, BN, BK, stages, programs per SM, warps
+UP_CFGS = [(128, 128, 64, 4, 1, 8), (128, 64, 64, 3, 2, 4), (128, 128, 64, 3, 1, 8)]
+
+
+def up_rows():
+    """fc1's last factor of BlockDense at 25% (rank 480 -> 8192) with bias and GELU: cuBLASLt's GELU_AUX_BIAS,
+    cuBLAS + torch's GELU, and the Gluon kernel; errors of act ('rel_err_dpre' column) and pre ('rel_err_db')."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = torch.randn(T, 480, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(NB * P, 480, device="cuda", generator=g) / 480 ** 0.5).bfloat16()
+    b = (torch.randn(NB * P, device="cuda", generator=g) * 0.1).bfloat16()
+    want_pre = h.float() @ w.float().t() + b.float()
+    want_act = torch.nn.functional.gelu(want_pre, approximate="tanh")
+    rows = []
+
+    def add(name, cfg, fn):
+        act, pre = fn()
+        torch.cuda.synchronize()
+        rows.append((name, cfg, event_ms(fn), host_us(fn), rel(act, want_act), rel(pre, want_pre), UP_SETTING))
+        print(rows[-1], flush=True)
+    try:
+        from slimkit.structured import epilogue
+        if epilogue.lt is not None:
+            add("cublaslt-gelu_aux_bias", "", lambda: epilogue.linear_gelu(h, w, b))
+    except Exception:
+        traceback.print_exc()
+
+    def eager():
+        pre = torch.addmm(b, h, w.t())
+        return torch.nn.functional.gelu(pre, approximate="tanh"), pre
+    add("cublas-addmm+gelu", "", eager)
+    for cfg in UP_CFGS:
+        try:
+            add("gluon-up", str(cfg), lambda cfg=cfg: linear_gelu_gluon(h, w, b, cfg))
+        except Exception as e:
+            print("FAILED", cfg, type(e).__name__, str(e)[:3000])
+    return rows
+
+
+def host_rows(dz, blocks, pre):
+    """Where a Gluon call's host time goes ('rows' kernel): building the four TMA descriptors, the launch with
+    descriptors built beforehand, and the whole call (outputs, descriptors, launch, the bias sum)."""
+    BM, BN, BK = 128, 128, 64
+    t = dz.shape[0]
+    out = torch.empty_like(pre)
+    part = torch.empty(triton.cdiv(t, BM), NB * P, device="cuda", dtype=torch.float32)
+    dz2, bl2 = dz.reshape(t, -1), blocks.reshape(-1, P)
+    lay = mma_layout(BM, BN, 8)
+    descs = _descs(dz2, bl2, pre, out, BM, BN, BK)
+    grid = (min(torch.cuda.get_device_properties(0).multi_processor_count, triton.cdiv(t, BM) * NB), )
+
+    def launch():
+        dgelu_bd_rows_kernel[grid](*descs, part, t, NB * P, Q, P, 2, True, lay, num_warps=8)
+    nan = float("nan")
+    return [("host-descriptors", "4 TMA descriptors", nan, host_us(lambda: _descs(dz2, bl2, pre, out, BM, BN, BK)),
+             nan, nan, SETTING),
+            ("host-launch", "rows kernel, descriptors prebuilt", nan, host_us(launch), nan, nan, SETTING),
+            ("host-call", "dgelu_bd_gluon, rows kernel", nan,
+             host_us(lambda: dgelu_bd_gluon(dz, blocks, pre, (BM, BN, BK, "rows", (2, True), 8))), nan, nan, SETTING)]
 
 
 def main():
@@ -528,9 +685,13 @@ def main():
         except Exception as e:
             print("FAILED", cfg, type(e).__name__, str(e)[:3000])
         print(rows[-1], flush=True)
-    out = [{"model": "ffn-middle", "method": name, "setting": SETTING, "metric": "gpu_ms", "value": round(ms, 4),
-            "seconds": round(ms / 1e3, 6), "config": cfg, "host_us": round(hu), "rel_err_dpre": float(f"{e1:.3g}"),
-            "rel_err_db": float(f"{e2:.3g}")} for name, cfg, ms, hu, e1, e2 in rows]
+    rows = [r + (SETTING, ) for r in rows] + up_rows() + host_rows(dz, blocks, pre)
+    def num(x, fmt):
+        return None if x != x else float(format(x, fmt))
+    out = [{"model": "ffn-middle", "method": name, "setting": setting, "metric": "gpu_ms" if ms == ms else "host_us",
+            "value": num(ms, ".4g") if ms == ms else round(hu), "seconds": num(ms / 1e3, ".4g"), "config": cfg,
+            "host_us": round(hu), "rel_err_dpre": num(e1, ".3g"), "rel_err_db": num(e2, ".3g")}
+           for name, cfg, ms, hu, e1, e2, setting in rows]
     path = write_results("structured_ffn_gluon_probe", "cuda", out, NOTES,
                          columns=("model", "method", "setting", "config", "metric", "value", "host_us",
                                   "rel_err_dpre", "rel_err_db"))
