@@ -219,7 +219,8 @@ def _b_coord(t, pid, nprog, nblk, NT: gl.constexpr):
 
 @gluon.jit
 def dgelu_bd_ring_kernel(a_desc, b_desc, out_desc, pre_ptr, part_ptr, M, N, QB: gl.constexpr, PB: gl.constexpr,
-                         STAGES: gl.constexpr, FAST: gl.constexpr, layout: gl.constexpr, num_warps: gl.constexpr):
+                         STAGES: gl.constexpr, FAST: gl.constexpr, layout: gl.constexpr, SUM_MMA: gl.constexpr,
+                         sum_layout: gl.constexpr, ones_layout: gl.constexpr, num_warps: gl.constexpr):
     """Persistent, A-stationary, small enough for two programs an SM: the item's dz rows (BM, q) stay in shared
     memory; blocks[j]'s (BK, BN) pieces stream through a STAGES-deep ring that runs across tile boundaries (the
     next tile's pieces load while this tile multiplies); the pre-activation comes straight to registers by
@@ -245,6 +246,11 @@ def dgelu_bd_ring_kernel(a_desc, b_desc, out_desc, pre_ptr, part_ptr, M, N, QB: 
     abar = bars.index(STAGES)
     rows_l: gl.constexpr = gl.SliceLayout(1, layout)
     cols_l: gl.constexpr = gl.SliceLayout(0, layout)
+    if SUM_MMA:     # column sums as ones(64, BM) @ dpre tile on the tensor cores, asynchronously
+        ones_smem = gl.allocate_shared_memory(out_desc.dtype, [64, BM], ones_layout)
+        ones_smem.store(gl.full([64, BM], 1.0, out_desc.dtype, layout=gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1],
+                                                                                         [1, 0])))
+        fence_async_shared()
 
     for g0 in gl.static_range(STAGES - 1):            # the ring's first pieces
         m, j, n = _b_coord(g0 // KSTEPS, pid, nprog, nblk, NT)
@@ -280,11 +286,19 @@ def dgelu_bd_ring_kernel(a_desc, b_desc, out_desc, pre_ptr, part_ptr, M, N, QB: 
                                             b_bufs.index(g2 % STAGES), more)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         dq = (acc * _gelu_tanh_grad(pre.to(gl.float32), FAST)).to(gl.bfloat16)
-        gl.store(part_ptr + m * N + cols, gl.sum(dq.to(gl.float32), axis=0))
+        if not SUM_MMA:
+            gl.store(part_ptr + m * N + cols, gl.sum(dq.to(gl.float32), axis=0))
         tma.store_wait(pendings=0)
         c_buf.store(dq)
         fence_async_shared()
         tma.async_copy_shared_to_global(out_desc, [off_m, off_n], c_buf)
+        if SUM_MMA:
+            csum = warpgroup_mma(ones_smem, c_buf, gl.zeros((64, BN), dtype=gl.float32, layout=sum_layout),
+                                 is_async=True)
+            csum = warpgroup_mma_wait(num_outstanding=0, deps=(csum, ))
+            srow = gl.arange(0, 64, layout=gl.SliceLayout(1, sum_layout))
+            scol = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, sum_layout))
+            gl.store(part_ptr + m * N + scol[None, :] + srow[:, None] * 0, csum, mask=(srow == 0)[:, None])
     tma.store_wait(pendings=0)
 
 
@@ -482,8 +496,10 @@ def dgelu_bd_gluon(dz, blocks, pre, cfg):
     elif kind == "ring":
         sms = torch.cuda.get_device_properties(dz.device).multi_processor_count
         grid = (min(sms * extra[1], num_m * nb), )
+        sum_mma = len(extra) > 3 and extra[3]
         dgelu_bd_ring_kernel[grid](a, b, o, pre, part, t, nb * p, q, p, extra[0], extra[2], mma_layout(BM, BN, warps),
-                                   num_warps=warps)
+                                   sum_mma, mma_layout(64, BN, warps),
+                                   gl.NVMMASharedLayout.get_default_for([64, BM], gl.bfloat16), num_warps=warps)
     elif kind == "rows":
         sms = torch.cuda.get_device_properties(dz.device).multi_processor_count
         grid = (min(sms, num_m * nb), )
@@ -507,36 +523,47 @@ CFGS = [(128, 128, 64, "tile", 2, 8),
         (128, 128, 64, "rows", (0, False), 8), (128, 128, 64, "rows", (1, True), 8),
         (128, 128, 64, "rows", (2, False), 8), (128, 128, 64, "rows", (2, True), 8),
         (128, 64, 64, "ring", (3, 2, True), 4), (128, 128, 64, "ring", (4, 1, True), 8),
+        (128, 64, 64, "ring", (3, 2, True, True), 4), (128, 128, 64, "ring", (4, 1, True, True), 8),
+        (128, 64, 64, "ring", (2, 2, True, True), 4), (128, 128, 64, "ring", (3, 1, True, True), 8),
         (128, 64, 64, "cols", (6, 1), 8), (128, 128, 64, "cols", (6, 2), 8)]
 NAMES = {("rows", 0): "gluon-rows-matmul-only", ("rows", 1): "gluon-rows-no-bias-grad"}
 NOTES = [
     "Timing: each variant captured once in a CUDA graph, every replay timed by CUDA events after a 256 MB L2 "
-    "flush, median of 30 ('value', GPU ms); 'host_us': host time per call, 50 calls enqueued back to back. "
-    "Errors against fp32 PyTorch (rel_err_dpre, rel_err_db; the 'matmul-only' and 'no-bias-grad' rows leave "
-    "out work on purpose).",
-    "The piece: BlockDense's (25%) backward through fc2's block-diagonal factor and the GELU, "
-    "dpre = (dz @ blockdiag(blocks)) * gelu_tanh'(pre) for dz (16384, 4, 256), blocks (4, 256, 2048), plus the "
-    "bias gradient sum(dpre, 0). slimkit's '-lt' path does it as four cuBLASLt DGELU matmuls and a torch sum.",
-    "Gluon (Triton's lower-level language, triton.experimental.gluon, in the Triton that torch brings) gives "
-    "explicit TMA loads, mbarriers and asynchronous wgmma on Hopper. Kernels written here: 'tile' (one output tile a "
-    "program), 'rows' (persistent; a program keeps its item's dz rows in shared memory and sweeps the block's "
-    "column tiles; the next tile's loads go out before this tile's epilogue), 'ring' (persistent, small enough for "
-    "two programs an SM, blocks' pieces streaming through a ring that runs across tiles, the pre-activation "
-    "loaded to registers before the matmul), 'cols' (column-stationary, bias sums kept in registers over the "
-    "sweep). 'FAST' uses the hardware tanh (tanh.approx.f32) in GELU'; without it, tanh from exp2 and a division.",
-    "Reading: the best Gluon kernels ('ring', 'rows' with the hardware tanh) take 0.34-0.35 ms of GPU time against "
-    "0.47 ms for cuBLASLt's DGELU plus the sum: 0.13 ms less, with the bias gradient inside. Where the time goes "
-    "('rows'): the matmul with its store 0.19 ms (cuBLAS's bare bmm: 0.13 ms), + 0.08 ms for reading the "
+    "flush, median of 30 ('value', GPU ms); 'host_us': host time per call, 50 calls enqueued back to back (noisy: "
+    "the same call read 24 and 212 us in two runs). Errors against fp32 PyTorch; for the dgrad rows rel_err_dpre / "
+    "rel_err_db are those of dpre and the bias gradient, for the 'up' rows those of act and pre. The "
+    "'matmul-only' and 'no-bias-grad' rows leave out work on purpose.",
+    "Pieces (BlockDense at 25%, d_model 2048, 16384 tokens, bf16): 'dgrad': the backward through fc2's "
+    "block-diagonal factor and the GELU, dpre = (dz @ blockdiag(blocks)) * gelu_tanh'(pre), dz (16384, 4, 256), "
+    "blocks (4, 256, 2048), plus the bias gradient sum(dpre, 0); slimkit's '-lt' path does it as four cuBLASLt "
+    "DGELU matmuls and a torch sum. 'up': fc1's last factor with bias and GELU, h (16384, 480) @ w^T (480, 8192), "
+    "writing pre and act; the '-lt' path uses cuBLASLt's GELU_AUX_BIAS.",
+    "Gluon (triton.experimental.gluon, in the Triton that torch brings) gives explicit TMA loads, mbarriers and "
+    "asynchronous wgmma on Hopper. Kernels written here: 'tile' (one output tile a program); 'rows' (persistent; "
+    "a program keeps its item's dz rows in shared memory and sweeps the block's column tiles, the next tile's "
+    "loads going out before this tile's epilogue); 'ring' (persistent, small enough for two programs an SM, the "
+    "blocks' pieces streaming through a ring that runs across tiles, the pre-activation loaded to registers "
+    "before the matmul; a fourth option True takes the column sums on the tensor cores as ones(64, BM) @ dpre); "
+    "'cols' (column-stationary, bias sums kept in registers over the sweep); 'up' (persistent, one load ring "
+    "across tiles, bias + GELU epilogue with two TMA stores). FAST / the 'up' kernel use the hardware tanh "
+    "(tanh.approx.f32); without it, tanh from exp2 and a division.",
+    "Reading, dgrad: the best Gluon kernels ('ring' (3, 2), 'rows' with the hardware tanh) take 0.34-0.35 ms of "
+    "GPU time against 0.47 ms for cuBLASLt's DGELU plus the sum: 0.13 ms less, bias gradient included. Where the "
+    "time goes ('rows'): matmul and store 0.19 ms (cuBLAS's bare bmm: 0.13 ms), + 0.08 ms for reading the "
     "pre-activation and GELU' (about what 268 MB at copy bandwidth costs), + 0.08 ms for the per-tile column sums "
-    "(a cross-warp reduction each tile; 'cols', which avoids it, loses more on its dz re-reads).",
-    "Not yet usable: the host time per call is 150-230 us (TMA descriptors built in Python, Gluon's launcher), "
-    "which a training step of about 1.7 ms of GPU work at d_model 2048 cannot hide once it has several such calls. "
-    "An ncu run first showed the gap: the 'rows' matmul-only kernel took 176 us under ncu while CUDA events "
-    "around Python calls read 0.40 ms; the events had timed the host.",
-    "What it says about 3x: BlockDense-lt needs 0.19 ms less per FFN step (1.88 -> 1.69 ms). This piece gives "
-    "0.13 ms of GPU time; a Gluon forward GELU epilogue (cuBLASLt's takes 0.39 ms, quack's 0.33 ms) would have to "
-    "give the rest, and both need their host cost cut (descriptors cached per shape and pointer) before the "
-    "FFN can use them.",
+    "(a cross-warp reduction each tile). Neither keeping the sums in registers ('cols', which re-reads dz) nor "
+    "taking them on the tensor cores (it waits on one more wgmma a tile, and its shared memory leaves one "
+    "program an SM) got under 0.34 ms.",
+    "Reading, up: cuBLASLt's GELU_AUX_BIAS (0.32 ms) beats the Gluon kernel (0.40 ms) and cuBLAS + torch's GELU "
+    "(0.41 ms).",
+    "Host cost of a Gluon call: building the four TMA descriptors 32 us, the launch 38 us with them prebuilt, the "
+    "whole call (outputs, descriptors, launch, the bias sum) 150-230 us. An ncu run first showed it: the 'rows' "
+    "matmul-only kernel took 176 us under ncu while CUDA events around Python calls had read 0.40 ms.",
+    "What it says about 3x: BlockDense-lt needs 0.19 ms less per FFN step (1.88 -> 1.69 ms). The dgrad kernel "
+    "gives 0.13 ms of GPU time and the forward nothing, so these single-partition kernels reach about 2.9x at "
+    "best, before their host cost. The rest needs what the 'rows' figures point at: the epilogue (GELU', column "
+    "sums, stores) overlapped with the next tile's matmul, i.e. warp-specialised partitions, which these kernels "
+    "do not have.",
 ]
 
 
