@@ -556,8 +556,8 @@ NOTES = [
     "program an SM) got under 0.34 ms.",
     "Reading, up: cuBLASLt's GELU_AUX_BIAS (0.32 ms) beats the Gluon kernel (0.40 ms) and cuBLAS + torch's GELU "
     "(0.41 ms).",
-    "Host cost of a Gluon call: building the four TMA descriptors 32 us, the launch 38 us with them prebuilt, the "
-    "whole call (outputs, descriptors, launch, the bias sum) 150-230 us. An ncu run first showed it: the 'rows' "
+    "Host cost of a Gluon call: building the four TMA descriptors 32-48 us, the launch 38-50 us with them prebuilt, "
+    "the whole call (outputs, descriptors, launch, the bias sum) 150-230 us. An ncu run first showed it: the 'rows' "
     "matmul-only kernel took 176 us under ncu while CUDA events around Python calls had read 0.40 ms.",
     "What it says about 3x: BlockDense-lt needs 0.19 ms less per FFN step (1.88 -> 1.69 ms). The dgrad kernel "
     "gives 0.13 ms of GPU time and the forward nothing, so these single-partition kernels reach about 2.9x at "
