@@ -6,7 +6,8 @@ import torch
 
 import slimkit
 from slimkit.core.wrap import quant_layers
-from slimkit.methods.os_plus import channel_scale
+from slimkit.core.families import layout
+from slimkit.methods.os_plus import channel_scale, compared_value
 from slimkit.methods.outlier_suppression import clip_range
 
 from tiny_hf import output, tiny_inputs, tiny_model
@@ -93,6 +94,33 @@ def test_token_wise_clip_range_drops_outlier_tokens():
     assert hi.item() == pytest.approx(1.2) and lo.item() == pytest.approx(-1.2)
     lo, hi = clip_range(token_max, token_min, 1.0)
     assert hi.item() == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "bloom", "gpt2", "bert", "mpnet"])
+def test_os_plus_search_compares_the_output_projections_input(kind):
+    """As the public code's migration functions: q/k/v are judged by the attention output before its output
+    projection, LLaMA's gate/up by act(gate) * up; the value compared is exactly what that module reads."""
+    model = tiny_model(kind)
+    lay = layout(model)
+    groups = [g for i in range(len(lay.blocks)) for g in lay.groups(i)]
+    named = [g for g in groups if g.compare]
+    assert {g.name for g in named} >= ({"attn_in", "mlp_in"} if kind == "llama" else
+                                       {"attn_in"} if kind in ("opt", "bloom", "gpt2") else set())
+    for g in named:
+        scope, compare = model.get_submodule(g.scope), model.get_submodule(g.compare)
+        calls, outs = [], []
+        hook = scope.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
+        with torch.no_grad():    # no KV cache, which a replayed attention call would extend
+            model(**tiny_inputs(kind, 2, 12), **({} if kind in ("bert", "mpnet") else {"use_cache": False}))
+        hook.remove()
+        hook = compare.register_forward_hook(lambda m, a, y: outs.append(y))
+        with torch.no_grad():
+            value = compared_value(scope, compare, *calls[0])
+        hook.remove()
+        assert value.shape[-1] == (compare.weight.shape[0] if kind == "gpt2" else compare.in_features)
+        assert len(outs) == 1
+        with torch.no_grad():
+            torch.testing.assert_close(compare(value), outs[0].float(), atol=1e-5, rtol=1e-5)
 
 
 def test_os_plus_channel_scale():

@@ -32,7 +32,8 @@ class Group:
     prev: str | None  # the norm (or linear) producing the activation; Gamma Migration reads its weight
     layers: list[str]  # the consuming linears
     fold: str  # "norm", "input" or "linear" (see the module docstring)
-    scope: str  # the module whose output the OS+ search compares (attention, MLP, or a layer)
+    scope: str  # the module whose call the OS+ search replays (attention, MLP, or a layer)
+    compare: str | None = None  # whose input the search compares instead of the scope's output (see os_plus)
 
 
 @dataclass
@@ -47,8 +48,9 @@ class Family:
 def _llama(base: str, p: str, i: int) -> list[Group]:
     return [
         Group("attn_in", f"{p}.input_layernorm", [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")],
-              "norm", f"{p}.self_attn"),
-        Group("mlp_in", f"{p}.post_attention_layernorm", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], "norm", f"{p}.mlp"),
+              "norm", f"{p}.self_attn", f"{p}.self_attn.o_proj"),
+        Group("mlp_in", f"{p}.post_attention_layernorm", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], "norm", f"{p}.mlp",
+              f"{p}.mlp.down_proj"),
         Group("down_in", f"{p}.mlp.up_proj", [f"{p}.mlp.down_proj"], "linear", f"{p}.mlp.down_proj"),
     ]
 
@@ -56,21 +58,22 @@ def _llama(base: str, p: str, i: int) -> list[Group]:
 def _opt(base: str, p: str, i: int) -> list[Group]:
     return [
         Group("attn_in", f"{p}.self_attn_layer_norm", [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")],
-              "norm", f"{p}.self_attn"),
+              "norm", f"{p}.self_attn", f"{p}.self_attn.out_proj"),
         Group("mlp_in", f"{p}.final_layer_norm", [f"{p}.fc1"], "norm", f"{p}.fc1"),
     ]
 
 
 def _bloom(base: str, p: str, i: int) -> list[Group]:
     return [
-        Group("attn_in", f"{p}.input_layernorm", [f"{p}.self_attention.query_key_value"], "norm", f"{p}.self_attention"),
+        Group("attn_in", f"{p}.input_layernorm", [f"{p}.self_attention.query_key_value"], "norm", f"{p}.self_attention",
+              f"{p}.self_attention.dense"),
         Group("mlp_in", f"{p}.post_attention_layernorm", [f"{p}.mlp.dense_h_to_4h"], "norm", f"{p}.mlp.dense_h_to_4h"),
     ]
 
 
 def _gpt2(base: str, p: str, i: int) -> list[Group]:
     return [
-        Group("attn_in", f"{p}.ln_1", [f"{p}.attn.c_attn"], "norm", f"{p}.attn"),
+        Group("attn_in", f"{p}.ln_1", [f"{p}.attn.c_attn"], "norm", f"{p}.attn", f"{p}.attn.c_proj"),
         Group("mlp_in", f"{p}.ln_2", [f"{p}.mlp.c_fc"], "norm", f"{p}.mlp.c_fc"),
     ]
 

@@ -6,14 +6,16 @@ Unlike the paper, the shift is kept only where it lowers the searched error (see
 MiniLM at W4A8, the midpoint shift alone cut the embedding cosine from 0.942 (min-max) to 0.836.
 Scale: for a clipping threshold t, s_j = max(1, max(X_j - z_j) / t, min(X_j - z_j) / -t) squeezes the channels
 that exceed [-t, t]; t is searched on a grid from the largest |X - z| down (at least `search_steps` points,
-every 0.5 of range as in the public code, at most 4 x search_steps) to minimise the squared error of the
-group's scope output (the attention module's output, its output projection included, for q/k/v; the MLP's or
-the layer's output otherwise) with quantized input and quantized weights, on one recorded calibration batch,
+every 0.5 of range as in the public code, at most 4 x search_steps) to minimise the squared error, with quantized
+input and quantized weights, of what the consumers feed, as the public code's migration functions: for q/k/v the
+attention output before its output projection (softmax(q k^T) v), for LLaMA's gate/up act(gate) * up (the input
+of down_proj), otherwise the consumers' own output (or a post-LN encoder's FFN activation); a family's Group
+names the module whose input is compared (`compare`). The error is taken on one recorded calibration batch,
 while the channel extremes that set z and s come from every calibration token. Both fold into the norm /
 producing linear and the consumers' weights and biases (core/migrate.py).
-Where this differs from the public code (ModelTC/Outlier_Suppression_Plus), which compares the attention output
-before the output projection and, for LLaMA's gate/up, act(gate) * up; does not cap the grid; takes extremes and
-loss from one batch; and observes weights by min-max in the search (the configured w_observer here).
+Where this still differs from the public code (ModelTC/Outlier_Suppression_Plus): the grid is capped; the
+extremes come from every calibration token, not the one batch of the loss; and the search observes weights by
+the configured w_observer (the public code: min-max).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from ..core.migrate import apply_transform, can_shift
 from ..core.quantizer import dynamic_fake_quant, fake_quant_tensor, qparams_from_range
 from ..core.wrap import float_layer, weight_oi, weight_qparams
+from ..errors import SlimkitError
 from ..transformer import specs
 from . import outlier_suppression
 from .transformer_common import TransformerMethod
@@ -68,10 +71,12 @@ def search_group(ctx, group) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     scope = ctx.model.get_submodule(group.scope)
     args, kwargs = ctx.scope_calls[group.name]
     layers = [float_layer(ctx.model.get_submodule(n)) for n in group.layers]
-    ref = _out(scope(*args, **kwargs)).float()
+    compare = ctx.model.get_submodule(group.compare) if group.compare else None
+    run = lambda: compared_value(scope, compare, args, kwargs)   # noqa: E731
+    ref = run()
     best = None
     for shift in ([mid, torch.zeros_like(stats.cmax)] if mid is not None else [torch.zeros_like(stats.cmax)]):
-        loss, t = _search_threshold(ctx, stats, shift, scope, args, kwargs, layers, ref)
+        loss, t = _search_threshold(ctx, stats, shift, run, layers, ref)
         if best is None or loss < best[0]:
             best = (loss, t, shift)
     _, t, shift = best
@@ -79,7 +84,24 @@ def search_group(ctx, group) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     return channel_scale(cmax, cmin, t), (shift if torch.any(shift != 0) else None), t
 
 
-def _search_threshold(ctx, stats, shift, scope, args, kwargs, layers, ref) -> tuple[float, float]:
+def compared_value(scope, compare, args, kwargs) -> torch.Tensor:
+    """What the search compares, as float: the input of `compare` during one call of `scope` where the group
+    names one (the attention's output projection, LLaMA's down_proj), else the scope's output."""
+    if compare is None:
+        return _out(scope(*args, **kwargs)).float()
+    seen = []
+    handle = compare.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        scope(*args, **kwargs)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise SlimkitError(f"OS+ search: {type(compare).__name__} ran {len(seen)} times in one call of "
+                           f"{type(scope).__name__}; a family's Group.compare must name a module its scope calls once")
+    return seen[0].float()
+
+
+def _search_threshold(ctx, stats, shift, run, layers, ref) -> tuple[float, float]:
     """(least scope-output error, its threshold) over the grid, for one shift."""
     w_spec, a_spec = specs(ctx.cfg)
     cmax, cmin = stats.cmax - shift, stats.cmin - shift
@@ -92,7 +114,7 @@ def _search_threshold(ctx, stats, shift, scope, args, kwargs, layers, ref) -> tu
         for layer in layers:
             layer.forward = _quantized_forward(layer, shift, scale, t, w_spec, a_spec, ctx.cfg.w_observer)
         try:
-            out = _out(scope(*args, **kwargs)).float()
+            out = run()
         finally:
             for layer in layers:
                 del layer.forward  # back to the class's forward
