@@ -9,7 +9,9 @@ dpre = (dz @ blockdiag(blocks)) * gelu_tanh'(pre) plus the bias gradient sum(dpr
   'tile' (one output tile a program), 'rows' (persistent, dz rows stationary), 'ring' (persistent, two programs
   an SM, a load ring across tiles) and 'cols' (persistent, column-stationary), each writing the bias gradient's
   column sums (NOTES below says more);
-every result checked against fp32 PyTorch.
+and, for fc1's last factor with bias + GELU (h (16384, 480) @ w^T -> pre, act), cuBLASLt's GELU_AUX_BIAS against
+cuBLAS + torch's GELU and a Gluon kernel ('up'); then where a Gluon call's host time goes. Every result is
+checked against fp32 PyTorch. Needs a Hopper GPU and a Triton with Gluon (3.6 on the device tool).
 
     python bench/structured_ffn_gluon_probe.py
 """
