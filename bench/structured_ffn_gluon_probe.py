@@ -44,12 +44,17 @@ A0 = gl.constexpr(0.044715)
 
 
 @gluon.jit
+def _tanh_approx(u):
+    """The hardware tanh (MUFU.TANH, about 2^-11 relative error)."""
+    return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _gelu_tanh_grad(x, FAST: gl.constexpr = False):
     x2 = x * x
     u = C0 * x * (1.0 + A0 * x2)
-    if FAST:        # the hardware tanh (MUFU.TANH, about 2^-11 relative error)
-        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=gl.float32, is_pure=True,
-                                      pack=1)
+    if FAST:
+        t = _tanh_approx(u)
     else:
         t = 1.0 - 2.0 / (1.0 + gl.exp2(u * 2.885390081777927))     # tanh(u) = 1 - 2 / (1 + e^{2u})
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C0 * (1.0 + 3.0 * A0 * x2)
@@ -138,6 +143,23 @@ def dgelu_bd_tile_kernel(a_desc, b_desc, pre_desc, out_desc, part_ptr, N, QB: gl
 
 
 @gluon.jit
+def _b_coord(t, pid, nprog, nblk, NT: gl.constexpr):
+    """(row tile m, block j, column tile n within the block) of this program's t-th tile."""
+    item = pid + (t // NT) * nprog
+    return item // nblk, item % nblk, t % NT
+
+
+@gluon.jit
+def _item_schedule(M, N, BM: gl.constexpr, PB: gl.constexpr, NT: gl.constexpr):
+    """The A-stationary kernels' static schedule: (blocks, program id, programs, this program's tile count), items
+    being (row tile, block) pairs of NT column tiles each, dealt round-robin."""
+    nblk = N // PB
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    return nblk, pid, nprog, gl.cdiv(gl.cdiv(M, BM) * nblk - pid, nprog) * NT
+
+
+@gluon.jit
 def dgelu_bd_rows_kernel(a_desc, b_desc, pre_desc, out_desc, part_ptr, M, N, QB: gl.constexpr, PB: gl.constexpr,
                          EPI: gl.constexpr, FAST: gl.constexpr, layout: gl.constexpr, num_warps: gl.constexpr):
     """Persistent, A-stationary: a program takes (row tile, block) items; it loads the item's dz rows (BM, q)
@@ -148,11 +170,7 @@ def dgelu_bd_rows_kernel(a_desc, b_desc, pre_desc, out_desc, part_ptr, M, N, QB:
     BK: gl.constexpr = a_desc.block_type.shape[1]
     KSTEPS: gl.constexpr = QB // BK
     NT: gl.constexpr = PB // BN
-    nblk = N // PB
-    num_items = gl.cdiv(M, BM) * nblk
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    total = gl.cdiv(num_items - pid, nprog) * NT
+    nblk, pid, nprog, total = _item_schedule(M, N, BM, PB, NT)
 
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [KSTEPS] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [KSTEPS] + b_desc.block_type.shape, b_desc.layout)
@@ -162,8 +180,7 @@ def dgelu_bd_rows_kernel(a_desc, b_desc, pre_desc, out_desc, part_ptr, M, N, QB:
         mbarrier.init(bars.index(s), count=1)
     abar = bars.index(KSTEPS)
 
-    m = pid // nblk
-    j = pid % nblk
+    m, j, _ = _b_coord(0, pid, nprog, nblk, NT)
     mbarrier.expect(abar, KSTEPS * a_desc.block_type.nbytes)
     for s in gl.static_range(KSTEPS):
         tma.async_copy_global_to_shared(a_desc, [m * BM, j * QB + s * BK], abar, a_bufs.index(s))
@@ -187,10 +204,7 @@ def dgelu_bd_rows_kernel(a_desc, b_desc, pre_desc, out_desc, part_ptr, M, N, QB:
         # the next tile's loads, before this tile's epilogue
         i2 = i + 1
         more = i2 < total
-        n2 = i2 % NT
-        item2 = pid + (i2 // NT) * nprog
-        m = item2 // nblk
-        j = item2 % nblk
+        m, j, n2 = _b_coord(i2, pid, nprog, nblk, NT)
         new_a = more & (n2 == 0)
         mbarrier.expect(abar, KSTEPS * a_desc.block_type.nbytes, pred=new_a)
         for s in gl.static_range(KSTEPS):
@@ -213,13 +227,6 @@ def dgelu_bd_rows_kernel(a_desc, b_desc, pre_desc, out_desc, part_ptr, M, N, QB:
 
 
 @gluon.jit
-def _b_coord(t, pid, nprog, nblk, NT: gl.constexpr):
-    """(row tile m, block j, column tile n within the block) of this program's t-th tile."""
-    item = pid + (t // NT) * nprog
-    return item // nblk, item % nblk, t % NT
-
-
-@gluon.jit
 def dgelu_bd_ring_kernel(a_desc, b_desc, out_desc, pre_ptr, part_ptr, M, N, QB: gl.constexpr, PB: gl.constexpr,
                          STAGES: gl.constexpr, FAST: gl.constexpr, layout: gl.constexpr, SUM_MMA: gl.constexpr,
                          sum_layout: gl.constexpr, ones_layout: gl.constexpr, num_warps: gl.constexpr):
@@ -232,11 +239,7 @@ def dgelu_bd_ring_kernel(a_desc, b_desc, out_desc, pre_ptr, part_ptr, M, N, QB: 
     BK: gl.constexpr = a_desc.block_type.shape[1]
     KSTEPS: gl.constexpr = QB // BK
     NT: gl.constexpr = PB // BN
-    nblk = N // PB
-    num_items = gl.cdiv(M, BM) * nblk
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    total = gl.cdiv(num_items - pid, nprog) * NT
+    nblk, pid, nprog, total = _item_schedule(M, N, BM, PB, NT)
     total_k = total * KSTEPS
 
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [KSTEPS] + a_desc.block_type.shape, a_desc.layout)
@@ -378,8 +381,7 @@ def dgelu_bd_cols_kernel(a_desc, b_desc, out_desc, pre_ptr, part_ptr, M, N, QB: 
 @gluon.jit
 def _gelu_tanh(x):
     u = C0 * x * (1.0 + A0 * x * x)
-    t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=gl.float32, is_pure=True, pack=1)
-    return 0.5 * x * (1.0 + t)
+    return 0.5 * x * (1.0 + _tanh_approx(u))
 
 
 @gluon.jit
@@ -484,14 +486,14 @@ def dgelu_bd_gluon(dz, blocks, pre, cfg):
     BM, BN, BK, kind, extra, warps = cfg
     out = torch.empty_like(pre)
     num_m = triton.cdiv(t, BM)
-    part = torch.empty(num_m, nb * p, device=dz.device, dtype=torch.float32)
+    rows = extra[1] if kind == "cols" else num_m       # 'cols' writes one row of sums per split
+    part = torch.empty(rows, nb * p, device=dz.device, dtype=torch.float32)
     a, b, c, o = _descs(dz.reshape(t, nb * q), blocks.reshape(nb * q, p), pre, out, BM, BN, BK)
     if kind == "tile":
         grid = (num_m * (nb * p // BN), )
         dgelu_bd_tile_kernel[grid](a, b, c, o, part, nb * p, q, p, extra, mma_layout(BM, BN, warps), num_warps=warps)
     elif kind == "cols":
         st, split = extra
-        part = torch.empty(split, nb * p, device=dz.device, dtype=torch.float32)
         grid = (split * (nb * p // BN), )
         dgelu_bd_cols_kernel[grid](a, b, o, pre, part, t, nb * p, q, p, st, split, True, mma_layout(BM, BN, warps),
                                    num_warps=warps)
