@@ -551,7 +551,7 @@ NOTES = [
     "'cols' (column-stationary, bias sums kept in registers over the sweep); 'up' (persistent, one load ring "
     "across tiles, bias + GELU epilogue with two TMA stores). FAST / the 'up' kernel use the hardware tanh "
     "(tanh.approx.f32); without it, tanh from exp2 and a division.",
-    "Reading, dgrad: the best Gluon kernels ('ring' (3, 2), 'rows' with the hardware tanh) take 0.34-0.35 ms of "
+    "Reading, dgrad: the best Gluon kernels ('ring' (3, 2), 'rows' with the hardware tanh) take 0.34-0.37 ms of "
     "GPU time against 0.47 ms for cuBLASLt's DGELU plus the sum: 0.13 ms less, bias gradient included. Where the "
     "time goes ('rows'): matmul and store 0.19 ms (cuBLAS's bare bmm: 0.13 ms), + 0.08 ms for reading the "
     "pre-activation and GELU' (about what 268 MB at copy bandwidth costs), + 0.08 ms for the per-tile column sums "
