@@ -11,7 +11,9 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
@@ -21,7 +23,7 @@ from .core.data import calibration_tensor
 from .core.fold import fold_bn
 from .core.quantizer import QuantSpec
 from .core.wrap import (LayerPlan, layer_modules, mask_pruned, quant_layers, quantizable, quantizers, weight_oi,
-                        wrap_layers)
+                        working_copy, wrap_layers)
 from .errors import SlimkitError
 
 
@@ -111,26 +113,55 @@ def calibrate_activations(model: nn.Module, data: torch.Tensor, device: torch.de
             q.observer = None  # statistics are no longer needed; free their memory
 
 
-def _loose_weights(model: nn.Module) -> list[str]:
-    """Parameters of two or more dimensions held directly by modules that are not layers slimkit quantizes nor
-    embeddings / normalisations / the convolutions it already warns about: weights a custom forward uses
-    through torch.nn.functional, which stay float."""
+MATMULS = (F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+           F.conv_transpose3d, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.einsum,
+           torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__)
+
+
+class _MatmulOperands(TorchFunctionMode):
+    """Records which of `watched` (id -> name) tensors, or views of them, reach a matmul or convolution."""
+
+    def __init__(self, watched: dict[int, str]):
+        super().__init__()
+        self.watched, self.used = watched, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in MATMULS:
+            for a in (*args, *kwargs.values()):
+                for t in (a, getattr(a, "_base", None)) if isinstance(a, torch.Tensor) else ():
+                    name = self.watched.get(id(t))
+                    if name is not None and name not in self.used:
+                        self.used.append(name)
+        return func(*args, **kwargs)
+
+
+def _loose_weights(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Parameters held directly by modules that are not layers slimkit quantizes (nor embeddings /
+    normalisations / the convolutions it already warns about) that a forward on `example` passes to a matmul or
+    convolution itself (F.linear, F.conv2d, torch.matmul, ...): weights that stay float. Additive ones (a ViT's
+    class token and position embedding) are not listed."""
     known = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm,
              nn.GroupNorm, nn.MultiheadAttention)
-    found = []
+    watched = {}
     for name, module in model.named_modules():
         if quantizable(module) or isinstance(module, known):
             continue
-        found += [f"{name}.{p}" if name else p for p, t in module.named_parameters(recurse=False)
-                  if t.dim() >= 2 and t.is_floating_point()]
-    return found
+        watched.update({id(t): f"{name}.{p}" if name else p for p, t in module.named_parameters(recurse=False)
+                        if t.dim() >= 2 and t.is_floating_point()})
+    if not watched:
+        return []
+    spy = _MatmulOperands(watched)
+    with torch.no_grad(), spy:
+        model(example)
+    return spy.used
 
 
 def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torch.device
             ) -> tuple[nn.Module, nn.Module, list]:
     """The float model with BatchNorm folded, its quantized twin with calibrated activation ranges, and the
     folded (conv, bn) pairs. The input model is not modified."""
-    fp_model = copy.deepcopy(model).eval().to(device)
+    fp_model = working_copy(model).eval().to(device)
     example = data[:2].to(device)
     check_runs(fp_model, example)
     folded = fold_bn(fp_model, example) if cfg.fold_bn else []
@@ -140,7 +171,7 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
     if other:
         warnings.warn(f"the model's {', '.join(other)} layers stay float: slimkit quantizes nn.Linear and nn.Conv2d "
                       "layers", stacklevel=3)
-    loose = _loose_weights(fp_model)
+    loose = _loose_weights(fp_model, example)
     if loose:
         warnings.warn(f"{len(loose)} weight tensor(s) outside nn.Linear / nn.Conv2d modules stay float ("
                       f"{', '.join(loose[:4])}{', ...' if len(loose) > 4 else ''}): slimkit quantizes layers, not "

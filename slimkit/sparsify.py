@@ -32,7 +32,7 @@ from torch import nn
 
 from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact_counts, global_magnitude_counts,
                             magnitude_mask, nm_keep, uniform_rates, weight_2d)
-from .core.wrap import quantizable
+from .core.wrap import quantizable, working_copy
 from .errors import SlimkitError
 
 METHODS = ("fcpts", "uniform", "global_magnitude", "erk", "wanda", "owl", "sparsegpt")
@@ -239,8 +239,10 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
             from .quantize import check_runs
 
             data = calibration_tensor(calib_data, num_samples or 1024, options.get("seed", 0))
+            floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+            data = data.to(floating[0] if floating else data.dtype)    # a float64 / bf16 model gets its own dtype
             check_runs(model, data[:2])
-    out = model if inplace else copy.deepcopy(model)
+    out = working_copy(model, inplace)
     layers = prunable_layers(out, exclude)
     log = None
     if needs_data:
@@ -254,11 +256,11 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
             from .transformer import is_transformer
 
             options["score"] = "activation" if is_transformer(out) else "magnitude"
-        teacher = copy.deepcopy(model).to(dev).eval()
+        teacher = working_copy(model).to(dev).eval()
         out.to(dev)
         cfg = FCPTSConfig(sparsity=target, progress=progress, **options)
         if cfg.reconstruct == "sparsegpt":    # learn the rates on a scratch copy, then prune `out` by SparseGPT
-            scratch = copy.deepcopy(model).to(dev)
+            scratch = working_copy(model).to(dev)
             _, log = fcpts(scratch, teacher, prunable_layers(scratch, exclude), data,
                            dataclasses.replace(cfg, finetune_iters=0), dev)
             del scratch

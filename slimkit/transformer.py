@@ -24,7 +24,7 @@ from .config import QuantConfig
 from .core import attention
 from .core.families import Group, Layout, layout
 from .core.quantizer import QuantSpec
-from .core.wrap import LayerPlan, layer_modules, mask_pruned, quant_layers, quantizers, wrap_layers
+from .core.wrap import LayerPlan, layer_modules, mask_pruned, quant_layers, quantizers, working_copy, wrap_layers
 from .errors import SlimkitError
 
 
@@ -364,7 +364,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
                            "take w_bits (its embeddings and head stay float): drop first_last_bits")
     _check_skip(model, lay, cfg.skip)
     batches = _batches(calib, cfg, model_vocab(model))
-    q_model = model if inplace else copy.deepcopy(model)
+    q_model = working_copy(model, inplace)
     q_model.eval()
     home = next(q_model.parameters()).device
     if cfg.attn_quant:

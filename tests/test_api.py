@@ -460,15 +460,16 @@ class _Functional(nn.Module):
         self.c0 = nn.Conv2d(1, 8, 3, padding=1)
         self.w = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
         self.fw = nn.Parameter(torch.randn(5, 8) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 10, 10) * 0.1)    # additive, as a ViT's position embedding
 
     def forward(self, x):
-        x = torch.relu(nn.functional.conv2d(torch.relu(self.c0(x)), self.w, padding=1))
+        x = torch.relu(nn.functional.conv2d(torch.relu(self.c0(x)) + self.pos, self.w, padding=1))
         return nn.functional.linear(x.mean((2, 3)), self.fw)
 
 
 def test_compiled_models_quantize_and_functional_weights_are_named(data):
     """A torch.compile'd model quantizes as the model it wraps (its graph hid the layers' calls); weights used
-    through F.conv2d / F.linear stay float with a warning that names them."""
+    through F.conv2d / F.linear stay float with a warning that names them (and not an additive parameter)."""
     q = slimkit.quantize(torch.compile(tiny_net()), data, method="rtn", w_bits=4, a_bits=4, progress=False)
     assert len(quant_layers(q)) == 6
     with pytest.warns(UserWarning, match=r"2 weight tensor\(s\) outside .*\(w, fw\)"):
@@ -487,3 +488,50 @@ def test_method_defaults_sit_below_recipes_and_explicit_options():
     assert QuantConfig.build(method="outlier_suppression").lr_act == 1e-5
     assert QuantConfig.build(method="outlier_suppression", lr_act=3e-5).lr_act == 3e-5
     assert QuantConfig.build(method="qdrop").lr_act == 4e-5 and QuantConfig.build().w_observer == "mse"
+
+
+def test_a_layer_held_twice_is_quantized_at_both_uses_and_saves(data, tmp_path):
+    """A conv held under two names runs quantized at both calls (one QuantLayer), and the artifact reloads
+    bit for bit."""
+    from test_fold_and_wrap import Aliased
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    q = slimkit.quantize(Aliased().eval(), x, method="rtn", w_bits=2, a_bits=8, progress=False)
+    assert isinstance(q.c2, QuantLayer) and q.c2 is q.c1
+    slimkit.save(q, tmp_path / "a")
+    back = slimkit.load(tmp_path / "a", model=Aliased())
+    assert back.c2 is back.c1 and torch.equal(back(x), q(x))
+
+
+def _weight_normed() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    for i in (0, 2, 6):
+        nn.utils.parametrizations.weight_norm(m[i])
+    return m
+
+
+def test_parametrized_weights_are_compressed_and_the_input_model_is_untouched(data):
+    """Layers under torch.nn.utils.parametrizations (weight_norm here) are pruned and quantized as plain
+    layers holding the parametrized weight: the zeros are really in the weights the forward uses, and the
+    user's model keeps its parametrizations and its outputs. The old hook-based weight_norm gets a clear error."""
+    model = _weight_normed()
+    with torch.no_grad():
+        before = model(data[:4])
+    sparse = slimkit.sparsify(model, method="erk", sparsity=0.5)
+    counted = [sparse[i].weight for i in (0, 2, 6)]
+    zeros = sum(int((w == 0).sum()) for w in counted)
+    assert zeros == round(0.5 * sum(w.numel() for w in counted)) and sparse.slimkit_info["sparsity"]["achieved"] == 0.5
+    assert not any(nn.utils.parametrize.is_parametrized(m) for m in sparse.modules())
+    q = slimkit.quantize(model, data, method="rtn", w_bits=4, a_bits=8, progress=False)
+    assert [type(q[i]).__name__ for i in (0, 2, 6)] == ["QuantLayer"] * 3
+    assert all(nn.utils.parametrize.is_parametrized(model[i]) for i in (0, 2, 6))
+    with torch.no_grad():
+        assert torch.equal(model(data[:4]), before)
+    old = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    nn.utils.weight_norm(old[0])
+    for call in (lambda: slimkit.sparsify(old, method="erk", sparsity=0.5),
+                 lambda: slimkit.quantize(old, data, method="rtn", w_bits=4, a_bits=8, progress=False)):
+        with pytest.raises(slimkit.SlimkitError, match=r"layer '0' uses the old torch.nn.utils.weight_norm.*remove_weight_norm"):
+            call()

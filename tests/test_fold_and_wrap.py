@@ -377,3 +377,65 @@ def test_capture_keeps_block_inputs_the_block_changes_in_place():
     with torch.no_grad():
         assert torch.equal(fp_in, model[0](x)) and fp_in.min() < 0
         assert torch.equal(fp_out, model[1](model[0](x)))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in small: a BatchNorm2d subclass whose forward also applies .drop and .act."""
+
+    def __init__(self, c: int):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class ScaledBN(nn.BatchNorm2d):
+    """A BatchNorm2d subclass whose own forward does something slimkit cannot name: never folded."""
+
+    def forward(self, x):
+        return super().forward(x) * 2 + 1
+
+
+def test_fold_bn_folds_batchnorm_act_subclasses_and_keeps_their_activation():
+    """A conv -> BatchNormAct pair folds: the conv takes the normalisation, the activation stays in the
+    BatchNorm's place, and the outputs hold to 1e-5; a subclass with an unknown forward stays, with a warning
+    that names its class (not a shared conv output, which there is none of)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct(8), nn.Conv2d(8, 4, 1), ScaledBN(4))
+    _randomize_bn(model, 1)
+    model.eval()
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.warns(UserWarning, match=r"1 BatchNorm\(s\) of class ScaledBN left unfolded \(3\)"):
+        pairs = fold_bn(model, x)
+    assert pairs == [("0", "1")]
+    assert isinstance(model[1], nn.Sequential) and isinstance(model[1][1], nn.SiLU) and isinstance(model[3], ScaledBN)
+    with torch.no_grad():
+        assert _rel(model(x), before) < 1e-5
+
+
+class Aliased(nn.Module):
+    """One conv held under two names (self.c2 = self.c1) and called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c2 = self.c1
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c2(F.relu(self.c1(F.relu(self.c0(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_wrap_layers_wraps_a_layer_at_every_name_that_holds_it():
+    torch.manual_seed(0)
+    model = Aliased()
+    original = model.c1
+    wrapped = wrap_layers(model, {n: LayerPlan(**PLAN8) for n in layer_modules(model)})
+    assert sorted(wrapped) == ["c0", "c1", "fc"]
+    assert isinstance(model.c2, QuantLayer) and model.c2 is model.c1 and model.c1.layer is original
+    unwrap_layers(model)
+    assert model.c1 is original and model.c2 is original

@@ -742,3 +742,41 @@ def test_a_sparse_hugging_face_model_the_user_built_reloads_from_its_config(tmp_
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(again(ids).last_hidden_state, s(ids).last_hidden_state)
+
+
+class _Aliased(nn.Module):
+    """A linear held under two names (self.b = self.a), called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.a, self.out = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(torch.relu(self.inp(x)))))))
+
+
+@pytest.mark.parametrize("case", ["frozen", "aliased", "float64"])
+def test_fcpts_on_frozen_aliased_and_float64_models(case):
+    """A model frozen for inference (requires_grad_(False)) still learns (and comes back frozen); a layer held
+    under two names is masked at both calls and keeps its parameter (no stale graph across steps); a float64
+    model calibrates in float64. Each reaches the target exactly and moves from the ERK start it began at."""
+    teacher, calib, _ = teacher_and_data()
+    model = _Aliased() if case == "aliased" else teacher
+    if case == "frozen":
+        model.requires_grad_(False)
+    if case == "float64":
+        model, calib = model.double(), calib.double()
+    s = slimkit.sparsify(model, calib, method="fcpts", sparsity=0.7, iters=30, finetune_iters=5, batch_size=32,
+                         progress=False, device="cpu")
+    layers = prunable_layers(s)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.7 * total)
+    assert all(isinstance(m.weight, nn.Parameter) for m in layers.values())
+    info = s.slimkit_info["sparsity"]["fcpts"]
+    assert info["learned_rates"] != info["init_rates"]
+    assert all(p.requires_grad == (case != "frozen") for p in s.parameters())
+    if case == "aliased":
+        assert s.b is s.a and "b" not in layers
+    if case == "float64":
+        assert all(p.dtype == torch.float64 for p in s.parameters())

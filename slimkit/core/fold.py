@@ -25,6 +25,16 @@ def _foldable(bn: nn.BatchNorm2d) -> bool:
     return bn.running_mean is not None and bn.running_var is not None
 
 
+def remainder(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What takes a folded BatchNorm's place: nn.Identity for a plain one; its dropout and activation for a
+    subclass whose forward applies them after normalising (timm's BatchNormAct2d: .drop, then .act); None for
+    another subclass with a forward of its own, which is not folded."""
+    if type(bn).forward is nn.modules.batchnorm._BatchNorm.forward:
+        return nn.Identity()
+    parts = [getattr(bn, name, None) for name in ("drop", "act")]
+    return nn.Sequential(*parts) if all(isinstance(p, nn.Module) for p in parts) else None
+
+
 def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     """(conv name, bn name) pairs where the BN consumes the conv's output directly: the very tensor, unchanged
     in place since (a conv -> ReLU(inplace) -> BN chain is no pair), each conv and BN called once in the forward
@@ -107,6 +117,14 @@ def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: f
     was_training = model.training
     model.eval()
     pairs = find_conv_bn_pairs(model, example)
+    odd = [(c, b) for c, b in pairs if remainder(model.get_submodule(b)) is None]
+    if odd:
+        kinds = sorted({type(model.get_submodule(b)).__name__ for _, b in odd})
+        warnings.warn(f"BatchNorm folding: {len(odd)} BatchNorm(s) of class {', '.join(kinds)} left unfolded "
+                      f"({', '.join(b for _, b in odd[:5])}{' ...' if len(odd) > 5 else ''}): a BatchNorm2d subclass "
+                      "with a forward of its own may do more than normalise. They stay float BatchNorms after their "
+                      "quantized convs.", stacklevel=3)
+        pairs = [p for p in pairs if p not in odd]
     if not pairs:
         model.train(was_training)
         return pairs
@@ -118,7 +136,7 @@ def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: f
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         done.append((conv, conv.weight.detach().clone(), conv.bias, bn_name, bn))
         fold_conv_bn(conv, bn)
-        set_submodule(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, remainder(bn))
 
     def undo(upto: int = 0) -> None:
         while len(done) > upto:

@@ -7,6 +7,7 @@ rebuilds from the artifact.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -14,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
+from ..errors import SlimkitError
 from .observers import mse_search
 from .quantizer import QuantSpec, Quantizer, dequantize, qparams_from_range, to_rows, from_rows
 
@@ -219,6 +222,44 @@ def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def working_copy(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The model compression works on: a deep copy (or `model` itself with inplace=True) whose parametrized
+    weights (torch.nn.utils.parametrizations: weight_norm, spectral_norm, orthogonal ...) are baked into plain
+    parameters, so that pruning and quantizing the weight change what the forward computes."""
+    old_style = {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}    # torch.nn.utils' forward hooks
+    hooked = [(name, old_style[type(h).__name__]) for name, m in model.named_modules()
+              for h in m._forward_pre_hooks.values() if type(h).__name__ in old_style]
+    if hooked and not inplace:
+        name, fn = hooked[0]
+        raise SlimkitError(f"{f'layer {name!r}' if name else 'the model'} uses the old torch.nn.utils.{fn}, whose weight cannot be copied or "
+                           f"compressed: call torch.nn.utils.remove_{fn}(layer) on the {len(hooked)} such layer(s) "
+                           f"first, or build them with torch.nn.utils.parametrizations.{fn}")
+    out = model if inplace else copy.deepcopy(model)
+    for name, m in out.named_modules():
+        for hook in list(m._forward_pre_hooks.values()):      # (inplace only) the old hooks: plain weights
+            if type(hook).__name__ in old_style:
+                getattr(torch.nn.utils, f"remove_{old_style[type(hook).__name__]}")(m, hook.name)
+        if parametrize.is_parametrized(m):
+            _bake_parametrizations(m)
+    return out
+
+
+def _bake_parametrizations(m: nn.Module) -> None:
+    """Replace m's parametrized tensors by plain ones holding their current values. Not through
+    parametrize.remove_parametrizations: that edits the generated Parametrized* class, which a deep copy shares
+    with the original model, and would break the user's model."""
+    values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+    trained = {name: [p.requires_grad for p in plist.parameters(recurse=False)]
+               for name, plist in m.parametrizations.items()}     # the originals: parameters, or buffers if none
+    m.__class__ = type(m).__bases__[0]
+    del m._modules["parametrizations"]
+    for name, value in values.items():
+        if trained[name]:
+            m.register_parameter(name, nn.Parameter(value, requires_grad=any(trained[name])))
+        else:
+            m.register_buffer(name, value)
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -248,18 +289,17 @@ def mask_pruned(wrapped: dict[str, "QuantLayer"], sparsity: dict | None) -> None
 def wrap_layers(model: nn.Module, plans: dict[str, LayerPlan], init_qparams: bool = True) -> dict[str, QuantLayer]:
     """Replace each named layer by its QuantLayer twin, in place; returns the wrappers by name.
     `init_qparams=False` skips computing weight scales (when they are about to be loaded)."""
-    wrapped = {}
+    wrapped, olds = {}, {}
     for name, plan in plans.items():
-        layer = model.get_submodule(name)
-        q = QuantLayer(layer, plan.w_spec, plan.a_spec, plan.w_observer, plan.a_observer, init_qparams)
-        set_submodule(model, name, q)
-        wrapped[name] = q
+        olds[name] = layer = model.get_submodule(name)
+        wrapped[name] = QuantLayer(layer, plan.w_spec, plan.a_spec, plan.w_observer, plan.a_observer, init_qparams)
+    swap_modules(model, wrapped, olds)     # a layer held under two names (self.b = self.a) is wrapped at both
     return wrapped
 
 
 def unwrap_layers(model: nn.Module) -> nn.Module:
-    """Put the original float layers back (the inverse of wrap_layers), in place."""
-    for name, module in list(model.named_modules()):
+    """Put the original float layers back (the inverse of wrap_layers), in place, at every path that holds one."""
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, QuantLayer):
             set_submodule(model, name, module.layer)
     return model

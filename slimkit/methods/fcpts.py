@@ -41,7 +41,7 @@ Choices of ours, where the public code is silent or does otherwise:
   SparseGPT's update, so it is opt-in.
 - Exactness: the learned rates go through slimkit.core.sparsity.exact_counts, so the final masks (the highest
   scores of each layer) hold exactly round(S* n) zeros; then `finetune_iters` more distillation steps with the
-  masks fixed, and BatchNorm statistics re-estimated.
+  masks fixed, BatchNorm in train mode throughout, so its running statistics follow the final masks.
 """
 from __future__ import annotations
 
@@ -157,9 +157,23 @@ def _channel_scales(model: nn.Module, layers: dict[str, nn.Module], data: torch.
 
 
 def _forward_masked(model: nn.Module, masked: dict[str, _Masked], x: torch.Tensor) -> torch.Tensor:
-    """model(x) with each counted layer's weight replaced by its straight-through masked weight."""
-    params = {f"{name}.weight": m.masked_weight() for name, m in masked.items()}
-    return torch.func.functional_call(model, params, (x,), strict=False)
+    """model(x) with each counted layer's weight replaced by its straight-through masked weight wherever that
+    parameter is held (a layer held twice, self.b = self.a; a weight tied to another module's). Swapped by hand:
+    torch.func.functional_call leaves a module held under two names with the replacement after the call."""
+    by_param = {id(m.layer.weight): m.masked_weight() for m in masked.values()}
+    swapped = []
+    try:
+        for module in model.modules():          # (each module once, however many names hold it)
+            for pname, p in list(module._parameters.items()):
+                if p is not None and id(p) in by_param:
+                    del module._parameters[pname]
+                    swapped.append((module, pname, p))
+                    setattr(module, pname, by_param[id(p)])
+        return model(x)
+    finally:
+        for module, pname, p in swapped:
+            delattr(module, pname)
+            module._parameters[pname] = p
 
 
 def _kd_loss(student, teacher, temperature: float) -> torch.Tensor:
@@ -231,6 +245,9 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
     scales = _channel_scales(model, layers, data, device) if cfg.score == "activation" else {}
     masked = {k: _Masked(m, init[k], scales.get(k)) for k, m in layers.items()}
     total = sum(sizes.values())
+    frozen = not any(p.requires_grad for p in model.parameters())
+    if frozen:      # a model frozen for inference (requires_grad_(False)): its weights learn here all the same
+        model.requires_grad_(True)
     weights = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in weights if p.dim() > 1]
     rest = [p for p in weights if p.dim() <= 1]
@@ -293,5 +310,7 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
                 for k, layer in layers.items():
                     layer.weight.copy_(apply_mask(layer.weight, masks[k]))
     model.eval()
+    if frozen:
+        model.requires_grad_(False)
     log.update({"learned_rates": learned, "init_rates": init, "counts": counts, "seconds": time.perf_counter() - t0})
     return masks, log
