@@ -224,6 +224,8 @@ def sparsify(
     iters: Optional[int] = typer.Option(None, help="fcpts: rate-learning steps (400)"),
     finetune_iters: Optional[int] = typer.Option(None, "--finetune-iters", help="fcpts: steps with the masks fixed (100)"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples for the methods that take data (default 1024 images; 128 text sequences for transformers)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="transformers: tokens per calibration "
+                                          "sequence (default 2048, or the model's context if shorter; 128 for encoders)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="fcpts: batch size (64)"),
     score: Optional[str] = typer.Option(None, help="fcpts: rank weights by 'magnitude' (|w|) or 'activation' "
                                                    "(|w| * input channel norm); default auto: activation for "
@@ -279,6 +281,9 @@ def sparsify(
                                "global_magnitude | erk")
         if is_transformer(fp_model) and isinstance(calib, str):
             calib = text_data(calib)
+    if seq_len is not None and not (learn and is_transformer(fp_model)):
+        raise SlimkitError("--seq-len sets the length of a transformer's calibration sequences; "
+                           f"{'this model is not a transformer' if learn else method + ' takes no data'}: drop it")
     if options and (nm is not None or method != "fcpts"):
         raise SlimkitError("--iters, --finetune-iters, --batch-size, --score, --temperature and --reconstruct apply "
                            "to --method fcpts only")
@@ -290,8 +295,8 @@ def sparsify(
         text_data(eval_name)        # evaluation text that does not exist fails now, not after the run
     t0 = time.perf_counter()
     smodel = run_sparsify(fp_model, calib if learn else None, method=method, sparsity=sparsity, nm=nm,
-                          exclude=tuple(exclude or ()), device=device, num_samples=num_samples, progress=not quiet,
-                          **options)
+                          exclude=tuple(exclude or ()), device=device, num_samples=num_samples, seq_len=seq_len,
+                          progress=not quiet, **options)
     seconds = time.perf_counter() - t0
     dev = str(pick_device(device))
     if is_transformer(fp_model) and eval_name is not None:

@@ -26,12 +26,18 @@ def config_kind(config) -> str:
 
 
 def lm_kind(model: nn.Module) -> str:
-    """"causal" or "encoder": how a transformers model is evaluated (perplexity or embedding fidelity)."""
+    """"causal" or "encoder": how a transformers model is evaluated, by perplexity (a decoder with its language
+    model head) or by the fidelity of its hidden states (encoders, and decoders without that head: a base model,
+    a sequence classifier)."""
     if type(model).__name__.endswith(CAUSAL_SUFFIXES):
         return "causal"
     config = getattr(model, "config", None)
     if config is None:
         raise SlimkitError(f"{type(model).__name__} has no .config: lm_kind needs a Hugging Face transformers model")
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    vocab = getattr(config, "vocab_size", None)
+    if config_kind(config) == "causal" and not (isinstance(head, nn.Linear) and head.out_features == vocab):
+        return "encoder"
     return config_kind(config)
 
 

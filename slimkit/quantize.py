@@ -229,6 +229,9 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     if isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
         model = model._orig_mod         # torch.compile's wrapper: its graph hides the layers' calls; the model's own
     device = pick_device(cfg.device)
+    if quant_layers(model):
+        raise SlimkitError("this model is already quantized (it holds slimkit's quantized layers): quantize the "
+                           "float model (a sparse one from slimkit.sparsify included) instead")
     from .methods import TRANSFORMER_METHODS
     from .transformer import is_transformer, lm_calibration, quantize_transformer
 
@@ -240,9 +243,6 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     if cfg.method in TRANSFORMER_METHODS:
         raise SlimkitError(f"method {cfg.method!r} is for Hugging Face transformers; this model "
                            f"({type(model).__name__}) is not one: use rtn, adaround, brecq or qdrop")
-    if quant_layers(model):
-        raise SlimkitError("this model is already quantized (it holds slimkit's quantized layers): quantize the "
-                           "float model (a sparse one from slimkit.sparsify included) instead")
     data = calibration_tensor(calib_data, cfg.num_samples or 1024, cfg.seed)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if dtype != torch.float32:

@@ -179,8 +179,8 @@ def token_blocks(texts: Sequence[str], tokenizer, n_blocks: int, block_len: int,
         raise SlimkitError(f"need n_blocks >= 1 and block_len >= 1, got {n_blocks} and {block_len}")
     ids = corpus_tokens(texts, tokenizer)
     if ids.numel() < block_len + 1:
-        raise SlimkitError(f"the corpus has {ids.numel()} tokens, fewer than block_len + 1 = {block_len + 1}: "
-                           "give more text or a shorter block_len")
+        raise SlimkitError(f"the calibration text has {ids.numel()} tokens, too few for one sequence of "
+                           f"{block_len} (plus one): give more text, or shorter sequences (seq_len, --seq-len)")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - block_len, (n_blocks,), generator=g)
     return ids[starts[:, None] + torch.arange(block_len)]

@@ -93,6 +93,21 @@ def run_block(block: nn.Module, inputs: list, device: torch.device) -> list[torc
     return outs
 
 
+def _check_preserved(block: nn.Module, inputs: list, outputs: list, device: torch.device, method: str, family: str,
+                     path: str, tol: float = 0.05) -> None:
+    """The method's transform (migrated scales, shifts) must leave the float block's output as it was: a clear
+    error where it does not, as with a norm that does not scale by its weight the way the family says (Gemma's
+    x * (1 + w) registered as Llama's x * w), instead of a silently wrong model."""
+    after = run_block(block, inputs, device)
+    rel = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item() for a, b in zip(after, outputs))
+    if not rel <= tol:
+        raise SlimkitError(f"{method}'s transform changed {path}'s float output by {rel:.1%} before any quantization: "
+                           f"the {family} family's norms or linears do not compute what its adapter says (a norm "
+                           "that scales by (1 + weight), as Gemma's, is not a Llama-style norm). Register an "
+                           "adapter that matches the model (slimkit.core.families.register_family), or use "
+                           "method='minmax', which moves nothing")
+
+
 def _move_outside_blocks(model: nn.Module, lay: Layout, device: torch.device) -> None:
     """Move every parameter and buffer that is not inside a block (embeddings, rotary tables, heads)."""
     blocks = tuple(b + "." for b in lay.blocks)
@@ -396,6 +411,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         ctx = BlockContext(q_model, block, i, lay.groups(i), {}, {}, cfg, device, lay.family.norm)
         fp_outputs = _record_block(ctx, fp_inputs)
         method.transform(ctx)
+        _check_preserved(block, fp_inputs[:1], fp_outputs[:1], device, cfg.method, lay.family.name, path)
         mask_pruned(wrap_layers(q_model, _plans(path, block, cfg)), sparsity)
         if cfg.attn_quant:
             scope = next(g.scope for g in ctx.groups if g.name == "attn_in")

@@ -535,3 +535,30 @@ def test_parametrized_weights_are_compressed_and_the_input_model_is_untouched(da
                  lambda: slimkit.quantize(old, data, method="rtn", w_bits=4, a_bits=8, progress=False)):
         with pytest.raises(slimkit.SlimkitError, match=r"layer '0' uses the old torch.nn.utils.weight_norm.*remove_weight_norm"):
             call()
+
+
+class _Versioned(nn.Conv2d):
+    """A layer that, like torchvision's MNASNet, reads its state-dict version when loading."""
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        assert local_metadata.get("version") == 2, "version should be set to 2"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_artifacts_reload_layers_that_check_their_state_version_and_batchnorm_act(data, tmp_path):
+    """slimkit.load hands load_state_dict the model's own state metadata (versions), and a folded BatchNormAct
+    comes back as its activation, not as nothing: both reload bit for bit."""
+    from test_fold_and_wrap import BatchNormAct, _randomize_bn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(_Versioned(1, 8, 3, padding=1), BatchNormAct(8), nn.Conv2d(8, 8, 3, padding=1),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    model = build()
+    _randomize_bn(model, 2)
+    q = slimkit.quantize(model.eval(), data, method="rtn", w_bits=4, a_bits=8, progress=False)
+    assert q.slimkit_info["folded_bn"] == [["0", "1"]]
+    slimkit.save(q, tmp_path / "q")
+    back = slimkit.load(tmp_path / "q", model=build())
+    assert isinstance(back[1], nn.Sequential) and torch.equal(back(data[:8]), q(data[:8]))

@@ -144,7 +144,7 @@ def test_cli_sparsify_writes_artifact_chart_and_refuses_bad_input(tmp_path):
     from slimkit.report import fmt_size
     assert fmt_size(model_size_bytes(back)) in r.output     # the size eval reports too, not the files on disk
     for args in (["--sparsity", "1.2"], ["--method", "magic"], ["--nm", "5:4"], ["--temperature", "0"],
-                 ["--method", "erk", "--temperature", "2"]):
+                 ["--method", "erk", "--temperature", "2"], ["--seq-len", "64"]):
         bad = CliRunner().invoke(app, ["sparsify", "fmnist-resnet", "--out", str(tmp_path / "bad"), *args])
         assert bad.exit_code != 0 and not (tmp_path / "bad").exists()
     # the sparse artifact quantizes from the command line too (its model's shipped data by default)
@@ -780,3 +780,31 @@ def test_fcpts_on_frozen_aliased_and_float64_models(case):
         assert s.b is s.a and "b" not in layers
     if case == "float64":
         assert all(p.dtype == torch.float64 for p in s.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_sparse_half_precision_transformer_reloads_in_its_dtype_bit_for_bit(dtype, tmp_path):
+    from tiny_hf import VOCAB, tiny_model
+    s = slimkit.sparsify(tiny_model("llama").to(dtype), method="uniform", sparsity=0.5)
+    slimkit.save(s, tmp_path / "s")
+    back = slimkit.load(tmp_path / "s")
+    assert {p.dtype for p in back.parameters()} == {dtype}
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, s(ids).logits)
+
+
+def test_fcpts_block_kd_on_a_transformer_matches_its_blocks_and_divergence_is_an_error():
+    """block_kd on a transformer matches its decoder blocks (not every linear); a learning rate that sends the
+    loss to inf stops with a clear error instead of returning NaN weights."""
+    from slimkit.methods.fcpts import _block_names
+    from tiny_hf import VOCAB, tiny_model
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(1))
+    assert _block_names(model, ids[:2]) == ["model.layers.0", "model.layers.1"]
+    s = slimkit.sparsify(model, ids, method="fcpts", sparsity=0.5, iters=10, finetune_iters=3, batch_size=4,
+                         block_kd=True, progress=False, device="cpu")
+    assert all(torch.isfinite(p).all() for p in s.parameters())
+    with pytest.raises(SlimkitError, match=r"FCPTS diverged at step \d+.*lr=1e\+06"):
+        slimkit.sparsify(model, ids, method="fcpts", sparsity=0.5, iters=10, finetune_iters=3, batch_size=4,
+                         lr=1e6, progress=False, device="cpu")

@@ -117,7 +117,7 @@ def test_token_blocks_shape_determinism_and_seed(tok):
 
 def test_token_blocks_too_short_corpus_names_both_numbers(tok):
     n = corpus_tokens(SENTENCES[:1], tok).numel()  # 6 tokens
-    with pytest.raises(SlimkitError, match=rf"{n} tokens.*block_len \+ 1 = 7"):
+    with pytest.raises(SlimkitError, match=rf"{n} tokens, too few for one sequence of 6 \(plus one\).*--seq-len"):
         token_blocks(SENTENCES[:1], tok, n_blocks=2, block_len=6)
     assert token_blocks(SENTENCES[:2], tok, n_blocks=2, block_len=6).shape == (2, 6)
 
@@ -272,6 +272,11 @@ def test_embed_ignores_padding_and_sees_through_heads(tok):
 def test_lm_kind(gpt, tok):
     assert lm_kind(gpt) == "causal"
     assert lm_kind(transformers.BertModel(_bert_config(tok))) == "encoder"
+    llama = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=2, intermediate_size=64, num_labels=3, pad_token_id=0)
+    assert lm_kind(transformers.LlamaForCausalLM(llama)) == "causal"
+    for head_less in (transformers.LlamaModel(llama), transformers.LlamaForSequenceClassification(llama)):
+        assert lm_kind(head_less) == "encoder"          # no next-token logits: judged by its hidden states
     assert config_kind(transformers.PretrainedConfig(architectures=["Qwen2ForCausalLM"])) == "causal"
     assert config_kind(transformers.LlamaConfig()) == "causal"
     assert config_kind(_bert_config(tok)) == "encoder"
@@ -316,6 +321,14 @@ def test_load_hf_local_folders_and_errors(tok, gpt, tmp_path, monkeypatch):
         hf.load_hf(tmp_path / "bert")
     model, _ = hf.load_hf(tmp_path / "bert", tokenizer=tok)
     assert type(model).__name__ == "BertModel"
+    torch.manual_seed(0)
+    classifier = transformers.BertForSequenceClassification(_bert_config(tok)).eval()   # the class it was saved as,
+    classifier.save_pretrained(tmp_path / "cls")                                          # its trained head kept
+    model, _ = hf.load_hf(tmp_path / "cls", tokenizer=tok)
+    ids = torch.tensor([[2, 5, 7, 3]])
+    assert type(model).__name__ == "BertForSequenceClassification"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, classifier(ids).logits)
     with pytest.raises(SlimkitError, match="neither a local folder nor a shipped model"):
         hf.load_hf(tmp_path / "absent")
     (tmp_path / "empty").mkdir()

@@ -45,7 +45,7 @@ def test_bad_transformer_inputs(model_dirs, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the cat")
     r = run("quantize", d, "--method", "os_plus", "--calib", str(short), "--seq-len", "64", "--out", str(tmp_path / "y"))
-    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "shorter sequences (seq_len, --seq-len)" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "y").exists()
     r = run("quantize", d, "--method", "os_plus", "--w-bits", "9", "--out", str(tmp_path / "z"))
     assert r.returncode == 2 and "w_bits must be" in r.stderr
@@ -57,3 +57,15 @@ def test_bad_transformer_inputs(model_dirs, tmp_path):
     assert r.returncode == 2 and "drop --reference" in r.stderr
     r = run("eval", str(model_dirs / "bert"), "--data", str(model_dirs / "corpus.txt"), "--reference", "fmnist-resnet")
     assert r.returncode == 2 and "not a transformer encoder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sparsify_takes_the_calibration_sequence_length(model_dirs, tmp_path):
+    corpus = str(model_dirs / "corpus.txt")
+    r = run("sparsify", str(model_dirs / "llama"), "--method", "wanda", "--sparsity", "0.5", "--calib", corpus,
+            "--num-samples", "4", "--seq-len", "16", "--eval-data", corpus, "--max-tokens", "200", "--quiet",
+            "--device", "cpu", "--out", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "s" / "manifest.json").exists()
+    r = run("sparsify", str(model_dirs / "llama"), "--method", "wanda", "--calib", corpus, "--seq-len", "100000",
+            "--out", str(tmp_path / "t"), "--quiet")
+    assert r.returncode == 2 and "longer than the model's context" in r.stderr and not (tmp_path / "t").exists()

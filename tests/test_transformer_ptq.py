@@ -413,3 +413,34 @@ def test_calibration_options_and_models_the_transforms_cannot_take():
     bloom.config.apply_residual_connection_post_layernorm = True
     with pytest.raises(slimkit.SlimkitError, match="apply_residual_connection_post_layernorm"):
         slimkit.quantize(bloom, tiny_inputs("bloom", 2, 8), method="os_plus", **OPTS)
+
+
+def test_a_quantized_transformer_is_refused_with_a_clear_error():
+    q = slimkit.quantize(tiny_model("llama"), tiny_inputs("llama", 2, 8), method="minmax", w_bits=8, a_bits=8, **OPTS)
+    with pytest.raises(slimkit.SlimkitError, match="already quantized"):
+        slimkit.quantize(q, tiny_inputs("llama", 2, 8), method="minmax", w_bits=8, a_bits=8, **OPTS)
+
+
+class _OffsetRMSNorm(torch.nn.Module):
+    """Gemma's norm: x_hat * (1 + w), where a Llama adapter expects x_hat * w."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.variance_epsilon
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight.float())).to(x.dtype)
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "outlier_suppression", "os_plus"])
+def test_a_transform_that_changes_the_float_model_is_refused(method):
+    """A norm that does not scale by its weight the way the family's adapter says (Gemma's (1 + w) in a Llama
+    layout): migrating scales into it would silently change the model; slimkit stops with a clear error. The
+    built-in families' transforms pass the same check (the other tests)."""
+    model = tiny_model("llama")
+    for block in model.model.layers:
+        block.input_layernorm = _OffsetRMSNorm(block.input_layernorm)
+        block.post_attention_layernorm = _OffsetRMSNorm(block.post_attention_layernorm)
+    with pytest.raises(slimkit.SlimkitError, match=r"transform changed model\.layers\.0's float output .*register_family"):
+        slimkit.quantize(model, tiny_inputs("llama", 4, 12), method=method, w_bits=8, a_bits=8, **OPTS)

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch import nn
 from ..core.quantizer import QuantSpec
 from ..core.sparsity import pack_sparse, unpack_sparse
 from ..core.entry import reattach_entries
+from ..core.fold import remainder
 from ..core.wrap import LayerPlan, quant_layers, set_submodule, weight_oi, wrap_layers
 from ..errors import SlimkitError
 
@@ -213,6 +215,11 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
         tied = _untie(tensors)
         if tied:
             manifest["tied_tensors"] = tied
+        from .hf_artifact import buffer_dtypes
+
+        dtypes = buffer_dtypes(model)       # (rotary frequencies of a half-precision model, which no file holds)
+        if dtypes:
+            manifest["buffer_dtypes"] = dtypes
         extra = None
         if hasattr(getattr(model, "config", None), "save_pretrained"):
             # a Hugging Face model (sparse, or an image model; loaded by slimkit or built by the user): its config
@@ -362,6 +369,18 @@ def _rebuild(path: Path, manifest: dict) -> nn.Module:
                            "it yourself: slimkit.load(path, model=YourModel())") from None
 
 
+def _take_dtypes(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each floating parameter / buffer the dtype its saved tensor has (a half-precision model rebuilt from
+    its config comes in float32, and load_state_dict would cast the saved values up), in place: tied parameters
+    stay one object."""
+    held = dict(model.named_parameters(remove_duplicate=False))
+    held.update(model.named_buffers(remove_duplicate=False))
+    for key, t in tensors.items():
+        p = held.get(key)
+        if p is not None and p.is_floating_point() and t.is_floating_point() and p.dtype != t.dtype:
+            p.data = p.data.to(t.dtype)
+
+
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a saved quantized model. `model`: a float instance of the architecture, needed only when the
     artifact came from a model slimkit cannot build by name (your own nn.Module class)."""
@@ -383,7 +402,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             conv = model.get_submodule(conv_name)
             if conv.bias is None:
                 conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
-            set_submodule(model, bn_name, nn.Identity())
+            set_submodule(model, bn_name, remainder(model.get_submodule(bn_name)))
         plans = {name: LayerPlan(_spec(s["weight"]), _spec(s["act"]), s.get("w_observer") or "minmax",
                                  s.get("a_observer") or "minmax") for name, s in manifest["layers"].items()}
         wrapped = wrap_layers(model, plans, init_qparams=False)
@@ -409,7 +428,13 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 handled.update({f"{name}.w_int", f"{name}.layer.weight", f"{name}.w_mask"})
                 with torch.no_grad():
                     weight_oi(layer.layer).copy_(layer.quantized_weight())
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        _take_dtypes(model, tensors)
+        from .hf_artifact import restore_buffer_dtypes
+
+        restore_buffer_dtypes(model, manifest.get("buffer_dtypes") or {})
+        state = OrderedDict(tensors)
+        state._metadata = getattr(model.state_dict(), "_metadata", None)   # modules that check a state version
+        missing, unexpected = model.load_state_dict(state, strict=False)
         reattach_entries(model, manifest["layers"])
     except (KeyError, RuntimeError, ValueError, IndexError, TypeError, AttributeError, StopIteration) as e:
         raise SlimkitError(f"the artifact at {path} is corrupt or does not match the model: {why(e)}") from None

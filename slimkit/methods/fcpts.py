@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from ..core.sparsity import apply_mask, erk_rates, exact_counts, magnitude_mask
 from ..core.wrap import is_conv1d
+from ..errors import SlimkitError
 from ..eval import model_output
 
 BINS = 100
@@ -218,9 +219,25 @@ def _block_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tenso
 
 
 def _block_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """A transformer's decoder / encoder blocks (its family's layout); a CNN's blocks as reconstruction finds them."""
+    from ..transformer import is_transformer
+
+    if is_transformer(model):
+        from ..core.families import layout
+
+        return layout(model).blocks
     from ..core.adapters import find_blocks
 
     return [b.name for b in find_blocks(model, example)[0]]
+
+
+def _finite(loss: torch.Tensor, step: int, cfg: FCPTSConfig) -> torch.Tensor:
+    """The loss, or a clear error once it is no longer finite (the weights would follow it to NaN)."""
+    if not torch.isfinite(loss.detach()).all():
+        raise SlimkitError(f"FCPTS diverged at step {step + 1}: the distillation loss is {float(loss.detach())}. "
+                           f"Lower the weights' learning rate (lr={cfg.lr:g}; --lr)"
+                           f"{' or drop block_kd' if cfg.block_kd else ''}")
+    return loss
 
 
 def _train_mode(model: nn.Module, batch: int) -> None:
@@ -277,7 +294,7 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
             x = batch()
             with torch.no_grad():
                 ref = teacher(x)
-            kd = distil(_forward_masked(model, masked, x), ref)
+            kd = _finite(distil(_forward_masked(model, masked, x), ref), len(log["kd"]), cfg)
             global_rate = sum(m.rate() * m.n for m in masked.values()) / total
             loss = kd + cfg.control_weight * (global_rate - cfg.sparsity).abs()
             opt_w.zero_grad(set_to_none=True)
@@ -296,12 +313,12 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
         with torch.no_grad():
             for k, layer in layers.items():
                 layer.weight.copy_(apply_mask(layer.weight, masks[k]))
-        for _ in tqdm(range(cfg.finetune_iters), desc="FCPTS: fine-tuning with fixed masks", disable=not cfg.progress,
+        for step in tqdm(range(cfg.finetune_iters), desc="FCPTS: fine-tuning with fixed masks", disable=not cfg.progress,
                       leave=False):
             x = batch()
             with torch.no_grad():
                 ref = teacher(x)
-            kd = distil(model(x), ref)
+            kd = _finite(distil(model(x), ref), cfg.iters + step, cfg)
             opt_w.zero_grad(set_to_none=True)
             kd.backward()
             opt_w.step()

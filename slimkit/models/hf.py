@@ -145,14 +145,14 @@ def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokeni
         path, spec = path.resolve(), str(path.resolve())
     config = AutoConfig.from_pretrained(path)
     if _vision(config):       # an image model: no tokenizer, slimkit's CNN path (inputs are pixel_values)
-        return _load(_auto_class(config), path, dtype, spec), None
+        return _load(_model_class(config), path, dtype, spec), None
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tok_path = Path(tokenizer) if tokenizer is not None else path
         if not _has_tokenizer(tok_path):
             raise SlimkitError(f"no tokenizer files in {tok_path}: save one there (tokenizer.save_pretrained) or pass "
                                "tokenizer=<tokenizer object or folder>")
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    model = _load(_auto_class(config), path, dtype, spec)
+    model = _load(_model_class(config), path, dtype, spec)
     model._slimkit_tokenizer = tokenizer  # so get_model(name) users and quantize() can tokenize calibration text
     return model, tokenizer
 
@@ -170,7 +170,8 @@ def hf_from_config(folder: str | Path, spec: str | None, cls_name: str | None = 
     # a model class builds with _from_config, an Auto class with from_config
     build = getattr(cls, "from_config", None) or getattr(cls, "_from_config", None)
     if build is None:
-        build = _auto_class(config).from_config
+        cls = _model_class(config)
+        build = getattr(cls, "from_config", None) or cls._from_config
     model = build(config).eval()     # (initialised: buffers such as rotary frequencies are not saved)
     if spec is not None:
         model._slimkit_spec = {"hf": spec}
@@ -192,6 +193,18 @@ def _load(auto, path: Path, dtype: torch.dtype, spec: str) -> nn.Module:
 def source_available(name: str) -> bool:
     """Whether load_hf can still find the model an artifact recorded: a shipped name or an existing folder."""
     return name in SHIPPED or Path(name).is_dir()
+
+
+def _model_class(config):
+    """The class a folder's model was saved as (config.architectures, e.g. a classifier with its trained head),
+    where transformers has it; else the Auto class of _auto_class."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls
+    return _auto_class(config)
 
 
 def _auto_class(config):
