@@ -227,6 +227,7 @@ def sparsify(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="transformers: tokens per calibration "
                                           "sequence (default 2048, or the model's context if shorter; 128 for encoders)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="fcpts: batch size (64)"),
+    lr: Optional[float] = typer.Option(None, help="fcpts: the weights' learning rate (SGD, 0.01)"),
     score: Optional[str] = typer.Option(None, help="fcpts: rank weights by 'magnitude' (|w|) or 'activation' "
                                                    "(|w| * input channel norm); default auto: activation for "
                                                    "transformers"),
@@ -266,7 +267,7 @@ def sparsify(
     fp_model, is_artifact = load_any(model, weights)
     if is_artifact:
         raise SlimkitError(f"{model} is a saved artifact: give the float model")
-    options = {k: v for k, v in dict(iters=iters, finetune_iters=finetune_iters, batch_size=batch_size,
+    options = {k: v for k, v in dict(iters=iters, finetune_iters=finetune_iters, batch_size=batch_size, lr=lr,
                                      score=score, temperature=temperature,
                                      reconstruct=reconstruct).items() if v is not None}
     learn = nm is None and method in NEEDS_DATA
@@ -285,8 +286,8 @@ def sparsify(
         raise SlimkitError("--seq-len sets the length of a transformer's calibration sequences; "
                            f"{'this model is not a transformer' if learn else method + ' takes no data'}: drop it")
     if options and (nm is not None or method != "fcpts"):
-        raise SlimkitError("--iters, --finetune-iters, --batch-size, --score, --temperature and --reconstruct apply "
-                           "to --method fcpts only")
+        raise SlimkitError("--iters, --finetune-iters, --batch-size, --lr, --score, --temperature and --reconstruct "
+                           "apply to --method fcpts only")
     eval_name = eval_data or default_data(model, "eval")
     if not is_transformer(fp_model) and eval_name is not None:   # fails now if it does not fit, not after the run
         x, y = resolve(eval_name)

@@ -22,7 +22,6 @@ global sparsity over them equals the target to within one weight (slimkit.core.s
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import time

@@ -11,7 +11,6 @@ where the model is (CPU memory for models larger than the GPU). The input model 
 """
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field

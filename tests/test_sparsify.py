@@ -144,7 +144,8 @@ def test_cli_sparsify_writes_artifact_chart_and_refuses_bad_input(tmp_path):
     from slimkit.report import fmt_size
     assert fmt_size(model_size_bytes(back)) in r.output     # the size eval reports too, not the files on disk
     for args in (["--sparsity", "1.2"], ["--method", "magic"], ["--nm", "5:4"], ["--temperature", "0"],
-                 ["--method", "erk", "--temperature", "2"], ["--seq-len", "64"]):
+                 ["--method", "erk", "--temperature", "2"], ["--seq-len", "64"], ["--lr", "0"],
+                 ["--method", "erk", "--lr", "0.1"]):
         bad = CliRunner().invoke(app, ["sparsify", "fmnist-resnet", "--out", str(tmp_path / "bad"), *args])
         assert bad.exit_code != 0 and not (tmp_path / "bad").exists()
     # the sparse artifact quantizes from the command line too (its model's shipped data by default)
