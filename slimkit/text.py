@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+import warnings
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -36,20 +37,32 @@ def is_text_file(path: Path) -> bool:
     return name.endswith(TEXT_SUFFIXES)
 
 
+UNDECODABLE = (0.01, 16)      # more than this share (and count) of a file's characters undecodable: not UTF-8 text
+
+
 def _read(path: Path) -> str:
-    """A text file's contents (UTF-8; undecodable bytes replaced), gzipped or not. A corrupt or truncated .gz, an
-    unreadable file, or one holding NUL characters (binary, or UTF-16 text) is a SlimkitError naming it."""
+    """A text file's contents (UTF-8), gzipped or not. A few undecodable bytes are replaced (U+FFFD) with a
+    warning; a corrupt or truncated .gz, an unreadable file, one holding NUL characters (binary, or UTF-16 text)
+    or one that is not UTF-8 (over 1% of it, and over 16 characters, undecodable: Latin-1 text, binary data) is a
+    SlimkitError naming it."""
     try:
         if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
-                text = f.read()
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            raw = path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:     # gzip.BadGzipFile is an OSError; a cut-off .gz an EOFError
         raise SlimkitError(f"cannot read {path}: {e or type(e).__name__}; repair or remove it") from None
+    text = raw.decode("utf-8", errors="replace")
     if "\0" in text:
         raise SlimkitError(f"{path} looks binary (it holds NUL characters; UTF-16 text does too): give UTF-8 text "
                            "files, or remove it")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())       # replacements, not U+FFFD the file holds
+    if bad > max(UNDECODABLE[0] * len(text), UNDECODABLE[1]):
+        raise SlimkitError(f"{path} is not UTF-8 text ({bad} of its {len(text)} characters do not decode): convert "
+                           "it (e.g. iconv -f latin1 -t utf-8), or remove it")
+    if bad:
+        warnings.warn(f"{path}: {bad} byte sequence(s) that are not UTF-8 read as U+FFFD", stacklevel=2)
     return text
 
 
@@ -288,7 +301,7 @@ def pydocs_dir() -> Path:
 
 def is_eval_file(relative_path: str) -> bool:
     """Whether a corpus file is held out for evaluation: a stable hash of its relative path, ~EVAL_PERCENT%."""
-    return int(hashlib.sha1(relative_path.encode()).hexdigest()[:8], 16) % 100 < EVAL_PERCENT
+    return int(hashlib.sha1(os.fsencode(relative_path)).hexdigest()[:8], 16) % 100 < EVAL_PERCENT
 
 
 CORPORA = {"python-docs": pydocs_dir}

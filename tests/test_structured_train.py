@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 
 import numpy as np
@@ -367,7 +368,9 @@ def test_a_refused_resume_leaves_the_data_folder_alone(corpus, tmp_path):
                                       ({"grad_clip": -1.0}, "grad_clip must"), ({"beta2": 1.0}, r"beta2 must be in"),
                                       ({"dropout": 1.5}, "dropout must"), ({"val_percent": 100}, "val_percent must"),
                                       ({"seed": -1}, "seed must be"), ({"d_ff": 0}, "d_ff must be"),
-                                      ({"device": "meta"}, "device must be"), ({"device": "foo"}, "device must be")])
+                                      ({"device": "meta"}, "device must be"), ({"device": "foo"}, "device must be"),
+                                      ({"ffn": "lowrank", "param_ratio": 1.5}, r"fc1 \(32 -> 128\): lowrank: param_ratio"),
+                                      ({"ffn": "blockdense", "nblocks": 3}, r"fc1 \(32 -> 128\): blockdense: nblocks=3")])
 def test_bad_training_settings(kw, match, tmp_path):
     with pytest.raises(SlimkitError, match=match):
         tiny(tmp_path / "x", tmp_path, **kw)
@@ -386,6 +389,20 @@ def test_bad_corpus_files_and_out(tmp_path):
         with pytest.raises(SlimkitError, match=f"(cannot read|looks binary).*{name}|{name}.*(cannot read|looks binary)"):
             prepare_corpus(root, tmp_path / "out", vocab_size=300, progress=False)
         assert not (tmp_path / "out").exists()
+    latin1 = tmp_path / "latin1"              # not UTF-8: refused, not trained on as U+FFFD
+    latin1.mkdir()
+    (latin1 / "ok.txt").write_text(good)
+    (latin1 / "es.txt").write_bytes(("el señor toma café con niños en el jardín. " * 40).encode("latin-1"))
+    with pytest.raises(SlimkitError, match=r"es\.txt is not UTF-8 text \(\d+ of its \d+ characters .*iconv"):
+        prepare_corpus(latin1, tmp_path / "out", vocab_size=300, progress=False)
+    (latin1 / "es.txt").write_bytes((good * 3).encode() + "caf\xe9".encode("latin-1"))    # one stray byte: a warning
+    with pytest.warns(UserWarning, match=r"es\.txt: 1 byte sequence\(s\) that are not UTF-8"):
+        prepare_corpus(latin1, tmp_path / "out", vocab_size=300, progress=False)
+    odd = tmp_path / "odd_names"               # a file name that is not UTF-8 (bytes of Latin-1) splits and reads
+    odd.mkdir()
+    (odd / "a.txt").write_text(good)
+    (odd / os.fsdecode(b"caf\xe9.txt")).write_text(good)
+    prepare_corpus(odd, tmp_path / "out_odd", vocab_size=300, progress=False)
     with pytest.raises(SlimkitError, match="is a file: give the folder"):
         prepare_corpus(root / "ok.txt", tmp_path / "out", progress=False)
     (tmp_path / "afile").write_text("x")
@@ -471,3 +488,22 @@ def test_run_folders_and_devices_are_checked_before_any_work(corpus, tmp_path, m
     tensors, aliases = _dedupe(sd, m)
     assert aliases == {"lm_head.weight": "tok_emb.weight"} and "lm_head.weight" not in tensors
     assert _dedupe(sd)[1] == {}
+
+
+def test_settings_a_run_does_not_read_neither_pass_the_cli_nor_block_a_resume(corpus, tmp_path):
+    """--param-ratio without a structured --ffn (or --guide-fraction without --self-guided) is refused by the CLI;
+    through the API they are ignored, and resuming without them is allowed."""
+    from typer.testing import CliRunner
+
+    from slimkit.cli import app
+
+    root = corpus[0]
+    for extra, needs in ((["--param-ratio", "0.5"], "--ffn"), (["--guide-fraction", "0.9"], "--self-guided")):
+        r = CliRunner().invoke(app, ["train-lm", "--corpus", str(root), "--out", str(tmp_path / "cli"), *extra])
+        assert isinstance(r.exception, SlimkitError) and f"has no effect without {needs}" in str(r.exception)
+    _, data, _ = corpus
+    with pytest.raises(Killed):
+        train(tiny(tmp_path / "run", data, steps=4, ckpt_every=2, param_ratio=0.5, guide_fraction=0.9),
+              on_step=kill_at(3))
+    resumed = train(tiny(tmp_path / "run", data, steps=4, ckpt_every=2, resume=True))
+    assert resumed["losses"] == train(tiny(tmp_path / "full", data, steps=4))["losses"]

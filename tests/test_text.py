@@ -62,8 +62,9 @@ def test_read_texts_folder_reads_only_text_files_sorted(tmp_path):
         f.write("zipped")
     (tmp_path / "f.bin").write_bytes(b"\0\1\2")
     (tmp_path / "g.png").write_bytes(b"\x89PNG\0")
-    (tmp_path / "a" / "z.txt").write_bytes(b"caf\xe9")  # not UTF-8: replaced, not an error
-    assert read_texts(tmp_path) == ["ex", "why", "caf\ufffd", "bee", "sea", "dee = 1", "zipped"]
+    (tmp_path / "a" / "z.txt").write_bytes(b"caf\xe9")  # one byte that is not UTF-8: replaced, with a warning
+    with pytest.warns(UserWarning, match=r"z\.txt: 1 byte sequence"):
+        assert read_texts(tmp_path) == ["ex", "why", "caf\ufffd", "bee", "sea", "dee = 1", "zipped"]
     assert read_texts(str(tmp_path / "e.txt.gz")) == ["zipped"]
     assert read_texts(["one", "", "two"]) == ["one", "two"]
 

@@ -88,9 +88,14 @@ def encode_texts(tok, texts: list[str]) -> np.ndarray:
 
 # --- files ------------------------------------------------------------------------------------------------------
 
+def file_score(relative_path: str) -> int:
+    """A stable hash of a relative path in 0..99 (of its bytes: names need not be UTF-8)."""
+    return int(hashlib.sha1(os.fsencode(relative_path)).hexdigest()[:8], 16) % 100
+
+
 def is_val_file(relative_path: str, val_percent: float) -> bool:
     """Whether a file is held out: a stable hash of its relative path falls in the first val_percent of 0..99."""
-    return int(hashlib.sha1(relative_path.encode()).hexdigest()[:8], 16) % 100 < val_percent
+    return file_score(relative_path) < val_percent
 
 
 def source_hash(root: Path, files: list[Path]) -> str:
@@ -176,7 +181,7 @@ def default_data_dir(corpus: Path, tokenizer: str, vocab_size: int, val_percent:
     (every setting in the name, so that two runs with different settings never share a folder)."""
     from ..models.hf import cache_dir
 
-    key = hashlib.sha1(str(corpus.resolve()).encode()).hexdigest()[:8]
+    key = hashlib.sha1(os.fsencode(corpus.resolve())).hexdigest()[:8]
     name = f"{corpus.name or 'corpus'}-{key}-{tokenizer}{vocab_size if tokenizer == 'bpe' else ''}-val{val_percent:g}"
     return cache_dir() / "tokens" / name
 
@@ -187,7 +192,7 @@ def split_files(root: Path, files: list[Path], val_percent: float) -> tuple[list
     val = [p for p in files if val_percent > 0 and is_val_file(rel[p], val_percent)]
     train = [p for p in files if p not in set(val)]
     if len(files) >= 2 and val_percent > 0:
-        score = {p: int(hashlib.sha1(rel[p].encode()).hexdigest()[:8], 16) % 100 for p in files}
+        score = {p: file_score(rel[p]) for p in files}
         if not val:
             val = [min(train, key=lambda p: (score[p], rel[p]))]
             train = [p for p in train if p != val[0]]

@@ -143,6 +143,15 @@ class TrainConfig:
                 raise SlimkitError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.corpus is None and self.data_dir is None:
             raise SlimkitError("give a corpus folder (--corpus DIR) or a prepared data_dir")
+        if self.ffn != "dense":      # the FFN shapes now, not after the corpus is tokenised
+            from .layers import make_linear
+
+            d_ff = self.gpt_config(1).d_ff
+            for what, i, o in (("fc1", self.d_model, d_ff), ("fc2", d_ff, self.d_model)):
+                try:
+                    make_linear(self.ffn, i, o, self.param_ratio, nblocks=self.nblocks, device="meta", init=False)
+                except SlimkitError as e:
+                    raise SlimkitError(f"the FFN's {what} ({i} -> {o}): {e}") from None
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
@@ -478,8 +487,10 @@ def _check_resumable(meta: dict, cfg: TrainConfig, global_batch: int, corpus: Co
     """A resumed run must compute what the interrupted one would have: same settings, batch and data (the data
     only with `corpus`: the settings are checked first, before the data folder is prepared)."""
     saved = meta["config"]
+    unused = ({"param_ratio", "nblocks"} if cfg.ffn == "dense" else set()) | \
+        (set() if cfg.self_guided else {"guide_fraction", "guide_curve"})     # settings this run never reads
     diff = [f"{f.name} ({saved.get(f.name)!r} saved, {getattr(cfg, f.name)!r} now)" for f in fields(TrainConfig)
-            if f.name not in RUNTIME_FIELDS and saved.get(f.name) != getattr(cfg, f.name)]
+            if f.name not in RUNTIME_FIELDS | unused and saved.get(f.name) != getattr(cfg, f.name)]
     if corpus is not None and meta["data"]["source_hash"] != corpus.meta["source_hash"]:
         diff.append("the corpus (its files changed)")
     if meta["global_batch"] != global_batch:
