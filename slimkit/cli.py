@@ -467,15 +467,11 @@ def train_lm(
 
     options = {k: v for k, v in locals().items() if k not in ("quiet", "TrainConfig", "train") and v is not None}
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-    structured, guided = options.get("ffn", "dense") != "dense", bool(options.get("self_guided"))
-    for flag, name, read, needs in (
-            ("--param-ratio", "param_ratio", structured, "--ffn lowrank | blockshuffle | blockdense"),
-            ("--nblocks", "nblocks", structured, "--ffn blockshuffle | blockdense"),
-            ("--guide-fraction", "guide_fraction", guided, "--self-guided"),
-            ("--guide-curve", "guide_curve", guided, "--self-guided")):
-        if name in options and not read:
-            raise SlimkitError(f"{flag} has no effect without {needs}: drop it, or add that")
-    report = train(TrainConfig(**options, progress=not quiet))
+    cfg = TrainConfig(**options, progress=not quiet)
+    for name, needs in cfg.unread().items():
+        if name in options:
+            raise SlimkitError(f"--{name.replace('_', '-')} has no effect without {needs}: drop it, or add that")
+    report = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:      # under torchrun: one summary, from rank 0
         return
     Console().print(f"val ppl {report['val_ppl']:.2f}, train ppl {report['train_ppl']:.2f}, {report['tokens']:,} tokens, "

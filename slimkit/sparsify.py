@@ -238,8 +238,8 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
             from .quantize import check_runs
 
             data = calibration_tensor(calib_data, num_samples or 1024, options.get("seed", 0))
-            floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
-            data = data.to(floating[0] if floating else data.dtype)    # a float64 / bf16 model gets its own dtype
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), data.dtype)
+            data = data.to(dtype)    # a float64 / bf16 model calibrates in its own dtype
             check_runs(model, data[:2])
     out = working_copy(model, inplace)
     layers = prunable_layers(out, exclude)

@@ -299,9 +299,14 @@ def pydocs_dir() -> Path:
     return Path(os.environ.get("SLIMKIT_PYDOCS_DIR") or PYDOCS_DIR)
 
 
+def path_score(relative_path: str) -> int:
+    """A stable hash of a relative path in 0..99 (of its bytes: names need not be UTF-8)."""
+    return int(hashlib.sha1(os.fsencode(relative_path)).hexdigest()[:8], 16) % 100
+
+
 def is_eval_file(relative_path: str) -> bool:
     """Whether a corpus file is held out for evaluation: a stable hash of its relative path, ~EVAL_PERCENT%."""
-    return int(hashlib.sha1(os.fsencode(relative_path)).hexdigest()[:8], 16) % 100 < EVAL_PERCENT
+    return path_score(relative_path) < EVAL_PERCENT
 
 
 CORPORA = {"python-docs": pydocs_dir}

@@ -231,7 +231,8 @@ def working_copy(model: nn.Module, inplace: bool = False) -> nn.Module:
               for h in m._forward_pre_hooks.values() if type(h).__name__ in old_style]
     if hooked and not inplace:
         name, fn = hooked[0]
-        raise SlimkitError(f"{f'layer {name!r}' if name else 'the model'} uses the old torch.nn.utils.{fn}, whose weight cannot be copied or "
+        where = f"layer {name!r}" if name else "the model"
+        raise SlimkitError(f"{where} uses the old torch.nn.utils.{fn}, whose weight cannot be copied or "
                            f"compressed: call torch.nn.utils.remove_{fn}(layer) on the {len(hooked)} such layer(s) "
                            f"first, or build them with torch.nn.utils.parametrizations.{fn}")
     out = model if inplace else copy.deepcopy(model)

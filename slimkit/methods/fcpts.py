@@ -157,24 +157,29 @@ def _channel_scales(model: nn.Module, layers: dict[str, nn.Module], data: torch.
     return out
 
 
-def _forward_masked(model: nn.Module, masked: dict[str, _Masked], x: torch.Tensor) -> torch.Tensor:
-    """model(x) with each counted layer's weight replaced by its straight-through masked weight wherever that
-    parameter is held (a layer held twice, self.b = self.a; a weight tied to another module's). Swapped by hand:
-    torch.func.functional_call leaves a module held under two names with the replacement after the call."""
-    by_param = {id(m.layer.weight): m.masked_weight() for m in masked.values()}
+def _weight_holders(model: nn.Module, masked: dict[str, _Masked]) -> list[tuple[nn.Module, str, _Masked]]:
+    """(module, attribute, layer) wherever a counted layer's weight parameter is held: a layer held twice
+    (self.b = self.a) is one module; a weight tied to another module's is held there too."""
+    by_param = {id(m.layer.weight): m for m in masked.values()}
+    return [(module, name, by_param[id(p)]) for module in model.modules()
+            for name, p in module._parameters.items() if p is not None and id(p) in by_param]
+
+
+def _forward_masked(model: nn.Module, holders: list[tuple[nn.Module, str, _Masked]], x: torch.Tensor) -> torch.Tensor:
+    """model(x) with each counted layer's weight replaced, wherever it is held, by its straight-through masked
+    weight. Swapped by hand: torch.func.functional_call leaves a module held under two names with the
+    replacement after the call."""
+    weights = {id(m): m.masked_weight() for _, _, m in holders}      # all before any swap: they read the weights
     swapped = []
     try:
-        for module in model.modules():          # (each module once, however many names hold it)
-            for pname, p in list(module._parameters.items()):
-                if p is not None and id(p) in by_param:
-                    del module._parameters[pname]
-                    swapped.append((module, pname, p))
-                    setattr(module, pname, by_param[id(p)])
+        for module, name, m in holders:
+            swapped.append((module, name, module._parameters.pop(name)))
+            setattr(module, name, weights[id(m)])
         return model(x)
     finally:
-        for module, pname, p in swapped:
-            delattr(module, pname)
-            module._parameters[pname] = p
+        for module, name, p in swapped:
+            delattr(module, name)
+            module._parameters[name] = p
 
 
 def _kd_loss(student, teacher, temperature: float) -> torch.Tensor:
@@ -290,11 +295,12 @@ def fcpts(model: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module], da
             return kd if hooks is None else kd + _block_loss(hooks[0].out, hooks[1].out)
 
         _train_mode(model, min(cfg.batch_size, data.shape[0]))
+        holders = _weight_holders(model, masked)
         for _ in tqdm(range(cfg.iters), desc="FCPTS: learning rates", disable=not cfg.progress, leave=False):
             x = batch()
             with torch.no_grad():
                 ref = teacher(x)
-            kd = _finite(distil(_forward_masked(model, masked, x), ref), len(log["kd"]), cfg)
+            kd = _finite(distil(_forward_masked(model, holders, x), ref), len(log["kd"]), cfg)
             global_rate = sum(m.rate() * m.n for m in masked.values()) / total
             loss = kd + cfg.control_weight * (global_rate - cfg.sparsity).abs()
             opt_w.zero_grad(set_to_none=True)

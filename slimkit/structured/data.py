@@ -28,7 +28,7 @@ import torch
 
 from ..errors import SlimkitError
 from ..text import _read as read_text
-from ..text import TEXT_SUFFIXES, text_files
+from ..text import TEXT_SUFFIXES, path_score, text_files
 
 EOT = "<|endoftext|>"
 TOKENIZERS = ("bpe", "smollm2")
@@ -88,14 +88,9 @@ def encode_texts(tok, texts: list[str]) -> np.ndarray:
 
 # --- files ------------------------------------------------------------------------------------------------------
 
-def file_score(relative_path: str) -> int:
-    """A stable hash of a relative path in 0..99 (of its bytes: names need not be UTF-8)."""
-    return int(hashlib.sha1(os.fsencode(relative_path)).hexdigest()[:8], 16) % 100
-
-
 def is_val_file(relative_path: str, val_percent: float) -> bool:
     """Whether a file is held out: a stable hash of its relative path falls in the first val_percent of 0..99."""
-    return file_score(relative_path) < val_percent
+    return path_score(relative_path) < val_percent
 
 
 def source_hash(root: Path, files: list[Path]) -> str:
@@ -192,7 +187,7 @@ def split_files(root: Path, files: list[Path], val_percent: float) -> tuple[list
     val = [p for p in files if val_percent > 0 and is_val_file(rel[p], val_percent)]
     train = [p for p in files if p not in set(val)]
     if len(files) >= 2 and val_percent > 0:
-        score = {p: file_score(rel[p]) for p in files}
+        score = {p: path_score(rel[p]) for p in files}
         if not val:
             val = [min(train, key=lambda p: (score[p], rel[p]))]
             train = [p for p in train if p != val[0]]

@@ -153,6 +153,15 @@ class TrainConfig:
                 except SlimkitError as e:
                     raise SlimkitError(f"the FFN's {what} ({i} -> {o}): {e}") from None
 
+    def unread(self) -> dict[str, str]:
+        """The settings this run never reads, each with the flag that would make it read them."""
+        out = {}
+        if self.ffn == "dense":
+            out.update(dict.fromkeys(("param_ratio", "nblocks"), "--ffn lowrank | blockshuffle | blockdense"))
+        if not self.self_guided:
+            out.update(dict.fromkeys(("guide_fraction", "guide_curve"), "--self-guided"))
+        return out
+
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
                          d_ff=self.d_ff, seq_len=self.seq_len, pos=self.pos, ffn=self.act, norm=self.norm,
@@ -487,10 +496,9 @@ def _check_resumable(meta: dict, cfg: TrainConfig, global_batch: int, corpus: Co
     """A resumed run must compute what the interrupted one would have: same settings, batch and data (the data
     only with `corpus`: the settings are checked first, before the data folder is prepared)."""
     saved = meta["config"]
-    unused = ({"param_ratio", "nblocks"} if cfg.ffn == "dense" else set()) | \
-        (set() if cfg.self_guided else {"guide_fraction", "guide_curve"})     # settings this run never reads
+    skip = RUNTIME_FIELDS | set(cfg.unread())
     diff = [f"{f.name} ({saved.get(f.name)!r} saved, {getattr(cfg, f.name)!r} now)" for f in fields(TrainConfig)
-            if f.name not in RUNTIME_FIELDS | unused and saved.get(f.name) != getattr(cfg, f.name)]
+            if f.name not in skip and saved.get(f.name) != getattr(cfg, f.name)]
     if corpus is not None and meta["data"]["source_hash"] != corpus.meta["source_hash"]:
         diff.append("the corpus (its files changed)")
     if meta["global_batch"] != global_batch:
