@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.32)
     ap.add_argument("--kinds", default="dense,lowrank,blockshuffle,blockdense")
     ap.add_argument("--no-bias", action="store_true")
+    ap.add_argument("--align", type=int, default=64, help="rank alignment, as bench/structured_ffn_speed.py's")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--lt", action="store_true", help="through fused_ffn(matmul='cublaslt') (nvmath-python)")
     ap.add_argument("--sync", action="store_true", help="synchronise after each profiled step (as the speed bench "
@@ -61,7 +62,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  d {args.d}  T {args.tokens}  r {args.ratio}  bias {not args.no_bias}")
     for kind in args.kinds.split(","):
         ffn, real = build(kind, args.d, 1.0 if kind == "dense" else args.ratio, dev, torch.bfloat16,
-                          bias=not args.no_bias)
+                          args.align, bias=not args.no_bias)
         if args.lt:
             ffn = LtFFN(ffn.fc1, ffn.fc2)
 
