@@ -9,7 +9,10 @@ the matmuls that touch those activations anyway:
 - backward, where fc2 starts with a dense factor u (k, N) (nn.Linear, LowRankLinear): the input gradient of that
   factor, dz u, goes through epilogue DGELU, which multiplies it by gelu'(pre) read from the auxiliary output.
   The bias gradient is one torch sum: the fused DGELU_BGRAD epilogue is far slower (H100, T 16384, 528 -> 8192:
-  1.37 ms against 0.33 ms for DGELU plus 0.10 ms for the sum).
+  1.37 ms against 0.33 ms for DGELU plus 0.10 ms for the sum), and so is BGRADB on the weight-gradient matmul
+  dpre^T @ h, which cuBLASLt 13.1 runs as the matmul plus its own reduction kernel (T 16384, 480 -> 8192: 0.314 ms
+  against 0.277 ms for torch's matmul plus the sum; the whole FFN no faster: bench/structured_ffn_bgrad_probe.py
+  at commit 3816c43).
   Where fc2 starts block-diagonal (BlockDense, BlockShuffle), the same DGELU runs once per block on token-major
   views (dgelu_block_diag). DGELU is the slow piece: every algorithm cuBLASLt 13.1 proposes for it (8, with
   either operand order) takes 343-432 us at T 16384, 528 -> 8192 on an H100, where the plain matmul takes
@@ -55,8 +58,7 @@ CANDIDATES = 8           # algorithms the heuristic proposes per plan; each time
 TUNE_ITERS = 3
 WORKSPACE = 32 << 20     # bytes of cuBLASLt workspace per device and stream
 MAX_PLANS = 32           # plans kept: training reuses a handful of shapes
-EPILOGUES = ("GELU_AUX", "GELU_AUX_BIAS", "DGELU", "BGRADA", "BGRADB")
-_BGRAD = ("BGRADA", "BGRADB")
+EPILOGUES = ("GELU_AUX", "GELU_AUX_BIAS", "DGELU")
 _PLANS: OrderedDict = OrderedDict()
 _LOCK = threading.Lock()          # guards _PLANS, _HANDLES and _WORKSPACES (plans themselves are per thread)
 _HANDLES: dict = {}
@@ -91,11 +93,9 @@ def _set(setter, dtype_of, obj, attr, value) -> np.ndarray:
 
 class _Plan:
     """One cuBLASLt matmul D = epilogue(op(A) op(B)), column-major, for fixed shapes and strides: out (T, N) with
-    unit column stride is D (N x T, ld out.stride(0)); x (T, K) is B, op(B) = N if its columns are contiguous
-    (K x T, ld x.stride(0)), else T (a column-major x, such as dpre^T in a weight gradient: T x K, ld
-    x.stride(1)); wt (K, N) is A, op(A) = N if wt's rows are contiguous (N x K), else T (wt = w^T for w (N, K));
-    aux is laid out like out, with its own leading dimension. BGRADB reduces op(B) over K into `bias` (T
-    values: one per row of out)."""
+    unit column stride is D (N x T, ld out.stride(0)); x (T, K) with unit column stride is B (K x T, ld
+    x.stride(0)); wt (K, N) is A, op(A) = N if wt's rows are contiguous (N x K), else T (wt = w^T for w (N, K));
+    aux is laid out like out, with its own leading dimension."""
 
     def __init__(self, epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
                  bias: torch.Tensor | None, aligns: tuple):
@@ -109,23 +109,19 @@ class _Plan:
         sd = lt.matmul_desc_set_attribute
         dtype_of = lt.get_matmul_desc_attribute_dtype
         trans_a, lda = _a_op(wt)
-        trans_b = _b_transposed(x)
         _set(sd, dtype_of, self.desc, desc_attr.TRANSA, 1 if trans_a else 0)     # CUBLAS_OP_T / CUBLAS_OP_N
-        _set(sd, dtype_of, self.desc, desc_attr.TRANSB, 1 if trans_b else 0)
+        _set(sd, dtype_of, self.desc, desc_attr.TRANSB, 0)
         _set(sd, dtype_of, self.desc, desc_attr.EPILOGUE, int(getattr(lt.Epilogue, epilogue)))
+        _set(sd, dtype_of, self.desc, desc_attr.EPILOGUE_AUX_LD, aux.stride(0) if t > 1 else n)
         self._aux_attr, self._bias_attr = desc_attr.EPILOGUE_AUX_POINTER, desc_attr.BIAS_POINTER
         self._ptr = np.zeros(1, dtype=dtype_of(desc_attr.EPILOGUE_AUX_POINTER))
-        self._aux = aux is not None
-        if self._aux:
-            _set(sd, dtype_of, self.desc, desc_attr.EPILOGUE_AUX_LD, aux.stride(0) if t > 1 else n)
-            self._set_ptr(self._aux_attr, aux.data_ptr())       # the heuristic checks the epilogue's pointers
+        self._set_ptr(self._aux_attr, aux.data_ptr())           # the heuristic checks the epilogue's pointers
         self._bias = bias is not None
         if self._bias:
             _set(sd, dtype_of, self.desc, desc_attr.BIAS_DATA_TYPE, int(dt))
             self._set_ptr(self._bias_attr, bias.data_ptr())
         self.a = self._layout(dt, k, n, lda) if trans_a else self._layout(dt, n, k, lda)
-        self.b = (self._layout(dt, t, k, x.stride(1) if k > 1 else t) if trans_b
-                  else self._layout(dt, k, t, x.stride(0) if t > 1 else k))
+        self.b = self._layout(dt, k, t, x.stride(0) if t > 1 else k)
         self.d = self._layout(dt, n, t, out.stride(0) if t > 1 else n)
         self._pref = lt.matmul_preference_create()
         sp, pdtype = lt.matmul_preference_set_attribute, lt.get_matmul_preference_attribute_dtype
@@ -154,8 +150,7 @@ class _Plan:
         lt.matmul_desc_set_attribute(self.desc, attr, self._ptr.ctypes.data, self._ptr.itemsize)
 
     def run(self, x, wt, out, aux, bias, algo=None) -> None:
-        if self._aux:
-            self._set_ptr(self._aux_attr, aux.data_ptr())
+        self._set_ptr(self._aux_attr, aux.data_ptr())
         if self._bias:
             self._set_ptr(self._bias_attr, bias.data_ptr())
         stream = torch.cuda.current_stream(self.device)
@@ -226,42 +221,27 @@ def _a_op(wt: torch.Tensor) -> tuple[bool, int] | None:
     return None
 
 
-def _b_transposed(x: torch.Tensor) -> bool:
-    """Whether cuBLASLt reads x (T, K) as a transposed operand B: x column-major (unit row stride) and not also
-    row-major."""
-    (t, k), (s0, s1) = x.shape, x.stride()
-    return not (s1 == 1 and s0 >= max(1, k)) and s0 == 1 and s1 >= max(1, t)
-
-
-def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor | None,
+def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
             bias: torch.Tensor | None = None) -> None:
     """out = epilogue(x @ wt) in place, for x (T, K), wt (K, N), out and aux (T, N), any of them strided views (a
-    block of a token-major block-diagonal product). GELU_AUX(_BIAS) writes aux, DGELU reads it; BGRADB and BGRADA
-    take no aux and write the bias gradient: x.sum(1) (T values) and wt.sum(0) (N values; see reference_matmul). x and wt are copied if cuBLASLt cannot read
-    them as they are (x row- or column-major); out and aux need unit column strides, row strides of at least N,
-    and one shape."""
+    block of a token-major block-diagonal product). GELU_AUX(_BIAS) writes aux, DGELU reads it (see
+    reference_matmul). x and wt are copied if cuBLASLt cannot read them as they are; out and aux need unit column
+    strides, row strides of at least N, and one shape."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    if (aux is None) != (epilogue in _BGRAD):
-        raise ValueError(f"epilogue {epilogue} {'takes no' if aux is not None else 'needs an'} aux tensor")
-    if any(u.stride(1) != 1 or u.stride(0) < u.shape[1] for u in (out,) + (() if aux is None else (aux,))) \
-            or (aux is not None and out.shape != aux.shape):
+    if out.shape != aux.shape or any(u.stride(1) != 1 or u.stride(0) < u.shape[1] for u in (out, aux)):
         raise ValueError("out and aux need one shape, unit column strides and row strides of at least N")
-    if any(t.dtype != x.dtype for t in (wt, out) + tuple(u for u in (aux, bias) if u is not None)):
+    if any(t.dtype != x.dtype for t in (wt, out, aux) + (() if bias is None else (bias,))):
         raise ValueError("x, wt, out, aux and bias must share one dtype")
-    bias_len = out.shape[0] if epilogue == "BGRADB" else out.shape[1]      # BGRADA: wt summed over K
-    if bias is not None and (bias.dim() != 1 or bias.stride(0) != 1 or bias.numel() != bias_len):
-        raise ValueError(f"bias must be a contiguous vector of {bias_len} values (one per "
-                         f"{'row' if epilogue == 'BGRADB' else 'column'} of out)")
-    if epilogue in _BGRAD and bias is None:
-        raise ValueError(f"epilogue {epilogue} writes its reduction to bias: pass one")
+    if bias is not None and (bias.dim() != 1 or bias.stride(0) != 1 or bias.numel() != out.shape[1]):
+        raise ValueError("bias must be a contiguous vector of N values")
     if _a_op(wt) is None:
         wt = wt.contiguous()
-    if not (x.stride(1) == 1 and x.stride(0) >= max(1, x.shape[1])) and not _b_transposed(x):
+    if x.stride(1) != 1 or x.stride(0) < max(1, x.shape[1]):
         x = x.contiguous()
     aligns = (_alignment(wt), _alignment(x), _alignment(out), _alignment(out), _alignment(aux), _alignment(bias))
     key = (epilogue, threading.get_ident(), x.device, x.dtype, tuple(x.shape), x.stride(), tuple(wt.shape),
-           wt.stride(), out.stride(), None if aux is None else aux.stride(), bias is not None, aligns)
+           wt.stride(), out.stride(), aux.stride(), bias is not None, aligns)
     with _LOCK:
         plan = _PLANS.get(key)
         if plan is not None:
@@ -280,8 +260,7 @@ def reference_matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torc
                      bias: torch.Tensor | None = None) -> None:
     """What `_matmul` computes, in PyTorch (for tests on any device): the epilogues' definitions.
     GELU_AUX(_BIAS): aux = x @ wt (+ bias per column), out = gelu_tanh(aux); DGELU: out = (x @ wt) *
-    gelu_tanh'(aux); BGRADB / BGRADA: out = x @ wt, bias = x summed over K (per row of out) / wt summed over K
-    (per column of out)."""
+    gelu_tanh'(aux)."""
     z = x @ wt
     if epilogue in ("GELU_AUX", "GELU_AUX_BIAS"):
         pre = z + bias if epilogue == "GELU_AUX_BIAS" else z
@@ -289,9 +268,6 @@ def reference_matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torc
         out.copy_(F.gelu(pre, approximate="tanh"))
     elif epilogue == "DGELU":
         out.copy_(torch.ops.aten.gelu_backward(z, aux, approximate="tanh"))
-    elif epilogue in ("BGRADA", "BGRADB"):
-        out.copy_(z)
-        bias.copy_(x.sum(1) if epilogue == "BGRADB" else wt.sum(0))
     else:
         raise ValueError(f"no reference for epilogue {epilogue!r}")
 
@@ -302,28 +278,6 @@ def _grad_like(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     if w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1:
         return (b.t() @ a.t()).t()
     return a @ b
-
-
-def weight_bias_grad(w: torch.Tensor, dpre: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dw, db) = (dpre^T @ h, dpre.sum(0)) for a linear h @ w^T + b with output gradient dpre (T, N) and input h
-    (T, K): one cuBLASLt matmul whose BGRADB epilogue takes the bias gradient while the matmul reads dpre anyway
-    (a separate sum is one more pass over dpre: 0.1 ms at T 16384, N 8192 on an H100). dw is laid out as w is
-    (row-major, or column-major such as an SVD init's)."""
-    db = dpre.new_empty(dpre.shape[1])
-    if w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1:      # column-major w: dw^T = h^T @ dpre row-major
-        dwt = dpre.new_empty(h.shape[1], dpre.shape[1])
-        _matmul("BGRADA", h.t(), dpre, dwt, None, db)
-        return dwt.t(), db
-    dw = dpre.new_empty(dpre.shape[1], h.shape[1])
-    _matmul("BGRADB", dpre.t(), h, dw, None, db)
-    return dw, db
-
-
-def _weight_grads(w: torch.Tensor, dpre: torch.Tensor, h: torch.Tensor, has_bias: bool) -> tuple:
-    """(dw, db) of the linear h @ w^T (+ b) for its output gradient dpre; db None without a bias."""
-    if has_bias:
-        return weight_bias_grad(w, dpre, h)
-    return _grad_like(w, dpre.t(), h), None
 
 
 def linear_gelu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
@@ -377,7 +331,8 @@ class GeluUp(torch.autograd.Function):
         if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
             return regrad(_up_reference, (h, w, b), ctx.needs_input_grad, dact)
         dpre = torch.ops.aten.gelu_backward(dact, pre, approximate="tanh")
-        return (dpre @ w,) + _weight_grads(w, dpre, h, ctx.has_bias)
+        db = dpre.sum(0) if ctx.has_bias else None
+        return dpre @ w, _grad_like(w, dpre.t(), h), db
 
 
 class GeluUpDown(torch.autograd.Function):
@@ -398,7 +353,8 @@ class GeluUpDown(torch.autograd.Function):
             ref = lambda h, w, b, u: F.linear(_up_reference(h, w, b), u)   # noqa: E731
             return regrad(ref, (h, w, b, u), ctx.needs_input_grad, dz)
         dpre = dgelu_linear(dz, u, pre)
-        return (dpre @ w,) + _weight_grads(w, dpre, h, ctx.has_bias) + (_grad_like(u, dz.t(), act),)
+        db = dpre.sum(0) if ctx.has_bias else None
+        return dpre @ w, _grad_like(w, dpre.t(), h), db, _grad_like(u, dz.t(), act)
 
 
 class GeluUpBlock(torch.autograd.Function):
@@ -423,6 +379,7 @@ class GeluUpBlock(torch.autograd.Function):
             return regrad(ref, (h, w, b, blocks), ctx.needs_input_grad, dz)
         dz = dz.contiguous()
         dpre = dgelu_block_diag(dz, blocks, pre)
+        db = dpre.sum(0) if ctx.has_bias else None
         nb, _, p = blocks.shape
         dblocks = torch.bmm(dz.transpose(0, 1).transpose(1, 2), act.view(act.shape[0], nb, p).transpose(0, 1))
-        return (dpre @ w,) + _weight_grads(w, dpre, h, ctx.has_bias) + (dblocks,)
+        return dpre @ w, _grad_like(w, dpre.t(), h), db, dblocks
