@@ -110,6 +110,40 @@ def test_reference_epilogues_are_their_definitions():
         EP.reference_matmul("RELU", x, wt, out, aux)
 
 
+def test_ones_column_rule():
+    """The bias gradient rides on the weight gradient only where the appended columns stay inside the last tile."""
+    assert EP.ones_fits(480) and EP.ones_fits(8) and EP.ones_fits(120)
+    assert not EP.ones_fits(512) and not EP.ones_fits(384) and not EP.ones_fits(124)
+    h = torch.randn(5, 12)
+    h1 = EP.with_ones(h)
+    assert h1.shape == (5, 12 + EP.ONES_PAD)
+    torch.testing.assert_close(h1[:, :12], h)
+    assert (h1[:, 12] == 1).all() and (h1[:, 13:] == 0).all()
+    assert EP.with_ones(torch.randn(5, 128)) is None
+
+
+@pytest.mark.parametrize("k", [12, 128])
+@pytest.mark.parametrize("col_major_w", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_bias_grads_are_the_linear_backward(k, col_major_w, bias):
+    """weight_bias_grads gives a linear's weight and bias gradients, through the ones column (k 12) or a separate
+    sum (k 128), with the weight gradient laid out as the weight is (an SVD init's column-major factor too)."""
+    g = torch.Generator().manual_seed(5)
+    h, dpre = torch.randn(40, k, generator=g), torch.randn(40, 24, generator=g)
+    w = torch.randn(k, 24, generator=g).t() if col_major_w else torch.randn(24, k, generator=g)
+    wr = w.detach().clone().requires_grad_(True)
+    br = torch.zeros(24, requires_grad=True)
+    F.linear(h, wr, br if bias else None).backward(dpre)
+    dw, db = EP.weight_bias_grads(w, dpre, h, EP.with_ones(h) if bias else None, bias)
+    torch.testing.assert_close(dw, wr.grad)
+    assert dw.stride() == w.stride()
+    if bias:
+        torch.testing.assert_close(db, br.grad)
+        assert db.is_contiguous()
+    else:
+        assert db is None
+
+
 def test_operand_a_orientation():
     """wt (K, N) is read as cuBLASLt's A without a copy when one of its strides is 1: a row-major wt (fc2's first
     factor u) untransposed, w.t() of a row-major w (fc1's last factor) transposed, each with its leading dimension."""

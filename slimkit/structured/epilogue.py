@@ -280,6 +280,45 @@ def _grad_like(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return a @ b
 
 
+ONES_PAD = 8      # columns appended to h for the bias gradient: one of ones, the rest zeros (16-byte rows in bf16)
+TILE = 128        # the width of the matmul tiles the appended columns must not spill out of
+
+
+def ones_fits(k: int) -> bool:
+    """Whether the weight gradient dpre^T @ h of a layer with input width k takes its bias gradient as one more
+    column of h (all ones) for free: when k is not a multiple of TILE and the ONES_PAD columns still fit in its
+    last tile, the matmul's tiles cover them already (k 480: 4 tiles of 128 either way)."""
+    return k % TILE != 0 and k % TILE + ONES_PAD <= TILE
+
+
+def with_ones(h: torch.Tensor) -> torch.Tensor | None:
+    """h (T, k) with ONES_PAD columns appended, the first of them ones and the rest zeros, when ones_fits(k); else
+    None. dpre^T @ with_ones(h) is then [dw, db, 0...]: the bias gradient comes out of the weight-gradient matmul,
+    which reads dpre anyway, instead of one more pass over dpre (a sum: 0.09 ms at 16384 x 8192 on an H100)."""
+    t, k = h.shape
+    if not ones_fits(k):
+        return None
+    pad = h.new_zeros(t, ONES_PAD)
+    pad[:, 0] = 1
+    return torch.cat([h, pad], 1)
+
+
+def weight_bias_grads(w: torch.Tensor, dpre: torch.Tensor, h: torch.Tensor, h1: torch.Tensor | None,
+                      has_bias: bool) -> tuple:
+    """(dw, db) of the linear h @ w^T (+ b) for its output gradient dpre, dw laid out as w is; db None without a
+    bias. h1 = with_ones(h) (or None): the bias gradient is then a column of one matmul (see with_ones)."""
+    if not has_bias:
+        return _grad_like(w, dpre.t(), h), None
+    if h1 is None:
+        return _grad_like(w, dpre.t(), h), dpre.sum(0)
+    k = h.shape[1]
+    if w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1:      # column-major w: its gradient too
+        g = h1.t() @ dpre                                           # (k + pad, N)
+        return g[:k].t(), g[k]
+    g = dpre.t() @ h1                                               # (N, k + pad)
+    return g[:, :k].contiguous(), g[:, k].contiguous()
+
+
 def linear_gelu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
     """(act, pre), both (T, N) row-major: act = gelu_tanh(h @ w^T + b) and the pre-activation."""
     act = h.new_empty(h.shape[0], w.shape[0])
@@ -321,18 +360,17 @@ class GeluUp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b):
         act, pre = linear_gelu(h, w, b)
-        ctx.save_for_backward(h, w, pre, b)
+        ctx.save_for_backward(h, None if b is None else with_ones(h), w, pre, b)
         ctx.has_bias = b is not None
         return act
 
     @staticmethod
     def backward(ctx, dact):
-        h, w, pre, b = ctx.saved_tensors
+        h, h1, w, pre, b = ctx.saved_tensors
         if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
             return regrad(_up_reference, (h, w, b), ctx.needs_input_grad, dact)
         dpre = torch.ops.aten.gelu_backward(dact, pre, approximate="tanh")
-        db = dpre.sum(0) if ctx.has_bias else None
-        return dpre @ w, _grad_like(w, dpre.t(), h), db
+        return (dpre @ w,) + weight_bias_grads(w, dpre, h, h1, ctx.has_bias)
 
 
 class GeluUpDown(torch.autograd.Function):
@@ -342,19 +380,18 @@ class GeluUpDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, u):
         act, pre = linear_gelu(h, w, b)
-        ctx.save_for_backward(h, w, u, act, pre, b)
+        ctx.save_for_backward(h, None if b is None else with_ones(h), w, u, act, pre, b)
         ctx.has_bias = b is not None
         return F.linear(act, u)
 
     @staticmethod
     def backward(ctx, dz):
-        h, w, u, act, pre, b = ctx.saved_tensors
+        h, h1, w, u, act, pre, b = ctx.saved_tensors
         if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
             ref = lambda h, w, b, u: F.linear(_up_reference(h, w, b), u)   # noqa: E731
             return regrad(ref, (h, w, b, u), ctx.needs_input_grad, dz)
         dpre = dgelu_linear(dz, u, pre)
-        db = dpre.sum(0) if ctx.has_bias else None
-        return dpre @ w, _grad_like(w, dpre.t(), h), db, _grad_like(u, dz.t(), act)
+        return (dpre @ w,) + weight_bias_grads(w, dpre, h, h1, ctx.has_bias) + (_grad_like(u, dz.t(), act),)
 
 
 class GeluUpBlock(torch.autograd.Function):
@@ -366,20 +403,19 @@ class GeluUpBlock(torch.autograd.Function):
     def forward(ctx, h, w, b, blocks):
         act, pre = linear_gelu(h, w, b)
         nb, _, p = blocks.shape
-        ctx.save_for_backward(h, w, blocks, act, pre, b)
+        ctx.save_for_backward(h, None if b is None else with_ones(h), w, blocks, act, pre, b)
         ctx.has_bias = b is not None
         return block_diag_product(act.view(act.shape[0], nb, p), blocks)
 
     @staticmethod
     def backward(ctx, dz):
-        h, w, blocks, act, pre, b = ctx.saved_tensors
+        h, h1, w, blocks, act, pre, b = ctx.saved_tensors
         if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
             ref = lambda h, w, b, blocks: block_diag_reference(   # noqa: E731
                 _up_reference(h, w, b).reshape(h.shape[0], blocks.shape[0], blocks.shape[2]), blocks)
             return regrad(ref, (h, w, b, blocks), ctx.needs_input_grad, dz)
         dz = dz.contiguous()
         dpre = dgelu_block_diag(dz, blocks, pre)
-        db = dpre.sum(0) if ctx.has_bias else None
         nb, _, p = blocks.shape
         dblocks = torch.bmm(dz.transpose(0, 1).transpose(1, 2), act.view(act.shape[0], nb, p).transpose(0, 1))
-        return dpre @ w, _grad_like(w, dpre.t(), h), db, dblocks
+        return (dpre @ w,) + weight_bias_grads(w, dpre, h, h1, ctx.has_bias) + (dblocks,)
