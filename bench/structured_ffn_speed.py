@@ -14,7 +14,11 @@ Rows (bench/results/<name>.json): method dense | lowrank | blockshuffle | blockd
                     "dense-lt" the dense FFN likewise;
   "<kind>-premerged" the factors merged into one dense matrix (slimkit.structured.merged_linear);
   "<kind>-graph"    forward through slimkit.structured.graphed as users call it (input copied in, CUDA graph
-                    replayed, output cloned), its speed-up taken over the dense FFN graphed the same way;
+                    replayed, output cloned), its speed-up taken over the dense FFN graphed the same way; fwbw:
+                    one training step (forward + backward) captured as a CUDA graph and replayed (graphed_step),
+                    over the dense step graphed likewise: the GPU's time alone, with no gaps where the GPU waits
+                    for the host to launch the next kernel (GPU only);
+  "<kind>-lt-graph" the '-lt' FFN likewise;
   "<kind>-compiled" the same FFN through torch.compile (what `slimkit train-lm --compile` runs: Inductor fuses
                     bias, GELU and the bias-gradient reductions around the cuBLAS matmuls), "dense-compiled" the
                     dense FFN likewise; both against the eager dense FFN (--compile-tokens, GPU default 16384);
@@ -197,6 +201,31 @@ def compiled(ffn: nn.Module) -> nn.Module:
     return torch.compile(ffn, dynamic=False)
 
 
+def graphed_step(ffn: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """One training step's forward+backward of `ffn` (parameter and input grads written fresh) captured as a CUDA
+    graph after warm-up runs on a side stream; returns its replay. Replaying costs the host one launch, so the time
+    of a replay is the GPU's alone, whatever the host's speed (a Python-launched step of many small kernels can
+    take the host longer to enqueue than the GPU to run)."""
+    xg = x.detach().requires_grad_(True)
+
+    def step():
+        ffn(xg).backward(grad)
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            ffn.zero_grad(set_to_none=True)
+            xg.grad = None
+            step()
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    ffn.zero_grad(set_to_none=True)   # the captured backward allocates the grads: each replay writes them anew
+    xg.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    return g.replay
+
+
 def measure(ffn: nn.Module, x: torch.Tensor, reps: int, backward: bool = True, graph: bool = False,
             timer=median_ms) -> dict:
     device = x.device
@@ -204,9 +233,12 @@ def measure(ffn: nn.Module, x: torch.Tensor, reps: int, backward: bool = True, g
     if graph:
         replay = graphed(ffn.eval(), x)
         out["fw_ms"] = timer(lambda: replay(x), device, reps)
-    else:
-        with torch.no_grad():
-            out["fw_ms"] = timer(lambda: ffn(x), device, reps)
+        if backward:
+            out["fwbw_ms"] = timer(graphed_step(ffn.train(), x, torch.randn_like(x)), device, reps)
+            ffn.zero_grad(set_to_none=True)
+        return out
+    with torch.no_grad():
+        out["fw_ms"] = timer(lambda: ffn(x), device, reps)
     if backward:
         xg = x.detach().requires_grad_(True)
         grad = torch.randn_like(x)    # a fixed upstream gradient: the FFN's own work, no loss around it
@@ -319,7 +351,7 @@ def main() -> None:
             dense, _ = build("dense", d, 1.0, device, dtype, bias=bias)
             t0 = time.perf_counter()
             base = meas(dense, x, reps)
-            base_graph = meas(dense, x, reps, backward=False, graph=True) if gpu else None
+            base_graph = meas(dense, x, reps, graph=True) if gpu else None
             add("dense", f"r=1 d={d} T={T}", 1.0, base, base, t0)
             fuse = available(x) and not args.no_fused
             lt = epilogue.available(x) and not args.no_lt
@@ -352,6 +384,10 @@ def main() -> None:
                     if lt and supported(ffn.fc1):
                         t0 = time.perf_counter()
                         add(f"{kind}-lt", setting, real, meas(LtFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
+                        t0 = time.perf_counter()
+                        res = meas(LtFFN(ffn.fc1, ffn.fc2), x, reps, graph=True)
+                        add(f"{kind}-lt-graph", setting, real, res, base_graph, t0)
+                        graph_rows += [(r, res[f"{r['metric'][:-8]}_ms"]) for r in rows[-2:]]
                     if fuse and supported(ffn.fc1):
                         t0 = time.perf_counter()
                         add(f"{kind}-fused", setting, real, meas(FusedFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
@@ -375,17 +411,18 @@ def main() -> None:
                     add(f"{kind}-premerged", setting, real, meas(merged, x, reps, backward=False), base, t0)
                     if gpu:
                         t0 = time.perf_counter()
-                        res = meas(ffn, x, reps, backward=False, graph=True)
+                        res = meas(ffn, x, reps, graph=True)
                         add(f"{kind}-graph", setting, real, res, base_graph, t0)
-                        graph_rows.append((rows[-1], res["fw_ms"]))
+                        graph_rows += [(r, res[f"{r['metric'][:-8]}_ms"]) for r in rows[-2:]]
                     del ffn, naive, merged
                     got = {r["method"]: r["value"] for r in rows if r["setting"] == setting and r["metric"] == "fw_speedup"}
                     print(f"  {setting} {kind} (ratio {real:.3f}): fw x{got.get(kind)}", flush=True)
             if gpu:   # the graphed dense FFN once more: one replay per call can catch a slow moment; keep the faster
-                again = meas(dense, x, reps, backward=False, graph=True)["fw_ms"]
-                if again < base_graph["fw_ms"]:
-                    for row, ms in graph_rows:
-                        row.update(value=round(again / ms, 3), dense_ms=round(again, 4))
+                again = meas(dense, x, reps, graph=True)
+                for row, ms in graph_rows:
+                    metric = row["metric"][:-8]          # fw / fwbw
+                    if again[f"{metric}_ms"] < base_graph[f"{metric}_ms"]:
+                        row.update(value=round(again[f"{metric}_ms"] / ms, 3), dense_ms=round(again[f"{metric}_ms"], 4))
             del dense
             save()
 if __name__ == "__main__":
