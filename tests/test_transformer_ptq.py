@@ -207,6 +207,20 @@ def test_a_damaged_hf_manifest_is_refused_not_misread(tmp_path):
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
     with pytest.raises(slimkit.SlimkitError, match="could not load the model directory"):
         slimkit.load(tmp_path / "cfg")
+    # transformers would initialise what the files lack at random and carry on: a weight dropped from
+    # model.safetensors, or config.json asking for one more layer, is refused
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(tmp_path / "art", tmp_path / "norm")
+    weights = load_file(tmp_path / "norm" / "model.safetensors")
+    weights.pop("model.norm.weight")
+    save_file(weights, tmp_path / "norm" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(slimkit.SlimkitError, match="missing from model.safetensors: model.norm.weight"):
+        slimkit.load(tmp_path / "norm")
+    shutil.copytree(tmp_path / "art", tmp_path / "layers")
+    (tmp_path / "layers" / "config.json").write_text(
+        json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    with pytest.raises(slimkit.SlimkitError, match="corrupt: its model.safetensors does not match"):
+        slimkit.load(tmp_path / "layers")
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt", "gpt2", "bert"])
@@ -444,3 +458,27 @@ def test_a_transform_that_changes_the_float_model_is_refused(method):
         block.post_attention_layernorm = _OffsetRMSNorm(block.post_attention_layernorm)
     with pytest.raises(slimkit.SlimkitError, match=r"transform changed model\.layers\.0's float output .*register_family"):
         slimkit.quantize(model, tiny_inputs("llama", 4, 12), method=method, w_bits=8, a_bits=8, **OPTS)
+
+
+def test_a_source_folder_missing_weights_is_named(tmp_path):
+    """A model folder without some of its weights loads (transformers initialises them at random), with a warning
+    that names them: compressing such a model is rarely what was meant."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slimkit.models.hf import load_hf
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    shutil.copytree(tmp_path / "src", tmp_path / "part")
+    weights = load_file(tmp_path / "part" / "model.safetensors")
+    weights.pop("model.norm.weight")
+    save_file(weights, tmp_path / "part" / "model.safetensors", metadata={"format": "pt"})
+    from tiny_hf import tiny_tokenizer
+    tiny_tokenizer().save_pretrained(tmp_path / "part")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    with pytest.warns(UserWarning, match="initialised at random by transformers .model.norm.weight"):
+        load_hf(str(tmp_path / "part"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_hf(str(tmp_path / "src"))

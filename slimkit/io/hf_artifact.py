@@ -163,11 +163,23 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
             config = transformers.AutoConfig.from_pretrained(path)
             arch = (config.architectures or [None])[0]
             cls = getattr(transformers, arch) if arch else transformers.AutoModel
-            with _quiet_transformers():
-                model = cls.from_pretrained(path, dtype="auto")     # the dtype it was saved in (config.json)
+            with _quiet_transformers():     # the dtype it was saved in (config.json)
+                model, info = cls.from_pretrained(path, dtype="auto", output_loading_info=True)
         except (OSError, ValueError, AttributeError, TypeError, RuntimeError, KeyError, SafetensorError) as e:
             raise SlimkitError(f"transformers could not load the model directory {path} (its config.json or "
                                f"model.safetensors is damaged or does not match): {why(e)}") from None
+        # transformers fills a weight the files lack with a fresh initialisation and carries on: in an artifact
+        # slimkit wrote whole, that is damage (a tensor dropped, config.json asking for another shape)
+        damage = {what: sorted(info.get(key) or ()) for key, what in (
+            ("missing_keys", "missing from model.safetensors"), ("unexpected_keys", "not in the model config.json "
+             "describes"), ("mismatched_keys", "of another shape than config.json describes"))
+            if info.get(key)}
+        if damage:
+            raise SlimkitError(f"the artifact at {path} is corrupt: its model.safetensors does not match its "
+                               "config.json (" + "; ".join(
+                                   f"{len(keys)} weight(s) {what}: {', '.join(map(str, keys[:3]))}"
+                                   f"{', ...' if len(keys) > 3 else ''}" for what, keys in damage.items())
+                               + "); save the model again")
     model.eval()
     restore_buffer_dtypes(model, manifest.get("buffer_dtypes") or {})
     tensors = read_weights(path / HF_QUANT)

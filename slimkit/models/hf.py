@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub are imported: nothing downloads
@@ -182,9 +183,14 @@ def hf_from_config(folder: str | Path, spec: str | None, cls_name: str | None = 
 def _load(auto, path: Path, dtype: torch.dtype, spec: str) -> nn.Module:
     try:
         with _no_progress_bars():
-            model = auto.from_pretrained(path, dtype=dtype)
+            model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise SlimkitError(f"cannot load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:     # transformers initialised them at random: compressing that model is rarely what was meant
+        warnings.warn(f"{path}: {len(missing)} weight(s) of {type(model).__name__} are not in the folder and were "
+                      f"initialised at random by transformers ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+                      "); the compressed model and its report include them as they are", stacklevel=3)
     model.eval()
     model._slimkit_spec = {"hf": spec}
     return model
