@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .core.data import check_inputs
 from .core.wrap import QuantLayer
 from .errors import SlimkitError
 
@@ -38,10 +39,13 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: to
     """The model's outputs (logits) for all inputs, computed in batches, returned on the CPU. A model may return
     a tensor, a tuple starting with its logits, or an object or dict with `logits` (or `last_hidden_state`)."""
     model = model.eval().to(device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is None or not torch.is_floating_point(x):
+        dtype = x.dtype         # float64 data (NumPy's default) runs in the model's own precision
     outs = []
     with torch.no_grad():
         for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
-            out = model(x[i : i + batch_size].to(device))
+            out = model(x[i : i + batch_size].to(device, dtype))
             outs.append(model_output(out)[0].float().cpu())
     return torch.cat(outs)
 
@@ -53,6 +57,7 @@ def check_data(model: nn.Module, x, labels=None) -> None:
 
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or len(x) == 0:
         raise SlimkitError("the evaluation data is empty or a single number: give samples along a first axis")
+    check_inputs(x, "evaluation")
     if labels is not None:
         if labels.dim() != 1 or len(labels) != len(x):
             raise SlimkitError(f"evaluation labels must be one class index per sample: got labels of shape "

@@ -47,7 +47,10 @@ def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration
     model.eval()
     try:
         with torch.no_grad():
-            return model(example if p is None else example.to(p.device))
+            if p is not None:   # float64 data (NumPy's default) in the model's own precision, as predict runs it
+                example = example.to(p.device, p.dtype if p.is_floating_point() and example.is_floating_point()
+                                     else example.dtype)
+            return model(example)
     except Exception as e:
         raise SlimkitError(f"the model does not accept {what} of shape {tuple(example.shape[1:])} "
                            f"(per sample): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -248,6 +248,29 @@ def test_evaluation_labels_are_checked(data):
 
 
 
+def test_evaluation_inputs_are_checked_like_calibration_inputs(data, tmp_path):
+    """NaN or integer (raw uint8 image) evaluation inputs are refused as calibration inputs are (they gave a report
+    without a word); float64 ones (NumPy's default) and big-endian files evaluate as float32 would."""
+    import numpy as np
+
+    from slimkit.core.data import resolve
+    from slimkit.eval import evaluate
+    m = tiny_net()
+    labels = torch.arange(len(data)) % 5
+    ref = evaluate(m, data, labels, reference=m)
+    nan = data.clone()
+    nan[:3] = float("nan")
+    with pytest.raises(slimkit.SlimkitError, match="evaluation data holds NaN"):
+        evaluate(m, nan, labels)
+    with pytest.raises(slimkit.SlimkitError, match="evaluation inputs must be floating point, got torch.uint8"):
+        evaluate(m, (data * 50 + 128).clamp(0, 255).to(torch.uint8), labels)
+    as64 = evaluate(m, data.double(), labels, reference=m)
+    assert as64["top1"] == ref["top1"] and as64["agreement"] == 1.0
+    np.save(tmp_path / "big.npy", data.numpy().astype(">f4"))
+    x, _ = resolve(tmp_path / "big.npy")
+    assert torch.equal(x, data)
+
+
 def test_report_figures_say_what_they_measure(data):
     """evaluate's seconds are the model's own (not its reference's); sizes print in SI units; a cosine short of 1
     does not print as 1; a manifest records the settings its method applied, not the CNN or transformer ones

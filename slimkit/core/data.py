@@ -25,6 +25,8 @@ def _as_tensor(a) -> torch.Tensor:
     if arr.dtype.kind in "OUSV":      # Python objects, strings, bytes, records
         raise SlimkitError(f"cannot use a {type(a).__name__} of Python objects or strings as data: give numbers (a "
                            "tensor, an array, or nested lists of numbers)")
+    if not arr.dtype.isnative:      # big-endian files (MATLAB, some exporters): torch reads native order only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     return torch.from_numpy(arr)
 
 
@@ -127,6 +129,14 @@ def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x, y
 
 
+def check_inputs(x: torch.Tensor, what: str) -> None:
+    """Model inputs are floating point and finite (what: 'calibration' or 'evaluation', for the message)."""
+    if not torch.is_floating_point(x):
+        raise SlimkitError(f"{what} inputs must be floating point, got {x.dtype} (scale images to floats first)")
+    if not torch.isfinite(x).all():
+        raise SlimkitError(f"the {what} data holds NaN or infinite values")
+
+
 def calibration_tensor(data, num_samples: int, seed: int = 0) -> torch.Tensor:
     """The float calibration inputs, at most `num_samples` of them (a fixed random subset when more)."""
     x, _ = resolve(data)
@@ -134,10 +144,7 @@ def calibration_tensor(data, num_samples: int, seed: int = 0) -> torch.Tensor:
         raise SlimkitError("the calibration data is a single number: give samples stacked along a first axis")
     if x.numel() == 0 or x.shape[0] == 0:
         raise SlimkitError("the calibration data is empty: give at least one sample")
-    if not torch.is_floating_point(x):
-        raise SlimkitError(f"calibration inputs must be floating point, got {x.dtype} (scale images to floats first)")
-    if not torch.isfinite(x).all():
-        raise SlimkitError("the calibration data holds NaN or infinite values")
+    check_inputs(x, "calibration")
     if x.shape[0] > num_samples:
         idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples]
         x = x[idx.sort().values]
