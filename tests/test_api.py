@@ -585,3 +585,48 @@ def test_artifacts_reload_layers_that_check_their_state_version_and_batchnorm_ac
     slimkit.save(q, tmp_path / "q")
     back = slimkit.load(tmp_path / "q", model=build())
     assert isinstance(back[1], nn.Sequential) and torch.equal(back(data[:8]), q(data[:8]))
+
+
+def test_damaged_quantization_parameters_and_manifests_are_refused(tmp_path, data):
+    """A saved model whose zero points leave their grid, whose per-channel steps were cut to one, whose layer
+    settings were edited after saving, or whose manifest fields have the wrong type, is refused by name: each of
+    these had loaded into a different model (or crashed with a traceback)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=4, a_bits=8)
+    slimkit.save(q, tmp_path / "art")
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    name = next(n for n, s in manifest["layers"].items()
+                if s["weight"]["granularity"] == "channel" and s["weight"]["bits"] == 4 and s["act"])
+
+    def tensors(tag, change, why):
+        bad = tmp_path / tag
+        shutil.copytree(tmp_path / "art", bad)
+        t = load_file(bad / "model.safetensors")
+        change(t)
+        save_file(t, bad / "model.safetensors", metadata={"format": "slimkit"})
+        with pytest.raises(slimkit.SlimkitError, match=why):
+            slimkit.load(bad, model=tiny_net())
+
+    def edited(tag, change, why):
+        bad = tmp_path / tag
+        shutil.copytree(tmp_path / "art", bad)
+        m = json.loads(json.dumps(manifest))
+        change(m)
+        (bad / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(slimkit.SlimkitError, match=why):
+            slimkit.load(bad, model=tiny_net())
+    zp = f"{name}.w_quant.zero_point"
+    tensors("zp_nan", lambda t: t.__setitem__(zp, t[zp] * float("nan")), "not whole numbers on the 4-bit")
+    tensors("zp_far", lambda t: t.__setitem__(zp, t[zp] + 1000), "not whole numbers on the 4-bit asymmetric grid")
+    tensors("zp_half", lambda t: t.__setitem__(zp, t[zp] + 0.5), "not whole numbers")
+    sc = f"{name}.w_quant.scale"
+    tensors("one_step", lambda t: (t.__setitem__(sc, t[sc][:1]), t.__setitem__(zp, t[zp][:1])),
+            "1 scales where its channel granularity has 8 groups")
+    edited("bits", lambda m: m["layers"][name]["act"].update(bits=4), "edited after saving")
+    edited("axis", lambda m: m["layers"][name]["weight"].update(ch_axis=1), "edited after saving")
+    edited("spec", lambda m: m.update(model_spec="fmnist-resnet"), "its 'model_spec' is a str, not a dict")
+    edited("version", lambda m: m.update(version="1"), "damaged: its version is '1'")
+    edited("newer", lambda m: m.update(version=99), "upgrade slimkit")
+    assert torch.equal(slimkit.load(tmp_path / "art", model=tiny_net())(data[:4]), q(data[:4]))

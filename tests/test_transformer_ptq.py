@@ -191,17 +191,24 @@ def test_a_damaged_hf_manifest_is_refused_not_misread(tmp_path):
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     name = next(iter(manifest["layers"]))
 
-    def damaged(tag, change, why):
+    def damaged(tag, change, why, digest=False):
         bad = tmp_path / tag
         shutil.copytree(tmp_path / "art", bad)
         m = json.loads(json.dumps(manifest))
         change(m)
+        if not digest:      # as an artifact saved before manifests kept a digest of their layers: deeper checks
+            m.pop("layers_digest")
         (bad / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(slimkit.SlimkitError, match=why):
             slimkit.load(bad)
+    for tag, change in (("sym", lambda m: m["layers"][name]["weight"].update(symmetric=True)),
+                        ("abits", lambda m: m["layers"][name]["act"].update(bits=4))):
+        damaged(tag, change, "edited after saving", digest=True)
+    damaged("sym_old", lambda m: m["layers"][name]["weight"].update(symmetric=True), "not whole numbers on the 4-bit "
+            "symmetric grid|symmetric quantizer with nonzero zero points")
     damaged("dropped", lambda m: m["layers"].pop(name), "tensors its manifest does not name")
     damaged("no_act", lambda m: m["layers"][name].update(act=None), "tensors its manifest does not name")
-    damaged("bits", lambda m: m["layers"][name]["weight"].update(bits=2), "bit width or shape does not match")
+    damaged("bits", lambda m: m["layers"][name]["weight"].update(bits=2), "bit width or shape does not match|not whole numbers on the 2-bit")
     shutil.copytree(tmp_path / "art", tmp_path / "cfg")
     config = json.loads((tmp_path / "cfg" / "config.json").read_text())
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))

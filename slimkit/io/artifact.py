@@ -10,6 +10,7 @@ leaves a half-written artifact.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.quantizer import QuantSpec
+from ..core.quantizer import QuantSpec, to_rows
 from ..core.sparsity import pack_sparse, unpack_sparse
 from ..core.entry import reattach_entries
 from ..core.fold import remainder
@@ -202,14 +203,16 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
         from .hf_artifact import buffer_dtypes, hf_tensors, write_hf
 
         tensors, layers = hf_tensors(model)
-        manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers, "weights": HF_QUANT}
+        manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers, "weights": HF_QUANT,
+                    "layers_digest": layers_digest(layers)}
         dtypes = buffer_dtypes(model)
         if dtypes:
             manifest["buffer_dtypes"] = dtypes
         extra = lambda tmp: write_hf(model, tmp)  # noqa: E731  (transformers' files first)
     else:
         tensors, layers, sparse = _state_tensors(model)
-        manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers}
+        manifest = {"format": FORMAT, "version": VERSION, **_jsonable(info), "layers": layers,
+                    "layers_digest": layers_digest(layers)}
         if sparse:
             manifest["sparse_weights"] = sparse
         tied = _untie(tensors)
@@ -297,9 +300,32 @@ def read_manifest(path: str | Path) -> dict:
         raise SlimkitError(f"{path} is not a complete slimkit artifact: {weights} is missing")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SlimkitError(f"{path} is not a slimkit artifact (its manifest has no format: {FORMAT!r})")
-    if manifest.get("version") != VERSION:
-        raise SlimkitError(f"{path} has artifact version {manifest.get('version')}, this slimkit reads version {VERSION}: upgrade slimkit")
+    version = manifest.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        raise SlimkitError(f"{path} has artifact version {version}, this slimkit reads version {VERSION}: upgrade slimkit")
+    if version != VERSION:
+        raise SlimkitError(f"{mf} is damaged: its version is {version!r}, where slimkit writes and reads {VERSION}")
+    for key, kind in (("layers", dict), ("model_spec", dict), ("folded_bn", list), ("tied_tensors", dict),
+                      ("sparse_weights", dict), ("buffer_dtypes", dict)):
+        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
+            raise SlimkitError(f"{mf} is damaged: its {key!r} is a {type(manifest[key]).__name__}, not a "
+                               f"{kind.__name__}")
+    if not isinstance((manifest.get("model_spec") or {}).get("kwargs", {}), dict):
+        raise SlimkitError(f"{mf} is damaged: its model_spec's 'kwargs' is not a mapping")
+    pairs = [tuple(p) if isinstance(p, list) else p for p in manifest.get("folded_bn", [])]
+    if len(set(map(str, pairs))) != len(pairs):
+        raise SlimkitError(f"{mf} is damaged: 'folded_bn' lists a pair twice")
+    if "layers_digest" in manifest and manifest["layers_digest"] != layers_digest(manifest.get("layers")):
+        raise SlimkitError(f"{mf} was edited after saving: its layers' quantization settings (bit widths, symmetry, "
+                           "axes) no longer match the codes stored with them; quantize and save the model again")
     return manifest
+
+
+def layers_digest(layers) -> str:
+    """A short hash of the manifest's per-layer quantization settings, kept beside them: the stored codes and
+    steps mean something only under the settings they were made with, and a hand edit of those (a bit width,
+    symmetry, a channel axis) cannot always be told from the tensors alone."""
+    return hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def why(e: BaseException) -> str:
@@ -326,6 +352,30 @@ def check_scales(tensors: dict[str, torch.Tensor], path: Path) -> None:
     if bad:
         raise SlimkitError(f"the artifact at {path} is corrupt: quantization steps that are not finite positive "
                            f"numbers in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
+
+
+def check_qparams(q, what: str, w_shape: list[int] | None = None) -> None:
+    """A reloaded quantizer's parameters fit its spec, or ValueError naming `what`: whole zero points on the
+    spec's grid (zero for a symmetric one), one per scale, and as many scales as the granularity has groups (a
+    weight's from its shape; a per-tensor activation's: one). A hand-edited or damaged artifact (a zero point far
+    off the grid, a bit width or symmetry changed in the manifest, a per-channel scale cut to one number) would
+    otherwise load into a different model."""
+    spec, scale, zp = q.spec, q.scale, q.zero_point
+    if zp.numel() != scale.numel():
+        raise ValueError(f"{what}: {zp.numel()} zero points for {scale.numel()} scales")
+    if not (bool(torch.isfinite(zp).all()) and torch.equal(zp, zp.round())
+            and spec.qmin <= float(zp.min()) and float(zp.max()) <= spec.qmax):
+        raise ValueError(f"{what}: zero points that are not whole numbers on the {spec.bits}-bit "
+                         f"{'symmetric' if spec.symmetric else 'asymmetric'} grid [{spec.qmin}, {spec.qmax}]")
+    if spec.symmetric and bool((zp != 0).any()):
+        raise ValueError(f"{what}: a symmetric quantizer with nonzero zero points")
+    if w_shape is not None:
+        groups = to_rows(torch.empty(w_shape, device="meta"), spec).shape[0]
+    else:
+        groups = 1 if spec.granularity == "tensor" else None
+    if groups is not None and scale.numel() != groups:
+        raise ValueError(f"{what}: {scale.numel()} scales where its {spec.granularity} granularity has {groups} "
+                         "groups")
 
 
 def _spec(d: dict | None) -> QuantSpec | None:
@@ -423,6 +473,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 if q is not None:
                     handled.update({f"{name}.{qname}.scale", f"{name}.{qname}.zero_point"})
                     q.set_qparams(tensors.pop(f"{name}.{qname}.scale"), tensors.pop(f"{name}.{qname}.zero_point"))
+                    check_qparams(q, f"{name}.{qname}", s["w_shape"] if qname == "w_quant" else None)
             if layer.w_quant is not None:
                 unpack_codes(layer, tensors, name, s["w_shape"], bool(s.get("w_sparse")))
                 handled.update({f"{name}.w_int", f"{name}.layer.weight", f"{name}.w_mask"})

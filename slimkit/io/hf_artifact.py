@@ -154,7 +154,7 @@ def restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
 
 def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the fake-quantized transformer saved at `path`."""
-    from .artifact import HF_QUANT, check_scales, read_weights, unpack_codes, why
+    from .artifact import HF_QUANT, check_qparams, check_scales, read_weights, unpack_codes, why
 
     import transformers
 
@@ -197,6 +197,7 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
                     q = getattr(layer, qname)
                     if q is not None:
                         q.set_qparams(tensors.pop(f"{name}.{qname}.scale"), tensors.pop(f"{name}.{qname}.zero_point"))
+                        check_qparams(q, f"{name}.{qname}", s["w_shape"] if qname == "w_quant" else None)
                 unpack_codes(layer, tensors, name, s["w_shape"], bool(s.get("w_sparse")))
                 if f"{name}.bias" in tensors:
                     layer.layer.bias.copy_(tensors.pop(f"{name}.bias"))
@@ -210,6 +211,7 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
                 for part in ("q", "k", "v"):
                     q = getattr(quant, part)
                     q.set_qparams(tensors.pop(f"{name}.{part}.scale"), tensors.pop(f"{name}.{part}.zero_point"))
+                    check_qparams(q, f"{name}.{part}")
                     q.observer = None
     except (AttributeError, KeyError, RuntimeError, TypeError, ValueError, IndexError) as e:
         raise SlimkitError(f"the artifact at {path} is corrupt or does not match its model: {why(e)}") from None
