@@ -189,7 +189,11 @@ def test_errors_are_clear(tmp_path, data):
     name = next(n for n, s in manifest["layers"].items() if s["weight"]["bits"] == 4)
     manifest["layers"][name]["weight"]["bits"] = 2          # the codes would be misread at 2 bits
     (tmp_path / "bits" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(slimkit.SlimkitError, match="bit width or shape does not match the stored codes"):
+    with pytest.raises(slimkit.SlimkitError, match="edited after saving"):
+        slimkit.load(tmp_path / "bits")
+    manifest.pop("layers_digest")                            # an artifact saved before manifests kept the digest
+    (tmp_path / "bits" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(slimkit.SlimkitError, match="bit width or shape does not match the stored codes|not whole"):
         slimkit.load(tmp_path / "bits", model=tiny_net())
     from safetensors.torch import load_file, save_file
     shutil.copytree(tmp_path / "y", tmp_path / "nan")
@@ -630,3 +634,26 @@ def test_damaged_quantization_parameters_and_manifests_are_refused(tmp_path, dat
     edited("version", lambda m: m.update(version="1"), "damaged: its version is '1'")
     edited("newer", lambda m: m.update(version=99), "upgrade slimkit")
     assert torch.equal(slimkit.load(tmp_path / "art", model=tiny_net())(data[:4]), q(data[:4]))
+
+
+def test_overwrite_never_deletes_files_the_artifact_did_not_write(tmp_path, data):
+    """--overwrite replaces an artifact, not a folder of the user's: files slimkit did not write there (notes,
+    another artifact saved inside) are named and the save refused; a chart slimkit sparsify adds is the
+    artifact's. A save killed mid-way leaves a temporary folder named after its process; the next save to that
+    path removes it once the process is gone."""
+    q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=8, a_bits=8)
+    art = slimkit.save(q, tmp_path / "art")
+    (art / "sparsity.png").write_bytes(b"png")
+    slimkit.save(q, art, overwrite=True)
+    (art / "NOTES.md").write_text("mine")
+    slimkit.save(q, art / "inner")
+    with pytest.raises(slimkit.SlimkitError, match=r"did not write \(NOTES.md, inner\)"):
+        slimkit.save(q, art, overwrite=True)
+    assert (art / "NOTES.md").exists() and (art / "inner" / "manifest.json").exists()
+    stale = tmp_path / ".art2.tmp-999999999-x1"          # no such process
+    live = tmp_path / ".art2.tmp-1-x2"                   # pid 1 always runs
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    slimkit.save(q, tmp_path / "art2")
+    assert not stale.exists() and live.exists()

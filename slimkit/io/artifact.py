@@ -10,6 +10,7 @@ leaves a half-written artifact.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -154,6 +155,9 @@ def _jsonable(obj):
     return repr(obj)
 
 
+ADDED_LATER = {"sparsity.png"}     # what slimkit writes into an artifact folder after saving it (slimkit sparsify)
+
+
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
     """Fail early, before any work, when an artifact cannot be written at `path`: it exists (without
     `overwrite`); it exists and is not an earlier slimkit artifact or an empty folder (`overwrite` replaces
@@ -175,11 +179,17 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
                                "choose another path")
         if any(path.iterdir()):
             try:
-                read_manifest(path)
+                listed = read_manifest(path).get("files")
             except SlimkitError:
                 raise SlimkitError(f"{path} exists and is not a slimkit artifact: --overwrite replaces earlier "
                                    "artifacts (or empty folders) only, as it deletes what the folder holds; "
                                    "choose another path") from None
+            others = sorted(f.name for f in path.iterdir() if f.name not in set(listed) | ADDED_LATER) \
+                if isinstance(listed, list) else []      # (an artifact saved before manifests listed their files)
+            if others:
+                raise SlimkitError(f"{path} holds files the artifact there did not write ({', '.join(others[:4])}"
+                                   f"{', ...' if len(others) > 4 else ''}): --overwrite would delete them with it; "
+                                   "move them out or choose another path")
     parent = path.absolute().parent          # as written: the folders mkdir will have to create or pass
     while not parent.exists():
         if parent.is_symlink():
@@ -237,6 +247,7 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
         if extra is not None:
             extra(tmp)
         save_file(tensors, str(tmp / manifest.get("weights", WEIGHTS)), metadata={"format": FORMAT})
+        manifest["files"] = sorted([f.name for f in tmp.iterdir()] + [MANIFEST])   # what --overwrite may replace
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
 
     try:
@@ -254,10 +265,28 @@ def _write_hf_config(model: nn.Module, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
+def _remove_stale(path: Path) -> None:
+    """Remove what a save to `path` killed mid-way (SIGKILL, power loss) left beside it: temporary folders named
+    after a process that no longer runs. Never a valid artifact (the manifest is written last), only clutter."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*-*"):
+        pid = tmp.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or not tmp.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                       # that process still runs (perhaps saving right now)
+        except ProcessLookupError:
+            pass
+        except OSError:                    # another user's process: leave its folder alone
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _write_atomic(path: Path, write) -> None:
     """Run `write(tmp_dir)`, then rename tmp_dir to `path` (replacing an old one): never a half-written artifact."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         write(tmp)
         umask = os.umask(0)
