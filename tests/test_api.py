@@ -657,3 +657,14 @@ def test_overwrite_never_deletes_files_the_artifact_did_not_write(tmp_path, data
         (d / "model.safetensors").write_bytes(b"half")
     slimkit.save(q, tmp_path / "art2")
     assert not stale.exists() and live.exists()
+
+
+def test_a_factory_that_calls_sys_exit_is_named(tmp_path):
+    """sys.exit() in a model factory, or at its module's import, ended the CLI with no message at all."""
+    from slimkit.models.factory import build_from_factory
+    (tmp_path / "f1.py").write_text("import sys\ndef build():\n    sys.exit(3)\n")
+    (tmp_path / "f2.py").write_text("import sys\nsys.exit(5)\ndef build():\n    pass\n")
+    with pytest.raises(slimkit.SlimkitError, match=r"called sys.exit\(3\) while building the model"):
+        build_from_factory(f"{tmp_path / 'f1.py'}:build")
+    with pytest.raises(slimkit.SlimkitError, match=r"calls sys.exit\(5\) when imported"):
+        build_from_factory(f"{tmp_path / 'f2.py'}:build")

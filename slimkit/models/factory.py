@@ -61,6 +61,9 @@ def build_from_factory(spec: str, weights: str | Path | None = None, root: str |
             root = _root(module, target)
     except SlimkitError:
         raise
+    except SystemExit as e:       # a script's sys.exit() at import: it would end slimkit without a word
+        raise SlimkitError(f"cannot import {target}: it calls sys.exit({e.code!r}) when imported; guard its script "
+                           "part with `if __name__ == \"__main__\":`") from None
     except Exception as e:
         raise SlimkitError(f"cannot import {target}: {type(e).__name__}: {e}") from None
     fn = getattr(module, fn_name, None)
@@ -75,6 +78,9 @@ def build_from_factory(spec: str, weights: str | Path | None = None, root: str |
         pass
     try:
         model = fn()
+    except SystemExit as e:
+        raise SlimkitError(f"{spec} called sys.exit({e.code!r}) while building the model: return the model "
+                           "instead") from None
     except Exception as e:
         raise SlimkitError(f"{spec} failed while building the model: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
