@@ -477,6 +477,13 @@ def test_run_folders_and_devices_are_checked_before_any_work(corpus, tmp_path, m
         train(tiny(tmp_path / "afile" / "sub", data))
     with pytest.raises(SlimkitError, match=r"--data-dir .*afile is a file"):
         train(tiny(tmp_path / "run", tmp_path / "afile" / "dd"))
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "ckpt").write_text("x")           # where the checkpoints folder goes
+    with pytest.raises(SlimkitError, match="holds a file named ckpt"):
+        train(tiny(tmp_path / "r1", data))
+    (tmp_path / "r2" / "report.json").mkdir(parents=True)  # the report would fail only after the whole run
+    with pytest.raises(SlimkitError, match="holds a folder named report.json"):
+        train(tiny(tmp_path / "r2", data))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

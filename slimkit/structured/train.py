@@ -592,6 +592,12 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     if out.exists() and not out.is_dir():
         raise SlimkitError(f"--out {out} is a file: give a folder for the run's checkpoints")
     _check_folder(out, "--out")
+    for name, folder in (("ckpt", True), ("report.json", False)):    # what the run writes there, checked before it
+        p = out / name
+        if p.exists() and p.is_dir() != folder:
+            raise SlimkitError(f"--out {out} holds {'a file' if folder else 'a folder'} named {name}, where the run "
+                               f"writes its {'checkpoints folder' if folder else 'report'}: move it or choose "
+                               "another --out")
     if cfg.data_dir is not None:
         _check_folder(cfg.data_dir, "--data-dir")
     found = ckpt_dirs(out)
