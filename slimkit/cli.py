@@ -378,10 +378,32 @@ def eval_cmd(
                           "gone: agreement with FP is not reported; pass them with --weights, or --reference[/]")
         else:
             ref_model = get_model(spec["builder"], **kwargs)
+    if is_artifact:
+        ref_model = _checked_reference(m, ref_model, reference is not None)
     metrics = evaluate(m, x, y, reference=ref_model, device=dev, progress=not quiet)
     if y is None and ref_model is None:
         console.print("[yellow]no labels and no reference model: only size is reported[/]")
     print_table({Path(model).name or model: metrics}, title=f"eval on {data}", console=Console())
+
+
+def _checked_reference(m, ref, explicit: bool):
+    """The float reference to compare artifact `m` with: `ref` when its weights are those `m` was made from (the
+    fingerprint recorded with it; artifacts from before it are not checked). A rebuilt one that differs (a factory
+    building new random weights on each call, a source folder saved over since) gives None, with a note; one the
+    user named with --reference is kept, with a note."""
+    from .core.fingerprint import weights_digest
+
+    expected = (getattr(m, "slimkit_info", None) or {}).get("reference_digest")
+    if ref is None or not expected or weights_digest(ref) == expected:
+        return ref
+    if explicit:
+        console.print("[yellow]--reference is not the float model this artifact was made from (its weights differ): "
+                      "fidelity is measured against it as given[/]")
+        return ref
+    console.print("[yellow]the float model rebuilt from what this artifact recorded is not the one it was made from "
+                  "(its weights differ: a factory that builds new random weights on each call, or a source saved "
+                  "over since): fidelity to FP is not reported; pass the original with --reference (or --weights)[/]")
+    return None
 
 
 def _eval_lm(m, model: str, data: Optional[str], reference: Optional[str], dev, quiet: bool, max_tokens: int) -> None:
@@ -412,6 +434,11 @@ def _eval_lm(m, model: str, data: Optional[str], reference: Optional[str], dev, 
         if not is_transformer(ref) or lm_kind(ref) != "encoder":
             raise SlimkitError(f"--reference {reference} is not a transformer encoder like {model}: give the float "
                                "model it was made from")
+        ref = _checked_reference(m, ref, reference is not None)
+        if ref is None:
+            raise SlimkitError(f"the float model in {source} is not the one {model} was made from (its weights "
+                               "differ: the folder was saved over since): embedding cosine needs the original, "
+                               "pass it with --reference")
     metrics = evaluate_lm(m, text_data(data), tok, reference=ref, max_tokens=max_tokens, device=dev, progress=not quiet)
     print_table({Path(model).name or model: metrics}, title=f"eval on {data}", console=Console())
 

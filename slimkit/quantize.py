@@ -20,6 +20,7 @@ from .config import QuantConfig
 from .core.adapters import find_blocks, layer_order
 from .core.entry import attach_entries
 from .core.data import calibration_tensor
+from .core.fingerprint import reference_digest
 from .core.fold import fold_bn
 from .core.quantizer import QuantSpec
 from .core.wrap import (LayerPlan, layer_modules, mask_pruned, quant_layers, quantizable, quantizers, weight_oi,
@@ -271,6 +272,7 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
         "blocks": stats,
         "input_shape": list(data.shape[1:]),
         "model_spec": getattr(model, "_slimkit_spec", None),
+        "reference_digest": reference_digest(model),
         "seconds": {"calibration": t_calib, "total": time.perf_counter() - t0},
         "device": str(device),
     }

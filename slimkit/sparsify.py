@@ -29,6 +29,7 @@ import time
 import torch
 from torch import nn
 
+from .core.fingerprint import reference_digest
 from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact_counts, global_magnitude_counts,
                             magnitude_mask, nm_keep, uniform_rates, weight_2d)
 from .core.wrap import quantizable, working_copy
@@ -309,6 +310,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
                                      "score": options["score"],
                                      "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}}
     info.setdefault("model_spec", getattr(model, "_slimkit_spec", None))
+    info.setdefault("reference_digest", reference_digest(model))
     out.slimkit_info = info
     return out
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .config import QuantConfig
 from .core import attention
 from .core.families import Group, Layout, layout
+from .core.fingerprint import reference_digest
 from .core.quantizer import QuantSpec
 from .core.wrap import LayerPlan, layer_modules, mask_pruned, quant_layers, quantizers, working_copy, wrap_layers
 from .errors import SlimkitError
@@ -442,6 +443,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         "calibration": {"sequences": sum(len(b["input_ids"]) for b in batches),
                         "tokens": int(sum(b["input_ids"].numel() for b in batches))},
         "model_spec": getattr(model, "_slimkit_spec", None),
+        "reference_digest": reference_digest(model),
         "seconds": {"total": time.perf_counter() - t0},
         "device": str(device),
     }

@@ -668,3 +668,32 @@ def test_a_factory_that_calls_sys_exit_is_named(tmp_path):
         build_from_factory(f"{tmp_path / 'f1.py'}:build")
     with pytest.raises(slimkit.SlimkitError, match=r"calls sys.exit\(5\) when imported"):
         build_from_factory(f"{tmp_path / 'f2.py'}:build")
+
+
+def test_an_artifact_knows_the_float_model_it_was_made_from(tmp_path, data):
+    """The fingerprint of the float weights travels with what slimkit makes (through a sparse model quantized
+    after): slimkit eval compares an artifact with a rebuilt float model only when the weights are the same ones
+    (a factory building new random weights on each call had been reported as 92% agreement)."""
+    from slimkit.cli import _checked_reference
+    from slimkit.core.fingerprint import weights_digest
+    m = tiny_net()
+    m._slimkit_spec = {"builder": "nets.py:tiny", "kwargs": {}}      # as a factory-built model carries it
+    sparse = slimkit.sparsify(m, sparsity=0.3, method="global_magnitude")
+    q = slimkit.quantize(sparse, data, method="rtn", w_bits=8, a_bits=8)
+    digest = weights_digest(m)
+    assert sparse.slimkit_info["reference_digest"] == digest == q.slimkit_info["reference_digest"]
+    slimkit.save(q, tmp_path / "art")
+    again = slimkit.load(tmp_path / "art", model=tiny_net())
+    assert _checked_reference(again, tiny_net(), explicit=False) is not None
+    other = tiny_net()
+    with torch.no_grad():
+        other[0].weight.mul_(1.01)
+    assert weights_digest(other) != digest
+    assert _checked_reference(again, other, explicit=False) is None        # fidelity to another model: not reported
+    assert _checked_reference(again, other, explicit=True) is other        # the user's own choice, with a note
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert weights_digest(tiny_net()) == digest
+    finally:
+        torch.set_num_threads(threads)
