@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +145,9 @@ class QuantConfig:
             if bits is None and name != "w_bits":
                 continue
             if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-                raise SlimkitError(f"{name} must be an integer from 2 to 8, got {bits!r}")
+                off = {"a_bits": " (null keeps activations in float: weight-only quantization)",
+                       "first_last_bits": " (null leaves the first and last layers at w_bits / a_bits)"}
+                raise SlimkitError(f"{name} must be an integer from 2 to 8, got {bits!r}{off.get(name, '')}")
         for name in ("w_granularity", "a_granularity"):
             if getattr(self, name) not in GRANULARITIES:
                 raise SlimkitError(f"{name} must be one of {', '.join(GRANULARITIES)}, got {getattr(self, name)!r}")
@@ -199,6 +202,17 @@ class QuantConfig:
         return {k: v for k, v in full.items() if k not in skip}
 
 
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, reading numbers in exponent form without a dot (1e-3, 2E5) as floats, as YAML 1.2
+    and Python do (1.1 reads them as strings, so `lr_round: 1e-3` was refused as a string)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
 def load_recipe(recipe: str | Path | dict) -> dict:
     """A recipe is a mapping of QuantConfig fields: a dict, a YAML file, or the name of a shipped recipe."""
     if isinstance(recipe, dict):
@@ -216,7 +230,7 @@ def load_recipe(recipe: str | Path | dict) -> dict:
             raise SlimkitError(f"recipe {name!r} not found: give a YAML file path or a shipped recipe name ({names})")
         path = shipped
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_RecipeLoader)
     except yaml.YAMLError as e:
         raise SlimkitError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     except UnicodeDecodeError:

@@ -355,6 +355,16 @@ def test_shipped_recipes_by_name_or_file_name(tmp_path, monkeypatch):
     assert load_recipe("qdrop-w4a4.yaml")["method"] == "rtn"
 
 
+def test_recipe_numbers_in_exponent_form_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string: a recipe's `lr_round: 1e-3` was refused as one."""
+    from slimkit.config import QuantConfig, load_recipe
+    (tmp_path / "r.yaml").write_text("method: qdrop\nlr_round: 1e-3\nlr_act: 4E-5\niters: 200\nnote: e5\n")
+    r = load_recipe(tmp_path / "r.yaml")
+    assert r["lr_round"] == 1e-3 and r["lr_act"] == 4e-5 and r["iters"] == 200 and r["note"] == "e5"
+    r.pop("note")
+    assert QuantConfig(**r).lr_round == 1e-3
+
+
 def test_models_built_from_torch_transformer_encoder_layers_quantize(tmp_path):
     """nn.TransformerEncoderLayer reads its linears' weights for a fused inference fast path, and
     nn.MultiheadAttention uses out_proj's weight without calling it: the linears that run are quantized (the fast
@@ -697,3 +707,18 @@ def test_an_artifact_knows_the_float_model_it_was_made_from(tmp_path, data):
         assert weights_digest(tiny_net()) == digest
     finally:
         torch.set_num_threads(threads)
+
+
+def test_artifact_messages_and_strict_json(tmp_path, data):
+    """A path that does not exist is named so; a structured-FFN save points at load_structured; a NaN metric is
+    saved as null (a bare NaN is not JSON to jq or JavaScript)."""
+    q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=8, a_bits=8)
+    art = slimkit.save(q, tmp_path / "art", metrics={"kl": float("nan"), "top1": 0.5})
+    metrics = json.loads((art / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(c))["metrics"]
+    assert metrics["kl"] is None and metrics["top1"] == 0.5
+    with pytest.raises(slimkit.SlimkitError, match="does not exist"):
+        slimkit.load(tmp_path / "nowhere")
+    (tmp_path / "ffn").mkdir()
+    (tmp_path / "ffn" / "structured.json").write_text("{}")
+    with pytest.raises(slimkit.SlimkitError, match="load_structured"):
+        slimkit.load(tmp_path / "ffn")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -148,10 +149,12 @@ def _jsonable(obj):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None          # strict JSON has no NaN / Infinity (jq and JavaScript refuse them): null, as unknown
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
     return repr(obj)
 
 
@@ -313,10 +316,15 @@ def _write_atomic(path: Path, write) -> None:
 def read_manifest(path: str | Path) -> dict:
     """The manifest of a slimkit artifact, or a clear error for anything else."""
     path = Path(path)
+    if not path.exists():
+        raise SlimkitError(f"{path} does not exist: give the folder written by slimkit.save / slimkit quantize --out")
     if not path.is_dir():
         raise SlimkitError(f"{path} is not a directory: give the folder written by slimkit.save / slimkit quantize --out")
     mf = path / MANIFEST
     if not mf.exists():
+        if (path / "structured.json").exists():
+            raise SlimkitError(f"{path} holds a model with structured FFNs (structured.json): load it with "
+                               "slimkit.structured.load_structured")
         raise SlimkitError(f"{path} is not a slimkit artifact: it needs {MANIFEST} and {WEIGHTS}")
     try:
         manifest = json.loads(mf.read_text())
