@@ -100,7 +100,8 @@ def quantize(
     recipe: Optional[str] = typer.Option(None, help="YAML recipe: fields of slimkit.QuantConfig (the method "
                                                     "options below, e.g. w_bits, iters; not the model, data or output "
                                                     "arguments); options given here override it"),
-    preset: Optional[str] = typer.Option(None, help="paper (20000 iters/block) | demo (500) | fast (100, for smoke tests)"),
+    preset: Optional[str] = typer.Option(None, help="paper (20000 iters/block) | demo (500) | fast (100, for smoke tests); "
+                                                     "sets defaults: a recipe's own values and other options win"),
     iters: Optional[int] = typer.Option(None, help="reconstruction iterations per block"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default 1024 images; 128 text sequences for transformers)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="reconstruction batch size (default 32)"),

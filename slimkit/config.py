@@ -94,6 +94,7 @@ class QuantConfig:
         values: dict = {}
         if recipe is not None:
             values.update(load_recipe(recipe))
+        from_recipe = set(values)
         values.update(overrides)
         unknown = sorted(set(values) - set(cls.fields()))
         if unknown:
@@ -113,7 +114,18 @@ class QuantConfig:
                 values[name] = [values[name]]
         cfg = cls(**values)
         cfg.validate()
+        cfg._given = {"recipe": from_recipe - set(overrides), "options": set(overrides)}
         return cfg
+
+    def unread(self, transformer: bool) -> dict[str, list[str]]:
+        """The settings given (by the recipe, by options) that this method never reads on this kind of model:
+        {"recipe": [...], "options": [...]}. Reconstruction settings for rtn, a group size without group
+        granularity, transformer settings on a CNN and CNN ones on a transformer."""
+        read = set(self.applied(transformer)) | {"preset", "progress"}
+        if self.w_granularity != "group":
+            read.discard("w_group_size")
+        given = getattr(self, "_given", {})
+        return {where: sorted(k for k in given.get(where, ()) if k not in read) for where in ("recipe", "options")}
 
     def _check_types(self) -> None:
         """Every field holds a value of its annotated type (a recipe's "no" is no bool, "8" no int)."""
@@ -202,7 +214,6 @@ class QuantConfig:
         return {k: v for k, v in full.items() if k not in skip}
 
 
-
 class _RecipeLoader(yaml.SafeLoader):
     """YAML 1.1's safe loader, reading numbers in exponent form without a dot (1e-3, 2E5) as floats, as YAML 1.2
     and Python do (1.1 reads them as strings, so `lr_round: 1e-3` was refused as a string)."""
@@ -212,6 +223,7 @@ _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
+
 
 def load_recipe(recipe: str | Path | dict) -> dict:
     """A recipe is a mapping of QuantConfig fields: a dict, a YAML file, or the name of a shipped recipe."""

@@ -40,6 +40,20 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def check_unread(cfg: QuantConfig, transformer: bool) -> None:
+    """Settings the method never reads on this model: an error when given as options (they would be recorded
+    nowhere and change nothing), a warning when they come with a recipe (a recipe may serve several methods)."""
+    unread = cfg.unread(transformer)
+    where = f"{cfg.method} on a {'transformer' if transformer else 'CNN'}"
+    if unread["options"]:
+        raise SlimkitError(f"{where} does not read {', '.join(unread['options'])}"
+                           f"{' (w_group_size: only with w_granularity group)' if 'w_group_size' in unread['options'] else ''}"
+                           ": drop them, or choose a method that reads them")
+    if unread["recipe"]:
+        warnings.warn(f"the recipe's {', '.join(unread['recipe'])} {'is' if len(unread['recipe']) == 1 else 'are'} "
+                      f"not read by {where}: ignored", stacklevel=3)
+
+
 def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration inputs"):
     """The model's output on `example` (moved to the model's device; the forward runs in eval mode, so BatchNorm
     learns nothing from it); a clear message when the calibration (or evaluation) data does not fit."""
@@ -243,10 +257,12 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
         if cfg.method not in TRANSFORMER_METHODS:
             raise SlimkitError(f"method {cfg.method!r} is for CNNs; for a transformer choose one of "
                                f"{', '.join(TRANSFORMER_METHODS)}")
+        check_unread(cfg, transformer=True)
         return quantize_transformer(model, lm_calibration(model, calib_data, cfg, tokenizer), cfg, device, inplace)
     if cfg.method in TRANSFORMER_METHODS:
         raise SlimkitError(f"method {cfg.method!r} is for Hugging Face transformers; this model "
                            f"({type(model).__name__}) is not one: use rtn, adaround, brecq or qdrop")
+    check_unread(cfg, transformer=False)
     data = calibration_tensor(calib_data, cfg.num_samples or 1024, cfg.seed)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if dtype != torch.float32:

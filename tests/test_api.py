@@ -722,3 +722,16 @@ def test_artifact_messages_and_strict_json(tmp_path, data):
     (tmp_path / "ffn" / "structured.json").write_text("{}")
     with pytest.raises(slimkit.SlimkitError, match="load_structured"):
         slimkit.load(tmp_path / "ffn")
+
+
+def test_settings_the_method_never_reads_are_refused_or_warned(data):
+    """Options a method never reads changed nothing and were recorded nowhere: refused when given directly,
+    a warning when a recipe brings them (a recipe may serve several methods)."""
+    with pytest.raises(slimkit.SlimkitError, match="rtn on a CNN does not read drop_prob, iters"):
+        slimkit.quantize(tiny_net(), data, method="rtn", iters=50, drop_prob=0.3)
+    with pytest.raises(slimkit.SlimkitError, match="does not read w_group_size"):
+        slimkit.quantize(tiny_net(), data, method="rtn", w_granularity="tensor", w_group_size=4)
+    with pytest.warns(UserWarning, match="the recipe's alpha, iters are not read by rtn on a CNN"):
+        slimkit.quantize(tiny_net(), data, recipe={"method": "rtn", "iters": 50, "alpha": 0.5})
+    q = slimkit.quantize(tiny_net(), data, method="rtn", preset="fast")     # a preset's fields are defaults
+    assert "iters" not in q.slimkit_info["config"]
