@@ -429,6 +429,11 @@ def _eval_lm(m, model: str, data: Optional[str], reference: Optional[str], dev, 
     if lm_kind(m) == "encoder":
         if reference is None and source is None:
             raise SlimkitError("embedding cosine needs the float model: pass --reference MODEL")
+        from .models.hf import source_available
+
+        if reference is None and not source_available(source):
+            raise SlimkitError(f"the float model's folder {source} (recorded when {model} was made) is gone: "
+                               "embedding cosine needs it, pass it with --reference")
         ref = load_any(reference)[0] if reference is not None else load_hf(source)[0]
         from .transformer import is_transformer
 

@@ -229,6 +229,9 @@ def load_recipe(recipe: str | Path | dict) -> dict:
     """A recipe is a mapping of QuantConfig fields: a dict, a YAML file, or the name of a shipped recipe."""
     if isinstance(recipe, dict):
         return dict(recipe)
+    if not isinstance(recipe, (str, Path)):
+        raise SlimkitError(f"recipe must be a dict of options, a YAML file path or a shipped recipe name, got "
+                           f"{type(recipe).__name__}")
     path = Path(recipe)
     if path.is_dir():
         raise SlimkitError(f"recipe {path} is a folder: give a YAML file or a shipped recipe name")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -299,6 +300,10 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
             report[name] = {"numel": keep.numel(), "pruned": zeros, "rate": zeros / keep.numel()}
     total = sum(r["numel"] for r in report.values())
     pruned = sum(r["pruned"] for r in report.values())
+    if target is not None and total and pruned / total > target + 0.01:
+        warnings.warn(f"the sparse model has {100 * pruned / total:.1f}% zeros, above the {100 * target:.1f}% asked "
+                      "for: the model held that many zero weights already (pruning never restores a weight)",
+                      stacklevel=2)
     info = dict(getattr(model, "slimkit_info", None) or {})
     info["sparsity"] = {"method": f"nm {pattern[0]}:{pattern[1]}" if pattern else method, "target": target,
                         "achieved": pruned / total, "counted_params": total, "layers": report,

@@ -735,3 +735,20 @@ def test_settings_the_method_never_reads_are_refused_or_warned(data):
         slimkit.quantize(tiny_net(), data, recipe={"method": "rtn", "iters": 50, "alpha": 0.5})
     q = slimkit.quantize(tiny_net(), data, method="rtn", preset="fast")     # a preset's fields are defaults
     assert "iters" not in q.slimkit_info["config"]
+
+
+def test_api_arguments_of_the_wrong_kind_are_named(tmp_path, data):
+    """load(model=<a name>), save(metrics=<not a dict>) and quantize(recipe=<a list>) were raw TypeErrors; a sparse
+    model asked for less sparsity than it already has says so."""
+    q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=8, a_bits=8)
+    with pytest.raises(slimkit.SlimkitError, match="metrics must be a dict"):
+        slimkit.save(q, tmp_path / "a", metrics="abc")
+    art = slimkit.save(q, tmp_path / "b")
+    with pytest.raises(slimkit.SlimkitError, match="model= takes a float instance"):
+        slimkit.load(art, model="fmnist-resnet")
+    with pytest.raises(slimkit.SlimkitError, match="recipe must be a dict"):
+        slimkit.quantize(tiny_net(), data, recipe=["rtn"])
+    half = slimkit.sparsify(tiny_net(), sparsity=0.5, method="global_magnitude")
+    with pytest.warns(UserWarning, match="held that many zero weights already"):
+        again = slimkit.sparsify(half, sparsity=0.3, method="global_magnitude")
+    assert again.slimkit_info["sparsity"]["achieved"] >= 0.49

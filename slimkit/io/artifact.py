@@ -208,6 +208,8 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
 def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: dict | None = None) -> Path:
     """Write a quantized model to directory `path` (safetensors + JSON manifest), atomically."""
     path = Path(path)
+    if metrics is not None and not isinstance(metrics, dict):
+        raise SlimkitError(f"metrics must be a dict of names to numbers, got {type(metrics).__name__}")
     info = getattr(model, "slimkit_info", None)
     if info is None or not (quant_layers(model) or "sparsity" in info):
         raise SlimkitError("this model was not produced by slimkit.quantize or slimkit.sparsify: nothing to save")
@@ -472,6 +474,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a saved quantized model. `model`: a float instance of the architecture, needed only when the
     artifact came from a model slimkit cannot build by name (your own nn.Module class)."""
     path = Path(path)
+    if model is not None and not isinstance(model, nn.Module):
+        raise SlimkitError(f"model= takes a float instance of the architecture (an nn.Module), got "
+                           f"{type(model).__name__}: the artifact rebuilds a shipped or registered model by itself")
     manifest = read_manifest(path)
     if "family" in manifest:
         from .hf_artifact import load_hf_artifact
