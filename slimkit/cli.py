@@ -156,7 +156,10 @@ def quantize(
                            "sparsify)")
     if is_artifact and weights is not None:
         raise SlimkitError(f"{model} is a saved artifact that holds its own weights: drop --weights")
+    from .quantize import check_unread
     from .transformer import is_transformer
+
+    check_unread(QuantConfig.build(recipe, **options), is_transformer(fp_model), strict=True)
 
     if not is_transformer(fp_model):
         given = [flag for flag, value in (("--seq-len", seq_len), ("--attn-quant", attn_quant),

@@ -40,18 +40,21 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def check_unread(cfg: QuantConfig, transformer: bool) -> None:
-    """Settings the method never reads on this model: an error when given as options (they would be recorded
-    nowhere and change nothing), a warning when they come with a recipe (a recipe may serve several methods)."""
+def check_unread(cfg: QuantConfig, transformer: bool, strict: bool = False) -> None:
+    """Settings the method never reads on this model (they change nothing and are recorded nowhere): a warning
+    (one options bundle may serve a sweep over methods, one recipe several methods), or with `strict` (the
+    command line's own flags) an error for those given as options."""
     unread = cfg.unread(transformer)
     where = f"{cfg.method} on a {'transformer' if transformer else 'CNN'}"
-    if unread["options"]:
-        raise SlimkitError(f"{where} does not read {', '.join(unread['options'])}"
-                           f"{' (w_group_size: only with w_granularity group)' if 'w_group_size' in unread['options'] else ''}"
+    if strict and unread["options"]:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unread["options"])
+        raise SlimkitError(f"{where} does not read {flags}"
+                           f"{' (--w-group-size: only with --w-granularity group)' if 'w_group_size' in unread['options'] else ''}"
                            ": drop them, or choose a method that reads them")
-    if unread["recipe"]:
-        warnings.warn(f"the recipe's {', '.join(unread['recipe'])} {'is' if len(unread['recipe']) == 1 else 'are'} "
-                      f"not read by {where}: ignored", stacklevel=3)
+    for source, names in (("options", unread["options"]), ("the recipe's settings", unread["recipe"])):
+        if names:
+            warnings.warn(f"{source} {', '.join(names)} {'is' if len(names) == 1 else 'are'} not read by {where}: "
+                          "ignored", stacklevel=3)
 
 
 def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration inputs"):

@@ -725,13 +725,20 @@ def test_artifact_messages_and_strict_json(tmp_path, data):
 
 
 def test_settings_the_method_never_reads_are_refused_or_warned(data):
-    """Options a method never reads changed nothing and were recorded nowhere: refused when given directly,
-    a warning when a recipe brings them (a recipe may serve several methods)."""
-    with pytest.raises(slimkit.SlimkitError, match="rtn on a CNN does not read drop_prob, iters"):
+    """Options a method never reads changed nothing and were recorded nowhere: a warning from the API (one bundle
+    may serve a sweep over methods), an error for the command line's own flags."""
+    from slimkit.config import QuantConfig
+    from slimkit.quantize import check_unread
+    with pytest.warns(UserWarning, match="options drop_prob, iters are not read by rtn on a CNN"):
         slimkit.quantize(tiny_net(), data, method="rtn", iters=50, drop_prob=0.3)
-    with pytest.raises(slimkit.SlimkitError, match="does not read w_group_size"):
-        slimkit.quantize(tiny_net(), data, method="rtn", w_granularity="tensor", w_group_size=4)
-    with pytest.warns(UserWarning, match="the recipe's alpha, iters are not read by rtn on a CNN"):
+    with pytest.raises(slimkit.SlimkitError, match="rtn on a CNN does not read --drop-prob, --iters"):
+        check_unread(QuantConfig.build(None, method="rtn", iters=50, drop_prob=0.3), False, strict=True)
+    with pytest.raises(slimkit.SlimkitError, match="does not read --w-group-size"):
+        check_unread(QuantConfig.build(None, method="rtn", w_granularity="tensor", w_group_size=4), False,
+                     strict=True)
+    with pytest.raises(slimkit.SlimkitError, match="minmax on a transformer does not read --iters"):
+        check_unread(QuantConfig.build(None, method="minmax", iters=5), True, strict=True)
+    with pytest.warns(UserWarning, match="the recipe's settings alpha, iters are not read by rtn on a CNN"):
         slimkit.quantize(tiny_net(), data, recipe={"method": "rtn", "iters": 50, "alpha": 0.5})
     q = slimkit.quantize(tiny_net(), data, method="rtn", preset="fast")     # a preset's fields are defaults
     assert "iters" not in q.slimkit_info["config"]
