@@ -159,14 +159,13 @@ def quantize(
     from .quantize import check_unread
     from .transformer import is_transformer
 
-    check_unread(QuantConfig.build(recipe, **options), is_transformer(fp_model), strict=True)
-
     if not is_transformer(fp_model):
         given = [flag for flag, value in (("--seq-len", seq_len), ("--attn-quant", attn_quant),
                                           ("--token-clipping", token_clipping)) if value is not None]
         if given:
             raise SlimkitError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to transformers; "
                                f"{model} is a CNN: drop {'it' if len(given) == 1 else 'them'}")
+    check_unread(QuantConfig.build(recipe, **options), is_transformer(fp_model), strict=True)
 
     name = shipped_name(model, fp_model, is_artifact)     # a sparse artifact: its model's default data
     lm = is_transformer(fp_model)

@@ -147,6 +147,8 @@ def test_options_that_would_be_ignored_are_refused(work):
     an infinite weight, and an output that is a file for the tokenizer: one-line errors, not silent no-ops."""
     expect_error(run("quantize", "nets.py:tiny", "--method", "rtn", "--seq-len", "64", "--attn-quant", "--calib",
                      "calib.npy", "--out", "o1", *FAST, cwd=work), "--seq-len, --attn-quant apply to transformers")
+    expect_error(run("quantize", "nets.py:tiny", "--method", "rtn", "--iters", "5", "--drop-prob", "0.3", "--calib",
+                     "calib.npy", "--out", "o1", *FAST, cwd=work), "rtn on a CNN does not read --drop-prob, --iters")
     expect_error(run("sparsify", "nets.py:tiny", "--method", "uniform", "--sparsity", "0.5", "--calib", "nope.npy",
                      "--out", "o2", "--quiet", cwd=work), "--calib is not used by uniform")
     (work / "binary.yaml").write_bytes(b"\xff\xfe\x00")
