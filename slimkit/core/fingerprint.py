@@ -21,10 +21,8 @@ def weights_digest(model: nn.Module) -> str:
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            if t.numel() and (t.is_floating_point() or not t.is_complex()):
-                t = t.detach()
-                if not t.is_floating_point():
-                    t = t.double()
+            if t.numel() and not t.is_complex():
+                t = t.detach() if t.is_floating_point() else t.detach().double()
                 h.update(f"{torch.sum(t, dtype=torch.float64).item():.10g}"
                          f"{torch.sum(t.abs(), dtype=torch.float64).item():.10g}".encode())
     return h.hexdigest()[:16]
