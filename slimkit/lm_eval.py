@@ -172,7 +172,9 @@ def embedding_cosine(model: nn.Module, reference_embeddings: torch.Tensor, batch
     if ref.shape != emb.shape:
         raise SlimkitError(f"reference embeddings have shape {tuple(ref.shape)} but the model gives "
                            f"{tuple(emb.shape)}: embed the same batch with the reference model")
-    return F.cosine_similarity(emb, ref, dim=-1).mean().item()
+    # in float64: a mean of values like 0.9999998 in float32 rounds to exactly 1.0, which reads as FP's own figure
+    # (and at most 1: identical vectors give 1 + 2e-16 in float64)
+    return F.cosine_similarity(emb.double(), ref.double(), dim=-1).clamp(max=1.0).mean().item()
 
 
 def evaluate_lm(model: nn.Module, texts, tokenizer, reference: nn.Module | None = None, max_tokens: int = 20000,

@@ -250,7 +250,10 @@ def test_embedding_cosine_is_one_with_itself_and_drops_after_perturbing(tok):
     batch = encode_batch(tok, SENTENCES)
     ref = embed(model, batch)
     assert ref.shape == (len(SENTENCES), 32) and ref.dtype == torch.float32
-    assert embedding_cosine(model, ref, batch) == pytest.approx(1.0, abs=1e-6)
+    assert embedding_cosine(model, ref, batch) == 1.0            # exactly: the report prints FP's figure as 1
+    tiny = ref + 1e-7 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    close = embedding_cosine(model, tiny, batch)                  # a float32 mean would round this to 1.0
+    assert 1.0 - 1e-10 < close < 1.0
     with torch.no_grad():
         w = model.encoder.layer[0].output.dense.weight
         w.add_(0.5 * torch.randn_like(w))
