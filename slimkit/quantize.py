@@ -51,10 +51,11 @@ def check_unread(cfg: QuantConfig, transformer: bool, strict: bool = False) -> N
         raise SlimkitError(f"{where} does not read {flags}"
                            f"{' (--w-group-size: only with --w-granularity group)' if 'w_group_size' in unread['options'] else ''}"
                            ": drop them, or choose a method that reads them")
-    for source, names in (("options", unread["options"]), ("the recipe's settings", unread["recipe"])):
+    for source, names in (("option", unread["options"]), ("the recipe's setting", unread["recipe"])):
         if names:
-            warnings.warn(f"{source} {', '.join(names)} {'is' if len(names) == 1 else 'are'} not read by {where}: "
-                          "ignored", stacklevel=3)
+            one = len(names) == 1
+            warnings.warn(f"{source}{'' if one else 's'} {', '.join(names)} {'is' if one else 'are'} not read by "
+                          f"{where}: ignored", stacklevel=3)
 
 
 def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration inputs"):
