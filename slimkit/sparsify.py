@@ -32,7 +32,7 @@ from torch import nn
 
 from .core.fingerprint import reference_digest
 from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact_counts, global_magnitude_counts,
-                            magnitude_mask, nm_keep, uniform_rates, weight_2d)
+                            magnitude_mask, nm_inputs, nm_keep, uniform_rates)
 from .core.wrap import quantizable, working_copy
 from .errors import SlimkitError
 
@@ -209,9 +209,10 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
                                "convolution: keep reconstruct='distill' (the default) for CNNs, or exclude the "
                                "convolutions")
     if pattern is not None:
-        bad = [f"{k} ({weight_2d(m).shape[1]} inputs)" for k, m in layers.items() if weight_2d(m).shape[1] % pattern[1]]
+        bad = [f"{k} ({nm_inputs(m)} input channels)" for k, m in layers.items() if nm_inputs(m) % pattern[1]]
         if bad:
-            raise SlimkitError(f"N:M {pattern[0]}:{pattern[1]} needs every counted layer's reduction size to divide by "
+            raise SlimkitError(f"N:M {pattern[0]}:{pattern[1]} needs every counted layer's input channels (per group, "
+                               f"for a grouped convolution) to divide by "
                                f"{pattern[1]}; these do not: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. "
                                "Leave them dense with exclude=[...] (--exclude): names, parent modules or glob patterns "
                                "such as '*depthwise*'")

@@ -51,6 +51,21 @@ def test_nm_2_4_and_layers_that_do_not_divide():
         slimkit.sparsify(nn.Sequential(nn.Linear(6, 4)), nm="2:4")
     with pytest.raises(SlimkitError, match="0 < N < M"):
         slimkit.sparsify(model, nm="4:4")
+    # a convolution's groups run along its input channels at each kernel position (K, C, R, S), as sparse tensor
+    # cores take them, not along the flattened C * R * S (mostly neighbouring taps of one channel)
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    with pytest.raises(SlimkitError, match=r"0 \(6 input channels\)|2 \(6 input channels\)"):
+        slimkit.sparsify(conv, nm="2:4")                      # 6 * 9 would divide by 2, 6 does not by 4
+    conv = nn.Sequential(nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    sparse = slimkit.sparsify(conv, nm="2:4", exclude=["2"])
+    w = sparse[0].weight                                      # (6, 8, 3, 3)
+    kept = (w != 0).movedim(1, -1).reshape(6, 3, 3, 2, 4).sum(-1)
+    assert (kept == 2).all()
+    big = conv[0].weight.detach().abs().movedim(1, -1).reshape(-1, 4)
+    mine = (w != 0).movedim(1, -1).reshape(-1, 4)
+    assert torch.equal(mine, torch.zeros_like(mine).scatter_(1, torch.argsort(big, dim=1, descending=True, stable=True)[:, :2],
+                                                             True))
     with pytest.raises(SlimkitError, match="2:4"):
         slimkit.sparsify(model, nm="two of four")
 

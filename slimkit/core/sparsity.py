@@ -43,12 +43,38 @@ def weight_2d(layer: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def nm_keep(layer: nn.Module, n: int, m: int) -> torch.Tensor:
-    """The N:M keep-mask of a layer, shaped as its weight parameter."""
-    keep = nm_mask(weight_2d(layer), n, m)
+def nm_groups(layer: nn.Module) -> torch.Tensor:
+    """The weight as (rows, input channels), rows of which N:M takes groups of M consecutive entries: the layout
+    sparse tensor cores run (cuSPARSELt, TensorRT, apex ASP), whose groups run along the input channels. A Linear:
+    (out, in); a convolution (K, C, *kernel): one row per output channel and kernel position, (K * R * S, C); GPT-2's
+    Conv1D, stored (in, out): transposed."""
     from .wrap import is_conv1d
 
-    return keep.t().contiguous() if is_conv1d(layer) else keep.view(layer.weight.shape)
+    w = layer.weight
+    if is_conv1d(layer):
+        return w.t()
+    if w.dim() > 2:
+        return w.movedim(1, -1).reshape(-1, w.shape[1])
+    return w
+
+
+def nm_inputs(layer: nn.Module) -> int:
+    """The length of the rows N:M groups (input channels per group of a convolution)."""
+    return nm_groups(layer).shape[1]
+
+
+def nm_keep(layer: nn.Module, n: int, m: int) -> torch.Tensor:
+    """The N:M keep-mask of a layer, shaped as its weight parameter: at most n of every m consecutive input
+    channels kept, per output channel (and kernel position)."""
+    from .wrap import is_conv1d
+
+    w = layer.weight
+    keep = nm_mask(nm_groups(layer), n, m)
+    if is_conv1d(layer):
+        return keep.t().contiguous()
+    if w.dim() > 2:
+        return keep.reshape(w.shape[0], *w.shape[2:], w.shape[1]).movedim(-1, 1).contiguous()
+    return keep
 
 
 # ---------- allocations: how many weights each layer loses ----------
@@ -135,8 +161,8 @@ def nm_mask(w2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
     check_nm(n, m)
     out, red = w2d.shape
     if red % m:
-        raise SlimkitError(f"N:M needs the reduction size to divide by M: {red} inputs per output is not a "
-                           f"multiple of {m}; leave this layer dense or use unstructured sparsity")
+        raise SlimkitError(f"N:M needs the input channels to divide by M: {red} is not a multiple of {m}; leave "
+                           "this layer dense or use unstructured sparsity")
     groups = w2d.detach().abs().reshape(out, red // m, m)
     order = torch.argsort(groups, dim=-1, stable=True, descending=True)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :n], True)
