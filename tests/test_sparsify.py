@@ -1,5 +1,6 @@
 """slimkit.sparsify: exact global sparsity for every allocation, N:M, counted layers, compact save/load, the CLI."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -362,6 +363,25 @@ def test_sparsegpt_compensates_better_than_wanda_and_hits_the_target():
     assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.5 * total)
     gpt2 = slimkit.sparsify(tiny_model("gpt2"), tokens, method="sparsegpt", sparsity=0.5, device="cpu")
     assert all(abs(r["rate"] - 0.5) < 0.01 for r in gpt2.slimkit_info["sparsity"]["layers"].values())
+
+
+def test_sparsegpt_with_more_dead_inputs_than_its_budget_prunes_exactly_the_target():
+    """Inputs that never fire (a ReLU FFN's dead neurons) cost nothing to prune: SparseGPT takes them first, and
+    where they outnumber a layer's budget the rest keep their weights (they never act), so the layer loses
+    exactly its share (the reference zeroes them all and went past the target, which the report then blamed on
+    the model)."""
+    torch.manual_seed(3)
+    layer = nn.Linear(64, 16)
+    x = torch.randn(256, 64)
+    x[:, :40] = 0                                         # 40 of 64 inputs dead: 62.5% of the weights
+    model = nn.Sequential(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sparse = slimkit.sparsify(model, x, method="sparsegpt", sparsity=0.5)
+    w = sparse[0].weight
+    assert int((w == 0).sum()) == 16 * 64 // 2
+    assert (w[:, 40:] != 0).all()                          # only dead inputs pruned: the live ones untouched
+    assert torch.allclose(sparse(x), model(x), atol=1e-5)                # the dead weights never acted
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2-sliding"])

@@ -57,9 +57,11 @@ def prune_layer(layer: nn.Module, h: torch.Tensor, pruned: int, blocksize: int =
     w = w_view.detach().float().clone()
     rows, cols = w.shape
     h = h.to(w.device).clone()
-    dead = torch.diag(h) == 0          # inputs never active: nothing to preserve there
+    # inputs never active: nothing to preserve there. The reference zeroes their weights up front; pruning them
+    # first instead (score below every other) gives the same layer while they fit the pruning budget, and keeps
+    # the rest unchanged (they never act) where they do not, so the layer loses exactly `pruned` weights
+    dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, device=w.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     per_block = [((i2 * pruned) // cols) - ((i1 * pruned) // cols)
@@ -69,6 +71,7 @@ def prune_layer(layer: nn.Module, h: torch.Tensor, pruned: int, blocksize: int =
         i2 = min(i1 + blocksize, cols)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         score = w1.pow(2) / torch.diag(hinv1).pow(2)[None, :]
+        score[:, dead[i1:i2]] = -1.0
         drop = torch.zeros_like(w1, dtype=torch.bool).flatten()
         drop[torch.argsort(score.flatten(), stable=True)[:per_block[b]]] = True
         drop = drop.view_as(w1)
