@@ -12,13 +12,14 @@ Allocation methods (how many weights each layer loses; inside a layer the smalle
   they need calibration data and linear layers;
 - "sparsegpt": every layer at the target, pruned one-shot with the optimal-brain-surgeon update of the surviving
   weights (methods/sparsegpt.py), block by block; calibration data and linear layers.
-`nm="2:4"` instead keeps the N largest of every M consecutive weights along each layer's reduction dimension
-(the pattern sparse tensor cores run); the sparsity is then 1 - N/M in every counted layer.
+`nm="2:4"` instead keeps the N largest of every M consecutive input channels, per output channel (and kernel
+position of a convolution): the pattern sparse tensor cores run; the sparsity is then 1 - N/M in every counted
+layer.
 
 Counted layers: every nn.Linear / nn.Conv2d / Conv1D (in a Hugging Face transformer: those inside its blocks),
 except those named in `exclude` and weights shared with another module (tied embeddings: pruning one would prune
-the other). The report names them. The achieved
-global sparsity over them equals the target to within one weight (slimkit.core.sparsity.exact_counts).
+the other; a warning names them and the report lists them under 'excluded' and 'tied'). The achieved global
+sparsity over them equals the target to within one weight (slimkit.core.sparsity.exact_counts).
 """
 from __future__ import annotations
 
@@ -69,12 +70,12 @@ def _excluded(name: str, pattern: str) -> bool:
     return name == pattern or name.startswith(pattern + ".")
 
 
-def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
+def prunable_layers(model: nn.Module, exclude=(), tied: list | None = None) -> dict[str, nn.Module]:
     """The layers sparsify counts: Linear and Conv1d/2d/3d layers (and GPT-2's Conv1D) by path, minus `exclude`
     (names, prefixes or glob patterns such as "*depthwise*"; an entry that matches no layer is an error) and
     layers whose weight tensor another module also holds (tied weights). In a Hugging Face transformer of a
     supported family, only the linears inside its blocks (the output head and the embeddings stay dense, as
-    LLM pruning methods leave them)."""
+    LLM pruning methods leave them). `tied`, when given, receives the names left out for sharing their weight."""
     inside = tuple(b + "." for b in _blocks(model)) or None
     owners: dict[int, int] = {}
     for m in model.modules():
@@ -85,9 +86,11 @@ def prunable_layers(model: nn.Module, exclude=()) -> dict[str, nn.Module]:
     for name, module in candidates:
         hits = [e for e in exclude if _excluded(name, e)]
         used.update(hits)
-        if hits or owners.get(id(module.weight), 0) > 1:
+        if hits or (inside is not None and not name.startswith(inside)):
             continue
-        if inside is not None and not name.startswith(inside):
+        if owners.get(id(module.weight), 0) > 1:
+            if tied is not None:
+                tied.append(name)
             continue
         found[name] = module
     unused = [e for e in exclude if e not in used]
@@ -199,7 +202,12 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         raise SlimkitError(f"option(s) {', '.join(sorted(options))} apply to method fcpts only")
     if isinstance(exclude, str):
         exclude = (exclude,)
-    layers = prunable_layers(model, exclude)
+    tied: list[str] = []
+    layers = prunable_layers(model, exclude, tied)
+    if tied:
+        warnings.warn(f"{', '.join(tied[:4])}{' ...' if len(tied) > 4 else ''} share{'s' if len(tied) == 1 else ''} "
+                      "its weight with another module (tied): left dense and out of the count, which the report's "
+                      "'tied' lists", stacklevel=2)
     if not layers:
         raise SlimkitError("the model has no prunable layers (nn.Linear / nn.Conv1d/2d/3d) left after `exclude`")
     if learn and options.get("reconstruct") == "sparsegpt":
@@ -301,6 +309,11 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
             report[name] = {"numel": keep.numel(), "pruned": zeros, "rate": zeros / keep.numel()}
     total = sum(r["numel"] for r in report.values())
     pruned = sum(r["pruned"] for r in report.values())
+    cut = [k for k, r in report.items() if r["numel"] and r["pruned"] == r["numel"]]
+    if cut:
+        warnings.warn(f"{', '.join(cut[:4])}{' ...' if len(cut) > 4 else ''}: every weight pruned, so the layer "
+                      "passes nothing on (only its bias): lower the sparsity, use an allocation that keeps small "
+                      "layers denser (erk, fcpts), or exclude it", stacklevel=2)
     if target is not None and total and pruned / total > target + 0.01:
         warnings.warn(f"the sparse model has {100 * pruned / total:.1f}% zeros, above the {100 * target:.1f}% asked "
                       "for: the model held that many zero weights already (pruning never restores a weight)",
@@ -308,7 +321,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
     info = dict(getattr(model, "slimkit_info", None) or {})
     info["sparsity"] = {"method": f"nm {pattern[0]}:{pattern[1]}" if pattern else method, "target": target,
                         "achieved": pruned / total, "counted_params": total, "layers": report,
-                        "excluded": list(exclude), "seconds": time.perf_counter() - t0}
+                        "excluded": list(exclude), "tied": tied, "seconds": time.perf_counter() - t0}
     if log is not None:
         info["sparsity"]["fcpts"] = {"learned_rates": log["learned_rates"], "init_rates": log["init_rates"],
                                      "final_global_rate": log["global_rate"][-1] if log["global_rate"] else None,

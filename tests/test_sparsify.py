@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import slimkit
-from slimkit.core.sparsity import is_nm, weight_2d
+from slimkit.core.sparsity import is_nm, nm_groups, weight_2d
 from slimkit.errors import SlimkitError
 from slimkit.sparsify import prunable_layers
 
@@ -594,7 +594,7 @@ def test_conv1d_and_conv3d_layers_are_counted_pruned_and_saved(tmp_path):
     for k in ("0", "4"):          # every counted layer at the same rate: the convolutions really are pruned
         assert abs(int((uni[k].weight == 0).sum()) - 0.6 * uni[k].weight.numel()) <= 1
     nm = slimkit.sparsify(net, None, nm="2:4", exclude=["4"])     # Conv3d's 2*3*3 = 18 inputs are not a multiple of 4
-    assert is_nm(weight_2d(prunable_layers(nm)["0"]) != 0, 2, 4)
+    assert is_nm(nm_groups(prunable_layers(nm)["0"]) != 0, 2, 4)      # along the input channels, per tap
     slimkit.save(s, tmp_path / "a")
     back = slimkit.load(tmp_path / "a", model=_conv1d_3d_net())
     for k, v in s.state_dict().items():
@@ -844,3 +844,21 @@ def test_fcpts_block_kd_on_a_transformer_matches_its_blocks_and_divergence_is_an
     with pytest.raises(SlimkitError, match=r"FCPTS diverged at step \d+.*lr=1e\+06"):
         slimkit.sparsify(model, ids, method="fcpts", sparsity=0.5, iters=10, finetune_iters=3, batch_size=4,
                          lr=1e6, progress=False, device="cpu")
+
+
+def test_tied_and_fully_pruned_layers_are_named():
+    """A layer whose weight another module shares is left dense and out of the count (pruning one would prune the
+    other): a warning and the report's 'tied' name it (they were left out silently); a layer pruned to its last
+    weight gets a warning (the network is cut there)."""
+    torch.manual_seed(0)
+    auto = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    auto[2].weight = auto[0].weight
+    with pytest.warns(UserWarning, match="0, 2 share its weight with another module"):
+        s = slimkit.sparsify(auto, method="global_magnitude", sparsity=0.5)
+    assert s.slimkit_info["sparsity"]["tied"] == ["0", "2"]
+    assert s.slimkit_info["sparsity"]["counted_params"] == 128
+    wide = nn.Sequential(nn.Linear(4, 512), nn.ReLU(), nn.Linear(512, 2))
+    with torch.no_grad():
+        wide[2].weight.mul_(1e-3)                         # global magnitude takes the small layer first
+    with pytest.warns(UserWarning, match="2: every weight pruned"):
+        slimkit.sparsify(wide, method="global_magnitude", sparsity=0.4)
