@@ -218,9 +218,11 @@ def quantize(
 def sparsify(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="directory to write the sparse model to"),
-    method: str = typer.Option("fcpts", help="fcpts (learned per-layer rates; needs calibration data) | uniform | "
-                                             "global_magnitude | erk | wanda | owl | sparsegpt (LLM baselines; need data)"),
-    sparsity: float = typer.Option(0.5, help="share of the counted weights set to zero, in [0, 1)"),
+    method: Optional[str] = typer.Option(None, help="fcpts (the default: learned per-layer rates; needs calibration "
+                                                    "data) | uniform | global_magnitude | erk | wanda | owl | sparsegpt "
+                                                    "(LLM baselines; need data)"),
+    sparsity: Optional[float] = typer.Option(None, help="share of the counted weights set to zero, in [0, 1) "
+                                                        "(default 0.5)"),
     calib: Optional[str] = typer.Option(None, help="calibration inputs: for a CNN a .safetensors/.npy/.npz file or "
                                                    "shipped dataset name; for a transformer text (a file, a folder or "
                                                    "a shipped corpus) (default: the shipped model's calibration set)"),
@@ -263,10 +265,19 @@ def sparsify(
 
     check_output(out, overwrite)      # before any work: a bad --out fails at once
     if nm is None:
+        method = method or "fcpts"
+        sparsity = 0.5 if sparsity is None else sparsity
         check_target(sparsity)
         if method not in METHODS:
             raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
-    parse_nm(nm)
+    else:
+        pattern = parse_nm(nm)
+        given = [flag for flag, v in (("--method", method), ("--sparsity", sparsity)) if v is not None]
+        if given:
+            raise SlimkitError(f"--nm {nm} keeps {pattern[0]} of every {pattern[1]} weights by magnitude, which sets "
+                               f"the method and the sparsity ({1 - pattern[0] / pattern[1]:.0%}): drop "
+                               f"{' and '.join(given)}")
+        method = "fcpts"                # (not used: N:M takes its own path)
     fp_model, is_artifact = load_any(model, weights)
     if is_artifact:
         raise SlimkitError(f"{model} is a saved artifact: give the float model")

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
+import numbers
 import time
 import warnings
 
@@ -46,8 +48,8 @@ EXTRA_CONVS = (nn.Conv1d, nn.Conv3d)
 
 
 def countable(module: nn.Module) -> bool:
-    """Whether sparsify counts (prunes) this module's weight."""
-    return quantizable(module) or isinstance(module, EXTRA_CONVS)
+    """Whether sparsify counts (prunes) this module's weight (one without weights, e.g. Linear(0, n), is not)."""
+    return (quantizable(module) or isinstance(module, EXTRA_CONVS)) and module.weight.numel() > 0
 
 
 def parse_nm(nm) -> tuple[int, int] | None:
@@ -55,9 +57,13 @@ def parse_nm(nm) -> tuple[int, int] | None:
     if nm is None:
         return None
     try:
-        n, m = (int(v) for v in (nm.split(":") if isinstance(nm, str) else nm))
+        parts = [v.strip() for v in nm.split(":")] if isinstance(nm, str) else list(nm)
+        if len(parts) != 2 or not all((isinstance(v, str) and v.isdigit()) or
+                                      (isinstance(v, numbers.Integral) and not isinstance(v, bool)) for v in parts):
+            raise ValueError
+        n, m = (int(v) for v in parts)
     except (ValueError, TypeError):
-        raise SlimkitError(f"nm must look like '2:4' (keep N of every M weights), got {nm!r}") from None
+        raise SlimkitError(f"nm must look like '2:4' (keep N of every M weights, whole numbers), got {nm!r}") from None
     check_nm(n, m)
     return n, m
 
@@ -132,10 +138,10 @@ def _counts(method: str, layers: dict[str, nn.Module], target: float) -> dict[st
     raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
 
 
-def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity: float = 0.5, nm=None,
-             exclude=(), inplace: bool = False, device: str | None = None, num_samples: int | None = None,
+def sparsify(model: nn.Module, calib_data=None, method: str | None = "fcpts", sparsity: float | None = None,
+             nm=None, exclude=(), inplace: bool = False, device: str | None = None, num_samples: int | None = None,
              seq_len: int | None = None, tokenizer=None, progress: bool = True, **options) -> nn.Module:
-    """A copy of `model` (or `model` itself with inplace=True) whose counted layers hold `sparsity` zeros in all,
+    """A copy of `model` (or `model` itself with inplace=True) whose counted layers hold `sparsity` (0.5) zeros in all,
     allocated by `method`; or N:M sparse with `nm="2:4"`. The result's `slimkit_info["sparsity"]` holds the
     target, the achieved global sparsity, the counted layers and each one's rate (see `sparsity_table`).
     `calib_data` (inputs as for slimkit.quantize; at most `num_samples` used: default 1024 inputs, or 128 token
@@ -156,15 +162,21 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
         raise SlimkitError("this model is already quantized: sparsify the float model first, then quantize the "
                            "sparse one (slimkit keeps its zeros through quantization)")
     pattern = parse_nm(nm)
-    target = check_target(sparsity) if pattern is None else 1 - pattern[0] / pattern[1]
+    if pattern is None:
+        method = method or "fcpts"
+        target = check_target(0.5 if sparsity is None else sparsity)
+    else:
+        target = 1 - pattern[0] / pattern[1]
     if pattern is None and method not in METHODS:
         raise SlimkitError(f"unknown sparsity method {method!r}: choose one of {', '.join(METHODS)}")
-    if pattern is not None and (method not in (None, "fcpts") or sparsity not in (None, 0.5)):
+    if pattern is not None and (method not in (None, "fcpts") or (sparsity is not None and sparsity != target)):
         raise SlimkitError(f"nm={nm!r} prunes every group of {pattern[1]} weights to {pattern[0]} by magnitude, which "
                            f"sets both the method and the sparsity ({target:.0%}): drop method= and sparsity=")
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise SlimkitError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise SlimkitError(f"seq_len must be a positive integer (tokens per calibration block), got {seq_len!r}")
     learn = pattern is None and method == "fcpts"
     needs_data = pattern is None and method in NEEDS_DATA
     if needs_data and calib_data is None:
@@ -192,10 +204,13 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
             v = options.get(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise SlimkitError(f"fcpts {name} must be an integer of at least {low}, got {v!r}")
-        for name in ("lr", "lr_threshold", "weight_decay", "control_weight"):
+        seed = options.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise SlimkitError(f"fcpts seed must be an integer, got {seed!r}")
+        for name in ("lr", "lr_threshold", "weight_decay", "control_weight", "temperature"):
             v = options.get(name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or
-                                  (name != "weight_decay" and v == 0)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v < 0 or (name != "weight_decay" and v == 0)):
                 raise SlimkitError(f"fcpts {name} must be a number above 0{' (or 0)' if name == 'weight_decay' else ''}, "
                                    f"got {v!r}")
     elif options:
@@ -217,7 +232,8 @@ def sparsify(model: nn.Module, calib_data=None, method: str = "fcpts", sparsity:
                                "convolution: keep reconstruct='distill' (the default) for CNNs, or exclude the "
                                "convolutions")
     if pattern is not None:
-        bad = [f"{k} ({nm_inputs(m)} input channels)" for k, m in layers.items() if nm_inputs(m) % pattern[1]]
+        bad = [f"{k or 'the model itself'} ({nm_inputs(m)} input channels)" for k, m in layers.items()
+               if nm_inputs(m) % pattern[1]]
         if bad:
             raise SlimkitError(f"N:M {pattern[0]}:{pattern[1]} needs every counted layer's input channels (per group, "
                                f"for a grouped convolution) to divide by "

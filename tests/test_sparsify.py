@@ -862,3 +862,26 @@ def test_tied_and_fully_pruned_layers_are_named():
         wide[2].weight.mul_(1e-3)                         # global magnitude takes the small layer first
     with pytest.warns(UserWarning, match="2: every weight pruned"):
         slimkit.sparsify(wide, method="global_magnitude", sparsity=0.4)
+
+
+def test_sparsify_arguments_are_checked():
+    """N:M of whole numbers only, an explicit sparsity that N:M contradicts, a seed that is no integer, infinite
+    fcpts settings and a non-positive seq_len are named errors (they were truncated, ignored, or raw errors); a
+    layer with no weights (Linear(0, n)) is not counted (it divided by zero)."""
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(32, 16)
+    with pytest.raises(SlimkitError, match="whole numbers"):
+        slimkit.sparsify(model, nm=(2.5, 4))
+    with pytest.raises(SlimkitError, match="sets both the method and the sparsity .75%."):
+        slimkit.sparsify(model, nm="1:4", sparsity=0.5)
+    assert slimkit.sparsify(model, nm="1:4", sparsity=0.75).slimkit_info["sparsity"]["achieved"] == 0.75
+    with pytest.raises(SlimkitError, match="seed must be an integer"):
+        slimkit.sparsify(model, x, seed=1.5)
+    for name in ("temperature", "control_weight"):
+        with pytest.raises(SlimkitError, match=f"{name} must be a number above 0"):
+            slimkit.sparsify(model, x, **{name: float("inf")})
+    with pytest.raises(SlimkitError, match="seq_len must be a positive integer"):
+        slimkit.sparsify(model, x, method="wanda", seq_len=0)
+    empty = nn.ModuleDict({"a": nn.Linear(0, 5), "b": nn.Linear(4, 4)})
+    s = slimkit.sparsify(empty, method="uniform", sparsity=0.5)
+    assert list(s.slimkit_info["sparsity"]["layers"]) == ["b"]
