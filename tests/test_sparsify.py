@@ -885,3 +885,14 @@ def test_sparsify_arguments_are_checked():
     empty = nn.ModuleDict({"a": nn.Linear(0, 5), "b": nn.Linear(4, 4)})
     s = slimkit.sparsify(empty, method="uniform", sparsity=0.5)
     assert list(s.slimkit_info["sparsity"]["layers"]) == ["b"]
+
+
+def test_fcpts_keeps_the_parameters_in_their_order():
+    """FCPTS swaps masked weights in during its forward; the model's parameters keep their order (they came back
+    reordered, so a copy by position gave a different model)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    order = [n for n, _ in model.named_parameters()]
+    s = slimkit.sparsify(model, torch.randn(64, 16), sparsity=0.5, iters=5, finetune_iters=2, progress=False)
+    assert [n for n, _ in s.named_parameters()] == order
+    assert "weight" not in s[0].__dict__

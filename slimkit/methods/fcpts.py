@@ -168,18 +168,19 @@ def _weight_holders(model: nn.Module, masked: dict[str, _Masked]) -> list[tuple[
 def _forward_masked(model: nn.Module, holders: list[tuple[nn.Module, str, _Masked]], x: torch.Tensor) -> torch.Tensor:
     """model(x) with each counted layer's weight replaced, wherever it is held, by its straight-through masked
     weight. Swapped by hand: torch.func.functional_call leaves a module held under two names with the
-    replacement after the call."""
+    replacement after the call. The masked weight shadows the parameter from the module's instance __dict__
+    (found before nn.Module's own lookup), so the parameters keep their order: a copy by position
+    (parameters_to_vector) still lines up."""
     weights = {id(m): m.masked_weight() for _, _, m in holders}      # all before any swap: they read the weights
     swapped = []
     try:
         for module, name, m in holders:
-            swapped.append((module, name, module._parameters.pop(name)))
-            setattr(module, name, weights[id(m)])
+            module.__dict__[name] = weights[id(m)]
+            swapped.append((module, name))
         return model(x)
     finally:
-        for module, name, p in swapped:
-            delattr(module, name)
-            module._parameters[name] = p
+        for module, name in swapped:
+            module.__dict__.pop(name, None)
 
 
 def _kd_loss(student, teacher, temperature: float) -> torch.Tensor:
