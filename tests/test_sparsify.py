@@ -896,3 +896,26 @@ def test_fcpts_keeps_the_parameters_in_their_order():
     s = slimkit.sparsify(model, torch.randn(64, 16), sparsity=0.5, iters=5, finetune_iters=2, progress=False)
     assert [n for n, _ in s.named_parameters()] == order
     assert "weight" not in s[0].__dict__
+
+
+def test_owl_outlier_ratio_is_taken_over_each_block_as_a_whole():
+    """OWL's outlier ratio of a block counts the scores above M times the mean of all the block's scores taken
+    together (the public code concatenates the block's Wanda metrics before check_outlier_mean), not each layer's
+    own mean; the rates follow as min-max normalised, centred ratios around the target."""
+    from slimkit.methods.owl import owl_rates, wanda_scores
+    torch.manual_seed(4)
+    layers = {f"b{i}.{j}": nn.Linear(16, 8 * (j + 1)) for i in range(3) for j in range(2)}
+    with torch.no_grad():
+        layers["b1.1"].weight[:, :2] *= 30                # one layer of one block with outlier weights
+        layers["b2.0"].weight.mul_(5)                     # a block whose layers differ in scale
+    norms = {k: torch.rand(16) + 0.5 for k in layers}
+    rates = owl_rates(layers, norms, ["b0", "b1", "b2"], target=0.6, m=5.0, lam=0.08)
+    ratio = []
+    for b in ("b0", "b1", "b2"):
+        s = torch.cat([wanda_scores(layers[k], norms[k]).flatten() for k in layers if k.startswith(b + ".")])
+        ratio.append(float((s > 5.0 * s.mean()).sum()) / s.numel())
+    ratio = torch.tensor(ratio, dtype=torch.float64)
+    norm = (ratio - ratio.min()) / (ratio.max() - ratio.min()) * 0.16
+    want = 1 - ((1 - 0.6) + (norm - norm.mean()))
+    for i, b in enumerate(("b0", "b1", "b2")):
+        assert rates[f"{b}.0"] == rates[f"{b}.1"] == pytest.approx(float(want[i]), abs=1e-12)

@@ -4,7 +4,8 @@ Wanda (Sun et al., 2023): a weight's importance is |W_ij| * ||X_j||_2, its magni
 input channel over the calibration tokens; each output row drops its least important weights (rows are the
 comparison groups), no weight is updated.
 OWL (Yin et al., 2023): layers holding more activation outliers keep more weights. A block's outlier ratio D is
-the share of its Wanda scores above M times its layer's mean score (M = 5); the ratios are min-max normalised
+the share of its Wanda scores above M times the mean of all its linears' scores taken together (M = 5; the
+public code's check_outlier_mean over the block's concatenated scores); the ratios are min-max normalised
 to [0, 2*lambda] (lambda = 0.08) and centred, and density_b = (1 - target) + (that centred ratio); every linear
 of block b gets that rate, then slimkit.core.sparsity.exact_counts makes the global total exact.
 """
@@ -54,12 +55,18 @@ def owl_rates(layers: dict[str, nn.Module], norms: dict[str, torch.Tensor], bloc
               m: float = 5.0, lam: float = 0.08) -> dict[str, float]:
     """Per-layer sparsity rates from each block's outlier ratio (see the module docstring)."""
     block_of = {k: next((b for b in blocks if k.startswith(b + ".")), k) for k in layers}
-    outliers: dict[str, list[float]] = {}
+    total: dict[str, list[float]] = {}          # per block: [sum of its scores, their count], for the block's mean
     for name, layer in layers.items():
         s = wanda_scores(layer, norms[name])
-        outliers.setdefault(block_of[name], []).extend([float((s > m * s.mean()).sum()), float(s.numel())])
-    names = list(outliers)
-    ratio = torch.tensor([sum(v[0::2]) / sum(v[1::2]) for v in (outliers[b] for b in names)], dtype=torch.float64)
+        t = total.setdefault(block_of[name], [0.0, 0.0])
+        t[0] += float(s.double().sum())
+        t[1] += s.numel()
+    over: dict[str, float] = dict.fromkeys(total, 0.0)
+    for name, layer in layers.items():          # outliers: scores above M times the mean of all the block's scores
+        b = block_of[name]
+        over[b] += float((wanda_scores(layer, norms[name]) > m * total[b][0] / total[b][1]).sum())
+    names = list(total)
+    ratio = torch.tensor([over[b] / total[b][1] for b in names], dtype=torch.float64)
     spread = ratio.max() - ratio.min()
     norm = (ratio - ratio.min()) / spread * (2 * lam) if spread > 0 else torch.zeros_like(ratio)
     density = (1 - target) + (norm - norm.mean())
