@@ -489,3 +489,15 @@ def test_a_source_folder_missing_weights_is_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         load_hf(str(tmp_path / "src"))
+
+
+def test_a_half_precision_folder_loads_in_its_own_dtype(tmp_path):
+    """load_hf (what the CLI runs) keeps a checkpoint's dtype: an fp16 folder was upcast to fp32, so its sparse or
+    quantized copy was saved in fp32, larger than the user's file, and reported against the upcast's size."""
+    from slimkit.models.hf import load_hf
+    from tiny_hf import tiny_tokenizer
+    tiny_model("gpt2").half().save_pretrained(tmp_path / "f16")
+    tiny_tokenizer().save_pretrained(tmp_path / "f16")
+    model, _ = load_hf(str(tmp_path / "f16"))
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert {p.dtype for p in load_hf(str(tmp_path / "f16"), dtype=torch.float32)[0].parameters()} == {torch.float32}

@@ -124,9 +124,11 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def load_hf(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None) -> tuple[nn.Module, object]:
+def load_hf(name_or_path: str | Path, dtype: torch.dtype | str = "auto", tokenizer=None) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer) from a shipped name or a local HF folder; causal LM or encoder per its config,
     or an image model (ResNet, ConvNext, ViT ...; tokenizer None), which slimkit treats as any CNN.
+    dtype "auto": the dtype the folder's weights were saved in (an fp16 checkpoint stays fp16, so the compressed
+    model and its size compare with the user's own file, not an fp32 upcast); a shipped model's own.
 
     The tokenizer is also attached as model._slimkit_tokenizer, and model._slimkit_spec records the source.
     tokenizer: a tokenizer object or a folder holding one, for model folders saved without tokenizer files.
