@@ -84,7 +84,7 @@ def main() -> None:
             "(window 512, stride 256); MiniLM: mean-pooled embedding cosine to fp32 on 256 held-out sentences. "
             "wanda / owl: one-shot, no weight update; sparsegpt: one-shot with the OBS update of the surviving "
             "weights, block by block.",
-        ], append=args.append)
+        ], append=args.append, columns=("model", "method", "setting", "metric", "value", "seconds", "achieved"))
 
     for model_name in args.models.split(","):
         lm = model_name not in CNN_MODELS
