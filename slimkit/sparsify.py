@@ -268,6 +268,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str | None = "fcpts", sp
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), data.dtype)
             data = data.to(dtype)    # a float64 / bf16 model calibrates in its own dtype
             check_runs(model, data[:2])
+    digest = reference_digest(model)        # now: with inplace=True the model itself is about to change
     out = working_copy(model, inplace)
     layers = prunable_layers(out, exclude)
     log = None
@@ -345,7 +346,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str | None = "fcpts", sp
                                      "score": options["score"],
                                      "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}}
     info.setdefault("model_spec", getattr(model, "_slimkit_spec", None))
-    info.setdefault("reference_digest", reference_digest(model))
+    info.setdefault("reference_digest", digest)
     out.slimkit_info = info
     return out
 

@@ -366,6 +366,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
 
     method = TRANSFORMER_METHODS[cfg.method]
     t0 = time.perf_counter()
+    digest = reference_digest(model)        # now: with inplace=True the model itself is about to change
     lay = layout(model)
     if cfg.method != "minmax" and getattr(model.config, "apply_residual_connection_post_layernorm", False):
         raise SlimkitError(f"{cfg.method} folds channel transforms into the norms, and this model's norms' outputs "
@@ -443,7 +444,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         "calibration": {"sequences": sum(len(b["input_ids"]) for b in batches),
                         "tokens": int(sum(b["input_ids"].numel() for b in batches))},
         "model_spec": getattr(model, "_slimkit_spec", None),
-        "reference_digest": reference_digest(model),
+        "reference_digest": digest,
         "seconds": {"total": time.perf_counter() - t0},
         "device": str(device),
     }

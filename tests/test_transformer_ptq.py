@@ -501,3 +501,20 @@ def test_a_half_precision_folder_loads_in_its_own_dtype(tmp_path):
     model, _ = load_hf(str(tmp_path / "f16"))
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     assert {p.dtype for p in load_hf(str(tmp_path / "f16"), dtype=torch.float32)[0].parameters()} == {torch.float32}
+
+
+def test_the_float_fingerprint_is_taken_before_an_inplace_run():
+    """With inplace=True the model itself changes: the fingerprint of the float model it came from is taken
+    first, so slimkit eval still recognises the rebuilt float model."""
+    from slimkit.core.fingerprint import weights_digest
+    model = tiny_model("llama")
+    model._slimkit_spec = {"hf": "somewhere"}
+    before = weights_digest(model)
+    q = slimkit.quantize(model, tiny_inputs("llama", 4, 8), method="smoothquant", w_bits=8, a_bits=8,
+                         inplace=True, **OPTS)
+    assert q.slimkit_info["reference_digest"] == before != weights_digest(q)
+    dense = tiny_model("llama")
+    dense._slimkit_spec = {"hf": "somewhere"}
+    before = weights_digest(dense)
+    s = slimkit.sparsify(dense, method="uniform", sparsity=0.5, inplace=True)
+    assert s.slimkit_info["reference_digest"] == before != weights_digest(s)
