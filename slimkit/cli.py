@@ -147,7 +147,7 @@ def quantize(
     options = {k: v for k, v in options.items() if v is not None}
     if options.get("a_bits") == 0:
         options["a_bits"] = None      # weight-only
-    QuantConfig.build(recipe, **options)  # fail on bad options before loading anything
+    cfg = QuantConfig.build(recipe, **options)  # fail on bad options before loading anything
     fp_model, is_artifact = load_any(model, weights)
     from .core.wrap import quant_layers
 
@@ -165,7 +165,7 @@ def quantize(
         if given:
             raise SlimkitError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to transformers; "
                                f"{model} is a CNN: drop {'it' if len(given) == 1 else 'them'}")
-    check_unread(QuantConfig.build(recipe, **options), is_transformer(fp_model), strict=True)
+    check_unread(cfg, is_transformer(fp_model), strict=True)
 
     name = shipped_name(model, fp_model, is_artifact)     # a sparse artifact: its model's default data
     lm = is_transformer(fp_model)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core.data import check_inputs
+from .core.data import check_inputs, input_dtype
 from .core.wrap import QuantLayer
 from .errors import SlimkitError
 
@@ -39,9 +39,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: to
     """The model's outputs (logits) for all inputs, computed in batches, returned on the CPU. A model may return
     a tensor, a tuple starting with its logits, or an object or dict with `logits` (or `last_hidden_state`)."""
     model = model.eval().to(device)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if dtype is None or not torch.is_floating_point(x):
-        dtype = x.dtype         # float64 data (NumPy's default) runs in the model's own precision
+    dtype = input_dtype(model, x)
     outs = []
     with torch.no_grad():
         for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .config import QuantConfig
 from .core.adapters import find_blocks, layer_order
 from .core.entry import attach_entries
-from .core.data import calibration_tensor
+from .core.data import calibration_tensor, input_dtype
 from .core.fingerprint import reference_digest
 from .core.fold import fold_bn
 from .core.quantizer import QuantSpec
@@ -67,8 +67,7 @@ def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration
     try:
         with torch.no_grad():
             if p is not None:   # float64 data (NumPy's default) in the model's own precision, as predict runs it
-                example = example.to(p.device, p.dtype if p.is_floating_point() and example.is_floating_point()
-                                     else example.dtype)
+                example = example.to(p.device, input_dtype(model, example))
             return model(example)
     except Exception as e:
         raise SlimkitError(f"the model does not accept {what} of shape {tuple(example.shape[1:])} "

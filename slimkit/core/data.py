@@ -129,6 +129,13 @@ def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x, y
 
 
+def input_dtype(model: torch.nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype to feed float inputs `x` to `model` in: its own floating dtype (float64 data, NumPy's default,
+    runs in the model's precision); x's own for integer inputs or a model without float parameters."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None and torch.is_floating_point(x) else x.dtype
+
+
 def check_inputs(x: torch.Tensor, what: str) -> None:
     """Model inputs are floating point and finite (what: 'calibration' or 'evaluation', for the message)."""
     if not torch.is_floating_point(x):

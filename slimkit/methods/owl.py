@@ -55,18 +55,15 @@ def owl_rates(layers: dict[str, nn.Module], norms: dict[str, torch.Tensor], bloc
               m: float = 5.0, lam: float = 0.08) -> dict[str, float]:
     """Per-layer sparsity rates from each block's outlier ratio (see the module docstring)."""
     block_of = {k: next((b for b in blocks if k.startswith(b + ".")), k) for k in layers}
-    total: dict[str, list[float]] = {}          # per block: [sum of its scores, their count], for the block's mean
-    for name, layer in layers.items():
-        s = wanda_scores(layer, norms[name])
-        t = total.setdefault(block_of[name], [0.0, 0.0])
-        t[0] += float(s.double().sum())
-        t[1] += s.numel()
-    over: dict[str, float] = dict.fromkeys(total, 0.0)
-    for name, layer in layers.items():          # outliers: scores above M times the mean of all the block's scores
-        b = block_of[name]
-        over[b] += float((wanda_scores(layer, norms[name]) > m * total[b][0] / total[b][1]).sum())
-    names = list(total)
-    ratio = torch.tensor([over[b] / total[b][1] for b in names], dtype=torch.float64)
+    members: dict[str, list[str]] = {}
+    for name in layers:
+        members.setdefault(block_of[name], []).append(name)
+    names = list(members)
+    ratio = []
+    for b in names:     # one block's scores at a time: outliers are those above M times their mean, taken together
+        scores = torch.cat([wanda_scores(layers[k], norms[k]).flatten() for k in members[b]])
+        ratio.append(float((scores > m * scores.mean()).sum()) / scores.numel())
+    ratio = torch.tensor(ratio, dtype=torch.float64)
     spread = ratio.max() - ratio.min()
     norm = (ratio - ratio.min()) / spread * (2 * lam) if spread > 0 else torch.zeros_like(ratio)
     density = (1 - target) + (norm - norm.mean())
