@@ -50,15 +50,14 @@ def test_cublaslt_wiring_equals_eager_with_reference_epilogues(monkeypatch, kind
     monkeypatch.setattr(EP, "_matmul", EP.reference_matmul)
     monkeypatch.setattr(EP, "available", lambda x: True)
     calls = []
-    monkeypatch.setattr(EP.GeluUp, "forward", _spy(EP.GeluUp.forward, calls, "up"))
-    monkeypatch.setattr(EP.GeluUpDown, "forward", _spy(EP.GeluUpDown.forward, calls, "updown"))
-    monkeypatch.setattr(EP.GeluUpBlock, "forward", _spy(EP.GeluUpBlock.forward, calls, "block"))
+    monkeypatch.setattr(EP.GeluFFN, "forward", _spy(EP.GeluFFN.forward, calls))
     fc1, fc2 = _ffn(kind1, kind2, bias)
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
     grad = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(2))
     got = _run(fc1, fc2, x, grad, lambda a, b, t: fused_ffn(a, b, t, "tanh", matmul="cublaslt"))
     want = _run(fc1, fc2, x, grad, eager)
-    assert calls == ([] if kind1 == "blockshuffle" else ["updown"] if kind2 in ("dense", "lowrank") else ["block"])
+    tail = "dense" if kind2 in ("dense", "lowrank") else "block"
+    assert calls == ([] if kind1 == "blockshuffle" else [(kind1, tail)])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     params = list(fc1.parameters()) + list(fc2.parameters())
@@ -72,10 +71,11 @@ def test_cublaslt_wiring_equals_eager_with_reference_epilogues(monkeypatch, kind
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def _spy(fn, calls, name):
-    def wrapped(*args, **kw):
-        calls.append(name)
-        return fn(*args, **kw)
+def _spy(fn, calls):
+    """GeluFFN.forward recording the (head, tail) it is called with."""
+    def wrapped(ctx, x, first, w, b, tail_w, head, tail):
+        calls.append((head, tail))
+        return fn(ctx, x, first, w, b, tail_w, head, tail)
     return staticmethod(wrapped)
 
 
@@ -120,6 +120,22 @@ def test_ones_column_rule():
     torch.testing.assert_close(h1[:, :12], h)
     assert (h1[:, 12] == 1).all() and (h1[:, 13:] == 0).all()
     assert EP.with_ones(torch.randn(5, 128)) is None
+
+
+@pytest.mark.parametrize("k", [12, 16, 5])
+def test_ones_buffer_holds_h_beside_a_ones_column(k):
+    """ones_buffer: h a view of the first k columns (what the head's matmul writes), then [1, 0...] to a
+    multiple of ONES_PAD; the weight gradient through it carries the bias gradient, as with_ones does."""
+    like = torch.empty(0, dtype=torch.bfloat16)
+    hp, h = EP.ones_buffer((6, k), like)
+    assert hp.dtype == torch.bfloat16 and hp.shape[1] % EP.ONES_PAD == 0 and hp.shape[1] > k
+    assert h.data_ptr() == hp.data_ptr() and h.shape == (6, k) and h.stride() == (hp.shape[1], 1)
+    assert (hp[:, k] == 1).all() and (hp[:, k + 1:] == 0).all()
+    h.copy_(torch.randn(6, k))
+    dpre = torch.randn(6, 10, dtype=torch.bfloat16)
+    dw, db = EP.weight_bias_grads(torch.empty(10, k, dtype=torch.bfloat16), dpre, h, hp, True)
+    torch.testing.assert_close(dw, dpre.t() @ h)
+    torch.testing.assert_close(db, dpre.sum(0))
 
 
 @pytest.mark.parametrize("k", [12, 128])
@@ -246,7 +262,7 @@ def test_self_guided_layers_fuse_once_their_guide_is_gone(monkeypatch):
     monkeypatch.setattr(EP, "_matmul", EP.reference_matmul)
     monkeypatch.setattr(EP, "available", lambda x: True)
     calls = []
-    monkeypatch.setattr(EP.GeluUpDown, "forward", _spy(EP.GeluUpDown.forward, calls, "updown"))
+    monkeypatch.setattr(EP.GeluFFN, "forward", _spy(EP.GeluFFN.forward, calls))
     fc1, fc2 = _ffn("lowrank", "lowrank", True)
     fc1, fc2 = SelfGuided(fc1), SelfGuided(fc2)
     x = torch.randn(9, 16, generator=torch.Generator().manual_seed(4))
@@ -259,4 +275,4 @@ def test_self_guided_layers_fuse_once_their_guide_is_gone(monkeypatch):
     fc2.drop_guide()
     for a, b in zip(_run(fc1, fc2, x, grad, fused), _run(fc1, fc2, x, grad, eager)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert calls == ["updown"]
+    assert calls == [("lowrank", "dense")]

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import block_diag_product, block_diag_reference, linear_cast_bias, regrad
+from .layers import block_diag_product, block_diag_reference, linear_cast_bias, regrad, split_bmm
 
 try:
     from nvmath import CudaDataType
@@ -349,73 +349,118 @@ def dgelu_block_diag(dz: torch.Tensor, blocks: torch.Tensor, pre: torch.Tensor) 
     return dpre
 
 
-def _up_reference(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """gelu_tanh(h @ w^T + b) in differentiable torch ops."""
-    return F.gelu(linear_cast_bias(h, w, b), approximate="tanh")
+HEADS = ("dense", "lowrank", "blockdense")     # what comes before fc1's last dense factor (see GeluFFN)
+TAILS = ("none", "dense", "block")             # how fc2 starts
 
 
-class GeluUp(torch.autograd.Function):
-    """act = gelu_tanh(h @ w^T + b), the epilogue forward; the backward is torch's GELU backward."""
+def ones_buffer(h_shape: tuple, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hp, h): hp (T, k + pad) with its columns after the first k set to [1, 0, ...] (pad >= 1, k + pad a
+    multiple of ONES_PAD, so rows stay 16-byte aligned in bf16), h = hp[:, :k] the view a matmul writes fc1's
+    inner activations into. dpre^T @ hp is then [dw, db, 0...] (see with_ones) with no copy of h."""
+    t, k = h_shape
+    width = (k // ONES_PAD + 1) * ONES_PAD
+    hp = like.new_empty(t, width)
+    pattern = like.new_zeros(width - k)
+    pattern[0] = 1
+    hp[:, k:].copy_(pattern.expand(t, width - k))
+    return hp, hp[:, :k]
 
-    @staticmethod
-    def forward(ctx, h, w, b):
-        act, pre = linear_gelu(h, w, b)
-        ctx.save_for_backward(h, None if b is None else with_ones(h), w, pre, b)
-        ctx.has_bias = b is not None
+
+def _head_reference(head: str, x: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
+    if head == "dense":
+        return x
+    if head == "lowrank":
+        return x @ first.t()
+    return block_diag_reference(x.view(x.shape[0], first.shape[0], -1), first).reshape(x.shape[0], -1)
+
+
+def _tail_reference(tail: str, act: torch.Tensor, tail_w: torch.Tensor | None) -> torch.Tensor:
+    if tail == "none":
         return act
+    if tail == "dense":
+        return act @ tail_w.t()
+    return block_diag_reference(act.view(act.shape[0], tail_w.shape[0], -1), tail_w)
+
+
+def ffn_reference(x, first, w, b, tail_w, head: str = "dense", tail: str = "none") -> torch.Tensor:
+    """What GeluFFN computes, in differentiable torch ops: tail(gelu_tanh(head(x) @ w^T + b))."""
+    pre = linear_cast_bias(_head_reference(head, x, first), w, b)
+    return _tail_reference(tail, F.gelu(pre, approximate="tanh"), tail_w)
+
+
+class GeluFFN(torch.autograd.Function):
+    """The FFN's middle around fc1's last dense factor w (N, K), for x (T, in):
+
+        out = tail(act),  act = gelu_tanh(h @ w^T + b),  h = head(x)
+
+    head: "dense" (h = x; fc1 an nn.Linear), "lowrank" (h = x @ first^T, first = fc1.u), "blockdense" (h the
+    block-diagonal product with first = fc1.blocks); tail: "none" (out = act), "dense" (out = act @ tail_w^T, fc2's
+    first dense factor), "block" (out (T, nb, q) = the block-diagonal product with tail_w, fc2's first factor).
+    The forward's GELU and the backward's GELU' are cuBLASLt epilogues (GELU_AUX(_BIAS); DGELU where a tail
+    follows). Where fc1 has a head and a bias, the head writes h into a buffer with a ones column beside it
+    (ones_buffer), so fc1's bias gradient comes out of its weight-gradient matmul with no copy of h; a dense head
+    takes the copy where it is free (with_ones). Weight gradients of block-diagonal factors go through
+    split_bmm (split-K where their output is small)."""
 
     @staticmethod
-    def backward(ctx, dact):
-        h, h1, w, pre, b = ctx.saved_tensors
-        if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
-            return regrad(_up_reference, (h, w, b), ctx.needs_input_grad, dact)
-        dpre = torch.ops.aten.gelu_backward(dact, pre, approximate="tanh")
-        return (dpre @ w,) + weight_bias_grads(w, dpre, h, h1, ctx.has_bias)
-
-
-class GeluUpDown(torch.autograd.Function):
-    """z = gelu_tanh(h @ w^T + b) @ u^T: fc1's last factor with the GELU epilogue, then fc2's first dense factor,
-    whose input gradient comes out of the DGELU epilogue."""
-
-    @staticmethod
-    def forward(ctx, h, w, b, u):
+    def forward(ctx, x, first, w, b, tail_w, head: str, tail: str):
+        t = x.shape[0]
+        if head == "dense":
+            h, hp = x, (None if b is None else with_ones(x))
+        else:
+            shape = (t, w.shape[1])
+            hp, h = ones_buffer(shape, x) if b is not None else (None, x.new_empty(shape))
+            if head == "lowrank":
+                torch.mm(x, first.t(), out=h)
+            else:
+                nb = first.shape[0]
+                block_diag_product(x.view(t, nb, -1), first, out=h.view(t, nb, -1))
         act, pre = linear_gelu(h, w, b)
-        ctx.save_for_backward(h, None if b is None else with_ones(h), w, u, act, pre, b)
-        ctx.has_bias = b is not None
-        return F.linear(act, u)
+        if tail == "none":
+            out = act
+        elif tail == "dense":
+            out = F.linear(act, tail_w)
+        else:
+            out = block_diag_product(act.view(t, tail_w.shape[0], -1), tail_w)
+        ctx.save_for_backward(x, first, h, hp, w, b, tail_w, None if tail == "none" else act, pre)
+        ctx.head, ctx.tail, ctx.has_bias = head, tail, b is not None
+        return out
 
     @staticmethod
-    def backward(ctx, dz):
-        h, h1, w, u, act, pre, b = ctx.saved_tensors
+    def backward(ctx, dout):
+        x, first, h, hp, w, b, tail_w, act, pre = ctx.saved_tensors
+        head, tail, needs = ctx.head, ctx.tail, ctx.needs_input_grad
         if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
-            ref = lambda h, w, b, u: F.linear(_up_reference(h, w, b), u)   # noqa: E731
-            return regrad(ref, (h, w, b, u), ctx.needs_input_grad, dz)
-        dpre = dgelu_linear(dz, u, pre)
-        return (dpre @ w,) + weight_bias_grads(w, dpre, h, h1, ctx.has_bias) + (_grad_like(u, dz.t(), act),)
-
-
-class GeluUpBlock(torch.autograd.Function):
-    """z = block_diag_mm(gelu_tanh(h @ w^T + b), blocks), (T, nb, q): fc1's last factor with the GELU epilogue,
-    then fc2's first block-diagonal factor (BlockDense, BlockShuffle), whose input gradient comes out of the
-    batched DGELU epilogue."""
-
-    @staticmethod
-    def forward(ctx, h, w, b, blocks):
-        act, pre = linear_gelu(h, w, b)
-        nb, _, p = blocks.shape
-        ctx.save_for_backward(h, None if b is None else with_ones(h), w, blocks, act, pre, b)
-        ctx.has_bias = b is not None
-        return block_diag_product(act.view(act.shape[0], nb, p), blocks)
-
-    @staticmethod
-    def backward(ctx, dz):
-        h, h1, w, blocks, act, pre, b = ctx.saved_tensors
-        if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
-            ref = lambda h, w, b, blocks: block_diag_reference(   # noqa: E731
-                _up_reference(h, w, b).reshape(h.shape[0], blocks.shape[0], blocks.shape[2]), blocks)
-            return regrad(ref, (h, w, b, blocks), ctx.needs_input_grad, dz)
-        dz = dz.contiguous()
-        dpre = dgelu_block_diag(dz, blocks, pre)
-        nb, _, p = blocks.shape
-        dblocks = torch.bmm(dz.transpose(0, 1).transpose(1, 2), act.view(act.shape[0], nb, p).transpose(0, 1))
-        return (dpre @ w,) + weight_bias_grads(w, dpre, h, h1, ctx.has_bias) + (dblocks,)
+            ref = lambda x, first, w, b, tail_w: ffn_reference(x, first, w, b, tail_w, head, tail)   # noqa: E731
+            return regrad(ref, (x, first, w, b, tail_w), needs[:5], dout) + (None, None)
+        t = x.shape[0]
+        dtail = None
+        if tail == "none":
+            dpre = torch.ops.aten.gelu_backward(dout, pre, approximate="tanh")
+        elif tail == "dense":
+            dout = dout.contiguous()
+            dpre = dgelu_linear(dout, tail_w, pre)
+            dtail = _grad_like(tail_w, dout.t(), act) if needs[4] else None
+        else:
+            dout = dout.contiguous()
+            dpre = dgelu_block_diag(dout, tail_w, pre)
+            if needs[4]:
+                dtail = split_bmm(dout.transpose(0, 1).transpose(1, 2), act.view(t, tail_w.shape[0], -1).transpose(0, 1))
+        dw, db = weight_bias_grads(w, dpre, h, hp, ctx.has_bias) if needs[2] or needs[3] else (None, None)
+        dx = dfirst = None
+        if head == "dense":
+            dx = dpre @ w if needs[0] else None
+        elif needs[0] or needs[1]:
+            dh = dpre @ w
+            if head == "lowrank":
+                dx = dh @ first if needs[0] else None
+                dfirst = _grad_like(first, dh.t(), x) if needs[1] else None
+            else:
+                nb = first.shape[0]
+                dhb = dh.view(t, nb, -1)
+                if needs[0]:
+                    dx = x.new_empty(x.shape)
+                    torch.bmm(dhb.transpose(0, 1), first, out=dx.view(t, nb, -1).transpose(0, 1))
+                if needs[1]:
+                    dfirst = split_bmm(dhb.transpose(0, 1).transpose(1, 2), x.view(t, nb, -1).transpose(0, 1))
+        return dx, dfirst, dw, db, dtail, None, None

@@ -496,6 +496,28 @@ def supported(fc1: nn.Module, act: str = "gelu") -> bool:
     return act == "gelu" and (type(fc1) is nn.Linear or isinstance(fc1, (LowRankLinear, BlockDenseLinear)))
 
 
+def _lt_parts(fc1: nn.Module):
+    """fc1 as GeluFFN's (head, first factor, last dense weight, bias)."""
+    if type(fc1) is nn.Linear:
+        return "dense", None, fc1.weight, fc1.bias
+    if isinstance(fc1, LowRankLinear):
+        return "lowrank", fc1.u, fc1.v, fc1.bias
+    return "blockdense", fc1.blocks, fc1.v, fc1.bias
+
+
+def _lt_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """fused_ffn's cuBLASLt path on 2-D x: fc1 and fc2's first factor in one epilogue.GeluFFN, in dtype dt (the
+    autocast dtype, if on), then the rest of fc2."""
+    head, first, w, b = _lt_parts(fc1)
+    tail, block = _tail(fc2), _block_tail(fc2)
+    kind, tail_w, finish = ("dense", *tail) if tail is not None else ("block", *block) if block is not None else \
+        ("none", None, fc2)
+    cast = lambda t: None if t is None else t.to(dt)    # noqa: E731
+    with torch.autocast(x.device.type, enabled=False):
+        out = epilogue.GeluFFN.apply(x.to(dt).contiguous(), cast(first), cast(w), cast(b), cast(tail_w), head, kind)
+    return finish(out)
+
+
 def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str = "none",
               matmul: str = "triton") -> torch.Tensor:
     """fc2(gelu(fc1(x))) with the GELU and bias work fused into fc1's last matmul and, where fc2 starts with a
@@ -518,21 +540,14 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     dt = torch.get_autocast_dtype(dev) if amp else x.dtype
     if matmul == "cublaslt" and not epilogue.applies(fc1.out_features, dt):
         return eager_ffn(fc1, fc2, x, approximate)
+    if matmul == "cublaslt":
+        y = _lt_ffn(fc1, fc2, x2, dt)
+        return y.reshape(*lead, y.shape[-1])
     h, w, b = _head(fc1, x2.to(dt) if amp else x2)
     tail = _tail(fc2)
     with torch.autocast(dev, enabled=False):
         h, w = h.to(dt), w.to(dt)
-        if matmul == "cublaslt":
-            bias = None if b is None else b.to(dt)
-            block = _block_tail(fc2) if tail is None else None
-            if block is not None:
-                tail = (None, block[1])
-                hidden = epilogue.GeluUpBlock.apply(h.contiguous(), w, bias, block[0].to(dt))
-            elif tail is None:
-                hidden = epilogue.GeluUp.apply(h.contiguous(), w, bias)
-            else:
-                hidden = epilogue.GeluUpDown.apply(h.contiguous(), w, bias, tail[0].to(dt))
-        elif tail is None or matmul == "cublas":
+        if tail is None or matmul == "cublas":
             tail = None
             hidden = _GeluUp.apply(h.contiguous(), w, b, approximate, matmul == "cublas")
         else:
