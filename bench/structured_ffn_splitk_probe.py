@@ -1,19 +1,20 @@
-"""Two changes to the '-lt' FFN backward, measured piece by piece and in the whole step, GPU only.
+"""Two changes to the '-lt' FFN backward, GPU only: one kept, one measured and left out.
 
-- Split-K for small block-diagonal weight gradients (layers.split_bmm): BlockDense's first factor at d_model 2048
-  and 25% is 4 blocks of 128 x 512 summed over 16384 tokens, 16 output tiles for an H100's 132 SMs. split_bmm cuts
-  the tokens into chunks (one bmm per block with fp32 outputs, then one fp32 sum).
-- fc1's bias gradient from a ones column with no copy (epilogue.ones_buffer): where fc1 has a head (low-rank,
-  BlockDense), the head's matmul writes h into a buffer whose next column is ones, so dpre^T @ [h, 1, 0...] carries
-  the bias gradient; with_ones copied h for that, and only at ranks where the column stayed in the last tile.
+- fc1's bias gradient from a ones column with no copy (epilogue.ones_buffer, kept): where fc1 has a head
+  (low-rank, BlockDense), the head's matmul writes h into a buffer whose next column is ones, so dpre^T @
+  [h, 1, 0...] carries the bias gradient; before, with_ones copied h for that, and only at ranks where the column
+  stayed in the last tile, else a separate sum over dpre.
+- Split-K for small block-diagonal weight gradients (split_bmm below, not in slimkit): BlockDense's first factor
+  at d_model 2048 and 25% is 4 blocks of 128 x 512 summed over 16384 tokens, 16 output tiles of 128 x 128 for an
+  H100's 132 SMs. split_bmm cuts the tokens into S chunks (one bmm per block with fp32 outputs, one fp32 sum).
 
 Rows, in one run on one GPU:
-- 'gpu_ms' (model ffn-fc1-blocks): the first factor's weight gradient dw (4, q, p) = dh^T x per block, plain bmm
-  against split_bmm at a forced number of chunks S, and the number split_k picks; errors against fp32;
+- 'gpu_ms' (model ffn-fc1-blocks): that weight gradient alone, plain torch.bmm ('bmm') against split_bmm at S
+  chunks ('splitS'); errors against fp32;
 - 'fwbw_speedup' (model ffn): one forward+backward step captured as a CUDA graph and replayed (GPU time alone),
-  through fused_ffn(matmul='cublaslt'), over the dense step graphed likewise, for each variant: '-lt' both
-  changes, '-lt-nosplit' without split-K, '-lt-noones' with the bias gradient as a separate sum, '-lt-neither'.
-  Variants alternate over --rounds rounds and each keeps its fastest median.
+  through fused_ffn(matmul='cublaslt'), over the dense step graphed likewise: '-lt' as slimkit runs it,
+  '-lt-noones' with fc1's bias gradient as a separate sum. The two alternate over --rounds rounds and each keeps
+  its fastest median.
 
     python bench/structured_ffn_splitk_probe.py
 """
@@ -32,7 +33,17 @@ from common import write_results  # noqa: E402
 from structured_ffn_speed import LtFFN, build, events_ms, graphed_step  # noqa: E402
 
 from slimkit.structured import epilogue as EP  # noqa: E402
-from slimkit.structured import layers as L  # noqa: E402
+
+
+def split_bmm(a: torch.Tensor, b: torch.Tensor, s: int) -> torch.Tensor:
+    """torch.bmm(a, b) for a (n, q, T), b (n, T, p), the T tokens cut into s chunks: per block one bmm of the
+    chunks with fp32 outputs, summed in fp32, rounded once."""
+    n, q, t = a.shape
+    parts = torch.empty(n, s, q, b.shape[2], device=a.device, dtype=torch.float32)
+    for k in range(n):
+        torch.bmm(a[k].unflatten(1, (s, t // s)).transpose(0, 1), b[k].unflatten(0, (s, t // s)),
+                  out_dtype=torch.float32, out=parts[k])
+    return parts.sum(1).to(a.dtype)
 
 
 def no_ones(shape, like):
@@ -58,7 +69,6 @@ def main() -> None:
     rows = []
 
     # the piece: BlockDense's first-factor weight gradient at each ratio
-    split_k = L.split_k
     for ratio in map(float, args.ratios.split(",")):
         ffn, _ = build("blockdense", d, ratio, dev, dt, args.align)
         nb, q, p = ffn.fc1.blocks.shape
@@ -67,17 +77,12 @@ def main() -> None:
         a, b = dh.transpose(0, 1).transpose(1, 2), x.transpose(0, 1)
         ref = torch.bmm(a.float(), b.float())
         setting = f"r={ratio:g} d={d} T={T} blocks {nb}x{q}x{p}"
-        picked = split_k(nb, q, p, T, dev)
         for s in (1, 2, 4, 8, 16, 32):
-            L.split_k = lambda *_, s=s: s
-            try:
-                fn = (lambda: torch.bmm(a, b)) if s == 1 else (lambda: L.split_bmm(a, b))
-                err = ((fn().float() - ref).norm() / ref.norm()).item()
-                ms = min(events_ms(fn, dev, args.reps) for _ in range(args.rounds))
-            finally:
-                L.split_k = split_k
+            fn = (lambda: torch.bmm(a, b)) if s == 1 else (lambda s=s: split_bmm(a, b, s))
+            err = ((fn().float() - ref).norm() / ref.norm()).item()
+            ms = min(events_ms(fn, dev, args.reps) for _ in range(args.rounds))
             rows.append({"model": "ffn-fc1-blocks", "method": "bmm" if s == 1 else f"split{s}", "setting": setting,
-                         "metric": "gpu_ms", "value": round(ms, 4), "rel_err": round(err, 5), "picked": picked})
+                         "metric": "gpu_ms", "value": round(ms, 4), "rel_err": round(err, 5)})
             print(rows[-1], flush=True)
 
     # the whole step, graphed
@@ -89,19 +94,18 @@ def main() -> None:
     rows.append({"model": "ffn", "method": "dense-graph", "setting": f"r=1 d={d} T={T}", "metric": "fwbw_ms",
                  "value": round(base, 4), "ms": round(base, 4), "ratio": 1.0})
     ones = EP.ones_buffer
-    variants = {"-lt": (split_k, ones), "-lt-nosplit": (lambda *_: 1, ones), "-lt-noones": (split_k, no_ones),
-                "-lt-neither": (lambda *_: 1, no_ones)}
+    variants = {"-lt": ones, "-lt-noones": no_ones}
     for ratio in map(float, args.ratios.split(",")):
         for kind in args.kinds.split(","):
             ffn, real = build(kind, d, ratio, dev, dt, args.align)
             lt = LtFFN(ffn.fc1, ffn.fc2)
             steps = {}
-            for name, (sk, ob) in variants.items():       # each variant captured with its own code path
-                L.split_k, EP.ones_buffer = sk, ob
+            for name, ob in variants.items():       # each variant captured with its own code path
+                EP.ones_buffer = ob
                 try:
                     steps[name] = graphed_step(lt, x, grad)
                 finally:
-                    L.split_k, EP.ones_buffer = split_k, ones
+                    EP.ones_buffer = ones
             best = {}
             for _ in range(args.rounds):
                 for name, step in steps.items():
@@ -120,17 +124,14 @@ def main() -> None:
     notes = [
         "bf16, one GPU. 'gpu_ms' rows: BlockDense's first-factor weight gradient alone, CUDA events, L2 flushed "
         f"before each call, median of {args.reps}, fastest of {args.rounds} rounds; 'bmm' the plain torch.bmm, "
-        "'splitS' layers.split_bmm cut into S token chunks; 'picked': the S layers.split_k chooses; rel_err "
-        "against fp32.",
+        "'splitS' this probe's split_bmm cut into S token chunks; rel_err against fp32.",
         "'fwbw_speedup' rows: the FFN d -> 4d -> GELU(tanh) -> d with bias, one forward+backward step through "
         "fused_ffn(matmul='cublaslt') captured as a CUDA graph and replayed (GPU time alone), value = the dense "
-        "step's graphed time (dense-graph) / this one's. '-lt': split-K and the copy-free ones column; "
-        "'-lt-nosplit': no split-K; '-lt-noones': the bias gradient as a separate sum; '-lt-neither': neither. "
-        "'rank': fc1's.",
+        "step's graphed time (dense-graph) / this one's. '-lt': as slimkit runs it (the copy-free ones column); "
+        "'-lt-noones': fc1's bias gradient as a separate sum. 'rank': fc1's.",
     ]
     write_results("structured_ffn_splitk_probe", str(dev), rows, notes,
-                  columns=("model", "method", "setting", "metric", "value", "ms", "ratio", "rank", "rel_err",
-                           "picked"))
+                  columns=("model", "method", "setting", "metric", "value", "ms", "ratio", "rank", "rel_err"))
 
 
 if __name__ == "__main__":

@@ -73,9 +73,9 @@ def test_cublaslt_wiring_equals_eager_with_reference_epilogues(monkeypatch, kind
 
 def _spy(fn, calls):
     """GeluFFN.forward recording the (head, tail) it is called with."""
-    def wrapped(ctx, x, first, w, b, tail_w, head, tail):
+    def wrapped(ctx, x, first, w, b, tail_w, v2, b2, head, tail):
         calls.append((head, tail))
-        return fn(ctx, x, first, w, b, tail_w, head, tail)
+        return fn(ctx, x, first, w, b, tail_w, v2, b2, head, tail)
     return staticmethod(wrapped)
 
 

@@ -203,31 +203,6 @@ def test_gradients_are_exact(kind, i, o):
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
-def test_split_k_rule_and_split_bmm_equal_bmm(monkeypatch):
-    """split_k cuts the token sum only on CUDA and only for outputs with at most half an SM's worth of tiles per
-    SM, in chunks of SPLIT_MIN_CHUNK tokens or more; split_bmm (forced to split, here on the CPU) adds its chunks
-    in fp32 to what one fp32 bmm gives, rounded once, and keeps any operand strides."""
-    from slimkit.structured import layers as L
-    monkeypatch.setattr(L, "_sm_count", lambda device: 132)
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert L.split_k(4, 128, 512, 16384, cuda) == 16          # BlockDense's fc1 blocks at d 2048: 16 tiles
-    assert L.split_k(4, 256, 2048, 16384, cuda) == 1          # 128 tiles: enough already
-    assert L.split_k(4, 128, 512, 16384, cpu) == 1
-    assert L.split_k(4, 128, 512, 2048, cuda) == 2            # chunks keep 1024 tokens
-    assert L.split_k(4, 128, 512, 3001, cuda) == 1            # and divide the tokens
-    assert L.split_k(4, 128, 512, 3000, cuda) == 2
-    monkeypatch.setattr(L, "split_k", lambda n, q, p, t, device: 4)
-    g = torch.Generator().manual_seed(0)
-    dy = torch.randn(64, 3, 5, generator=g).bfloat16()        # token-major (T, b, q), as the backward has it
-    x = torch.randn(64, 3, 7, generator=g).bfloat16()
-    a, b = dy.transpose(0, 1).transpose(1, 2), x.transpose(0, 1)
-    got = L.split_bmm(a, b)
-    assert got.dtype == torch.bfloat16 and got.shape == (3, 5, 7)
-    torch.testing.assert_close(got, torch.bmm(a.float(), b.float()).bfloat16(), rtol=0, atol=0)
-    f32 = L.split_bmm(a.float(), b.float())                   # fp32 operands never split
-    torch.testing.assert_close(f32, torch.bmm(a.float(), b.float()))
-
-
 def test_autocast_keeps_the_low_precision_dtype():
     for kind in ("lowrank", "blockshuffle", "blockdense"):
         layer = _build(kind, 32, 64, None if kind == "blockshuffle" else 0.4, **({"nblocks": 4} if kind != "lowrank" else {}))

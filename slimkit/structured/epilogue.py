@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import block_diag_product, block_diag_reference, linear_cast_bias, regrad, split_bmm
+from .layers import block_diag_product, block_diag_reference, linear_cast_bias, regrad
 
 try:
     from nvmath import CudaDataType
@@ -355,15 +355,18 @@ TAILS = ("none", "dense", "block")             # how fc2 starts
 
 def ones_buffer(h_shape: tuple, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hp, h): hp (T, k + pad) with its columns after the first k set to [1, 0, ...] (pad >= 1, k + pad a
-    multiple of ONES_PAD, so rows stay 16-byte aligned in bf16), h = hp[:, :k] the view a matmul writes fc1's
-    inner activations into. dpre^T @ hp is then [dw, db, 0...] (see with_ones) with no copy of h."""
+    multiple of ONES_PAD, so rows stay 16-byte aligned in bf16), h = hp[:, :k] the view a matmul writes a linear's
+    input into. dpre^T @ hp is then [dw, db, 0...] (see with_ones) with no copy of h."""
     t, k = h_shape
     width = (k // ONES_PAD + 1) * ONES_PAD
     hp = like.new_empty(t, width)
-    pattern = like.new_zeros(width - k)
-    pattern[0] = 1
-    hp[:, k:].copy_(pattern.expand(t, width - k))
+    hp[:, k:].zero_()
+    hp[:, k].fill_(1)          # fills, no host-to-device copy: a CUDA graph can capture it
     return hp, hp[:, :k]
+
+
+def _buffer(shape: tuple, like: torch.Tensor, ones: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    return ones_buffer(shape, like) if ones else (None, like.new_empty(shape))
 
 
 def _head_reference(head: str, x: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
@@ -374,67 +377,83 @@ def _head_reference(head: str, x: torch.Tensor, first: torch.Tensor | None) -> t
     return block_diag_reference(x.view(x.shape[0], first.shape[0], -1), first).reshape(x.shape[0], -1)
 
 
-def _tail_reference(tail: str, act: torch.Tensor, tail_w: torch.Tensor | None) -> torch.Tensor:
+def _tail_reference(tail: str, act: torch.Tensor, tail_w: torch.Tensor | None, v2, b2) -> torch.Tensor:
     if tail == "none":
         return act
-    if tail == "dense":
-        return act @ tail_w.t()
-    return block_diag_reference(act.view(act.shape[0], tail_w.shape[0], -1), tail_w)
+    z = act @ tail_w.t() if tail == "dense" else block_diag_reference(act.view(act.shape[0], tail_w.shape[0], -1),
+                                                                      tail_w)
+    return z if v2 is None else linear_cast_bias(z.reshape(z.shape[0], -1), v2, b2)
 
 
-def ffn_reference(x, first, w, b, tail_w, head: str = "dense", tail: str = "none") -> torch.Tensor:
-    """What GeluFFN computes, in differentiable torch ops: tail(gelu_tanh(head(x) @ w^T + b))."""
+def ffn_reference(x, first, w, b, tail_w, v2=None, b2=None, head: str = "dense", tail: str = "none") -> torch.Tensor:
+    """What GeluFFN computes, in differentiable torch ops: close(tail(gelu_tanh(head(x) @ w^T + b)))."""
     pre = linear_cast_bias(_head_reference(head, x, first), w, b)
-    return _tail_reference(tail, F.gelu(pre, approximate="tanh"), tail_w)
+    return _tail_reference(tail, F.gelu(pre, approximate="tanh"), tail_w, v2, b2)
 
 
 class GeluFFN(torch.autograd.Function):
-    """The FFN's middle around fc1's last dense factor w (N, K), for x (T, in):
+    """The FFN around fc1's last dense factor w (N, K), for x (T, in):
 
-        out = tail(act),  act = gelu_tanh(h @ w^T + b),  h = head(x)
+        out = close(z),  z = tail(act),  act = gelu_tanh(h @ w^T + b),  h = head(x)
 
     head: "dense" (h = x; fc1 an nn.Linear), "lowrank" (h = x @ first^T, first = fc1.u), "blockdense" (h the
-    block-diagonal product with first = fc1.blocks); tail: "none" (out = act), "dense" (out = act @ tail_w^T, fc2's
-    first dense factor), "block" (out (T, nb, q) = the block-diagonal product with tail_w, fc2's first factor).
+    block-diagonal product with first = fc1.blocks); tail: "none" (z = act), "dense" (z = act @ tail_w^T, fc2's
+    first dense factor), "block" (z (T, nb, q) = the block-diagonal product with tail_w, fc2's first factor);
+    close: with v2 (fc2's closing dense factor: LowRankLinear.v, BlockDenseLinear.v) out = z @ v2^T + b2, else
+    out = z.
     The forward's GELU and the backward's GELU' are cuBLASLt epilogues (GELU_AUX(_BIAS); DGELU where a tail
-    follows). Where fc1 has a head and a bias, the head writes h into a buffer with a ones column beside it
-    (ones_buffer), so fc1's bias gradient comes out of its weight-gradient matmul with no copy of h; a dense head
-    takes the copy where it is free (with_ones). Weight gradients of block-diagonal factors go through
-    split_bmm (split-K where their output is small)."""
+    follows). Where a linear with a bias reads an input this Function computes (fc1's last factor after a head,
+    fc2's closing factor), that input is written beside a ones column (ones_buffer), so the bias gradient comes out
+    of the weight-gradient matmul with no extra pass over the output gradient and no copy; a dense head takes
+    the copy where it is free (with_ones)."""
 
     @staticmethod
-    def forward(ctx, x, first, w, b, tail_w, head: str, tail: str):
+    def forward(ctx, x, first, w, b, tail_w, v2, b2, head: str, tail: str):
         t = x.shape[0]
         if head == "dense":
             h, hp = x, (None if b is None else with_ones(x))
         else:
-            shape = (t, w.shape[1])
-            hp, h = ones_buffer(shape, x) if b is not None else (None, x.new_empty(shape))
+            hp, h = _buffer((t, w.shape[1]), x, b is not None)
             if head == "lowrank":
                 torch.mm(x, first.t(), out=h)
             else:
                 nb = first.shape[0]
                 block_diag_product(x.view(t, nb, -1), first, out=h.view(t, nb, -1))
         act, pre = linear_gelu(h, w, b)
+        zp = None
         if tail == "none":
-            out = act
-        elif tail == "dense":
-            out = F.linear(act, tail_w)
+            z = act
         else:
-            out = block_diag_product(act.view(t, tail_w.shape[0], -1), tail_w)
-        ctx.save_for_backward(x, first, h, hp, w, b, tail_w, None if tail == "none" else act, pre)
-        ctx.head, ctx.tail, ctx.has_bias = head, tail, b is not None
+            width = tail_w.shape[0] * (tail_w.shape[1] if tail == "block" else 1)
+            zp, z = _buffer((t, width), act, v2 is not None and b2 is not None)
+            if tail == "dense":
+                torch.mm(act, tail_w.t(), out=z)
+            else:
+                block_diag_product(act.view(t, tail_w.shape[0], -1), tail_w, out=z.view(t, tail_w.shape[0], -1))
+        if v2 is not None:
+            out = F.linear(z, v2, b2)
+        else:           # a block tail hands on (T, nb, q), what BlockShuffle's after_first takes
+            out = z.view(t, tail_w.shape[0], -1) if tail == "block" else z
+        ctx.save_for_backward(x, first, h, hp, w, b, tail_w, None if tail == "none" else act, pre, v2, b2,
+                              None if v2 is None else z, zp)
+        ctx.head, ctx.tail, ctx.has_bias, ctx.has_b2 = head, tail, b is not None, b2 is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, first, h, hp, w, b, tail_w, act, pre = ctx.saved_tensors
+        x, first, h, hp, w, b, tail_w, act, pre, v2, b2, z, zp = ctx.saved_tensors
         head, tail, needs = ctx.head, ctx.tail, ctx.needs_input_grad
         if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
-            ref = lambda x, first, w, b, tail_w: ffn_reference(x, first, w, b, tail_w, head, tail)   # noqa: E731
-            return regrad(ref, (x, first, w, b, tail_w), needs[:5], dout) + (None, None)
+            ref = lambda x, first, w, b, tail_w, v2, b2: ffn_reference(   # noqa: E731
+                x, first, w, b, tail_w, v2, b2, head, tail)
+            return regrad(ref, (x, first, w, b, tail_w, v2, b2), needs[:7], dout) + (None, None)
         t = x.shape[0]
-        dtail = None
+        dtail = dv2 = db2 = None
+        if v2 is not None:
+            dout = dout.contiguous()
+            if needs[5] or needs[6]:
+                dv2, db2 = weight_bias_grads(v2, dout, z, zp, ctx.has_b2)
+            dout = dout @ v2                                         # dz, (T, width)
         if tail == "none":
             dpre = torch.ops.aten.gelu_backward(dout, pre, approximate="tanh")
         elif tail == "dense":
@@ -442,10 +461,10 @@ class GeluFFN(torch.autograd.Function):
             dpre = dgelu_linear(dout, tail_w, pre)
             dtail = _grad_like(tail_w, dout.t(), act) if needs[4] else None
         else:
-            dout = dout.contiguous()
+            dout = dout.contiguous().view(t, tail_w.shape[0], -1)
             dpre = dgelu_block_diag(dout, tail_w, pre)
             if needs[4]:
-                dtail = split_bmm(dout.transpose(0, 1).transpose(1, 2), act.view(t, tail_w.shape[0], -1).transpose(0, 1))
+                dtail = torch.bmm(dout.transpose(0, 1).transpose(1, 2), act.view(t, tail_w.shape[0], -1).transpose(0, 1))
         dw, db = weight_bias_grads(w, dpre, h, hp, ctx.has_bias) if needs[2] or needs[3] else (None, None)
         dx = dfirst = None
         if head == "dense":
@@ -462,5 +481,5 @@ class GeluFFN(torch.autograd.Function):
                     dx = x.new_empty(x.shape)
                     torch.bmm(dhb.transpose(0, 1), first, out=dx.view(t, nb, -1).transpose(0, 1))
                 if needs[1]:
-                    dfirst = split_bmm(dhb.transpose(0, 1).transpose(1, 2), x.view(t, nb, -1).transpose(0, 1))
-        return dx, dfirst, dw, db, dtail, None, None
+                    dfirst = torch.bmm(dhb.transpose(0, 1).transpose(1, 2), x.view(t, nb, -1).transpose(0, 1))
+        return dx, dfirst, dw, db, dtail, dv2, db2, None, None

@@ -506,15 +506,24 @@ def _lt_parts(fc1: nn.Module):
 
 
 def _lt_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    """fused_ffn's cuBLASLt path on 2-D x: fc1 and fc2's first factor in one epilogue.GeluFFN, in dtype dt (the
-    autocast dtype, if on), then the rest of fc2."""
+    """fused_ffn's cuBLASLt path on 2-D x: fc1 and fc2 (BlockShuffle's shuffle and second factor, an nn.Linear's
+    bias or an fc2 of another kind aside) in one epilogue.GeluFFN, in dtype dt (the autocast dtype, if on)."""
     head, first, w, b = _lt_parts(fc1)
-    tail, block = _tail(fc2), _block_tail(fc2)
-    kind, tail_w, finish = ("dense", *tail) if tail is not None else ("block", *block) if block is not None else \
-        ("none", None, fc2)
+    v2 = b2 = None
+    finish = lambda z: z    # noqa: E731
+    if type(fc2) is nn.Linear:
+        tail, tail_w, finish = "dense", *_tail(fc2)
+    elif isinstance(fc2, (LowRankLinear, BlockDenseLinear)):
+        tail = "dense" if isinstance(fc2, LowRankLinear) else "block"
+        tail_w, v2, b2 = (fc2.u if tail == "dense" else fc2.blocks), fc2.v, fc2.bias
+    elif isinstance(fc2, BlockShuffleLinear):
+        tail, (tail_w, finish) = "block", _block_tail(fc2)
+    else:
+        tail, tail_w, finish = "none", None, fc2
     cast = lambda t: None if t is None else t.to(dt)    # noqa: E731
     with torch.autocast(x.device.type, enabled=False):
-        out = epilogue.GeluFFN.apply(x.to(dt).contiguous(), cast(first), cast(w), cast(b), cast(tail_w), head, kind)
+        out = epilogue.GeluFFN.apply(x.to(dt).contiguous(), cast(first), cast(w), cast(b), cast(tail_w), cast(v2),
+                                     cast(b2), head, tail)
     return finish(out)
 
 

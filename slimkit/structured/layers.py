@@ -338,52 +338,6 @@ def block_diag_product(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | Non
     return y
 
 
-SPLIT_MIN_CHUNK = 1024    # tokens a split-K chunk keeps at least
-SPLIT_TILE = 128          # the output tile the split-K rule counts in
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def split_k(n: int, q: int, p: int, t: int, device: torch.device) -> int:
-    """How many token chunks split_bmm cuts a weight gradient (n, q, p) = sum over t tokens into: 1 unless on CUDA
-    the output has too few SPLIT_TILE x SPLIT_TILE tiles to give every SM one (at most half as many); then the
-    smallest power of two that does, each chunk keeping SPLIT_MIN_CHUNK tokens or more and t divisible by it.
-    BlockDense's first factor at d_model 2048 is such a case: 4 blocks of 128 x 512, 16 tiles for 132 SMs."""
-    if device.type != "cuda":
-        return 1
-    tiles = n * -(-q // SPLIT_TILE) * -(-p // SPLIT_TILE)
-    sms = _sm_count(device)
-    if 2 * tiles > sms:
-        return 1
-    s = 1
-    while tiles * s < sms and t % (2 * s) == 0 and t // (2 * s) >= SPLIT_MIN_CHUNK:
-        s *= 2
-    return s
-
-
-def split_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """torch.bmm(a, b) for a (n, q, T), b (n, T, p) with T the long reduction (a weight gradient summed over
-    tokens), any strides. Where the output has few tiles (split_k) the tokens are cut into chunks, each block's
-    chunk products computed by one bmm with fp32 outputs and added in fp32 (deterministic), then rounded once:
-    a plain bmm there leaves most SMs idle (4 x 128 x 512 over 16384 tokens: 16 output tiles on an H100's 132
-    SMs). Otherwise, and off CUDA, the plain bmm."""
-    n, q, t = a.shape
-    p = b.shape[2]
-    s = split_k(n, q, p, t, a.device) if a.dtype in (torch.float16, torch.bfloat16) else 1
-    if s == 1:
-        return torch.bmm(a, b)
-    parts = torch.empty(n, s, q, p, device=a.device, dtype=torch.float32)
-    for k in range(n):
-        ak, bk = a[k].unflatten(1, (s, t // s)).transpose(0, 1), b[k].unflatten(0, (s, t // s))
-        if a.is_cuda:        # fp32 outputs straight from the bf16 / fp16 matmul
-            torch.bmm(ak, bk, out_dtype=torch.float32, out=parts[k])
-        else:                # (torch has no CPU kernel for that; only tests get here)
-            torch.bmm(ak.float(), bk.float(), out=parts[k])
-    return parts.sum(1).to(a.dtype)
-
-
 class _BlockDiagMM(torch.autograd.Function):
     """y[t, k] = w[k] @ x[t, k] for x (T, b, p), w (b, q, p) -> y (T, b, q), all token-major.
 
@@ -407,7 +361,7 @@ class _BlockDiagMM(torch.autograd.Function):
             dx = x.new_empty(x.shape)
             torch.bmm(dy_b, w, out=dx.transpose(0, 1))
         if ctx.needs_input_grad[1]:
-            dw = split_bmm(dy_b.transpose(1, 2), x.transpose(0, 1))
+            dw = torch.bmm(dy_b.transpose(1, 2), x.transpose(0, 1))
         return dx, dw
 
 
@@ -521,14 +475,14 @@ class _Monarch(torch.autograd.Function):
         t = dy.shape[1]
         xb = x.view(k, p, t) if ctx.in_fm else x.view(t, k, p).permute(1, 2, 0)
         hv, dyv = h.view(r, l, t).transpose(0, 1), dy.view(s, l, t).transpose(0, 1)
-        dw2 = split_bmm(dyv, hv.transpose(1, 2)) if ctx.needs_input_grad[2] else None
+        dw2 = torch.bmm(dyv, hv.transpose(1, 2)) if ctx.needs_input_grad[2] else None
         dx = dw1 = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dh = x.new_empty(k * q, t)
             torch.bmm(w2.transpose(1, 2), dyv, out=dh.view(r, l, t).transpose(0, 1))
             dhb = dh.view(k, q, t)
             if ctx.needs_input_grad[1]:
-                dw1 = split_bmm(dhb, xb.transpose(1, 2))
+                dw1 = torch.bmm(dhb, xb.transpose(1, 2))
             if ctx.needs_input_grad[0]:
                 if ctx.in_fm:
                     dx = x.new_empty(k * p, t)
