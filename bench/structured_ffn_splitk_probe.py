@@ -1,9 +1,10 @@
 """Two changes to the '-lt' FFN backward, GPU only: one kept, one measured and left out.
 
-- fc1's bias gradient from a ones column with no copy (epilogue.ones_buffer, kept): where fc1 has a head
-  (low-rank, BlockDense), the head's matmul writes h into a buffer whose next column is ones, so dpre^T @
-  [h, 1, 0...] carries the bias gradient; before, with_ones copied h for that, and only at ranks where the column
-  stayed in the last tile, else a separate sum over dpre.
+- Bias gradients from a ones column with no copy (epilogue.ones_buffer, kept): where fc1 has a head (low-rank,
+  BlockDense), the head's matmul writes h into a buffer whose next column is ones, so dpre^T @ [h, 1, 0...]
+  carries fc1's bias gradient; likewise fc2's first factor writes its output z beside a ones column for fc2's
+  closing dense factor (low-rank, BlockDense). Before, with_ones copied h, only at ranks where the column stayed
+  in the last tile, and otherwise (and always for fc2) a separate sum over the output gradient.
 - Split-K for small block-diagonal weight gradients (split_bmm below, not in slimkit): BlockDense's first factor
   at d_model 2048 and 25% is 4 blocks of 128 x 512 summed over 16384 tokens, 16 output tiles of 128 x 128 for an
   H100's 132 SMs. split_bmm cuts the tokens into S chunks (one bmm per block with fp32 outputs, one fp32 sum).
@@ -13,7 +14,7 @@ Rows, in one run on one GPU:
   chunks ('splitS'); errors against fp32;
 - 'fwbw_speedup' (model ffn): one forward+backward step captured as a CUDA graph and replayed (GPU time alone),
   through fused_ffn(matmul='cublaslt'), over the dense step graphed likewise: '-lt' as slimkit runs it,
-  '-lt-noones' with fc1's bias gradient as a separate sum. The two alternate over --rounds rounds and each keeps
+  '-lt-noones' with both bias gradients as separate sums. The two alternate over --rounds rounds and each keeps
   its fastest median.
 
     python bench/structured_ffn_splitk_probe.py
@@ -47,7 +48,7 @@ def split_bmm(a: torch.Tensor, b: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def no_ones(shape, like):
-    """The bias gradient as a separate sum: no ones column beside h."""
+    """The bias gradients as separate sums: no ones column beside the linears' inputs."""
     return None, like.new_empty(shape)
 
 
@@ -128,7 +129,7 @@ def main() -> None:
         "'fwbw_speedup' rows: the FFN d -> 4d -> GELU(tanh) -> d with bias, one forward+backward step through "
         "fused_ffn(matmul='cublaslt') captured as a CUDA graph and replayed (GPU time alone), value = the dense "
         "step's graphed time (dense-graph) / this one's. '-lt': as slimkit runs it (the copy-free ones column); "
-        "'-lt-noones': fc1's bias gradient as a separate sum. 'rank': fc1's.",
+        "'-lt-noones': both bias gradients as separate sums (no ones_buffer). 'rank': fc1's.",
     ]
     write_results("structured_ffn_splitk_probe", str(dev), rows, notes,
                   columns=("model", "method", "setting", "metric", "value", "ms", "ratio", "rank", "rel_err"))
