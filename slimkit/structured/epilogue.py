@@ -365,6 +365,12 @@ def ones_buffer(h_shape: tuple, like: torch.Tensor) -> tuple[torch.Tensor, torch
     return hp, hp[:, :k]
 
 
+def close_ones(width: int) -> bool:
+    """Whether fc2's closing dense factor (input width `width`) takes its bias gradient from a ones column beside
+    its input (GeluFFN): where the appended columns stay in the matmul's last tile (ones_fits)."""
+    return ones_fits(width)
+
+
 def _buffer(shape: tuple, like: torch.Tensor, ones: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     return ones_buffer(shape, like) if ones else (None, like.new_empty(shape))
 
@@ -425,7 +431,7 @@ class GeluFFN(torch.autograd.Function):
             z = act
         else:
             width = tail_w.shape[0] * (tail_w.shape[1] if tail == "block" else 1)
-            zp, z = _buffer((t, width), act, v2 is not None and b2 is not None)
+            zp, z = _buffer((t, width), act, v2 is not None and b2 is not None and close_ones(width))
             if tail == "dense":
                 torch.mm(act, tail_w.t(), out=z)
             else:
