@@ -73,8 +73,6 @@ def main() -> None:
                              "rel_err_db": round(((db - ref_b).norm() / ref_b.norm()).item(), 5),
                              "fits": EP.ones_fits(k)})
                 print(rows[-1], flush=True)
-            del hp, h, w
-        del dpre
 
     # the whole FFN, graphed, by fc2's ones policy
     d = args.d
