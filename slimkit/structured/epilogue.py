@@ -303,6 +303,13 @@ def with_ones(h: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([h, pad], 1)
 
 
+def bias_sum(dpre: torch.Tensor) -> torch.Tensor:
+    """sum_t dpre[t] for dpre (T, N) as cuBLAS's matrix-vector product dpre^T @ ones: it reads dpre once at close to
+    copy bandwidth, where torch's column reduction took 10-20 us more at T 16384, N 1024-4096 on an H100
+    (bench/results/structured_ffn_bias_grad_probe.md, 'mm+mv' against 'mm+sum')."""
+    return torch.mv(dpre.t(), dpre.new_ones(dpre.shape[0]))
+
+
 def weight_bias_grads(w: torch.Tensor, dpre: torch.Tensor, h: torch.Tensor, h1: torch.Tensor | None,
                       has_bias: bool) -> tuple:
     """(dw, db) of the linear h @ w^T (+ b) for its output gradient dpre, dw laid out as w is; db None without a
@@ -310,7 +317,7 @@ def weight_bias_grads(w: torch.Tensor, dpre: torch.Tensor, h: torch.Tensor, h1: 
     if not has_bias:
         return _grad_like(w, dpre.t(), h), None
     if h1 is None:
-        return _grad_like(w, dpre.t(), h), dpre.sum(0)
+        return _grad_like(w, dpre.t(), h), bias_sum(dpre)
     k = h.shape[1]
     if w.dim() == 2 and w.stride(0) == 1 and w.stride(1) != 1:      # column-major w: its gradient too
         g = h1.t() @ dpre                                           # (k + pad, N)
@@ -367,7 +374,11 @@ def ones_buffer(h_shape: tuple, like: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def close_ones(width: int) -> bool:
     """Whether fc2's closing dense factor (input width `width`) takes its bias gradient from a ones column beside
-    its input (GeluFFN): where the appended columns stay in the matmul's last tile (ones_fits)."""
+    its input (GeluFFN): where the appended columns stay in the matmul's last tile (ones_fits). Elsewhere it is
+    hit and miss: on an H100 at T 16384 and N 2048 (d_model) the column gains 15-40 us at widths 384-768 but
+    loses 20 us at 1024, where cuBLAS takes a poor tile for 2048 x 1032 (bench/results/
+    structured_ffn_bias_grad_probe.md); fc1's last factor (N = 4 d_model) gains at every width up to 1024 there,
+    so GeluFFN always gives it the column after a head."""
     return ones_fits(width)
 
 
