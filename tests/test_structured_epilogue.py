@@ -60,6 +60,10 @@ def test_cublaslt_wiring_equals_eager_with_reference_epilogues(monkeypatch, kind
     assert calls == ([] if kind1 == "blockshuffle" else [(kind1, tail)])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    before = list(calls)
+    with torch.no_grad():        # inference: the epilogues without the pre-activation, no autograd Function
+        torch.testing.assert_close(fused_ffn(fc1, fc2, x, "tanh", matmul="cublaslt"), want[0], rtol=1e-5, atol=1e-5)
+    assert calls == before
     params = list(fc1.parameters()) + list(fc2.parameters())
 
     def penalty_grads(fn):       # second order (a gradient penalty): the epilogue functions' backward differentiates
@@ -106,8 +110,14 @@ def test_reference_epilogues_are_their_definitions():
     dpre = torch.empty(6, 5)
     EP.reference_matmul("DGELU", x, wt, dpre, pre)
     torch.testing.assert_close(dpre, p.grad)
+    EP.reference_matmul("GELU_BIAS", x, wt, out, None, bias)                # inference: no aux written
+    torch.testing.assert_close(out, F.gelu(pre, approximate="tanh"))
     with pytest.raises(ValueError):
         EP.reference_matmul("RELU", x, wt, out, aux)
+    with pytest.raises(ValueError, match="takes no aux"):
+        EP._matmul("GELU_BIAS", x, wt, out, aux, bias)
+    with pytest.raises(ValueError, match="takes an aux"):
+        EP._matmul("GELU_AUX", x, wt, out, None)
 
 
 def test_ones_column_rule():

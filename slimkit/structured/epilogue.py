@@ -58,7 +58,8 @@ CANDIDATES = 8           # algorithms the heuristic proposes per plan; each time
 TUNE_ITERS = 3
 WORKSPACE = 32 << 20     # bytes of cuBLASLt workspace per device and stream
 MAX_PLANS = 32           # plans kept: training reuses a handful of shapes
-EPILOGUES = ("GELU_AUX", "GELU_AUX_BIAS", "DGELU")
+EPILOGUES = ("GELU_AUX", "GELU_AUX_BIAS", "DGELU", "GELU", "GELU_BIAS")
+AUX_EPILOGUES = ("GELU_AUX", "GELU_AUX_BIAS", "DGELU")     # the others (inference) take no auxiliary matrix
 _PLANS: OrderedDict = OrderedDict()
 _LOCK = threading.Lock()          # guards _PLANS, _HANDLES and _WORKSPACES (plans themselves are per thread)
 _HANDLES: dict = {}
@@ -95,7 +96,7 @@ class _Plan:
     """One cuBLASLt matmul D = epilogue(op(A) op(B)), column-major, for fixed shapes and strides: out (T, N) with
     unit column stride is D (N x T, ld out.stride(0)); x (T, K) with unit column stride is B (K x T, ld
     x.stride(0)); wt (K, N) is A, op(A) = N if wt's rows are contiguous (N x K), else T (wt = w^T for w (N, K));
-    aux is laid out like out, with its own leading dimension."""
+    aux is laid out like out, with its own leading dimension (None for the epilogues without one)."""
 
     def __init__(self, epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
                  bias: torch.Tensor | None, aligns: tuple):
@@ -112,10 +113,12 @@ class _Plan:
         _set(sd, dtype_of, self.desc, desc_attr.TRANSA, 1 if trans_a else 0)     # CUBLAS_OP_T / CUBLAS_OP_N
         _set(sd, dtype_of, self.desc, desc_attr.TRANSB, 0)
         _set(sd, dtype_of, self.desc, desc_attr.EPILOGUE, int(getattr(lt.Epilogue, epilogue)))
-        _set(sd, dtype_of, self.desc, desc_attr.EPILOGUE_AUX_LD, aux.stride(0) if t > 1 else n)
         self._aux_attr, self._bias_attr = desc_attr.EPILOGUE_AUX_POINTER, desc_attr.BIAS_POINTER
         self._ptr = np.zeros(1, dtype=dtype_of(desc_attr.EPILOGUE_AUX_POINTER))
-        self._set_ptr(self._aux_attr, aux.data_ptr())           # the heuristic checks the epilogue's pointers
+        self._aux = aux is not None
+        if self._aux:
+            _set(sd, dtype_of, self.desc, desc_attr.EPILOGUE_AUX_LD, aux.stride(0) if t > 1 else n)
+            self._set_ptr(self._aux_attr, aux.data_ptr())       # the heuristic checks the epilogue's pointers
         self._bias = bias is not None
         if self._bias:
             _set(sd, dtype_of, self.desc, desc_attr.BIAS_DATA_TYPE, int(dt))
@@ -150,7 +153,8 @@ class _Plan:
         lt.matmul_desc_set_attribute(self.desc, attr, self._ptr.ctypes.data, self._ptr.itemsize)
 
     def run(self, x, wt, out, aux, bias, algo=None) -> None:
-        self._set_ptr(self._aux_attr, aux.data_ptr())
+        if self._aux:
+            self._set_ptr(self._aux_attr, aux.data_ptr())
         if self._bias:
             self._set_ptr(self._bias_attr, bias.data_ptr())
         stream = torch.cuda.current_stream(self.device)
@@ -221,17 +225,20 @@ def _a_op(wt: torch.Tensor) -> tuple[bool, int] | None:
     return None
 
 
-def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
+def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor | None,
             bias: torch.Tensor | None = None) -> None:
     """out = epilogue(x @ wt) in place, for x (T, K), wt (K, N), out and aux (T, N), any of them strided views (a
     block of a token-major block-diagonal product). GELU_AUX(_BIAS) writes aux, DGELU reads it (see
-    reference_matmul). x and wt are copied if cuBLASLt cannot read them as they are; out and aux need unit column
-    strides, row strides of at least N, and one shape."""
+    reference_matmul); GELU(_BIAS), for inference, take no aux (None). x and wt are copied if cuBLASLt cannot read
+    them as they are; out and aux need unit column strides, row strides of at least N, and one shape."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    if out.shape != aux.shape or any(u.stride(1) != 1 or u.stride(0) < u.shape[1] for u in (out, aux)):
+    if (aux is None) != (epilogue not in AUX_EPILOGUES):
+        raise ValueError(f"epilogue {epilogue} takes {'an' if epilogue in AUX_EPILOGUES else 'no'} aux matrix")
+    mats = (out,) if aux is None else (out, aux)
+    if (aux is not None and out.shape != aux.shape) or any(u.stride(1) != 1 or u.stride(0) < u.shape[1] for u in mats):
         raise ValueError("out and aux need one shape, unit column strides and row strides of at least N")
-    if any(t.dtype != x.dtype for t in (wt, out, aux) + (() if bias is None else (bias,))):
+    if any(t.dtype != x.dtype for t in (wt,) + mats + (() if bias is None else (bias,))):
         raise ValueError("x, wt, out, aux and bias must share one dtype")
     if bias is not None and (bias.dim() != 1 or bias.stride(0) != 1 or bias.numel() != out.shape[1]):
         raise ValueError("bias must be a contiguous vector of N values")
@@ -241,7 +248,7 @@ def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor,
         x = x.contiguous()
     aligns = (_alignment(wt), _alignment(x), _alignment(out), _alignment(out), _alignment(aux), _alignment(bias))
     key = (epilogue, threading.get_ident(), x.device, x.dtype, tuple(x.shape), x.stride(), tuple(wt.shape),
-           wt.stride(), out.stride(), aux.stride(), bias is not None, aligns)
+           wt.stride(), out.stride(), None if aux is None else aux.stride(), bias is not None, aligns)
     with _LOCK:
         plan = _PLANS.get(key)
         if plan is not None:
@@ -256,13 +263,15 @@ def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor,
     plan.run(x, wt, out, aux, bias)
 
 
-def reference_matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
+def reference_matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor | None,
                      bias: torch.Tensor | None = None) -> None:
     """What `_matmul` computes, in PyTorch (for tests on any device): the epilogues' definitions.
-    GELU_AUX(_BIAS): aux = x @ wt (+ bias per column), out = gelu_tanh(aux); DGELU: out = (x @ wt) *
-    gelu_tanh'(aux)."""
+    GELU_AUX(_BIAS): aux = x @ wt (+ bias per column), out = gelu_tanh(aux); GELU(_BIAS) the same without aux;
+    DGELU: out = (x @ wt) * gelu_tanh'(aux)."""
     z = x @ wt
-    if epilogue in ("GELU_AUX", "GELU_AUX_BIAS"):
+    if epilogue in ("GELU", "GELU_BIAS"):
+        out.copy_(F.gelu(z + bias if epilogue == "GELU_BIAS" else z, approximate="tanh"))
+    elif epilogue in ("GELU_AUX", "GELU_AUX_BIAS"):
         pre = z + bias if epilogue == "GELU_AUX_BIAS" else z
         aux.copy_(pre)
         out.copy_(F.gelu(pre, approximate="tanh"))
@@ -326,9 +335,13 @@ def weight_bias_grads(w: torch.Tensor, dpre: torch.Tensor, h: torch.Tensor, h1: 
     return g[:, :k].contiguous(), g[:, k].contiguous()
 
 
-def linear_gelu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-    """(act, pre), both (T, N) row-major: act = gelu_tanh(h @ w^T + b) and the pre-activation."""
+def linear_gelu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, aux: bool = True):
+    """(act, pre), both (T, N) row-major: act = gelu_tanh(h @ w^T + b) and the pre-activation; with aux=False
+    (inference: no backward to feed) pre is None and the matmul writes act alone (epilogue GELU(_BIAS))."""
     act = h.new_empty(h.shape[0], w.shape[0])
+    if not aux:
+        _matmul("GELU_BIAS" if b is not None else "GELU", h, w.t(), act, None, b)
+        return act, None
     pre = torch.empty_like(act)
     _matmul("GELU_AUX_BIAS" if b is not None else "GELU_AUX", h, w.t(), act, pre, b)
     return act, pre
@@ -406,6 +419,30 @@ def ffn_reference(x, first, w, b, tail_w, v2=None, b2=None, head: str = "dense",
     """What GeluFFN computes, in differentiable torch ops: close(tail(gelu_tanh(head(x) @ w^T + b)))."""
     pre = linear_cast_bias(_head_reference(head, x, first), w, b)
     return _tail_reference(tail, F.gelu(pre, approximate="tanh"), tail_w, v2, b2)
+
+
+def ffn_infer(x, first, w, b, tail_w, v2, b2, head: str, tail: str) -> torch.Tensor:
+    """What GeluFFN computes, for inference (no gradient wanted): the same matmuls, fc1's GELU in a GELU(_BIAS)
+    epilogue that writes no pre-activation, and no ones columns. At 16 tokens (decoding) these few kernels are the
+    FFN's whole cost."""
+    t = x.shape[0]
+    if head == "dense":
+        h = x
+    elif head == "lowrank":
+        h = x @ first.t()
+    else:
+        nb = first.shape[0]
+        h = block_diag_product(x.view(t, nb, -1), first).view(t, -1)
+    act, _ = linear_gelu(h, w, b, aux=False)
+    if tail == "none":
+        return act
+    if tail == "dense":
+        z = act @ tail_w.t()
+    else:
+        z = block_diag_product(act.view(t, tail_w.shape[0], -1), tail_w)
+    if v2 is not None:
+        return F.linear(z.view(t, -1), v2, b2)
+    return z
 
 
 class GeluFFN(torch.autograd.Function):

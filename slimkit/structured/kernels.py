@@ -521,9 +521,10 @@ def _lt_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, dt: torch.dtype) ->
     else:
         tail, tail_w, finish = "none", None, fc2
     cast = lambda t: None if t is None else t.to(dt)    # noqa: E731
+    args = (x.to(dt).contiguous(), cast(first), cast(w), cast(b), cast(tail_w), cast(v2), cast(b2), head, tail)
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
     with torch.autocast(x.device.type, enabled=False):
-        out = epilogue.GeluFFN.apply(x.to(dt).contiguous(), cast(first), cast(w), cast(b), cast(tail_w), cast(v2),
-                                     cast(b2), head, tail)
+        out = epilogue.GeluFFN.apply(*args) if grad else epilogue.ffn_infer(*args)
     return finish(out)
 
 
