@@ -496,6 +496,9 @@ def supported(fc1: nn.Module, act: str = "gelu") -> bool:
     return act == "gelu" and (type(fc1) is nn.Linear or isinstance(fc1, (LowRankLinear, BlockDenseLinear)))
 
 
+INFER_MIN_TOKENS = 1    # inference with fewer tokens than this runs eager_ffn instead of epilogue.ffn_infer
+
+
 def _lt_parts(fc1: nn.Module):
     """fc1 as GeluFFN's (head, first factor, last dense weight, bias)."""
     if type(fc1) is nn.Linear:
@@ -505,7 +508,7 @@ def _lt_parts(fc1: nn.Module):
     return "blockdense", fc1.blocks, fc1.v, fc1.bias
 
 
-def _lt_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+def _lt_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, dt: torch.dtype, grad: bool) -> torch.Tensor:
     """fused_ffn's cuBLASLt path on 2-D x: fc1 and fc2 (BlockShuffle's shuffle and second factor, an nn.Linear's
     bias or an fc2 of another kind aside) in one epilogue.GeluFFN, in dtype dt (the autocast dtype, if on)."""
     head, first, w, b = _lt_parts(fc1)
@@ -522,7 +525,6 @@ def _lt_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, dt: torch.dtype) ->
         tail, tail_w, finish = "none", None, fc2
     cast = lambda t: None if t is None else t.to(dt)    # noqa: E731
     args = (x.to(dt).contiguous(), cast(first), cast(w), cast(b), cast(tail_w), cast(v2), cast(b2), head, tail)
-    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
     with torch.autocast(x.device.type, enabled=False):
         out = epilogue.GeluFFN.apply(*args) if grad else epilogue.ffn_infer(*args)
     return finish(out)
@@ -551,7 +553,11 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     if matmul == "cublaslt" and not epilogue.applies(fc1.out_features, dt):
         return eager_ffn(fc1, fc2, x, approximate)
     if matmul == "cublaslt":
-        y = _lt_ffn(fc1, fc2, x2, dt)
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in (fc1, fc2)
+                                                                   for p in m.parameters()))
+        if not grad and x2.shape[0] < INFER_MIN_TOKENS:
+            return eager_ffn(fc1, fc2, x, approximate)
+        y = _lt_ffn(fc1, fc2, x2, dt, grad)
         return y.reshape(*lead, y.shape[-1])
     h, w, b = _head(fc1, x2.to(dt) if amp else x2)
     tail = _tail(fc2)
