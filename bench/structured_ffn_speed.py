@@ -25,9 +25,6 @@ Rows (bench/results/<name>.json): method dense | lowrank | blockshuffle | blockd
   "<kind>-decode"   decoding: a stack of --decode-layers residual FFN blocks (x + FFN(x)) captured as one CUDA graph
                     (slimkit.structured.graphed), as a graph-decoded model runs a step, timed with CUDA events over
                     a loop of replays; against the dense stack graphed the same way (token counts up to 64);
-  "<kind>-lt-decode" the '-decode' stack through fused_ffn(matmul="cublaslt"): under no_grad fc1's bias and GELU
-                    ride in a cuBLASLt GELU_BIAS epilogue (epilogue.ffn_infer), one kernel less per block; over the
-                    plain dense stack, like '-decode' ('dense-lt-decode': the dense stack through the same path);
   "<kind>-decode-premerge" the same stack after slimkit.structured.premerge(graph=True), which merges each layer
                     whose merged replay measures faster;
 setting "r=0.32 d=2048 T=16384" (r: the target parameter ratio; 'ratio' holds the one the shape rules reach),
@@ -369,11 +366,6 @@ def main() -> None:
             if lt:
                 t0 = time.perf_counter()
                 add("dense-lt", f"r=1 d={d} T={T}", 1.0, meas(LtFFN(dense.fc1, dense.fc2), x, reps), base, t0)
-                if dec:
-                    t0 = time.perf_counter()
-                    lt_dec = decode_ms([LtFFN(b.fc1, b.fc2) for b in (build("dense", d, 1.0, device, dtype, bias=bias)[0]
-                                                                      for _ in range(decode_layers))], x)
-                    add("dense-lt-decode", f"r=1 d={d} T={T}", 1.0, lt_dec, base_dec, t0)
             if fuse:
                 t0 = time.perf_counter()
                 add("dense-fused", f"r=1 d={d} T={T}", 1.0, meas(FusedFFN(dense.fc1, dense.fc2), x, reps), base, t0)
@@ -410,11 +402,6 @@ def main() -> None:
                         t0 = time.perf_counter()
                         chosen = [premerge(b, T, graph=True) for b in map(copy.deepcopy, stack)]
                         add(f"{kind}-decode-premerge", setting, real, decode_ms(chosen, x), base_dec, t0)
-                        if lt and supported(ffn.fc1):
-                            t0 = time.perf_counter()
-                            lt_stack = [LtFFN(b.fc1, b.fc2) for b in stack]
-                            add(f"{kind}-lt-decode", setting, real, decode_ms(lt_stack, x), base_dec, t0)
-                            del lt_stack
                         del stack, chosen
                     t0 = time.perf_counter()
                     naive = FFN(plain(ffn.fc1), plain(ffn.fc2))

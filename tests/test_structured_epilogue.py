@@ -10,6 +10,7 @@ from torch import nn
 
 import slimkit.structured.epilogue as EP
 from slimkit.structured import make_linear
+import slimkit.structured.kernels as K
 from slimkit.structured.kernels import fused_ffn
 
 
@@ -60,10 +61,15 @@ def test_cublaslt_wiring_equals_eager_with_reference_epilogues(monkeypatch, kind
     assert calls == ([] if kind1 == "blockshuffle" else [(kind1, tail)])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    before = list(calls)
-    with torch.no_grad():        # inference: the epilogues without the pre-activation, no autograd Function
-        torch.testing.assert_close(fused_ffn(fc1, fc2, x, "tanh", matmul="cublaslt"), want[0], rtol=1e-5, atol=1e-5)
+    before, infer = list(calls), []
+    ffn_infer = EP.ffn_infer
+    monkeypatch.setattr(EP, "ffn_infer", lambda *a: infer.append(a[-2:]) or ffn_infer(*a))
+    for min_tokens in (0, 15):   # inference: the epilogues without the pre-activation, no autograd Function, from
+        monkeypatch.setattr(K, "INFER_MIN_TOKENS", min_tokens)       # INFER_MIN_TOKENS on (14 tokens here)
+        with torch.no_grad():
+            torch.testing.assert_close(fused_ffn(fc1, fc2, x, "tanh", matmul="cublaslt"), want[0], rtol=1e-5, atol=1e-5)
     assert calls == before
+    assert infer == ([] if kind1 in ("dense", "blockshuffle") else [(kind1, tail)])    # a dense fc1 runs eager
     params = list(fc1.parameters()) + list(fc2.parameters())
 
     def penalty_grads(fn):       # second order (a gradient penalty): the epilogue functions' backward differentiates

@@ -496,7 +496,12 @@ def supported(fc1: nn.Module, act: str = "gelu") -> bool:
     return act == "gelu" and (type(fc1) is nn.Linear or isinstance(fc1, (LowRankLinear, BlockDenseLinear)))
 
 
-INFER_MIN_TOKENS = 1    # inference with fewer tokens than this runs eager_ffn instead of epilogue.ffn_infer
+# Inference (no gradient wanted) takes epilogue.ffn_infer (fc1's GELU in a GELU_BIAS epilogue, no pre-activation
+# written) only from this many tokens on, and only after a structured fc1; below, and for a dense fc1, the eager FFN
+# (cuBLAS with bias + torch's GELU) measured as fast or faster: on an H100 at d_model 2048, structured FFNs gain
+# 4-10% from 4096 tokens on, lose 9-13% at 1024 and tie at 16-256 (bench/results/structured_ffn_infer_probe.md);
+# a dense FFN loses 3-8% at 1024-16384 tokens.
+INFER_MIN_TOKENS = 4096
 
 
 def _lt_parts(fc1: nn.Module):
@@ -555,7 +560,7 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     if matmul == "cublaslt":
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in (fc1, fc2)
                                                                    for p in m.parameters()))
-        if not grad and x2.shape[0] < INFER_MIN_TOKENS:
+        if not grad and (x2.shape[0] < INFER_MIN_TOKENS or type(fc1) is nn.Linear):
             return eager_ffn(fc1, fc2, x, approximate)
         y = _lt_ffn(fc1, fc2, x2, dt, grad)
         return y.reshape(*lead, y.shape[-1])
