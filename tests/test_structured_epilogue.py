@@ -103,6 +103,37 @@ def test_cublaslt_falls_back_to_eager_where_it_does_not_apply(monkeypatch):
         fused_ffn(fc1, fc2, x, "tanh", matmul="cutlass")
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")      # the hook-based form: still in use
+def test_fused_ffn_runs_hooks_empty_inputs_and_dtype_errors_as_eager_does(monkeypatch):
+    """Where the fused path cannot be what the layers compute, it is the eager FFN: a forward hook on fc1 or fc2
+    (weight_norm's pre-hook too) runs, zero tokens give an empty output, and a float32 model given bfloat16 input
+    without autocast raises eager's dtype error instead of being cast down silently."""
+    monkeypatch.setattr(EP, "_matmul", EP.reference_matmul)
+    monkeypatch.setattr(EP, "available", lambda x: True)
+    calls = []
+    monkeypatch.setattr(EP.GeluFFN, "forward", _spy(EP.GeluFFN.forward, calls))
+    fused = lambda a, b, t: fused_ffn(a, b, t, "tanh", matmul="cublaslt")  # noqa: E731
+    fc1, fc2 = _ffn("lowrank", "blockdense", True)
+    x = torch.randn(5, 16)
+    handle = fc1.register_forward_hook(lambda m, i, o: o * 0.5)
+    torch.testing.assert_close(fused(fc1, fc2, x), eager(fc1, fc2, x))
+    handle.remove()
+    torch.testing.assert_close(fused(fc1, fc2, x), eager(fc1, fc2, x), rtol=1e-5, atol=1e-5)
+    assert calls == [("lowrank", "block")]                 # only the call without the hook fused
+    lin1, lin2 = nn.utils.weight_norm(nn.Linear(16, 64)), nn.Linear(64, 16)
+    with torch.no_grad():
+        lin1.weight_g.mul_(2)                              # weight recomputed by weight_norm's pre-hook
+    torch.testing.assert_close(fused(lin1, lin2, x), eager(lin1, lin2, x))
+    for kind1, kind2 in (("blockdense", "blockdense"), ("lowrank", "blockshuffle")):
+        a, b = _ffn(kind1, kind2, True)
+        t = torch.randn(2, 0, 16, requires_grad=True)
+        y = fused(a, b, t)
+        assert y.shape == (2, 0, 16)
+        y.sum().backward()
+    with pytest.raises(RuntimeError, match="dtype"):
+        fused(fc1, fc2, x.bfloat16())
+
+
 def test_reference_epilogues_are_their_definitions():
     g = torch.Generator().manual_seed(3)
     x, wt, bias = torch.randn(6, 4, generator=g), torch.randn(4, 5, generator=g), torch.randn(5, generator=g)

@@ -137,6 +137,22 @@ def test_fused_ffn_falls_back_where_the_kernels_do_not_apply(K):
     torch.testing.assert_close(K.fused_ffn(fc1, fc2, x), fc2(F.gelu(fc1(x))))
 
 
+@inner
+@pytest.mark.parametrize("matmul", ["triton", "cublas"])
+def test_fused_ffn_under_autocast_casts_the_bias_as_eager_does(K, matmul):
+    """fp32 layers with biases under fp16 autocast: the fused FFN computes in fp16 as the eager one does (the
+    cuBLAS path passed the fp32 bias to an fp16 matmul and failed), gradients reach the fp32 parameters."""
+    fc1, fc2 = _layers("lowrank", "dense")
+    x = torch.randn(9, 16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = K.fused_ffn(fc1, fc2, x, "tanh", matmul)
+        y0 = fc2(F.gelu(fc1(x), approximate="tanh"))
+    assert y.dtype == y0.dtype == torch.float16
+    torch.testing.assert_close(y.float(), y0.float(), rtol=1e-2, atol=1e-2)
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fc1.parameters())
+
+
 gpu = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
 
 

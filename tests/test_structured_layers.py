@@ -203,6 +203,21 @@ def test_gradients_are_exact(kind, i, o):
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
+def test_float64_stays_float64_under_autocast_and_rank_checks():
+    """Autocast leaves float64 matmuls alone (as F.linear's does): so do the block-diagonal layers. A BlockDense rank
+    above in_features, a fractional or boolean low-rank rank: clear errors."""
+    for kind in ("lowrank", "blockshuffle", "blockdense"):
+        layer = _build(kind, 32, 64, None if kind == "blockshuffle" else 0.4, **({"nblocks": 4} if kind != "lowrank" else {}))
+        layer = layer.double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(torch.randn(5, 32, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(SlimkitError, match="exceeds in_features"):
+        BlockDenseLinear(8, 8, rank=16, nblocks=2)
+    for rank in (2.5, True):
+        with pytest.raises(SlimkitError, match="positive integer"):
+            LowRankLinear(8, 8, rank)
+
+
 def test_autocast_keeps_the_low_precision_dtype():
     for kind in ("lowrank", "blockshuffle", "blockdense"):
         layer = _build(kind, 32, 64, None if kind == "blockshuffle" else 0.4, **({"nblocks": 4} if kind != "lowrank" else {}))

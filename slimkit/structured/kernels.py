@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import epilogue
-from .layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear, block_diag_mm, linear_cast_bias, monarch_product, regrad
+from .layers import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, autocasts, block_diag_mm, linear_cast_bias,
+                     monarch_product, regrad)
 from .self_guided import SelfGuided
 
 try:
@@ -546,15 +547,20 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     approximate="tanh" only, the GELU cuBLASLt has), with no Triton involved."""
     if matmul not in ("triton", "cublas", "cublaslt"):
         raise ValueError(f"fused_ffn: matmul must be 'triton', 'cublas' or 'cublaslt', got {matmul!r}")
+    if _hooked(fc1, fc2, _unguided(fc1), _unguided(fc2)) or x.numel() == 0:
+        return eager_ffn(fc1, fc2, x, approximate)     # hooks must run (weight_norm's too); nothing to fuse
+    outer = (fc1, fc2)
     fc1, fc2 = _unguided(fc1), _unguided(fc2)
     runs = epilogue.available(x) and approximate == "tanh" if matmul == "cublaslt" else available(x)
     if not runs or not supported(fc1):
-        return eager_ffn(fc1, fc2, x, approximate)
+        return eager_ffn(*outer, x, approximate)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     dev = x.device.type
-    amp = torch.is_autocast_enabled(dev)
+    amp = autocasts(x)
     dt = torch.get_autocast_dtype(dev) if amp else x.dtype
+    if not amp and any(p.dtype != dt for m in (fc1, fc2) for p in m.parameters()):
+        return eager_ffn(*outer, x, approximate)        # mixed dtypes: eager's own error, not a silent cast
     if matmul == "cublaslt" and not epilogue.applies(fc1.out_features, dt):
         return eager_ffn(fc1, fc2, x, approximate)
     if matmul == "cublaslt":
@@ -566,12 +572,13 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
         return y.reshape(*lead, y.shape[-1])
     h, w, b = _head(fc1, x2.to(dt) if amp else x2)
     tail = _tail(fc2)
+    cast = lambda t: None if t is None else t.to(dt)    # noqa: E731  (as autocast casts a linear's bias)
     with torch.autocast(dev, enabled=False):
         h, w = h.to(dt), w.to(dt)
         if tail is None or matmul == "cublas":
             tail = None
-            hidden = _GeluUp.apply(h.contiguous(), w, b, approximate, matmul == "cublas")
+            hidden = _GeluUp.apply(h.contiguous(), w, cast(b), approximate, matmul == "cublas")
         else:
-            hidden = _GeluUpDown.apply(h.contiguous(), w, b, tail[0].to(dt), approximate)
+            hidden = _GeluUpDown.apply(h.contiguous(), w, cast(b), tail[0].to(dt), approximate)
     y = fc2(hidden) if tail is None else tail[1](hidden)
     return y.reshape(*lead, y.shape[-1])

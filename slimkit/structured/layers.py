@@ -325,6 +325,12 @@ def regrad(reference, inputs: tuple, needs: tuple, grad_out: torch.Tensor) -> tu
     return tuple(result)
 
 
+def autocasts(x: torch.Tensor) -> bool:
+    """Whether autocast, if on for x's device, casts a matmul reading x: float64 it leaves alone, as F.linear's
+    autocast does."""
+    return torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+
+
 def block_diag_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("tbp,bqp->tbq", x, w)
 
@@ -369,7 +375,7 @@ def block_diag_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Block-diagonal matmul on token-major activations: x (T, b, p), w (b, q, p) -> (T, b, q).
     Under autocast both are cast to the autocast dtype first, as torch.bmm would be."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if autocasts(x):
         dt = torch.get_autocast_dtype(dev)
         x, w = x.to(dt), w.to(dt)
     if x.stride(-1) != 1 or x.stride(0) < x.shape[1] * x.shape[2]:
@@ -386,6 +392,7 @@ class LowRankLinear(StructuredLinear):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, init_std: float = INIT_STD,
                  device=None, init: bool = True):
         super().__init__(in_features, out_features, bias, device)
+        _check_positive(self.kind, rank=rank)
         if not 1 <= rank <= min(in_features, out_features):
             raise SlimkitError(f"lowrank: rank must be in [1, {min(in_features, out_features)}], got {rank}")
         self.rank = operator.index(rank)      # a NumPy integer too, stored as int (specs are JSON)
@@ -501,7 +508,7 @@ def monarch_product(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, in_fm: 
     if bias is not None and out_fm:
         raise ValueError("monarch_product adds a bias to a token-major result only (out_fm=False)")
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if autocasts(x):
         dt = torch.get_autocast_dtype(dev)
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
         bias = None if bias is None else bias.to(dt)
@@ -565,6 +572,9 @@ class BlockDenseLinear(StructuredLinear):
         _check_positive(self.kind, rank=rank)
         _check_divides(nblocks, in_features, "in_features", self.kind)
         _check_divides(nblocks, rank, "rank", self.kind)
+        if rank > in_features:
+            raise SlimkitError(f"blockdense: rank {rank} exceeds in_features={in_features} (its block-diagonal factor "
+                               "would widen the input); pass a rank of at most in_features")
         self.rank, self.nblocks = operator.index(rank), operator.index(nblocks)
         make = _ortho_normal if init else (lambda *s, device=None: torch.empty(*s, device=device))
         self.blocks = nn.Parameter(make(nblocks, rank // nblocks, in_features // nblocks, device=device))
