@@ -17,8 +17,7 @@ Rows (bench/results/<name>.json): method dense | lowrank | blockshuffle | blockd
                     replayed, output cloned), its speed-up taken over the dense FFN graphed the same way; fwbw:
                     one training step (forward + backward) captured as a CUDA graph and replayed (graphed_step),
                     over the dense step graphed likewise: the GPU's time alone, with no gaps where the GPU waits
-                    for the host to launch the next kernel (GPU only); the dense and structured replays are timed
-                    interleaved (paired_events_ms), each row against its own dense median;
+                    for the host to launch the next kernel (GPU only);
   "<kind>-lt-graph" the '-lt' FFN likewise;
   "<kind>-compiled" the same FFN through torch.compile (what `slimkit train-lm --compile` runs: Inductor fuses
                     bias, GELU and the bias-gradient reductions around the cuBLAS matmuls), "dense-compiled" the
@@ -167,40 +166,6 @@ def events_ms(fn, device, reps: int) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
-def paired_events_ms(fns: list, device, reps: int) -> list[float]:
-    """events_ms for several functions at once, their calls interleaved (a, b, a, b, ...): each one's median GPU
-    time in ms. A ratio of two such medians compares the functions at the same moments: on a power-capped GPU
-    whose clock drifts over seconds, timing one after the other let identical work read up to 5% apart."""
-    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
-    for fn in fns:
-        for _ in range(3):
-            fn()
-    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-              for _ in fns]
-    torch.cuda.synchronize()
-    for i in range(reps):
-        for fn, ev in zip(fns, events):
-            flush.zero_()
-            ev[i][0].record()
-            fn()
-            ev[i][1].record()
-    torch.cuda.synchronize()
-    return [statistics.median(s.elapsed_time(e) for s, e in ev) for ev in events]
-
-
-def graph_pair(ffn: nn.Module, dense: dict, x: torch.Tensor, reps: int) -> tuple[dict, dict]:
-    """The '-graph' measurement: ffn's forward (slimkit.structured.graphed) and one training step (graphed_step)
-    replayed as CUDA graphs, each interleaved with the dense FFN's replay of the same (`dense`: {"fw", "fwbw"}
-    replays); returns (ffn's times, the dense times taken beside them), {"fw_ms", "fwbw_ms"} each."""
-    fw = graphed(ffn.eval(), x)
-    step = graphed_step(ffn.train(), x, dense["grad"])
-    ours, base = {}, {}
-    for metric, mine in (("fw", lambda: fw(x)), ("fwbw", step)):
-        base[f"{metric}_ms"], ours[f"{metric}_ms"] = paired_events_ms([dense[metric], mine], x.device, reps)
-    ffn.zero_grad(set_to_none=True)
-    return ours, base
 
 
 TIMERS = {"sync": median_ms, "events": events_ms}
@@ -369,10 +334,8 @@ def main() -> None:
             "the rank is large enough (layers.lowrank_rank / blockdense_shape).",
             "value = dense time / this time, the dense FFN (nn.Linear) measured in the same run and setting; "
             "'-graph' rows divide the dense FFN's time by the structured FFN's, both called through "
-            "slimkit.structured.graphed (input copy, CUDA-graph replay, output clone) for fw, and for fwbw one "
-            "training step captured as a CUDA graph (graphed_step), the two replays' calls interleaved (dense, "
-            "structured, dense, ...: paired_events_ms) so that both are timed at the same moments of the card's "
-            "clock; dense_ms is the dense median from that pairing; '-decode' rows divide the "
+            "slimkit.structured.graphed (input copy, CUDA-graph replay, output clone; the dense one timed before and "
+            "after the kinds, the faster kept); '-decode' rows divide the "
             f"graphed dense stack's time by the structured stack's ({decode_layers} blocks, CUDA-event loop).",
             "'ratio' is the parameter ratio the shape rules reach for the target r (BlockShuffle's is set by its "
             "block counts: 1.25/b with one count b for both factors at d -> 4d, the paper's form, kept when within "
@@ -388,10 +351,7 @@ def main() -> None:
             dense, _ = build("dense", d, 1.0, device, dtype, bias=bias)
             t0 = time.perf_counter()
             base = meas(dense, x, reps)
-            if gpu:          # the dense replays the '-graph' rows are timed beside
-                dense_fw = graphed(dense.eval(), x)
-                grad = torch.randn_like(x)
-                dense_graphs = {"fw": lambda: dense_fw(x), "fwbw": graphed_step(dense.train(), x, grad), "grad": grad}
+            base_graph = meas(dense, x, reps, graph=True) if gpu else None
             add("dense", f"r=1 d={d} T={T}", 1.0, base, base, t0)
             fuse = available(x) and not args.no_fused
             lt = epilogue.available(x) and not args.no_lt
@@ -410,6 +370,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 add("dense-fused", f"r=1 d={d} T={T}", 1.0, meas(FusedFFN(dense.fc1, dense.fc2), x, reps), base, t0)
             print(f"d={d} T={T} dense fw {base['fw_ms']:.4f} ms fwbw {base['fwbw_ms']:.4f} ms", flush=True)
+            graph_rows = []     # (row, the structured FFN's graphed time): re-based below if the dense one drops
             for ratio in ratios:
                 setting = f"r={ratio:g} d={d} T={T}"
                 for kind in kinds:
@@ -423,10 +384,10 @@ def main() -> None:
                     if lt and supported(ffn.fc1):
                         t0 = time.perf_counter()
                         add(f"{kind}-lt", setting, real, meas(LtFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
-                        if gpu:
-                            t0 = time.perf_counter()
-                            res, paired = graph_pair(LtFFN(ffn.fc1, ffn.fc2), dense_graphs, x, reps)
-                            add(f"{kind}-lt-graph", setting, real, res, paired, t0)
+                        t0 = time.perf_counter()
+                        res = meas(LtFFN(ffn.fc1, ffn.fc2), x, reps, graph=True)
+                        add(f"{kind}-lt-graph", setting, real, res, base_graph, t0)
+                        graph_rows += [(r, res[f"{r['metric'][:-8]}_ms"]) for r in rows[-2:]]
                     if fuse and supported(ffn.fc1):
                         t0 = time.perf_counter()
                         add(f"{kind}-fused", setting, real, meas(FusedFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
@@ -450,11 +411,18 @@ def main() -> None:
                     add(f"{kind}-premerged", setting, real, meas(merged, x, reps, backward=False), base, t0)
                     if gpu:
                         t0 = time.perf_counter()
-                        res, paired = graph_pair(ffn, dense_graphs, x, reps)
-                        add(f"{kind}-graph", setting, real, res, paired, t0)
+                        res = meas(ffn, x, reps, graph=True)
+                        add(f"{kind}-graph", setting, real, res, base_graph, t0)
+                        graph_rows += [(r, res[f"{r['metric'][:-8]}_ms"]) for r in rows[-2:]]
                     del ffn, naive, merged
                     got = {r["method"]: r["value"] for r in rows if r["setting"] == setting and r["metric"] == "fw_speedup"}
                     print(f"  {setting} {kind} (ratio {real:.3f}): fw x{got.get(kind)}", flush=True)
+            if gpu:   # the graphed dense FFN once more: one replay per call can catch a slow moment; keep the faster
+                again = meas(dense, x, reps, graph=True)
+                for row, ms in graph_rows:
+                    metric = row["metric"][:-8]          # fw / fwbw
+                    if again[f"{metric}_ms"] < base_graph[f"{metric}_ms"]:
+                        row.update(value=round(again[f"{metric}_ms"] / ms, 3), dense_ms=round(again[f"{metric}_ms"], 4))
             del dense
             save()
 if __name__ == "__main__":
