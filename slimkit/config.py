@@ -32,13 +32,14 @@ TRANSFORMER_ONLY = ("seq_len", "lm_batch_size", "alpha", "attn_quant", "search_s
 TRANSFORMER_FIELDS = ("method", "w_bits", "a_bits", "w_granularity", "w_symmetric", "w_group_size", "a_granularity",
                       "a_symmetric", "w_observer", "a_observer", "skip", "preset", "num_samples", "seq_len",
                       "lm_batch_size", "attn_quant", "seed", "device")
-METHOD_FIELDS = {"smoothquant": ("alpha",), "os_plus": ("search_steps", "token_clipping"),
+METHOD_FIELDS = {"smoothquant": ("alpha",), "os_plus": ("search_steps", "token_clipping", "twc_iters", "lr_act"),
                  "outlier_suppression": ("twc_iters", "lr_act")}
 # Defaults a method changes (below a preset's, a recipe's and explicit values): min-max is what the baseline
 # named so computes; Outlier Suppression's fine-grained clipping learns its steps at lr 1e-5, the public
-# code's (ptq_glue_quant.py's learn: lr), where QDrop's 4e-5 would overshoot the coarse range.
+# code's (ptq_glue_quant.py's learn: lr), where QDrop's 4e-5 would overshoot the coarse range; OS+ with
+# token_clipping runs that same clipping.
 METHOD_DEFAULTS = {"minmax": {"w_observer": "minmax", "a_observer": "minmax"},
-                   "outlier_suppression": {"lr_act": 1e-5}}
+                   "outlier_suppression": {"lr_act": 1e-5}, "os_plus": {"lr_act": 1e-5}}
 
 
 @dataclass
@@ -124,6 +125,8 @@ class QuantConfig:
         read = set(self.applied(transformer)) | {"preset", "progress"}
         if self.w_granularity != "group":
             read.discard("w_group_size")
+        if self.method == "os_plus" and not self.token_clipping:     # the clipping's own settings
+            read -= {"twc_iters", "lr_act"}
         given = getattr(self, "_given", {})
         return {where: sorted(k for k in given.get(where, ()) if k not in read) for where in ("recipe", "options")}
 
@@ -163,6 +166,9 @@ class QuantConfig:
         for name in ("w_granularity", "a_granularity"):
             if getattr(self, name) not in GRANULARITIES:
                 raise SlimkitError(f"{name} must be one of {', '.join(GRANULARITIES)}, got {getattr(self, name)!r}")
+        if self.a_granularity == "group":
+            raise SlimkitError("a_granularity 'group' is for weights: activations are quantized per tensor "
+                               "(static), per token (dynamic) or, in CNNs, per channel")
         for name in ("w_observer", "a_observer"):
             if getattr(self, name) not in OBSERVERS:
                 raise SlimkitError(f"{name} must be one of {', '.join(OBSERVERS)}, got {getattr(self, name)!r}")

@@ -7,6 +7,7 @@ AdaRound / BRECQ / QDrop) -> freeze to integer weights. The input model is left 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 import time
 import warnings
 
@@ -261,7 +262,11 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
             raise SlimkitError(f"method {cfg.method!r} is for CNNs; for a transformer choose one of "
                                f"{', '.join(TRANSFORMER_METHODS)}")
         check_unread(cfg, transformer=True)
-        return quantize_transformer(model, lm_calibration(model, calib_data, cfg, tokenizer), cfg, device, inplace)
+        calib = lm_calibration(model, calib_data, cfg, tokenizer)
+        if cfg.seq_len is not None and isinstance(calib_data, (torch.Tensor, Mapping)):
+            cfg = copy.copy(cfg)            # token ids keep their own length: the manifest says so (lm_calibration
+            cfg.seq_len = None              # has warned)
+        return quantize_transformer(model, calib, cfg, device, inplace)
     if cfg.method in TRANSFORMER_METHODS:
         raise SlimkitError(f"method {cfg.method!r} is for Hugging Face transformers; this model "
                            f"({type(model).__name__}) is not one: use rtn, adaround, brecq or qdrop")

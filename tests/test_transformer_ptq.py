@@ -38,7 +38,7 @@ def test_outlier_methods_beat_minmax_at_w4a4(llama_runs):
 @pytest.mark.parametrize("kind", ["opt", "gpt2", "bert"])
 def test_os_plus_beats_minmax(kind):
     model = tiny_model(kind)
-    calib, ev = tiny_inputs(kind, 8, 16, seed=1), tiny_inputs(kind, 4, 16, seed=2)
+    calib, ev = tiny_inputs(kind, 8, 16, seed=1, pad=False), tiny_inputs(kind, 4, 16, seed=2)
     ref = output(model, ev)
     e_mm = err(slimkit.quantize(model, calib, method="minmax", w_bits=4, a_bits=4, **OPTS), ref, ev)
     e_os = err(slimkit.quantize(model, calib, method="os_plus", w_bits=4, a_bits=4, **OPTS), ref, ev)
@@ -155,7 +155,7 @@ def test_save_load_exact_and_transformers_reload(kind, tmp_path):
     from slimkit.core.wrap import quantizers
 
     model = tiny_model(kind)
-    q = slimkit.quantize(model, tiny_inputs(kind, 8, 16, seed=1), method="os_plus", w_bits=4, a_bits=6, **OPTS)
+    q = slimkit.quantize(model, tiny_inputs(kind, 8, 16, seed=1, pad=False), method="os_plus", w_bits=4, a_bits=6, **OPTS)
     ev = tiny_inputs(kind, 4, 16, seed=2)
     slimkit.save(q, tmp_path / "art")
     again = slimkit.load(tmp_path / "art")
@@ -235,7 +235,7 @@ def test_attention_matmul_inputs_quantized(kind, tmp_path):
     from slimkit.core.attention import attention_quantizers
 
     model = tiny_model(kind)
-    q = slimkit.quantize(model, tiny_inputs(kind, 8, 16, seed=1), method="minmax", w_bits=8, a_bits=4,
+    q = slimkit.quantize(model, tiny_inputs(kind, 8, 16, seed=1, pad=False), method="minmax", w_bits=8, a_bits=4,
                          attn_quant=True, **OPTS)
     quants = attention_quantizers(q)
     assert len(quants) == 2
@@ -305,7 +305,7 @@ def test_os_plus_token_clipping_sets_ranges_by_token_wise_clipping():
     """token_clipping: OS+'s transform, then Outlier Suppression's token-wise clipping of the activation ranges
     (recorded per block); without it no clipping runs and the transform is the same."""
     model = tiny_model("bert")
-    calib, ev = tiny_inputs("bert", 8, 16, seed=1), tiny_inputs("bert", 4, 16, seed=2)
+    calib, ev = tiny_inputs("bert", 8, 16, seed=1, pad=False), tiny_inputs("bert", 4, 16, seed=2)
     ref = output(model, ev)
     plain = slimkit.quantize(model, calib, method="os_plus", w_bits=4, a_bits=4, **OPTS)
     clipped = slimkit.quantize(model, calib, method="os_plus", w_bits=4, a_bits=4, token_clipping=True, **OPTS)
@@ -518,3 +518,69 @@ def test_the_float_fingerprint_is_taken_before_an_inplace_run():
     before = weights_digest(dense)
     s = slimkit.sparsify(dense, method="uniform", sparsity=0.5, inplace=True)
     assert s.slimkit_info["reference_digest"] == before != weights_digest(s)
+
+
+def test_activation_granularity_padding_and_seq_len_settings():
+    """Settings that used to be taken and then misread (helper stress test): per-channel / per-group activations
+    on a transformer are refused (they crashed, or tied scales to calibration token positions); padded calibration
+    is refused (padding entered every range); seq_len with token ids warns and the manifest does not claim it."""
+    model, calib = tiny_model("llama"), tiny_inputs("llama", 4, 12)
+    for gran, match in (("channel", "per tensor .* or per token"), ("group", "is for weights")):
+        with pytest.raises(slimkit.SlimkitError, match=match):
+            slimkit.quantize(model, calib, method="minmax", w_bits=8, a_bits=8, a_granularity=gran, **OPTS)
+    padded = {k: v.clone() for k, v in calib.items()}
+    padded["attention_mask"][1, -3:] = 0
+    with pytest.raises(slimkit.SlimkitError, match="3 padded positions"):
+        slimkit.quantize(model, padded, method="minmax", w_bits=8, a_bits=8, **OPTS)
+    with pytest.warns(UserWarning, match="seq_len=4 is not read for token-id calibration"):
+        q = slimkit.quantize(model, calib, method="minmax", w_bits=8, a_bits=8, seq_len=4, **OPTS)
+    assert q.slimkit_info["config"]["seq_len"] is None and q.slimkit_info["calibration"]["tokens"] == 48
+
+
+def test_os_plus_token_clipping_reads_its_clipping_settings():
+    """OS+ with token_clipping runs Outlier Suppression's clipping, so twc_iters and lr_act are read (and recorded),
+    lr_act at the clipping's 1e-5; without token_clipping they are reported unread."""
+    import warnings
+    model, calib = tiny_model("llama"), tiny_inputs("llama", 4, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no "not read" warning
+        q = slimkit.quantize(model, calib, method="os_plus", w_bits=8, a_bits=8, token_clipping=True,
+                             progress=False, device="cpu", twc_iters=5)
+    assert q.slimkit_info["config"]["twc_iters"] == 5 and q.slimkit_info["config"]["lr_act"] == 1e-5
+    with pytest.warns(UserWarning, match="twc_iters is not read by os_plus"):
+        slimkit.quantize(model, calib, method="os_plus", w_bits=8, a_bits=8, **OPTS)
+
+
+def test_outlier_suppression_weight_only_moves_nothing():
+    """Without activation quantization Gamma Migration has no range to shrink: weight-only Outlier Suppression
+    migrates nothing and equals min-max weight-only."""
+    model, calib = tiny_model("opt"), tiny_inputs("opt", 4, 12)
+    ev = tiny_inputs("opt", 2, 12, seed=3)
+    os_q = slimkit.quantize(model, calib, method="outlier_suppression", w_bits=4, a_bits=None, **OPTS)
+    assert all(b["gamma_migrated"] == [] for b in os_q.slimkit_info["blocks"].values())
+    mm = slimkit.quantize(model, calib, method="minmax", w_bits=4, a_bits=None, w_observer=os_q.slimkit_info["config"]["w_observer"],
+                          progress=False, device="cpu")
+    torch.testing.assert_close(output(os_q, ev), output(mm, ev))
+
+
+def test_a_small_change_to_the_float_model_is_refused_too(monkeypatch):
+    """Gemma's norm scales by (1 + w) and its stored weights are small offsets: registered with a Llama adapter,
+    OS+'s shifts and scales change its float blocks by ~1-3%, which a 5% tolerance let through (final logits 24x
+    further off than min-max's); float32 transforms are exact to rounding, so a 1e-3 check refuses it."""
+    import transformers as T
+
+    from slimkit.core import families
+    monkeypatch.setitem(families.FAMILIES, "gemma_as_llama",
+                        families.Family("gemma_as_llama", ("gemma",), "layers", families._llama, "rms"))
+    torch.manual_seed(0)
+    cfg = T.GemmaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=128)
+    model = T.GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape) * 0.1)
+    ids = torch.randint(4, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(slimkit.SlimkitError, match=r"transform changed model\.layers\.\d's float output by [0-4]\.\d%"):
+        slimkit.quantize(model, ids, method="os_plus", w_bits=8, a_bits=8, search_steps=10, progress=False,
+                         device="cpu")

@@ -44,11 +44,13 @@ def tiny_model(kind: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
     return model
 
 
-def tiny_inputs(kind: str, batch: int = 2, length: int = 12, seed: int = 0) -> dict:
+def tiny_inputs(kind: str, batch: int = 2, length: int = 12, seed: int = 0, pad: bool = True) -> dict:
+    """Random token ids and their attention mask; for encoders (pad=True) the second sequence ends in padding, as
+    an evaluation batch may (calibration refuses padding: pad=False)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, VOCAB, (batch, length), generator=g)
     mask = torch.ones_like(ids)
-    if kind in ("bert", "mpnet"):
+    if kind in ("bert", "mpnet") and pad:
         mask[1, -3:] = 0  # padding in the second sequence
     return {"input_ids": ids, "attention_mask": mask}
 

@@ -34,8 +34,13 @@ def migrated_range(stats, gamma: torch.Tensor) -> tuple[float, float]:
 def transform(ctx) -> None:
     """Gamma Migration on every group fed by a norm, where it shrinks the range the quantizer must cover (the
     paper's reason for it: gamma amplifies the outlier channels); where gamma does not line up with the
-    outliers, migrating it would widen the range, and the group is left as it is."""
+    outliers, migrating it would widen the range, and the group is left as it is. Weight-only quantization
+    (a_bits None) has no activation range to shrink, and moving gamma into the weights only widens theirs (W4:
+    worse than min-max on OPT and GPT-2), so nothing migrates there."""
     kept = []
+    if ctx.cfg.a_bits is None:
+        ctx.notes["gamma_migrated"] = kept
+        return
     for group in ctx.groups:
         scale = gamma_scale(ctx.model, group)
         if scale is None:
