@@ -34,6 +34,9 @@ TRANSFORMER_FIELDS = ("method", "w_bits", "a_bits", "w_granularity", "w_symmetri
                       "lm_batch_size", "attn_quant", "seed", "device")
 METHOD_FIELDS = {"smoothquant": ("alpha",), "os_plus": ("search_steps", "token_clipping", "twc_iters", "lr_act"),
                  "outlier_suppression": ("twc_iters", "lr_act")}
+# the fields only activation quantization reads (a_bits None: weight-only)
+ACTIVATION_FIELDS = ("a_observer", "a_symmetric", "a_granularity", "lr_act", "drop_prob", "drop_inputs", "twc_iters",
+                     "token_clipping")
 # Defaults a method changes (below a preset's, a recipe's and explicit values): min-max is what the baseline
 # named so computes; Outlier Suppression's fine-grained clipping learns its steps at lr 1e-5, the public
 # code's (ptq_glue_quant.py's learn: lr), where QDrop's 4e-5 would overshoot the coarse range; OS+ with
@@ -166,6 +169,9 @@ class QuantConfig:
         for name in ("w_granularity", "a_granularity"):
             if getattr(self, name) not in GRANULARITIES:
                 raise SlimkitError(f"{name} must be one of {', '.join(GRANULARITIES)}, got {getattr(self, name)!r}")
+        if self.w_granularity == "token":
+            raise SlimkitError("w_granularity 'token' is for activations: weights are quantized per channel, per "
+                               "tensor or per group")
         if self.a_granularity == "group":
             raise SlimkitError("a_granularity 'group' is for weights: activations are quantized per tensor "
                                "(static), per token (dynamic) or, in CNNs, per channel")
@@ -210,13 +216,16 @@ class QuantConfig:
         settings, and the reconstruction ones (iterations, learning rates, QDrop's drop) only for methods that
         reconstruct."""
         full = self.to_dict()
+        no_acts = set() if self.a_bits is not None else set(ACTIVATION_FIELDS)   # weight-only: nothing of these
         if transformer:
-            return {k: full[k] for k in TRANSFORMER_FIELDS + METHOD_FIELDS.get(self.method, ())}
-        skip = set(TRANSFORMER_ONLY)
+            return {k: full[k] for k in TRANSFORMER_FIELDS + METHOD_FIELDS.get(self.method, ()) if k not in no_acts}
+        skip = set(TRANSFORMER_ONLY) | no_acts
         if self.method not in RECONSTRUCTION_METHODS:
             skip |= set(RECONSTRUCTION_FIELDS) | {"drop_prob", "drop_inputs", "blocks"}
         elif self.method != "qdrop":
             skip |= {"drop_prob", "drop_inputs"}
+        if self.method == "adaround":       # layer by layer, weights only learned
+            skip |= {"lr_act", "blocks"}
         return {k: v for k, v in full.items() if k not in skip}
 
 

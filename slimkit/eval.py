@@ -38,13 +38,19 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: to
             progress: bool = False, desc: str = "evaluating") -> torch.Tensor:
     """The model's outputs (logits) for all inputs, computed in batches, returned on the CPU. A model may return
     a tensor, a tuple starting with its logits, or an object or dict with `logits` (or `last_hidden_state`)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SlimkitError(f"batch_size must be a positive integer, got {batch_size!r}")
+    was_training = model.training
     model = model.eval().to(device)
     dtype = input_dtype(model, x)
     outs = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
-            out = model(x[i : i + batch_size].to(device, dtype))
-            outs.append(model_output(out)[0].float().cpu())
+    try:
+        with torch.no_grad():
+            for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
+                out = model(x[i : i + batch_size].to(device, dtype))
+                outs.append(model_output(out)[0].float().cpu())
+    finally:
+        model.train(was_training)           # the caller's model keeps its mode
     return torch.cat(outs)
 
 
@@ -53,7 +59,10 @@ def check_data(model: nn.Module, x, labels=None) -> None:
     labels are class indices, one integer per sample."""
     from .quantize import check_runs
 
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or len(x) == 0:
+    if not isinstance(x, torch.Tensor):
+        raise SlimkitError(f"the evaluation data must be a tensor of samples along a first axis, got "
+                           f"{type(x).__name__} (an array: torch.from_numpy(x))")
+    if x.dim() == 0 or len(x) == 0:
         raise SlimkitError("the evaluation data is empty or a single number: give samples along a first axis")
     check_inputs(x, "evaluation")
     if labels is not None:
@@ -134,6 +143,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = No
     """Metrics of `model` on inputs `x`: top1 (with labels); agreement and kl (with a reference model or its
     logits); size in bytes; seconds: the time `model` took to run over x (the reference's time not included)."""
     check_data(model, x, labels)
+    if reference is not None and not isinstance(reference, (nn.Module, torch.Tensor)):
+        raise SlimkitError(f"reference must be a model (nn.Module) or its logits (a tensor), got "
+                           f"{type(reference).__name__}: load a saved model first (slimkit.load)")
+    from .quantize import pick_device
+
+    device = pick_device(str(device) if isinstance(device, torch.device) else device)
     t0 = time.perf_counter()
     logits = predict(model, x, batch_size, device, progress)
     seconds = time.perf_counter() - t0
@@ -143,6 +158,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = No
     if reference is not None:
         ref = reference if isinstance(reference, torch.Tensor) else predict(reference, x, batch_size, device, progress,
                                                                              desc="evaluating reference")
+        if ref.shape != logits.shape:
+            raise SlimkitError(f"the reference logits have shape {tuple(ref.shape)}, the model's {tuple(logits.shape)}: "
+                               "give the reference's outputs on the same inputs (or the reference model)")
         metrics.update(fidelity(logits, ref))
     metrics["seconds"] = seconds
     return metrics

@@ -38,6 +38,8 @@ def pick_device(name: str | None) -> torch.device:
         raise SlimkitError(f"unknown device {name!r}: use 'cpu' or 'cuda'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SlimkitError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SlimkitError(f"device {name!r}: slimkit runs on 'cpu' or 'cuda'")
     return device
 
 
@@ -56,7 +58,7 @@ def check_unread(cfg: QuantConfig, transformer: bool, strict: bool = False) -> N
         if names:
             one = len(names) == 1
             warnings.warn(f"{source}{'' if one else 's'} {', '.join(names)} {'is' if one else 'are'} not read by "
-                          f"{where}: ignored", stacklevel=3)
+                          f"{where}: ignored", stacklevel=4)
 
 
 def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration inputs"):
@@ -97,8 +99,8 @@ def layer_plans(order: list[str], cfg: QuantConfig) -> dict[str, LayerPlan]:
     code (with first_last_bits None it takes a_bits like the rest)."""
     plans = {}
     kept = [n for n in order if n not in cfg.skip]
-    for name in kept:
-        edge = cfg.first_last_bits is not None and name in (kept[0], kept[-1])
+    for name in kept:     # the model's own first and last layer: skipping one promotes no other to 8 bits
+        edge = cfg.first_last_bits is not None and name in (order[0], order[-1])
         w_bits = cfg.first_last_bits if edge else cfg.w_bits
         a_bits = None if cfg.a_bits is None else (cfg.first_last_bits if edge else cfg.a_bits)
         if cfg.first_last_bits is not None and name == order[0]:
@@ -192,12 +194,12 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
                     if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd))})
     if other:
         warnings.warn(f"the model's {', '.join(other)} layers stay float: slimkit quantizes nn.Linear and nn.Conv2d "
-                      "layers", stacklevel=3)
+                      "layers", stacklevel=4)
     loose = _loose_weights(fp_model, example)
     if loose:
         warnings.warn(f"{len(loose)} weight tensor(s) outside nn.Linear / nn.Conv2d modules stay float ("
                       f"{', '.join(loose[:4])}{', ...' if len(loose) > 4 else ''}): slimkit quantizes layers, not "
-                      "weights a forward passes to F.linear / F.conv2d itself", stacklevel=3)
+                      "weights a forward passes to F.linear / F.conv2d itself", stacklevel=4)
     unknown = [s for s in cfg.skip if s not in modules]
     if unknown:
         raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model: give the module "
@@ -205,6 +207,12 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
     order = layer_order(fp_model, example, called_only=True)     # a layer never called stays float
     plans = layer_plans(order, cfg)
     check_groups(modules, plans)
+    convs = [n for n, p in plans.items() if p.a_spec is not None and p.a_spec.granularity == "token"
+             and isinstance(modules[n], nn.Conv2d)]
+    if convs:
+        raise SlimkitError(f"a_granularity 'token' quantizes each row of a layer's input along its last axis; a "
+                           f"conv's input (N, C, H, W) has no tokens there (rows would be image rows), as in "
+                           f"{convs[0]}: use tensor or channel for a CNN's activations")
     if not plans:
         raise SlimkitError("the model has no quantizable layers (nn.Linear or nn.Conv2d) left to quantize")
     q_model = copy.deepcopy(fp_model)
@@ -239,8 +247,14 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     (for models that fill most of memory).
     `a_bits=None` (here or in a recipe) quantizes weights only; leaving a_bits out takes the recipe's or the
     default 4. The result carries `slimkit_info` (the manifest: method, config, per-layer settings, per-block
-    losses, timings) used by `slimkit.save`.
+    losses, timings) used by `slimkit.save`. The caller's random state is left as it was (the run seeds its own
+    from the config's seed).
     """
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else ()):
+        return _quantize(model, calib_data, method, w_bits, a_bits, recipe, tokenizer, inplace, **options)
+
+
+def _quantize(model, calib_data, method, w_bits, a_bits, recipe, tokenizer, inplace, **options) -> nn.Module:
     t0 = time.perf_counter()
     named = {k: v for k, v in (("method", method), ("w_bits", w_bits)) if v is not None}
     if a_bits is not DEFAULT:
@@ -271,11 +285,20 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
         raise SlimkitError(f"method {cfg.method!r} is for Hugging Face transformers; this model "
                            f"({type(model).__name__}) is not one: use rtn, adaround, brecq or qdrop")
     check_unread(cfg, transformer=False)
+    for name, given in (("inplace", inplace), ("tokenizer", tokenizer is not None)):
+        if given:
+            warnings.warn(f"{name}= is for transformers: this {type(model).__name__} is quantized on a copy, "
+                          "without a tokenizer; it is ignored", stacklevel=3)
     data = calibration_tensor(calib_data, cfg.num_samples or 1024, cfg.seed)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if dtype != torch.float32:
         raise SlimkitError(f"the model's parameters are {str(dtype).replace('torch.', '')}: slimkit quantizes CNNs "
                            "in float32 (reconstruction needs its precision); pass model.float()")
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise SlimkitError(f"the model's weights are not all finite (NaN or inf in {', '.join(bad[:3])}"
+                           f"{' ...' if len(bad) > 3 else ''}): a quantization grid cannot hold them; fix the model "
+                           "first")
     torch.manual_seed(cfg.seed)
 
     fp_model, q_model, folded = prepare(model, data, cfg, device)
@@ -288,6 +311,14 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
         if not layer.frozen:
             layer.freeze()
     q_model.eval()
+    from .eval import model_output
+
+    with torch.no_grad():
+        out = model_output(q_model(data[:2].to(device)))[0]
+    if not bool(torch.isfinite(out).all()):
+        raise SlimkitError(f"{cfg.method} produced a model whose outputs are not finite (the float model's are): "
+                           "the reconstruction diverged; lower lr_round / lr_act or iters, or use fewer bits' "
+                           "extremes (check the weights' range)")
     q_model.slimkit_info = {
         "method": cfg.method,
         "config": cfg.applied(),

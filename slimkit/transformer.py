@@ -340,7 +340,7 @@ def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
                                f"({max_pos} positions): cut them to {max_pos} or less")
         if getattr(cfg, "seq_len", None) is not None:
             warnings.warn(f"seq_len={cfg.seq_len} is not read for token-id calibration: the sequences are used at "
-                          "their own length (seq_len sets the window for calibration text)", stacklevel=3)
+                          "their own length (seq_len sets the window for calibration text)", stacklevel=4)
         return calib[:n] if isinstance(calib, torch.Tensor) else {k: v[:n] for k, v in calib.items()}
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "_slimkit_tokenizer", None)
     if tokenizer is None:

@@ -759,3 +759,82 @@ def test_api_arguments_of_the_wrong_kind_are_named(tmp_path, data):
     with pytest.warns(UserWarning, match="held that many zero weights already"):
         again = slimkit.sparsify(half, sparsity=0.3, method="global_magnitude")
     assert again.slimkit_info["sparsity"]["achieved"] >= 0.49
+
+
+class _Twice(nn.Module):
+    """One block (and one conv) called twice in the forward: shared modules."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.block = BasicBlock(8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.head(self.block(self.block(self.stem(x))))
+
+
+def test_options_and_models_that_were_taken_silently(data):
+    """Settings and models slimkit used to take without a word (helper stress test): each now says so."""
+    x = data[:32]
+    # nested Python lists are one array (they had been split into (input, label) pairs)
+    q_list = slimkit.quantize(tiny_net(), x.tolist(), method="rtn", w_bits=8, a_bits=8, progress=False)
+    q_tensor = slimkit.quantize(tiny_net(), x, method="rtn", w_bits=8, a_bits=8, progress=False)
+    assert q_list.slimkit_info["input_shape"] == [1, 10, 10]
+    torch.testing.assert_close(q_list(x), q_tensor(x))
+    # per-token weights, per-token conv activations: refused
+    with pytest.raises(slimkit.SlimkitError, match="w_granularity 'token' is for activations"):
+        slimkit.quantize(tiny_net(), x, method="rtn", w_granularity="token", progress=False)
+    with pytest.raises(slimkit.SlimkitError, match="conv's input"):
+        slimkit.quantize(tiny_net(), x, method="rtn", a_granularity="token", progress=False)
+    # a shared block and conv: reconstruction and BN folding name what they leave out
+    with pytest.warns(UserWarning) as record:
+        slimkit.quantize(_Twice().eval(), x, method="qdrop", w_bits=4, a_bits=4, iters=2, progress=False)
+    text = " ".join(str(w.message) for w in record)
+    assert "keep round-to-nearest codes: block.conv1, block.conv2" in text
+    assert "block.conv1 -> block.bn1" in text and "run more than once" in text
+    # blocks= that overlap, name the whole model, or hold no layer
+    for blocks, match in ((["3", "3.conv1"], "overlap"), ([""], "whole model"), (["3.bn1"], "no quantizable layer")):
+        with pytest.raises(slimkit.SlimkitError, match=match):
+            slimkit.quantize(tiny_net(), x, method="brecq", iters=2, blocks=blocks, progress=False)
+    # options a method never reads: warned
+    for opts, name in ((dict(method="adaround", lr_act=0.5), "lr_act"),
+                       (dict(method="qdrop", a_bits=None, a_observer="mse"), "a_observer")):
+        with pytest.warns(UserWarning, match=f"option {name} is not read"):
+            slimkit.quantize(tiny_net(), x, w_bits=4, iters=2, progress=False, **opts)
+    with pytest.warns(UserWarning, match="inplace= is for transformers"):
+        slimkit.quantize(tiny_net(), x, method="rtn", inplace=True, progress=False)
+    # skipping the first layer promotes no other to 8 bits
+    q = slimkit.quantize(tiny_net(), x, method="rtn", w_bits=4, a_bits=4, skip=["0"], progress=False)
+    assert {n: l.w_quant.spec.bits for n, l in quant_layers(q).items() if n != "7"} == \
+        {n: 4 for n in quant_layers(q) if n != "7"}
+    # non-finite weights: refused
+    bad = tiny_net()
+    with torch.no_grad():
+        bad[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(slimkit.SlimkitError, match="not all finite"):
+        slimkit.quantize(bad, x, method="rtn", progress=False)
+    # the caller's random state is left alone
+    net = tiny_net()                      # (which seeds torch itself)
+    torch.manual_seed(123)
+    slimkit.quantize(net, x, method="qdrop", iters=2, progress=False)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
+
+
+def test_evaluate_checks_its_arguments_and_keeps_the_model_mode(data):
+    m = tiny_net().train()
+    x = data[:8]
+    with pytest.raises(slimkit.SlimkitError, match="batch_size must be a positive integer"):
+        slimkit.evaluate(m, x, batch_size=0)
+    with pytest.raises(slimkit.SlimkitError, match="reference must be a model"):
+        slimkit.evaluate(m, x, reference="model.safetensors")
+    with pytest.raises(slimkit.SlimkitError, match="reference logits have shape"):
+        slimkit.evaluate(m, x, reference=torch.zeros(7, 5))
+    with pytest.raises(slimkit.SlimkitError, match="must be a tensor"):
+        slimkit.evaluate(m, x.numpy())
+    with pytest.raises(slimkit.SlimkitError, match="'cpu' or 'cuda'"):
+        slimkit.evaluate(m, x, device="meta")
+    assert slimkit.evaluate(m, x)["samples"] == 8 and m.training      # its mode given back

@@ -97,6 +97,12 @@ def find_blocks(model: nn.Module, example: torch.Tensor, granularity: str = "blo
             if missing:
                 raise SlimkitError(f"blocks names {missing[0]!r}, which is no module of the model: give module paths "
                                    "as named_modules() lists them")
+            if "" in block_names:
+                raise SlimkitError("blocks names '' (the whole model): name its residual blocks, each a module path")
+            nested = [(a, b) for a in block_names for b in block_names if a != b and (a == "" or b.startswith(a + "."))]
+            if nested:
+                raise SlimkitError(f"blocks {nested[0][0]!r} and {nested[0][1]!r} overlap (one holds the other): name "
+                                   "each block once, none inside another")
             candidates = {n: model.get_submodule(n) for n in block_names}
         else:
             for name, m in model.named_modules():
@@ -111,6 +117,10 @@ def find_blocks(model: nn.Module, example: torch.Tensor, granularity: str = "blo
     blocks, claimed = [], set()
     for name in candidates:
         inner = [n for n in layers if n.startswith(name + ".")]
+        if block_names is not None and not (inner and usable(name)):
+            why = ("holds no quantizable layer" if not inner else "is not called exactly once in the forward pass "
+                   "(a block used twice, or never, cannot be reconstructed against one output)")
+            raise SlimkitError(f"blocks names {name!r}, which {why}: name residual blocks that each run once")
         if inner and usable(name):
             blocks.append(Block(name, inner, info[name]["order"]))
             claimed.update(inner)
@@ -126,15 +136,27 @@ def find_blocks(model: nn.Module, example: torch.Tensor, granularity: str = "blo
     return blocks, skipped
 
 
+def warn_skipped(skipped: list[str], method: str) -> None:
+    """Layers reconstruction cannot take (called more than once, e.g. shared, or never): they keep their
+    round-to-nearest codes; say which."""
+    if skipped:
+        import warnings
+
+        warnings.warn(f"{method}: {len(skipped)} layer(s) run more than once (shared) or never in the forward pass, "
+                      f"so they cannot be reconstructed against one output and keep round-to-nearest codes: "
+                      f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", stacklevel=5)
+
+
 def warn_if_layerwise(blocks: list[Block], method: str) -> None:
     """Block reconstruction on a model none of whose blocks was recognised runs layer by layer (AdaRound's
     granularity, not the method's): say so, and how to name the blocks."""
     if len(blocks) > 1 and all(len(b.layers) == 1 for b in blocks):
         import warnings
 
-        warnings.warn(f"{method}: no residual block of this model was recognised, so it is reconstructed layer by "
+        warnings.warn(f"{method}: no residual block of this model was recognised (or each runs more than once), "
+                      "so it is reconstructed layer by "
                       "layer; name its blocks (blocks=[module paths], or a recipe's blocks:) or register their class "
-                      "(slimkit.core.adapters.register_block_type)", stacklevel=4)
+                      "(slimkit.core.adapters.register_block_type)", stacklevel=5)
 
 
 def layer_order(model: nn.Module, example: torch.Tensor, called_only: bool = False) -> list[str]:

@@ -99,6 +99,13 @@ def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
                            "a list of tensors, a Dataset/DataLoader or a .safetensors/.npy/.npz file") from None
     if not items:
         raise SlimkitError("the data is empty: give at least one calibration sample")
+    if isinstance(data, list) and all(isinstance(i, list) for i in items):
+        try:                                # nested lists of numbers: one array (pairs come as tuples)
+            arr = np.asarray(data)
+        except ValueError:                  # ragged: per-sample items after all
+            arr = None
+        if arr is not None and arr.dtype.kind in "biuf":
+            return _as_tensor(arr), None
     xs, ys = [], []
     for item in items:
         if isinstance(item, Mapping):       # a Hugging Face style sample or batch: {"pixel_values": ..., "labels": ...}

@@ -35,10 +35,11 @@ def remainder(bn: nn.BatchNorm2d) -> nn.Module | None:
     return nn.Sequential(*parts) if all(isinstance(p, nn.Module) for p in parts) else None
 
 
-def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor, shared: list | None = None) -> list[tuple[str, str]]:
     """(conv name, bn name) pairs where the BN consumes the conv's output directly: the very tensor, unchanged
     in place since (a conv -> ReLU(inplace) -> BN chain is no pair), each conv and BN called once in the forward
-    (a module shared by two places cannot take the other's fold) and the BN keeping running statistics."""
+    (a module shared by two places cannot take the other's fold) and the BN keeping running statistics. `shared`,
+    if given, receives the pairs left out for running more than once."""
     names = {m: n for n, m in model.named_modules()}
     last_outputs: dict[int, tuple[str, weakref.ref, int]] = {}
     candidates: list[tuple[str, str]] = []
@@ -62,6 +63,8 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[st
         elif isinstance(m, nn.BatchNorm2d):
             handles.append(m.register_forward_pre_hook(bn_pre_hook))
     run_hooked(model, example, handles)
+    if shared is not None:
+        shared.extend(dict.fromkeys((c, b) for c, b in candidates if calls[c] != 1 or calls[b] != 1))
     return [(c, b) for c, b in candidates if calls[c] == 1 and calls[b] == 1]
 
 
@@ -116,7 +119,13 @@ def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: f
     those left unfolded (they run as float BatchNorms; quantization goes on). Any error restores the model."""
     was_training = model.training
     model.eval()
-    pairs = find_conv_bn_pairs(model, example)
+    shared: list = []
+    pairs = find_conv_bn_pairs(model, example, shared)
+    if shared:
+        warnings.warn(f"BatchNorm folding: {len(shared)} conv -> BatchNorm pair(s) left unfolded ("
+                      f"{', '.join(f'{c} -> {b}' for c, b in shared[:5])}{' ...' if len(shared) > 5 else ''}): they run "
+                      "more than once in the forward pass (a shared module), so one fold cannot serve every call. "
+                      "They stay float BatchNorms after their quantized convs.", stacklevel=3)
     odd = [(c, b) for c, b in pairs if remainder(model.get_submodule(b)) is None]
     if odd:
         kinds = sorted({type(model.get_submodule(b)).__name__ for _, b in odd})

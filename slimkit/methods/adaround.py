@@ -6,12 +6,13 @@ activation steps stay those of the observer.
 """
 from __future__ import annotations
 
-from ..core.adapters import find_blocks
+from ..core.adapters import find_blocks, warn_skipped
 from ..core.reconstruct import reconstruct_model
 from .common import recon_config
 
 
 def run(q_model, fp_model, data, cfg, device) -> dict:
-    blocks, _ = find_blocks(q_model, data[:1].to(device), granularity="layer")
+    blocks, skipped = find_blocks(q_model, data[:1].to(device), granularity="layer")
+    warn_skipped(skipped, "adaround")
     rc = recon_config(cfg, adaround=True, learn_act=False, act_in_recon=False, quant_prob=1.0, mix_inputs=False)
     return reconstruct_model(q_model, fp_model, data, blocks, rc, device)

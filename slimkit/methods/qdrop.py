@@ -8,14 +8,15 @@ shows this flattens the optimised model on both calibration and test data, which
 """
 from __future__ import annotations
 
-from ..core.adapters import find_blocks, warn_if_layerwise
+from ..core.adapters import find_blocks, warn_if_layerwise, warn_skipped
 from ..core.reconstruct import reconstruct_model
 from .common import recon_config
 
 
 def run(q_model, fp_model, data, cfg, device) -> dict:
-    blocks, _ = find_blocks(q_model, data[:1].to(device), block_names=cfg.blocks)
+    blocks, skipped = find_blocks(q_model, data[:1].to(device), block_names=cfg.blocks)
     warn_if_layerwise(blocks, "qdrop")
+    warn_skipped(skipped, "qdrop")
     rc = recon_config(cfg, adaround=True, learn_act=True, act_in_recon=True,
                       quant_prob=cfg.drop_prob, mix_inputs=cfg.drop_inputs)
     return reconstruct_model(q_model, fp_model, data, blocks, rc, device)
