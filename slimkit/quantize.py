@@ -242,7 +242,7 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     `calib_data`: inputs as a tensor, array, (inputs, labels), list, Dataset/DataLoader, file or shipped name.
     `recipe`: a YAML path, a shipped recipe name or a dict of QuantConfig fields; keyword options override it.
     Hugging Face transformers take "minmax", "smoothquant", "outlier_suppression" or "os_plus" and calibration
-    token ids (N, L), a dict of input_ids / attention_mask, or text (a file, folder or list of strings) with
+    token ids (N, L), a dict of input_ids / attention_mask (no padding), or text (a file, folder or list of strings) with
     `tokenizer` (see slimkit.transformer). `inplace=True` quantizes a transformer without copying it first
     (for models that fill most of memory).
     `a_bits=None` (here or in a recipe) quantizes weights only; leaving a_bits out takes the recipe's or the
