@@ -17,7 +17,6 @@ input width, a rank). Then the whole FFN forward+backward at d_model 2048, graph
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,26 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
-from structured_ffn_speed import LtFFN, build, events_ms, graphed_step  # noqa: E402
+from structured_ffn_speed import lt_probe_parser, fastest, lt_device, lt_step_rows, patched  # noqa: E402
 
 from slimkit.structured import epilogue as EP  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=16384)
+    ap = lt_probe_parser(__doc__, rounds=2)
     ap.add_argument("--ns", default="1024,2048,4096,8192,16384")
     ap.add_argument("--ks", default="256,384,512,640,768,1024,1536")
-    ap.add_argument("--d", type=int, default=2048)
-    ap.add_argument("--ratios", default="0.25,0.32")
-    ap.add_argument("--kinds", default="blockdense,lowrank")
-    ap.add_argument("--align", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    if not torch.cuda.is_available() or not EP.available(torch.empty(1, device=dev)):
-        sys.exit("needs a CUDA GPU and nvmath-python (pip install slimkit[cublaslt])")
+    dev = lt_device()
     torch.manual_seed(0)
     T, dt = args.tokens, torch.bfloat16
     rows = []
@@ -61,11 +51,7 @@ def main() -> None:
             fns = {"mm+sum": lambda: (dpre.t() @ h, dpre.sum(0)),
                    "mm+mv": lambda: (dpre.t() @ h, torch.mv(dpre.t(), ones_t)),
                    "ones": lambda: EP.weight_bias_grads(w, dpre, h, hp, True)}
-            best = {}
-            for _ in range(args.rounds):
-                for name, fn in fns.items():
-                    ms = events_ms(fn, dev, args.reps)
-                    best[name] = min(best.get(name, ms), ms)
+            best = fastest(fns, dev, args.reps, args.rounds)
             for name, fn in fns.items():
                 db = fn()[1].float()
                 rows.append({"model": "linear-grad", "method": name, "setting": f"T={T} N={n} k={k}",
@@ -75,41 +61,11 @@ def main() -> None:
                 print(rows[-1], flush=True)
 
     # the whole FFN, graphed, by fc2's ones policy
-    d = args.d
-    x = torch.randn(T, d, device=dev, dtype=dt)
-    grad = torch.randn_like(x)
-    dense, _ = build("dense", d, 1.0, dev, dt)
-    dense_step = graphed_step(dense, x, grad)
-    base = min(events_ms(dense_step, dev, args.reps) for _ in range(args.rounds))
-    rows.append({"model": "ffn", "method": "dense-graph", "setting": f"r=1 d={d} T={T}", "metric": "fwbw_ms",
-                 "value": round(base, 4)})
     rule = EP.close_ones
-    policies = {"-lt": rule, "-lt-fc2ones": lambda width: True, "-lt-fc2sum": lambda width: False}
-    for ratio in map(float, args.ratios.split(",")):
-        for kind in args.kinds.split(","):
-            ffn, real = build(kind, d, ratio, dev, dt, args.align)
-            lt = LtFFN(ffn.fc1, ffn.fc2)
-            steps = {}
-            for name, policy in policies.items():
-                EP.close_ones = policy
-                try:
-                    steps[name] = graphed_step(lt, x, grad)
-                finally:
-                    EP.close_ones = rule
-            best = {}
-            for _ in range(args.rounds + 1):
-                for name, step in steps.items():
-                    ms = events_ms(step, dev, args.reps)
-                    best[name] = min(best.get(name, ms), ms)
-            for name, ms in best.items():
-                rows.append({"model": "ffn", "method": kind + name + "-graph", "setting": f"r={ratio:g} d={d} T={T}",
-                             "metric": "fwbw_speedup", "value": round(base / ms, 3), "ms": round(ms, 4),
-                             "ratio": round(real, 4), "rank2": ffn.fc2.rank, "fits": rule(ffn.fc2.rank)})
-                print(rows[-1], flush=True)
-            del steps
-    again = min(events_ms(dense_step, dev, args.reps) for _ in range(args.rounds))
-    rows.append({"model": "ffn", "method": "dense-graph-again", "setting": f"r=1 d={d} T={T}", "metric": "fwbw_ms",
-                 "value": round(again, 4)})
+    rows += lt_step_rows(args.d, T, map(float, args.ratios.split(",")), args.kinds.split(","), args.align,
+                         {"-lt": patched(EP), "-lt-fc2ones": patched(EP, close_ones=lambda width: True),
+                          "-lt-fc2sum": patched(EP, close_ones=lambda width: False)}, args.reps, args.rounds + 1, dev,
+                         extra=lambda ffn, name: {"rank2": ffn.fc2.rank, "fits": rule(ffn.fc2.rank)})
     notes = [
         "bf16, one GPU. 'gpu_ms' rows (model linear-grad): a linear's weight and bias gradients for output gradient "
         "dpre (T, N) and input h (T, k); CUDA events, L2 flushed before each call, median of "

@@ -15,7 +15,6 @@ Variants alternate over --rounds rounds; each keeps its fastest median.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,25 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
-from structured_ffn_speed import LtFFN, build, events_ms, graphed_step  # noqa: E402
+from structured_ffn_speed import lt_probe_parser, build, events_ms, lt_device, lt_step_rows  # noqa: E402
 
 from slimkit.structured import epilogue as EP  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d", type=int, default=2048)
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--ratios", default="0.25,0.32")
-    ap.add_argument("--kinds", default="blockdense,lowrank")
+    ap = lt_probe_parser(__doc__)
     ap.add_argument("--variants", default="8x3,32x3,32x10", help="CANDIDATESxTUNE_ITERS list")
-    ap.add_argument("--align", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    if not torch.cuda.is_available() or not EP.available(torch.empty(1, device=dev)):
-        sys.exit("needs a CUDA GPU and nvmath-python (pip install slimkit[cublaslt])")
+    dev = lt_device()
     torch.manual_seed(0)
     d, T, dt = args.d, args.tokens, torch.bfloat16
     variants = [tuple(map(int, v.split("x"))) for v in args.variants.split(",")]
@@ -82,29 +72,9 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     # the whole step, graphed
-    x = torch.randn(T, d, device=dev, dtype=dt)
-    grad = torch.randn_like(x)
-    dense, _ = build("dense", d, 1.0, dev, dt)
-    dense_step = graphed_step(dense, x, grad)
-    base = min(events_ms(dense_step, dev, args.reps) for _ in range(args.rounds))
-    rows.append({"model": "ffn", "method": "dense-graph", "setting": f"r=1 d={d} T={T}", "metric": "fwbw_ms",
-                 "value": round(base, 4)})
-    for ratio in map(float, args.ratios.split(",")):
-        for kind in args.kinds.split(","):
-            ffn, real = build(kind, d, ratio, dev, dt, args.align)
-            lt = LtFFN(ffn.fc1, ffn.fc2)
-            steps = {v: planned(v, lambda: graphed_step(lt, x, grad)) for v in variants}
-            best = {}
-            for _ in range(args.rounds):
-                for v, step in steps.items():
-                    ms = events_ms(step, dev, args.reps)
-                    best[v] = min(best.get(v, ms), ms)
-            for v, ms in best.items():
-                rows.append({"model": "ffn", "method": f"{kind}-lt-graph candidates{v[0]}-iters{v[1]}",
-                             "setting": f"r={ratio:g} d={d} T={T}", "metric": "fwbw_speedup",
-                             "value": round(base / ms, 3), "ms": round(ms, 4), "ratio": round(real, 4)})
-                print(rows[-1], flush=True)
-            del steps
+    rows += lt_step_rows(d, T, map(float, args.ratios.split(",")), args.kinds.split(","), args.align,
+                         {v: (lambda capture, v=v: planned(v, capture)) for v in variants}, args.reps, args.rounds, dev,
+                         method=lambda kind, v: f"{kind}-lt-graph candidates{v[0]}-iters{v[1]}")
     notes = [
         "bf16, one GPU; CUDA events, L2 flushed before each call, median of "
         f"{args.reps}, fastest of {args.rounds} interleaved rounds. 'candidatesC-itersI': the epilogue plans made "

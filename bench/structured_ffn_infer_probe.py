@@ -21,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
-from structured_ffn_speed import FFN, LtFFN, build, loop_ms  # noqa: E402
+from structured_ffn_speed import FFN, LtFFN, build, loop_ms, lt_device  # noqa: E402
 
-from slimkit.structured import epilogue as EP  # noqa: E402
 from slimkit.structured import graphed  # noqa: E402
 from slimkit.structured import kernels as K  # noqa: E402
 
@@ -36,9 +35,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="dense,lowrank,blockdense")
     ap.add_argument("--align", type=int, default=64)
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    if not torch.cuda.is_available() or not EP.available(torch.empty(1, device=dev)):
-        sys.exit("needs a CUDA GPU and nvmath-python (pip install slimkit[cublaslt])")
+    dev = lt_device()
     torch.manual_seed(0)
     d, dt = args.d, torch.bfloat16
     rows = []

@@ -226,6 +226,85 @@ def graphed_step(ffn: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return g.replay
 
 
+def lt_probe_parser(doc: str, rounds: int = 3) -> argparse.ArgumentParser:
+    """The '-lt' probes' common options: the FFN (--d, --tokens), what lt_step_rows sweeps (--ratios, --kinds,
+    --align) and the timing (--reps, --rounds)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--ratios", default="0.25,0.32")
+    ap.add_argument("--kinds", default="blockdense,lowrank")
+    ap.add_argument("--align", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    return ap
+
+
+def lt_device() -> torch.device:
+    """The GPU the '-lt' probes run on, or exit with what they need."""
+    dev = torch.device("cuda")
+    if not torch.cuda.is_available() or not epilogue.available(torch.empty(1, device=dev)):
+        sys.exit("needs a CUDA GPU and nvmath-python (pip install slimkit[cublaslt])")
+    return dev
+
+
+def fastest(steps: dict, device, reps: int, rounds: int) -> dict:
+    """Each function's events_ms median, the fastest over `rounds` rounds that take the functions in turn (so that
+    a slow moment of the card does not pass for a difference between them)."""
+    best = {}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            ms = events_ms(step, device, reps)
+            best[name] = min(best.get(name, ms), ms)
+    return best
+
+
+def patched(obj, **values):
+    """A variant for lt_step_rows: under(capture) runs capture() with obj's attributes set to `values` (restored
+    afterwards); no values: as it is."""
+    def under(capture):
+        old = {k: getattr(obj, k) for k in values}
+        for k, v in values.items():
+            setattr(obj, k, v)
+        try:
+            return capture()
+        finally:
+            for k, v in old.items():
+                setattr(obj, k, v)
+    return under
+
+
+def lt_step_rows(d: int, tokens: int, ratios, kinds, align: int, variants: dict, reps: int, rounds: int, device,
+                 method=lambda kind, name: f"{kind}{name}-graph", extra=lambda ffn, name: {}) -> list[dict]:
+    """The probes' whole-step rows: for each kind and ratio, the '-lt' FFN's training step (bias, GELU tanh, bf16)
+    captured as a CUDA graph under each variant (name -> under(capture): runs the capture with the variant in
+    force and returns its result) and timed (fastest), over the dense step graphed likewise ('dense-graph' first,
+    'dense-graph-again' last). Rows: method(kind, name), fwbw_speedup, ms, ratio, plus extra(ffn, name)."""
+    dt = torch.bfloat16
+    x = torch.randn(tokens, d, device=device, dtype=dt)
+    grad = torch.randn_like(x)
+    dense, _ = build("dense", d, 1.0, device, dt)
+    dense_step = graphed_step(dense, x, grad)
+    base = fastest({"dense": dense_step}, device, reps, rounds)["dense"]
+    rows = [{"model": "ffn", "method": "dense-graph", "setting": f"r=1 d={d} T={tokens}", "metric": "fwbw_ms",
+             "value": round(base, 4), "ms": round(base, 4), "ratio": 1.0}]
+    for ratio in ratios:
+        for kind in kinds:
+            ffn, real = build(kind, d, ratio, device, dt, align)
+            lt = LtFFN(ffn.fc1, ffn.fc2)
+            steps = {name: under(lambda: graphed_step(lt, x, grad)) for name, under in variants.items()}
+            for name, ms in fastest(steps, device, reps, rounds).items():
+                rows.append({"model": "ffn", "method": method(kind, name), "setting": f"r={ratio:g} d={d} T={tokens}",
+                             "metric": "fwbw_speedup", "value": round(base / ms, 3), "ms": round(ms, 4),
+                             "ratio": round(real, 4), **extra(ffn, name)})
+                print(rows[-1], flush=True)
+            del steps
+    again = fastest({"dense": dense_step}, device, reps, rounds)["dense"]
+    rows.append({"model": "ffn", "method": "dense-graph-again", "setting": f"r=1 d={d} T={tokens}",
+                 "metric": "fwbw_ms", "value": round(again, 4), "ms": round(again, 4), "ratio": 1.0})
+    return rows
+
+
 def measure(ffn: nn.Module, x: torch.Tensor, reps: int, backward: bool = True, graph: bool = False,
             timer=median_ms) -> dict:
     device = x.device

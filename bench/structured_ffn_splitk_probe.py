@@ -21,7 +21,6 @@ Rows, in one run on one GPU:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
-from structured_ffn_speed import LtFFN, build, events_ms, graphed_step  # noqa: E402
+from structured_ffn_speed import lt_probe_parser, build, events_ms, lt_device, lt_step_rows, patched  # noqa: E402
 
 from slimkit.structured import epilogue as EP  # noqa: E402
 
@@ -53,18 +52,9 @@ def no_ones(shape, like):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d", type=int, default=2048)
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--ratios", default="0.25,0.32")
-    ap.add_argument("--kinds", default="blockdense,lowrank")
-    ap.add_argument("--align", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = lt_probe_parser(__doc__)
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    if not torch.cuda.is_available() or not EP.available(torch.empty(1, device=dev)):
-        sys.exit("needs a CUDA GPU and nvmath-python (pip install slimkit[cublaslt])")
+    dev = lt_device()
     torch.manual_seed(0)
     d, T, dt = args.d, args.tokens, torch.bfloat16
     rows = []
@@ -87,41 +77,9 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     # the whole step, graphed
-    x = torch.randn(T, d, device=dev, dtype=dt)
-    grad = torch.randn_like(x)
-    dense, _ = build("dense", d, 1.0, dev, dt)
-    dense_step = graphed_step(dense, x, grad)
-    base = min(events_ms(dense_step, dev, args.reps) for _ in range(args.rounds))
-    rows.append({"model": "ffn", "method": "dense-graph", "setting": f"r=1 d={d} T={T}", "metric": "fwbw_ms",
-                 "value": round(base, 4), "ms": round(base, 4), "ratio": 1.0})
-    ones = EP.ones_buffer
-    variants = {"-lt": ones, "-lt-noones": no_ones}
-    for ratio in map(float, args.ratios.split(",")):
-        for kind in args.kinds.split(","):
-            ffn, real = build(kind, d, ratio, dev, dt, args.align)
-            lt = LtFFN(ffn.fc1, ffn.fc2)
-            steps = {}
-            for name, ob in variants.items():       # each variant captured with its own code path
-                EP.ones_buffer = ob
-                try:
-                    steps[name] = graphed_step(lt, x, grad)
-                finally:
-                    EP.ones_buffer = ones
-            best = {}
-            for _ in range(args.rounds):
-                for name, step in steps.items():
-                    ms = events_ms(step, dev, args.reps)
-                    best[name] = min(best.get(name, ms), ms)
-            for name, ms in best.items():
-                rows.append({"model": "ffn", "method": kind + name + "-graph", "setting": f"r={ratio:g} d={d} T={T}",
-                             "metric": "fwbw_speedup", "value": round(base / ms, 3), "ms": round(ms, 4),
-                             "ratio": round(real, 4), "rank": ffn.fc1.rank})
-                print(rows[-1], flush=True)
-            del steps
-    again = min(events_ms(dense_step, dev, args.reps) for _ in range(args.rounds))
-    rows.append({"model": "ffn", "method": "dense-graph-again", "setting": f"r=1 d={d} T={T}", "metric": "fwbw_ms",
-                 "value": round(again, 4), "ms": round(again, 4), "ratio": 1.0})
-    print(rows[-1], flush=True)
+    rows += lt_step_rows(d, T, map(float, args.ratios.split(",")), args.kinds.split(","), args.align,
+                         {"-lt": patched(EP), "-lt-noones": patched(EP, ones_buffer=no_ones)}, args.reps,
+                         args.rounds, dev, extra=lambda ffn, name: {"rank": ffn.fc1.rank})
     notes = [
         "bf16, one GPU. 'gpu_ms' rows: BlockDense's first-factor weight gradient alone, CUDA events, L2 flushed "
         f"before each call, median of {args.reps}, fastest of {args.rounds} rounds; 'bmm' the plain torch.bmm, "
