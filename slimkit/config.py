@@ -35,8 +35,9 @@ TRANSFORMER_FIELDS = ("method", "w_bits", "a_bits", "w_granularity", "w_symmetri
 METHOD_FIELDS = {"smoothquant": ("alpha",), "os_plus": ("search_steps", "token_clipping", "twc_iters", "lr_act"),
                  "outlier_suppression": ("twc_iters", "lr_act")}
 # the fields only activation quantization reads (a_bits None: weight-only)
-ACTIVATION_FIELDS = ("a_observer", "a_symmetric", "a_granularity", "lr_act", "drop_prob", "drop_inputs", "twc_iters",
-                     "token_clipping")
+ACTIVATION_FIELDS = ("a_observer", "a_symmetric", "a_granularity", "lr_act", "twc_iters", "token_clipping")
+# (QDrop's drop_prob / drop_inputs stay read without activation bits: its reconstruction still mixes float and
+# quantized block inputs)
 # Defaults a method changes (below a preset's, a recipe's and explicit values): min-max is what the baseline
 # named so computes; Outlier Suppression's fine-grained clipping learns its steps at lr 1e-5, the public
 # code's (ptq_glue_quant.py's learn: lr), where QDrop's 4e-5 would overshoot the coarse range; OS+ with

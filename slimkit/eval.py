@@ -1,6 +1,7 @@
 """Evaluation: accuracy when labels exist, fidelity to the full-precision model, and model size."""
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Mapping
 
@@ -38,8 +39,12 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: to
             progress: bool = False, desc: str = "evaluating") -> torch.Tensor:
     """The model's outputs (logits) for all inputs, computed in batches, returned on the CPU. A model may return
     a tensor, a tuple starting with its logits, or an object or dict with `logits` (or `last_hidden_state`)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SlimkitError(f"batch_size must be a positive integer, got {batch_size!r}")
+    try:
+        batch_size = None if isinstance(batch_size, bool) else operator.index(batch_size)
+    except TypeError:
+        batch_size = None
+    if batch_size is None or batch_size < 1:
+        raise SlimkitError("batch_size must be a positive integer")
     was_training = model.training
     model = model.eval().to(device)
     dtype = input_dtype(model, x)
@@ -146,9 +151,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = No
     if reference is not None and not isinstance(reference, (nn.Module, torch.Tensor)):
         raise SlimkitError(f"reference must be a model (nn.Module) or its logits (a tensor), got "
                            f"{type(reference).__name__}: load a saved model first (slimkit.load)")
-    from .quantize import pick_device
+    if device is not None:               # None: where the model is
+        from .quantize import pick_device
 
-    device = pick_device(str(device) if isinstance(device, torch.device) else device)
+        device = pick_device(str(device) if isinstance(device, torch.device) else device)
     t0 = time.perf_counter()
     logits = predict(model, x, batch_size, device, progress)
     seconds = time.perf_counter() - t0

@@ -12,7 +12,6 @@ where the model is (CPU memory for models larger than the GPU). The input model 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ from .core.families import Group, Layout, layout
 from .core.fingerprint import reference_digest
 from .core.quantizer import QuantSpec
 from .core.wrap import LayerPlan, layer_modules, mask_pruned, quant_layers, quantizers, working_copy, wrap_layers
-from .errors import SlimkitError
+from .errors import SlimkitError, warn
 
 
 ATTN_QUANT_FAMILIES = ("llama", "opt", "gpt2", "bert")
@@ -339,8 +338,8 @@ def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
             raise SlimkitError(f"calibration sequences of {ids.shape[1]} tokens are longer than the model's context "
                                f"({max_pos} positions): cut them to {max_pos} or less")
         if getattr(cfg, "seq_len", None) is not None:
-            warnings.warn(f"seq_len={cfg.seq_len} is not read for token-id calibration: the sequences are used at "
-                          "their own length (seq_len sets the window for calibration text)", stacklevel=4)
+            warn(f"seq_len={cfg.seq_len} is not read for token-id calibration: the sequences are used at their own "
+                 "length (seq_len sets the window for calibration text)")
         return calib[:n] if isinstance(calib, torch.Tensor) else {k: v[:n] for k, v in calib.items()}
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "_slimkit_tokenizer", None)
     if tokenizer is None:

@@ -838,3 +838,51 @@ def test_evaluate_checks_its_arguments_and_keeps_the_model_mode(data):
     with pytest.raises(slimkit.SlimkitError, match="'cpu' or 'cuda'"):
         slimkit.evaluate(m, x, device="meta")
     assert slimkit.evaluate(m, x)["samples"] == 8 and m.training      # its mode given back
+
+
+class _DictOut(nn.Module):
+    """A model returning a dict (as torchvision's segmentation models do), with a -inf class mask."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = tiny_net()
+
+    def forward(self, x):
+        out = self.net(x)
+        return {"out": out, "masked": out.masked_fill(torch.arange(5) == 4, float("-inf"))}
+
+
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x):
+        return self.net(x).masked_fill(torch.arange(5) == 4, float("-inf"))
+
+
+def test_the_review_cases_still_quantize(data):
+    """What the first versions of the checks above refused or misread (a review of them): QDrop's drop settings
+    are read without activation bits; dict outputs and a -inf class mask pass the finiteness check; a layer may
+    be named as its own block; lists of [tensor, label] are still pairs; NumPy batch sizes are sizes; a
+    warning from deep inside names the caller's line."""
+    import numpy as np
+    import warnings
+    x = data[:16]
+    q = slimkit.quantize(tiny_net(), x, method="qdrop", w_bits=4, a_bits=None, drop_prob=0.5, iters=2,
+                         progress=False)
+    assert q.slimkit_info["config"]["drop_prob"] == 0.5
+    for model in (_DictOut().eval(), _Masked().eval()):
+        slimkit.quantize(model, x, method="rtn", w_bits=8, a_bits=8, progress=False)
+    slimkit.quantize(tiny_net(), x, method="brecq", iters=2, blocks=["0", "3", "4", "7"], progress=False)
+    pairs = [[x[i], torch.tensor(i % 5)] for i in range(8)]
+    from slimkit.core.data import resolve
+    xs, ys = resolve(pairs)
+    assert xs.shape == (8, 1, 10, 10) and ys.tolist() == [i % 5 for i in range(8)]
+    assert slimkit.evaluate(tiny_net(), x, batch_size=np.int64(4))["samples"] == 16
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        slimkit.quantize(_Twice().eval(), x, method="rtn", progress=False)
+    folds = [w for w in record if "BatchNorm folding" in str(w.message)]
+    assert folds and all(w.filename == __file__ for w in folds)

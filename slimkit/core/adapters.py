@@ -116,11 +116,15 @@ def find_blocks(model: nn.Module, example: torch.Tensor, granularity: str = "blo
 
     blocks, claimed = [], set()
     for name in candidates:
-        inner = [n for n in layers if n.startswith(name + ".")]
+        inner = [n for n in layers if n == name or n.startswith(name + ".")]      # a layer may be its own block
         if block_names is not None and not (inner and usable(name)):
-            why = ("holds no quantizable layer" if not inner else "is not called exactly once in the forward pass "
-                   "(a block used twice, or never, cannot be reconstructed against one output)")
-            raise SlimkitError(f"blocks names {name!r}, which {why}: name residual blocks that each run once")
+            rec = info.get(name)
+            why = ("holds no quantizable layer" if not inner else
+                   "is not called exactly once in the forward pass (a block used twice, or never, cannot be "
+                   "reconstructed against one output)" if rec is None or rec["calls"] != 1 else
+                   "does not take one tensor and return one tensor (its output is what reconstruction matches)")
+            raise SlimkitError(f"blocks names {name!r}, which {why}: name residual blocks that each run once on "
+                               "one tensor")
         if inner and usable(name):
             blocks.append(Block(name, inner, info[name]["order"]))
             claimed.update(inner)

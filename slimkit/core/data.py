@@ -6,6 +6,7 @@ holding inputs under "x" / "images" / "inputs" (labels under "y" / "labels"); or
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def _as_tensor(a) -> torch.Tensor:
     if not arr.dtype.isnative:      # big-endian files (MATLAB, some exporters): torch reads native order only
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return torch.from_numpy(arr)
+
+
+def _numbers_inside(items: list) -> bool:
+    """Whether nested lists hold plain numbers (their first leaf is one): lists of tensors or arrays are
+    (input, label) pairs or samples, not one array."""
+    leaf = items
+    while isinstance(leaf, list) and leaf:
+        leaf = leaf[0]
+    return isinstance(leaf, numbers.Number) and not isinstance(leaf, bool)
 
 
 def _pick(mapping: dict, keys: tuple, what: str, source: str, required: bool):
@@ -99,10 +109,10 @@ def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
                            "a list of tensors, a Dataset/DataLoader or a .safetensors/.npy/.npz file") from None
     if not items:
         raise SlimkitError("the data is empty: give at least one calibration sample")
-    if isinstance(data, list) and all(isinstance(i, list) for i in items):
-        try:                                # nested lists of numbers: one array (pairs come as tuples)
+    if isinstance(data, list) and all(isinstance(i, list) for i in items) and _numbers_inside(items):
+        try:                                # nested lists of plain numbers: one array
             arr = np.asarray(data)
-        except ValueError:                  # ragged: per-sample items after all
+        except (ValueError, TypeError):     # ragged: per-sample items after all
             arr = None
         if arr is not None and arr.dtype.kind in "biuf":
             return _as_tensor(arr), None

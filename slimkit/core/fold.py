@@ -9,13 +9,13 @@ hold.
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from ..errors import warn
 from .adapters import run_hooked
 from .wrap import set_submodule
 
@@ -122,17 +122,17 @@ def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: f
     shared: list = []
     pairs = find_conv_bn_pairs(model, example, shared)
     if shared:
-        warnings.warn(f"BatchNorm folding: {len(shared)} conv -> BatchNorm pair(s) left unfolded ("
+        warn(f"BatchNorm folding: {len(shared)} conv -> BatchNorm pair(s) left unfolded ("
                       f"{', '.join(f'{c} -> {b}' for c, b in shared[:5])}{' ...' if len(shared) > 5 else ''}): they run "
                       "more than once in the forward pass (a shared module), so one fold cannot serve every call. "
-                      "They stay float BatchNorms after their quantized convs.", stacklevel=3)
+                      "They stay float BatchNorms after their quantized convs.")
     odd = [(c, b) for c, b in pairs if remainder(model.get_submodule(b)) is None]
     if odd:
         kinds = sorted({type(model.get_submodule(b)).__name__ for _, b in odd})
-        warnings.warn(f"BatchNorm folding: {len(odd)} BatchNorm(s) of class {', '.join(kinds)} left unfolded "
+        warn(f"BatchNorm folding: {len(odd)} BatchNorm(s) of class {', '.join(kinds)} left unfolded "
                       f"({', '.join(b for _, b in odd[:5])}{' ...' if len(odd) > 5 else ''}): a BatchNorm2d subclass "
                       "with a forward of its own may do more than normalise. They stay float BatchNorms after their "
-                      "quantized convs.", stacklevel=3)
+                      "quantized convs.")
         pairs = [p for p in pairs if p not in odd]
     if not pairs:
         model.train(was_training)
@@ -169,9 +169,9 @@ def fold_bn(model: nn.Module, example: torch.Tensor, check: bool = True, rtol: f
                 else:
                     kept.append(pair)
             listed = ", ".join(f"{c} -> {b}" for c, b in refused[:5]) + (" ..." if len(refused) > 5 else "")
-            warnings.warn(f"BatchNorm folding: {len(refused)} conv -> BatchNorm pair(s) left unfolded ({listed}): "
+            warn(f"BatchNorm folding: {len(refused)} conv -> BatchNorm pair(s) left unfolded ({listed}): "
                           "folding them changes the model's output, so the conv's output is also used elsewhere. "
-                          "They stay float BatchNorms after their quantized convs.", stacklevel=3)
+                          "They stay float BatchNorms after their quantized convs.")
             pairs = kept
     except BaseException:
         undo()
