@@ -584,3 +584,16 @@ def test_a_small_change_to_the_float_model_is_refused_too(monkeypatch):
     with pytest.raises(slimkit.SlimkitError, match=r"transform changed model\.layers\.\d's float output by [0-4]\.\d%"):
         slimkit.quantize(model, ids, method="os_plus", w_bits=8, a_bits=8, search_steps=10, progress=False,
                          device="cpu")
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "os_plus"])
+def test_half_precision_encoder_keeps_its_dtype_through_the_input_affine(method):
+    """A post-LN encoder keeps its migrated scales as an input affine on the linears (fp32 buffers): in a bf16 model
+    the affine computes in bf16, as the quantized layer does (the float forward had promoted the input to fp32
+    and failed in the next bf16 linear)."""
+    model = tiny_model("bert").to(torch.bfloat16)
+    calib, ev = tiny_inputs("bert", 8, 16, seed=1, pad=False), tiny_inputs("bert", 4, 16, seed=2)
+    q = slimkit.quantize(model, calib, method=method, w_bits=8, a_bits=8, **OPTS)
+    got, ref = output(q, ev), output(model, ev)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 0.1

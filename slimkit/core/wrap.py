@@ -40,8 +40,8 @@ def weight_oi(layer: nn.Module) -> torch.Tensor:
 
 
 def _input_affine_hook(module: nn.Module, args: tuple):
-    x = args[0]
-    return ((x - module.slimkit_in_shift) / module.slimkit_in_scale,) + args[1:]
+    x = args[0]        # in x's dtype, as QuantLayer applies it (fp32 buffers would promote a bf16 model's input)
+    return ((x - module.slimkit_in_shift.to(x.dtype)) / module.slimkit_in_scale.to(x.dtype),) + args[1:]
 
 
 def input_affine(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
