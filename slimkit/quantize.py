@@ -7,9 +7,8 @@ AdaRound / BRECQ / QDrop) -> freeze to integer weights. The input model is left 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 import time
-import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from .core.fold import fold_bn
 from .core.quantizer import QuantSpec
 from .core.wrap import (LayerPlan, layer_modules, mask_pruned, quant_layers, quantizable, quantizers, weight_oi,
                         working_copy, wrap_layers)
-from .errors import SlimkitError
+from .errors import SlimkitError, warn
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -57,8 +56,8 @@ def check_unread(cfg: QuantConfig, transformer: bool, strict: bool = False) -> N
     for source, names in (("option", unread["options"]), ("the recipe's setting", unread["recipe"])):
         if names:
             one = len(names) == 1
-            warnings.warn(f"{source}{'' if one else 's'} {', '.join(names)} {'is' if one else 'are'} not read by "
-                          f"{where}: ignored", stacklevel=4)
+            warn(f"{source}{'' if one else 's'} {', '.join(names)} {'is' if one else 'are'} not read by "
+                 f"{where}: ignored")
 
 
 def check_runs(model: nn.Module, example: torch.Tensor, what: str = "calibration inputs"):
@@ -206,13 +205,13 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
     other = sorted({type(m).__name__ for m in fp_model.modules()
                     if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd))})
     if other:
-        warnings.warn(f"the model's {', '.join(other)} layers stay float: slimkit quantizes nn.Linear and nn.Conv2d "
-                      "layers", stacklevel=4)
+        warn(f"the model's {', '.join(other)} layers stay float: slimkit quantizes nn.Linear and nn.Conv2d "
+             "layers")
     loose = _loose_weights(fp_model, example)
     if loose:
-        warnings.warn(f"{len(loose)} weight tensor(s) outside nn.Linear / nn.Conv2d modules stay float ("
-                      f"{', '.join(loose[:4])}{', ...' if len(loose) > 4 else ''}): slimkit quantizes layers, not "
-                      "weights a forward passes to F.linear / F.conv2d itself", stacklevel=4)
+        warn(f"{len(loose)} weight tensor(s) outside nn.Linear / nn.Conv2d modules stay float ("
+             f"{', '.join(loose[:4])}{', ...' if len(loose) > 4 else ''}): slimkit quantizes layers, not "
+             "weights a forward passes to F.linear / F.conv2d itself")
     unknown = [s for s in cfg.skip if s not in modules]
     if unknown:
         raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model: give the module "
@@ -300,8 +299,8 @@ def _quantize(model, calib_data, method, w_bits, a_bits, recipe, tokenizer, inpl
     check_unread(cfg, transformer=False)
     for name, given in (("inplace", inplace), ("tokenizer", tokenizer is not None)):
         if given:
-            warnings.warn(f"{name}= is for transformers: this {type(model).__name__} is quantized on a copy, "
-                          "without a tokenizer; it is ignored", stacklevel=3)
+            warn(f"{name}= is for transformers: this {type(model).__name__} is quantized on a copy, "
+                 "without a tokenizer; it is ignored")
     data = calibration_tensor(calib_data, cfg.num_samples or 1024, cfg.seed)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if dtype != torch.float32:

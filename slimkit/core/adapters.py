@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import SlimkitError
+from ..errors import SlimkitError, warn
 from .wrap import layer_modules
 
 BLOCK_TYPES: set[str] = {
@@ -144,23 +144,19 @@ def warn_skipped(skipped: list[str], method: str) -> None:
     """Layers reconstruction cannot take (called more than once, e.g. shared, or never): they keep their
     round-to-nearest codes; say which."""
     if skipped:
-        import warnings
-
-        warnings.warn(f"{method}: {len(skipped)} layer(s) run more than once (shared) or never in the forward pass, "
-                      f"so they cannot be reconstructed against one output and keep round-to-nearest codes: "
-                      f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", stacklevel=5)
+        warn(f"{method}: {len(skipped)} layer(s) run more than once (shared) or never in the forward pass, "
+             f"so they cannot be reconstructed against one output and keep round-to-nearest codes: "
+             f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
 
 
 def warn_if_layerwise(blocks: list[Block], method: str) -> None:
     """Block reconstruction on a model none of whose blocks was recognised runs layer by layer (AdaRound's
     granularity, not the method's): say so, and how to name the blocks."""
     if len(blocks) > 1 and all(len(b.layers) == 1 for b in blocks):
-        import warnings
-
-        warnings.warn(f"{method}: no residual block of this model was recognised (or each runs more than once), "
-                      "so it is reconstructed layer by "
-                      "layer; name its blocks (blocks=[module paths], or a recipe's blocks:) or register their class "
-                      "(slimkit.core.adapters.register_block_type)", stacklevel=5)
+        warn(f"{method}: no residual block of this model was recognised (or each runs more than once), "
+             "so it is reconstructed layer by "
+             "layer; name its blocks (blocks=[module paths], or a recipe's blocks:) or register their class "
+             "(slimkit.core.adapters.register_block_type)")
 
 
 def layer_order(model: nn.Module, example: torch.Tensor, called_only: bool = False) -> list[str]:

@@ -369,10 +369,6 @@ def dgelu_block_diag(dz: torch.Tensor, blocks: torch.Tensor, pre: torch.Tensor) 
     return dpre
 
 
-HEADS = ("dense", "lowrank", "blockdense")     # what comes before fc1's last dense factor (see GeluFFN)
-TAILS = ("none", "dense", "block")             # how fc2 starts
-
-
 def ones_buffer(h_shape: tuple, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hp, h): hp (T, k + pad) with its columns after the first k set to [1, 0, ...] (pad >= 1, k + pad a
     multiple of ONES_PAD, so rows stay 16-byte aligned in bf16), h = hp[:, :k] the view a matmul writes a linear's
