@@ -50,7 +50,7 @@ from common import write_results  # noqa: E402
 from slimkit.errors import SlimkitError  # noqa: E402
 from slimkit.structured import graphed, make_linear, merged_linear, premerge  # noqa: E402
 from slimkit.structured import epilogue  # noqa: E402
-from slimkit.structured.kernels import available, eager_ffn, fused_ffn, supported  # noqa: E402
+from slimkit.structured.kernels import available, eager_ffn, fused_ffn, lt_supported, supported  # noqa: E402
 from slimkit.structured.layers import BlockDenseLinear, LowRankLinear  # noqa: E402
 
 KINDS = ("lowrank", "blockshuffle", "blockdense")
@@ -460,7 +460,7 @@ def main() -> None:
                         continue
                     t0 = time.perf_counter()
                     add(kind, setting, real, meas(ffn, x, reps), base, t0)
-                    if lt and supported(ffn.fc1):
+                    if lt and lt_supported(ffn.fc1, ffn.fc2):
                         t0 = time.perf_counter()
                         add(f"{kind}-lt", setting, real, meas(LtFFN(ffn.fc1, ffn.fc2), x, reps), base, t0)
                         t0 = time.perf_counter()

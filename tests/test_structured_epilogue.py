@@ -14,10 +14,10 @@ import slimkit.structured.kernels as K
 from slimkit.structured.kernels import fused_ffn
 
 
-def _ffn(kind1: str, kind2: str, bias: bool, d: int = 16, hidden: int = 64):
+def _ffn(kind1: str, kind2: str, bias: bool, d: int = 16, hidden: int = 64, ratio: float = 0.5):
     torch.manual_seed(0)
-    fc1 = nn.Linear(d, hidden, bias=bias) if kind1 == "dense" else make_linear(kind1, d, hidden, 0.5, bias)
-    fc2 = nn.Linear(hidden, d, bias=bias) if kind2 == "dense" else make_linear(kind2, hidden, d, 0.5, bias)
+    fc1 = nn.Linear(d, hidden, bias=bias) if kind1 == "dense" else make_linear(kind1, d, hidden, ratio, bias)
+    fc2 = nn.Linear(hidden, d, bias=bias) if kind2 == "dense" else make_linear(kind2, hidden, d, ratio, bias)
     if bias:
         with torch.no_grad():      # the layers start with zero biases: make the bias gradients and adds matter
             fc1.bias.normal_(0, 0.5)
@@ -79,6 +79,77 @@ def test_cublaslt_wiring_equals_eager_with_reference_epilogues(monkeypatch, kind
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
     for a, b in zip(penalty_grads(lambda a, b, t: fused_ffn(a, b, t, "tanh", matmul="cublaslt")), penalty_grads(eager)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_blockshuffle_pair_runs_the_shuffle_epilogues_as_eager_does(monkeypatch, ratio, bias):
+    """Two BlockShuffle layers take ShuffleGeluFFN (feature-major, fc1's bias carried by ones rows into the
+    GELU_AUX matmuls, GELU' in DGELU matmuls; reference epilogues in place of nvmath): the output and every
+    gradient, fc1's bias gradient (the ones rows' column of the weight gradient) included, equal the eager FFN's;
+    so do inference (no pre-activation written) and a gradient penalty. A token count that breaks the epilogues'
+    8-element alignment runs eager."""
+    monkeypatch.setattr(EP, "_matmul", EP.reference_matmul)
+    monkeypatch.setattr(EP, "available", lambda x: True)
+    calls = []
+    forward = EP.ShuffleGeluFFN.forward
+    monkeypatch.setattr(EP.ShuffleGeluFFN, "forward",
+                        staticmethod(lambda ctx, *a: calls.append(a[-1]) or forward(ctx, *a)))
+    fc1, fc2 = _ffn("blockshuffle", "blockshuffle", bias, d=64, hidden=256, ratio=ratio)
+    assert (fc1.nblocks, fc1.nblocks2) == ((2, 8) if ratio == 0.25 else (1, 4))     # two block layouts
+    assert K.lt_supported(fc1, fc2) and EP.shuffle_applies(fc1, fc2, 16, torch.float32)
+    fused = lambda a, b, t: fused_ffn(a, b, t, "tanh", matmul="cublaslt")  # noqa: E731
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(2))
+    want = _run(fc1, fc2, x, grad, eager)
+    for a, b in zip(_run(fc1, fc2, x, grad, fused), want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert calls == [True]
+    monkeypatch.setattr(K, "INFER_MIN_TOKENS", 0)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(fc1, fc2, x), want[0], rtol=1e-5, atol=1e-5)
+    assert calls == [True, False]
+    params = list(fc1.parameters()) + list(fc2.parameters())
+
+    def penalty_grads(fn):
+        t = x.clone().requires_grad_(True)
+        gx, = torch.autograd.grad((fn(fc1, fc2, t) * grad).sum(), t, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), params, allow_unused=True)
+    for a, b in zip(penalty_grads(fused), penalty_grads(eager)):
+        if b is None:
+            assert a is None or not a.abs().any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    calls.clear()
+    odd = torch.randn(3, 5, 64)                              # 15 tokens: the feature-major views lose alignment
+    torch.testing.assert_close(fused(fc1, fc2, odd), eager(fc1, fc2, odd), rtol=1e-5, atol=1e-5)
+    assert calls == []
+
+
+def test_transposed_operands_reach_cublaslt_without_a_copy(monkeypatch):
+    """_matmul hands cuBLASLt an x that is contiguous either way round as it is (the transposed one as op(B) = T):
+    ShuffleGeluFFN's DGELU reads each block of fc2's first factor transposed; any other stride is copied first."""
+    seen = []
+
+    class FakePlan:
+        def __init__(self, epilogue, x, wt, out, aux, bias, aligns):
+            seen.append(x.stride())
+
+        def tune(self, *a):
+            pass
+
+        def run(self, x, wt, out, aux, bias):
+            EP.reference_matmul("DGELU", x, wt, out, aux)
+
+    monkeypatch.setattr(EP, "_Plan", FakePlan)
+    monkeypatch.setattr(EP, "_PLANS", EP.OrderedDict())
+    wt, pre = torch.randn(4, 6), torch.randn(5, 6)
+    for x, stride in ((torch.randn(5, 4), (4, 1)), (torch.randn(4, 5).t(), (1, 5)), (torch.randn(5, 8)[:, ::2], (4, 1))):
+        out = torch.empty(5, 6)
+        EP._matmul("DGELU", x, wt, out, pre)
+        torch.testing.assert_close(out, torch.ops.aten.gelu_backward(x @ wt, pre, approximate="tanh"))
+        assert seen[-1] == stride
+    assert EP._b_op(torch.randn(4, 5).t()) == (True, 5) and EP._b_op(torch.randn(5, 4)) == (False, 4)
 
 
 def _spy(fn, calls):
@@ -243,7 +314,7 @@ gpu_lt = pytest.mark.skipif(not (torch.cuda.is_available() and EP.lt is not None
 
 @gpu_lt
 @pytest.mark.parametrize("kind1,kind2", [("dense", "dense"), ("lowrank", "lowrank"), ("blockdense", "blockdense"),
-                                         ("lowrank", "blockshuffle")])
+                                         ("lowrank", "blockshuffle"), ("blockshuffle", "blockshuffle")])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cublaslt_on_gpu_is_as_accurate_as_eager(kind1, kind2, bias):
     """bf16: the epilogue FFN and the eager one, each against the fp32 eager computation; the epilogue's error

@@ -18,6 +18,15 @@ the matmuls that touch those activations anyway:
   either operand order) takes 343-432 us at T 16384, 528 -> 8192 on an H100, where the plain matmul takes
   190-250 us; it still beats the matmul plus torch's separate GELU' pass (about 0.26 ms more).
 
+Two BlockShuffle layers (ShuffleGeluFFN) keep the hidden activations feature-major between them, as the eager
+kernels.blockshuffle_ffn does; there each block of fc1's second factor is one GELU_AUX matmul on strided views,
+with fc1's bias carried by rows of ones beside the middle activations (cuBLASLt's epilogue bias is per row of its
+column-major output, i.e. per token in that layout), and each block of fc2's first factor's input gradient one
+DGELU matmul. On an H100 (bf16, 16384 tokens, graphed step) it beats the eager FFN by 2% at d_model 2048 and 25%
+(8 blocks a factor: the per-block calls are small), 9-14% at 32% and 50%, 3-4% at d_model 4096, and ties at
+1024 (bench/results/structured_ffn_shuffle_lt_probe.md); a variant with the backward's GELU' as a matmul plus
+the eager GELU' pass measured no faster anywhere and slower at 32-50%.
+
 cuBLASLt's GELU is the tanh approximation, so only F.gelu(approximate="tanh") is fused.
 
 The calls go straight to cuBLASLt (nvmath.bindings.cublasLt, a thin Cython layer over the C API): each matmul
@@ -44,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import block_diag_product, block_diag_reference, linear_cast_bias, regrad
+from .layers import _monarch_reference, block_diag_product, block_diag_reference, linear_cast_bias, regrad
 
 try:
     from nvmath import CudaDataType
@@ -94,8 +103,8 @@ def _set(setter, dtype_of, obj, attr, value) -> np.ndarray:
 
 class _Plan:
     """One cuBLASLt matmul D = epilogue(op(A) op(B)), column-major, for fixed shapes and strides: out (T, N) with
-    unit column stride is D (N x T, ld out.stride(0)); x (T, K) with unit column stride is B (K x T, ld
-    x.stride(0)); wt (K, N) is A, op(A) = N if wt's rows are contiguous (N x K), else T (wt = w^T for w (N, K));
+    unit column stride is D (N x T, ld out.stride(0)); x (T, K) is B, op(B) = N with a unit column stride
+    (K x T, ld x.stride(0)), else T (x = y^T for a row-major y (K, T)); wt (K, N) is A, op(A) = N if wt's rows are contiguous (N x K), else T (wt = w^T for w (N, K));
     aux is laid out like out, with its own leading dimension (None for the epilogues without one)."""
 
     def __init__(self, epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
@@ -110,8 +119,9 @@ class _Plan:
         sd = lt.matmul_desc_set_attribute
         dtype_of = lt.get_matmul_desc_attribute_dtype
         trans_a, lda = _a_op(wt)
+        trans_b, ldb = _b_op(x)
         _set(sd, dtype_of, self.desc, desc_attr.TRANSA, 1 if trans_a else 0)     # CUBLAS_OP_T / CUBLAS_OP_N
-        _set(sd, dtype_of, self.desc, desc_attr.TRANSB, 0)
+        _set(sd, dtype_of, self.desc, desc_attr.TRANSB, 1 if trans_b else 0)
         _set(sd, dtype_of, self.desc, desc_attr.EPILOGUE, int(getattr(lt.Epilogue, epilogue)))
         self._aux_attr, self._bias_attr = desc_attr.EPILOGUE_AUX_POINTER, desc_attr.BIAS_POINTER
         self._ptr = np.zeros(1, dtype=dtype_of(desc_attr.EPILOGUE_AUX_POINTER))
@@ -124,7 +134,7 @@ class _Plan:
             _set(sd, dtype_of, self.desc, desc_attr.BIAS_DATA_TYPE, int(dt))
             self._set_ptr(self._bias_attr, bias.data_ptr())
         self.a = self._layout(dt, k, n, lda) if trans_a else self._layout(dt, n, k, lda)
-        self.b = self._layout(dt, k, t, x.stride(0) if t > 1 else k)
+        self.b = self._layout(dt, t, k, ldb) if trans_b else self._layout(dt, k, t, ldb)
         self.d = self._layout(dt, n, t, out.stride(0) if t > 1 else n)
         self._pref = lt.matmul_preference_create()
         sp, pdtype = lt.matmul_preference_set_attribute, lt.get_matmul_preference_attribute_dtype
@@ -225,6 +235,20 @@ def _a_op(wt: torch.Tensor) -> tuple[bool, int] | None:
     return None
 
 
+def _b_op(x: torch.Tensor) -> tuple[bool, int]:
+    """How cuBLASLt reads x (T, K) as operand B: (transposed, leading dimension); x must have a unit stride in one
+    dimension and a large enough one in the other (_matmul copies it otherwise)."""
+    (t, k), (s0, s1) = x.shape, x.stride()
+    if s1 == 1 and (s0 >= max(1, k) or t == 1):
+        return False, max(1, k) if t == 1 else s0
+    return True, max(1, t) if k == 1 else s1
+
+
+def _b_ok(x: torch.Tensor) -> bool:
+    (t, k), (s0, s1) = x.shape, x.stride()
+    return (s1 == 1 and (s0 >= max(1, k) or t == 1)) or (s0 == 1 and (s1 >= max(1, t) or k == 1))
+
+
 def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor | None,
             bias: torch.Tensor | None = None) -> None:
     """out = epilogue(x @ wt) in place, for x (T, K), wt (K, N), out and aux (T, N), any of them strided views (a
@@ -244,7 +268,7 @@ def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor,
         raise ValueError("bias must be a contiguous vector of N values")
     if _a_op(wt) is None:
         wt = wt.contiguous()
-    if x.stride(1) != 1 or x.stride(0) < max(1, x.shape[1]):
+    if not _b_ok(x):
         x = x.contiguous()
     aligns = (_alignment(wt), _alignment(x), _alignment(out), _alignment(out), _alignment(aux), _alignment(bias))
     key = (epilogue, threading.get_ident(), x.device, x.dtype, tuple(x.shape), x.stride(), tuple(wt.shape),
@@ -533,3 +557,126 @@ class GeluFFN(torch.autograd.Function):
                 if needs[1]:
                     dfirst = torch.bmm(dhb.transpose(0, 1).transpose(1, 2), x.view(t, nb, -1).transpose(0, 1))
         return dx, dfirst, dw, db, dtail, dv2, db2, None, None
+
+
+def _shuffle_pad(r: int, bias: bool) -> int:
+    """The input width of BlockShuffle fc1's second factor as ShuffleGeluFFN feeds it: r, or with a bias r plus a
+    ones row and zero rows up to a multiple of ONES_PAD (the weight's rows stay 16-byte aligned in bf16)."""
+    return (r // ONES_PAD + 1) * ONES_PAD if bias else r
+
+
+def _bias_rows(h: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return h if b is None else h + b.to(h.dtype)[:, None]
+
+
+def shuffle_ffn_reference(x, a1, a2, b1, c1, c2, b2) -> torch.Tensor:
+    """What ShuffleGeluFFN computes, in differentiable torch ops: fc2(gelu_tanh(fc1 x)) for BlockShuffle fc1
+    (w1 a1, w2 a2, bias b1) and fc2 (c1, c2, b2), token-major in and out."""
+    act = F.gelu(_bias_rows(_monarch_reference(x, a1, a2, out_fm=True), b1), approximate="tanh")
+    y = _monarch_reference(act, c1, c2, in_fm=True)
+    return y if b2 is None else y + b2.to(y.dtype)
+
+
+def shuffle_applies(fc1, fc2, tokens: int, dtype: torch.dtype) -> bool:
+    """Whether ShuffleGeluFFN takes this pair of BlockShuffle layers (fc1's w2 (l, s, r), fc2's w1 (k2, q2, p2)):
+    the hidden width fc1 -> fc2 matches, the dtype is one cuBLASLt's GELU epilogues take, and the epilogues'
+    strided feature-major views keep every leading dimension and block a multiple of 8 elements."""
+    s, (q2, p2) = fc1.w2.shape[1], fc2.w1.shape[1:]
+    return (fc1.out_features == fc2.in_features and dtype in _DTYPE and tokens % 8 == 0
+            and s % 8 == 0 and q2 % 8 == 0 and p2 % 8 == 0)
+
+
+def _shuffle_up(h: torch.Tensor, w2p: torch.Tensor, t: int, aux: bool):
+    """fc1's second factor w2p (l, s, rp) on the feature-major middle h (rp * l rows, T) through GELU: act (and
+    pre), (s * l, T) feature-major, block j's row i at row i * l + j; one GELU_AUX (GELU without aux) epilogue
+    matmul per block, each on strided views."""
+    l, s, rp = w2p.shape
+    act = h.new_empty(s * l, t)
+    pre = torch.empty_like(act) if aux else None
+    hv, av = h.view(rp, l, t), act.view(s, l, t)
+    pv = pre.view(s, l, t) if aux else None
+    for j in range(l):
+        _matmul("GELU_AUX" if aux else "GELU", w2p[j], hv[:, j], av[:, j], pv[:, j] if aux else None)
+    return act, pre
+
+
+class ShuffleGeluFFN(torch.autograd.Function):
+    """fc2(gelu_tanh(fc1 x)) for two BlockShuffle layers, fc1's bias and GELU in cuBLASLt epilogues.
+
+    The hidden activations stay feature-major (hidden x tokens) between the layers, as in kernels.blockshuffle_ffn:
+    every block of a factor is a strided view that a matmul reads or writes as it is. In that layout cuBLASLt's
+    epilogue bias (one value per row of its column-major D: per token) cannot carry fc1's per-feature bias, so the
+    bias rides in the matmul instead: the middle activations get rows of ones after them (ONES_PAD per block of
+    fc1's second factor) and each block's weight a column holding its bias (then zeros). Then:
+    - forward: each block of fc1's second factor is one GELU_AUX matmul writing act and the pre-activation;
+    - backward: each block of fc2's first factor's input gradient is one DGELU matmul, dpre = (c1^T dz) gelu'(pre),
+      and fc1's bias gradient is the bias column of its second factor's weight gradient (the ones rows' product);
+    so no separate bias + GELU pass runs over the hidden activations either way (kernels.bias_gelu_rows).
+    x (T, in) and the result (T, out) are token-major; a1, a2 / c1, c2: fc1's / fc2's w1, w2; b1 / b2 their biases
+    (or None). grad=False (inference) writes no pre-activation (GELU epilogues) and saves nothing."""
+
+    @staticmethod
+    def forward(ctx, x, a1, a2, b1, c1, c2, b2, grad: bool = True):
+        from .kernels import transpose          # kernels imports this module
+        (k, q, p), (l, s, r) = a1.shape, a2.shape
+        (k2, q2, p2), (l2, s2, r2) = c1.shape, c2.shape
+        t = x.shape[0]
+        rp = _shuffle_pad(r, b1 is not None)
+        h = x.new_empty(rp * l, t)                               # the middle, feature-major, then the ones rows
+        torch.bmm(a1, x.view(t, k, p).permute(1, 2, 0), out=h[: k * q].view(k, q, t))
+        w2p = a2
+        if b1 is not None:
+            h[k * q:].fill_(1)
+            w2p = torch.cat([a2, b1.view(s, l).t().unsqueeze(2), a2.new_zeros(l, s, rp - r - 1)], 2)
+        act, pre = _shuffle_up(h, w2p.contiguous(), t, grad)
+        h2 = x.new_empty(k2 * q2, t)
+        torch.bmm(c1, act.view(k2, p2, t), out=h2.view(k2, q2, t))
+        y = x.new_empty(s2 * l2, t)
+        torch.bmm(c2, h2.view(r2, l2, t).transpose(0, 1), out=y.view(s2, l2, t).transpose(0, 1))
+        if grad:
+            ctx.save_for_backward(x, a1, a2, b1, c1, c2, b2, h, act, pre, h2)
+        return transpose(y, b2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        from .kernels import transpose, transpose_colsum
+        x, a1, a2, b1, c1, c2, b2, h, act, pre, h2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
+            return regrad(shuffle_ffn_reference, (x, a1, a2, b1, c1, c2, b2), needs[:7], dout) + (None,)
+        (k, q, p), (l, s, r) = a1.shape, a2.shape
+        (k2, q2, p2), (l2, s2, r2) = c1.shape, c2.shape
+        t, rp = x.shape[0], h.shape[0] // l
+        dout = dout.contiguous()
+        db2 = None
+        if b2 is not None and needs[6]:
+            dy, db2 = transpose_colsum(dout)
+        else:
+            dy = transpose(dout)
+        dyv, h2v = dy.view(s2, l2, t).transpose(0, 1), h2.view(r2, l2, t).transpose(0, 1)
+        dc2 = torch.bmm(dyv, h2v.transpose(1, 2)) if needs[5] else None
+        dh2 = x.new_empty(k2 * q2, t)
+        torch.bmm(c2.transpose(1, 2), dyv, out=dh2.view(r2, l2, t).transpose(0, 1))
+        dh2b = dh2.view(k2, q2, t)
+        dc1 = torch.bmm(dh2b, act.view(k2, p2, t).transpose(1, 2)) if needs[4] else None
+        dpre = torch.empty_like(pre)
+        dv, pv = dpre.view(k2, p2, t), pre.view(k2, p2, t)
+        for i in range(k2):
+            _matmul("DGELU", c1[i].t(), dh2b[i], dv[i], pv[i])      # c1[i]^T read transposed, not copied
+        dpv = dpre.view(s, l, t).transpose(0, 1)                 # fc1's second factor, block j: rows j, j + l, ...
+        da2 = db1 = None
+        if needs[2] or needs[3]:
+            g = torch.bmm(dpv, h.view(rp, l, t).transpose(0, 1).transpose(1, 2))      # (l, s, rp): [dw2, db1, 0...]
+            da2 = g[:, :, :r].contiguous() if needs[2] else None
+            db1 = g[:, :, r].t().reshape(-1) if b1 is not None and needs[3] else None
+        da1 = dx = None
+        if needs[0] or needs[1]:
+            dh = x.new_empty(k * q, t)
+            torch.bmm(a2.transpose(1, 2), dpv, out=dh.view(r, l, t).transpose(0, 1))
+            dhb = dh.view(k, q, t)
+            if needs[1]:
+                da1 = torch.bmm(dhb, x.view(t, k, p).permute(1, 0, 2))
+            if needs[0]:
+                dx = x.new_empty(t, k * p)
+                torch.bmm(dhb.transpose(1, 2), a1, out=dx.view(t, k, p).transpose(0, 1))
+        return dx, da1, da2, db1, dc1, dc2, db2, None

@@ -497,6 +497,14 @@ def supported(fc1: nn.Module, act: str = "gelu") -> bool:
     return act == "gelu" and (type(fc1) is nn.Linear or isinstance(fc1, (LowRankLinear, BlockDenseLinear)))
 
 
+def lt_supported(fc1: nn.Module, fc2: nn.Module, act: str = "gelu") -> bool:
+    """Whether fused_ffn(matmul="cublaslt") fuses anything for this pair (self-guided layers whose guide is gone
+    included): an fc1 that `supported` takes, or two BlockShuffle layers (epilogue.ShuffleGeluFFN)."""
+    fc1, fc2 = _unguided(fc1), _unguided(fc2)
+    return supported(fc1, act) or (act == "gelu" and isinstance(fc1, BlockShuffleLinear)
+                                   and isinstance(fc2, BlockShuffleLinear))
+
+
 # Inference (no gradient wanted) takes epilogue.ffn_infer (fc1's GELU in a GELU_BIAS epilogue, no pre-activation
 # written) only from this many tokens on, and only after a structured fc1; below, and for a dense fc1, the eager FFN
 # (cuBLAS with bias + torch's GELU) measured as fast or faster: on an H100 at d_model 2048, structured FFNs gain
@@ -544,7 +552,8 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     matmul="cublas" keeps every matmul in cuBLAS and fuses only the backward's elementwise work (GELU' and the
     bias-gradient sum in one pass over the hidden activations, `gelu_backward`). matmul="cublaslt" puts GELU
     (forward) and GELU' (backward) in cuBLASLt matmul epilogues through nvmath-python (slimkit.structured.epilogue;
-    approximate="tanh" only, the GELU cuBLASLt has), with no Triton involved."""
+    approximate="tanh" only, the GELU cuBLASLt has), with no Triton involved; there two BlockShuffle layers take
+    epilogue.ShuffleGeluFFN (see lt_supported)."""
     if matmul not in ("triton", "cublas", "cublaslt"):
         raise ValueError(f"fused_ffn: matmul must be 'triton', 'cublas' or 'cublaslt', got {matmul!r}")
     if _hooked(fc1, fc2, _unguided(fc1), _unguided(fc2)) or x.numel() == 0:
@@ -552,7 +561,8 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     outer = (fc1, fc2)
     fc1, fc2 = _unguided(fc1), _unguided(fc2)
     runs = epilogue.available(x) and approximate == "tanh" if matmul == "cublaslt" else available(x)
-    if not runs or not supported(fc1):
+    shuffle = matmul == "cublaslt" and not supported(fc1) and lt_supported(fc1, fc2)
+    if not runs or not (supported(fc1) or shuffle):
         return eager_ffn(*outer, x, approximate)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -561,11 +571,20 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     dt = torch.get_autocast_dtype(dev) if amp else x.dtype
     if not amp and any(p.dtype != dt for m in (fc1, fc2) for p in m.parameters()):
         return eager_ffn(*outer, x, approximate)        # mixed dtypes: eager's own error, not a silent cast
-    if matmul == "cublaslt" and not epilogue.applies(fc1.out_features, dt):
+    if matmul == "cublaslt" and not shuffle and not epilogue.applies(fc1.out_features, dt):
         return eager_ffn(fc1, fc2, x, approximate)
     if matmul == "cublaslt":
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in (fc1, fc2)
                                                                    for p in m.parameters()))
+        if shuffle:
+            small = not grad and x2.shape[0] < INFER_MIN_TOKENS
+            if small or not epilogue.shuffle_applies(fc1, fc2, x2.shape[0], dt):
+                return eager_ffn(*outer, x, approximate)
+            cast = lambda t: None if t is None else t.to(dt)    # noqa: E731
+            args = [cast(t) for t in (fc1.w1, fc1.w2, fc1.bias, fc2.w1, fc2.w2, fc2.bias)]
+            with torch.autocast(dev, enabled=False):
+                y = epilogue.ShuffleGeluFFN.apply(x2.to(dt).contiguous(), *args, grad)
+            return y.reshape(*lead, y.shape[-1])
         if not grad and (x2.shape[0] < INFER_MIN_TOKENS or type(fc1) is nn.Linear):
             return eager_ffn(fc1, fc2, x, approximate)
         y = _lt_ffn(fc1, fc2, x2, dt, grad)
