@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimkit.structured.epilogue as EP
-from slimkit.structured import make_linear
+from slimkit.structured import BlockShuffleLinear, make_linear
 import slimkit.structured.kernels as K
 from slimkit.structured.kernels import fused_ffn
 
@@ -120,6 +120,9 @@ def test_blockshuffle_pair_runs_the_shuffle_epilogues_as_eager_does(monkeypatch,
             assert a is None or not a.abs().any()
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    narrow = BlockShuffleLinear(64, 256, 2, bias=False, nblocks2=16)      # w2 rows of 4: unaligned unless padded
+    assert not EP.shuffle_applies(narrow, fc2, 16, torch.float32)
+    assert EP.shuffle_applies(BlockShuffleLinear(64, 256, 2, nblocks2=16), fc2, 16, torch.float32)
     calls.clear()
     odd = torch.randn(3, 5, 64)                              # 15 tokens: the feature-major views lose alignment
     torch.testing.assert_close(fused(fc1, fc2, odd), eager(fc1, fc2, odd), rtol=1e-5, atol=1e-5)

@@ -580,10 +580,11 @@ def shuffle_ffn_reference(x, a1, a2, b1, c1, c2, b2) -> torch.Tensor:
 def shuffle_applies(fc1, fc2, tokens: int, dtype: torch.dtype) -> bool:
     """Whether ShuffleGeluFFN takes this pair of BlockShuffle layers (fc1's w2 (l, s, r), fc2's w1 (k2, q2, p2)):
     the hidden width fc1 -> fc2 matches, the dtype is one cuBLASLt's GELU epilogues take, and the epilogues'
-    strided feature-major views keep every leading dimension and block a multiple of 8 elements."""
-    s, (q2, p2) = fc1.w2.shape[1], fc2.w1.shape[1:]
+    strided feature-major views keep every leading dimension and block a multiple of 8 elements (fc1's second
+    factor goes to cuBLASLt as it is without a bias, so r too; with one it is padded to a multiple of 8)."""
+    (s, r), (q2, p2) = fc1.w2.shape[1:], fc2.w1.shape[1:]
     return (fc1.out_features == fc2.in_features and dtype in _DTYPE and tokens % 8 == 0
-            and s % 8 == 0 and q2 % 8 == 0 and p2 % 8 == 0)
+            and s % 8 == 0 and q2 % 8 == 0 and p2 % 8 == 0 and (fc1.bias is not None or r % 8 == 0))
 
 
 def _shuffle_up(h: torch.Tensor, w2p: torch.Tensor, t: int, aux: bool):
