@@ -1,16 +1,16 @@
 """Structured FFNs inside a model: the time of one training step (forward, backward, fused AdamW update) of a GPT
-whose FFNs are dense, low-rank or BlockDense, eager and through the cuBLASLt GELU epilogues, against the dense GPT
-in the same run. Where structured_ffn_speed.py times one FFN alone, synchronised per call, here the FFNs sit
-between attention blocks and the host runs ahead of the GPU as in training, so the figure is what a training
-run sees; the FFN's share of the step bounds what any FFN speed-up can give.
+whose FFNs are dense, low-rank, BlockShuffle or BlockDense, eager and through the cuBLASLt GELU epilogues, against
+the dense GPT in the same run. Where structured_ffn_speed.py times one FFN alone, synchronised per call, here the
+FFNs sit between attention blocks and the host runs ahead of the GPU as in training, so the figure is what a
+training run sees; the FFN's share of the step bounds what any FFN speed-up can give.
 
     python bench/structured_gpt_step.py --device cuda            # d 2048, 4 layers, 16 x 1024 tokens, bf16
     python bench/structured_gpt_step.py                          # CPU smoke run (tiny, fp32)
 
-Rows (bench/results/<name>.json): model "gpt-d<d>-L<layers>", method dense | lowrank | blockdense, "-lt" for
-set_ffn_kernel(model, "cublaslt"), setting "r=0.32 d=2048 T=16384" (T: tokens per step), metric step_speedup
-(dense step time / this step time) with step_ms and dense_ms; metric ffn_share on the dense row: the share of
-the dense step spent in its FFNs (the dense step time less the same model's without FFNs, over the step).
+Rows (bench/results/<name>.json): model "gpt-d<d>-L<layers>", method dense | lowrank | blockshuffle | blockdense,
+"-lt" for set_ffn_kernel(model, "cublaslt"), setting "r=0.32 d=2048 T=16384" (T: tokens per step), metric
+step_speedup (dense step time / this step time) with step_ms and dense_ms; metric ffn_share on the dense row: the
+share of the dense step spent in its FFNs (the dense step time less the same model's without FFNs, over the step).
 Timing: CUDA events around --iters back-to-back steps after warm-up, median of --loops (wall clock on the CPU).
 """
 from __future__ import annotations
@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="lowrank,blockdense")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--loops", type=int, default=5)
+    ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run that this one does not redo "
+                    "(the dense rows are measured again: each row's dense_ms is its own run's)")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -123,7 +125,8 @@ def main() -> None:
              f"warm-up steps, median of {args.loops}.",
              "ffn_share: (dense step - the same GPT with its FFNs removed) / dense step."]
     write_results(name, args.device, rows, notes,
-                  columns=("model", "method", "setting", "metric", "value", "step_ms", "dense_ms", "seconds"))
+                  columns=("model", "method", "setting", "metric", "value", "step_ms", "dense_ms", "seconds"),
+                  append=args.append)
 
 
 if __name__ == "__main__":
