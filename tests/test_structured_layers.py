@@ -176,6 +176,18 @@ def test_blockshuffle_ffn_equals_layer_by_layer(bias, blocks):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     assert seen == [(3, 5, 128)]              # eager_ffn's call (blockshuffle_ffn itself does not run hooks)
     hooked[0].remove()
+    # backward hooks and hooks registered for every module also make the pair run as modules, so that they fire
+    grads, calls = [], []
+    handles = [fc2.register_full_backward_hook(lambda m, gi, go: grads.append(go[0].shape)),
+               nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))]
+    try:
+        got = eager_ffn(fc1, fc2, x, "tanh")
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        got.backward(grad)
+    finally:
+        for h in handles:
+            h.remove()
+    assert grads == [(3, 5, 32)] and calls == ["BlockShuffleLinear", "BlockShuffleLinear"]
 
 
 def test_blockshuffle_spec_round_trip_and_old_specs():

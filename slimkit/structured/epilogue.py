@@ -560,8 +560,9 @@ class GeluFFN(torch.autograd.Function):
 
 
 def _shuffle_pad(r: int, bias: bool) -> int:
-    """The input width of BlockShuffle fc1's second factor as ShuffleGeluFFN feeds it: r, or with a bias r plus a
-    ones row and zero rows up to a multiple of ONES_PAD (the weight's rows stay 16-byte aligned in bf16)."""
+    """The input width of BlockShuffle fc1's second factor as ShuffleGeluFFN feeds it: r, or with a bias r plus
+    rows of ones up to the next multiple of ONES_PAD (at least one; the weight's rows stay 16-byte aligned in bf16),
+    which meet the bias column and then zero columns of the padded weight."""
     return (r // ONES_PAD + 1) * ONES_PAD if bias else r
 
 

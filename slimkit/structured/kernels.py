@@ -477,9 +477,19 @@ def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.
     return y.view(*x.shape[:-1], fc2.out_features)
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
 def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook is registered on any of the modules (the feature-major path does not call them)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    """Whether a hook would run on a call of any of the modules: a forward, forward-pre, backward or backward-pre
+    hook of its own, or one registered for every module (nn.modules.module.register_module_forward_hook and the
+    like). The fused and feature-major paths do not call the modules, so hooked layers run layer by layer."""
+    from torch.nn.modules import module as M
+    if any(getattr(M, name, None) for name in _GLOBAL_HOOKS):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
 
 
 def eager_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
