@@ -78,6 +78,18 @@ def test_training_mode_is_refused():
         g(x)
 
 
+@pytest.mark.parametrize("kw", [{"warmup": 2.5}, {"warmup": float("nan")}, {"warmup": "3"}, {"warmup": None},
+                                {"max_shapes": float("nan")}, {"max_shapes": float("inf")}, {"max_shapes": 0},
+                                {"warmup": True}])
+def test_bad_warmup_and_max_shapes_are_refused(kw):
+    """Checked where they are given, on any device: on a GPU a fractional warmup fails at the first capture and
+    a NaN or infinite max_shapes never drops a graph."""
+    with pytest.raises(SlimkitError, match="must be an integer of at least 1"):
+        graphed(_layers()["lowrank"], **kw)
+    with pytest.raises(SlimkitError, match="wraps an nn.Module"):
+        graphed(lambda x: x)
+
+
 def test_non_tensor_inputs_are_refused():
     g = graphed(Pair().eval())
     with pytest.raises(SlimkitError, match=r"must be tensors.*#1 \(int\)"):

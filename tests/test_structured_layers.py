@@ -279,6 +279,35 @@ def test_premerge_equals_unmerged():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_premerge_of_a_bare_structured_layer_returns_its_merged_twin():
+    """A structured (or self-guided) layer passed as the model itself: nothing holds it to swap, so premerge returns
+    the merged nn.Linear and leaves the layer untouched (it used to hang the merged layer inside it, under '')."""
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
+    for layer in (_build("lowrank", 32, 64), SelfGuided(_build("blockdense", 32, 64, 0.3))):
+        layer.eval()
+        keys = list(layer.state_dict())
+        assert list(mergeable_layers(layer)) == [""]                      # outermost only, not its inner layer
+        with torch.no_grad():
+            ref = layer(x)
+            merged = premerge(layer, tokens=4, always=True)
+            assert type(merged) is nn.Linear and list(layer.state_dict()) == keys
+            torch.testing.assert_close(merged(x), ref, atol=1e-5, rtol=1e-5)
+            kept = premerge(layer, tokens=4, min_run_time=0.001)
+            assert kept is layer or type(kept) is nn.Linear
+    with pytest.raises(SlimkitError, match="cannot replace the model itself"):
+        from slimkit.core.wrap import set_submodule
+        set_submodule(nn.Linear(2, 2), "", nn.Linear(2, 2))
+
+
+def test_load_structured_of_a_bare_layer_is_refused_and_leaves_the_model_intact(tmp_path):
+    save_structured(_build("lowrank", 32, 64), tmp_path / "s")
+    assert list(json.loads((tmp_path / "s" / "structured.json").read_text())["layers"]) == [""]
+    dense = nn.Linear(32, 64)
+    with pytest.raises(SlimkitError, match="cannot replace the model itself"):
+        load_structured(dense, tmp_path / "s")
+    assert not list(dense.children()) and list(dense.state_dict()) == ["weight", "bias"]
+
+
 def test_choose_merge_measures_and_caches_on_cpu():
     model = _stack()
     layer = model[0]
@@ -291,6 +320,23 @@ def test_choose_merge_measures_and_caches_on_cpu():
         ref = model(x)
         premerge(model, tokens=3, min_run_time=0.01)                       # whichever measured faster, per layer
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_premerge_under_autocast_or_inference_mode_keeps_the_model_fp32_and_trainable():
+    """premerge inside an evaluation region (autocast, inference_mode) merges in the layer's own dtype and
+    precision, into ordinary parameters: the model runs in fp32 afterwards, loads weights and trains."""
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(2))
+    for region in (lambda: torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode):
+        model = _stack()
+        with torch.no_grad():
+            ref = model(x)
+        with region():
+            premerge(model, tokens=6, always=True)
+        assert all(p.dtype == torch.float32 and not p.is_inference() for p in model.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)     # not bf16-rounded weights
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+        model.train()(x).sum().backward()
 
 
 
@@ -325,6 +371,13 @@ def test_schedule_is_cosine_over_first_half():
     assert s.share(250, 1000) == pytest.approx(0.5)
     assert s.share(100, 1000) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
     assert SelfGuidedSchedule(0.4, "linear").share(100, 1000) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, None])
+def test_schedule_refuses_a_non_bool_reduce_flops(value):
+    """A truthy string used to switch the coin-flip guide on (and a falsy non-bool passed unchecked)."""
+    with pytest.raises(SlimkitError, match="reduce_flops must be True or False"):
+        SelfGuidedSchedule(reduce_flops=value)
 
 
 def test_self_guided_equals_dense_at_start_and_structured_at_end():
@@ -688,6 +741,15 @@ def test_premerge_refuses_bad_token_counts(tokens):
         premerge(replace_ffn(tiny_model("llama"), "lowrank", 0.32), tokens)
 
 
+@pytest.mark.parametrize("min_run_time", [math.nan, math.inf, 0, -1.0, "0.05", True])
+def test_premerge_refuses_bad_min_run_times(min_run_time):
+    """A NaN min_run_time used to time forever (benchmark's loop never reaches it)."""
+    for call in (lambda m: premerge(m, 7, min_run_time=min_run_time),
+                 lambda m: choose_merge(m[0], 7, min_run_time=min_run_time)):
+        with pytest.raises(SlimkitError, match="min_run_time must be a positive, finite number"):
+            call(nn.Sequential(_build("lowrank", 32, 64)))
+
+
 def test_replace_ffn_on_t5_and_switch_runs_trains_and_reloads(tmp_path):
     """T5 keeps its FFN in DenseReluDense and casts to wo.weight's dtype before wo (as Switch's experts do):
     every FFN linear becomes structured, routers stay dense, and the models train and reload."""
@@ -719,6 +781,39 @@ def test_replace_ffn_on_t5_and_switch_runs_trains_and_reloads(tmp_path):
         save_structured(model, tmp_path / kind)
         again = load_structured(build(), tmp_path / kind)
         torch.testing.assert_close(again(input_ids=ids, labels=ids).logits, model(input_ids=ids, labels=ids).logits)
+
+
+def test_swapped_layers_keep_the_model_mode(tmp_path):
+    """replace_ffn, load_structured and premerge build their layers in the mode of the layer they replace: an
+    eval-mode model has no training-mode submodules afterwards, so a reduce_flops self-guided layer, which draws
+    a coin per forward in training mode, gives the same output on every eval call."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+
+        def forward(self, x):
+            return self.mlp(x)
+
+    def ffn_model():
+        torch.manual_seed(0)
+        return Net()
+
+    model = ffn_model().eval()
+    replace_ffn(model, "lowrank", 0.5, self_guided=SelfGuidedSchedule(reduce_flops=True))
+    set_progress(model, 1, 4)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = model(x)
+        assert all(torch.equal(model(x), ref) for _ in range(8))
+    save_structured(model, tmp_path / "s")
+    again = load_structured(ffn_model().eval(), tmp_path / "s")
+    assert not any(m.training for m in again.modules())
+    premerge(model, tokens=3, always=True)
+    assert not any(m.training for m in model.modules())
+    train_model = replace_ffn(ffn_model().train(), "lowrank", 0.5)
+    assert all(m.training for m in train_model.modules())
 
 
 def test_replace_ffn_keeps_a_shared_linear_shared():

@@ -141,6 +141,19 @@ def test_gpt_shapes_and_flops():
         GPTConfig(d_model=30, n_head=4)
 
 
+@pytest.mark.parametrize("kw,match", [({"rope_base": 0.0}, "rope_base"), ({"rope_base": -5.0}, "rope_base"),
+                                      ({"rope_base": float("nan")}, "rope_base"), ({"n_layer": 1.5}, "n_layer"),
+                                      ({"vocab_size": 64.0}, "vocab_size"), ({"d_ff": 64.5}, "d_ff"),
+                                      ({"d_model": float("nan")}, "d_model")])
+def test_gpt_config_refuses_bad_values(kw, match):
+    """A rope_base <= 0 or NaN made rotary tables of NaN that the model ran on silently; fractional sizes failed
+    deep inside the layers' constructors."""
+    with pytest.raises(SlimkitError, match=f"GPTConfig.{match} must be"):
+        GPT(GPTConfig(**{**dict(vocab_size=64, n_layer=1, n_head=2, d_model=32, seq_len=16), **kw}))
+    assert torch.isfinite(GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, seq_len=16,
+                                        rope_base=500)).rope_cos).all()
+
+
 def test_loss_falls(corpus, tmp_path):
     _, data, _ = corpus
     r = train(tiny(tmp_path / "run", data, steps=30, eval_every=15))

@@ -262,6 +262,9 @@ def _bake_parametrizations(m: nn.Module) -> None:
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:        # setattr(model, "", new) would hang `new` under an empty name inside the model itself
+        raise SlimkitError(f"cannot replace the model itself (a {type(model).__name__}) in place: hold it in a "
+                           "module (e.g. nn.Sequential(layer)) and pass that")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

@@ -12,6 +12,7 @@ or moved or cast by .to()/.half()) is not, and its old memory may be reused: cal
 """
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -36,8 +37,12 @@ class GraphedModule(nn.Module):
 
     def __init__(self, module: nn.Module, warmup: int = 3, max_shapes: int = 8, clone_output: bool = True):
         super().__init__()
-        if warmup < 1 or max_shapes < 1:
-            raise SlimkitError(f"graphed: warmup and max_shapes must be at least 1, got {warmup} and {max_shapes}")
+        for name, v in (("warmup", warmup), ("max_shapes", max_shapes)):
+            # an integer: range(2.5) fails at the first capture, and a NaN max_shapes never evicts a graph
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise SlimkitError(f"graphed: {name} must be an integer of at least 1, got {v!r}")
+        if not isinstance(module, nn.Module):
+            raise SlimkitError(f"graphed wraps an nn.Module, got {type(module).__name__}")
         self.module = module
         self.warmup, self.max_shapes, self.clone_output = warmup, max_shapes, clone_output
         self.device: torch.device | None = None   # of the first capture; later inputs must be on it

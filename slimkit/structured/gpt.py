@@ -6,6 +6,7 @@ Written to be read in one sitting (nanoGPT's shape). The feed-forward linears ar
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,9 +45,18 @@ class GPTConfig:
             raise SlimkitError(f"GPTConfig.ffn must be one of {', '.join(FFN_ACTS)}, got {self.ffn!r}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise SlimkitError(f"GPTConfig.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "seq_len"):
-            if getattr(self, name) < 1:
-                raise SlimkitError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "seq_len", "d_ff"):
+            v = getattr(self, name)
+            if name == "d_ff" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise SlimkitError(f"GPTConfig.{name} must be an integer, got {v!r}")
+            if v < 1:
+                raise SlimkitError(f"GPTConfig.{name} must be >= 1, got {v}")
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, numbers.Real) \
+                or not math.isfinite(self.rope_base) or self.rope_base <= 0:
+            # base ** (2i / d) is what rotary frequencies divide by: 0, a negative or NaN base fills the tables with NaN
+            raise SlimkitError(f"GPTConfig.rope_base must be a positive, finite number, got {self.rope_base!r}")
         if self.d_model % self.n_head:
             raise SlimkitError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}: pick a head count "
                                "that divides it")

@@ -23,6 +23,7 @@ cannot be recovered (a factorisation is not unique). Keep a copy (copy.deepcopy)
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -49,15 +50,18 @@ class MergeChoice:
 
 
 def merged_linear(layer: nn.Module) -> nn.Linear:
-    """The dense nn.Linear computing what `layer` (structured, or self-guided in eval mode) computes."""
-    with torch.no_grad():
+    """The dense nn.Linear computing what `layer` (structured, or self-guided in eval mode) computes, in the
+    layer's dtype whatever mode the caller is in: autocast off (the product in the layer's own precision, not
+    autocast's dtype) and outside inference mode (ordinary parameters, which load, update in place and train)."""
+    device = next(layer.parameters()).device
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
         w = layer.dense_weight().detach()
         out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                         device=w.device, dtype=w.dtype)
         out.weight.copy_(w)
         if layer.bias is not None:
             out.bias.copy_(layer.bias)
-    return out
+    return out.train(layer.training)      # in the mode of the model it goes into
 
 
 def _where(layer: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -126,12 +130,21 @@ def _check_tokens(tokens) -> None:
                            f"got {tokens!r}")
 
 
+def _check_min_run_time(min_run_time) -> None:
+    """A positive, finite number of seconds: torch.utils.benchmark times until it is reached, which a NaN or an
+    infinity never is."""
+    if isinstance(min_run_time, bool) or not isinstance(min_run_time, numbers.Real) \
+            or not math.isfinite(min_run_time) or min_run_time <= 0:
+        raise SlimkitError(f"min_run_time must be a positive, finite number of seconds, got {min_run_time!r}")
+
+
 def choose_merge(layer: nn.Module, tokens: int, device=None, dtype: torch.dtype | None = None,
                  min_run_time: float = 0.05, graph: bool = False) -> MergeChoice:
     """Time `layer` and its merged twin on `tokens` tokens (default: the layer's own device and dtype);
     merge only when the merged one is strictly faster. `graph=True` times both as CUDA-graph replays (on the
     CPU it changes nothing but the cache entry). Cached per kind, shapes, tokens, device, dtype and graph."""
     _check_tokens(tokens)
+    _check_min_run_time(min_run_time)
     device, dtype = _where(layer, device, dtype)
     key = _key(layer, tokens, device, dtype, graph)
     if key not in _CACHE:
@@ -147,7 +160,7 @@ def mergeable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Structured and self-guided modules by name, outermost only (a SelfGuided's inner layer is not listed)."""
     found: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
-        if isinstance(m, MERGEABLE) and not any(name.startswith(n + ".") for n in found):
+        if isinstance(m, MERGEABLE) and not any(name.startswith(n + "." if n else "") for n in found):
             found[name] = m
     return found
 
@@ -157,10 +170,15 @@ def premerge(model: nn.Module, tokens: int, device=None, dtype: torch.dtype | No
     """Swap each structured layer for its merged nn.Linear where that measures faster at `tokens` tokens per
     forward (for decoding: the batch size); `always=True` merges every one without timing. `graph=True` decides
     by CUDA-graph replay times, for a model decoded through decode.graphed (no effect on the CPU). In place;
-    inference only (see the module docstring). Returns the model."""
+    inference only (see the module docstring). Returns the model; a model that is itself one structured or
+    self-guided layer cannot be swapped in place, so its merged nn.Linear is returned instead (where chosen)."""
     if not always:
         _check_tokens(tokens)
+        _check_min_run_time(min_run_time)
     layers = mergeable_layers(model)
+    if "" in layers:
+        merge = always or choose_merge(model, tokens, device, dtype, min_run_time, graph).merge
+        return merged_linear(model) if merge else model
     news = {name: merged_linear(layer) for name, layer in layers.items()
             if always or choose_merge(layer, tokens, device, dtype, min_run_time, graph).merge}
     swap_modules(model, news, layers)       # a layer shared by two blocks: one merged layer, shared the same way

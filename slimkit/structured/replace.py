@@ -203,7 +203,9 @@ def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
                               device=w.device, **kw)
         except SlimkitError as e:
             raise SlimkitError(f"{name}: {e}") from None
-        built[name] = (SelfGuided(new, schedule) if schedule is not None else new).to(dtype=w.dtype)
+        # in the old layer's mode: an eval-mode model stays in eval mode throughout (a self-guided layer in
+        # training mode would draw reduce_flops' coin in every forward)
+        built[name] = (SelfGuided(new, schedule) if schedule is not None else new).to(dtype=w.dtype).train(old.training)
     swap_modules(model, built, targets)
     return model
 
@@ -212,7 +214,8 @@ def structured_specs(model: nn.Module) -> dict[str, dict]:
     """Per-layer shapes of the structured / self-guided layers, outermost only (what load_structured rebuilds)."""
     specs: dict[str, dict] = {}
     for name, m in model.named_modules():
-        if isinstance(m, (StructuredLinear, SelfGuided)) and not any(name.startswith(n + ".") for n in specs):
+        if isinstance(m, (StructuredLinear, SelfGuided)) and not any(name.startswith(n + "." if n else "")
+                                                                     for n in specs):
             specs[name] = m.spec()
     return specs
 
@@ -342,7 +345,7 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
             if _widths(old) != (spec["in_features"], spec["out_features"]):
                 raise SlimkitError(f"{name}: saved as {spec['in_features']}->{spec['out_features']}, this model has "
                                    f"{_widths(old)[0]}->{_widths(old)[1]}; build the same architecture before loading")
-            swaps[name] = _rebuild(spec, old.weight.device, old.weight.dtype)
+            swaps[name] = _rebuild(spec, old.weight.device, old.weight.dtype).train(old.training)
         except SlimkitError:
             raise
         except (KeyError, TypeError, ValueError) as e:

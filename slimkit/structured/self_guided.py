@@ -49,6 +49,8 @@ class SelfGuidedSchedule:
         if isinstance(self.guide_fraction, bool) or not isinstance(self.guide_fraction, (int, float)) \
                 or not 0.0 <= self.guide_fraction <= 1.0:
             raise SlimkitError(f"guide_fraction is a share of training in [0, 1], got {self.guide_fraction}")
+        if not isinstance(self.reduce_flops, bool):      # "no" or "false" would switch it on
+            raise SlimkitError(f"reduce_flops must be True or False, got {self.reduce_flops!r}")
 
     def guided_steps(self, total_steps: int) -> int:
         return int(self.guide_fraction * total_steps)
