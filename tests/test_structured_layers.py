@@ -339,6 +339,23 @@ def test_premerge_under_autocast_or_inference_mode_keeps_the_model_fp32_and_trai
         model.train()(x).sum().backward()
 
 
+def test_premerge_keeps_frozen_layers_frozen_and_self_guided_inits_in_full_precision():
+    """A frozen structured layer merges into a frozen nn.Linear (a frozen bias stays frozen on its own); a
+    self-guided wrapper built under autocast starts its guide at the layer's fp32 matrix, not a bf16-rounded one."""
+    model = _stack()
+    model[0].requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    premerge(model, tokens=6, always=True)
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert model[2].weight.requires_grad and not model[2].bias.requires_grad
+    assert all(p.requires_grad for p in model[3].parameters())
+    layer = make_linear("lowrank", 64, 32, 0.4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        guided = SelfGuided(layer)
+    assert guided.guide.weight.dtype == torch.float32
+    torch.testing.assert_close(guided.guide.weight, layer.dense_weight(), rtol=0, atol=0)
+
+
 
 premerge_mod = importlib.import_module("slimkit.structured.premerge")    # the module (the package exports the function)
 

@@ -61,6 +61,11 @@ def merged_linear(layer: nn.Module) -> nn.Linear:
         out.weight.copy_(w)
         if layer.bias is not None:
             out.bias.copy_(layer.bias)
+    # frozen stays frozen: the merged weight trains if any factor did, the bias as the layer's did
+    factors = [q for n, q in layer.named_parameters() if n != "bias" and not n.endswith(".bias")]
+    out.weight.requires_grad_(any(q.requires_grad for q in factors))
+    if layer.bias is not None:
+        out.bias.requires_grad_(layer.bias.requires_grad)
     return out.train(layer.training)      # in the mode of the model it goes into
 
 

@@ -78,8 +78,8 @@ class SelfGuided(nn.Module):
             # guide is the layer's own matrix, or weights loaded next
             guide = torch.nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=False,
                                              device=p.device, dtype=p.dtype)
-            if init_guide:
-                with torch.no_grad():
+            if init_guide:      # the product in the layer's own precision, whatever autocast the caller is under
+                with torch.no_grad(), torch.autocast(p.device.type, enabled=False):
                     guide.weight.copy_(layer.dense_weight())
         self.guide = guide
 
