@@ -527,3 +527,110 @@ def test_settings_a_run_does_not_read_neither_pass_the_cli_nor_block_a_resume(co
               on_step=kill_at(3))
     resumed = train(tiny(tmp_path / "run", data, steps=4, ckpt_every=2, resume=True))
     assert resumed["losses"] == train(tiny(tmp_path / "full", data, steps=4))["losses"]
+
+
+def _gloo() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_gloo_available()
+
+
+_RANK = """
+import json, sys, torch
+import torch.distributed as dist
+torch.set_num_threads(1)
+from slimkit.errors import SlimkitError
+from slimkit.structured.train import TrainConfig, train
+try:
+    train(TrainConfig(**json.loads(sys.argv[1])))
+except SlimkitError as e:
+    print("SlimkitError:", e, flush=True)
+    print("process group left:", not dist.is_initialized(), flush=True)
+    sys.exit(3)
+print("process group left:", not dist.is_initialized(), flush=True)
+"""
+
+
+def run_ranks(configs: list, timeout: float = 120, cwds: list | None = None) -> list[tuple[int, str]]:
+    """train(configs[r]) as rank r of a gloo process group, one process each, as torchrun starts them (in folder
+    cwds[r], as on a node of its own): [(exit code, output)] per rank (exit code 3: a SlimkitError). A hang fails
+    the test."""
+    import socket
+    import subprocess
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(Path(__file__).resolve().parents[1])
+    procs = []
+    for r, cfg in enumerate(configs):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(len(configs)),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK, json.dumps(asdict(cfg))], env=env, text=True,
+                                      cwd=None if cwds is None else cwds[r], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the {len(procs)} ranks hung for {timeout} s")
+    return [(p.returncode, o) for p, o in zip(procs, outs)]
+
+
+@pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+def test_under_torchrun_train_leaves_its_process_group(corpus, tmp_path):
+    """An error under torchrun (here an empty corpus) is raised on every rank, and the process group train()
+    joined is left as it raises (and as it returns): a rank exiting with gloo's group alive aborted in teardown
+    now and then ('terminate called without an active exception', SIGABRT in torchrun's summary)."""
+    _, data, _ = corpus
+    (tmp_path / "empty").mkdir()
+    bad = tiny(tmp_path / "bad", tmp_path / "tok", corpus=str(tmp_path / "empty"), batch_size=4)
+    for rc, out in run_ranks([bad, bad]):
+        assert rc == 3 and "holds no non-empty text files" in out and "process group left: True" in out, out
+    ok = tiny(tmp_path / "ok", data, steps=2, batch_size=4)
+    for rc, out in run_ranks([ok, ok]):
+        assert rc == 0 and "process group left: True" in out, out
+
+
+@pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+def test_ranks_that_see_different_checkpoints_are_refused_on_every_rank(corpus, tmp_path):
+    """--out on each node's own disk: rank 0 sees the checkpoint it wrote, rank 1 none. Resuming, rank 1 started
+    from step 0 while rank 0 resumed (gradients of different steps averaged, then a gloo abort; a hang under FSDP):
+    every rank now refuses the run, naming --out."""
+    from dataclasses import replace
+
+    _, data, _ = corpus
+    with pytest.raises(Killed):
+        train(tiny(tmp_path / "node0", data, steps=4, ckpt_every=2), on_step=kill_at(3))
+    cfgs = [tiny(tmp_path / f"node{r}", data, steps=4, ckpt_every=2, batch_size=4, resume=True) for r in (0, 1)]
+    for fsdp in (False, True):
+        for rc, out in run_ranks([replace(c, fsdp=fsdp) for c in cfgs]):
+            assert rc == 3 and "ranks see different checkpoints in --out" in out, out
+    assert [p.name for p in ckpt_dirs(tmp_path / "node0")] == ["step_000002"] and not (tmp_path / "node1").exists()
+    # one folder for both ranks: the 2-process resume matches the uninterrupted 1-process run
+    for rc, out in run_ranks([replace(cfgs[0], out=str(tmp_path / "node0"))] * 2):
+        assert rc == 0, out
+    full = train(tiny(tmp_path / "full", data, steps=4))
+    resumed = json.loads((tmp_path / "node0" / "report.json").read_text())
+    assert resumed["world_size"] == 2 and resumed["losses"] == pytest.approx(full["losses"], abs=1e-5)
+
+
+@pytest.mark.skipif(not _gloo(), reason="needs torch.distributed with gloo")
+def test_ranks_that_cannot_read_rank_0s_token_folder_are_refused_on_every_rank(corpus, tmp_path):
+    """A --data-dir on each node's own disk: rank 1 opened the folder of that name where it runs, which was
+    missing (rank 1 failed, rank 0 was left in a collective) or held other tokens (rank 1 trained on them, with no
+    word). Every rank now refuses the run."""
+    root, _, _ = corpus
+    for r in (0, 1):
+        (tmp_path / f"node{r}").mkdir()
+    cfg = tiny("run", "tok", corpus=str(root), vocab_size=320, batch_size=4, steps=2)
+    for rc, out in run_ranks([cfg, cfg], cwds=[tmp_path / "node0", tmp_path / "node1"]):
+        assert rc == 3 and "rank 1 cannot read the token folder tok that rank 0 prepared" in out, out
+    prepare_corpus(root, tmp_path / "node1" / "tok", tokenizer="bpe", vocab_size=300, progress=False)
+    for rc, out in run_ranks([cfg, cfg], cwds=[tmp_path / "node0", tmp_path / "node1"]):
+        assert rc == 3 and "it holds other tokens there" in out, out
+    assert not (tmp_path / "node1" / "run").exists()

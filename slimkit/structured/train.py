@@ -538,7 +538,9 @@ def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, device: t
 # --- the loop ---------------------------------------------------------------------------------------------------
 
 def _prepare_data(cfg: TrainConfig, d: Dist) -> Corpus:
-    """Rank 0 tokenises (or finds the cached tokens); the other ranks then open its folder. An error stops all."""
+    """Rank 0 tokenises (or finds the cached tokens); the other ranks then open its folder and check that they
+    read the same preparation (a folder of that name on another node's disk may hold other tokens, or be
+    missing). An error on any rank stops all."""
     corpus, err, failure = None, None, None
     if d.main:
         try:
@@ -550,10 +552,24 @@ def _prepare_data(cfg: TrainConfig, d: Dist) -> Corpus:
         box = [err, None if corpus is None else str(corpus.dir)]
         dist.broadcast_object_list(box, src=0)
         err, folder = box
-        if err is None and not d.main:
-            corpus = open_corpus(folder)
+        if err is None:
+            mine = None
+            try:
+                if not d.main:
+                    corpus = open_corpus(folder)
+                ident = (corpus.meta, int(corpus.train.size), int(corpus.val.size))
+            except SlimkitError as e:
+                mine, ident = str(e), None
+            views: list = [None] * d.world
+            dist.all_gather_object(views, (mine, ident))
+            for r, (e, seen) in enumerate(views):
+                if e is not None or seen != views[0][1]:
+                    err = (f"rank {r} cannot read the token folder {folder} that rank 0 prepared "
+                           f"({e or 'it holds other tokens there'}): under torchrun every rank must see rank 0's "
+                           "data folder (--data-dir on a filesystem that every rank shares)")
+                    break
     if err is not None:
-        if d.main and not isinstance(failure, SlimkitError):
+        if d.main and failure is not None and not isinstance(failure, SlimkitError):
             raise failure
         raise SlimkitError(err)
     return corpus
@@ -568,12 +584,51 @@ def _check_folder(path, flag: str) -> None:
             return
 
 
+def _same_checkpoints(out: Path, found: list[Path], resume_from: Optional[Path], failure: Optional[Exception],
+                      d: Dist) -> None:
+    """Under torchrun every rank must see the checkpoints of --out as rank 0 does (only rank 0 writes them): a rank
+    that saw none would start from step 0 while the others resume, their gradients averaged across different
+    steps until the collectives no longer line up (a gloo abort, or a hang under FSDP). A collective, so that the
+    refusal is raised on every rank."""
+    mine = ([p.name for p in found], None if resume_from is None else resume_from.name,
+            None if failure is None else str(failure))
+    views: list = [None] * d.world
+    dist.all_gather_object(views, mine)
+    if all(v == views[0] for v in views):
+        return
+
+    def seen(v) -> str:
+        names, chosen, err = v
+        if err is not None:
+            return f"none readable ({err})"
+        if not names:
+            return "none"
+        return ", ".join(names) + (f" (resumes from {chosen})" if chosen is not None and chosen != names[-1] else "")
+
+    odd = [r for r, v in enumerate(views) if v != views[0]]
+    raise SlimkitError(f"the ranks see different checkpoints in --out {out} (rank 0: {seen(views[0])}; "
+                       + "; ".join(f"rank {r}: {seen(views[r])}" for r in odd[:3])
+                       + "): under torchrun --out must be one folder that every rank sees (a shared filesystem; "
+                         "rank 0 writes it, every rank reads it to resume)")
+
+
 def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
     """Train per cfg and return the report (also written to out/report.json).
 
     on_step(step, loss) is called after every update (step counts updates done, from 1) on every rank; raising
-    from it stops the run as a kill would, which is how the tests simulate one.
+    from it stops the run as a kill would, which is how the tests simulate one. Under torchrun the process group
+    this call joined is left again when it returns or raises (one it found already joined stays): a process that
+    exits with gloo's still alive may abort in its teardown, and torchrun then reports a SIGABRT, not the error.
     """
+    joins = int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized()
+    try:
+        return _train(cfg, on_step)
+    finally:
+        if joins and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]]) -> dict:
     d, device = setup_dist(cfg.device)
     if d.main and cfg.fsdp and d.world == 1:
         print("slimkit: warning: --fsdp shards the model over the processes torchrun starts; this is one process, "
@@ -601,13 +656,21 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     if cfg.data_dir is not None:
         _check_folder(cfg.data_dir, "--data-dir")
     found = ckpt_dirs(out)
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    resume_from = saved = failure = None
+    if found and cfg.resume:
+        try:
+            resume_from, (msd, osd, saved) = _latest_readable(found, d.main)
+        except SlimkitError as e:
+            failure = e
+    if d.world > 1:
+        _same_checkpoints(out, found, resume_from, failure, d)
     if found and not cfg.resume:
         raise SlimkitError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
                            "--out")
-    global_batch = cfg.batch_size * cfg.grad_accum * d.world
-    resume_from = saved = None
-    if found and cfg.resume:     # settings checked before the data folder is touched (a refused resume changes nothing)
-        resume_from, (msd, osd, saved) = _latest_readable(found, d.main)
+    if failure is not None:
+        raise failure
+    if saved is not None:   # settings checked before the data folder is touched (a refused resume changes nothing)
         _check_resumable(saved, cfg, global_batch, None)
     corpus = _prepare_data(cfg, d)
     vocab = 64 * math.ceil(corpus.vocab_size / 64)  # padded: matmuls run faster on multiples of 64
