@@ -196,6 +196,8 @@ def test_kill_and_resume_is_exact(corpus, tmp_path):
         train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1))
     with pytest.raises(SlimkitError, match=r"lr \(0.003 saved, 0.001 now\)"):
         train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1, lr=1e-3, resume=True))
+    with pytest.raises(SlimkitError, match=r"grad_accum with dropout \(8 x 1 saved, 4 x 2 now"):   # same global batch
+        train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1, batch_size=4, grad_accum=2, resume=True))
     resumed = train(tiny(tmp_path / "killed", data, ckpt_every=5, dropout=0.1, resume=True))
     assert resumed["losses"][5:] == full["losses"][5:]  # steps 6..10, bitwise
     assert resumed["losses"][:5] == full["losses"][:5] and resumed["val_loss"] == full["val_loss"]

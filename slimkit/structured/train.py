@@ -10,8 +10,9 @@ with fsdp=True) without code changes. What it writes to `out`:
 
 No pickle anywhere. Exact resume: everything a step depends on is either saved (weights, AdamW state) or a pure
 function of the step number (the batch, see data.BatchSampler; the learning rate; the self-guided dense share; the
-dropout RNG, reseeded every step), so a run resumed from step s gives the losses of steps s+1.. of the uninterrupted
-run: bitwise on one CPU process (tests/test_structured_train.py checks it, across the self-guided guide drop too);
+dropout RNG, reseeded every step: its masks follow the split of the global batch, so with dropout a resumed run
+keeps batch_size, grad_accum and the world size), so a run resumed from step s gives the losses of steps s+1.. of
+the uninterrupted run: bitwise on one CPU process (tests/test_structured_train.py checks it, across the self-guided guide drop too);
 on CUDA up to the GPU's own run-to-run noise (two uninterrupted bf16 runs on an H100 already differ by ~1e-5 in
 the loss from a few dozen steps on, and a resumed run stays within that).
 """
@@ -168,7 +169,8 @@ class TrainConfig:
                          tie_embeddings=self.tie_embeddings, dropout=self.dropout)
 
 
-# fields that may change between a run and its resumption: they do not change what a step computes
+# fields that may change between a run and its resumption: they do not change what a step computes (with dropout
+# batch_size and grad_accum do, as its masks follow the split: _check_resumable holds them then)
 RUNTIME_FIELDS = {"out", "corpus", "data_dir", "eval_every", "eval_tokens", "ckpt_every", "keep_ckpts", "resume",
                   "device", "dtype", "progress", "compile", "fsdp", "batch_size", "grad_accum", "ffn_kernel"}
 
@@ -504,6 +506,12 @@ def _check_resumable(meta: dict, cfg: TrainConfig, global_batch: int, corpus: Co
     if meta["global_batch"] != global_batch:
         diff.append(f"global batch ({meta['global_batch']} saved, {global_batch} now: batch_size * grad_accum * "
                     "world size must stay the same)")
+    elif cfg.dropout > 0 and (saved.get("batch_size"), saved.get("grad_accum")) != (cfg.batch_size, cfg.grad_accum):
+        # each rank reseeds the dropout RNG with the step and draws it micro-batch after micro-batch: the masks
+        # follow how the global batch is split (batch_size x grad_accum x world size), which must then stay
+        diff.append(f"batch_size x grad_accum with dropout ({saved.get('batch_size')!r} x {saved.get('grad_accum')!r} "
+                    f"saved, {cfg.batch_size!r} x {cfg.grad_accum!r} now: the dropout masks follow how the global "
+                    "batch is split)")
     if diff:
         raise SlimkitError(f"cannot resume: the checkpoint was trained with other settings for {', '.join(diff)}; "
                            "use the saved settings or a new --out")
