@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("structured_ffn_blocks: no CUDA GPU here (--device cpu for a CPU smoke run)")
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     lt = dev.type == "cuda" and epilogue.lt is not None
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ slimkit's own. Writes bench/results/structured_ffn_epilogue_probe.{json,md}:
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -227,6 +228,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if not torch.cuda.is_available():
         sys.exit("structured_ffn_epilogue_probe: needs a CUDA GPU (Hopper or newer for the TMA kernel)")
     torch.manual_seed(0)

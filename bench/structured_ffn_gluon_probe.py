@@ -17,6 +17,7 @@ checked against fp32 PyTorch. Needs a Hopper GPU and a Triton with Gluon (3.6 on
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -676,6 +677,9 @@ def host_rows(dz, blocks, pre):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("structured_ffn_gluon_probe times CUDA kernels: run it on a GPU machine (device tool)")
     print("triton", triton.__version__, "torch", torch.__version__, torch.cuda.get_device_name())
     g = torch.Generator(device="cuda").manual_seed(0)
     dz = torch.randn(T, NB, Q, device="cuda", generator=g).bfloat16() * 0.1

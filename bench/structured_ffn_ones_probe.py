@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     dev = torch.device(args.device)
-    if dev.type != "cuda" or not EP.available(torch.empty(1, device=dev)):
+    if dev.type != "cuda" or not torch.cuda.is_available() or not EP.available(torch.empty(1, device=dev)):
         sys.exit("needs a CUDA GPU and nvmath-python (pip install slimkit[cublaslt])")
     torch.manual_seed(0)
     d, T, dt = args.d, args.tokens, torch.bfloat16

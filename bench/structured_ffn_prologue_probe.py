@@ -21,6 +21,7 @@ is reported. Writes bench/results/structured_ffn_prologue_probe.{json,md}:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -164,6 +165,9 @@ def best(kernel, cfgs, args, M, N, gelu, out, ref):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("structured_ffn_prologue_probe times CUDA kernels: run it on a GPU machine (device tool)")
     torch.manual_seed(0)
     dt, dev = torch.bfloat16, "cuda"
     w = torch.randn(NB, S, K, device=dev, dtype=dt) / 32

@@ -20,6 +20,7 @@ Writes bench/results/structured_ffn_quack_probe.{json,md}:
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -71,6 +72,9 @@ def quack_configs():
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("structured_ffn_quack_probe times CUDA kernels: run it on a GPU machine (device tool)")
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     rows = []

@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--name", default="transformer_big")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("transformer_big: no CUDA GPU here (see the docstring's --device cpu smoke run)")
     import transformers as T
 
     torch.manual_seed(0)

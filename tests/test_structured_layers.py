@@ -18,7 +18,7 @@ from slimkit.errors import SlimkitError
 from slimkit.structured import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, MergeChoice, SelfGuided,
                                 SelfGuidedSchedule, choose_merge, drop_guides, ffn_linears, load_structured, make_linear,
                                 premerge, replace_ffn, save_structured, set_progress, train_flops_per_token)
-from slimkit.structured.premerge import mergeable_layers
+from slimkit.structured.premerge import merged_linear, mergeable_layers
 from tests.tiny_hf import tiny_inputs, tiny_model
 
 SHAPES = [(32, 64), (64, 32), (768, 3072), (3072, 768)]
@@ -354,6 +354,9 @@ def test_premerge_keeps_frozen_layers_frozen_and_self_guided_inits_in_full_preci
         guided = SelfGuided(layer)
     assert guided.guide.weight.dtype == torch.float32
     torch.testing.assert_close(guided.guide.weight, layer.dense_weight(), rtol=0, atol=0)
+    with torch.device("meta"):      # built where autocast does not exist (a model sized for its FLOPs), merged there
+        meta = SelfGuided(make_linear("lowrank", 64, 32, 0.4)).eval()
+        assert merged_linear(meta).weight.device.type == "meta"
 
 
 

@@ -22,6 +22,7 @@ cannot be recovered (a factorisation is not unique). Keep a copy (copy.deepcopy)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -54,7 +55,9 @@ def merged_linear(layer: nn.Module) -> nn.Linear:
     layer's dtype whatever mode the caller is in: autocast off (the product in the layer's own precision, not
     autocast's dtype) and outside inference mode (ordinary parameters, which load, update in place and train)."""
     device = next(layer.parameters()).device
-    with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
+    off = (torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type)
+           else contextlib.nullcontext())          # a device without autocast ("meta") has none to turn off
+    with torch.inference_mode(False), torch.no_grad(), off:
         w = layer.dense_weight().detach()
         out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                         device=w.device, dtype=w.dtype)

@@ -22,6 +22,7 @@ optimizer must be rebuilt (or given to drop_guides) after the guides are dropped
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -79,7 +80,10 @@ class SelfGuided(nn.Module):
             guide = torch.nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=False,
                                              device=p.device, dtype=p.dtype)
             if init_guide:      # the product in the layer's own precision, whatever autocast the caller is under
-                with torch.no_grad(), torch.autocast(p.device.type, enabled=False):
+                # (no autocast on devices that have none: a model built on "meta" to count its FLOPs)
+                off = (torch.autocast(p.device.type, enabled=False) if torch.amp.is_autocast_available(p.device.type)
+                       else contextlib.nullcontext())
+                with torch.no_grad(), off:
                     guide.weight.copy_(layer.dense_weight())
         self.guide = guide
 
