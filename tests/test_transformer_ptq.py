@@ -467,6 +467,27 @@ def test_a_transform_that_changes_the_float_model_is_refused(method):
         slimkit.quantize(model, tiny_inputs("llama", 4, 12), method=method, w_bits=8, a_bits=8, **OPTS)
 
 
+def test_the_transform_check_allows_tf32_rounding_and_still_refuses_a_wrong_norm():
+    """float32 with reduced-precision matmuls (allow_tf32, set_float32_matmul_precision('high')) rounds the rescaled
+    weights' products more: the check allows 1e-2 there (a 7B Llama block under OS+ with TF32 on an H100 changed by
+    0.2% and was refused at the float32 limit), 1e-3 otherwise; a wrong norm is refused either way."""
+    from slimkit.transformer import preserved_tol
+    before = torch.get_float32_matmul_precision()
+    assert preserved_tol(torch.float32) == 1e-3 and preserved_tol(torch.bfloat16) == 3e-2
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert preserved_tol(torch.float32) == 1e-2 and preserved_tol(torch.float64) == 1e-3
+        model = tiny_model("llama")
+        for block in model.model.layers:
+            block.input_layernorm = _OffsetRMSNorm(block.input_layernorm)
+            block.post_attention_layernorm = _OffsetRMSNorm(block.post_attention_layernorm)
+        with pytest.raises(slimkit.SlimkitError, match=r"transform changed model\.layers\.0's float output"):
+            slimkit.quantize(model, tiny_inputs("llama", 4, 12), method="os_plus", w_bits=8, a_bits=8, **OPTS)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert preserved_tol(torch.float32) == 1e-3
+
+
 def test_a_source_folder_missing_weights_is_named(tmp_path):
     """A model folder without some of its weights loads (transformers initialises them at random), with a warning
     that names them: compressing such a model is rarely what was meant."""
