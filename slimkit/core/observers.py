@@ -142,47 +142,16 @@ def lp_error(diff: torch.Tensor, p: float) -> torch.Tensor:
     return torch.exp(torch.log(a) * p)
 
 
-def _chunk_errors(values: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
-                  p: float) -> torch.Tensor:
-    """sum over each row of |x - q(x)|^p, for (chunk, rows, 1) scales and zero points: (chunk, rows)."""
-    q = dequantize(quantize_int(values, scale, zp, qmin, qmax), scale, zp)
-    return lp_error(q - values, p).sum(-1)
-
-
-_COMPILED: dict = {}
-
-
-def _chunk_errors_fused(values, scale, zp, qmin, qmax, p):
-    """_chunk_errors as one fused kernel (torch.compile, compiled once per process): eager PyTorch makes a pass over
-    the (chunk, rows, values) tensor per operation, eight of them, which made OS+'s threshold search (a weight's MSE
-    range for every candidate) most of a 7B Llama block's time on an H100. For callers that search many times
-    (mse_search(fused=True)); eager wherever compiling fails."""
-    fn = _COMPILED.get("fn")
-    if fn is None:
-        try:
-            fn = _COMPILED["fn"] = torch.compile(_chunk_errors, dynamic=True)
-        except Exception:       # no Triton / Inductor in this build
-            fn = _COMPILED["fn"] = _chunk_errors
-    try:
-        return fn(values, scale, zp, qmin, qmax, p)
-    except Exception:
-        if fn is _chunk_errors:
-            raise
-        _COMPILED["fn"] = _chunk_errors
-        return _chunk_errors(values, scale, zp, qmin, qmax, p)
-
-
 def mse_search(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
                ratios: int = 80, step: float = 0.01, p: float = MSE_P,
-               chunk: int | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the clipped range [r*lo, r*hi] (r = 1, 1-step, ...) with the least sum |x - q(x)|^p.
 
     The ratios are tried in chunks as one batched tensor (ratio, row, value): a few kernels instead of ~6 a
     ratio. On the GPU, launch-bound, the chunks hold up to 16M values; on the CPU up to 1M, so that a small
     tensor (a weight searched once per OS+ threshold candidate) takes one pass instead of 80 while a large one
     still runs a ratio at a time, in cache. The first ratio with the least error wins, as in a loop over r with
-    a strict comparison, so every chunking picks the same range. fused=True (on CUDA) computes each chunk's
-    errors in one compiled kernel: worth its one-off compile for a caller that searches thousands of times."""
+    a strict comparison, so every chunking picks the same range."""
     values = values.detach()
     r_all = torch.tensor([1.0 - i * step for i in range(ratios)], dtype=lo.dtype, device=lo.device)
     if chunk is None:
@@ -192,8 +161,9 @@ def mse_search(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Q
     for i in range(0, ratios, chunk):
         r = r_all[i: i + chunk, None]
         scale, zp = qparams_from_range(lo * r, hi * r, spec)  # (chunk, rows)
-        errors = _chunk_errors_fused if fused and values.is_cuda else _chunk_errors
-        err = errors(values, scale[..., None], zp[..., None], spec.qmin, spec.qmax, p)  # (chunk, rows)
+        s3, z3 = scale[..., None], zp[..., None]
+        q = dequantize(quantize_int(values, s3, z3, spec.qmin, spec.qmax), s3, z3)
+        err = lp_error(q - values, p).sum(-1)  # (chunk, rows)
         chunk_err, idx = err.min(0)  # first minimum within the chunk
         better = chunk_err < best_err
         best_err = torch.where(better, chunk_err, best_err)
