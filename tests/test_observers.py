@@ -247,3 +247,18 @@ def test_lp_error_is_the_power_of_the_absolute_error():
     for p in (2.0, 2.4, 1.5, 3):
         torch.testing.assert_close(lp_error(d, p), d.abs().pow(p), rtol=2e-6, atol=0)
     assert torch.equal(lp_error(torch.zeros(4), 2.4), torch.zeros(4))
+
+
+@pytest.mark.parametrize("p", [2.4, 2.0])
+def test_mse_chunk_errors_in_place_equal_the_quantizer_composition(p):
+    """The search's in-place error kernel computes bit for bit what dequantize(quantize_int(x)) and lp_error do."""
+    from slimkit.core.observers import _chunk_errors, lp_error
+    from slimkit.core.quantizer import dequantize, qparams_from_range, quantize_int
+    g = torch.Generator().manual_seed(7)
+    values = torch.randn(9, 301, generator=g) * 3
+    spec = QuantSpec(bits=4, symmetric=False, granularity="channel")
+    r = torch.tensor([1.0, 0.9, 0.55])[:, None]
+    scale, zp = qparams_from_range(values.amin(1) * r, values.amax(1) * r, spec)
+    s3, z3 = scale[..., None], zp[..., None]
+    want = lp_error(dequantize(quantize_int(values, s3, z3, spec.qmin, spec.qmax), s3, z3) - values, p).sum(-1)
+    assert torch.equal(_chunk_errors(values, s3, z3, spec.qmin, spec.qmax, p), want)
