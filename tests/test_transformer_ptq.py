@@ -618,3 +618,22 @@ def test_half_precision_encoder_keeps_its_dtype_through_the_input_affine(method)
     got, ref = output(q, ev), output(model, ev)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 0.1
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "os_plus"])
+def test_save_load_bias_less_linears_behind_weight_less_norms(method, tmp_path):
+    # OPT without biases and without norm affines: the transform stays an input scale on bias-less linears;
+    # the saved transformers state must not grow biases the architecture lacks (load refused it as corrupt)
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.OPTForCausalLM(T.OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128,
+                                         pad_token_id=1, enable_bias=False,
+                                         layer_norm_elementwise_affine=False)).eval()
+    ids = torch.randint(4, 96, (4, 16))
+    q = slimkit.quantize(model, ids, method=method, w_bits=8, a_bits=8, **OPTS)
+    slimkit.save(q, tmp_path / "art")
+    again = slimkit.load(tmp_path / "art")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, q(ids).logits)

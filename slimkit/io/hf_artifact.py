@@ -32,7 +32,8 @@ def _export_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
     if affine is not None:
         scale, shift = affine[0].float(), affine[1].float()
         w = w / scale
-        bias = (torch.zeros(w.shape[0], device=w.device) if bias is None else bias) - w @ shift
+        if bias is not None or bool(torch.any(shift != 0)):   # a scale alone leaves a bias-less layer bias-less
+            bias = (torch.zeros(w.shape[0], device=w.device) if bias is None else bias) - w @ shift
     dtype = layer.layer.weight.dtype
     w = w.t() if layer.kind == "conv1d" else w
     return w.to(dtype).contiguous(), None if bias is None else bias.to(dtype)
