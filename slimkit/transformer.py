@@ -114,8 +114,8 @@ def _check_preserved(block: nn.Module, inputs: list, outputs: list, device: torc
     error where it does not, as with a norm that does not scale by its weight the way the family says (Gemma's
     x * (1 + w) registered as Llama's x * w), instead of a silently wrong model. The relative change allowed is
     rounding's (preserved_tol): 1e-3 in float32 (the transforms are exact up to it, ~1e-7 measured), 1e-2 in float32
-    with TF32 matmuls, 3e-2 in bf16 / fp16, whose rescaled weights are rounded again; a Gemma norm taken for a Llama one changed OS+'s block outputs by 0.8-2.5%,
-    under the 5% this check once allowed."""
+    with TF32 matmuls, 3e-2 in bf16 / fp16, whose rescaled weights are rounded again; a Gemma norm taken for a
+    Llama one changed OS+'s block outputs by 0.8-2.5%, under the 5% this check once allowed."""
     after = run_block(block, inputs, device)
     rel = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item() for a, b in zip(after, outputs))
     if tol is None:

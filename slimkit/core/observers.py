@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .quantizer import QuantSpec, dequantize, qparams_from_range, quantize_int
+from .quantizer import QuantSpec, qparams_from_range
 
 OBSERVERS = ("minmax", "ema", "mse", "percentile")
 

@@ -22,10 +22,10 @@ Two BlockShuffle layers (ShuffleGeluFFN) keep the hidden activations feature-maj
 kernels.blockshuffle_ffn does; there each block of fc1's second factor is one GELU_AUX matmul on strided views,
 with fc1's bias carried by rows of ones beside the middle activations (cuBLASLt's epilogue bias is per row of its
 column-major output, i.e. per token in that layout), and each block of fc2's first factor's input gradient one
-DGELU matmul. On an H100 (bf16, 16384 tokens, graphed step) it beats the eager FFN by 2% at d_model 2048 and 25%
-(8 blocks a factor: the per-block calls are small), 9-14% at 32% and 50%, 3-4% at d_model 4096, and ties at
-1024 (bench/results/structured_ffn_shuffle_lt_probe.md); a variant with the backward's GELU' as a matmul plus
-the eager GELU' pass measured no faster anywhere and slower at 32-50%.
+DGELU matmul. On an H100 (bf16, 16384 tokens, graphed step) it about ties the eager FFN at d_model 2048 and 25%
+(8 blocks a factor: the per-block calls are small), beats it by 5-15% at 32% and 50% and by 3-8% at d_model
+4096 and 25%, and ties at 1024 (bench/results/structured_ffn_shuffle_lt_probe.md, structured_ffn_speed.md); a variant
+with the backward's GELU' as a matmul plus the eager GELU' pass measured no faster anywhere and slower at 32-50%.
 
 cuBLASLt's GELU is the tanh approximation, so only F.gelu(approximate="tanh") is fused.
 
@@ -104,8 +104,9 @@ def _set(setter, dtype_of, obj, attr, value) -> np.ndarray:
 class _Plan:
     """One cuBLASLt matmul D = epilogue(op(A) op(B)), column-major, for fixed shapes and strides: out (T, N) with
     unit column stride is D (N x T, ld out.stride(0)); x (T, K) is B, op(B) = N with a unit column stride
-    (K x T, ld x.stride(0)), else T (x = y^T for a row-major y (K, T)); wt (K, N) is A, op(A) = N if wt's rows are contiguous (N x K), else T (wt = w^T for w (N, K));
-    aux is laid out like out, with its own leading dimension (None for the epilogues without one)."""
+    (K x T, ld x.stride(0)), else T (x = y^T for a row-major y (K, T)); wt (K, N) is A, op(A) = N if wt's rows are
+    contiguous (N x K), else T (wt = w^T for w (N, K)); aux is laid out like out, with its own leading dimension
+    (None for the epilogues without one)."""
 
     def __init__(self, epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
                  bias: torch.Tensor | None, aligns: tuple):
@@ -235,18 +236,15 @@ def _a_op(wt: torch.Tensor) -> tuple[bool, int] | None:
     return None
 
 
-def _b_op(x: torch.Tensor) -> tuple[bool, int]:
-    """How cuBLASLt reads x (T, K) as operand B: (transposed, leading dimension); x must have a unit stride in one
-    dimension and a large enough one in the other (_matmul copies it otherwise)."""
+def _b_op(x: torch.Tensor) -> tuple[bool, int] | None:
+    """How cuBLASLt reads x (T, K) as operand B: (transposed, leading dimension), or None if neither orientation
+    has a unit stride and a large enough leading dimension (_matmul copies it then)."""
     (t, k), (s0, s1) = x.shape, x.stride()
     if s1 == 1 and (s0 >= max(1, k) or t == 1):
         return False, max(1, k) if t == 1 else s0
-    return True, max(1, t) if k == 1 else s1
-
-
-def _b_ok(x: torch.Tensor) -> bool:
-    (t, k), (s0, s1) = x.shape, x.stride()
-    return (s1 == 1 and (s0 >= max(1, k) or t == 1)) or (s0 == 1 and (s1 >= max(1, t) or k == 1))
+    if s0 == 1 and (s1 >= max(1, t) or k == 1):
+        return True, max(1, t) if k == 1 else s1
+    return None
 
 
 def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, aux: torch.Tensor | None,
@@ -268,7 +266,7 @@ def _matmul(epilogue: str, x: torch.Tensor, wt: torch.Tensor, out: torch.Tensor,
         raise ValueError("bias must be a contiguous vector of N values")
     if _a_op(wt) is None:
         wt = wt.contiguous()
-    if not _b_ok(x):
+    if _b_op(x) is None:
         x = x.contiguous()
     aligns = (_alignment(wt), _alignment(x), _alignment(out), _alignment(out), _alignment(aux), _alignment(bias))
     key = (epilogue, threading.get_ident(), x.device, x.dtype, tuple(x.shape), x.stride(), tuple(wt.shape),

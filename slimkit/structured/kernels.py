@@ -583,6 +583,7 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
         return eager_ffn(*outer, x, approximate)        # mixed dtypes: eager's own error, not a silent cast
     if matmul == "cublaslt" and not shuffle and not epilogue.applies(fc1.out_features, dt):
         return eager_ffn(fc1, fc2, x, approximate)
+    cast = lambda t: None if t is None else t.to(dt)    # noqa: E731  (as autocast casts a linear's bias)
     if matmul == "cublaslt":
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in (fc1, fc2)
                                                                    for p in m.parameters()))
@@ -590,7 +591,6 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
             small = not grad and x2.shape[0] < INFER_MIN_TOKENS
             if small or not epilogue.shuffle_applies(fc1, fc2, x2.shape[0], dt):
                 return eager_ffn(*outer, x, approximate)
-            cast = lambda t: None if t is None else t.to(dt)    # noqa: E731
             args = [cast(t) for t in (fc1.w1, fc1.w2, fc1.bias, fc2.w1, fc2.w2, fc2.bias)]
             with torch.autocast(dev, enabled=False):
                 y = epilogue.ShuffleGeluFFN.apply(x2.to(dt).contiguous(), *args, grad)
@@ -601,7 +601,6 @@ def fused_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
         return y.reshape(*lead, y.shape[-1])
     h, w, b = _head(fc1, x2.to(dt) if amp else x2)
     tail = _tail(fc2)
-    cast = lambda t: None if t is None else t.to(dt)    # noqa: E731  (as autocast casts a linear's bias)
     with torch.autocast(dev, enabled=False):
         h, w = h.to(dt), w.to(dt)
         if tail is None or matmul == "cublas":

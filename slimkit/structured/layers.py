@@ -43,6 +43,7 @@ FLOPs: 2 * tokens * weights (each weight is used in one multiply-add per token);
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -329,6 +330,14 @@ def autocasts(x: torch.Tensor) -> bool:
     """Whether autocast, if on for x's device, casts a matmul reading x: float64 it leaves alone, as F.linear's
     autocast does."""
     return torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+
+
+def autocast_off(device: torch.device):
+    """A context with autocast off on `device`, so that what runs in it keeps its tensors' own precision; a plain
+    null context on devices that have no autocast ("meta": models built there to count their FLOPs)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def block_diag_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ cannot be recovered (a factorisation is not unique). Keep a copy (copy.deepcopy)
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import numbers
@@ -35,7 +34,7 @@ from torch.utils.benchmark import Timer
 from ..core.wrap import swap_modules
 from ..errors import SlimkitError
 from .decode import graphed
-from .layers import StructuredLinear
+from .layers import StructuredLinear, autocast_off
 from .self_guided import SelfGuided
 
 MERGEABLE = (StructuredLinear, SelfGuided)
@@ -54,10 +53,7 @@ def merged_linear(layer: nn.Module) -> nn.Linear:
     """The dense nn.Linear computing what `layer` (structured, or self-guided in eval mode) computes, in the
     layer's dtype whatever mode the caller is in: autocast off (the product in the layer's own precision, not
     autocast's dtype) and outside inference mode (ordinary parameters, which load, update in place and train)."""
-    device = next(layer.parameters()).device
-    off = (torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type)
-           else contextlib.nullcontext())          # a device without autocast ("meta") has none to turn off
-    with torch.inference_mode(False), torch.no_grad(), off:
+    with torch.inference_mode(False), torch.no_grad(), autocast_off(next(layer.parameters()).device):
         w = layer.dense_weight().detach()
         out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                         device=w.device, dtype=w.dtype)

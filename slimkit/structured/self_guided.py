@@ -22,7 +22,6 @@ optimizer must be rebuilt (or given to drop_guides) after the guides are dropped
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..core.wrap import is_conv1d
 from ..errors import SlimkitError
-from .layers import StructuredLinear, forward_flops
+from .layers import StructuredLinear, autocast_off, forward_flops
 
 CURVES = ("cosine", "linear")
 
@@ -80,10 +79,7 @@ class SelfGuided(nn.Module):
             guide = torch.nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=False,
                                              device=p.device, dtype=p.dtype)
             if init_guide:      # the product in the layer's own precision, whatever autocast the caller is under
-                # (no autocast on devices that have none: a model built on "meta" to count its FLOPs)
-                off = (torch.autocast(p.device.type, enabled=False) if torch.amp.is_autocast_available(p.device.type)
-                       else contextlib.nullcontext())
-                with torch.no_grad(), off:
+                with torch.no_grad(), autocast_off(p.device):
                     guide.weight.copy_(layer.dense_weight())
         self.guide = guide
 
