@@ -146,16 +146,28 @@ def median_ms(fn, device, reps: int) -> float:
     return statistics.median(times)
 
 
-def events_ms(fn, device, reps: int) -> float:
+WARM_S = 0.5     # seconds of calls before events_ms times any: the GPU at its sustained clocks
+
+
+def events_ms(fn, device, reps: int, warm_s: float | None = None) -> float:
     """Median GPU time of fn() in ms, timed by CUDA events around each call with no host synchronisation between
     calls (the host enqueues ahead, as in a training loop), L2 flushed before each call by writing a 256 MiB
     buffer so that no call finds its weights cached from the one before (the method of triton.testing.do_bench).
-    On the CPU it falls back to median_ms."""
+    Before timing, fn runs for warm_s seconds (WARM_S): an H100 that was idle runs its first second or so of
+    work 5-10% faster than under sustained load (its clocks drop to the power limit), so a function timed right
+    after an idle moment (the first of a round) gained that much over one timed after another's load, whichever
+    it was. On the CPU it falls back to median_ms."""
     if device.type != "cuda":
         return median_ms(fn, device, reps)
     flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
-    for _ in range(3):
-        fn()
+    warm_s = WARM_S if warm_s is None else warm_s
+    t0 = time.perf_counter()
+    while True:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        if time.perf_counter() - t0 >= warm_s:
+            break
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     torch.cuda.synchronize()

@@ -397,3 +397,24 @@ def test_self_guided_layers_fuse_once_their_guide_is_gone(monkeypatch):
     for a, b in zip(_run(fc1, fc2, x, grad, fused), _run(fc1, fc2, x, grad, eager)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert calls == [("lowrank", "dense")]
+
+
+@gpu_lt
+def test_a_plan_first_needed_inside_a_graph_capture_is_made_untimed(monkeypatch):
+    """A signature first met while a CUDA graph is being captured gets its plan without timing candidates (which
+    would synchronise, illegal in a capture); the replay computes the epilogue's definition."""
+    monkeypatch.setattr(EP, "_PLANS", EP.OrderedDict())
+    torch.manual_seed(0)
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16) / 16
+    act = torch.empty(512, 1024, device="cuda", dtype=torch.bfloat16)
+    pre = torch.empty_like(act)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        EP._matmul("GELU_AUX", x, w.t(), act, pre)
+    x.normal_()
+    g.replay()
+    want_act, want_pre = torch.empty_like(act), torch.empty_like(pre)
+    EP.reference_matmul("GELU_AUX", x, w.t(), want_act, want_pre)
+    torch.testing.assert_close(pre, want_pre, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(act, want_act, rtol=2e-2, atol=2e-2)

@@ -27,6 +27,13 @@ DGELU matmul. On an H100 (bf16, 16384 tokens, graphed step) it about ties the ea
 4096 and 25%, and ties at 1024 (bench/results/structured_ffn_shuffle_lt_probe.md, structured_ffn_speed.md); a variant
 with the backward's GELU' as a matmul plus the eager GELU' pass measured no faster anywhere and slower at 32-50%.
 
+Running the backward's weight-gradient matmuls on a side stream beside its chain of input gradients (forked
+where their operands are ready, joined before the backward returns) measured no faster on an H100 at d_model 2048
+and 16384 tokens, within 2% either way for low-rank, BlockDense and BlockShuffle at 25% and 32% once each variant
+was timed at sustained clocks (commit f7e4db9, bench/structured_ffn_overlap_probe.py there; reverted after it).
+Timed without that warm-up, whichever variant ran first after an idle moment gained 5-10%, which first passed for
+a gain of the side stream.
+
 cuBLASLt's GELU is the tanh approximation, so only F.gelu(approximate="tanh") is fused.
 
 The calls go straight to cuBLASLt (nvmath.bindings.cublasLt, a thin Cython layer over the C API): each matmul
@@ -53,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import Beside, _monarch_reference, block_diag_product, block_diag_reference, linear_cast_bias, regrad
+from .layers import _monarch_reference, block_diag_product, block_diag_reference, linear_cast_bias, regrad
 
 try:
     from nvmath import CudaDataType
@@ -177,9 +184,12 @@ class _Plan:
 
     def tune(self, x, wt, out, aux, bias) -> None:
         """Time each candidate algorithm on these operands (CUDA events) and keep the fastest. The outputs are
-        overwritten by the call that follows."""
-        if len(self.algos) < 2:
+        overwritten by the call that follows. The device is synchronised first, so that no work queued on other
+        streams shares the GPU while the candidates are timed; under CUDA graph capture (a plan first needed
+        inside a capture), where neither synchronising nor timing is allowed, the heuristic's first choice stays."""
+        if len(self.algos) < 2 or torch.cuda.is_current_stream_capturing():
             return
+        torch.cuda.synchronize(self.device)
         best = None
         for algo in self.algos:
             self.run(x, wt, out, aux, bias, algo)
@@ -520,47 +530,40 @@ class GeluFFN(torch.autograd.Function):
                 x, first, w, b, tail_w, v2, b2, head, tail)
             return regrad(ref, (x, first, w, b, tail_w, v2, b2), needs[:7], dout) + (None, None)
         t = x.shape[0]
-        side = Beside(dout)
         dtail = dv2 = db2 = None
         if v2 is not None:
             dout = dout.contiguous()
             if needs[5] or needs[6]:
-                vg = side.run(weight_bias_grads, v2, dout, z, zp, ctx.has_b2)
+                dv2, db2 = weight_bias_grads(v2, dout, z, zp, ctx.has_b2)
             dout = dout @ v2                                         # dz, (T, width)
         if tail == "none":
             dpre = torch.ops.aten.gelu_backward(dout, pre, approximate="tanh")
         elif tail == "dense":
             dout = dout.contiguous()
-            dtail = side.run(_grad_like, tail_w, dout.t(), act) if needs[4] else None
             dpre = dgelu_linear(dout, tail_w, pre)
+            dtail = _grad_like(tail_w, dout.t(), act) if needs[4] else None
         else:
             dout = dout.contiguous().view(t, tail_w.shape[0], -1)
-            if needs[4]:
-                dtail = side.run(torch.bmm, dout.transpose(0, 1).transpose(1, 2),
-                                 act.view(t, tail_w.shape[0], -1).transpose(0, 1))
             dpre = dgelu_block_diag(dout, tail_w, pre)
-        wg = side.run(weight_bias_grads, w, dpre, h, hp, ctx.has_bias) if needs[2] or needs[3] else None
+            if needs[4]:
+                dtail = torch.bmm(dout.transpose(0, 1).transpose(1, 2), act.view(t, tail_w.shape[0], -1).transpose(0, 1))
+        dw, db = weight_bias_grads(w, dpre, h, hp, ctx.has_bias) if needs[2] or needs[3] else (None, None)
         dx = dfirst = None
         if head == "dense":
             dx = dpre @ w if needs[0] else None
         elif needs[0] or needs[1]:
             dh = dpre @ w
             if head == "lowrank":
-                dfirst = side.run(_grad_like, first, dh.t(), x) if needs[1] else None
                 dx = dh @ first if needs[0] else None
+                dfirst = _grad_like(first, dh.t(), x) if needs[1] else None
             else:
                 nb = first.shape[0]
                 dhb = dh.view(t, nb, -1)
-                if needs[1]:
-                    dfirst = side.run(torch.bmm, dhb.transpose(0, 1).transpose(1, 2),
-                                      x.view(t, nb, -1).transpose(0, 1))
                 if needs[0]:
                     dx = x.new_empty(x.shape)
                     torch.bmm(dhb.transpose(0, 1), first, out=dx.view(t, nb, -1).transpose(0, 1))
-        side.join()
-        if v2 is not None and (needs[5] or needs[6]):
-            dv2, db2 = vg
-        dw, db = wg if wg is not None else (None, None)
+                if needs[1]:
+                    dfirst = torch.bmm(dhb.transpose(0, 1).transpose(1, 2), x.view(t, nb, -1).transpose(0, 1))
         return dx, dfirst, dw, db, dtail, dv2, db2, None, None
 
 
@@ -661,31 +664,29 @@ class ShuffleGeluFFN(torch.autograd.Function):
         else:
             dy = transpose(dout)
         dyv, h2v = dy.view(s2, l2, t).transpose(0, 1), h2.view(r2, l2, t).transpose(0, 1)
-        side = Beside(dy)
-        dc2 = side.run(torch.bmm, dyv, h2v.transpose(1, 2)) if needs[5] else None
+        dc2 = torch.bmm(dyv, h2v.transpose(1, 2)) if needs[5] else None
         dh2 = x.new_empty(k2 * q2, t)
         torch.bmm(c2.transpose(1, 2), dyv, out=dh2.view(r2, l2, t).transpose(0, 1))
         dh2b = dh2.view(k2, q2, t)
-        dc1 = side.run(torch.bmm, dh2b, act.view(k2, p2, t).transpose(1, 2)) if needs[4] else None
+        dc1 = torch.bmm(dh2b, act.view(k2, p2, t).transpose(1, 2)) if needs[4] else None
         dpre = torch.empty_like(pre)
         dv, pv = dpre.view(k2, p2, t), pre.view(k2, p2, t)
         for i in range(k2):
             _matmul("DGELU", c1[i].t(), dh2b[i], dv[i], pv[i])      # c1[i]^T read transposed, not copied
         dpv = dpre.view(s, l, t).transpose(0, 1)                 # fc1's second factor, block j: rows j, j + l, ...
-        g = None
-        if needs[2] or needs[3]:                                 # (l, s, rp): [dw2, db1, 0...]
-            g = side.run(torch.bmm, dpv, h.view(rp, l, t).transpose(0, 1).transpose(1, 2))
+        da2 = db1 = None
+        if needs[2] or needs[3]:
+            g = torch.bmm(dpv, h.view(rp, l, t).transpose(0, 1).transpose(1, 2))      # (l, s, rp): [dw2, db1, 0...]
+            da2 = g[:, :, :r].contiguous() if needs[2] else None
+            db1 = g[:, :, r].t().reshape(-1) if b1 is not None and needs[3] else None
         da1 = dx = None
         if needs[0] or needs[1]:
             dh = x.new_empty(k * q, t)
             torch.bmm(a2.transpose(1, 2), dpv, out=dh.view(r, l, t).transpose(0, 1))
             dhb = dh.view(k, q, t)
             if needs[1]:
-                da1 = side.run(torch.bmm, dhb, x.view(t, k, p).permute(1, 0, 2))
+                da1 = torch.bmm(dhb, x.view(t, k, p).permute(1, 0, 2))
             if needs[0]:
                 dx = x.new_empty(t, k * p)
                 torch.bmm(dhb.transpose(1, 2), a1, out=dx.view(t, k, p).transpose(0, 1))
-        side.join()
-        da2 = g[:, :, :r].contiguous() if g is not None and needs[2] else None
-        db1 = g[:, :, r].t().reshape(-1) if g is not None and b1 is not None and needs[3] else None
         return dx, da1, da2, db1, dc1, dc2, db2, None

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import epilogue
-from .layers import (Beside, BlockDenseLinear, BlockShuffleLinear, LowRankLinear, autocasts, block_diag_mm,
-                     linear_cast_bias, monarch_product, regrad)
+from .layers import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, autocasts, block_diag_mm, linear_cast_bias,
+                     monarch_product, regrad)
 from .self_guided import SelfGuided
 
 try:
@@ -322,11 +322,7 @@ class _GeluUp(torch.autograd.Function):
             return regrad(ref, (h, w, b), ctx.needs_input_grad[:3], dact) + (None, None)
         dpre, db = gelu_backward(dact, pre, ctx.approximate, ctx.has_bias)
         db = None if db is None else db.to(ctx.bias_dtype)
-        side = Beside(dpre)
-        dw = side.run(torch.mm, dpre.t(), h)
-        dh = dpre @ w
-        side.join()
-        return dh, dw, db, None, None
+        return dpre @ w, dpre.t() @ h, db, None, None
 
 
 class _GeluUpDown(torch.autograd.Function):
@@ -347,14 +343,9 @@ class _GeluUpDown(torch.autograd.Function):
             ref = lambda h, w, b, w2: F.gelu(linear_cast_bias(h, w, b), approximate=ctx.approximate) @ w2.t()  # noqa: E731
             return regrad(ref, (h, w, b, w2), ctx.needs_input_grad[:4], dz) + (None,)
         dz = dz.contiguous()
-        side = Beside(dz)
-        dw2 = side.run(torch.mm, dz.t(), act)
         dpre, db = gelu_linear_backward(dz, w2, pre, ctx.approximate, ctx.has_bias)
         db = None if db is None else db.to(ctx.bias_dtype)
-        dw = side.run(torch.mm, dpre.t(), h)
-        dh = dpre @ w
-        side.join()
-        return dh, dw, db, dw2, None
+        return dpre @ w, dpre.t() @ h, db, dz.t() @ act, None
 
 
 # ---------- the FFN ----------

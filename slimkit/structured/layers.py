@@ -48,8 +48,6 @@ import functools
 import math
 import numbers
 import operator
-import os
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -355,47 +353,6 @@ def block_diag_product(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | Non
     return y
 
 
-OVERLAP = os.environ.get("SLIMKIT_OVERLAP_WGRAD", "1") != "0"
-_SIDES: dict = {}
-_SIDES_LOCK = threading.Lock()
-
-
-class Beside:
-    """A backward's weight-gradient matmuls on a side stream, beside its chain of input gradients (CUDA only; plain
-    calls elsewhere or with OVERLAP off). run(fn, *args) enqueues fn(*args) after everything the current stream
-    holds so far and returns its result; join() makes the current stream wait for the side stream and must come
-    before the backward returns. The arguments stay referenced until join, so the caching allocator cannot hand
-    their memory to the current stream while the side stream still reads it; a side result is used on the current
-    stream only after join, and whatever later reuses its memory on the side stream waits for the current stream
-    first (every run does), so no record_stream is needed. Works under CUDA graph capture (the side stream forks
-    from the capturing stream and joins it)."""
-
-    def __init__(self, like: torch.Tensor):
-        self.on = OVERLAP and like.is_cuda
-        self.held: list = []
-        if self.on:
-            self.main = torch.cuda.current_stream(like.device)
-            key = (like.device.index, self.main.cuda_stream, threading.get_ident())
-            side = _SIDES.get(key)
-            if side is None:
-                with _SIDES_LOCK:
-                    side = _SIDES.setdefault(key, torch.cuda.Stream(like.device))
-            self.side = side
-
-    def run(self, fn, *args):
-        if not self.on:
-            return fn(*args)
-        self.held.append(args)
-        self.side.wait_stream(self.main)
-        with torch.cuda.stream(self.side):
-            return fn(*args)
-
-    def join(self) -> None:
-        if self.on:
-            self.main.wait_stream(self.side)
-            self.held.clear()
-
-
 class _BlockDiagMM(torch.autograd.Function):
     """y[t, k] = w[k] @ x[t, k] for x (T, b, p), w (b, q, p) -> y (T, b, q), all token-major.
 
@@ -415,13 +372,11 @@ class _BlockDiagMM(torch.autograd.Function):
             return regrad(block_diag_reference, (x, w), ctx.needs_input_grad, dy)
         dy_b = dy.contiguous().transpose(0, 1)                      # (b, T, q)
         dx = dw = None
-        side = Beside(dy_b)
-        if ctx.needs_input_grad[1]:
-            dw = side.run(torch.bmm, dy_b.transpose(1, 2), x.transpose(0, 1))
         if ctx.needs_input_grad[0]:
             dx = x.new_empty(x.shape)
             torch.bmm(dy_b, w, out=dx.transpose(0, 1))
-        side.join()
+        if ctx.needs_input_grad[1]:
+            dw = torch.bmm(dy_b.transpose(1, 2), x.transpose(0, 1))
         return dx, dw
 
 
@@ -536,15 +491,14 @@ class _Monarch(torch.autograd.Function):
         t = dy.shape[1]
         xb = x.view(k, p, t) if ctx.in_fm else x.view(t, k, p).permute(1, 2, 0)
         hv, dyv = h.view(r, l, t).transpose(0, 1), dy.view(s, l, t).transpose(0, 1)
-        side = Beside(dy)
-        dw2 = side.run(torch.bmm, dyv, hv.transpose(1, 2)) if ctx.needs_input_grad[2] else None
+        dw2 = torch.bmm(dyv, hv.transpose(1, 2)) if ctx.needs_input_grad[2] else None
         dx = dw1 = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dh = x.new_empty(k * q, t)
             torch.bmm(w2.transpose(1, 2), dyv, out=dh.view(r, l, t).transpose(0, 1))
             dhb = dh.view(k, q, t)
             if ctx.needs_input_grad[1]:
-                dw1 = side.run(torch.bmm, dhb, xb.transpose(1, 2))
+                dw1 = torch.bmm(dhb, xb.transpose(1, 2))
             if ctx.needs_input_grad[0]:
                 if ctx.in_fm:
                     dx = x.new_empty(k * p, t)
@@ -552,7 +506,6 @@ class _Monarch(torch.autograd.Function):
                 else:
                     dx = x.new_empty(t, k * p)
                     torch.bmm(dhb.transpose(1, 2), w1, out=dx.view(t, k, p).transpose(0, 1))
-        side.join()
         return dx, dw1, dw2, db, None, None
 
 
