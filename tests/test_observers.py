@@ -262,3 +262,44 @@ def test_mse_chunk_errors_in_place_equal_the_quantizer_composition(p):
     s3, z3 = scale[..., None], zp[..., None]
     want = lp_error(dequantize(quantize_int(values, s3, z3, spec.qmin, spec.qmax), s3, z3) - values, p).sum(-1)
     assert torch.equal(_chunk_errors(values, s3, z3, spec.qmin, spec.qmax, p), want)
+
+
+@pytest.mark.parametrize("p", [2.4, 2.0])
+def test_fused_search_expression_is_the_chunk_errors(p):
+    """_errors_expr (what mse_search(fused=True) compiles on CUDA) computes what the in-place _chunk_errors does:
+    the same operations in the same order, so eagerly the same bits."""
+    from slimkit.core.observers import _chunk_errors, _errors_expr
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(6, 50, generator=g) * 2
+    for symmetric in (False, True):
+        spec = QuantSpec(bits=4, symmetric=symmetric, granularity="channel")
+        lo, hi = values.amin(1), values.amax(1)
+        r = torch.tensor([1.0, 0.9, 0.75])[:, None]
+        scale, zp = qparams_from_range(lo * r, hi * r, spec)
+        args = (values, scale[..., None], zp[..., None], spec.qmin, spec.qmax, p)
+        assert torch.equal(_errors_expr(*args), _chunk_errors(*args))
+
+
+def test_fused_search_off_cuda_is_the_eager_search():
+    g = torch.Generator().manual_seed(4)
+    values = torch.randn(8, 64, generator=g)
+    spec = QuantSpec(bits=3, symmetric=False, granularity="channel")
+    lo, hi = values.amin(1), values.amax(1)
+    for a, b in zip(mse_search(values, lo, hi, spec, fused=True), mse_search(values, lo, hi, spec)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused (compiled) path runs on CUDA")
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fused_mse_search_picks_the_eager_range_on_cuda(symmetric):
+    """mse_search(fused=True), all ratios' errors in one compiled kernel (OS+'s threshold search), chooses what the
+    eager search chooses, up to rows whose two best ratios tie within the fused kernel's summation order."""
+    g = torch.Generator().manual_seed(5)
+    values = (torch.randn(512, 1024, generator=g) * torch.rand(512, 1, generator=g) * 3).cuda()
+    values[0, 0] = 40.0
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity="channel")
+    lo, hi = values.amin(1), values.amax(1)
+    eager = mse_search(values, lo, hi, spec)
+    fused = mse_search(values, lo, hi, spec, fused=True)
+    assert (eager[0] == fused[0]).float().mean().item() >= 0.99
+    torch.testing.assert_close(fused[0], eager[0], rtol=0.05, atol=0)

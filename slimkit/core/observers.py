@@ -157,26 +157,61 @@ def _chunk_errors(values: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, q
     return e.sum(-1)
 
 
+def _errors_expr(values: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
+                 p: float) -> torch.Tensor:
+    """_chunk_errors as one expression, for torch.compile to fuse into a single reduction kernel that never
+    materialises the (ratios, rows, values) tensor."""
+    d = ((torch.clamp(torch.round(values / scale) + zp, qmin, qmax) - zp) * scale - values).abs()
+    return (d.pow(int(p)) if float(p).is_integer() else torch.exp(torch.log(d) * p)).sum(-1)
+
+
+_COMPILED: dict = {}
+
+
+def _errors_fused(values, scale, zp, qmin, qmax, p) -> torch.Tensor | None:
+    """_errors_expr compiled once per process (None where compiling or running the compiled kernel fails: no
+    Triton / Inductor in this build; the caller then searches eagerly, and later calls do not try again)."""
+    fn = _COMPILED.get("fn")
+    if fn is False:
+        return None
+    try:
+        if fn is None:
+            fn = _COMPILED["fn"] = torch.compile(_errors_expr, dynamic=True)
+        return fn(values, scale, zp, qmin, qmax, p)
+    except Exception:
+        _COMPILED["fn"] = False
+        return None
+
+
 def mse_search(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
                ratios: int = 80, step: float = 0.01, p: float = MSE_P,
-               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk: int | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the clipped range [r*lo, r*hi] (r = 1, 1-step, ...) with the least sum |x - q(x)|^p.
 
     The ratios are tried in chunks as one batched tensor (ratio, row, value): a few kernels instead of ~6 a
     ratio. On the GPU, launch-bound, the chunks hold up to 16M values; on the CPU up to 1M, so that a small
     tensor (a weight searched once per OS+ threshold candidate) takes one pass instead of 80 while a large one
     still runs a ratio at a time, in cache. The first ratio with the least error wins, as in a loop over r with
-    a strict comparison, so every chunking picks the same range."""
+    a strict comparison, so every chunking picks the same range.
+    fused=True (on CUDA) computes every ratio's errors in one compiled reduction kernel (torch.compile of
+    _errors_expr) that reads the values once instead of a dozen passes a ratio: for a caller that searches
+    thousands of times (OS+'s threshold search scores each candidate's weight), worth its one-off compile. Its
+    sums run in another order, so a row whose two best ratios tie to rounding may pick the other one."""
     values = values.detach()
     r_all = torch.tensor([1.0 - i * step for i in range(ratios)], dtype=lo.dtype, device=lo.device)
+    fused = fused and values.is_cuda
     if chunk is None:
-        chunk = max(1, min(ratios, (1 << (24 if values.is_cuda else 20)) // max(1, values.numel())))
+        chunk = ratios if fused else max(1, min(ratios, (1 << (24 if values.is_cuda else 20))
+                                                // max(1, values.numel())))
     best_err = torch.full_like(lo, float("inf"))
     best_scale, best_zp = qparams_from_range(lo, hi, spec)
     for i in range(0, ratios, chunk):
         r = r_all[i: i + chunk, None]
         scale, zp = qparams_from_range(lo * r, hi * r, spec)  # (chunk, rows)
-        err = _chunk_errors(values, scale[..., None], zp[..., None], spec.qmin, spec.qmax, p)  # (chunk, rows)
+        s3, z3 = scale[..., None], zp[..., None]
+        err = _errors_fused(values, s3, z3, spec.qmin, spec.qmax, p) if fused else None
+        if err is None:
+            err = _chunk_errors(values, s3, z3, spec.qmin, spec.qmax, p)  # (chunk, rows)
         chunk_err, idx = err.min(0)  # first minimum within the chunk
         better = chunk_err < best_err
         best_err = torch.where(better, chunk_err, best_err)

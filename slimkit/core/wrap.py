@@ -65,12 +65,14 @@ def quantizable(module: nn.Module) -> bool:
     return isinstance(module, QUANTIZABLE) or is_conv1d(module)
 
 
-def weight_qparams(w: torch.Tensor, spec: QuantSpec, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale and zero point for a weight, from its own values (min-max, or MSE over all values)."""
+def weight_qparams(w: torch.Tensor, spec: QuantSpec, observer: str,
+                   fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point for a weight, from its own values (min-max, or MSE over all values; fused:
+    see observers.mse_search)."""
     rows = to_rows(w.detach().float(), spec)
     lo, hi = rows.amin(1), rows.amax(1)
     if observer == "mse":
-        return mse_search(rows, lo, hi, spec)
+        return mse_search(rows, lo, hi, spec, fused=fused)
     if observer == "percentile":
         lo, hi = torch.quantile(rows, 1e-4, dim=1), torch.quantile(rows, 1 - 1e-4, dim=1)
     return qparams_from_range(lo, hi, spec)

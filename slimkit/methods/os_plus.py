@@ -41,7 +41,7 @@ def _quantized_forward(layer, shift, scale, t, w_spec, a_spec, w_observer):
     """A stand-in forward for one consumer: quantized (x - shift) / scale against quantized W diag(scale)."""
     w = weight_oi(layer).detach().float()
     w_s = w * scale
-    wq = fake_quant_tensor(w_s, w_spec, *weight_qparams(w_s, w_spec, w_observer))
+    wq = fake_quant_tensor(w_s, w_spec, *weight_qparams(w_s, w_spec, w_observer, fused=True))   # once per candidate
     bias = layer.bias.detach().float() if layer.bias is not None else None
     if bias is not None:
         bias = bias + w @ shift
