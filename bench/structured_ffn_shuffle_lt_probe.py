@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
-from structured_ffn_speed import LtFFN, build, lt_device, lt_probe_parser, lt_step_rows, patched  # noqa: E402
+from structured_ffn_speed import WARM_S, LtFFN, build, lt_device, lt_probe_parser, lt_step_rows, patched  # noqa: E402
 
 from slimkit.structured import epilogue as EP  # noqa: E402
 
@@ -69,8 +69,8 @@ def main() -> None:
                          variants, args.reps, args.rounds, dev)
     notes = [
         "bf16, one GPU; CUDA events, L2 flushed before each call, median of "
-        f"{args.reps}, fastest of {args.rounds} interleaved rounds. 'fwbw_speedup': one graphed forward+backward "
-        "step through fused_ffn(matmul='cublaslt'), value = the dense step's graphed time / this one's; "
+        f"{args.reps} after {WARM_S} s of warm-up calls, fastest of {args.rounds} interleaved rounds. "
+        "'fwbw_speedup': one graphed forward+backward step through fused_ffn(matmul='cublaslt'), value = the dense step's graphed time / this one's; "
         "'blockshuffle-lt-graph' runs epilogue.ShuffleGeluFFN, 'blockshuffle-graph' the eager feature-major FFN "
         "(kernels.blockshuffle_ffn) that fused_ffn falls back to without nvmath-python.",
         "'max_rel_err_bf16': the largest ||got - want|| / ||want|| over the output and every gradient, bf16 against "

@@ -23,9 +23,11 @@ kernels.blockshuffle_ffn does; there each block of fc1's second factor is one GE
 with fc1's bias carried by rows of ones beside the middle activations (cuBLASLt's epilogue bias is per row of its
 column-major output, i.e. per token in that layout), and each block of fc2's first factor's input gradient one
 DGELU matmul. On an H100 (bf16, 16384 tokens, graphed step) it about ties the eager FFN at d_model 2048 and 25%
-(8 blocks a factor: the per-block calls are small), beats it by 5-15% at 32% and 50% and by 3-8% at d_model
+(8 blocks a factor: the per-block calls are small), beats it by 3-4% at 32% and 50% (5-15% when timed without
+a warm-up, which favoured it as the first variant of each round; see the next paragraph) and by 3-8% at d_model
 4096 and 25%, and ties at 1024 (bench/results/structured_ffn_shuffle_lt_probe.md, structured_ffn_speed.md); a variant
-with the backward's GELU' as a matmul plus the eager GELU' pass measured no faster anywhere and slower at 32-50%.
+with the backward's GELU' as a matmul plus the eager GELU' pass measured no faster anywhere and slower at 32-50%
+(timed second, before that warm-up).
 
 Running the backward's weight-gradient matmuls on a side stream beside its chain of input gradients (forked
 where their operands are ready, joined before the backward returns) measured no faster on an H100 at d_model 2048
