@@ -262,7 +262,9 @@ def quantize(model: nn.Module, calib_data, method: str | None = None, w_bits: in
     losses, timings) used by `slimkit.save`. The caller's random state is left as it was (the run seeds its own
     from the config's seed).
     """
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else ()):
+    # a call made under torch.no_grad() / inference_mode() still learns (AdaRound, LSQ) and returns ordinary tensors
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else ()), \
+            torch.inference_mode(False), torch.enable_grad():
         return _quantize(model, calib_data, method, w_bits, a_bits, recipe, tokenizer, inplace, **options)
 
 
@@ -292,6 +294,10 @@ def _quantize(model, calib_data, method, w_bits, a_bits, recipe, tokenizer, inpl
         if cfg.seq_len is not None and isinstance(calib_data, (torch.Tensor, Mapping)):
             cfg = copy.copy(cfg)            # token ids keep their own length: the manifest says so (lm_calibration
             cfg.seq_len = None              # has warned)
+        if inplace and any(p.is_inference() for p in model.parameters()):
+            raise SlimkitError("inplace=True cannot change this model's weights: they are inference tensors (the "
+                               "model was built or loaded under torch.inference_mode()); quantize a copy "
+                               "(inplace=False) or build the model outside inference_mode")
         return quantize_transformer(model, calib, cfg, device, inplace)
     if cfg.method in TRANSFORMER_METHODS:
         raise SlimkitError(f"method {cfg.method!r} is for Hugging Face transformers; this model "
@@ -306,7 +312,8 @@ def _quantize(model, calib_data, method, w_bits, a_bits, recipe, tokenizer, inpl
     if dtype != torch.float32:
         raise SlimkitError(f"the model's parameters are {str(dtype).replace('torch.', '')}: slimkit quantizes CNNs "
                            "in float32 (reconstruction needs its precision); pass model.float()")
-    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    with torch.no_grad():       # (weights made under inference_mode() are read here all the same)
+        bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
     if bad:
         raise SlimkitError(f"the model's weights are not all finite (NaN or inf in {', '.join(bad[:3])}"
                            f"{' ...' if len(bad) > 3 else ''}): a quantization grid cannot hold them; fix the model "

@@ -153,6 +153,14 @@ def sparsify(model: nn.Module, calib_data=None, method: str | None = "fcpts", sp
     temperature, ...);
     score="auto" (default) ranks weights inside a layer by |w| * input channel norm in transformers, by |w|
     elsewhere (slimkit.methods.fcpts)."""
+    # called under torch.no_grad() / inference_mode(), FCPTS still learns and the result holds ordinary tensors
+    with torch.inference_mode(False), torch.enable_grad():
+        return _sparsify(model, calib_data, method, sparsity, nm, exclude, inplace, device, num_samples, seq_len,
+                         tokenizer, progress, **options)
+
+
+def _sparsify(model, calib_data, method, sparsity, nm, exclude, inplace, device, num_samples, seq_len, tokenizer,
+              progress, **options) -> nn.Module:
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -222,7 +230,7 @@ def sparsify(model: nn.Module, calib_data=None, method: str | None = "fcpts", sp
     if tied:
         warnings.warn(f"{', '.join(tied[:4])}{' ...' if len(tied) > 4 else ''} share{'s' if len(tied) == 1 else ''} "
                       "its weight with another module (tied): left dense and out of the count, which the report's "
-                      "'tied' lists", stacklevel=2)
+                      "'tied' lists", stacklevel=3)
     if not layers:
         raise SlimkitError("the model has no prunable layers (nn.Linear / nn.Conv1d/2d/3d) left after `exclude`")
     if learn and options.get("reconstruct") == "sparsegpt":
@@ -330,11 +338,11 @@ def sparsify(model: nn.Module, calib_data=None, method: str | None = "fcpts", sp
     if cut:
         warnings.warn(f"{', '.join(cut[:4])}{' ...' if len(cut) > 4 else ''}: every weight pruned, so the layer "
                       "passes nothing on (only its bias): lower the sparsity, use an allocation that keeps small "
-                      "layers denser (erk, fcpts), or exclude it", stacklevel=2)
+                      "layers denser (erk, fcpts), or exclude it", stacklevel=3)
     if target is not None and total and pruned / total > target + 0.01:
         warnings.warn(f"the sparse model has {100 * pruned / total:.1f}% zeros, above the {100 * target:.1f}% asked "
                       "for: the model held that many zero weights already (pruning never restores a weight)",
-                      stacklevel=2)
+                      stacklevel=3)
     info = dict(getattr(model, "slimkit_info", None) or {})
     info["sparsity"] = {"method": f"nm {pattern[0]}:{pattern[1]}" if pattern else method, "target": target,
                         "achieved": pruned / total, "counted_params": total, "layers": report,

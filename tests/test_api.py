@@ -79,6 +79,17 @@ def test_save_load_reproduces_outputs_exactly(tmp_path, data, method):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
 
 
+def test_load_into_a_twin_of_another_dtype_takes_the_saved_dtypes(tmp_path, data):
+    """A half-precision twin given to slimkit.load (the model a user deploys in fp16) gets the artifact's float32
+    weights and biases alike: no layer is left half fp16 and half fp32, and the outputs are the saved model's."""
+    q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=4, a_bits=4, progress=False)
+    back = slimkit.load(slimkit.save(q, tmp_path / "art"), model=tiny_net().half())
+    assert {p.dtype for p in back.parameters()} == {torch.float32}
+    x = torch.randn(4, 1, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+
+
 def test_block_inputs_are_quantized_once_and_shared(tmp_path, data):
     """As in QDrop's quantized ResNets, what flows between blocks is one quantized tensor: a block's shortcut and
     its first layer read the same quantized input (its conv1 holds the quantizer, which a pre-hook applies to the
@@ -249,7 +260,6 @@ def test_evaluation_labels_are_checked(data):
     check_data(m, data, labels)
     with pytest.raises(slimkit.SlimkitError, match="out of range: the model scores 5"):
         check_data(m, data, labels + 5)
-
 
 
 def test_evaluation_inputs_are_checked_like_calibration_inputs(data, tmp_path):
@@ -487,6 +497,28 @@ def test_quantize_refuses_quantized_and_non_float32_models(data):
         slimkit.quantize(q, data, method="rtn", progress=False)
     with pytest.raises(slimkit.SlimkitError, match=r"float64.*model.float\(\)"):
         slimkit.quantize(tiny_net().double(), data.double(), method="rtn", progress=False)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_quantize_learns_under_no_grad_and_inference_mode(data, mode):
+    """A caller's no_grad / inference_mode (how models are usually run) neither stops reconstruction from learning
+    nor leaves the result made of inference tensors; the caller's mode is as it was afterwards."""
+    want = slimkit.quantize(tiny_net(), data, method="qdrop", w_bits=4, a_bits=4, iters=4, num_samples=32,
+                            progress=False)
+    m = tiny_net()
+    with mode():
+        q = slimkit.quantize(m, data, method="qdrop", w_bits=4, a_bits=4, iters=4, num_samples=32,
+                             progress=False)
+        assert not torch.is_grad_enabled()
+    assert not any(t.is_inference() for t in list(q.parameters()) + list(q.buffers()))
+    x = torch.randn(4, 1, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(q(x), want(x))
+    with mode():
+        m = tiny_net()          # a model built (or loaded) under the mode: its weights are inference tensors there
+    q = slimkit.quantize(m, data, method="qdrop", w_bits=4, a_bits=4, iters=4, num_samples=32, progress=False)
+    with torch.no_grad():
+        assert torch.equal(q(x), want(x))
 
 
 class _Functional(nn.Module):

@@ -84,6 +84,27 @@ def test_tied_and_excluded_layers_are_not_counted():
         prunable_layers(model, exclude=["bdy"])
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_sparsify_learns_under_no_grad_and_inference_mode(mode):
+    """FCPTS learns under a caller's no_grad / inference_mode, the result holds ordinary (trainable) tensors, and
+    warnings still name the caller's line."""
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(method="fcpts", sparsity=0.5, iters=3, finetune_iters=2, progress=False)
+    want = slimkit.sparsify(small_cnn(), x, **kw)
+    m = small_cnn()
+    with mode():
+        got = slimkit.sparsify(m, x, **kw)
+        assert not torch.is_grad_enabled()
+    assert not any(p.is_inference() for p in got.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(got.parameters(), want.parameters()))
+    got(x[:2]).sum().backward()          # fine-tunable afterwards
+    emb, head = nn.Embedding(10, 8), nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight
+    with mode(), pytest.warns(UserWarning, match="tied") as caught:
+        slimkit.sparsify(nn.ModuleDict({"emb": emb, "head": head, "out": nn.Linear(8, 2)}), method="uniform")
+    assert all(w.filename == __file__ for w in caught)
+
+
 def test_exclude_takes_parent_modules_and_glob_patterns():
     """Depthwise convolutions (9 inputs) cannot be 2:4; one glob pattern leaves all of them dense."""
     def block():

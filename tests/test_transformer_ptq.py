@@ -170,6 +170,24 @@ def test_save_load_exact_and_transformers_reload(kind, tmp_path):
     assert ((output(plain, ev) - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_load_into_a_given_float_instance_takes_the_saved_state(dtype, tmp_path):
+    """slimkit.load(DIR, model=twin): the twin's own norms and embeddings are not the artifact's (OS+ folded its
+    transform into them): the loaded model holds the saved state in the saved dtype, and the twin is untouched."""
+    q = slimkit.quantize(tiny_model("llama").to(dtype), tiny_inputs("llama", 8, 16, seed=1, pad=False),
+                         method="os_plus", w_bits=8, a_bits=8, **OPTS)
+    slimkit.save(q, tmp_path / "art")
+    twin = tiny_model("llama", seed=3)          # float32, other weights
+    before = {k: v.clone() for k, v in twin.state_dict().items()}
+    back = slimkit.load(tmp_path / "art", model=twin)
+    ev = tiny_inputs("llama", 4, 16, seed=2)
+    assert back is not twin and next(back.parameters()).dtype == dtype
+    assert torch.equal(output(back, ev), output(q, ev))
+    assert not quant_layers(twin) and all(torch.equal(before[k], v) for k, v in twin.state_dict().items())
+    with pytest.raises(slimkit.SlimkitError, match="does not match the model= given"):
+        slimkit.load(tmp_path / "art", model=tiny_model("gpt2"))
+
+
 def test_load_rejects_corrupt_hf_artifact(tmp_path):
     q = slimkit.quantize(tiny_model("llama"), tiny_inputs("llama", 4, 8), method="minmax", **OPTS)
     slimkit.save(q, tmp_path / "art")
@@ -637,3 +655,15 @@ def test_save_load_bias_less_linears_behind_weight_less_norms(method, tmp_path):
     again = slimkit.load(tmp_path / "art")
     with torch.no_grad():
         assert torch.equal(again(ids).logits, q(ids).logits)
+
+
+def test_inplace_refuses_a_model_of_inference_tensors():
+    """A transformer built under torch.inference_mode() holds weights no one can change in place: inplace=True is
+    refused with what to do (it was a raw error from deep inside), and a copy (inplace=False) quantizes."""
+    with torch.inference_mode():
+        model = tiny_model("llama")
+    ids = tiny_inputs("llama", 4, 8)
+    with pytest.raises(slimkit.SlimkitError, match=r"inference tensors .*\(inplace=False\)"):
+        slimkit.quantize(model, ids, method="minmax", w_bits=8, a_bits=8, inplace=True, **OPTS)
+    q = slimkit.quantize(model, ids, method="minmax", w_bits=8, a_bits=8, **OPTS)
+    assert quant_layers(q)

@@ -519,6 +519,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             if layer.w_quant is not None:
                 unpack_codes(layer, tensors, name, s["w_shape"], bool(s.get("w_sparse")))
                 handled.update({f"{name}.w_int", f"{name}.layer.weight", f"{name}.w_mask"})
+                w_dtype = getattr(torch, s.get("w_dtype") or "", None)    # the saved dtype, whatever the twin's
+                if isinstance(w_dtype, torch.dtype) and layer.layer.weight.dtype != w_dtype:
+                    layer.layer.weight.data = layer.layer.weight.data.to(w_dtype)
                 with torch.no_grad():
                     weight_oi(layer.layer).copy_(layer.quantized_weight())
         _take_dtypes(model, tensors)

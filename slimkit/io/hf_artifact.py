@@ -9,6 +9,8 @@ the in-memory one's.
 """
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import torch
@@ -153,6 +155,30 @@ def restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
             module._buffers[name] = buf.to(want)
 
 
+def _load_float_state(model: nn.Module, path: Path) -> None:
+    """Load transformers' part of the artifact (model.safetensors, or its shards) into `model`, in the saved dtypes;
+    weights the files leave out must be tied to ones they hold."""
+    from .artifact import _take_dtypes, read_weights, why
+
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
+    state = {}
+    for name in files:
+        state.update(read_weights(path / name))
+    _take_dtypes(model, state)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise SlimkitError(f"the artifact at {path} does not match the model= given: {why(e)}") from None
+    held = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(held[k]) for k in state if k in held}
+    missing = [k for k in missing if id(held.get(k)) not in loaded]
+    if missing or unexpected:
+        raise SlimkitError(f"the artifact at {path} does not match the model= given: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+
+
 def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the fake-quantized transformer saved at `path`."""
     from .artifact import HF_QUANT, check_qparams, check_scales, read_weights, unpack_codes, why
@@ -181,6 +207,9 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
                                    f"{len(keys)} weight(s) {what}: {', '.join(map(str, keys[:3]))}"
                                    f"{', ...' if len(keys) > 3 else ''}" for what, keys in damage.items())
                                + "); save the model again")
+    else:   # the caller's instance stays as it is; its copy takes the saved float state (norms, embeddings) and dtypes
+        model = copy.deepcopy(model)
+        _load_float_state(model, path)
     model.eval()
     restore_buffer_dtypes(model, manifest.get("buffer_dtypes") or {})
     tensors = read_weights(path / HF_QUANT)
