@@ -71,6 +71,9 @@ def check_data(model: nn.Module, x, labels=None) -> None:
         raise SlimkitError("the evaluation data is empty or a single number: give samples along a first axis")
     check_inputs(x, "evaluation")
     if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise SlimkitError(f"evaluation labels must be a tensor of class indices, got {type(labels).__name__} "
+                               "(an array: torch.from_numpy(labels); a list: torch.tensor(labels))")
         if labels.dim() != 1 or len(labels) != len(x):
             raise SlimkitError(f"evaluation labels must be one class index per sample: got labels of shape "
                                f"{tuple(labels.shape)} for {len(x)} samples (one-hot labels: take their argmax)")

@@ -264,6 +264,12 @@ def _sparsify(model, calib_data, method, sparsity, nm, exclude, inplace, device,
                 if mask is not None and not bool((mask != 0).all()):
                     raise SlimkitError("sparsify calibrates on unpadded token blocks: give input_ids (N, L) whose "
                                        "rows are all real tokens (or text), not a padded batch")
+                ignored = [k for k, v in data.items() if k not in ("input_ids", "attention_mask", "labels")
+                           and isinstance(v, torch.Tensor) and not (k == "token_type_ids" and not bool(v.any()))]
+                if ignored:     # the methods feed input_ids alone: these would be dropped without a word
+                    raise SlimkitError(f"sparsify calibrates on input_ids alone, so {', '.join(ignored)} would be "
+                                       "ignored: give input_ids (N, L) (token_type_ids only if all zeros, the "
+                                       "model's default), or text")
                 data = data.get("input_ids")
             if isinstance(data, torch.Tensor) and data.numel() == 0 and not isinstance(calib_data, torch.Tensor):
                 raise SlimkitError("the calibration text gave no token blocks: give more text or token ids (N, L)")

@@ -11,6 +11,7 @@ where the model is (CPU memory for models larger than the GPU). The input model 
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -343,6 +344,15 @@ def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
     max_pos = context_length(model)
     if isinstance(calib, Mapping):      # a tokenizer's BatchEncoding too (a UserDict, not a dict)
         calib = dict(calib)
+        ids = calib.get("input_ids")
+        if ids is not None and not isinstance(ids, torch.Tensor):
+            raise SlimkitError(f"calibration input_ids must be a tensor (N, L), got {type(ids).__name__}: tokenize "
+                               "with return_tensors='pt' (sequences of one length), or pass the text and tokenizer=")
+        calib = {k: v for k, v in calib.items() if isinstance(v, torch.Tensor)}    # the model inputs
+        for key in ("attention_mask", "token_type_ids", "position_ids"):
+            if ids is not None and key in calib and calib[key].shape != ids.shape:
+                raise SlimkitError(f"the calibration {key} has shape {tuple(calib[key].shape)} but input_ids "
+                                   f"{tuple(ids.shape)}: give one {key} value per token")
     if isinstance(calib, (torch.Tensor, dict)):
         ids = calib.get("input_ids") if isinstance(calib, dict) else calib
         if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > max_pos:
@@ -352,6 +362,12 @@ def lm_calibration(model: nn.Module, calib, cfg: QuantConfig, tokenizer=None):
             warn(f"seq_len={cfg.seq_len} is not read for token-id calibration: the sequences are used at their own "
                  "length (seq_len sets the window for calibration text)")
         return calib[:n] if isinstance(calib, torch.Tensor) else {k: v[:n] for k, v in calib.items()}
+    if not (isinstance(calib, (str, os.PathLike)) or
+            (isinstance(calib, (list, tuple)) and (not calib or any(isinstance(t, str) for t in calib)))):
+        raise SlimkitError(f"transformer calibration data must be token ids (an integer tensor (N, L)), a dict of "
+                           f"input_ids / attention_mask, or text (a file, a folder, a shipped corpus or a list of "
+                           f"strings), got {type(calib).__name__}: stack token ids into one tensor (torch.cat of a "
+                           f"DataLoader's batches, torch.from_numpy of an array)")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "_slimkit_tokenizer", None)
     if tokenizer is None:
         raise SlimkitError("calibration text needs the model's tokenizer: pass tokenizer=... (slimkit.load_hf "

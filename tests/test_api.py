@@ -256,6 +256,9 @@ def test_evaluation_labels_are_checked(data):
             evaluate(m, data, bad)
     with pytest.raises(slimkit.SlimkitError, match=r"evaluation inputs of shape \(3, 10, 10\)"):
         evaluate(m, torch.zeros(4, 3, 10, 10))
+    for bad in (labels.numpy(), labels.tolist()):      # an AttributeError from inside before
+        with pytest.raises(slimkit.SlimkitError, match="labels must be a tensor of class indices"):
+            evaluate(m, data, bad)
     from slimkit.eval import check_data          # what the CLI runs before compressing: the class count too
     check_data(m, data, labels)
     with pytest.raises(slimkit.SlimkitError, match="out of range: the model scores 5"):
@@ -346,6 +349,9 @@ def test_inputs_in_many_forms(data):
     for form in (data, data.numpy(), (data, torch.zeros(len(data))), list(data), ds, loader):
         q = slimkit.quantize(m, form, method="rtn", progress=False)
         assert q.slimkit_info["input_shape"] == [1, 10, 10]
+    from slimkit.core.data import resolve      # one batch of that loader is a list [inputs, labels] (was refused)
+    x, y = resolve(next(iter(torch.utils.data.DataLoader(ds, batch_size=len(data)))))
+    assert torch.equal(x, data) and torch.equal(y, torch.zeros(len(data)))
 
 
 def test_recipe_dict_and_override(data):
@@ -486,6 +492,9 @@ def test_calibration_data_forms_with_other_targets():
     with pytest.raises(slimkit.SlimkitError, match="class index"):
         slimkit.evaluate(q, *resolve(ds))
     got, labels = resolve([{"pixel_values": x[i], "labels": i % 3} for i in range(6)])
+    assert torch.equal(got, x) and labels.tolist() == [0, 1, 2, 0, 1, 2]
+    from transformers import BatchFeature     # an image processor's output: a Mapping, not a dict (was refused)
+    got, labels = resolve(BatchFeature({"pixel_values": x, "labels": torch.arange(6) % 3}))
     assert torch.equal(got, x) and labels.tolist() == [0, 1, 2, 0, 1, 2]
     with pytest.raises(slimkit.SlimkitError, match="Python objects"):
         resolve([[1, "a"], [2, "b"]])

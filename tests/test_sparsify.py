@@ -731,6 +731,14 @@ def test_calibration_data_is_checked_before_any_work():
     padded[0, :3] = 0
     with pytest.raises(SlimkitError, match="unpadded"):
         slimkit.sparsify(llama, {"input_ids": ids, "attention_mask": padded}, method="wanda", sparsity=0.5)
+    bert = tiny_model("bert")      # segment ids change the activations, and the methods feed input_ids alone
+    plain = slimkit.sparsify(bert, ids, method="wanda", sparsity=0.5)
+    zeros = slimkit.sparsify(bert, {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, method="wanda",
+                             sparsity=0.5)
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), zeros.parameters()))
+    with pytest.raises(SlimkitError, match="token_type_ids would be ignored"):
+        slimkit.sparsify(bert, {"input_ids": ids, "token_type_ids": torch.ones_like(ids)}, method="wanda",
+                         sparsity=0.5)
 
 
 def test_model_size_counts_what_the_artifact_stores(tmp_path):

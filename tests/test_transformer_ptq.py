@@ -148,6 +148,20 @@ def test_bad_calibration_errors(calib, match):
         slimkit.quantize(tiny_model("llama"), calib, method="minmax", **OPTS)
 
 
+def test_calibration_forms_that_are_no_text_are_named():
+    """Token ids in a DataLoader, a list of tensors, an array or a generator were all taken for text and asked for
+    a tokenizer (and given one, 'text source must be a file ...')."""
+    from tiny_hf import tiny_tokenizer
+    model, ids = tiny_model("llama"), tiny_inputs("llama", 4, 12, pad=False)["input_ids"]
+    for calib in (torch.utils.data.DataLoader(ids, batch_size=2), list(ids), ids.numpy(), (r for r in ids),
+                  [{"input_ids": ids}]):
+        for tok in (None, tiny_tokenizer()):
+            with pytest.raises(slimkit.SlimkitError, match=f"must be token ids .* got {type(calib).__name__}"):
+                slimkit.quantize(model, calib, method="minmax", tokenizer=tok, **OPTS)
+        with pytest.raises(slimkit.SlimkitError, match=f"must be token ids .* got {type(calib).__name__}"):
+            slimkit.sparsify(model, calib, method="wanda", sparsity=0.5, progress=False)
+
+
 @pytest.mark.parametrize("kind", ["llama", "opt", "bloom", "gpt2", "bert", "mpnet"])
 def test_save_load_exact_and_transformers_reload(kind, tmp_path):
     import transformers
@@ -571,6 +585,18 @@ def test_activation_granularity_padding_and_seq_len_settings():
     padded["attention_mask"][1, -3:] = 0
     with pytest.raises(slimkit.SlimkitError, match="3 padded positions"):
         slimkit.quantize(model, padded, method="minmax", w_bits=8, a_bits=8, **OPTS)
+    for key, bad in (("attention_mask", torch.ones(4, 10, dtype=torch.long)),     # were taken without a word
+                     ("attention_mask", torch.ones(2, 12, dtype=torch.long)),
+                     ("token_type_ids", torch.zeros(4, 10, dtype=torch.long))):
+        with pytest.raises(slimkit.SlimkitError, match=f"calibration {key} has shape"):
+            slimkit.quantize(model, {**calib, key: bad}, method="minmax", w_bits=8, a_bits=8, **OPTS)
+        with pytest.raises(slimkit.SlimkitError, match=f"calibration {key} has shape"):
+            slimkit.sparsify(model, {**calib, key: bad}, method="wanda", sparsity=0.5, progress=False)
+    listed = {"input_ids": calib["input_ids"].tolist()}    # a tokenizer's output without return_tensors="pt"
+    with pytest.raises(slimkit.SlimkitError, match="input_ids must be a tensor .* got list: tokenize with return"):
+        slimkit.quantize(model, listed, method="minmax", w_bits=8, a_bits=8, **OPTS)
+    q = slimkit.quantize(model, {**calib, "length": 12}, method="minmax", w_bits=8, a_bits=8, **OPTS)  # a TypeError
+    assert q.slimkit_info["calibration"]["tokens"] == 48
     with pytest.warns(UserWarning, match="seq_len=4 is not read for token-id calibration"):
         q = slimkit.quantize(model, calib, method="minmax", w_bits=8, a_bits=8, seq_len=4, **OPTS)
     assert q.slimkit_info["config"]["seq_len"] is None and q.slimkit_info["calibration"]["tokens"] == 48

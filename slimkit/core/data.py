@@ -98,7 +98,10 @@ def resolve(data) -> tuple[torch.Tensor, torch.Tensor | None]:
         return _as_tensor(data), None
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, (torch.Tensor, np.ndarray)) for d in data):
         return _as_tensor(data[0]), _as_tensor(data[1])
-    if isinstance(data, dict):
+    if isinstance(data, list) and len(data) == 2 and all(isinstance(d, (torch.Tensor, np.ndarray)) for d in data) \
+            and data[0].ndim >= 2 and data[1].ndim == 1 and len(data[0]) == len(data[1]):
+        return _as_tensor(data[0]), _as_tensor(data[1])     # one DataLoader batch [inputs, labels] (default_collate)
+    if isinstance(data, Mapping):       # a dict, or a processor's BatchFeature / a tokenizer's BatchEncoding (UserDicts)
         x = _pick(data, INPUT_KEYS, "input", "the data mapping", required=True)
         y = _pick(data, LABEL_KEYS, "label", "the data mapping", required=False)
         return _as_tensor(x), (_as_tensor(y) if y is not None else None)
