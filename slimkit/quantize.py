@@ -341,6 +341,7 @@ def _quantize(model, calib_data, method, w_bits, a_bits, recipe, tokenizer, inpl
         "layers": {name: layer.settings() for name, layer in quant_layers(q_model).items()},
         "blocks": stats,
         "input_shape": list(data.shape[1:]),
+        "calibration": {"samples": len(data)},      # what was used: num_samples is an upper bound
         "model_spec": getattr(model, "_slimkit_spec", None),
         "reference_digest": reference_digest(model),
         "seconds": {"calibration": t_calib, "total": time.perf_counter() - t0},

@@ -349,6 +349,9 @@ def test_inputs_in_many_forms(data):
     for form in (data, data.numpy(), (data, torch.zeros(len(data))), list(data), ds, loader):
         q = slimkit.quantize(m, form, method="rtn", progress=False)
         assert q.slimkit_info["input_shape"] == [1, 10, 10]
+        assert q.slimkit_info["calibration"] == {"samples": len(data)}   # all of them: fewer than num_samples
+    q = slimkit.quantize(m, data, method="rtn", num_samples=7, progress=False)
+    assert q.slimkit_info["calibration"] == {"samples": 7} and q.slimkit_info["config"]["num_samples"] == 7
     from slimkit.core.data import resolve      # one batch of that loader is a list [inputs, labels] (was refused)
     x, y = resolve(next(iter(torch.utils.data.DataLoader(ds, batch_size=len(data)))))
     assert torch.equal(x, data) and torch.equal(y, torch.zeros(len(data)))
