@@ -201,13 +201,15 @@ def quantize(
     for r in rows.values():
         r.pop("seconds", None)        # a fake-quantized model's inference time is no speed figure: not reported
     rows["quantized"]["compress_seconds"] = seconds
-    metrics = {"fp": rows["FP"], "quantized": rows["quantized"], "eval_data": eval_name}
+    # a sparse float model is the reference here (its row and the quantized row's fidelity are to it), not the dense
+    # original that `slimkit eval` of the result compares with: the manifest names it as the table does
+    sparse_fp = bool((getattr(fp_model, "slimkit_info", None) or {}).get("sparsity"))
+    metrics = {"fp_sparse" if sparse_fp else "fp": rows["FP"], "quantized": rows["quantized"], "eval_data": eval_name}
     save(qmodel, out, overwrite=overwrite, metrics=metrics)
     info = qmodel.slimkit_info
     cfg = info["config"]
     bits = f"W{cfg['w_bits']}" + (f"A{cfg['a_bits']}" if cfg["a_bits"] is not None else " (weights only)")
-    if (getattr(fp_model, "slimkit_info", None) or {}).get("sparsity"):
-        # the float model here is the sparse one; `slimkit eval` of the result compares with the dense original
+    if sparse_fp:
         rows = {"FP (sparse)": rows["FP"], "quantized": rows["quantized"]}
     print_table(rows, title=f"{info['method']} {bits} on {model}", console=Console())
     Console().print(f"saved to {out}")
@@ -395,6 +397,8 @@ def eval_cmd(
     if is_artifact:
         ref_model = _checked_reference(m, ref_model, reference is not None)
     metrics = evaluate(m, x, y, reference=ref_model, device=dev, progress=not quiet)
+    if is_artifact:     # fake-quantized or masked weights run as dense float ones: no speed figure (as quantize says)
+        metrics.pop("seconds", None)
     if y is None and ref_model is None:
         console.print("[yellow]no labels and no reference model: only size is reported[/]")
     print_table({Path(model).name or model: metrics}, title=f"eval on {data}", console=Console())

@@ -115,8 +115,11 @@ def model_size_bytes(model: nn.Module) -> int:
     """Storage size, as slimkit.save stores the model: quantized weights at their bit width plus their scales and
     zero points (fp32); a sparse layer's kept weights (values, or codes when quantized) plus a one-bit mask;
     every other parameter and buffer at its own dtype, each storage once. A quantized layer's float weight that
-    another module also uses as it is (a quantized head tied to the embedding) is counted in float too."""
+    another module also uses as it is (a quantized head tied to the embedding) is counted in float too.
+    Non-persistent buffers (rotary frequencies, BERT's position_ids) are not stored (the model recomputes them)."""
     total, counted = 0, set()
+    transient = {id(getattr(m, b)) for m in model.modules() for b in m._non_persistent_buffers_set
+                 if getattr(m, b, None) is not None}
     sparse = set(((getattr(model, "slimkit_info", None) or {}).get("sparsity") or {}).get("layers", {}))
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer) and m.w_quant is not None}
     inner = {f"{q}.layer" for q in quantized}
@@ -139,7 +142,7 @@ def model_size_bytes(model: nn.Module) -> int:
             total += int((w != 0).sum()) * w.element_size() + (w.numel() + 7) // 8
             counted.add(_storage_key(w))
     for t in list(model.parameters()) + list(model.buffers()):
-        if _storage_key(t) not in counted:
+        if id(t) not in transient and _storage_key(t) not in counted:
             total += t.numel() * t.element_size()
             counted.add(_storage_key(t))
     return total

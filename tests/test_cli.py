@@ -108,6 +108,9 @@ def test_quantize_save_eval_and_bad_load(work):
     ev = run("eval", "out", "--data", "labelled.npz", "--quiet", cwd=work)
     assert ev.returncode == 0, ev.stderr
     assert "agreement" in ev.stdout  # the artifact knows its factory, so FP fidelity is reported
+    # quantize reports no inference time for a fake-quantized model (float kernels on dequantized weights), and
+    # neither does eval of its artifact
+    assert "inference time" not in ok.stdout and "inference time" not in ev.stdout
     # corrupt and foreign directories
     (work / "foreign").mkdir()
     (work / "foreign" / "a.txt").write_text("x")

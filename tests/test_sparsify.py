@@ -192,6 +192,9 @@ def test_cli_sparsify_writes_artifact_chart_and_refuses_bad_input(tmp_path):
     assert "FP (sparse)" in q.output          # the float row is the sparse model, not the dense original
     manifest = json.loads((tmp_path / "sq" / "manifest.json").read_text())
     assert manifest["sparsity"]["target"] == 0.7 and all(s.get("w_sparse") for s in manifest["layers"].values())
+    # the manifest names the sparse reference as the table does: its figures (and the quantized model's agreement
+    # and KL) are not those of the dense original, which `slimkit eval` of the artifact compares with
+    assert "fp_sparse" in manifest["metrics"] and "fp" not in manifest["metrics"]
     again = CliRunner().invoke(app, ["quantize", str(tmp_path / "sq"), "--method", "rtn", "--out",
                                      str(tmp_path / "sqq")])
     assert again.exit_code != 0 and "already quantized" in str(again.exception)

@@ -402,10 +402,34 @@ def test_size_counts_a_tied_embedding_once_in_memory_and_after_reload(tmp_path):
     again = slimkit.load(tmp_path / "art")
     packed = {t.data_ptr() for m in layers.values() for t in (m.layer.weight, m.w_int, m.w_quant.scale,
                                                              m.w_quant.zero_point)}
-    by_hand = sum(t.numel() * t.element_size() for ptr, t in
-                  {p.data_ptr(): p for p in list(q.parameters()) + list(q.buffers())}.items() if ptr not in packed)
+    stored = list(q.parameters()) + [b for n, b in q.named_buffers() if n in q.state_dict()]   # not inv_freq
+    by_hand = sum(t.numel() * t.element_size() for ptr, t in {p.data_ptr(): p for p in stored}.items()
+                  if ptr not in packed)
     by_hand += sum((m.layer.weight.numel() * 4 + 7) // 8 + 2 * m.w_quant.scale.numel() * 4 for m in layers.values())
     assert model_size_bytes(q) == model_size_bytes(again) == by_hand
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_size_is_what_the_artifact_stores_not_the_buffers_the_model_recomputes(kind, tmp_path):
+    """Non-persistent buffers (BERT's position_ids / token_type_ids, rotary inv_freq) are in no file: the size
+    reported for the float and the quantized model leaves them out, and equals the artifact's stored tensors
+    (slimkit.safetensors plus the float tensors of transformers' part that slimkit.safetensors does not hold)."""
+    from safetensors.torch import load_file
+
+    from slimkit.eval import model_size_bytes
+
+    model = tiny_model(kind)
+    state = model.state_dict()
+    assert model_size_bytes(model) == sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in
+                                                                                  state.values()}.values())
+    q = slimkit.quantize(model, tiny_inputs(kind, 8, 16, seed=1, pad=False), method="minmax", w_bits=4, a_bits=8,
+                         **OPTS)
+    slimkit.save(q, tmp_path / "art")
+    ours, theirs = load_file(str(tmp_path / "art" / "slimkit.safetensors")), load_file(str(tmp_path / "art" /
+                                                                                          "model.safetensors"))
+    layers = quant_layers(q)
+    rest = [t for k, t in theirs.items() if not any(k.startswith(n + ".") for n in layers)]
+    assert model_size_bytes(q) == sum(t.numel() * t.element_size() for t in list(ours.values()) + rest)
 
 
 def test_blocks_of_another_attention_kind_get_their_own_arguments():
@@ -693,3 +717,37 @@ def test_inplace_refuses_a_model_of_inference_tensors():
         slimkit.quantize(model, ids, method="minmax", w_bits=8, a_bits=8, inplace=True, **OPTS)
     q = slimkit.quantize(model, ids, method="minmax", w_bits=8, a_bits=8, **OPTS)
     assert quant_layers(q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_quantized_model_cast_to_another_dtype_saves_and_reloads_bit_for_bit(dtype, tmp_path):
+    """.half() / .to(bfloat16) / .double() after quantizing: the quantizers' steps stay float32 (cast with the model,
+    they were rounded to its dtype and the reloaded model, whose steps are float32, gave other outputs: 0.03-0.1)."""
+    from slimkit.core.wrap import quantizers
+
+    q = slimkit.quantize(tiny_model("llama"), tiny_inputs("llama", 8, 16, seed=1, pad=False), method="minmax",
+                         w_bits=4, a_bits=6, attn_quant=True, **OPTS)
+    ev = tiny_inputs("llama", 4, 16, seed=2)
+    cast = copy.deepcopy(q).to(dtype)
+    assert all(t.dtype == torch.float32 for a in quantizers(cast) for t in (a.scale, a.zero_point))
+    want = output(cast, ev)
+    assert want.dtype == dtype
+    assert torch.equal(output(slimkit.load(slimkit.save(cast, tmp_path / "art")), ev), want)
+
+
+def test_save_pretrained_of_a_quantized_model_is_refused_with_what_to_do(tmp_path):
+    """model.save_pretrained(DIR) wrote the quantized layers' state under names transformers does not know, and
+    from_pretrained(DIR) initialised those linears at random (logits 1.5 off) with only its own load report."""
+    import io
+
+    q = slimkit.quantize(tiny_model("llama"), tiny_inputs("llama", 8, 16, seed=1, pad=False), method="minmax",
+                         w_bits=4, a_bits=8, **OPTS)
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    saved = slimkit.save(q, tmp_path / "art")         # slimkit.save still writes transformers' part
+    for model in (q, copy.deepcopy(q), torch.load(buf, weights_only=False), slimkit.load(saved)):
+        with pytest.raises(slimkit.SlimkitError, match=r"save_pretrained .*slimkit\.save\(model, DIR\)"):
+            model.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    assert (saved / "config.json").exists() and (saved / "model.safetensors").exists()

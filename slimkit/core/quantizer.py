@@ -244,6 +244,20 @@ class Quantizer(nn.Module):
             self.register_buffer("scale", scale)
         self.learn_scale = False
 
+    def _apply(self, fn, recurse=True):
+        """Moves follow the model (.to(device), .cuda()), but scales and zero points stay float32 through a dtype
+        cast (.half(), .to(torch.bfloat16), .double()): rounded to the model's dtype they would change the grid, and
+        the model would no longer be the one slimkit.save writes and slimkit.load rebuilds (float32 steps)."""
+        out = super()._apply(fn, recurse)
+        for name in ("scale", "zero_point"):
+            t = getattr(self, name, None)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.float()
+                else:
+                    self._buffers[name] = t.float()
+        return out
+
     # -- AdaRound ---------------------------------------------------------------------------------
     def init_adaround(self, w: torch.Tensor) -> None:
         rows = to_rows(w.detach(), self.spec) / self.scale.detach().reshape(-1, 1)

@@ -188,6 +188,12 @@ class QuantLayer(nn.Module):
         self._w_cache = None
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        """load_state_dict copies into w_int / w_mask / the scales in place: the dequantized weight cached from the
+        old values must go, or the forward keeps computing with them."""
+        self._w_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def settings(self) -> dict:
         """The per-layer quantization settings recorded in the manifest ('act_at': the block whose input, quantized
         once, this layer reads; 'act' is then that shared quantizer, held by one of the block's entry layers)."""
@@ -292,6 +298,18 @@ def mask_pruned(wrapped: dict[str, "QuantLayer"], sparsity: dict | None) -> None
             wrapped[name].set_mask(weight_oi(wrapped[name].layer) != 0)
 
 
+class _SavePretrainedRefused:
+    """Stands in for a quantized Hugging Face model's save_pretrained (an instance attribute: picklable, copied with
+    the model). transformers would write the QuantLayers' state (w_int, layer.weight, a_quant.scale, ...) under names
+    its architecture does not have, and from_pretrained would initialise those linears at random, with a warning."""
+
+    def __call__(self, *args, **kwargs):
+        raise SlimkitError("save_pretrained cannot write a slimkit-quantized model: transformers would store its "
+                           "quantized layers under names from_pretrained does not know and initialise them at random; "
+                           "save it with slimkit.save(model, DIR) and reload it with slimkit.load(DIR) (a quantized "
+                           "transformer's folder also loads in from_pretrained, its weights dequantized)")
+
+
 def wrap_layers(model: nn.Module, plans: dict[str, LayerPlan], init_qparams: bool = True) -> dict[str, QuantLayer]:
     """Replace each named layer by its QuantLayer twin, in place; returns the wrappers by name.
     `init_qparams=False` skips computing weight scales (when they are about to be loaded)."""
@@ -300,6 +318,8 @@ def wrap_layers(model: nn.Module, plans: dict[str, LayerPlan], init_qparams: boo
         olds[name] = layer = model.get_submodule(name)
         wrapped[name] = QuantLayer(layer, plan.w_spec, plan.a_spec, plan.w_observer, plan.a_observer, init_qparams)
     swap_modules(model, wrapped, olds)     # a layer held under two names (self.b = self.a) is wrapped at both
+    if wrapped and callable(getattr(type(model), "save_pretrained", None)):    # a Hugging Face model
+        model.save_pretrained = _SavePretrainedRefused()
     return wrapped
 
 

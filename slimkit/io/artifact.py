@@ -210,6 +210,8 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
     path = Path(path)
     if metrics is not None and not isinstance(metrics, dict):
         raise SlimkitError(f"metrics must be a dict of names to numbers, got {type(metrics).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod     # torch.compile's wrapper: its state's keys carry "_orig_mod.", which load refuses
     info = getattr(model, "slimkit_info", None)
     if info is None or not (quant_layers(model) or "sparsity" in info):
         raise SlimkitError("this model was not produced by slimkit.quantize or slimkit.sparsify: nothing to save")

@@ -115,7 +115,7 @@ def write_hf(model: nn.Module, directory: Path) -> None:
         model.config._attn_implementation = "sdpa"
     try:
         with _quiet_transformers():
-            model.save_pretrained(directory, state_dict=hf_state_dict(model))
+            type(model).save_pretrained(model, directory, state_dict=hf_state_dict(model))   # (not the refusal)
     finally:
         model.config._attn_implementation = impl
     tokenizer = getattr(model, "_slimkit_tokenizer", None)
