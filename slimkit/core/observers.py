@@ -200,9 +200,9 @@ def mse_search(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Q
     values = values.detach()
     r_all = torch.tensor([1.0 - i * step for i in range(ratios)], dtype=lo.dtype, device=lo.device)
     fused = fused and values.is_cuda
+    eager_chunk = max(1, min(ratios, (1 << (24 if values.is_cuda else 20)) // max(1, values.numel())))
     if chunk is None:
-        chunk = ratios if fused else max(1, min(ratios, (1 << (24 if values.is_cuda else 20))
-                                                // max(1, values.numel())))
+        chunk = ratios if fused else eager_chunk
     best_err = torch.full_like(lo, float("inf"))
     best_scale, best_zp = qparams_from_range(lo, hi, spec)
     for i in range(0, ratios, chunk):
@@ -210,8 +210,9 @@ def mse_search(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Q
         scale, zp = qparams_from_range(lo * r, hi * r, spec)  # (chunk, rows)
         s3, z3 = scale[..., None], zp[..., None]
         err = _errors_fused(values, s3, z3, spec.qmin, spec.qmax, p) if fused else None
-        if err is None:
-            err = _chunk_errors(values, s3, z3, spec.qmin, spec.qmax, p)  # (chunk, rows)
+        if err is None:     # eagerly, at most eager_chunk ratios at a time (a failed fused chunk holds them all)
+            err = torch.cat([_chunk_errors(values, s3[j: j + eager_chunk], z3[j: j + eager_chunk], spec.qmin,
+                                           spec.qmax, p) for j in range(0, len(s3), eager_chunk)])  # (chunk, rows)
         chunk_err, idx = err.min(0)  # first minimum within the chunk
         better = chunk_err < best_err
         best_err = torch.where(better, chunk_err, best_err)
