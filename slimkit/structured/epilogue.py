@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import hopper
 from .layers import _monarch_reference, block_diag_product, block_diag_reference, linear_cast_bias, regrad
 
 try:
@@ -396,6 +397,8 @@ def dgelu_block_diag(dz: torch.Tensor, blocks: torch.Tensor, pre: torch.Tensor) 
     per-block calls at T 16384, b 4, q 256, p 2048 on an H100.)"""
     t, nb, _ = dz.shape
     p = blocks.shape[2]
+    if hopper.applies(dz.view(t, -1), blocks, pre, feature_major=False):       # one Gluon kernel for every block
+        return hopper.dgelu_blocks(dz.view(t, -1), blocks, pre, False)
     dpre = torch.empty_like(pre)
     out, aux = dpre.view(t, nb, p), pre.view(t, nb, p)
     for k in range(nb):
@@ -672,9 +675,12 @@ class ShuffleGeluFFN(torch.autograd.Function):
         dh2b = dh2.view(k2, q2, t)
         dc1 = torch.bmm(dh2b, act.view(k2, p2, t).transpose(1, 2)) if needs[4] else None
         dpre = torch.empty_like(pre)
-        dv, pv = dpre.view(k2, p2, t), pre.view(k2, p2, t)
-        for i in range(k2):
-            _matmul("DGELU", c1[i].t(), dh2b[i], dv[i], pv[i])      # c1[i]^T read transposed, not copied
+        if hopper.applies(dh2, c1, pre, feature_major=True):        # one Gluon kernel for every block
+            hopper.dgelu_blocks(dh2, c1, pre, True, out=dpre)
+        else:
+            dv, pv = dpre.view(k2, p2, t), pre.view(k2, p2, t)
+            for i in range(k2):
+                _matmul("DGELU", c1[i].t(), dh2b[i], dv[i], pv[i])      # c1[i]^T read transposed, not copied
         dpv = dpre.view(s, l, t).transpose(0, 1)                 # fc1's second factor, block j: rows j, j + l, ...
         da2 = db1 = None
         if needs[2] or needs[3]:

@@ -1,0 +1,240 @@
+"""Block-diagonal matmuls through GELU' as hand-scheduled Hopper kernels (Gluon: TMA, mbarriers, wgmma).
+
+The backward of a structured FFN whose fc2 starts block-diagonal (BlockShuffle, BlockDense) computes, per block,
+
+    dpre = (dz_block @ W_block) * gelu_tanh'(pre)
+
+over the (tokens x hidden) activations: a matmul with a small contraction (K = q, 256 at d_model 2048 and 25% of
+the parameters) whose output and auxiliary input (pre) are the FFN's largest tensors, so its cost is memory, not
+FLOPs. cuBLASLt's DGELU epilogue (epilogue.py), one call per block, runs it at 2-2.7x the bytes floor on an H100.
+The kernel here is persistent, one program an SM: a program takes (block, tile) items, loads the item's
+activation operand once into shared memory (stationary) and sweeps the block's tiles of the other side, streaming
+the block's weight tiles (L2-resident) and the pre-activation through TMA; after each tile's matmul the next tile's
+loads go out before this tile's epilogue (GELU' in fp32, with the hardware tanh, then a TMA store).
+
+Two layouts, one kernel:
+- feature-major (BlockShuffle's ShuffleGeluFFN keeps the hidden activations hidden x tokens): out (nb*p, T),
+  block i's rows i*p.. = w[i]^T (p, q) @ dz[i*q:(i+1)*q] (q, T); the stationary operand is dz's (q, BN) column
+  tile, and w[i]'s (BK, BM) tiles go to the tensor cores transposed as they lie in shared memory (no copy of w);
+- token-major (BlockDense's GeluFFN): out (T, nb*p), block j's columns j*p.. = dz[:, j*q:(j+1)*q] @ blocks[j]
+  (q, p); the stationary operand is dz's (BM, q) row tile.
+
+`dgelu_blocks` runs it where `applies` says it can (a Hopper GPU, a Triton with Gluon, bf16/fp16, shapes the tiles
+divide, a stationary operand that fits in shared memory); `dgelu_blocks_reference` is the PyTorch computation it
+is tested against. SLIMKIT_HOPPER_KERNELS=0 turns it off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except Exception:        # no Triton, or one without Gluon: the module reports itself unavailable
+    gluon = gl = None
+
+ENABLED = os.environ.get("SLIMKIT_HOPPER_KERNELS", "1") != "0"
+SMEM_BUDGET = 200 << 10          # bytes of shared memory a program may take (an H100 SM has 227 KB)
+TILES = ((128, 128, 8), (128, 64, 8))     # (BM, BN, warps), the first that fits (smaller tiles measured slower)
+_GL_DTYPES = {} if gl is None else {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def dgelu_blocks_reference(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_major: bool) -> torch.Tensor:
+    """What dgelu_blocks computes, in fp32 torch ops, returned in pre's dtype. w (nb, q, p) the blocks;
+    feature_major: dz (nb*q, T), pre (nb*p, T); else dz (T, nb*q), pre (T, nb*p)."""
+    nb = w.shape[0]
+    if feature_major:
+        t = dz.shape[1]
+        dh = torch.bmm(w.float().transpose(1, 2), dz.float().view(nb, -1, t)).reshape(-1, t)
+    else:
+        t = dz.shape[0]
+        dh = torch.bmm(dz.float().view(t, nb, -1).transpose(0, 1), w.float()).transpose(0, 1).reshape(t, -1)
+    return torch.ops.aten.gelu_backward(dh, pre.float(), approximate="tanh").to(pre.dtype)
+
+
+def _pick(nb: int, q: int, p: int, feature_major: bool):
+    """(BM, BN, BK, warps) for these blocks, or None where no tile config divides them or fits."""
+    bk = next((b for b in (64, 32, 16) if q % b == 0), None)
+    if bk is None:
+        return None
+    for bm, bn, warps in TILES:
+        swept = bm if feature_major else bn            # the tile dimension a block's width p is cut into
+        if p % swept:
+            continue
+        smem = 2 * (q * bn + q * bm + 2 * bm * bn)    # stationary + streamed operands (all k steps), two pre tiles
+        if smem <= SMEM_BUDGET:
+            return bm, bn, bk, warps
+    return None
+
+
+def applies(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_major: bool) -> bool:
+    """Whether dgelu_blocks runs the Gluon kernel for these operands (else the caller takes another path)."""
+    if gl is None or not ENABLED or not dz.is_cuda or dz.dtype not in _GL_DTYPES:
+        return False
+    if not (dz.dtype == w.dtype == pre.dtype) or torch.cuda.get_device_capability(dz.device)[0] != 9:
+        return False
+    nb, q, p = w.shape
+    t = dz.shape[1] if feature_major else dz.shape[0]
+    if t % 8 or (nb * p) % 8 or (nb * q) % 8:          # TMA: 16-byte aligned row strides
+        return False
+    return _pick(nb, q, p, feature_major) is not None
+
+
+if gl is not None:
+    _C0 = gl.constexpr(0.7978845608028654)     # sqrt(2 / pi)
+    _A0 = gl.constexpr(0.044715)
+
+    @gluon.jit
+    def _tanh_approx(u):
+        """The hardware tanh (MUFU.TANH, about 2^-11 relative error; dpre is rounded to 2^-8 after it)."""
+        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=gl.float32, is_pure=True,
+                                         pack=1)
+
+    @gluon.jit
+    def _gelu_tanh_grad(x):
+        x2 = x * x
+        t = _tanh_approx(_C0 * x * (1.0 + _A0 * x2))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _C0 * (1.0 + 3.0 * _A0 * x2)
+
+    @gluon.jit
+    def _tile(t, pid, nprog, NB, NT: gl.constexpr, Q: gl.constexpr, P: gl.constexpr, BM: gl.constexpr,
+              BN: gl.constexpr, FM: gl.constexpr):
+        """This program's t-th tile: (stationary operand's origin, streamed operand's origin, output origin) as
+        (row, column) pairs, and whether it starts a new item. Items are dealt round-robin, NT tiles each."""
+        item = pid + (t // NT) * nprog
+        sub = t % NT
+        if FM:       # item (block i, token tile n); tiles down the block's p rows
+            blk = item % NB
+            s0 = blk * Q
+            s1 = (item // NB) * BN
+            v0 = blk * Q
+            v1 = sub * BM
+            o0 = blk * P + sub * BM
+            o1 = s1
+        else:        # item (token tile m, block j); tiles across the block's p columns
+            blk = item % NB
+            s0 = (item // NB) * BM
+            s1 = blk * Q
+            v0 = s1
+            v1 = sub * BN
+            o0 = s0
+            o1 = blk * P + sub * BN
+        return sub == 0, s0, s1, v0, v1, o0, o1
+
+    @gluon.jit
+    def _load_stationary(desc, bar, bufs, r0, c0, pred, KSTEPS: gl.constexpr, BK: gl.constexpr, FM: gl.constexpr):
+        mbarrier.expect(bar, KSTEPS * desc.block_type.nbytes, pred=pred)
+        for s in gl.static_range(KSTEPS):
+            if FM:   # dz (nb q, T): k runs down the rows
+                tma.async_copy_global_to_shared(desc, [r0 + s * BK, c0], bar, bufs.index(s), pred)
+            else:    # dz (T, nb q): k runs along the columns
+                tma.async_copy_global_to_shared(desc, [r0, c0 + s * BK], bar, bufs.index(s), pred)
+
+    @gluon.jit
+    def _load_streamed(desc, bars, bufs, r0, c0, pred, KSTEPS: gl.constexpr, BK: gl.constexpr, FM: gl.constexpr):
+        for s in gl.static_range(KSTEPS):
+            mbarrier.expect(bars.index(s), desc.block_type.nbytes, pred=pred)
+            tma.async_copy_global_to_shared(desc, [r0 + s * BK, c0], bars.index(s), bufs.index(s), pred)
+
+    @gluon.jit
+    def _dgelu_blocks_kernel(stat_desc, strm_desc, pre_desc, out_desc, n_items, NB, Q: gl.constexpr,
+                             P: gl.constexpr, BK: gl.constexpr, NT: gl.constexpr, FM: gl.constexpr,
+                             layout: gl.constexpr, num_warps: gl.constexpr):
+        BM: gl.constexpr = out_desc.block_type.shape[0]
+        BN: gl.constexpr = out_desc.block_type.shape[1]
+        KSTEPS: gl.constexpr = Q // BK
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        total = gl.cdiv(n_items - pid, nprog) * NT
+
+        s_bufs = gl.allocate_shared_memory(stat_desc.dtype, [KSTEPS] + stat_desc.block_type.shape, stat_desc.layout)
+        v_bufs = gl.allocate_shared_memory(strm_desc.dtype, [KSTEPS] + strm_desc.block_type.shape, strm_desc.layout)
+        c_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_type.shape, pre_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [KSTEPS + 3, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(KSTEPS + 3):
+            mbarrier.init(bars.index(s), count=1)
+        sbar = bars.index(KSTEPS)
+
+        new, s0, s1, v0, v1, o0, o1 = _tile(0, pid, nprog, NB, NT, Q, P, BM, BN, FM)
+        _load_stationary(stat_desc, sbar, s_bufs, s0, s1, True, KSTEPS, BK, FM)
+        _load_streamed(strm_desc, bars, v_bufs, v0, v1, True, KSTEPS, BK, FM)
+        mbarrier.expect(bars.index(KSTEPS + 1), pre_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(pre_desc, [o0, o1], bars.index(KSTEPS + 1), c_bufs.index(0))
+        for t in range(total):
+            if t % NT == 0:
+                mbarrier.wait(sbar, (t // NT) & 1)
+            acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
+            for s in gl.static_range(KSTEPS):
+                mbarrier.wait(bars.index(s), t & 1)
+                if FM:     # w's (BK, BM) tile, transposed
+                    acc = warpgroup_mma(v_bufs.index(s).permute((1, 0)), s_bufs.index(s), acc, is_async=True)
+                else:
+                    acc = warpgroup_mma(s_bufs.index(s), v_bufs.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            cur0 = o0
+            cur1 = o1
+            # the next tile's loads go out before this tile's epilogue
+            t2 = t + 1
+            more = t2 < total
+            new, s0, s1, v0, v1, o0, o1 = _tile(t2, pid, nprog, NB, NT, Q, P, BM, BN, FM)
+            _load_stationary(stat_desc, sbar, s_bufs, s0, s1, more & new, KSTEPS, BK, FM)
+            _load_streamed(strm_desc, bars, v_bufs, v0, v1, more, KSTEPS, BK, FM)
+            tma.store_wait(pendings=0)         # the store that used the next tile's pre buffer is done
+            nbar = bars.index(KSTEPS + 1 + (t2 % 2))
+            mbarrier.expect(nbar, pre_desc.block_type.nbytes, pred=more)
+            tma.async_copy_global_to_shared(pre_desc, [o0, o1], nbar, c_bufs.index(t2 % 2), more)
+            c_buf = c_bufs.index(t % 2)
+            mbarrier.wait(bars.index(KSTEPS + 1 + (t % 2)), (t // 2) & 1)
+            pre = c_buf.load(layout).to(gl.float32)
+            c_buf.store((acc * _gelu_tanh_grad(pre)).to(pre_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(out_desc, [cur0, cur1], c_buf)
+        tma.store_wait(pendings=0)
+
+    def _mma_layout(bm: int, bn: int, num_warps: int):
+        """The wgmma accumulator layout of a (bm, bn) tile over num_warps warps (16-bit operands)."""
+        warps = [4, 1]
+        while warps[0] * warps[1] != num_warps:
+            if bm > 16 * warps[0]:
+                warps[0] *= 2
+            else:
+                warps[1] *= 2
+        n = 256
+        maxn = max(bn // triton.cdiv(num_warps, triton.cdiv(bm, 16)), 8)
+        while n > maxn or bn % n:
+            n -= 8
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, n, 16])
+
+
+def _desc(x: torch.Tensor, block: list[int]):
+    gdt = _GL_DTYPES[x.dtype]
+    return TensorDescriptor.from_tensor(x, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
+
+
+def dgelu_blocks(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_major: bool,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """dpre = (block-diagonal matmul of dz with w's blocks) * gelu_tanh'(pre), one Gluon kernel (see the module's
+    docstring for the two layouts; dgelu_blocks_reference says the same in torch). Only where applies() holds."""
+    nb, q, p = w.shape
+    t = dz.shape[1] if feature_major else dz.shape[0]
+    bm, bn, bk, warps = _pick(nb, q, p, feature_major)
+    dz, w, pre = dz.contiguous(), w.contiguous(), pre.contiguous()
+    out = torch.empty_like(pre) if out is None else out
+    if feature_major:       # stationary dz (nb q, T) tiles (bk, bn); streamed w (nb q, p) tiles (bk, bm)
+        stat, strm = _desc(dz, [bk, bn]), _desc(w.view(nb * q, p), [bk, bm])
+        n_items, nt = nb * triton.cdiv(t, bn), p // bm
+    else:                   # stationary dz (T, nb q) tiles (bm, bk); streamed blocks (nb q, p) tiles (bk, bn)
+        stat, strm = _desc(dz, [bm, bk]), _desc(w.view(nb * q, p), [bk, bn])
+        n_items, nt = triton.cdiv(t, bm) * nb, p // bn
+    pre_d, out_d = _desc(pre, [bm, bn]), _desc(out, [bm, bn])
+    sms = torch.cuda.get_device_properties(dz.device).multi_processor_count
+    grid = (min(sms, n_items), )
+    _dgelu_blocks_kernel[grid](stat, strm, pre_d, out_d, n_items, nb, q, p, bk, nt, feature_major,
+                               _mma_layout(bm, bn, warps), num_warps=warps)
+    return out
