@@ -30,8 +30,8 @@ def test_reference_is_the_block_diagonal_matmul_through_gelu_grad(feature_major)
 
 
 def test_tile_choice():
-    assert HP._pick(8, 256, 1024, True) == (128, 128, 64, 8)
-    assert HP._pick(8, 32, 128, False) == (128, 128, 32, 8)
+    assert HP._pick(8, 256, 1024, True) == (128, 128, 64, 8, 1, 2)
+    assert HP._pick(8, 32, 128, False) == (128, 128, 32, 8, 1, 2)
     assert HP._pick(8, 120, 1024, True) is None              # k = 120: no k step of 16, 32 or 64 divides it
     assert HP._pick(8, 256, 96, True) is None                # p = 96 rows: no 128-row tile divides them
     assert HP._pick(4, 512, 2048, True) is None              # both k-long operands overflow shared memory
@@ -42,6 +42,28 @@ def test_applies_only_on_a_hopper_gpu_in_16_bit():
     dz, w, pre = _operands(8, 64, 128, 32, True)
     assert not HP.applies(dz, w, pre, True)                   # the CPU, and float32
     assert not HP.applies(dz.bfloat16(), w.bfloat16(), pre.bfloat16(), True)      # the CPU
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_interleaved_up_reference_is_what_the_gelu_aux_matmuls_compute(bias):
+    """fc1's second factor through bias + GELU, as ShuffleGeluFFN's cuBLASLt path computes it (the weight given a
+    bias column, the middle ones rows, one GELU_AUX a block), equals gelu_blocks_interleaved_reference."""
+    torch.manual_seed(0)
+    l, s, r, t = 4, 16, 8, 24
+    w, b = torch.randn(l, s, r, dtype=torch.float64), torch.randn(s * l, dtype=torch.float64)
+    rp = EP._shuffle_pad(r, bias)
+    h = torch.randn(rp * l, t, dtype=torch.float64)
+    h[r * l:] = 1
+    w2p = torch.cat([w, b.view(s, l).t().unsqueeze(2), w.new_zeros(l, s, rp - r - 1)], 2) if bias else w
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EP, "_matmul", EP.reference_matmul)
+        want_act, want_pre = EP._shuffle_up(h, w2p.contiguous(), t, True)
+    act, pre = HP.gelu_blocks_interleaved_reference(h, w, b if bias else None, t)
+    torch.testing.assert_close(act, want_act, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(pre, want_pre, rtol=1e-9, atol=1e-9)
+    assert HP._pick_up(1024, 256, 16384) == (128, 128, 64, 8)
+    assert HP._pick_up(1024, 256, 16008) is None              # tokens off every tile: a tile would cross blocks
+    assert HP._pick_up(1024, 264, 16384) is None              # no k step divides r
 
 
 @pytest.mark.parametrize("kind", ["blockshuffle", "blockdense"])
@@ -58,6 +80,14 @@ def test_ffn_backward_hands_the_kernel_its_operands(monkeypatch, kind):
         got = HP.dgelu_blocks_reference(dz, w, pre, feature_major)
         return got if out is None else out.copy_(got)
     monkeypatch.setattr(HP, "dgelu_blocks", stand_in)
+    monkeypatch.setattr(HP, "up_applies", lambda *a, **k: True)
+    ups = []
+
+    def up_stand_in(h, w, b, t, store_pre=True):
+        ups.append((tuple(h.shape), tuple(w.shape), store_pre))
+        act, pre = HP.gelu_blocks_interleaved_reference(h, w, b, t)
+        return act, (pre if store_pre else None)
+    monkeypatch.setattr(HP, "gelu_blocks_interleaved", up_stand_in)
     torch.manual_seed(0)
     fc1, fc2 = make_linear(kind, 64, 256, 0.25, True), make_linear(kind, 256, 64, 0.25, True)
     with torch.no_grad():
@@ -78,6 +108,12 @@ def test_ffn_backward_hands_the_kernel_its_operands(monkeypatch, kind):
     want = run(lambda t: fc2(F.gelu(fc1(t), approximate="tanh")))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if kind == "blockshuffle":       # the forward's kernel took fc1's second factor, the middle's ones rows beside
+        l, s, r = fc1.w2.shape
+        assert ups == [((EP._shuffle_pad(r, True) * l, 16), (l, s, r), True)]
+        with torch.no_grad():
+            torch.testing.assert_close(fused_ffn(fc1, fc2, x, "tanh", matmul="cublaslt"), want[0], rtol=1e-5,
+                                       atol=1e-5)
     blocks = fc2.w1 if kind == "blockshuffle" else fc2.blocks
     assert calls == [((blocks.shape[0] * blocks.shape[1], 16) if kind == "blockshuffle" else
                       (16, blocks.shape[0] * blocks.shape[1]), tuple(blocks.shape), kind == "blockshuffle")]
@@ -86,6 +122,27 @@ def test_ffn_backward_hands_the_kernel_its_operands(monkeypatch, kind):
 hopper_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and HP.gl is not None and torch.cuda.get_device_capability()[0] == 9),
     reason="needs a Hopper GPU and a Triton with Gluon")
+
+
+@hopper_gpu
+@pytest.mark.parametrize("l,s,r,t", [(8, 1024, 256, 2048), (2, 256, 64, 640), (4, 128, 32, 128)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interleaved_up_kernel_equals_reference_on_gpu(l, s, r, t, bias, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rp = EP._shuffle_pad(r, True)
+    h = torch.randn(rp * l, t, device="cuda", generator=g).to(dtype)
+    h[r * l:] = 1
+    w = (torch.randn(l, s, r, device="cuda", generator=g) / r ** 0.5).to(dtype)
+    b = torch.randn(s * l, device="cuda", generator=g).to(dtype) if bias else None
+    assert HP.up_applies(h, w, t)
+    act, pre = HP.gelu_blocks_interleaved(h, w, b, t)
+    want_act, want_pre = HP.gelu_blocks_interleaved_reference(h.float(), w.float(), None if b is None else b.float(),
+                                                              t)
+    for got, want in ((act, want_act), (pre, want_pre)):
+        assert ((got.float() - want).norm() / want.norm()).item() < 4e-3
+    act2, none = HP.gelu_blocks_interleaved(h, w, b, t, store_pre=False)
+    assert none is None and torch.equal(act2, act)
 
 
 @hopper_gpu

@@ -639,11 +639,15 @@ class ShuffleGeluFFN(torch.autograd.Function):
         rp = _shuffle_pad(r, b1 is not None)
         h = x.new_empty(rp * l, t)                               # the middle, feature-major, then the ones rows
         torch.bmm(a1, x.view(t, k, p).permute(1, 2, 0), out=h[: k * q].view(k, q, t))
-        w2p = a2
         if b1 is not None:
-            h[k * q:].fill_(1)
-            w2p = torch.cat([a2, b1.view(s, l).t().unsqueeze(2), a2.new_zeros(l, s, rp - r - 1)], 2)
-        act, pre = _shuffle_up(h, w2p.contiguous(), t, grad)
+            h[k * q:].fill_(1)                                   # read by the backward's weight gradient
+        if hopper.up_applies(h, a2, t):                          # one Gluon kernel, the bias in its epilogue
+            act, pre = hopper.gelu_blocks_interleaved(h, a2, b1, t, store_pre=grad)
+        else:
+            w2p = a2
+            if b1 is not None:
+                w2p = torch.cat([a2, b1.view(s, l).t().unsqueeze(2), a2.new_zeros(l, s, rp - r - 1)], 2)
+            act, pre = _shuffle_up(h, w2p.contiguous(), t, grad)
         h2 = x.new_empty(k2 * q2, t)
         torch.bmm(c1, act.view(k2, p2, t), out=h2.view(k2, q2, t))
         y = x.new_empty(s2 * l2, t)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -41,35 +42,39 @@ except Exception:        # no Triton, or one without Gluon: the module reports i
 
 ENABLED = os.environ.get("SLIMKIT_HOPPER_KERNELS", "1") != "0"
 SMEM_BUDGET = 200 << 10          # bytes of shared memory a program may take (an H100 SM has 227 KB)
-TILES = ((128, 128, 8), (128, 64, 8))     # (BM, BN, warps), the first that fits (smaller tiles measured slower)
+TILES = ((128, 128, 8, 1, 2), (128, 64, 8, 1, 2))  # (BM, BN, warps, programs an SM, pre buffers): first that fits
 _GL_DTYPES = {} if gl is None else {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
 def dgelu_blocks_reference(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_major: bool) -> torch.Tensor:
-    """What dgelu_blocks computes, in fp32 torch ops, returned in pre's dtype. w (nb, q, p) the blocks;
+    """What dgelu_blocks computes, in torch ops at fp32 or wider, returned in pre's dtype. w (nb, q, p) the blocks;
     feature_major: dz (nb*q, T), pre (nb*p, T); else dz (T, nb*q), pre (T, nb*p)."""
-    nb = w.shape[0]
+    nb, ct = w.shape[0], torch.promote_types(dz.dtype, torch.float32)
+    dz, w = dz.to(ct), w.to(ct)
     if feature_major:
         t = dz.shape[1]
-        dh = torch.bmm(w.float().transpose(1, 2), dz.float().view(nb, -1, t)).reshape(-1, t)
+        dh = torch.bmm(w.transpose(1, 2), dz.view(nb, -1, t)).reshape(-1, t)
     else:
         t = dz.shape[0]
-        dh = torch.bmm(dz.float().view(t, nb, -1).transpose(0, 1), w.float()).transpose(0, 1).reshape(t, -1)
-    return torch.ops.aten.gelu_backward(dh, pre.float(), approximate="tanh").to(pre.dtype)
+        dh = torch.bmm(dz.view(t, nb, -1).transpose(0, 1), w).transpose(0, 1).reshape(t, -1)
+    return torch.ops.aten.gelu_backward(dh, pre.to(ct), approximate="tanh").to(pre.dtype)
 
 
-def _pick(nb: int, q: int, p: int, feature_major: bool):
-    """(BM, BN, BK, warps) for these blocks, or None where no tile config divides them or fits."""
+def _fits(q: int, p: int, feature_major: bool, bm: int, bn: int, per_sm: int = 1, cbuf: int = 2,
+          budget: int | None = None) -> bool:
+    swept = bm if feature_major else bn                # the tile dimension a block's width p is cut into
+    smem = 2 * (q * bn + q * bm + cbuf * bm * bn)      # stationary + streamed operands (all k steps), pre tiles
+    return p % swept == 0 and smem * per_sm <= (budget or SMEM_BUDGET)
+
+
+def _pick(nb: int, q: int, p: int, feature_major: bool, tiles=None):
+    """(BM, BN, BK, warps, programs per SM) for these blocks, or None where no tile config divides them or fits."""
     bk = next((b for b in (64, 32, 16) if q % b == 0), None)
     if bk is None:
         return None
-    for bm, bn, warps in TILES:
-        swept = bm if feature_major else bn            # the tile dimension a block's width p is cut into
-        if p % swept:
-            continue
-        smem = 2 * (q * bn + q * bm + 2 * bm * bn)    # stationary + streamed operands (all k steps), two pre tiles
-        if smem <= SMEM_BUDGET:
-            return bm, bn, bk, warps
+    for bm, bn, warps, per_sm, cbuf in tiles or TILES:
+        if _fits(q, p, feature_major, bm, bn, per_sm, cbuf, None if tiles is None else 226 << 10):
+            return bm, bn, bk, warps, per_sm, cbuf
     return None
 
 
@@ -145,7 +150,7 @@ if gl is not None:
     @gluon.jit
     def _dgelu_blocks_kernel(stat_desc, strm_desc, pre_desc, out_desc, n_items, NB, Q: gl.constexpr,
                              P: gl.constexpr, BK: gl.constexpr, NT: gl.constexpr, FM: gl.constexpr,
-                             layout: gl.constexpr, num_warps: gl.constexpr):
+                             CBUF: gl.constexpr, layout: gl.constexpr, num_warps: gl.constexpr):
         BM: gl.constexpr = out_desc.block_type.shape[0]
         BN: gl.constexpr = out_desc.block_type.shape[1]
         KSTEPS: gl.constexpr = Q // BK
@@ -155,9 +160,9 @@ if gl is not None:
 
         s_bufs = gl.allocate_shared_memory(stat_desc.dtype, [KSTEPS] + stat_desc.block_type.shape, stat_desc.layout)
         v_bufs = gl.allocate_shared_memory(strm_desc.dtype, [KSTEPS] + strm_desc.block_type.shape, strm_desc.layout)
-        c_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_type.shape, pre_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [KSTEPS + 3, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(KSTEPS + 3):
+        c_bufs = gl.allocate_shared_memory(pre_desc.dtype, [CBUF] + pre_desc.block_type.shape, pre_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [KSTEPS + 1 + CBUF, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(KSTEPS + 1 + CBUF):
             mbarrier.init(bars.index(s), count=1)
         sbar = bars.index(KSTEPS)
 
@@ -185,16 +190,91 @@ if gl is not None:
             new, s0, s1, v0, v1, o0, o1 = _tile(t2, pid, nprog, NB, NT, Q, P, BM, BN, FM)
             _load_stationary(stat_desc, sbar, s_bufs, s0, s1, more & new, KSTEPS, BK, FM)
             _load_streamed(strm_desc, bars, v_bufs, v0, v1, more, KSTEPS, BK, FM)
-            tma.store_wait(pendings=0)         # the store that used the next tile's pre buffer is done
-            nbar = bars.index(KSTEPS + 1 + (t2 % 2))
+            tma.store_wait(pendings=CBUF - 2)  # the store that used the next tile's pre buffer is done
+            nbar = bars.index(KSTEPS + 1 + (t2 % CBUF))
             mbarrier.expect(nbar, pre_desc.block_type.nbytes, pred=more)
-            tma.async_copy_global_to_shared(pre_desc, [o0, o1], nbar, c_bufs.index(t2 % 2), more)
-            c_buf = c_bufs.index(t % 2)
-            mbarrier.wait(bars.index(KSTEPS + 1 + (t % 2)), (t // 2) & 1)
+            tma.async_copy_global_to_shared(pre_desc, [o0, o1], nbar, c_bufs.index(t2 % CBUF), more)
+            c_buf = c_bufs.index(t % CBUF)
+            mbarrier.wait(bars.index(KSTEPS + 1 + (t % CBUF)), (t // CBUF) & 1)
             pre = c_buf.load(layout).to(gl.float32)
             c_buf.store((acc * _gelu_tanh_grad(pre)).to(pre_desc.dtype))
             fence_async_shared()
             tma.async_copy_shared_to_global(out_desc, [cur0, cur1], c_buf)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _gelu_tanh(x):
+        return 0.5 * x * (1.0 + _tanh_approx(_C0 * x * (1.0 + _A0 * x * x)))
+
+    @gluon.jit
+    def _up_loads(w_desc, h_desc, bars, sbar, w_bufs, h_bufs, t, pid, nprog, NB, S, T, pred,
+                  NT: gl.constexpr, KSTEPS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
+        """Issue tile t's loads: the item's h columns (stationary, at an item's first tile) and block j's weight rows.
+        Returns the tile's (block, output row, output column)."""
+        item = pid + (t // NT) * nprog
+        sub = t % NT
+        blk = item % NB
+        col = blk * T + (item // NB) * BN
+        row = sub * BM
+        new = pred & (sub == 0)
+        mbarrier.expect(sbar, KSTEPS * h_desc.block_type.nbytes, pred=new)
+        for s in gl.static_range(KSTEPS):
+            tma.async_copy_global_to_shared(h_desc, [s * BK, col], sbar, h_bufs.index(s), new)
+        for s in gl.static_range(KSTEPS):
+            mbarrier.expect(bars.index(s), w_desc.block_type.nbytes, pred=pred)
+            tma.async_copy_global_to_shared(w_desc, [blk * S + row, s * BK], bars.index(s), w_bufs.index(s), pred)
+        return blk, row, col
+
+    @gluon.jit
+    def _gelu_up_kernel(w_desc, h_desc, pre_desc, act_desc, bias_ptr, n_items, NB, S, T, R: gl.constexpr,
+                        NT: gl.constexpr, HAS_BIAS: gl.constexpr, STORE_PRE: gl.constexpr, layout: gl.constexpr,
+                        num_warps: gl.constexpr):
+        """act = gelu_tanh(pre), pre = w[j] h_j + b: see gelu_blocks_interleaved. Persistent, items (block, token
+        tile), the item's h tile stationary, the block's weight rows streamed, the next tile's loads issued before
+        this tile's epilogue."""
+        BM: gl.constexpr = act_desc.block_type.shape[0]
+        BN: gl.constexpr = act_desc.block_type.shape[1]
+        BK: gl.constexpr = w_desc.block_type.shape[1]
+        KSTEPS: gl.constexpr = R // BK
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        total = gl.cdiv(n_items - pid, nprog) * NT
+
+        h_bufs = gl.allocate_shared_memory(h_desc.dtype, [KSTEPS] + h_desc.block_type.shape, h_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [KSTEPS] + w_desc.block_type.shape, w_desc.layout)
+        a_buf = gl.allocate_shared_memory(act_desc.dtype, act_desc.block_type.shape, act_desc.layout)
+        p_buf = gl.allocate_shared_memory(act_desc.dtype, act_desc.block_type.shape, act_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [KSTEPS + 1, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(KSTEPS + 1):
+            mbarrier.init(bars.index(s), count=1)
+        sbar = bars.index(KSTEPS)
+        blk, row, col = _up_loads(w_desc, h_desc, bars, sbar, w_bufs, h_bufs, 0, pid, nprog, NB, S, T, True,
+                                  NT, KSTEPS, BM, BN, BK)
+        for t in range(total):
+            if t % NT == 0:
+                mbarrier.wait(sbar, (t // NT) & 1)
+            acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
+            for s in gl.static_range(KSTEPS):
+                mbarrier.wait(bars.index(s), t & 1)
+                acc = warpgroup_mma(w_bufs.index(s), h_bufs.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            cur_blk = blk
+            cur_row = row
+            cur_col = col
+            blk, row, col = _up_loads(w_desc, h_desc, bars, sbar, w_bufs, h_bufs, t + 1, pid, nprog, NB, S, T,
+                                      t + 1 < total, NT, KSTEPS, BM, BN, BK)
+            if HAS_BIAS:     # block j's row i is hidden channel i * NB + j
+                rows = cur_row + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+                acc = acc + gl.load(bias_ptr + rows * NB + cur_blk).to(gl.float32)[:, None]
+            pre = acc.to(act_desc.dtype)
+            tma.store_wait(pendings=0)         # the last tile's stores have left the buffers
+            a_buf.store(_gelu_tanh(acc).to(act_desc.dtype))
+            if STORE_PRE:
+                p_buf.store(pre)
+            fence_async_shared()
+            tma.async_copy_shared_to_global(act_desc, [cur_row, cur_col], a_buf)
+            if STORE_PRE:
+                tma.async_copy_shared_to_global(pre_desc, [cur_row, cur_col], p_buf)
         tma.store_wait(pendings=0)
 
     def _mma_layout(bm: int, bn: int, num_warps: int):
@@ -218,12 +298,12 @@ def _desc(x: torch.Tensor, block: list[int]):
 
 
 def dgelu_blocks(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_major: bool,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, tiles=None) -> torch.Tensor:
     """dpre = (block-diagonal matmul of dz with w's blocks) * gelu_tanh'(pre), one Gluon kernel (see the module's
     docstring for the two layouts; dgelu_blocks_reference says the same in torch). Only where applies() holds."""
     nb, q, p = w.shape
     t = dz.shape[1] if feature_major else dz.shape[0]
-    bm, bn, bk, warps = _pick(nb, q, p, feature_major)
+    bm, bn, bk, warps, per_sm, cbuf = _pick(nb, q, p, feature_major, tiles)
     dz, w, pre = dz.contiguous(), w.contiguous(), pre.contiguous()
     out = torch.empty_like(pre) if out is None else out
     if feature_major:       # stationary dz (nb q, T) tiles (bk, bn); streamed w (nb q, p) tiles (bk, bm)
@@ -234,7 +314,60 @@ def dgelu_blocks(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_m
         n_items, nt = triton.cdiv(t, bm) * nb, p // bn
     pre_d, out_d = _desc(pre, [bm, bn]), _desc(out, [bm, bn])
     sms = torch.cuda.get_device_properties(dz.device).multi_processor_count
-    grid = (min(sms, n_items), )
-    _dgelu_blocks_kernel[grid](stat, strm, pre_d, out_d, n_items, nb, q, p, bk, nt, feature_major,
+    grid = (min(sms * per_sm, n_items), )
+    _dgelu_blocks_kernel[grid](stat, strm, pre_d, out_d, n_items, nb, q, p, bk, nt, feature_major, cbuf,
                                _mma_layout(bm, bn, warps), num_warps=warps)
     return out
+
+
+UP_TILES = ((128, 128, 8), (128, 64, 8))      # (BM, BN, warps) of gelu_blocks_interleaved, the first that fits
+
+
+def _pick_up(s: int, r: int, t: int):
+    bk = next((b for b in (64, 32, 16) if r % b == 0), None)
+    for bm, bn, warps in UP_TILES:
+        if bk and s % bm == 0 and t % bn == 0 and 2 * (r * bn + r * bm + 2 * bm * bn) <= SMEM_BUDGET:
+            return bm, bn, bk, warps
+    return None
+
+
+def up_applies(h: torch.Tensor, w: torch.Tensor, t: int) -> bool:
+    """Whether gelu_blocks_interleaved runs for the middle h and weights w (l, s, r)."""
+    if gl is None or not ENABLED or not h.is_cuda or h.dtype not in _GL_DTYPES or h.dtype != w.dtype:
+        return False
+    if torch.cuda.get_device_capability(h.device)[0] != 9 or h.shape[1] != t:
+        return False
+    return _pick_up(w.shape[1], w.shape[2], t) is not None
+
+
+def gelu_blocks_interleaved_reference(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: int):
+    """What gelu_blocks_interleaved computes, in torch ops at fp32 or wider: (act, pre) in h's dtype."""
+    l, s, r = w.shape
+    ct = torch.promote_types(h.dtype, torch.float32)
+    hv = h.to(ct).view(-1, l, t)[:r].transpose(0, 1)                  # block j: rows j, j + l, ... (r of them)
+    pre = torch.bmm(w.to(ct), hv).transpose(0, 1).reshape(s * l, t)     # block j's row i: hidden row i * l + j
+    if b is not None:
+        pre = pre + b.to(ct)[:, None]
+    return F.gelu(pre, approximate="tanh").to(h.dtype), pre.to(h.dtype)
+
+
+def gelu_blocks_interleaved(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: int,
+                            store_pre: bool = True, tiles=None):
+    """BlockShuffle fc1's second factor through bias + GELU, feature-major: w (l, s, r), h (rp * l, T) the middle
+    (block j reads rows j, j + l, ... of its first r * l rows; rows past them, such as ShuffleGeluFFN's ones rows,
+    are not read), b (s * l,) or None. Returns act = gelu_tanh(pre) and pre (None unless store_pre), each
+    (s * l, T) with block j's row i at row i * l + j: what one GELU_AUX matmul a block computes, in one kernel.
+    Only where up_applies() holds."""
+    l, s, r = w.shape
+    bm, bn, bk, warps = tiles or _pick_up(s, r, t)
+    w = w.contiguous()
+    act = h.new_empty(s * l, t)
+    pre = torch.empty_like(act) if store_pre else act
+    h2 = h.view(-1, l * t)                        # row k, column j T + t: middle row k l + j
+    wd, hd = _desc(w.view(l * s, r), [bm, bk]), _desc(h2, [bk, bn])
+    ad, pd = _desc(act.view(s, l * t), [bm, bn]), _desc(pre.view(s, l * t), [bm, bn])
+    n_items = l * (t // bn)
+    sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+    _gelu_up_kernel[(min(sms, n_items), )](wd, hd, pd, ad, b if b is not None else act, n_items, l, s, t, r, s // bm,
+                                          b is not None, store_pre, _mma_layout(bm, bn, warps), num_warps=warps)
+    return act, (pre if store_pre else None)
