@@ -32,7 +32,7 @@ from slimkit.structured import epilogue as EP  # noqa: E402
 from slimkit.structured import hopper as HP  # noqa: E402
 
 
-SWEEP = [(128, 128, 8, 1, 3), (128, 64, 8, 1, 3), (64, 64, 4, 2, 2)]   # (BM, BN, warps, per SM, pre buffers)
+SWEEP = [HP.Tile(128, 64, 8), HP.Tile(64, 64, 4, per_sm=2)]   # tile configs timed beside the default
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -61,8 +61,8 @@ def piece_rows(name: str, setting: str, dz, w, pre, feature_major: bool, reps: i
         variants["gluon"] = lambda: HP.dgelu_blocks(dz, w, pre, feature_major)
         nb, q, p = w.shape
         for tile in SWEEP:
-            if HP._fits(q, p, feature_major, tile[0], tile[1], tile[3], tile[4], 226 << 10):
-                variants[f"gluon {tile}"] = lambda tile=tile: HP.dgelu_blocks(dz, w, pre, feature_major, tiles=[tile])
+            if HP._fits(q, p, feature_major, tile, 226 << 10):
+                variants[f"gluon {tuple(tile)}"] = lambda tile=tile: HP.dgelu_blocks(dz, w, pre, feature_major, tiles=[tile])
     else:
         print("hopper.applies is False for", name, setting, flush=True)
     rows = []

@@ -30,8 +30,8 @@ def test_reference_is_the_block_diagonal_matmul_through_gelu_grad(feature_major)
 
 
 def test_tile_choice():
-    assert HP._pick(8, 256, 1024, True) == (128, 128, 64, 8, 1, 2)
-    assert HP._pick(8, 32, 128, False) == (128, 128, 32, 8, 1, 2)
+    assert HP._pick(8, 256, 1024, True) == (64, HP.Tile(128, 128, 8))
+    assert HP._pick(8, 32, 128, False) == (32, HP.Tile(128, 128, 8))
     assert HP._pick(8, 120, 1024, True) is None              # k = 120: no k step of 16, 32 or 64 divides it
     assert HP._pick(8, 256, 96, True) is None                # p = 96 rows: no 128-row tile divides them
     assert HP._pick(4, 512, 2048, True) is None              # both k-long operands overflow shared memory

@@ -19,6 +19,16 @@ Two layouts, one kernel:
 - token-major (BlockDense's GeluFFN): out (T, nb*p), block j's columns j*p.. = dz[:, j*q:(j+1)*q] @ blocks[j]
   (q, p); the stationary operand is dz's (BM, q) row tile.
 
+On an H100 (bf16, 16384 tokens, BlockShuffle at 25% of d_model 2048: 8 blocks 256 -> 1024) it takes 0.27 ms where
+the eight DGELU calls take 0.41 (bench/results/structured_ffn_hopper_probe.md). Tried and measured slower there:
+smaller tiles, two programs an SM (64 x 64: 0.31 ms), a third pre-activation buffer (0.275), and a software
+pipeline that keeps the next tile's matmul running during this tile's epilogue (two accumulators, the streamed
+operand double-buffered; shared memory then holds 64-row or 64-column tiles only: 0.34-0.53 ms).
+
+`gelu_blocks_interleaved` is the forward's counterpart for BlockShuffle's fc1: its second factor through bias and
+GELU, writing act and the pre-activation (0.27 ms against 0.33 for one cuBLASLt GELU_AUX call a block plus the
+weight-with-bias-column concat those need).
+
 `dgelu_blocks` runs it where `applies` says it can (a Hopper GPU, a Triton with Gluon, bf16/fp16, shapes the tiles
 divide, a stationary operand that fits in shared memory); `dgelu_blocks_reference` is the PyTorch computation it
 is tested against. SLIMKIT_HOPPER_KERNELS=0 turns it off.
@@ -26,6 +36,7 @@ is tested against. SLIMKIT_HOPPER_KERNELS=0 turns it off.
 from __future__ import annotations
 
 import os
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +53,8 @@ except Exception:        # no Triton, or one without Gluon: the module reports i
 
 ENABLED = os.environ.get("SLIMKIT_HOPPER_KERNELS", "1") != "0"
 SMEM_BUDGET = 200 << 10          # bytes of shared memory a program may take (an H100 SM has 227 KB)
-TILES = ((128, 128, 8, 1, 2), (128, 64, 8, 1, 2))  # (BM, BN, warps, programs an SM, pre buffers): first that fits
+Tile = namedtuple("Tile", "bm bn warps per_sm", defaults=(1, ))
+TILES = (Tile(128, 128, 8), Tile(128, 64, 8))        # dgelu_blocks' tile configs: the first that fits is taken
 _GL_DTYPES = {} if gl is None else {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
@@ -60,21 +72,21 @@ def dgelu_blocks_reference(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor,
     return torch.ops.aten.gelu_backward(dh, pre.to(ct), approximate="tanh").to(pre.dtype)
 
 
-def _fits(q: int, p: int, feature_major: bool, bm: int, bn: int, per_sm: int = 1, cbuf: int = 2,
-          budget: int | None = None) -> bool:
+def _fits(q: int, p: int, feature_major: bool, tile: Tile, budget: int | None = None) -> bool:
+    bm, bn = tile.bm, tile.bn
     swept = bm if feature_major else bn                # the tile dimension a block's width p is cut into
-    smem = 2 * (q * bn + q * bm + cbuf * bm * bn)      # stationary + streamed operands (all k steps), pre tiles
-    return p % swept == 0 and smem * per_sm <= (budget or SMEM_BUDGET)
+    smem = 2 * (q * bn + q * bm + 2 * bm * bn)         # stationary + streamed operands (all k steps), two pre tiles
+    return p % swept == 0 and smem * tile.per_sm <= (budget or SMEM_BUDGET)
 
 
 def _pick(nb: int, q: int, p: int, feature_major: bool, tiles=None):
-    """(BM, BN, BK, warps, programs per SM) for these blocks, or None where no tile config divides them or fits."""
+    """(BK, Tile) for these blocks, or None where no tile config divides them or fits."""
     bk = next((b for b in (64, 32, 16) if q % b == 0), None)
     if bk is None:
         return None
-    for bm, bn, warps, per_sm, cbuf in tiles or TILES:
-        if _fits(q, p, feature_major, bm, bn, per_sm, cbuf, None if tiles is None else 226 << 10):
-            return bm, bn, bk, warps, per_sm, cbuf
+    for tile in tiles or TILES:
+        if _fits(q, p, feature_major, Tile(*tile), None if tiles is None else 226 << 10):
+            return bk, Tile(*tile)
     return None
 
 
@@ -150,7 +162,7 @@ if gl is not None:
     @gluon.jit
     def _dgelu_blocks_kernel(stat_desc, strm_desc, pre_desc, out_desc, n_items, NB, Q: gl.constexpr,
                              P: gl.constexpr, BK: gl.constexpr, NT: gl.constexpr, FM: gl.constexpr,
-                             CBUF: gl.constexpr, layout: gl.constexpr, num_warps: gl.constexpr):
+                             layout: gl.constexpr, num_warps: gl.constexpr):
         BM: gl.constexpr = out_desc.block_type.shape[0]
         BN: gl.constexpr = out_desc.block_type.shape[1]
         KSTEPS: gl.constexpr = Q // BK
@@ -160,9 +172,9 @@ if gl is not None:
 
         s_bufs = gl.allocate_shared_memory(stat_desc.dtype, [KSTEPS] + stat_desc.block_type.shape, stat_desc.layout)
         v_bufs = gl.allocate_shared_memory(strm_desc.dtype, [KSTEPS] + strm_desc.block_type.shape, strm_desc.layout)
-        c_bufs = gl.allocate_shared_memory(pre_desc.dtype, [CBUF] + pre_desc.block_type.shape, pre_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [KSTEPS + 1 + CBUF, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(KSTEPS + 1 + CBUF):
+        c_bufs = gl.allocate_shared_memory(pre_desc.dtype, [2] + pre_desc.block_type.shape, pre_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [KSTEPS + 3, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(KSTEPS + 3):
             mbarrier.init(bars.index(s), count=1)
         sbar = bars.index(KSTEPS)
 
@@ -190,12 +202,12 @@ if gl is not None:
             new, s0, s1, v0, v1, o0, o1 = _tile(t2, pid, nprog, NB, NT, Q, P, BM, BN, FM)
             _load_stationary(stat_desc, sbar, s_bufs, s0, s1, more & new, KSTEPS, BK, FM)
             _load_streamed(strm_desc, bars, v_bufs, v0, v1, more, KSTEPS, BK, FM)
-            tma.store_wait(pendings=CBUF - 2)  # the store that used the next tile's pre buffer is done
-            nbar = bars.index(KSTEPS + 1 + (t2 % CBUF))
+            tma.store_wait(pendings=0)         # the store that used the next tile's pre buffer is done
+            nbar = bars.index(KSTEPS + 1 + (t2 % 2))
             mbarrier.expect(nbar, pre_desc.block_type.nbytes, pred=more)
-            tma.async_copy_global_to_shared(pre_desc, [o0, o1], nbar, c_bufs.index(t2 % CBUF), more)
-            c_buf = c_bufs.index(t % CBUF)
-            mbarrier.wait(bars.index(KSTEPS + 1 + (t % CBUF)), (t // CBUF) & 1)
+            tma.async_copy_global_to_shared(pre_desc, [o0, o1], nbar, c_bufs.index(t2 % 2), more)
+            c_buf = c_bufs.index(t % 2)
+            mbarrier.wait(bars.index(KSTEPS + 1 + (t % 2)), (t // 2) & 1)
             pre = c_buf.load(layout).to(gl.float32)
             c_buf.store((acc * _gelu_tanh_grad(pre)).to(pre_desc.dtype))
             fence_async_shared()
@@ -303,7 +315,8 @@ def dgelu_blocks(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_m
     docstring for the two layouts; dgelu_blocks_reference says the same in torch). Only where applies() holds."""
     nb, q, p = w.shape
     t = dz.shape[1] if feature_major else dz.shape[0]
-    bm, bn, bk, warps, per_sm, cbuf = _pick(nb, q, p, feature_major, tiles)
+    bk, tile = _pick(nb, q, p, feature_major, tiles)
+    bm, bn, warps = tile.bm, tile.bn, tile.warps
     dz, w, pre = dz.contiguous(), w.contiguous(), pre.contiguous()
     out = torch.empty_like(pre) if out is None else out
     if feature_major:       # stationary dz (nb q, T) tiles (bk, bn); streamed w (nb q, p) tiles (bk, bm)
@@ -314,8 +327,8 @@ def dgelu_blocks(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_m
         n_items, nt = triton.cdiv(t, bm) * nb, p // bn
     pre_d, out_d = _desc(pre, [bm, bn]), _desc(out, [bm, bn])
     sms = torch.cuda.get_device_properties(dz.device).multi_processor_count
-    grid = (min(sms * per_sm, n_items), )
-    _dgelu_blocks_kernel[grid](stat, strm, pre_d, out_d, n_items, nb, q, p, bk, nt, feature_major, cbuf,
+    grid = (min(sms * tile.per_sm, n_items), )
+    _dgelu_blocks_kernel[grid](stat, strm, pre_d, out_d, n_items, nb, q, p, bk, nt, feature_major,
                                _mma_layout(bm, bn, warps), num_warps=warps)
     return out
 
