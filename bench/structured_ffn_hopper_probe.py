@@ -59,12 +59,10 @@ def piece_rows(name: str, setting: str, dz, w, pre, feature_major: bool, reps: i
     variants = {"cublaslt-dgelu": lt}
     if HP.applies(dz, w, pre, feature_major):
         variants["gluon"] = lambda: HP.dgelu_blocks(dz, w, pre, feature_major)
-        nb, q, p = w.shape
-        for tile in SWEEP:
-            if HP._fits(q, p, feature_major, tile, 226 << 10):
-                variants[f"gluon {tuple(tile)}"] = lambda tile=tile: HP.dgelu_blocks(dz, w, pre, feature_major, tiles=[tile])
-    else:
-        print("hopper.applies is False for", name, setting, flush=True)
+    nb, q, p = w.shape
+    for tile in SWEEP:       # other tiles, up to the 226 KB an H100 SM has (applies() keeps SMEM_BUDGET)
+        if HP._pick(nb, q, p, feature_major, [tile]):
+            variants[f"gluon {tuple(tile)}"] = lambda tile=tile: HP.dgelu_blocks(dz, w, pre, feature_major, tiles=[tile])
     rows = []
     for method, fn in variants.items():
         got = fn()
@@ -92,6 +90,9 @@ def up_rows(ffn, t: int, reps: int, dev) -> list[dict]:
     variants = {"cublaslt-gelu-aux": lt}
     if HP.up_applies(h, a2, t):
         variants["gluon"] = lambda: HP.gelu_blocks_interleaved(h, a2, b1, t)
+    bk = next(b for b in (64, 32, 16) if r % b == 0)
+    if 2 * (r * 64 + r * 128 + 2 * 128 * 64) <= 226 << 10:       # 128 x 64 tiles, up to the SM's 226 KB
+        variants["gluon (128, 64)"] = lambda: HP.gelu_blocks_interleaved(h, a2, b1, t, tiles=(128, 64, bk, 8))
     rows = []
     for method, fn in variants.items():
         act, pre = fn()
