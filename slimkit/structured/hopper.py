@@ -20,10 +20,11 @@ Two layouts, one kernel:
   (q, p); the stationary operand is dz's (BM, q) row tile.
 
 On an H100 (bf16, 16384 tokens, BlockShuffle at 25% of d_model 2048: 8 blocks 256 -> 1024) it takes 0.27 ms where
-the eight DGELU calls take 0.41 (bench/results/structured_ffn_hopper_probe.md). Tried and measured slower there:
-smaller tiles, two programs an SM (64 x 64: 0.31 ms), a third pre-activation buffer (0.275), and a software
-pipeline that keeps the next tile's matmul running during this tile's epilogue (two accumulators, the streamed
-operand double-buffered; shared memory then holds 64-row or 64-column tiles only: 0.34-0.53 ms).
+the eight DGELU calls take 0.41 (bench/results/structured_ffn_hopper_probe.md), with DRAM at about 60% of its peak
+(ncu). Tried and measured no faster there: smaller tiles, two programs an SM (64 x 64: 0.31 ms), 16 warps (0.27),
+a third pre-activation buffer (0.275), and a software pipeline that keeps the next tile's matmul running during
+this tile's epilogue (two accumulators, the streamed operand double-buffered; shared memory then holds 64-row or
+64-column tiles only: 0.34-0.53 ms).
 
 `gelu_blocks_interleaved` is the forward's counterpart for BlockShuffle's fc1: its second factor through bias and
 GELU, writing act and the pre-activation (0.27 ms against 0.33 for one cuBLASLt GELU_AUX call a block plus the
