@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core.data import check_inputs, input_dtype
+from .core.sparsity import stored_bytes
 from .core.wrap import QuantLayer
 from .errors import SlimkitError
 
@@ -113,7 +114,8 @@ def _storage_key(t: torch.Tensor):
 
 def model_size_bytes(model: nn.Module) -> int:
     """Storage size, as slimkit.save stores the model: quantized weights at their bit width plus their scales and
-    zero points (fp32); a sparse layer's kept weights (values, or codes when quantized) plus a one-bit mask;
+    zero points (fp32); a sparse layer's kept weights (values, or codes when quantized) plus a one-bit mask (a float one
+    as it is where that is smaller);
     every other parameter and buffer at its own dtype, each storage once. A quantized layer's float weight that
     another module also uses as it is (a quantized head tied to the embedding) is counted in float too.
     Non-persistent buffers (rotary frequencies, BERT's position_ids) are not stored (the model recomputes them)."""
@@ -138,9 +140,8 @@ def model_size_bytes(model: nn.Module) -> int:
             counted.update(_storage_key(t) for t in skip if t is not None)
         elif name in sparse and getattr(module, "weight", None) is not None \
                 and _storage_key(module.weight) not in counted:
-            w = module.weight
-            total += int((w != 0).sum()) * w.element_size() + (w.numel() + 7) // 8
-            counted.add(_storage_key(w))
+            total += stored_bytes(module.weight)[0]
+            counted.add(_storage_key(module.weight))
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in transient and _storage_key(t) not in counted:
             total += t.numel() * t.element_size()

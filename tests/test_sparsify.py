@@ -276,6 +276,43 @@ def test_fcpts_needs_calibration_data_and_known_options():
         slimkit.sparsify(teacher, torch.empty(0, 16), method="fcpts", sparsity=0.5)
 
 
+def test_a_sparse_model_fine_tuned_after_sparsify_saves_the_sparsity_it_has(tmp_path):
+    """Fine-tuning a sparse model fills its pruned weights in: save records each layer's zeros as they are now (not
+    the figures sparsify left), stores a weight whose bitmask no longer pays as it is, and says which layers
+    changed and how to keep them sparse; an untouched layer stays as it was, and the artifact reloads exactly."""
+    from safetensors.torch import load_file
+
+    from slimkit.eval import model_size_bytes
+    torch.manual_seed(0)
+    sparse = slimkit.sparsify(small_cnn(), method="uniform", sparsity=0.5)
+    before = json.loads(json.dumps(sparse.slimkit_info["sparsity"]))
+    with torch.no_grad():              # as fine-tuning moves every weight of the layers it trains
+        for i in (2, 6):
+            sparse[i].weight.add_(1e-3 * torch.randn_like(sparse[i].weight))
+    with pytest.warns(UserWarning, match=r"2 \(50\.0% -> 0\.0%\), 6 \(50\.0% -> 0\.0%\).*slimkit\.sparsify"):
+        path = slimkit.save(sparse, tmp_path / "tuned")
+    manifest = json.loads((path / "manifest.json").read_text())
+    s = manifest["sparsity"]
+    assert s["layers"]["0"] == before["layers"]["0"]
+    assert s["layers"]["2"]["pruned"] == s["layers"]["6"]["pruned"] == 0 and s["layers"]["2"]["rate"] == 0
+    assert s["achieved"] == pytest.approx(before["layers"]["0"]["pruned"] / s["counted_params"])
+    assert s["target"] == 0.5 and sparse.slimkit_info["sparsity"] == before   # the model's own record is left alone
+    assert set(manifest["sparse_weights"]) == {"0"}                            # the dense layers stored as they are
+    stored = load_file(str(path / "model.safetensors"))
+    assert "2.weight" in stored and "2.weight.bitmask" not in stored and "0.weight.bitmask" in stored
+    assert model_size_bytes(sparse) < (path / "model.safetensors").stat().st_size < model_size_bytes(sparse) + 4096
+    back = slimkit.load(path, model=small_cnn())
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(back.eval()(x), sparse.eval()(x)) and back.slimkit_info["sparsity"] == s
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slimkit.save(back, tmp_path / "again")                 # its record now matches its weights
+    q = slimkit.quantize(sparse, torch.randn(16, 3, 8, 8), method="rtn", w_bits=4, a_bits=8, progress=False)
+    with pytest.warns(UserWarning, match=r"2 \(50\.0% -> 0\.0%\)"):     # the masks quantize took from the weights
+        manifest = json.loads((slimkit.save(q, tmp_path / "q") / "manifest.json").read_text())
+    assert manifest["sparsity"]["layers"]["6"]["pruned"] == 0
+
+
 def test_sparse_then_quantized_keeps_its_zeros_and_saves_both(tmp_path):
     from slimkit.core.wrap import quant_layers
     torch.manual_seed(6)

@@ -244,6 +244,15 @@ def feed_inputs(model: nn.Module, layers: dict[str, nn.Module], data: torch.Tens
 
 # ---------- compact storage: values + bitmask ----------
 
+def stored_bytes(w: torch.Tensor) -> tuple[int, bool]:
+    """(bytes, packed): what slimkit.save stores for a sparse layer's float weight `w`: its non-zero values and a
+    one-bit mask (packed), or the weight as it is where that is no larger (a layer that holds few zeros, such as one
+    fine-tuned after sparsify)."""
+    dense = w.numel() * w.element_size()
+    packed = int((w != 0).sum()) * w.element_size() + (w.numel() + 7) // 8
+    return (packed, True) if packed < dense else (dense, False)
+
+
 def pack_sparse(w: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """A masked weight as its kept values (in order) and a little-endian bitmask (uint8): exact, and about
     (1 - sparsity) * bits + 1 bits a weight."""

@@ -28,11 +28,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.quantizer import QuantSpec, to_rows
-from ..core.sparsity import pack_sparse, unpack_sparse
+from ..core.sparsity import pack_sparse, stored_bytes, unpack_sparse
 from ..core.entry import reattach_entries
 from ..core.fold import remainder
 from ..core.wrap import LayerPlan, quant_layers, set_submodule, weight_oi, wrap_layers
-from ..errors import SlimkitError
+from ..errors import SlimkitError, warn
 
 FORMAT, VERSION = "slimkit", 1
 WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
@@ -98,8 +98,8 @@ def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     sparse = {}
     for name in (getattr(model, "slimkit_info", None) or {}).get("sparsity", {}).get("layers", {}):
         key = f"{name}.weight"
-        if key in tensors:    # a float sparse layer (a quantized one keeps its packed codes below)
-            w = tensors.pop(key)
+        if key in tensors and stored_bytes(tensors[key])[1]:   # a float sparse layer whose zeros pay for a mask
+            w = tensors.pop(key)                              # (a quantized one keeps its packed codes below)
             packed = pack_sparse(w, w != 0)
             tensors[f"{key}.values"], tensors[f"{key}.bitmask"] = packed["values"], packed["bitmask"]
             sparse[name] = {"shape": list(w.shape)}
@@ -119,6 +119,41 @@ def _state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             info["w_dtype"] = str(layer.layer.weight.dtype).removeprefix("torch.")
         layers[name] = info
     return tensors, layers, sparse
+
+
+def current_sparsity(model: nn.Module, sparsity: dict) -> dict:
+    """`sparsity` (slimkit_info["sparsity"]) with each counted layer's zeros as its weight holds them now (a quantized
+    layer's: as its mask does). Fine-tuning after slimkit.sparsify fills pruned weights in, and an artifact must not
+    claim the sparsity the model had: the changed layers are named in a warning that says how to keep them sparse."""
+    qlayers = quant_layers(model)
+    layers, changed = {}, []
+    for name, r in sparsity["layers"].items():
+        layers[name] = r
+        try:
+            module = qlayers[name] if name in qlayers else model.get_submodule(name)
+        except AttributeError:
+            continue
+        if name in qlayers:
+            zeros = None if module.w_mask is None else int((~module.w_mask).sum())
+        else:
+            w = getattr(module, "weight", None)
+            zeros = int((w == 0).sum()) if isinstance(w, torch.Tensor) else None
+        if zeros is None or not isinstance(r, dict) or not r.get("numel") or zeros == r.get("pruned"):
+            continue
+        layers[name] = {**r, "pruned": zeros, "rate": zeros / r["numel"]}
+        changed.append(f"{name} ({100 * r.get('rate', 0):.1f}% -> {100 * zeros / r['numel']:.1f}%)")
+    if not changed:
+        return sparsity
+    warn(f"{', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}: the share of zeros in "
+         f"{'this layer' if len(changed) == 1 else 'these layers'} changed after slimkit.sparsify counted it "
+         "(fine-tuning fills pruned weights in); the artifact records the sparsity the model has now and stores a "
+         "weight with too few zeros for a bitmask to pay as it is. To keep a model sparse, zero its pruned weights "
+         "again after each optimizer step while fine-tuning, or prune the fine-tuned model again with "
+         "slimkit.sparsify (before quantizing it)")
+    counted = [r for r in layers.values() if isinstance(r, dict) and isinstance(r.get("pruned"), int)]
+    total = sum(r["numel"] for r in counted)
+    return {**sparsity, "layers": layers,
+            "achieved": sum(r["pruned"] for r in counted) / total if total else sparsity.get("achieved")}
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -216,6 +251,8 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False, metrics: d
     if info is None or not (quant_layers(model) or "sparsity" in info):
         raise SlimkitError("this model was not produced by slimkit.quantize or slimkit.sparsify: nothing to save")
     check_output(path, overwrite)
+    if isinstance(info.get("sparsity"), dict) and isinstance(info["sparsity"].get("layers"), dict):
+        info = {**info, "sparsity": current_sparsity(model, info["sparsity"])}   # (the model's own record untouched)
     if "family" in info:  # a Hugging Face transformer: a model directory transformers can reload, plus ours
         from .hf_artifact import buffer_dtypes, hf_tensors, write_hf
 
