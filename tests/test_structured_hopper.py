@@ -119,6 +119,40 @@ def test_ffn_backward_hands_the_kernel_its_operands(monkeypatch, kind):
                       (16, blocks.shape[0] * blocks.shape[1]), tuple(blocks.shape), kind == "blockshuffle")]
 
 
+@pytest.mark.parametrize("kind", ["blockshuffle", "blockdense"])
+def test_a_kernel_that_fails_to_launch_warns_and_the_ffn_falls_back(monkeypatch, kind):
+    """A kernel that cannot be built or launched (here: the CPU) switches the kernels off with one warning naming
+    the failure, and the FFN takes its cuBLASLt path (reference epilogues standing in): outputs and gradients as
+    eager's; applies() then says no."""
+    monkeypatch.setattr(EP, "_matmul", EP.reference_matmul)
+    monkeypatch.setattr(EP, "available", lambda x: True)
+    monkeypatch.setattr(HP, "FAILED", None)
+    real_applies, real_up = HP.applies, HP.up_applies
+    monkeypatch.setattr(HP, "applies", lambda *a, **k: HP.FAILED is None)
+    monkeypatch.setattr(HP, "up_applies", lambda *a, **k: HP.FAILED is None)
+    torch.manual_seed(0)
+    fc1, fc2 = make_linear(kind, 256, 1024, 0.25, True), make_linear(kind, 1024, 256, 0.25, True)   # shapes it tiles
+    x, grad = torch.randn(128, 256), torch.randn(128, 256)
+    params = list(fc1.parameters()) + list(fc2.parameters())
+
+    def run(fn):
+        for p in params:
+            p.grad = None
+        t = x.clone().requires_grad_(True)
+        fn(t).backward(grad)
+        return [t.grad] + [p.grad for p in params]
+    with pytest.warns(UserWarning, match="failed to build or launch") as caught:
+        got = run(lambda t: fused_ffn(fc1, fc2, t, "tanh", matmul="cublaslt"))
+    for a, b in zip(got, run(lambda t: fc2(F.gelu(fc1(t), approximate="tanh")))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert HP.FAILED and len([w for w in caught if "failed to build" in str(w.message)]) == 1
+    dz, w, pre = _operands(8, 64, 128, 32, True, torch.bfloat16)
+    monkeypatch.setattr(HP, "applies", real_applies)
+    monkeypatch.setattr(HP, "up_applies", real_up)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))      # as if on a GPU: still off
+    assert not HP.applies(dz, w, pre, True)
+
+
 hopper_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and HP.gl is not None and torch.cuda.get_device_capability()[0] == 9),
     reason="needs a Hopper GPU and a Triton with Gluon")

@@ -398,7 +398,9 @@ def dgelu_block_diag(dz: torch.Tensor, blocks: torch.Tensor, pre: torch.Tensor) 
     t, nb, _ = dz.shape
     p = blocks.shape[2]
     if hopper.applies(dz.view(t, -1), blocks, pre, feature_major=False):       # one Gluon kernel for every block
-        return hopper.dgelu_blocks(dz.view(t, -1), blocks, pre, False)
+        dpre = hopper.dgelu_blocks(dz.view(t, -1), blocks, pre, False)
+        if dpre is not None:
+            return dpre
     dpre = torch.empty_like(pre)
     out, aux = dpre.view(t, nb, p), pre.view(t, nb, p)
     for k in range(nb):
@@ -641,8 +643,9 @@ class ShuffleGeluFFN(torch.autograd.Function):
         torch.bmm(a1, x.view(t, k, p).permute(1, 2, 0), out=h[: k * q].view(k, q, t))
         if b1 is not None:
             h[k * q:].fill_(1)                                   # read by the backward's weight gradient
-        if hopper.up_applies(h, a2, t):                          # one Gluon kernel, the bias in its epilogue
-            act, pre = hopper.gelu_blocks_interleaved(h, a2, b1, t, store_pre=grad)
+        up = hopper.gelu_blocks_interleaved(h, a2, b1, t, store_pre=grad) if hopper.up_applies(h, a2, t) else None
+        if up is not None:                                       # one Gluon kernel, the bias in its epilogue
+            act, pre = up
         else:
             w2p = a2
             if b1 is not None:
@@ -679,9 +682,8 @@ class ShuffleGeluFFN(torch.autograd.Function):
         dh2b = dh2.view(k2, q2, t)
         dc1 = torch.bmm(dh2b, act.view(k2, p2, t).transpose(1, 2)) if needs[4] else None
         dpre = torch.empty_like(pre)
-        if hopper.applies(dh2, c1, pre, feature_major=True):        # one Gluon kernel for every block
-            hopper.dgelu_blocks(dh2, c1, pre, True, out=dpre)
-        else:
+        if not (hopper.applies(dh2, c1, pre, feature_major=True)   # one Gluon kernel for every block
+                and hopper.dgelu_blocks(dh2, c1, pre, True, out=dpre) is not None):
             dv, pv = dpre.view(k2, p2, t), pre.view(k2, p2, t)
             for i in range(k2):
                 _matmul("DGELU", c1[i].t(), dh2b[i], dv[i], pv[i])      # c1[i]^T read transposed, not copied

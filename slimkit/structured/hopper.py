@@ -42,6 +42,8 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import warn
+
 try:
     import triton
     from triton.experimental import gluon
@@ -53,6 +55,7 @@ except Exception:        # no Triton, or one without Gluon: the module reports i
     gluon = gl = None
 
 ENABLED = os.environ.get("SLIMKIT_HOPPER_KERNELS", "1") != "0"
+FAILED: str | None = None        # the first build or launch failure; the kernels stay off after one
 SMEM_BUDGET = 200 << 10          # bytes of shared memory a program may take (an H100 SM has 227 KB)
 Tile = namedtuple("Tile", "bm bn warps per_sm", defaults=(1, ))
 TILES = (Tile(128, 128, 8), )    # dgelu_blocks' tile configs, the first that fits taken (128 x 64 tiles measured
@@ -94,7 +97,7 @@ def _pick(nb: int, q: int, p: int, feature_major: bool, tiles=None):
 
 def applies(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_major: bool) -> bool:
     """Whether dgelu_blocks runs the Gluon kernel for these operands (else the caller takes another path)."""
-    if gl is None or not ENABLED or not dz.is_cuda or dz.dtype not in _GL_DTYPES:
+    if gl is None or not ENABLED or FAILED or not dz.is_cuda or dz.dtype not in _GL_DTYPES:
         return False
     if not (dz.dtype == w.dtype == pre.dtype) or torch.cuda.get_device_capability(dz.device)[0] != 9:
         return False
@@ -306,6 +309,24 @@ if gl is not None:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, n, 16])
 
 
+def _guarded(what: str, launch) -> bool:
+    """Run launch(); where building or launching the kernel fails (a Triton whose Gluon differs from the one this
+    was written for, a GPU short of shared memory), switch the kernels off for the process with a warning and
+    return False, so that the caller takes its cuBLASLt path. Inside a CUDA graph capture the error is raised."""
+    global FAILED
+    try:
+        launch()
+        return True
+    except Exception as e:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        FAILED = f"{type(e).__name__}: {str(e).strip()[:300]}"
+        warn(f"slimkit's Hopper kernel for {what} failed to build or launch ({FAILED}); the structured FFNs use "
+             "cuBLASLt's per-block epilogue matmuls for the rest of this process (SLIMKIT_HOPPER_KERNELS=0 skips "
+             "the attempt)")
+        return False
+
+
 def _desc(x: torch.Tensor, block: list[int]):
     gdt = _GL_DTYPES[x.dtype]
     return TensorDescriptor.from_tensor(x, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
@@ -314,25 +335,28 @@ def _desc(x: torch.Tensor, block: list[int]):
 def dgelu_blocks(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_major: bool,
                  out: torch.Tensor | None = None, tiles=None) -> torch.Tensor:
     """dpre = (block-diagonal matmul of dz with w's blocks) * gelu_tanh'(pre), one Gluon kernel (see the module's
-    docstring for the two layouts; dgelu_blocks_reference says the same in torch). Only where applies() holds."""
+    docstring for the two layouts; dgelu_blocks_reference says the same in torch). Only where applies() holds;
+    None where the kernel fails to build or launch (_guarded), for the caller to take its other path."""
     nb, q, p = w.shape
     t = dz.shape[1] if feature_major else dz.shape[0]
     bk, tile = _pick(nb, q, p, feature_major, tiles)
     bm, bn, warps = tile.bm, tile.bn, tile.warps
     dz, w, pre = dz.contiguous(), w.contiguous(), pre.contiguous()
     out = torch.empty_like(pre) if out is None else out
-    if feature_major:       # stationary dz (nb q, T) tiles (bk, bn); streamed w (nb q, p) tiles (bk, bm)
-        stat, strm = _desc(dz, [bk, bn]), _desc(w.view(nb * q, p), [bk, bm])
+    if feature_major:       # items (block, token tile): stationary dz (bk, bn) tiles, streamed w (bk, bm) tiles
         n_items, nt = nb * triton.cdiv(t, bn), p // bm
-    else:                   # stationary dz (T, nb q) tiles (bm, bk); streamed blocks (nb q, p) tiles (bk, bn)
-        stat, strm = _desc(dz, [bm, bk]), _desc(w.view(nb * q, p), [bk, bn])
+    else:                   # items (token tile, block): stationary dz (bm, bk) tiles, streamed w (bk, bn) tiles
         n_items, nt = triton.cdiv(t, bm) * nb, p // bn
-    pre_d, out_d = _desc(pre, [bm, bn]), _desc(out, [bm, bn])
-    sms = torch.cuda.get_device_properties(dz.device).multi_processor_count
-    grid = (min(sms * tile.per_sm, n_items), )
-    _dgelu_blocks_kernel[grid](stat, strm, pre_d, out_d, n_items, nb, q, p, bk, nt, feature_major,
-                               _mma_layout(bm, bn, warps), num_warps=warps)
-    return out
+
+    def launch():
+        stat = _desc(dz, [bk, bn] if feature_major else [bm, bk])
+        strm = _desc(w.view(nb * q, p), [bk, bm] if feature_major else [bk, bn])
+        pre_d, out_d = _desc(pre, [bm, bn]), _desc(out, [bm, bn])
+        sms = torch.cuda.get_device_properties(dz.device).multi_processor_count
+        grid = (min(sms * tile.per_sm, n_items), )
+        _dgelu_blocks_kernel[grid](stat, strm, pre_d, out_d, n_items, nb, q, p, bk, nt, feature_major,
+                                   _mma_layout(bm, bn, warps), num_warps=warps)
+    return out if _guarded("the backward through GELU'", launch) else None
 
 
 UP_TILES = ((128, 128, 8), )      # (BM, BN, warps) of gelu_blocks_interleaved (128 x 64 measured slower than
@@ -349,7 +373,7 @@ def _pick_up(s: int, r: int, t: int):
 
 def up_applies(h: torch.Tensor, w: torch.Tensor, t: int) -> bool:
     """Whether gelu_blocks_interleaved runs for the middle h and weights w (l, s, r)."""
-    if gl is None or not ENABLED or not h.is_cuda or h.dtype not in _GL_DTYPES or h.dtype != w.dtype:
+    if gl is None or not ENABLED or FAILED or not h.is_cuda or h.dtype not in _GL_DTYPES or h.dtype != w.dtype:
         return False
     if torch.cuda.get_device_capability(h.device)[0] != 9 or h.shape[1] != t:
         return False
@@ -373,17 +397,22 @@ def gelu_blocks_interleaved(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
     (block j reads rows j, j + l, ... of its first r * l rows; rows past them, such as ShuffleGeluFFN's ones rows,
     are not read), b (s * l,) or None. Returns act = gelu_tanh(pre) and pre (None unless store_pre), each
     (s * l, T) with block j's row i at row i * l + j: what one GELU_AUX matmul a block computes, in one kernel.
-    Only where up_applies() holds."""
+    Only where up_applies() holds; None where the kernel fails to build or launch (_guarded)."""
     l, s, r = w.shape
     bm, bn, bk, warps = tiles or _pick_up(s, r, t)
     w = w.contiguous()
     act = h.new_empty(s * l, t)
     pre = torch.empty_like(act) if store_pre else act
     h2 = h.view(-1, l * t)                        # row k, column j T + t: middle row k l + j
-    wd, hd = _desc(w.view(l * s, r), [bm, bk]), _desc(h2, [bk, bn])
-    ad, pd = _desc(act.view(s, l * t), [bm, bn]), _desc(pre.view(s, l * t), [bm, bn])
     n_items = l * (t // bn)
-    sms = torch.cuda.get_device_properties(h.device).multi_processor_count
-    _gelu_up_kernel[(min(sms, n_items), )](wd, hd, pd, ad, b if b is not None else act, n_items, l, s, t, r, s // bm,
-                                          b is not None, store_pre, _mma_layout(bm, bn, warps), num_warps=warps)
+
+    def launch():
+        wd, hd = _desc(w.view(l * s, r), [bm, bk]), _desc(h2, [bk, bn])
+        ad, pd = _desc(act.view(s, l * t), [bm, bn]), _desc(pre.view(s, l * t), [bm, bn])
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+        _gelu_up_kernel[(min(sms, n_items), )](wd, hd, pd, ad, b if b is not None else act, n_items, l, s, t, r,
+                                              s // bm, b is not None, store_pre, _mma_layout(bm, bn, warps),
+                                              num_warps=warps)
+    if not _guarded("fc1's bias + GELU", launch):
+        return None
     return act, (pre if store_pre else None)
