@@ -38,6 +38,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E4
 
 from common import write_results  # noqa: E402
 
+from slimkit.structured.hopper import _mma_layout as mma_layout  # noqa: E402
+
 T, NB, Q, P = 16384, 4, 256, 2048          # tokens, blocks, block rows (K), block columns (N)
 REPS, WARM = 30, 5
 C0 = gl.constexpr(0.7978845608028654)     # sqrt(2 / pi)
@@ -59,21 +61,6 @@ def _gelu_tanh_grad(x, FAST: gl.constexpr = False):
     else:
         t = 1.0 - 2.0 / (1.0 + gl.exp2(u * 2.885390081777927))     # tanh(u) = 1 - 2 / (1 + e^{2u})
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C0 * (1.0 + 3.0 * A0 * x2)
-
-
-def mma_layout(BM, BN, num_warps):
-    """The wgmma accumulator layout for a (BM, BN) tile over num_warps warps (bf16 operands)."""
-    warps = [4, 1]
-    while warps[0] * warps[1] != num_warps:
-        if BM > 16 * warps[0]:
-            warps[0] *= 2
-        else:
-            warps[1] *= 2
-    n = 256
-    maxn = max(BN // triton.cdiv(num_warps, triton.cdiv(BM, 16)), 8)
-    while n > maxn or BN % n != 0:
-        n -= 8
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, n, 16])
 
 
 @gluon.jit

@@ -125,6 +125,13 @@ if gl is not None:
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _C0 * (1.0 + 3.0 * _A0 * x2)
 
     @gluon.jit
+    def _schedule(n_items, NT: gl.constexpr):
+        """(program id, programs, this program's tile count): items dealt round-robin, NT tiles each."""
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        return pid, nprog, gl.cdiv(n_items - pid, nprog) * NT
+
+    @gluon.jit
     def _tile(t, pid, nprog, NB, NT: gl.constexpr, Q: gl.constexpr, P: gl.constexpr, BM: gl.constexpr,
               BN: gl.constexpr, FM: gl.constexpr):
         """This program's t-th tile: (stationary operand's origin, streamed operand's origin, output origin) as
@@ -171,9 +178,7 @@ if gl is not None:
         BM: gl.constexpr = out_desc.block_type.shape[0]
         BN: gl.constexpr = out_desc.block_type.shape[1]
         KSTEPS: gl.constexpr = Q // BK
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        total = gl.cdiv(n_items - pid, nprog) * NT
+        pid, nprog, total = _schedule(n_items, NT)
 
         s_bufs = gl.allocate_shared_memory(stat_desc.dtype, [KSTEPS] + stat_desc.block_type.shape, stat_desc.layout)
         v_bufs = gl.allocate_shared_memory(strm_desc.dtype, [KSTEPS] + strm_desc.block_type.shape, strm_desc.layout)
@@ -253,9 +258,7 @@ if gl is not None:
         BN: gl.constexpr = act_desc.block_type.shape[1]
         BK: gl.constexpr = w_desc.block_type.shape[1]
         KSTEPS: gl.constexpr = R // BK
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        total = gl.cdiv(n_items - pid, nprog) * NT
+        pid, nprog, total = _schedule(n_items, NT)
 
         h_bufs = gl.allocate_shared_memory(h_desc.dtype, [KSTEPS] + h_desc.block_type.shape, h_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [KSTEPS] + w_desc.block_type.shape, w_desc.layout)
