@@ -312,13 +312,14 @@ if gl is not None:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, n, 16])
 
 
-def _guarded(what: str, launch) -> bool:
+def _guarded(what: str, launch, device: torch.device) -> bool:
     """Run launch(); where building or launching the kernel fails (a Triton whose Gluon differs from the one this
     was written for, a GPU short of shared memory), switch the kernels off for the process with a warning and
     return False, so that the caller takes its cuBLASLt path. Inside a CUDA graph capture the error is raised."""
     global FAILED
     try:
-        launch()
+        with torch.cuda.device(device):       # Triton launches on the current device
+            launch()
         return True
     except Exception as e:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -359,7 +360,7 @@ def dgelu_blocks(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_m
         grid = (min(sms * tile.per_sm, n_items), )
         _dgelu_blocks_kernel[grid](stat, strm, pre_d, out_d, n_items, nb, q, p, bk, nt, feature_major,
                                    _mma_layout(bm, bn, warps), num_warps=warps)
-    return out if _guarded("the backward through GELU'", launch) else None
+    return out if _guarded("the backward through GELU'", launch, dz.device) else None
 
 
 UP_TILES = ((128, 128, 8), )      # (BM, BN, warps) of gelu_blocks_interleaved (128 x 64 measured slower than
@@ -416,6 +417,6 @@ def gelu_blocks_interleaved(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
         _gelu_up_kernel[(min(sms, n_items), )](wd, hd, pd, ad, b if b is not None else act, n_items, l, s, t, r,
                                               s // bm, b is not None, store_pre, _mma_layout(bm, bn, warps),
                                               num_warps=warps)
-    if not _guarded("fc1's bias + GELU", launch):
+    if not _guarded("fc1's bias + GELU", launch, h.device):
         return None
     return act, (pre if store_pre else None)
