@@ -38,10 +38,28 @@ def test_tile_choice():
     assert HP.SMEM_BUDGET < 227 << 10
 
 
-def test_applies_only_on_a_hopper_gpu_in_16_bit():
+def test_applies_only_on_a_hopper_gpu_in_16_bit(monkeypatch):
     dz, w, pre = _operands(8, 64, 128, 32, True)
     assert not HP.applies(dz, w, pre, True)                   # the CPU, and float32
-    assert not HP.applies(dz.bfloat16(), w.bfloat16(), pre.bfloat16(), True)      # the CPU
+    dz, w, pre = dz.bfloat16(), w.bfloat16(), pre.bfloat16()
+    assert not HP.applies(dz, w, pre, True)                   # the CPU
+    if HP.gl is None:
+        return
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))           # as if on an H100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert HP.applies(dz, w, pre, True)
+    assert not HP.applies(dz, w, pre, False)                  # the token-major shapes are others
+    assert HP.applies(dz[:, :24], w, pre[:, :24], True)       # strided views are copied (aligned) first
+    assert not HP.applies(dz[:, :20], w, pre[:, :20], True)   # 20 tokens: rows not a multiple of 16 bytes
+    shifted = torch.zeros(dz.numel() + 1, dtype=dz.dtype)[1:].view(dz.shape)      # contiguous, 2 bytes off
+    assert shifted.is_contiguous() and not HP.applies(shifted, w, pre, True)
+    assert not HP.applies(dz, w, pre[:-8], True)              # pre of another shape
+    h = torch.zeros(40 * 8, 256, dtype=torch.bfloat16)
+    w2 = torch.zeros(8, 128, 32, dtype=torch.bfloat16)
+    assert HP.up_applies(h, w2, 256) and HP.up_applies(h[:, :128].contiguous(), w2, 128)
+    assert not HP.up_applies(h[:, :128], w2, 128)             # a strided middle
+    assert not HP.up_applies(h[: 30 * 8], w2, 256)            # fewer middle rows than the blocks read
+    assert not HP.up_applies(h[:, :120].contiguous(), w2, 120)      # tokens off the 128-token tile
 
 
 @pytest.mark.parametrize("bias", [True, False])

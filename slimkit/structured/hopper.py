@@ -103,9 +103,17 @@ def applies(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, feature_major:
         return False
     nb, q, p = w.shape
     t = dz.shape[1] if feature_major else dz.shape[0]
+    shapes = ((nb * q, t), (nb * p, t)) if feature_major else ((t, nb * q), (t, nb * p))
+    if (tuple(dz.shape), tuple(pre.shape)) != shapes or not _aligned(dz, w, pre):
+        return False
     if t % 8 or (nb * p) % 8 or (nb * q) % 8:          # TMA: 16-byte aligned row strides
         return False
     return _pick(nb, q, p, feature_major) is not None
+
+
+def _aligned(*ts: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned addresses: a contiguous operand is taken as it is (a copy would be aligned)."""
+    return all(not x.is_contiguous() or x.data_ptr() % 16 == 0 for x in ts)
 
 
 if gl is not None:
@@ -379,9 +387,12 @@ def up_applies(h: torch.Tensor, w: torch.Tensor, t: int) -> bool:
     """Whether gelu_blocks_interleaved runs for the middle h and weights w (l, s, r)."""
     if gl is None or not ENABLED or FAILED or not h.is_cuda or h.dtype not in _GL_DTYPES or h.dtype != w.dtype:
         return False
-    if torch.cuda.get_device_capability(h.device)[0] != 9 or h.shape[1] != t:
+    l, s, r = w.shape
+    if torch.cuda.get_device_capability(h.device)[0] != 9 or h.dim() != 2 or h.shape[1] != t:
         return False
-    return _pick_up(w.shape[1], w.shape[2], t) is not None
+    if not h.is_contiguous() or h.shape[0] % l or h.shape[0] // l < r or not _aligned(h, w):
+        return False
+    return _pick_up(s, r, t) is not None
 
 
 def gelu_blocks_interleaved_reference(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: int):
