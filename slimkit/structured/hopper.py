@@ -19,16 +19,18 @@ Two layouts, one kernel:
 - token-major (BlockDense's GeluFFN): out (T, nb*p), block j's columns j*p.. = dz[:, j*q:(j+1)*q] @ blocks[j]
   (q, p); the stationary operand is dz's (BM, q) row tile.
 
-On an H100 (bf16, 16384 tokens, BlockShuffle at 25% of d_model 2048: 8 blocks 256 -> 1024) it takes 0.27 ms where
-the eight DGELU calls take 0.41 (bench/results/structured_ffn_hopper_probe.md), with DRAM at about 60% of its peak
-(ncu). Tried and measured no faster there: smaller tiles, two programs an SM (64 x 64: 0.31 ms), 16 warps (0.27),
-a third pre-activation buffer (0.275), and a software pipeline that keeps the next tile's matmul running during
-this tile's epilogue (two accumulators, the streamed operand double-buffered; shared memory then holds 64-row or
-64-column tiles only: 0.34-0.53 ms).
+On an H100 (bf16, 16384 tokens, BlockShuffle at 25% of d_model 2048: 8 blocks 256 -> 1024) it takes 0.25 ms where
+the eight DGELU calls take 0.40-0.44 (bench/results/structured_ffn_hopper_probe.md). What bounds it is the
+epilogue's instruction issue (ncu: 2 warps a scheduler, 0.4 instructions issued a cycle, DRAM at about 60% of its
+peak): folding GELU' to ten instructions a value and reading the tile's pre-activation while its matmul runs took
+it from 0.27 to 0.25 ms. Tried and measured no faster: smaller tiles, two programs an SM (64 x 64: 0.31 ms at the
+time), 16 warps (0.27), a third pre-activation buffer (0.275), and a software pipeline that keeps the next tile's
+matmul running during this tile's epilogue (two accumulators, the streamed operand double-buffered; shared memory
+then holds 64-row or 64-column tiles only: 0.34-0.53 ms).
 
 `gelu_blocks_interleaved` is the forward's counterpart for BlockShuffle's fc1: its second factor through bias and
-GELU, writing act and the pre-activation (0.27 ms against 0.33 for one cuBLASLt GELU_AUX call a block plus the
-weight-with-bias-column concat those need).
+GELU, writing act and the pre-activation (0.27 ms against 0.33-0.40 for one cuBLASLt GELU_AUX call a block plus the
+weight-with-bias-column concat those need); its 537 MB of writes bound it.
 
 `dgelu_blocks` runs it where `applies` says it can (a Hopper GPU, a Triton with Gluon, bf16/fp16, shapes the tiles
 divide, a stationary operand that fits in shared memory); `dgelu_blocks_reference` is the PyTorch computation it
