@@ -212,3 +212,54 @@ def test_kernel_equals_reference_on_gpu(feature_major, nb, q, p, t, dtype):
     err = ((got.float() - want).norm() / want.norm()).item()
     assert err < 4e-3, err
     assert (got.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
+
+
+def test_applies_edges(monkeypatch):
+    """No tokens is declined (a TMA descriptor takes no empty dimension: the launch would fail and switch the kernels
+    off for the process); token-major takes any token count (only feature-major rows carry it); ROCm's capability
+    9.x (MI200 / MI300) is no Hopper."""
+    if HP.gl is None:
+        return
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    dz, w, pre = _operands(8, 64, 128, 0, False, torch.bfloat16)
+    assert not HP.applies(dz, w, pre, False)
+    dz, w, pre = _operands(8, 64, 128, 0, True, torch.bfloat16)
+    assert not HP.applies(dz, w, pre, True)
+    empty, w2 = torch.zeros(40 * 8, 0, dtype=torch.bfloat16), torch.zeros(8, 128, 32, dtype=torch.bfloat16)
+    assert not HP.up_applies(empty, w2, 0)
+    dz, w, pre = _operands(8, 64, 128, 1001, False, torch.bfloat16)
+    assert HP.applies(dz, w, pre, False)
+    dz, w, pre = _operands(8, 64, 128, 1001, True, torch.bfloat16)
+    assert not HP.applies(dz, w, pre, True)                   # feature-major: 1001-token rows, not 16-byte aligned
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    dz, w, pre = _operands(8, 64, 128, 32, True, torch.bfloat16)
+    assert not HP.applies(dz, w, pre, True)
+
+
+def test_interleaved_rejects_tiles_and_bias_it_cannot_index():
+    h, w = torch.zeros(40 * 8, 256, dtype=torch.bfloat16), torch.zeros(8, 128, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do not divide"):
+        HP.gelu_blocks_interleaved(h[:, :200].contiguous(), w, None, 200, tiles=(128, 128, 32, 8))
+    with pytest.raises(ValueError, match="bias of"):
+        HP.gelu_blocks_interleaved(h, w, torch.zeros(100, dtype=torch.bfloat16), 256, tiles=(128, 128, 32, 8))
+
+
+@hopper_gpu
+def test_kernels_gelu_math_is_accurate_value_by_value_on_gpu():
+    """With identity blocks and unit gradients the kernels return gelu_tanh(x) and gelu_tanh'(x) themselves: each
+    value within bf16 rounding (2^-8 relative) plus 2^-9 absolute of the fp64 function over x in [-8, 8] (the
+    hardware tanh's error where 1 + tanh(u) cancels, for negative x, stays under that absolute term)."""
+    x = torch.linspace(-8, 8, 128 * 256, device="cuda", dtype=torch.float64).view(128, 256)
+    xb = x.bfloat16()
+    xd = xb.double()
+    eye = torch.eye(128, device="cuda", dtype=torch.bfloat16).unsqueeze(0)
+    dpre = HP.dgelu_blocks(torch.ones(128, 256, device="cuda", dtype=torch.bfloat16), eye, xb, True)
+    want = torch.ops.aten.gelu_backward(torch.ones_like(xd), xd, approximate="tanh")
+    err = (dpre.double() - want).abs() - 2 ** -8 * want.abs()
+    assert err.max().item() <= 2 ** -9, err.max().item()
+    act, pre = HP.gelu_blocks_interleaved(xb, eye, None, 256)
+    want = torch.nn.functional.gelu(xd, approximate="tanh")
+    assert torch.equal(pre, xb)
+    err = (act.double() - want).abs() - 2 ** -8 * want.abs()
+    assert err.max().item() <= 2 ** -9, err.max().item()
