@@ -38,7 +38,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E4
 
 from common import write_results  # noqa: E402
 
-from slimkit.structured.hopper import _mma_layout as mma_layout  # noqa: E402
+from slimkit.structured._gluon_kernels import mma_layout  # noqa: E402
 
 T, NB, Q, P = 16384, 4, 256, 2048          # tokens, blocks, block rows (K), block columns (N)
 REPS, WARM = 30, 5

@@ -171,6 +171,34 @@ def test_a_kernel_that_fails_to_launch_warns_and_the_ffn_falls_back(monkeypatch,
     assert not HP.applies(dz, w, pre, True)
 
 
+def test_a_gluon_the_kernels_do_not_fit_leaves_them_off(monkeypatch):
+    """The kernels live in their own module, imported inside a try: a Triton whose Gluon API differs (here the
+    import fails) leaves hopper unavailable and the FFN paths importable, instead of breaking them."""
+    import importlib
+    import sys
+
+    class Refuse:
+        def find_spec(self, name, path=None, target=None):
+            if name == "slimkit.structured._gluon_kernels":
+                raise ImportError("simulated: this Triton's Gluon lacks what the kernels use")
+    had = HP._K is not None
+    import slimkit.structured as package
+    monkeypatch.delitem(sys.modules, "slimkit.structured._gluon_kernels", raising=False)
+    monkeypatch.delattr(package, "_gluon_kernels", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Refuse()] + sys.meta_path)
+    try:
+        importlib.reload(HP)
+        assert HP.gl is None and HP._K is None
+        dz, w, pre = _operands(8, 64, 128, 32, True, torch.bfloat16)
+        assert not HP.applies(dz, w, pre, True) and not HP.up_applies(pre, w, 32)
+        importlib.reload(EP)                      # the FFN paths import as before
+    finally:
+        monkeypatch.undo()
+        importlib.reload(HP)
+        importlib.reload(EP)
+    assert (HP._K is not None) == had
+
+
 hopper_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and HP.gl is not None and torch.cuda.get_device_capability()[0] == 9),
     reason="needs a Hopper GPU and a Triton with Gluon")
