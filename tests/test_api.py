@@ -747,6 +747,31 @@ def test_overwrite_never_deletes_files_the_artifact_did_not_write(tmp_path, data
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_an_overwrite_that_fails_while_renaming_keeps_the_old_artifact(tmp_path, data, monkeypatch, error):
+    """The old artifact steps aside before the new one is renamed into place: a failure (Ctrl-C, a full disk)
+    between the two renames puts it back, rather than leaving the destination empty and the old artifact hidden."""
+    import os
+    from slimkit.io import artifact
+    q = slimkit.quantize(tiny_net(), data, method="rtn", w_bits=8, a_bits=8)
+    art = slimkit.save(q, tmp_path / "art")
+    before = (art / "model.safetensors").read_bytes()
+    calls, replace = [], os.replace
+
+    def second_fails(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise error
+        replace(src, dst)
+    monkeypatch.setattr(artifact.os, "replace", second_fails)
+    with pytest.raises(slimkit.SlimkitError if isinstance(error, OSError) else KeyboardInterrupt):
+        slimkit.save(q, art, overwrite=True)
+    monkeypatch.setattr(artifact.os, "replace", replace)
+    assert len(calls) >= 2 and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    assert (art / "model.safetensors").read_bytes() == before
+    slimkit.load(art, model=tiny_net())
+
+
 def test_a_factory_that_calls_sys_exit_is_named(tmp_path):
     """sys.exit() in a model factory, or at its module's import, ended the CLI with no message at all."""
     from slimkit.models.factory import build_from_factory

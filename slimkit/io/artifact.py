@@ -341,7 +341,11 @@ def _write_atomic(path: Path, write) -> None:
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:        # (Ctrl-C, a full disk): the old artifact goes back, not left hidden
+                os.replace(old, path)
+                raise
             try:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
             except OSError as e:     # the new artifact is in place; only the old copy could not be removed
