@@ -337,6 +337,41 @@ def test_resume_skips_a_corrupt_latest_checkpoint(corpus, tmp_path):
         train(tiny(tmp_path / "run", data, ckpt_every=3, resume=True))
 
 
+def test_a_full_disk_while_writing_is_one_clear_error_and_the_run_resumes(corpus, tmp_path, monkeypatch):
+    """ENOSPC while writing a checkpoint, report.json or the token files: a SlimkitError naming the file (the CLI's
+    one line, not a traceback), no temporary file left, the earlier checkpoint intact and --resume exact."""
+    import errno
+
+    import safetensors.torch
+
+    root, data, _ = corpus
+    full = train(tiny(tmp_path / "full", data, ckpt_every=3))
+    save_file, calls = safetensors.torch.save_file, []
+
+    def full_disk(*a, **k):
+        calls.append(a)
+        if len(calls) == 3:            # the second checkpoint's model.safetensors
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_file(*a, **k)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(SlimkitError, match="could not write the checkpoint .*step_000006: No space left.*--resume"):
+        train(tiny(tmp_path / "run", data, ckpt_every=3))
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    assert sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir()) == ["step_000003"]
+    assert train(tiny(tmp_path / "run", data, ckpt_every=3, resume=True))["losses"] == full["losses"]
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    (tmp_path / "run" / "report.json").unlink()
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(SlimkitError, match="could not write .*report.json: No space left"):
+        train(tiny(tmp_path / "run", data, ckpt_every=3, resume=True))
+    with pytest.raises(SlimkitError, match="could not write .*tokenizer.json: No space left"):
+        prepare_corpus(root, tmp_path / "tok", tokenizer="bpe", vocab_size=320, progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt"]
+    assert not any((tmp_path / "tok").iterdir())
+
+
 def test_load_model_restores_the_guides_share(corpus, tmp_path):
     """A checkpoint taken while the dense guides still mix in loads with the share its last step trained and
     evaluated with, not the guide alone (share 1); guided for the whole run, the final model has its guides

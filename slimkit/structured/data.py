@@ -108,6 +108,8 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:     # a full disk, a folder turned read-only: the file there before (if any) is untouched
+        raise SlimkitError(f"could not write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

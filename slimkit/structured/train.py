@@ -426,6 +426,9 @@ def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sta
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
+    except OSError as e:     # a full disk: the checkpoints before this one are untouched
+        raise SlimkitError(f"could not write the checkpoint {final}: {e.strerror or e}; free space (or fix --out) "
+                           "and continue the run with --resume") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in ckpt_dirs(out)[:-keep] if keep > 0 else []:
