@@ -27,8 +27,10 @@ import dataclasses
 import fnmatch
 import math
 import numbers
+import os
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -397,5 +399,13 @@ def plot_rates(info: dict, path) -> None:
     ax.set_title(f"per-layer sparsity: {s['method']} (achieved {100 * s['achieved']:.2f}%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = Path(path)    # (written under a temporary name and renamed: a chart cut short never sits in the artifact)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SlimkitError(f"could not write the chart {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)

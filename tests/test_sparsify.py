@@ -163,6 +163,30 @@ def test_save_load_restores_the_same_masked_weights(tmp_path):
     assert back.slimkit_info["sparsity"]["target"] == 0.8
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_a_chart_cut_short_leaves_no_partial_png(tmp_path, monkeypatch, error):
+    """The per-layer chart goes into the artifact folder after the save: a Ctrl-C or full disk while it is written
+    leaves no truncated sparsity.png there (nor a temporary file), and a full disk is a SlimkitError."""
+    from PIL import Image
+
+    from slimkit.sparsify import plot_rates
+
+    s = slimkit.sparsify(small_cnn(), method="uniform", sparsity=0.5)
+
+    def cut_short(im, fp, filename, *a, **k):
+        fp.write(b"\x89PNG\r\n\x1a\n")
+        raise error
+    Image.init()
+    monkeypatch.setitem(Image.SAVE, "PNG", cut_short)
+    with pytest.raises(SlimkitError if isinstance(error, OSError) else KeyboardInterrupt):
+        plot_rates(s.slimkit_info, tmp_path / "sparsity.png")
+    assert not any(tmp_path.iterdir())
+    monkeypatch.undo()
+    plot_rates(s.slimkit_info, tmp_path / "sparsity.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["sparsity.png"]
+    assert (tmp_path / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_sparsify_writes_artifact_chart_and_refuses_bad_input(tmp_path):
     from typer.testing import CliRunner
 
