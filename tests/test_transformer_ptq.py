@@ -212,6 +212,27 @@ def test_load_rejects_corrupt_hf_artifact(tmp_path):
         slimkit.save(q, tmp_path / "art")
 
 
+def test_a_damaged_tokenizer_in_an_hf_artifact_is_refused_not_dropped(tmp_path):
+    """An artifact saved with its tokenizer whose tokenizer files are cut short or partly missing is corrupt: one
+    SlimkitError saying so, not a model that silently loads without a tokenizer (which `slimkit eval` then calls
+    "no tokenizer files"). One saved without a tokenizer still loads."""
+    from tiny_hf import tiny_tokenizer
+
+    q = slimkit.quantize(tiny_model("llama"), tiny_inputs("llama", 4, 8), method="minmax", **OPTS)
+    slimkit.save(q, tmp_path / "bare")
+    assert getattr(slimkit.load(tmp_path / "bare"), "_slimkit_tokenizer", None) is None
+    q._slimkit_tokenizer = tiny_tokenizer()
+    slimkit.save(q, tmp_path / "art")
+    assert slimkit.load(tmp_path / "art")._slimkit_tokenizer is not None
+    text = (tmp_path / "art" / "tokenizer.json").read_text()
+    (tmp_path / "art" / "tokenizer.json").write_text(text[: len(text) // 2])
+    with pytest.raises(slimkit.SlimkitError, match="corrupt: its tokenizer files do not read back"):
+        slimkit.load(tmp_path / "art")
+    (tmp_path / "art" / "tokenizer.json").unlink()
+    with pytest.raises(slimkit.SlimkitError, match="corrupt: its tokenizer files do not read back"):
+        slimkit.load(tmp_path / "art")
+
+
 def test_a_damaged_hf_manifest_is_refused_not_misread(tmp_path):
     """A layer dropped from the manifest (it would run in float), an activation quantizer removed, a bit width
     changed (the codes would be misread) or a damaged config: each a clear error, never a different model."""

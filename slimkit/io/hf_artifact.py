@@ -248,9 +248,13 @@ def load_hf_artifact(path: Path, manifest: dict, model: nn.Module | None = None)
     if tensors:     # stored state the manifest does not account for: a layer dropped from it would run in float
         raise SlimkitError(f"the artifact at {path} is corrupt: {HF_QUANT} holds tensors its manifest does not name "
                            f"({', '.join(sorted(tensors)[:3])}{', ...' if len(tensors) > 3 else ''})")
-    try:
-        model._slimkit_tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        pass  # saved without a tokenizer
+    from ..models.hf import _has_tokenizer
+
+    if _has_tokenizer(path):    # saved with its tokenizer: files that no longer read back are damage, not "none"
+        try:
+            model._slimkit_tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as e:
+            raise SlimkitError(f"the artifact at {path} is corrupt: its tokenizer files do not read back ({why(e)}); "
+                               "copy them from the model it was made from, or save the model again") from None
     model.slimkit_info = {k: v for k, v in manifest.items() if k not in ("format", "version")}
     return model
