@@ -144,7 +144,6 @@ def test_recipe_file_sets_fields(work):
                  "unknown option", "methd")
 
 
-
 def test_options_that_would_be_ignored_are_refused(work):
     """Transformer options on a CNN, --calib for a data-free sparsity method, a recipe that is no text or holds
     an infinite weight, and an output that is a file for the tokenizer: one-line errors, not silent no-ops."""

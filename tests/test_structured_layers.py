@@ -359,7 +359,6 @@ def test_premerge_keeps_frozen_layers_frozen_and_self_guided_inits_in_full_preci
         assert merged_linear(meta).weight.device.type == "meta"
 
 
-
 premerge_mod = importlib.import_module("slimkit.structured.premerge")    # the module (the package exports the function)
 
 
@@ -721,7 +720,6 @@ def test_load_structured_bad_files_leave_the_model_alone(tmp_path):
     config.intermediate_size = 96
     with pytest.raises(SlimkitError, match="saved as 32->64, this model has 32->96"):    # a wider twin
         load_structured(T.LlamaForCausalLM(config), tmp_path / "ok")
-
 
 
 def test_save_structured_keeps_out_of_other_folders_and_load_checks_the_format(tmp_path):

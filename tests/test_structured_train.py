@@ -165,7 +165,6 @@ def test_loss_falls(corpus, tmp_path):
     assert json.loads((tmp_path / "run" / "report.json").read_text())["val_ppl"] == r["val_ppl"]
 
 
-
 def test_report_figures_match_the_settings_it_records(corpus, tmp_path):
     """A finished run resumed with other evaluation settings measures again, so report.json's figures are those
     of the eval_tokens it records; the report gives the parameter ratio the FFNs reach besides the requested one."""
