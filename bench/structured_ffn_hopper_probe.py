@@ -91,8 +91,8 @@ def up_rows(ffn, t: int, reps: int, dev) -> list[dict]:
     variants = {"cublaslt-gelu-aux": lt}
     if HP.up_applies(h, a2, t):
         variants["gluon"] = lambda: HP.gelu_blocks_interleaved(h, a2, b1, t)
-    bk = next(b for b in (64, 32, 16) if r % b == 0)
-    if 2 * (r * 64 + r * 128 + 2 * 128 * 64) <= 226 << 10:       # 128 x 64 tiles, up to the SM's 226 KB
+    bk = HP.k_step(r)
+    if HP.smem_bytes(r, 128, 64) <= HP.SMEM_SM:                   # 128 x 64 tiles, up to what an SM has
         variants["gluon (128, 64)"] = lambda: HP.gelu_blocks_interleaved(h, a2, b1, t, tiles=(128, 64, bk, 8))
     rows = []
     for method, fn in variants.items():

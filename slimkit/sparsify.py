@@ -27,7 +27,6 @@ import dataclasses
 import fnmatch
 import math
 import numbers
-import os
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +39,7 @@ from .core.sparsity import (apply_mask, check_nm, check_target, erk_rates, exact
                             magnitude_mask, nm_inputs, nm_keep, uniform_rates)
 from .core.wrap import quantizable, working_copy
 from .errors import SlimkitError
+from .io.atomic import atomic_write
 
 METHODS = ("fcpts", "uniform", "global_magnitude", "erk", "wanda", "owl", "sparsegpt")
 NEEDS_DATA = ("fcpts", "wanda", "owl", "sparsegpt")
@@ -399,13 +399,7 @@ def plot_rates(info: dict, path) -> None:
     ax.set_title(f"per-layer sparsity: {s['method']} (achieved {100 * s['achieved']:.2f}%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)    # (written under a temporary name and renamed: a chart cut short never sits in the artifact)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise SlimkitError(f"could not write the chart {path}: {e.strerror or e}") from None
+    try:                 # (a chart cut short never sits in the artifact)
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)

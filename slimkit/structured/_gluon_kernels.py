@@ -69,20 +69,28 @@ def _tile(t, pid, nprog, NB, NT: gl.constexpr, Q: gl.constexpr, P: gl.constexpr,
 
 
 @gluon.jit
-def _load_stationary(desc, bar, bufs, r0, c0, pred, KSTEPS: gl.constexpr, BK: gl.constexpr, FM: gl.constexpr):
-    mbarrier.expect(bar, KSTEPS * desc.block_type.nbytes, pred=pred)
-    for s in gl.static_range(KSTEPS):
-        if FM:   # dz (nb q, T): k runs down the rows
-            tma.async_copy_global_to_shared(desc, [r0 + s * BK, c0], bar, bufs.index(s), pred)
-        else:    # dz (T, nb q): k runs along the columns
-            tma.async_copy_global_to_shared(desc, [r0, c0 + s * BK], bar, bufs.index(s), pred)
+def _k_origin(r0, c0, s, BK: gl.constexpr, K_ROWS: gl.constexpr):
+    """The origin of k step s of an operand tile at (r0, c0): k runs down the rows (K_ROWS) or along the columns."""
+    if K_ROWS:
+        return [r0 + s * BK, c0]
+    else:
+        return [r0, c0 + s * BK]
 
 
 @gluon.jit
-def _load_streamed(desc, bars, bufs, r0, c0, pred, KSTEPS: gl.constexpr, BK: gl.constexpr, FM: gl.constexpr):
+def _load_stationary(desc, bar, bufs, r0, c0, pred, KSTEPS: gl.constexpr, BK: gl.constexpr, K_ROWS: gl.constexpr):
+    """An item's stationary operand, all k steps, on one barrier."""
+    mbarrier.expect(bar, KSTEPS * desc.block_type.nbytes, pred=pred)
+    for s in gl.static_range(KSTEPS):
+        tma.async_copy_global_to_shared(desc, _k_origin(r0, c0, s, BK, K_ROWS), bar, bufs.index(s), pred)
+
+
+@gluon.jit
+def _load_streamed(desc, bars, bufs, r0, c0, pred, KSTEPS: gl.constexpr, BK: gl.constexpr, K_ROWS: gl.constexpr):
+    """A tile's streamed operand, k step s on barrier s (the matmul starts on the first step that lands)."""
     for s in gl.static_range(KSTEPS):
         mbarrier.expect(bars.index(s), desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(desc, [r0 + s * BK, c0], bars.index(s), bufs.index(s), pred)
+        tma.async_copy_global_to_shared(desc, _k_origin(r0, c0, s, BK, K_ROWS), bars.index(s), bufs.index(s), pred)
 
 
 @gluon.jit
@@ -104,7 +112,7 @@ def dgelu_blocks_kernel(stat_desc, strm_desc, pre_desc, out_desc, n_items, NB, Q
 
     new, s0, s1, v0, v1, o0, o1 = _tile(0, pid, nprog, NB, NT, Q, P, BM, BN, FM)
     _load_stationary(stat_desc, sbar, s_bufs, s0, s1, True, KSTEPS, BK, FM)
-    _load_streamed(strm_desc, bars, v_bufs, v0, v1, True, KSTEPS, BK, FM)
+    _load_streamed(strm_desc, bars, v_bufs, v0, v1, True, KSTEPS, BK, True)
     mbarrier.expect(bars.index(KSTEPS + 1), pre_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(pre_desc, [o0, o1], bars.index(KSTEPS + 1), c_bufs.index(0))
     for t in range(total):
@@ -128,7 +136,7 @@ def dgelu_blocks_kernel(stat_desc, strm_desc, pre_desc, out_desc, n_items, NB, Q
         more = t2 < total
         new, s0, s1, v0, v1, o0, o1 = _tile(t2, pid, nprog, NB, NT, Q, P, BM, BN, FM)
         _load_stationary(stat_desc, sbar, s_bufs, s0, s1, more & new, KSTEPS, BK, FM)
-        _load_streamed(strm_desc, bars, v_bufs, v0, v1, more, KSTEPS, BK, FM)
+        _load_streamed(strm_desc, bars, v_bufs, v0, v1, more, KSTEPS, BK, True)
         tma.store_wait(pendings=0)         # the store that used the next tile's pre buffer is done
         nbar = bars.index(KSTEPS + 1 + (t2 % 2))
         mbarrier.expect(nbar, pre_desc.block_type.nbytes, pred=more)
@@ -155,13 +163,8 @@ def _up_loads(w_desc, h_desc, bars, sbar, w_bufs, h_bufs, t, pid, nprog, NB, S, 
     blk = item % NB
     col = blk * T + (item // NB) * BN
     row = sub * BM
-    new = pred & (sub == 0)
-    mbarrier.expect(sbar, KSTEPS * h_desc.block_type.nbytes, pred=new)
-    for s in gl.static_range(KSTEPS):
-        tma.async_copy_global_to_shared(h_desc, [s * BK, col], sbar, h_bufs.index(s), new)
-    for s in gl.static_range(KSTEPS):
-        mbarrier.expect(bars.index(s), w_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(w_desc, [blk * S + row, s * BK], bars.index(s), w_bufs.index(s), pred)
+    _load_stationary(h_desc, sbar, h_bufs, 0, col, pred & (sub == 0), KSTEPS, BK, True)
+    _load_streamed(w_desc, bars, w_bufs, blk * S + row, 0, pred, KSTEPS, BK, False)
     return blk, row, col
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import SlimkitError
+from ..io.atomic import atomic_write  # noqa: F401  (train.py takes it from here)
 from ..text import _read as read_text
 from ..text import TEXT_SUFFIXES, path_score, text_files
 
@@ -100,18 +101,6 @@ def source_hash(root: Path, files: list[Path]) -> str:
         h.update(os.fsencode(p.relative_to(root).as_posix()) + b"\0")     # names need not be UTF-8
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through write(tmp_path) to a temporary name in the same folder, then rename onto path."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:     # a full disk, a folder turned read-only: the file there before (if any) is untouched
-        raise SlimkitError(f"could not write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_tokens(path: str | Path, tokens: np.ndarray, meta: dict) -> None:

@@ -57,7 +57,8 @@ except Exception:        # no Triton, one without Gluon, or one whose Gluon thes
 
 ENABLED = os.environ.get("SLIMKIT_HOPPER_KERNELS", "1") != "0"
 FAILED: str | None = None        # the first build or launch failure; the kernels stay off after one
-SMEM_BUDGET = 200 << 10          # bytes of shared memory a program may take (an H100 SM has 227 KB)
+SMEM_BUDGET = 200 << 10          # bytes of shared memory a program may take by default
+SMEM_SM = 226 << 10              # what an H100 SM has (227 KB less the barriers): the bound for tiles given explicitly
 Tile = namedtuple("Tile", "bm bn warps per_sm", defaults=(1, ))
 TILES = (Tile(128, 128, 8), )    # dgelu_blocks' tile configs, the first that fits taken (128 x 64 tiles measured
                                  # slower than cuBLASLt's DGELU calls at k = 256 and 512 on an H100)
@@ -78,20 +79,29 @@ def dgelu_blocks_reference(dz: torch.Tensor, w: torch.Tensor, pre: torch.Tensor,
     return torch.ops.aten.gelu_backward(dh, pre.to(ct), approximate="tanh").to(pre.dtype)
 
 
+def k_step(k: int) -> int | None:
+    """The k step (BK) of a contraction of length k: the largest of 64, 32, 16 that divides it (wgmma takes 16)."""
+    return next((b for b in (64, 32, 16) if k % b == 0), None)
+
+
+def smem_bytes(k: int, bm: int, bn: int) -> int:
+    """Shared memory of either kernel's (bm, bn) tile over a k-long contraction in 16-bit: the stationary and the
+    streamed operand (all k steps) and two (bm, bn) epilogue tiles."""
+    return 2 * (k * bn + k * bm + 2 * bm * bn)
+
+
 def _fits(q: int, p: int, feature_major: bool, tile: Tile, budget: int | None = None) -> bool:
-    bm, bn = tile.bm, tile.bn
-    swept = bm if feature_major else bn                # the tile dimension a block's width p is cut into
-    smem = 2 * (q * bn + q * bm + 2 * bm * bn)         # stationary + streamed operands (all k steps), two pre tiles
-    return p % swept == 0 and smem * tile.per_sm <= (budget or SMEM_BUDGET)
+    swept = tile.bm if feature_major else tile.bn      # the tile dimension a block's width p is cut into
+    return p % swept == 0 and smem_bytes(q, tile.bm, tile.bn) * tile.per_sm <= (budget or SMEM_BUDGET)
 
 
 def _pick(nb: int, q: int, p: int, feature_major: bool, tiles=None):
     """(BK, Tile) for these blocks, or None where no tile config divides them or fits."""
-    bk = next((b for b in (64, 32, 16) if q % b == 0), None)
+    bk = k_step(q)
     if bk is None:
         return None
     for tile in tiles or TILES:
-        if _fits(q, p, feature_major, Tile(*tile), None if tiles is None else 226 << 10):
+        if _fits(q, p, feature_major, Tile(*tile), None if tiles is None else SMEM_SM):
             return bk, Tile(*tile)
     return None
 
@@ -185,9 +195,9 @@ UP_TILES = ((128, 128, 8), )      # (BM, BN, warps) of gelu_blocks_interleaved (
 
 
 def _pick_up(s: int, r: int, t: int):
-    bk = next((b for b in (64, 32, 16) if r % b == 0), None)
+    bk = k_step(r)
     for bm, bn, warps in UP_TILES:
-        if bk and s % bm == 0 and t % bn == 0 and 2 * (r * bn + r * bm + 2 * bm * bn) <= SMEM_BUDGET:
+        if bk and s % bm == 0 and t % bn == 0 and smem_bytes(r, bm, bn) <= SMEM_BUDGET:
             return bm, bn, bk, warps
     return None
 

@@ -1,0 +1,22 @@
+"""Writing a file so that it is there whole or not at all."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import SlimkitError
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through write(tmp_path) to a temporary name in the same folder, then rename onto path. Whatever stops
+    the write part-way (Ctrl-C, a full disk) leaves the file there before, if any, untouched and no temporary file;
+    an OSError becomes a SlimkitError naming the file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:     # a full disk, a folder turned read-only: the file there before (if any) is untouched
+        raise SlimkitError(f"could not write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
