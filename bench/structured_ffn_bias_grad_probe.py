@@ -80,7 +80,7 @@ def main() -> None:
         "it chose), '-lt-fc2ones' always, '-lt-fc2sum' never (a separate sum).",
     ]
     write_results("structured_ffn_bias_grad_probe", str(dev), rows, notes,
-                  columns=("model", "method", "setting", "metric", "value", "ms", "ratio", "rank2", "fits",
+                  columns=("model", "method", "setting", "metric", "value", "ms", "paired", "ratio", "rank2", "fits",
                            "rel_err_db"))
 
 

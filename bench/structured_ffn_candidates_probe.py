@@ -84,7 +84,7 @@ def main() -> None:
         "one's.",
     ]
     write_results("structured_ffn_candidates_probe", str(dev), rows, notes,
-                  columns=("model", "method", "setting", "metric", "value", "ms", "ratio"))
+                  columns=("model", "method", "setting", "metric", "value", "ms", "paired", "ratio"))
 
 
 if __name__ == "__main__":

@@ -152,14 +152,16 @@ def main() -> None:
         "BlockShuffle fc2's first factor (ShuffleGeluFFN's backward): 'cublaslt-dgelu' one DGELU epilogue matmul a "
         "block, 'gluon' hopper.dgelu_blocks; 'dgelu tm': the token-major layout (BlockDense's GeluFFN). rel_err "
         "against hopper.dgelu_blocks_reference (fp32).",
-        "Step rows: 'fwbw_speedup' = the dense step's graphed time / this one's; 'blockshuffle-lt-hopper-graph' "
+        "Step rows: 'fwbw_speedup' = the dense step's graphed time (timed first) / this one's (the fastest of "
+        "the rounds); 'paired' = the median over the rounds of the dense step's time in that round over this "
+        "one's, both under the same sustained load; 'blockshuffle-lt-hopper-graph' "
         "runs epilogue.ShuffleGeluFFN with both Gluon kernels, '-lt-hopper-bwd' with the backward's only, "
         "'blockshuffle-lt-graph' with cuBLASLt's GELU_AUX and DGELU (BlockDense: its backward's kernel or not).",
         "'max_rel_err_bf16' (blockshuffle-lt, kernel on): the largest ||got - want|| / ||want|| over the output and "
         "every gradient, bf16 against the same FFN in fp64.",
     ]
     write_results("structured_ffn_hopper_probe", str(dev), rows, notes,
-                  columns=("model", "method", "setting", "metric", "value", "ms", "rel_err", "ratio"))
+                  columns=("model", "method", "setting", "metric", "value", "ms", "paired", "rel_err", "ratio"))
 
 
 if __name__ == "__main__":

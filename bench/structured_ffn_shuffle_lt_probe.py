@@ -77,7 +77,7 @@ def main() -> None:
         "the same FFN in fp64 (biases drawn with std 0.5 so that their gradients are exercised).",
     ]
     write_results("structured_ffn_shuffle_lt_probe", str(dev), rows, notes,
-                  columns=("model", "method", "setting", "metric", "value", "ms", "ratio"))
+                  columns=("model", "method", "setting", "metric", "value", "ms", "paired", "ratio"))
 
 
 if __name__ == "__main__":

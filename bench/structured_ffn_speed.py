@@ -260,15 +260,17 @@ def lt_device() -> torch.device:
     return dev
 
 
+def rounds_ms(steps: dict, device, reps: int, rounds: int) -> list[dict]:
+    """Each function's events_ms median in each of `rounds` rounds that take the functions in turn: one
+    {name: ms} a round."""
+    return [{name: events_ms(step, device, reps) for name, step in steps.items()} for _ in range(rounds)]
+
+
 def fastest(steps: dict, device, reps: int, rounds: int) -> dict:
     """Each function's events_ms median, the fastest over `rounds` rounds that take the functions in turn (so that
     a slow moment of the card does not pass for a difference between them)."""
-    best = {}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            ms = events_ms(step, device, reps)
-            best[name] = min(best.get(name, ms), ms)
-    return best
+    timed = rounds_ms(steps, device, reps, rounds)
+    return {name: min(r[name] for r in timed) for name in steps}
 
 
 def patched(obj, **values):
@@ -286,12 +288,19 @@ def patched(obj, **values):
     return under
 
 
+PAIR = "\0dense"      # the dense step's key among a round's variants (no variant name collides with it)
+
+
 def lt_step_rows(d: int, tokens: int, ratios, kinds, align: int, variants: dict, reps: int, rounds: int, device,
                  method=lambda kind, name: f"{kind}{name}-graph", extra=lambda ffn, name: {}) -> list[dict]:
     """The probes' whole-step rows: for each kind and ratio, the '-lt' FFN's training step (bias, GELU tanh, bf16)
     captured as a CUDA graph under each variant (name -> under(capture): runs the capture with the variant in
     force and returns its result) and timed (fastest), over the dense step graphed likewise ('dense-graph' first,
-    'dense-graph-again' last). Rows: method(kind, name), fwbw_speedup, ms, ratio, plus extra(ffn, name)."""
+    'dense-graph-again' last). The dense step also runs in every round beside the variants: 'paired' is the median
+    over the rounds of that round's dense time over the variant's, both timed in the same state of the card (an
+    H100 under sustained load runs a few percent slower than one that was idle, and the first and last dense
+    timings differ by that much). Rows: method(kind, name), fwbw_speedup, ms, paired, ratio, plus
+    extra(ffn, name)."""
     dt = torch.bfloat16
     x = torch.randn(tokens, d, device=device, dtype=dt)
     grad = torch.randn_like(x)
@@ -305,10 +314,13 @@ def lt_step_rows(d: int, tokens: int, ratios, kinds, align: int, variants: dict,
             ffn, real = build(kind, d, ratio, device, dt, align)
             lt = LtFFN(ffn.fc1, ffn.fc2)
             steps = {name: under(lambda: graphed_step(lt, x, grad)) for name, under in variants.items()}
-            for name, ms in fastest(steps, device, reps, rounds).items():
+            timed = rounds_ms({**steps, PAIR: dense_step}, device, reps, rounds)
+            for name in steps:
+                ms = min(r[name] for r in timed)
+                paired = statistics.median(r[PAIR] / r[name] for r in timed)
                 rows.append({"model": "ffn", "method": method(kind, name), "setting": f"r={ratio:g} d={d} T={tokens}",
                              "metric": "fwbw_speedup", "value": round(base / ms, 3), "ms": round(ms, 4),
-                             "ratio": round(real, 4), **extra(ffn, name)})
+                             "paired": round(paired, 3), "ratio": round(real, 4), **extra(ffn, name)})
                 print(rows[-1], flush=True)
             del steps
     again = fastest({"dense": dense_step}, device, reps, rounds)["dense"]

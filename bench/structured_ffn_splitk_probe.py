@@ -90,7 +90,7 @@ def main() -> None:
         "'-lt-noones': both bias gradients as separate sums (no ones_buffer). 'rank': fc1's.",
     ]
     write_results("structured_ffn_splitk_probe", str(dev), rows, notes,
-                  columns=("model", "method", "setting", "metric", "value", "ms", "ratio", "rank", "rel_err"))
+                  columns=("model", "method", "setting", "metric", "value", "ms", "paired", "ratio", "rank", "rel_err"))
 
 
 if __name__ == "__main__":
