@@ -98,6 +98,59 @@ def test_non_tensor_inputs_are_refused():
         g([torch.randn(2, 32)], torch.randn(2, 32))
 
 
+class _FakeCuda:
+    """Stand-ins for the CUDA stream and graph calls that GraphedModule._capture makes, so that its capture runs
+    on the CPU: the module's forward runs as it would during a real capture."""
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        pass
+
+    @staticmethod
+    def stream(s):
+        import contextlib
+        return contextlib.nullcontext()
+
+    graph = stream
+
+    @staticmethod
+    def current_stream():
+        return _FakeCuda.Stream()
+
+
+def test_capture_records_no_autograd_graph(monkeypatch):
+    """The capture leaves inference mode (its static buffers must be ordinary tensors), and leaving it turns
+    gradient recording back on: the warm-up and captured forwards must still run under no_grad, or a decoding
+    graph records autograd graphs, keeps their saved activations and takes the layers' training paths."""
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = make_linear("lowrank", 32, 64, 0.32)
+
+        def forward(self, x):
+            seen.append(torch.is_grad_enabled())
+            return self.fc(x)
+
+    for name in ("Stream", "CUDAGraph", "stream", "graph", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
+    module = GraphedModule(Spy().eval(), warmup=2)
+    x = torch.randn(3, 32)
+    with torch.inference_mode():          # the caller's mode must not matter
+        cap = module._capture((x, ))
+    with torch.no_grad():
+        cap2 = module._capture((x, ))
+    cap3 = module._capture((x, ))
+    assert seen == [False] * 9
+    for c in (cap, cap2, cap3):
+        assert not c.output.requires_grad and c.output.grad_fn is None
+        assert not c.inputs[0].is_inference()        # static buffers later calls may copy into
+
+
 def test_choose_merge_graph_flag_on_cpu_caches_separately():
     torch.manual_seed(0)
     layer = make_linear("lowrank", 48, 96, 0.32).eval()

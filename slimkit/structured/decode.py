@@ -90,11 +90,13 @@ class GraphedModule(nn.Module):
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> _Capture:
         """Warm up on a side stream (lazy init, cuBLAS workspaces, kernel choice), then capture. Outside inference
-        mode, so the static buffers are ordinary tensors that later calls outside it may copy into; with
-        autocast's weight-cast cache off, so the casts are captured too (a cached cast lives outside the graph
-        and is freed when the caller's autocast region ends; captured, it also follows in-place weight updates)."""
+        mode, so the static buffers are ordinary tensors that later calls outside it may copy into, and under
+        no_grad (leaving inference mode turns gradient recording back on: without it the captured forward recorded
+        autograd graphs, kept their saved activations and took the layers' training paths); with autocast's
+        weight-cast cache off, so the casts are captured too (a cached cast lives outside the graph and is freed
+        when the caller's autocast region ends; captured, it also follows in-place weight updates)."""
         amp = {"dtype": torch.get_autocast_dtype("cuda"), "enabled": torch.is_autocast_enabled("cuda")}
-        with torch.inference_mode(False), torch.autocast("cuda", **amp, cache_enabled=False):
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cuda", **amp, cache_enabled=False):
             static = tuple(t.clone(memory_format=torch.contiguous_format) for t in inputs)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
