@@ -1,5 +1,6 @@
 """The fused FFN kernels (slimkit.structured.kernels) against their PyTorch references, run on the CPU through
 Triton's interpreter; fused_ffn's forward and every gradient against the eager FFN."""
+import copy
 import os
 import subprocess
 import sys
@@ -226,6 +227,66 @@ def test_transpose_kernel_is_bit_exact(shape, dtype):
     assert torch.equal(yt, x.t().contiguous())
     torch.testing.assert_close(sums.float(), x.float().sum(0), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                                atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 2, 8, 8, 2), (48, 4, 4, 4, 4), (32, 1, 4, 4, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("approximate", APPROX)
+def test_blockshuffle_ffn_small_tokens_matches_the_layers(shape, bias, approximate):
+    """At decoding token counts, without gradients, two BlockShuffle layers run as four small-token kernels
+    (blockshuffle_ffn_small: each layout, interleave, bias and GELU in the strides and epilogues): equal to the
+    layers called one by one, in fp64, for 1 to 64 tokens in 2-D and 3-D inputs; with gradients wanted, or past
+    64 tokens, the general path runs (and the output differentiates)."""
+    import slimkit.structured.kernels as K
+    from slimkit.structured.layers import BlockShuffleLinear
+    dev = _fm_device()
+    d, k, l, k2, l2 = shape
+    torch.manual_seed(7)
+    fc1 = BlockShuffleLinear(d, 4 * d, k, bias=bias, nblocks2=l).to(dev)
+    fc2 = BlockShuffleLinear(4 * d, d, k2, bias=bias, nblocks2=l2).to(dev)
+    if bias:
+        with torch.no_grad():
+            fc1.bias.normal_()
+            fc2.bias.normal_()
+    ref1, ref2 = (copy.deepcopy(m).double().cpu() for m in (fc1, fc2))
+    for xs in [(1, d), (7, d), (64, d), (2, 5, d), (2, 32, d)]:
+        x = torch.randn(*xs, device=dev)
+        want = ref2(F.gelu(ref1(x.double().cpu()), approximate=approximate))
+        with torch.no_grad():
+            assert K.small_applies(fc1, fc2, x)
+            got = K.blockshuffle_ffn(fc1, fc2, x, approximate)
+        assert got.shape == want.shape and got.dtype == x.dtype
+        assert ((got.double().cpu() - want).norm() / want.norm()).item() < 1e-5
+    x = torch.randn(65, d, device=dev)
+    with torch.no_grad():
+        assert not K.small_applies(fc1, fc2, x)
+    x = torch.randn(3, d, device=dev)
+    assert not K.small_applies(fc1, fc2, x)              # the parameters want gradients
+    out = K.blockshuffle_ffn(fc1, fc2, x, approximate)
+    out.sum().backward()
+    assert fc1.w1.grad is not None and fc2.w2.grad is not None
+
+
+def test_small_token_kernels_that_fail_fall_back_with_one_warning(monkeypatch):
+    """A Triton or GPU the small-token kernels do not build on: one warning, the general path's result, and the
+    kernels off for the rest of the process."""
+    import slimkit.structured.kernels as K
+    from slimkit.structured.layers import BlockShuffleLinear
+    dev = _fm_device()
+    fc1 = BlockShuffleLinear(32, 128, 2, nblocks2=4).to(dev)
+    fc2 = BlockShuffleLinear(128, 32, 4, nblocks2=2).to(dev)
+    x = torch.randn(5, 32, device=dev)
+
+    def broken(*a, **k):
+        raise RuntimeError("PassManager::run failed")
+    monkeypatch.setattr(K, "_blocks_small_kernel", type("Launch", (), {"__getitem__": lambda self, grid: broken})())
+    monkeypatch.setattr(K, "SMALL_FFN", True)
+    with torch.no_grad():
+        want = fc2(F.gelu(fc1(x)))
+        with pytest.warns(UserWarning, match="small-token BlockShuffle kernels failed"):
+            got = K.blockshuffle_ffn(fc1, fc2, x)
+        assert not K.SMALL_FFN and not K.small_applies(fc1, fc2, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (65, 17), (256, 130), (5, 2048)])

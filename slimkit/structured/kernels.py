@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import warn
 from . import epilogue
 from .layers import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, autocasts, block_diag_mm, linear_cast_bias,
                      monarch_product, regrad)
@@ -51,6 +52,7 @@ except ImportError:      # the CPU build of torch brings no Triton: the referenc
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ENABLED = os.environ.get("SLIMKIT_FUSED_FFN", "1") != "0"
+SMALL_FFN = os.environ.get("SLIMKIT_SMALL_FFN", "1") != "0"    # blockshuffle_ffn_small at decoding token counts
 APPROXIMATE = {"none": 0, "tanh": 1}
 MAX_GRID_Y = 65535      # CUDA's limit on a grid's second dimension (the 2-D kernels' token tiles)
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)    # what the kernels compute in fp32 without loss
@@ -218,6 +220,35 @@ if triton is not None:
             bias = tl.load(b_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
             tile = (tile.to(tl.float32) + bias[:, None]).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + cc[None, :] * R + rr[:, None], tile, mask=mask)
+
+    @triton.jit
+    def _blocks_small_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, K, F, sxb, sxk, sxt, syb, syf, syt, sbb, sbf,
+                             HAS_BIAS: tl.constexpr, GELU: tl.constexpr, APPROX: tl.constexpr, BF: tl.constexpr,
+                             BK: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr):
+        """y_b = act(w[b] x_b + bias_b) for a few tokens (all T in one tile of BT): block b = program_id(0), w
+        (nb, F, K) contiguous, x's element (b, k, t) at x_ptr + b sxb + k sxk + t sxt and y's (b, f, t) likewise,
+        bias (b, f) at b_ptr + b sbb + f sbf; the strides say the layout (token-major, feature-major, interleaved)."""
+        blk = tl.program_id(0).to(tl.int64)
+        ff = tl.program_id(1) * BF + tl.arange(0, BF)
+        tt = tl.arange(0, BT)
+        acc = tl.zeros((BF, BT), dtype=tl.float32)
+        w_blk = w_ptr + blk * F * K
+        x_blk = x_ptr + blk * sxb
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            w = tl.load(w_blk + ff[:, None] * K + kk[None, :], mask=(ff[:, None] < F) & (kk[None, :] < K), other=0.0)
+            x = tl.load(x_blk + kk[:, None] * sxk + tt[None, :] * sxt, mask=(kk[:, None] < K) & (tt[None, :] < T),
+                        other=0.0)
+            if IEEE:
+                acc = tl.dot(w, x, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, x, acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + blk * sbb + ff * sbf, mask=ff < F, other=0.0).to(tl.float32)[:, None]
+        if GELU:
+            acc = _gelu(acc, APPROX)
+        tl.store(y_ptr + blk * syb + ff[:, None] * syf + tt[None, :] * syt, acc.to(y_ptr.dtype.element_ty),
+                 mask=(ff[:, None] < F) & (tt[None, :] < T))
 
     @triton.jit
     def _sum_rows_kernel(s_ptr, out_ptr, N, C, BN: tl.constexpr, BC: tl.constexpr):
@@ -488,11 +519,69 @@ def bias_gelu_rows(h: torch.Tensor, b: torch.Tensor | None, approximate: str = "
     return F.gelu(h + b[:, None], approximate=approximate)
 
 
+SMALL_TOKENS = 64        # blockshuffle_ffn's inference at up to this many tokens: four small-token kernels
+
+
+def _blocks_small(x, w, bias, y, t: int, xs: tuple, ys: tuple, bs: tuple, gelu: str | None) -> None:
+    """One _blocks_small_kernel launch: y's blocks = act(w's blocks @ x's blocks + bias) for t <= SMALL_TOKENS
+    tokens; xs / ys: (block, row, token) element strides of x and y, bs: (block, row) of the bias."""
+    nb, f, k = w.shape
+    bt = max(16, triton.next_power_of_2(t))          # tl.dot takes 16 and up
+    bf = 16 if nb * f <= 4096 else 32 if nb * f <= 8192 else 64      # enough programs to read the weights fast
+    bk = min(128, max(16, triton.next_power_of_2(k)))
+    _blocks_small_kernel[(nb, triton.cdiv(f, bf))](
+        x, w, bias if bias is not None else w, y, t, k, f, *xs, *ys, *bs, HAS_BIAS=bias is not None,
+        GELU=gelu is not None, APPROX=APPROXIMATE[gelu or "none"], BF=bf, BK=bk, BT=bt,
+        IEEE=x.dtype == torch.float32)
+
+
+def small_applies(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor) -> bool:
+    """Whether blockshuffle_ffn runs on _blocks_small's four kernels: inference (no gradient wanted), at most
+    SMALL_TOKENS tokens, the kernels available, and one dtype throughout."""
+    t = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+    params = [fc1.w1, fc1.w2, fc2.w1, fc2.w2] + [b for b in (fc1.bias, fc2.bias) if b is not None]
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(q.requires_grad for q in params))
+    return (SMALL_FFN and not wants_grad and 0 < t <= SMALL_TOKENS and available(x) and x.dtype in FAST_DTYPES
+            and all(q.dtype == x.dtype and q.device == x.device for q in params))
+
+
+def blockshuffle_ffn_small(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor,
+                           approximate: str = "none") -> torch.Tensor:
+    """blockshuffle_ffn for a few tokens, inference only, in four kernel launches (each factor one
+    _blocks_small_kernel, fc1's bias and GELU in its second factor's, fc2's bias and the output's transpose in
+    its last): at decoding token counts the FFN's time is its launches, six with the general path."""
+    x2 = x.reshape(-1, fc1.in_features).contiguous()
+    t = x2.shape[0]
+    (k, q, p), (l, s, _) = fc1.w1.shape, fc1.w2.shape
+    (k2, q2, p2), (l2, s2, _) = fc2.w1.shape, fc2.w2.shape
+    w = [z.contiguous() for z in (fc1.w1, fc1.w2, fc2.w1, fc2.w2)]
+    h = x2.new_empty(k * q, t)                    # feature-major, block i's rows i q ..
+    _blocks_small(x2, w[0], None, h, t, (p, 1, k * p), (q * t, t, 1), (0, 0), None)
+    act = x2.new_empty(l * s, t)                  # block j reads rows j, j + l, ...; its row i is row i l + j
+    b1, b2 = (None if b is None else b.contiguous() for b in (fc1.bias, fc2.bias))
+    _blocks_small(h, w[1], b1, act, t, (t, l * t, 1), (t, l * t, 1), (1, l), approximate)
+    h2 = x2.new_empty(k2 * q2, t)
+    _blocks_small(act, w[2], None, h2, t, (p2 * t, t, 1), (q2 * t, t, 1), (0, 0), None)
+    y = x2.new_empty(t, l2 * s2)                  # token-major; block j's row i is channel i l2 + j
+    _blocks_small(h2, w[3], b2, y, t, (t, l2 * t, 1), (1, l2, l2 * s2), (1, l2), None)
+    return y.view(*x.shape[:-1], fc2.out_features)
+
+
 def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor,
                      approximate: str = "none") -> torch.Tensor:
     """fc2(gelu(fc1(x))) for two BlockShuffle layers, the hidden activations kept feature-major between them
     (layers._Monarch): the only activation copies are the output's transpose and its gradient's, fc1's bias rides
     in the GELU pass (bias_gelu_rows) and fc2's in the output's transpose (its gradient in the gradient's)."""
+    if small_applies(fc1, fc2, x):
+        try:
+            return blockshuffle_ffn_small(fc1, fc2, x, approximate)
+        except Exception as e:          # a Triton or GPU these kernels do not build on: the general path, once
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise
+            global SMALL_FFN
+            SMALL_FFN = False
+            warn(f"slimkit's small-token BlockShuffle kernels failed ({type(e).__name__}: {str(e)[:200]}); "
+                 "the FFN takes its general path for the rest of this process (SLIMKIT_SMALL_FFN=0 skips them)")
     x2 = x.reshape(-1, fc1.in_features)
     h = monarch_product(x2, fc1.w1, fc1.w2, out_fm=True)
     y = monarch_product(bias_gelu_rows(h, fc1.bias, approximate), fc2.w1, fc2.w2, in_fm=True, bias=fc2.bias)
