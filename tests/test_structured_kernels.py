@@ -267,6 +267,27 @@ def test_blockshuffle_ffn_small_tokens_matches_the_layers(shape, bias, approxima
     assert fc1.w1.grad is not None and fc2.w2.grad is not None
 
 
+def test_blockshuffle_ffn_small_tokens_follow_autocast():
+    """Under autocast the layers compute in its dtype (monarch_product casts x and the weights): the small-token
+    kernels cast nothing, so with fp32 layers they returned fp32 (and computed in fp32) where the layers and the
+    general path give the autocast dtype; they must leave that to the general path, and may run where x and the
+    layers are in the autocast dtype already."""
+    import slimkit.structured.kernels as K
+    from slimkit.structured.layers import BlockShuffleLinear
+    dev = _fm_device()
+    torch.manual_seed(3)
+    fc1 = BlockShuffleLinear(24, 96, 3, nblocks2=6).to(dev)
+    fc2 = BlockShuffleLinear(96, 24, 4, nblocks2=2).to(dev)
+    x = torch.randn(2, 3, 24, device=dev)
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+        want = fc2(F.gelu(fc1(x)))
+        got = K.blockshuffle_ffn(fc1, fc2, x)
+        small = K.small_applies(fc1, fc2, x)
+        assert K.small_applies(fc1.bfloat16(), fc2.bfloat16(), x.bfloat16())   # nothing to cast
+    assert got.dtype == want.dtype == torch.bfloat16 and not small
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 def test_small_token_kernels_that_fail_fall_back_with_one_warning(monkeypatch):
     """A Triton or GPU the small-token kernels do not build on: one warning, the general path's result, and the
     kernels off for the rest of the process."""

@@ -542,7 +542,13 @@ def small_applies(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Ten
     params = [fc1.w1, fc1.w2, fc2.w1, fc2.w2] + [b for b in (fc1.bias, fc2.bias) if b is not None]
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(q.requires_grad for q in params))
     return (SMALL_FFN and not wants_grad and 0 < t <= SMALL_TOKENS and available(x) and x.dtype in FAST_DTYPES
-            and all(q.dtype == x.dtype and q.device == x.device for q in params))
+            and all(q.dtype == x.dtype and q.device == x.device for q in params) and not _autocast_casts(x))
+
+
+def _autocast_casts(x: torch.Tensor) -> bool:
+    """Whether autocast would cast x and the layers (monarch_product computes in its dtype): the small-token
+    kernels cast nothing, so they run under autocast only where everything is in its dtype already."""
+    return autocasts(x) and torch.get_autocast_dtype(x.device.type) != x.dtype
 
 
 def blockshuffle_ffn_small(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor,
