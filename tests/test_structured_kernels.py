@@ -310,6 +310,34 @@ def test_small_token_kernels_that_fail_fall_back_with_one_warning(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_small_token_path_checks_shapes_and_arguments(monkeypatch):
+    """The small-token kernels trust the layers' shapes: an fc2 narrower than fc1's output made them read part of
+    the hidden activations and return a result where the layers (and the general path) raise. And an argument
+    error raised inside them (x's width, an unknown approximate) was taken for a kernel that fails to build:
+    a warning blaming the kernels, and the kernels off for the rest of the process."""
+    import warnings
+    import slimkit.structured.kernels as K
+    from slimkit.structured.layers import BlockShuffleLinear
+    dev = _fm_device()
+    monkeypatch.setattr(K, "SMALL_FFN", True)
+    fc1 = BlockShuffleLinear(24, 96, 3, nblocks2=6).to(dev)
+    fc2 = BlockShuffleLinear(96, 24, 4, nblocks2=2).to(dev)
+    narrow = BlockShuffleLinear(48, 24, 4, nblocks2=2).to(dev)
+    x = torch.randn(5, 24, device=dev)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError):
+            narrow(F.gelu(fc1(x)))
+        with pytest.raises(RuntimeError):
+            K.blockshuffle_ffn(fc1, narrow, x)
+        with pytest.raises(RuntimeError):
+            K.blockshuffle_ffn(fc1, fc2, torch.randn(4, 12, device=dev))     # 48 values: 2 rows of 24
+        with pytest.raises(KeyError):
+            K.blockshuffle_ffn(fc1, fc2, x, "Tanh")
+        assert K.SMALL_FFN and K.small_applies(fc1, fc2, x)
+        torch.testing.assert_close(K.blockshuffle_ffn(fc1, fc2, x), fc2(F.gelu(fc1(x))), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (65, 17), (256, 130), (5, 2048)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_partial_sums_finish_in_one_kernel(shape, dtype):

@@ -538,7 +538,10 @@ def _blocks_small(x, w, bias, y, t: int, xs: tuple, ys: tuple, bs: tuple, gelu: 
 def small_applies(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor) -> bool:
     """Whether blockshuffle_ffn runs on _blocks_small's four kernels: inference (no gradient wanted), at most
     SMALL_TOKENS tokens, the kernels available, and one dtype throughout."""
-    t = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+    # the kernels trust the shapes (an fc2 narrower than fc1's output would read part of it, silently), and an
+    # argument error raised inside them would be taken for a kernel that fails to build: checked here instead
+    fits = x.dim() > 0 and x.shape[-1] == fc1.in_features and fc1.out_features == fc2.in_features
+    t = x.numel() // x.shape[-1] if fits else 0
     params = [fc1.w1, fc1.w2, fc2.w1, fc2.w2] + [b for b in (fc1.bias, fc2.bias) if b is not None]
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(q.requires_grad for q in params))
     return (SMALL_FFN and not wants_grad and 0 < t <= SMALL_TOKENS and available(x) and x.dtype in FAST_DTYPES
@@ -578,7 +581,7 @@ def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.
     """fc2(gelu(fc1(x))) for two BlockShuffle layers, the hidden activations kept feature-major between them
     (layers._Monarch): the only activation copies are the output's transpose and its gradient's, fc1's bias rides
     in the GELU pass (bias_gelu_rows) and fc2's in the output's transpose (its gradient in the gradient's)."""
-    if small_applies(fc1, fc2, x):
+    if approximate in APPROXIMATE and small_applies(fc1, fc2, x):
         try:
             return blockshuffle_ffn_small(fc1, fc2, x, approximate)
         except Exception as e:          # a Triton or GPU these kernels do not build on: the general path, once
