@@ -229,20 +229,8 @@ if triton is not None:
         (nb, F, K) contiguous, x's element (b, k, t) at x_ptr + b sxb + k sxk + t sxt and y's (b, f, t) likewise,
         bias (b, f) at b_ptr + b sbb + f sbf; the strides say the layout (token-major, feature-major, interleaved)."""
         blk = tl.program_id(0).to(tl.int64)
-        ff = tl.program_id(1) * BF + tl.arange(0, BF)
-        tt = tl.arange(0, BT)
-        acc = tl.zeros((BF, BT), dtype=tl.float32)
-        w_blk = w_ptr + blk * F * K
-        x_blk = x_ptr + blk * sxb
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            w = tl.load(w_blk + ff[:, None] * K + kk[None, :], mask=(ff[:, None] < F) & (kk[None, :] < K), other=0.0)
-            x = tl.load(x_blk + kk[:, None] * sxk + tt[None, :] * sxt, mask=(kk[:, None] < K) & (tt[None, :] < T),
-                        other=0.0)
-            if IEEE:
-                acc = tl.dot(w, x, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, x, acc)
+        acc, ff, tt = _matmul(w_ptr + blk * F * K, x_ptr + blk * sxb, F, T, K, K, 1, sxk, sxt, tl.program_id(1), 0,
+                              BF, BT, BK, IEEE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + blk * sbb + ff * sbf, mask=ff < F, other=0.0).to(tl.float32)[:, None]
         if GELU:
