@@ -57,6 +57,8 @@ KINDS = ("lowrank", "blockshuffle", "blockdense")
 
 
 class FFN(nn.Module):
+    ffn_pair = ("fc1", "fc2")       # premerge times the two linears together, as they run
+
     def __init__(self, fc1: nn.Module, fc2: nn.Module):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2

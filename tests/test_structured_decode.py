@@ -242,3 +242,41 @@ def test_premerge_graph_on_gpu_times_replays_and_keeps_outputs():
     premerge(model, tokens=4, min_run_time=0.01, graph=True)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_premerge_decides_an_ffn_pair_by_timing_it_whole(monkeypatch):
+    """The two linears of an FFN that runs them as one (slimkit's GPT MLP: `ffn_pair`) are decided by timing the
+    MLP in its four forms, not each layer alone (alone, a layer runs its own path, not the pair's small-token
+    kernels: at d_model 1024 on an H100 that merged BlockShuffle FFNs 1.19x faster unmerged). With made-up times
+    where each layer alone would merge and the pair is fastest with only fc2 merged, only fc2 is merged; a layer
+    outside any pair is still decided alone; the outputs stay the layers'."""
+    import importlib
+    from slimkit.structured import PairChoice, choose_pair_merge
+    from slimkit.structured.gpt import GPTConfig, MLP
+    from slimkit.structured.premerge import _CACHE
+    _CACHE.clear()
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, ffn="gelu"))
+    mlp.fc1, mlp.fc2 = make_linear("lowrank", 32, 128, 0.32), make_linear("blockshuffle", 128, 32, 0.25)
+    model = nn.ModuleDict({"mlp": mlp, "head": make_linear("lowrank", 32, 16, 0.32)}).eval()
+    forms = {(False, False): 1.0, (True, True): 2.0, (True, False): 3.0, (False, True): 0.5}
+
+    def fake(module, x, min_run_time, graph):
+        if isinstance(module, MLP):
+            return forms[(isinstance(module.fc1, nn.Linear), isinstance(module.fc2, nn.Linear))]
+        return 0.1 if isinstance(module, nn.Linear) else 1.0        # alone, every layer would merge
+    monkeypatch.setattr(importlib.import_module("slimkit.structured.premerge"), "_median_ms", fake)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        ref, ref_head = mlp(x), model["head"](x)
+    choice = choose_pair_merge(mlp, tokens=5, min_run_time=0.01)
+    assert isinstance(choice, PairChoice) and choice.merge == (False, True) and choice.times_ms == forms
+    premerge(model, tokens=5, min_run_time=0.01)
+    assert not isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
+    assert isinstance(model["head"], nn.Linear)                     # alone: decided by choose_merge
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model["head"](x), ref_head, atol=1e-5, rtol=1e-5)
+    swiglu = MLP(GPTConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, ffn="swiglu"))
+    with pytest.raises(SlimkitError, match="ffn_pair"):
+        choose_pair_merge(swiglu, tokens=5)                         # SwiGLU's linears do not run as one

@@ -267,6 +267,68 @@ def test_blockshuffle_ffn_small_tokens_matches_the_layers(shape, bias, approxima
     assert fc1.w1.grad is not None and fc2.w2.grad is not None
 
 
+def _layer(kind, i, o, bias):
+    from slimkit.structured.layers import BlockDenseLinear, BlockShuffleLinear, LowRankLinear
+    if kind == "lowrank":
+        return LowRankLinear(i, o, 8, bias=bias)
+    if kind == "blockdense":
+        return BlockDenseLinear(i, o, 16, 2, bias=bias)
+    return BlockShuffleLinear(i, o, 4, bias=bias, nblocks2=2)
+
+
+@pytest.mark.parametrize("kinds", [("lowrank", "lowrank"), ("blockdense", "blockdense"), ("lowrank", "blockshuffle"),
+                                   ("blockshuffle", "blockdense")])
+@pytest.mark.parametrize("split_min_k", [2048, 16])
+def test_structured_ffn_small_tokens_matches_the_layers(monkeypatch, kinds, split_min_k):
+    """Low-rank, BlockDense and mixed structured pairs at decoding token counts, without gradients, run as one
+    small-token kernel a factor (eager_ffn -> structured_ffn_small), K split into parts where a factor is short
+    and deep (split_min_k 16 splits the tiny test factors: the parts' fp32 tiles added by the last one in): equal
+    to the layers called one by one, in fp64, for 1 to 64 tokens in 2-D and 3-D inputs, with and without biases;
+    with gradients wanted the layers' own path runs and differentiates."""
+    import slimkit.structured.kernels as K
+    dev = _fm_device()
+    monkeypatch.setattr(K, "SPLIT_MIN_K", split_min_k)
+    monkeypatch.setattr(K, "SPLIT_PART", min(split_min_k, K.SPLIT_PART))
+    torch.manual_seed(11)
+    for bias in (True, False):
+        fc1, fc2 = _layer(kinds[0], 32, 128, bias).to(dev), _layer(kinds[1], 128, 32, bias).to(dev)
+        if bias:
+            with torch.no_grad():
+                fc1.bias.normal_()
+                fc2.bias.normal_()
+        sms = K._sms(torch.device(dev))
+        splits = [K._small_plan(*w.shape, sms)[2] for layer in (fc1, fc2) for w, _ in K._small_factors(layer)]
+        assert (max(splits) > 1) == (split_min_k == 16)      # the parts are exercised where meant
+        ref1, ref2 = (copy.deepcopy(m).double().cpu() for m in (fc1, fc2))
+        for xs in [(1, 32), (5, 32), (64, 32), (2, 7, 32)]:
+            x = torch.randn(*xs, device=dev)
+            want = ref2(F.gelu(ref1(x.double().cpu()), approximate="tanh"))
+            with torch.no_grad():
+                assert K.small_applies(fc1, fc2, x)
+                got = K.eager_ffn(fc1, fc2, x, "tanh")
+            assert got.shape == want.shape and got.dtype == x.dtype
+            assert ((got.double().cpu() - want).norm() / want.norm()).item() < 1e-5
+    x = torch.randn(3, 32, device=dev)
+    assert not K.small_applies(fc1, fc2, x)              # the parameters want gradients
+    K.eager_ffn(fc1, fc2, x).sum().backward()
+    assert all(q.grad is not None for q in fc1.parameters())
+
+
+def test_small_plan_splits_short_deep_factors_into_whole_parts():
+    """_small_plan's split-K: a factor with fewer row tiles than SMs and a K of SPLIT_MIN_K or more (low-rank's U
+    on the hidden width) is split into parts of at least SPLIT_PART, a whole number of BK steps each, that cover
+    K once, about 3/4 of a program an SM in all; a short K, or enough row tiles for the SMs, is not split."""
+    import slimkit.structured.kernels as K
+    for nb, f, k in [(1, 512, 8192), (1, 384, 2048), (4, 320, 2048), (1, 8192, 512), (1, 2048, 1280), (4, 160, 512),
+                     (1, 1664, 16384), (1, 16384, 1664), (8, 512, 2048)]:
+        bf, bk, split, ks = K._small_plan(nb, f, k, 132)
+        assert ks % bk == 0 and (split - 1) * ks < k <= split * ks
+        tiles = nb * -(-f // bf)
+        assert (split > 1) == (k >= K.SPLIT_MIN_K and tiles < 132)
+        assert split == 1 or (ks >= K.SPLIT_PART and tiles * (split - 1) < 99)
+    assert K._small_plan(1, 512, 8192, 132)[:3] == (64, 128, 13) and K._small_plan(1, 8192, 512, 132)[2] == 1
+
+
 def test_blockshuffle_ffn_small_tokens_follow_autocast():
     """Under autocast the layers compute in its dtype (monarch_product casts x and the weights): the small-token
     kernels cast nothing, so with fp32 layers they returned fp32 (and computed in fp32) where the layers and the
@@ -304,7 +366,7 @@ def test_small_token_kernels_that_fail_fall_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(K, "SMALL_FFN", True)
     with torch.no_grad():
         want = fc2(F.gelu(fc1(x)))
-        with pytest.warns(UserWarning, match="small-token BlockShuffle kernels failed"):
+        with pytest.warns(UserWarning, match="small-token FFN kernels failed"):
             got = K.blockshuffle_ffn(fc1, fc2, x)
         assert not K.SMALL_FFN and not K.small_applies(fc1, fc2, x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -125,6 +125,11 @@ class MLP(nn.Module):
             self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
+    @property
+    def ffn_pair(self) -> tuple[str, str] | None:
+        """The linears that run as one FFN (eager_ffn), for premerge to time together; none with SwiGLU."""
+        return None if self.swiglu else ("fc1", "fc2")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.fc2(F.silu(self.gate(x)) * self.fc1(x))

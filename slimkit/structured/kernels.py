@@ -32,6 +32,7 @@ slimkit's GPT runs with `set_ffn_kernel(model, "cublaslt")` (train-lm --ffn-kern
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -52,7 +53,7 @@ except ImportError:      # the CPU build of torch brings no Triton: the referenc
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ENABLED = os.environ.get("SLIMKIT_FUSED_FFN", "1") != "0"
-SMALL_FFN = os.environ.get("SLIMKIT_SMALL_FFN", "1") != "0"    # blockshuffle_ffn_small at decoding token counts
+SMALL_FFN = os.environ.get("SLIMKIT_SMALL_FFN", "1") != "0"    # structured_ffn_small at decoding token counts
 APPROXIMATE = {"none": 0, "tanh": 1}
 MAX_GRID_Y = 65535      # CUDA's limit on a grid's second dimension (the 2-D kernels' token tiles)
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)    # what the kernels compute in fp32 without loss
@@ -222,21 +223,37 @@ if triton is not None:
         tl.store(y_ptr + cc[None, :] * R + rr[:, None], tile, mask=mask)
 
     @triton.jit
-    def _blocks_small_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, K, F, sxb, sxk, sxt, syb, syf, syt, sbb, sbf,
-                             HAS_BIAS: tl.constexpr, GELU: tl.constexpr, APPROX: tl.constexpr, BF: tl.constexpr,
-                             BK: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr):
+    def _blocks_small_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, T, K, F, KS, sxb, sxk, sxt, syb, syf, syt,
+                             sbb, sbf, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, APPROX: tl.constexpr,
+                             BF: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr,
+                             IEEE: tl.constexpr):
         """y_b = act(w[b] x_b + bias_b) for a few tokens (all T in one tile of BT): block b = program_id(0), w
         (nb, F, K) contiguous, x's element (b, k, t) at x_ptr + b sxb + k sxk + t sxt and y's (b, f, t) likewise,
-        bias (b, f) at b_ptr + b sbb + f sbf; the strides say the layout (token-major, feature-major, interleaved)."""
+        bias (b, f) at b_ptr + b sbb + f sbf; the strides say the layout (token-major, feature-major, interleaved).
+        SPLIT > 1 splits K into KS-long parts, program_id(2) each (more programs reading the weights when F is
+        short and K long): each part stores its fp32 tile in ws and counts itself in cnt (zeroed by the caller);
+        the part that counts last adds the parts in order (deterministic) and runs the epilogue."""
         blk = tl.program_id(0).to(tl.int64)
-        acc, ff, tt = _matmul(w_ptr + blk * F * K, x_ptr + blk * sxb, F, T, K, K, 1, sxk, sxt, tl.program_id(1), 0,
-                              BF, BT, BK, IEEE)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + blk * sbb + ff * sbf, mask=ff < F, other=0.0).to(tl.float32)[:, None]
-        if GELU:
-            acc = _gelu(acc, APPROX)
-        tl.store(y_ptr + blk * syb + ff[:, None] * syf + tt[None, :] * syt, acc.to(y_ptr.dtype.element_ty),
-                 mask=(ff[:, None] < F) & (tt[None, :] < T))
+        k0 = tl.program_id(2) * KS
+        acc, ff, tt = _matmul(w_ptr + blk * F * K + k0, x_ptr + blk * sxb + k0 * sxk, F, T, tl.minimum(KS, K - k0),
+                              K, 1, sxk, sxt, tl.program_id(1), 0, BF, BT, BK, IEEE)
+        last = True
+        if SPLIT > 1:
+            tile = blk * tl.num_programs(1) + tl.program_id(1)
+            part = ws_ptr + tile * SPLIT * BF * BT + tl.arange(0, BF)[:, None] * BT + tl.arange(0, BT)[None, :]
+            tl.store(part + tl.program_id(2) * BF * BT, acc)
+            last = tl.atomic_add(cnt_ptr + tile, 1) == SPLIT - 1      # acq_rel: the other parts' stores are seen
+            if last:
+                acc = tl.load(part, cache_modifier=".cg")
+                for i in range(1, SPLIT):
+                    acc += tl.load(part + i * BF * BT, cache_modifier=".cg")
+        if last:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + blk * sbb + ff * sbf, mask=ff < F, other=0.0).to(tl.float32)[:, None]
+            if GELU:
+                acc = _gelu(acc, APPROX)
+            tl.store(y_ptr + blk * syb + ff[:, None] * syf + tt[None, :] * syt, acc.to(y_ptr.dtype.element_ty),
+                     mask=(ff[:, None] < F) & (tt[None, :] < T))
 
     @triton.jit
     def _sum_rows_kernel(s_ptr, out_ptr, N, C, BN: tl.constexpr, BC: tl.constexpr):
@@ -507,61 +524,128 @@ def bias_gelu_rows(h: torch.Tensor, b: torch.Tensor | None, approximate: str = "
     return F.gelu(h + b[:, None], approximate=approximate)
 
 
-SMALL_TOKENS = 64        # blockshuffle_ffn's inference at up to this many tokens: four small-token kernels
+SMALL_TOKENS = 64        # eager_ffn's inference at up to this many tokens: one small-token kernel per factor
+SPLIT_MIN_K = 2048       # the least K a factor's small-token kernel splits (below it the parts cost more than they gain)
+SPLIT_PART = 256         # a split-K part's least share of K
 
 
-def _blocks_small(x, w, bias, y, t: int, xs: tuple, ys: tuple, bs: tuple, gelu: str | None) -> None:
-    """One _blocks_small_kernel launch: y's blocks = act(w's blocks @ x's blocks + bias) for t <= SMALL_TOKENS
-    tokens; xs / ys: (block, row, token) element strides of x and y, bs: (block, row) of the bias."""
-    nb, f, k = w.shape
-    bt = max(16, triton.next_power_of_2(t))          # tl.dot takes 16 and up
-    bf = 16 if nb * f <= 4096 else 32 if nb * f <= 8192 else 64      # enough programs to read the weights fast
-    bk = min(128, max(16, triton.next_power_of_2(k)))
-    _blocks_small_kernel[(nb, triton.cdiv(f, bf))](
-        x, w, bias if bias is not None else w, y, t, k, f, *xs, *ys, *bs, HAS_BIAS=bias is not None,
-        GELU=gelu is not None, APPROX=APPROXIMATE[gelu or "none"], BF=bf, BK=bk, BT=bt,
-        IEEE=x.dtype == torch.float32)
+def _small_factors(layer: nn.Module) -> list[tuple[torch.Tensor, bool]]:
+    """A structured layer as block-diagonal factors (w (blocks, out_b, in_b), interleaved) applied in turn: block
+    b of a contiguous factor reads features b in_b .. and writes b out_b ..; an interleaved one (BlockShuffle's
+    second) reads and writes every blocks-th feature from b (its row i is feature i blocks + b)."""
+    if isinstance(layer, BlockShuffleLinear):
+        return [(layer.w1, False), (layer.w2, True)]
+    first = layer.u.unsqueeze(0) if isinstance(layer, LowRankLinear) else layer.blocks
+    return [(first, False), (layer.v.unsqueeze(0), False)]
 
 
-def small_applies(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor) -> bool:
-    """Whether blockshuffle_ffn runs on _blocks_small's four kernels: inference (no gradient wanted), at most
-    SMALL_TOKENS tokens, the kernels available, and one dtype throughout."""
+def _small_strides(token_major: bool, interleaved: bool, nb: int, size: int, t: int) -> tuple[int, int, int]:
+    """(block, row, token) element strides of a factor's input or output (`size` rows a block): token-major
+    (t, nb size) as x and y are, or feature-major (nb size, t) as the hidden activations are kept."""
+    if token_major:
+        return (1, nb, nb * size) if interleaved else (size, 1, nb * size)
+    return (t, nb * t, 1) if interleaved else (size * t, t, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the interpreter: small enough that tests split)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _small_plan(nb: int, f: int, k: int, sms: int) -> tuple[int, int, int, int]:
+    """(BF, BK, SPLIT, KS) of a factor's small-token kernel, fitted to a sweep over the factors of the speed
+    bench's grid on an H100 (bench/results/structured_ffn_small_probe.md: 2.6% above each factor's fastest tile
+    on geometric mean, 15% at worst): 64-row tiles (each program streams its rows of w: the kernel is bound by
+    reading the weights); K split into parts of at least SPLIT_PART only from SPLIT_MIN_K on and while the row
+    tiles leave SMs idle, up to about 3/4 of a program an SM (low-rank's U on the hidden width, 512 x 8192: 8 row
+    tiles, 13 parts); 256-deep K steps for parts of 1024 and more."""
+    bf = min(64, max(16, triton.next_power_of_2(f)))
+    programs = nb * triton.cdiv(f, bf)
+    split = 1
+    if k >= SPLIT_MIN_K and programs < sms:
+        split = max(1, min(triton.cdiv(3 * sms // 4, programs), k // SPLIT_PART))
+    part = triton.cdiv(k, split)
+    bk = 256 if part >= 1024 else 128 if part >= 128 else max(16, triton.next_power_of_2(part))
+    ks = triton.cdiv(part, bk) * bk
+    return bf, bk, triton.cdiv(k, ks), ks
+
+
+def small_applies(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor) -> bool:
+    """Whether structured_ffn_small runs: two structured layers (low-rank, BlockShuffle, BlockDense, any mix),
+    inference (no gradient wanted), at most SMALL_TOKENS tokens, the kernels available, one dtype throughout."""
     # the kernels trust the shapes (an fc2 narrower than fc1's output would read part of it, silently), and an
     # argument error raised inside them would be taken for a kernel that fails to build: checked here instead
+    kinds = (LowRankLinear, BlockShuffleLinear, BlockDenseLinear)
+    if not (isinstance(fc1, kinds) and isinstance(fc2, kinds)):
+        return False
     fits = x.dim() > 0 and x.shape[-1] == fc1.in_features and fc1.out_features == fc2.in_features
     t = x.numel() // x.shape[-1] if fits else 0
-    params = [fc1.w1, fc1.w2, fc2.w1, fc2.w2] + [b for b in (fc1.bias, fc2.bias) if b is not None]
+    params = list(fc1.parameters()) + list(fc2.parameters())
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(q.requires_grad for q in params))
     return (SMALL_FFN and not wants_grad and 0 < t <= SMALL_TOKENS and available(x) and x.dtype in FAST_DTYPES
             and all(q.dtype == x.dtype and q.device == x.device for q in params) and not _autocast_casts(x))
 
 
 def _autocast_casts(x: torch.Tensor) -> bool:
-    """Whether autocast would cast x and the layers (monarch_product computes in its dtype): the small-token
-    kernels cast nothing, so they run under autocast only where everything is in its dtype already."""
+    """Whether autocast would cast x and the layers (they compute in its dtype): the small-token kernels cast
+    nothing, so they run under autocast only where everything is in its dtype already."""
     return autocasts(x) and torch.get_autocast_dtype(x.device.type) != x.dtype
 
 
-def blockshuffle_ffn_small(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor,
-                           approximate: str = "none") -> torch.Tensor:
-    """blockshuffle_ffn for a few tokens, inference only, in four kernel launches (each factor one
-    _blocks_small_kernel, fc1's bias and GELU in its second factor's, fc2's bias and the output's transpose in
-    its last): at decoding token counts the FFN's time is its launches, six with the general path."""
+def structured_ffn_small(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """fc2(gelu(fc1(x))) for two structured layers and a few tokens, inference only, one _blocks_small_kernel
+    launch per factor (four; plus one zeroing of split-K counters where a factor splits): fc1's bias and GELU in
+    its last factor's epilogue, fc2's bias in its last; the hidden activations feature-major between them, every
+    layout (token-major in and out, BlockShuffle's interleave) in the strides. At decoding token counts the FFN's
+    time is its launches and its weights' reads: six launches and cuBLAS's few programs for a thin factor's long
+    K otherwise."""
     x2 = x.reshape(-1, fc1.in_features).contiguous()
     t = x2.shape[0]
-    (k, q, p), (l, s, _) = fc1.w1.shape, fc1.w2.shape
-    (k2, q2, p2), (l2, s2, _) = fc2.w1.shape, fc2.w2.shape
-    w = [z.contiguous() for z in (fc1.w1, fc1.w2, fc2.w1, fc2.w2)]
-    h = x2.new_empty(k * q, t)                    # feature-major, block i's rows i q ..
-    _blocks_small(x2, w[0], None, h, t, (p, 1, k * p), (q * t, t, 1), (0, 0), None)
-    act = x2.new_empty(l * s, t)                  # block j reads rows j, j + l, ...; its row i is row i l + j
-    b1, b2 = (None if b is None else b.contiguous() for b in (fc1.bias, fc2.bias))
-    _blocks_small(h, w[1], b1, act, t, (t, l * t, 1), (t, l * t, 1), (1, l), approximate)
-    h2 = x2.new_empty(k2 * q2, t)
-    _blocks_small(act, w[2], None, h2, t, (p2 * t, t, 1), (q2 * t, t, 1), (0, 0), None)
-    y = x2.new_empty(t, l2 * s2)                  # token-major; block j's row i is channel i l2 + j
-    _blocks_small(h2, w[3], b2, y, t, (t, l2 * t, 1), (1, l2, l2 * s2), (1, l2), None)
-    return y.view(*x.shape[:-1], fc2.out_features)
+    steps = [(w, inter, None, None) for w, inter in _small_factors(fc1)[:-1]]
+    steps.append((*_small_factors(fc1)[-1], fc1.bias, approximate))
+    steps += [(w, inter, None, None) for w, inter in _small_factors(fc2)[:-1]]
+    steps.append((*_small_factors(fc2)[-1], fc2.bias, None))
+    sms = _sms(x2.device)
+    plans = [_small_plan(*w.shape, sms) for w, *_ in steps]
+    bt = max(16, triton.next_power_of_2(t))               # tl.dot takes 16 and up
+    tiles = [w.shape[0] * triton.cdiv(w.shape[1], bf) if split > 1 else 0
+             for (w, *_), (bf, _, split, _) in zip(steps, plans)]
+    # the parts' fp32 tiles: one buffer, the factors run one after another; the counters: one zeroing for all
+    ws = x2.new_empty(max(n * p[0] * p[2] * bt for n, p in zip(tiles, plans)), dtype=torch.float32) \
+        if any(tiles) else None
+    cnt = torch.zeros(sum(tiles), device=x2.device, dtype=torch.int32) if any(tiles) else None
+    cur, at = x2, 0
+    for i, ((w, inter, bias, gelu), (bf, bk, split, ks)) in enumerate(zip(steps, plans)):
+        w = w.contiguous()
+        nb, f, k = w.shape
+        end = i == len(steps) - 1
+        y = x2.new_empty(t, nb * f) if end else x2.new_empty(nb * f, t)
+        _blocks_small_kernel[(nb, triton.cdiv(f, bf), split)](
+            cur, w, w if bias is None else bias.contiguous(), y, w if ws is None else ws,
+            w if cnt is None else cnt[at:], t, k, f, ks, *_small_strides(i == 0, inter, nb, k, t),
+            *_small_strides(end, inter, nb, f, t), *((1, nb) if inter else (f, 1)), HAS_BIAS=bias is not None,
+            GELU=gelu is not None, APPROX=APPROXIMATE[gelu or "none"], BF=bf, BK=bk, BT=bt, SPLIT=split,
+            IEEE=x2.dtype == torch.float32)
+        at += tiles[i]
+        cur = y
+    return cur.view(*x.shape[:-1], fc2.out_features)
+
+
+def _small_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str) -> torch.Tensor | None:
+    """structured_ffn_small's result where it applies, else None; a kernel that fails to build warns once and
+    turns the small-token kernels off for the rest of the process."""
+    if approximate in APPROXIMATE and small_applies(fc1, fc2, x):
+        try:
+            return structured_ffn_small(fc1, fc2, x, approximate)
+        except Exception as e:          # a Triton or GPU these kernels do not build on: the general path, once
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise
+            global SMALL_FFN
+            SMALL_FFN = False
+            warn(f"slimkit's small-token FFN kernels failed ({type(e).__name__}: {str(e)[:200]}); the FFN takes its "
+                 "general path for the rest of this process (SLIMKIT_SMALL_FFN=0 skips them)")
+    return None
 
 
 def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor,
@@ -569,16 +653,9 @@ def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.
     """fc2(gelu(fc1(x))) for two BlockShuffle layers, the hidden activations kept feature-major between them
     (layers._Monarch): the only activation copies are the output's transpose and its gradient's, fc1's bias rides
     in the GELU pass (bias_gelu_rows) and fc2's in the output's transpose (its gradient in the gradient's)."""
-    if approximate in APPROXIMATE and small_applies(fc1, fc2, x):
-        try:
-            return blockshuffle_ffn_small(fc1, fc2, x, approximate)
-        except Exception as e:          # a Triton or GPU these kernels do not build on: the general path, once
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise
-            global SMALL_FFN
-            SMALL_FFN = False
-            warn(f"slimkit's small-token BlockShuffle kernels failed ({type(e).__name__}: {str(e)[:200]}); "
-                 "the FFN takes its general path for the rest of this process (SLIMKIT_SMALL_FFN=0 skips them)")
+    y = _small_ffn(fc1, fc2, x, approximate)
+    if y is not None:
+        return y
     x2 = x.reshape(-1, fc1.in_features)
     h = monarch_product(x2, fc1.w1, fc1.w2, out_fm=True)
     y = monarch_product(bias_gelu_rows(h, fc1.bias, approximate), fc2.w1, fc2.w2, in_fm=True, bias=fc2.bias)
@@ -603,10 +680,17 @@ def _hooked(*modules: nn.Module) -> bool:
 def eager_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """fc2(gelu(fc1(x))) through PyTorch ops. Two BlockShuffle layers (self-guided ones whose guide is gone
     included) keep the hidden activations feature-major between them (blockshuffle_ffn), which saves their
-    transposes, unless a forward hook is registered on them; anything else runs layer by layer."""
+    transposes; two structured layers of any kinds run as small-token kernels for inference at decoding token
+    counts (structured_ffn_small); neither where a forward hook is registered on them. Anything else runs layer
+    by layer."""
     a, b = _unguided(fc1), _unguided(fc2)
-    if isinstance(a, BlockShuffleLinear) and isinstance(b, BlockShuffleLinear) and not _hooked(fc1, fc2, a, b):
-        return blockshuffle_ffn(a, b, x, approximate)
+    kinds = (LowRankLinear, BlockShuffleLinear, BlockDenseLinear)
+    if isinstance(a, kinds) and isinstance(b, kinds) and not _hooked(fc1, fc2, a, b):
+        if isinstance(a, BlockShuffleLinear) and isinstance(b, BlockShuffleLinear):
+            return blockshuffle_ffn(a, b, x, approximate)
+        y = _small_ffn(a, b, x, approximate)
+        if y is not None:
+            return y
     return fc2(F.gelu(fc1(x), approximate=approximate))
 
 

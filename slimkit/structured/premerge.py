@@ -17,6 +17,11 @@ fits), and the merged layer, with four times the bytes of a 25% structured one, 
 in the model. So each timing cycles through copies of the layer whose weights add up to twice the cache
 (`_cold_copies`).
 
+An FFN whose two linears run as one (a module naming them in `ffn_pair`, as slimkit's GPT MLP does: its
+structured pairs take small-token kernels at decoding token counts, kernels.structured_ffn_small) is timed as
+a whole, in its four forms (both structured, both merged, either one merged), since a layer timed alone runs
+its own path, not the pair's; `choose_pair_merge` decides it.
+
 Pre-merge is for inference only: the merged nn.Linear holds W = (factors multiplied out), from which the factors
 cannot be recovered (a factorisation is not unique). Keep a copy (copy.deepcopy) of the model to train on.
 """
@@ -160,6 +165,50 @@ def choose_merge(layer: nn.Module, tokens: int, device=None, dtype: torch.dtype 
     return _CACHE[key]
 
 
+@dataclass(frozen=True)
+class PairChoice:
+    """Which of an FFN's two linears to merge, and the four forms' median forward times (milliseconds), keyed
+    (merge fc1, merge fc2)."""
+    merge: tuple[bool, bool]
+    times_ms: dict
+
+
+def _pair(module: nn.Module) -> tuple[str, str] | None:
+    """The names of the two linears `module` runs as one FFN (its `ffn_pair`), where both are mergeable."""
+    names = getattr(module, "ffn_pair", None)
+    if not (isinstance(names, tuple) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+        return None
+    return names if all(isinstance(getattr(module, n, None), MERGEABLE) for n in names) else None
+
+
+def choose_pair_merge(module: nn.Module, tokens: int, device=None, dtype: torch.dtype | None = None,
+                      min_run_time: float = 0.05, graph: bool = False) -> PairChoice:
+    """Time the FFN `module` (one that names its two linears in `ffn_pair`) with neither, either and both of
+    them merged, on `tokens` tokens, weights cold (as choose_merge); the fastest form wins, the structured one on
+    a tie. Cached per module type, the linears' kinds and shapes, tokens, device, dtype and graph."""
+    _check_tokens(tokens)
+    _check_min_run_time(min_run_time)
+    names = _pair(module)
+    if names is None:
+        raise SlimkitError(f"choose_pair_merge: {type(module).__name__} names no two structured linears in "
+                           "`ffn_pair` (e.g. ffn_pair = ('fc1', 'fc2')); use choose_merge for single layers")
+    first = getattr(module, names[0])
+    device, dtype = _where(first, device, dtype)
+    key = (type(module).__name__, names) + tuple(_key(getattr(module, n), tokens, device, dtype, graph) for n in names)
+    if key not in _CACHE:
+        base = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+        x = torch.randn(tokens, first.in_features, device=device, dtype=dtype)
+        times = {}
+        for merge in ((False, False), (True, True), (True, False), (False, True)):
+            form = copy.deepcopy(base)
+            for name, m in zip(names, merge):
+                if m:
+                    setattr(form, name, merged_linear(getattr(form, name)).eval())
+            times[merge] = _median_ms(form, x, min_run_time, graph)
+        _CACHE[key] = PairChoice(min(times, key=times.get), times)   # dicts keep order: structured first on ties
+    return _CACHE[key]
+
+
 def mergeable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Structured and self-guided modules by name, outermost only (a SelfGuided's inner layer is not listed)."""
     found: dict[str, nn.Module] = {}
@@ -172,7 +221,9 @@ def mergeable_layers(model: nn.Module) -> dict[str, nn.Module]:
 def premerge(model: nn.Module, tokens: int, device=None, dtype: torch.dtype | None = None,
              always: bool = False, min_run_time: float = 0.05, graph: bool = False) -> nn.Module:
     """Swap each structured layer for its merged nn.Linear where that measures faster at `tokens` tokens per
-    forward (for decoding: the batch size); `always=True` merges every one without timing. `graph=True` decides
+    forward (for decoding: the batch size); `always=True` merges every one without timing. The two linears of an
+    FFN that runs them as one (a module naming them in `ffn_pair`) are decided together (choose_pair_merge),
+    every other layer alone (choose_merge). `graph=True` decides
     by CUDA-graph replay times, for a model decoded through decode.graphed (no effect on the CPU). In place;
     inference only (see the module docstring). Returns the model; a model that is itself one structured or
     self-guided layer cannot be swapped in place, so its merged nn.Linear is returned instead (where chosen)."""
@@ -183,7 +234,15 @@ def premerge(model: nn.Module, tokens: int, device=None, dtype: torch.dtype | No
     if "" in layers:
         merge = always or choose_merge(model, tokens, device, dtype, min_run_time, graph).merge
         return merged_linear(model) if merge else model
+    chosen = {}                             # layer name -> merge, decided with its FFN's other linear where paired
+    if not always:
+        for name, module in model.named_modules():
+            names = _pair(module)
+            paired = [f"{name}.{n}" if name else n for n in names or ()]
+            if names and all(p in layers and p not in chosen for p in paired):
+                chosen.update(zip(paired, choose_pair_merge(module, tokens, device, dtype, min_run_time, graph).merge))
     news = {name: merged_linear(layer) for name, layer in layers.items()
-            if always or choose_merge(layer, tokens, device, dtype, min_run_time, graph).merge}
+            if always or chosen.get(name, False)
+            or (name not in chosen and choose_merge(layer, tokens, device, dtype, min_run_time, graph).merge)}
     swap_modules(model, news, layers)       # a layer shared by two blocks: one merged layer, shared the same way
     return model
