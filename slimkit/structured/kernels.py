@@ -556,7 +556,7 @@ def _sms(device: torch.device) -> int:
 def _small_plan(nb: int, f: int, k: int, sms: int) -> tuple[int, int, int, int]:
     """(BF, BK, SPLIT, KS) of a factor's small-token kernel, fitted to a sweep over the factors of the speed
     bench's grid on an H100 (bench/results/structured_ffn_small_probe.md: 2.6% above each factor's fastest tile
-    on geometric mean, 15% at worst): 64-row tiles (each program streams its rows of w: the kernel is bound by
+    on geometric mean, 10% at worst): 64-row tiles (each program streams its rows of w: the kernel is bound by
     reading the weights); K split into parts of at least SPLIT_PART only from SPLIT_MIN_K on and while the row
     tiles leave SMs idle, up to about 3/4 of a program an SM (low-rank's U on the hidden width, 512 x 8192: 8 row
     tiles, 13 parts); 256-deep K steps for parts of 1024 and more."""
@@ -598,8 +598,10 @@ def structured_ffn_small(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approx
     launch per factor (four; plus one zeroing of split-K counters where a factor splits): fc1's bias and GELU in
     its last factor's epilogue, fc2's bias in its last; the hidden activations feature-major between them, every
     layout (token-major in and out, BlockShuffle's interleave) in the strides. At decoding token counts the FFN's
-    time is its launches and its weights' reads: six launches and cuBLAS's few programs for a thin factor's long
-    K otherwise."""
+    time is its launches and its weights' reads; the layers' own paths launch five kernels (six for BlockShuffle),
+    and cuBLAS reads a short, deep factor (low-rank's U) with few programs, where this kernel splits K. Decoding
+    8 FFN blocks at d_model 2048 and 32% on an H100 as one CUDA graph: 1.49-1.62x over dense, against 1.28-1.57x
+    without these kernels (bench/results/structured_ffn_speed.md, '-decode' rows)."""
     x2 = x.reshape(-1, fc1.in_features).contiguous()
     t = x2.shape[0]
     steps = [(w, inter, None, None) for w, inter in _small_factors(fc1)[:-1]]
