@@ -280,3 +280,37 @@ def test_premerge_decides_an_ffn_pair_by_timing_it_whole(monkeypatch):
     swiglu = MLP(GPTConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, ffn="swiglu"))
     with pytest.raises(SlimkitError, match="ffn_pair"):
         choose_pair_merge(swiglu, tokens=5)                         # SwiGLU's linears do not run as one
+
+
+def test_choose_pair_merge_keeps_ffn_classes_of_one_name_apart(monkeypatch):
+    """choose_pair_merge's cache told FFN modules apart by their class's name: a model's own FFN class named MLP,
+    whose forward runs otherwise than slimkit's GPT MLP, took the GPT MLP's cached choice (same linears, tokens,
+    device, dtype) instead of being timed."""
+    import copy
+    import importlib
+    from slimkit.structured import choose_pair_merge
+    from slimkit.structured.gpt import MLP as GPTMLP, GPTConfig
+    from slimkit.structured.premerge import _CACHE
+    _CACHE.clear()
+
+    class MLP(nn.Module):
+        ffn_pair = ("fc1", "fc2")
+
+        def __init__(self, fc1: nn.Module, fc2: nn.Module):
+            super().__init__()
+            self.fc1, self.fc2 = fc1, fc2
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    gpt = GPTMLP(GPTConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, ffn="gelu"))
+    gpt.fc1, gpt.fc2 = make_linear("lowrank", 32, 128, 0.32), make_linear("lowrank", 128, 32, 0.32)
+    own = MLP(copy.deepcopy(gpt.fc1), copy.deepcopy(gpt.fc2))
+
+    def fake(module, x, min_run_time, graph):       # each class is fastest in another form
+        best = (False, True) if isinstance(module, GPTMLP) else (True, True)
+        return 0.5 if (isinstance(module.fc1, nn.Linear), isinstance(module.fc2, nn.Linear)) == best else 1.0
+    monkeypatch.setattr(importlib.import_module("slimkit.structured.premerge"), "_median_ms", fake)
+    assert choose_pair_merge(gpt, tokens=5, min_run_time=0.01).merge == (False, True)
+    assert choose_pair_merge(own, tokens=5, min_run_time=0.01).merge == (True, True)

@@ -194,7 +194,8 @@ def choose_pair_merge(module: nn.Module, tokens: int, device=None, dtype: torch.
                            "`ffn_pair` (e.g. ffn_pair = ('fc1', 'fc2')); use choose_merge for single layers")
     first = getattr(module, names[0])
     device, dtype = _where(first, device, dtype)
-    key = (type(module).__name__, names) + tuple(_key(getattr(module, n), tokens, device, dtype, graph) for n in names)
+    # the class itself, not its name: an FFN runs its class's forward, and two classes may share a name (MLP)
+    key = (type(module), names) + tuple(_key(getattr(module, n), tokens, device, dtype, graph) for n in names)
     if key not in _CACHE:
         base = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
         x = torch.randn(tokens, first.in_features, device=device, dtype=dtype)
