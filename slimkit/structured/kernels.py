@@ -242,6 +242,7 @@ if triton is not None:
             tile = blk * tl.num_programs(1) + tl.program_id(1)
             part = ws_ptr + tile * SPLIT * BF * BT + tl.arange(0, BF)[:, None] * BT + tl.arange(0, BT)[None, :]
             tl.store(part + tl.program_id(2) * BF * BT, acc)
+            tl.debug_barrier()          # every thread's share of the tile stored before the one atomic releases it
             last = tl.atomic_add(cnt_ptr + tile, 1) == SPLIT - 1      # acq_rel: the other parts' stores are seen
             if last:
                 acc = tl.load(part, cache_modifier=".cg")
