@@ -16,6 +16,10 @@ factor is dense) and any fc2, with cuBLAS for every other matmul. The bias gradi
 the tiles added by torch, so results are deterministic (no atomics). GELU is taken on the fp32 accumulator, not
 on a bf16-rounded pre-activation, so in bf16 it differs from F.gelu by rounding only.
 
+For decoding, `structured_ffn_small(fc1, fc2, x)` runs two structured layers (any kinds) at up to SMALL_TOKENS
+tokens without gradients as one small-token kernel a factor, bias and GELU in the epilogues and K split for a
+short, deep factor; eager_ffn (slimkit's GPT) takes it by itself. SLIMKIT_SMALL_FFN=0 turns it off.
+
 Triton runs these on CUDA; `available(x)` says whether they apply. Tests run the kernels on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1 when this module is imported). SLIMKIT_FUSED_FFN=0 turns them off.
 
