@@ -528,6 +528,60 @@ def train_lm(
                     f"{report['train_flops']:.3g} training FLOPs, {report['wall_s']:.0f} s; report in {out}/report.json")
 
 
+@app.command(name="generate-lm", help="Continue a prompt with a GPT trained by train-lm (the latest checkpoint of "
+                                      "RUN), decoding with a KV cache; prints each sample.")
+def generate_lm(
+    run: Path = typer.Argument(..., help="train-lm's run folder (--out), or one of its checkpoint folders"),
+    prompt: str = typer.Option("", help="text to continue (empty: the start of a document)"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="tokens to add (default: up to the "
+                                                 "model's seq_len)"),
+    temperature: float = typer.Option(0.8, help="sampling temperature (0: the most likely token each step)"),
+    top_k: Optional[int] = typer.Option(50, "--top-k", help="sample among the k most likely tokens (0: all)"),
+    num_samples: int = typer.Option(1, "--num-samples", help="continuations, decoded together as one batch"),
+    seed: int = typer.Option(0, help="random seed of the sampling"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="the folder holding the run's tokenizer.json "
+                                            "(default: where the run's corpus was tokenised)"),
+    premerge_ffn: bool = typer.Option(False, "--premerge/--no-premerge", help="merge each structured FFN where "
+                                      "that measures faster at this batch (slimkit.structured.premerge)"),
+):
+    import torch
+
+    from .structured.data import EOT
+    from .structured.premerge import premerge
+    from .structured.train import load_model, run_tokenizer
+
+    if num_samples < 1:
+        raise SlimkitError(f"--num-samples must be >= 1, got {num_samples}")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimkitError("--device cuda, but no CUDA GPU is available: use --device cpu")
+    tok = run_tokenizer(run, data_dir)
+    model = load_model(run, device=dev)
+    ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else [tok.token_to_id(EOT)]
+    if not ids or ids[0] is None:
+        raise SlimkitError("the prompt encodes to no tokens: give some text")
+    room = model.cfg.seq_len - len(ids)
+    if room < 0:
+        raise SlimkitError(f"the prompt is {len(ids)} tokens, more than the model's {model.cfg.seq_len} positions: "
+                           "shorten it")
+    new = room if max_new_tokens is None else max_new_tokens
+    if new < 0:
+        raise SlimkitError(f"--max-new-tokens must be >= 0, got {new}")
+    if new > room:
+        raise SlimkitError(f"the prompt takes {len(ids)} of the model's {model.cfg.seq_len} positions: "
+                           f"--max-new-tokens can be at most {max(room, 0)}")
+    if premerge_ffn:
+        model = premerge(model, tokens=num_samples, graph=dev.startswith("cuda"))
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    idx = torch.tensor([ids] * num_samples, device=dev)
+    out = model.generate(idx, new, temperature=temperature, top_k=top_k or None, generator=gen)
+    for i, row in enumerate(out.tolist()):      # the text on stdout, the separators too (one stream to read)
+        if num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(tok.decode(row if prompt else row[1:], skip_special_tokens=False))
+
+
 @app.command(help="Tokenise a folder of text files into memory-mapped train/val token files (what train-lm reads).")
 def tokenize(
     corpus: Path = typer.Argument(..., help="folder of text files (.txt/.rst/.md/.py, or those .gz), recursive"),

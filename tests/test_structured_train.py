@@ -670,3 +670,88 @@ def test_ranks_that_cannot_read_rank_0s_token_folder_are_refused_on_every_rank(c
     for rc, out in run_ranks([cfg, cfg], cwds=[tmp_path / "node0", tmp_path / "node1"]):
         assert rc == 3 and "it holds other tokens there" in out, out
     assert not (tmp_path / "node1" / "run").exists()
+
+
+@pytest.mark.parametrize("pos,act,ffn", [("rope", "gelu", None), ("learned", "swiglu", None), ("rope", "gelu", "lowrank"),
+                                         ("learned", "gelu_tanh", "blockshuffle")])
+def test_kv_cache_decoding_equals_the_full_forward(pos, act, ffn):
+    """A prompt read into a KVCache, then one token, then a chunk of three, then one by one: each step's logits
+    equal the full forward's at those positions (the cached keys and values, the positions offset, the mask of a
+    chunk that continues a cache); generate's greedy tokens equal an argmax loop over full forwards."""
+    from slimkit.structured import replace_ffn
+    from slimkit.structured.gpt import KVCache
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=61, n_layer=2, n_head=2, d_model=32, seq_len=24, pos=pos, ffn=act))
+    if ffn:
+        replace_ffn(model, ffn, 0.5)
+    model.eval()
+    idx = torch.randint(0, 61, (3, 14))
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = KVCache(2, 24)
+        got, at = [], 0
+        for n in (5, 1, 3, 1, 1, 1, 2):
+            got.append(model(idx[:, at:at + n], cache=cache)[0])
+            at += n
+        assert cache.length == 14
+        torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-5, atol=1e-5)
+        greedy = model.generate(idx[:, :6], 8, temperature=0)
+        loop = idx[:, :6]
+        for _ in range(8):
+            loop = torch.cat([loop, model(loop)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(greedy, loop)
+
+
+def test_generate_samples_reproducibly_and_checks_its_arguments():
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, seq_len=12)).train()
+    idx = torch.randint(0, 50, (2, 4))
+    a = model.generate(idx, 6, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    b = model.generate(idx, 6, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (2, 10) and torch.equal(a[:, :4], idx) and model.training
+    assert torch.equal(model.generate(idx, 5, top_k=1), model.generate(idx, 5, temperature=0))   # top-1 is greedy
+    with torch.no_grad():       # top_k keeps the k most likely: every sampled token is among them
+        logits = model.eval()(idx)[0][:, -1]
+    for seed in range(5):
+        first = model.generate(idx, 1, temperature=2.0, top_k=3, generator=torch.Generator().manual_seed(seed))[:, -1]
+        assert all(int(t) in logits[i].topk(3).indices.tolist() for i, t in enumerate(first))
+    assert torch.equal(model.generate(idx, 0), idx)
+    for kw, match in [({"max_new_tokens": 9}, "seq_len 12"), ({"max_new_tokens": -1}, "max_new_tokens"),
+                      ({"max_new_tokens": 2, "temperature": -1.0}, "temperature"),
+                      ({"max_new_tokens": 2, "top_k": 0}, "top_k")]:
+        with pytest.raises(SlimkitError, match=match):
+            model.generate(idx, **kw)
+    for bad in (idx.float(), idx[0], torch.full((1, 2), 50)):
+        with pytest.raises(SlimkitError, match="generate"):
+            model.generate(bad, 1)
+
+
+def test_cli_generate_lm(corpus, tmp_path):
+    """`slimkit generate-lm RUN` continues a prompt with the run's latest checkpoint and its tokenizer: the text
+    starts with the prompt (byte-level BPE decodes exactly), greedy sampling repeats itself, and a prompt too long
+    for the model's positions is one clear error."""
+    from typer.testing import CliRunner
+
+    from slimkit.cli import app
+    from slimkit.structured.train import run_tokenizer
+
+    root, _, _ = corpus
+    out = tmp_path / "run"
+    args = ["train-lm", "--corpus", str(root), "--data-dir", str(tmp_path / "tok"), "--out", str(out),
+            "--vocab-size", "300", "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len", "16",
+            "--batch-size", "4", "--steps", "2", "--warmup", "1", "--eval-every", "0", "--eval-tokens", "64",
+            "--ckpt-every", "0", "--device", "cpu", "--quiet"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert run_tokenizer(out).get_vocab_size() == 300
+    gen = ["generate-lm", str(out), "--prompt", "The kernel", "--max-new-tokens", "6", "--temperature", "0",
+           "--device", "cpu"]
+    r1, r2 = CliRunner().invoke(app, gen), CliRunner().invoke(app, gen)
+    assert r1.exit_code == 0, r1.output + repr(r1.exception)
+    assert r1.output.startswith("The kernel") and r1.output == r2.output
+    r = CliRunner().invoke(app, gen[:2] + ["--num-samples", "2", "--max-new-tokens", "3", "--device", "cpu"])
+    assert r.exit_code == 0 and r.output.count("--- sample") == 2
+    r = CliRunner().invoke(app, gen[:2] + ["--prompt", "the kernel " * 20, "--device", "cpu"])
+    assert isinstance(r.exception, SlimkitError) and "seq_len" not in str(r.exception) and "positions" in str(r.exception)
+    r = CliRunner().invoke(app, gen[:2] + ["--data-dir", str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert isinstance(r.exception, SlimkitError) and "tokenizer" in str(r.exception)

@@ -98,13 +98,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+                cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        start = cache.length if cache is not None else 0        # the position of x's first token
         if rope is not None:
-            cos, sin = rope[0][:T], rope[1][:T]
+            cos, sin = rope[0][start:start + T], rope[1][start:start + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+            if start:               # query i sees every cached key and the new ones up to its own
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -147,9 +157,30 @@ class Block(nn.Module):
         self.ln2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), rope))
+    def forward(self, x: torch.Tensor, rope, cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), rope, cache, layer))
         return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class KVCache:
+    """The keys and values of the tokens a GPT has read, per layer, so that each decoding step reads one new token
+    (GPT.generate). Buffers for `max_len` tokens, made on first use in the keys' dtype (autocast's, if on)."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.k: list[Optional[torch.Tensor]] = [None] * n_layer
+        self.v: list[Optional[torch.Tensor]] = [None] * n_layer
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer's keys and values (B, H, T, D) of the new tokens at positions length.. and return all of
+        them so far; GPT.forward advances length once every layer has stored."""
+        if self.k[layer] is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[3])
+            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class GPT(nn.Module):
@@ -183,22 +214,72 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
+        """Logits for idx (B, T), and the mean cross-entropy against targets if given. With a KVCache (see
+        generate), idx continues the tokens the cache holds: positions start at cache.length, attention reads the
+        cached keys and values too, and the cache takes idx's."""
         B, T = idx.shape
-        if T > self.cfg.seq_len:
-            raise SlimkitError(f"sequence of {T} tokens is longer than the model's seq_len {self.cfg.seq_len}")
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.seq_len:
+            raise SlimkitError(f"sequence of {start + T} tokens is longer than the model's seq_len {self.cfg.seq_len}")
+        if cache is not None and start + T > cache.max_len:
+            raise SlimkitError(f"the KV cache holds {cache.max_len} tokens; {start + T} would not fit: make it longer")
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens). The prompt is read once
+        into a KVCache and each new token is one forward of B tokens (the FFNs at decoding token counts:
+        premerge, graphed and the small-token kernels apply). temperature 0 takes the most likely token (greedy);
+        top_k keeps the k most likely before sampling; generator seeds the sampling. Runs in eval mode (the mode
+        is restored after). Prompt plus new tokens must fit the model's seq_len."""
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] < 1 \
+                or idx.dtype not in (torch.int64, torch.int32):
+            raise SlimkitError("generate: idx must be a (batch, tokens) integer tensor with at least one token "
+                               f"a row, got {tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise SlimkitError(f"generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+                or not math.isfinite(temperature) or temperature < 0:
+            raise SlimkitError(f"generate: temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+            raise SlimkitError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
+        total = idx.shape[1] + max_new_tokens
+        if total > self.cfg.seq_len:
+            raise SlimkitError(f"generate: {idx.shape[1]} prompt tokens + {max_new_tokens} new ones exceed the model's "
+                               f"seq_len {self.cfg.seq_len}: shorten the prompt or ask for fewer tokens")
+        device = self.tok_emb.weight.device
+        if generator is not None and generator.device.type != device.type:
+            raise SlimkitError(f"generate: the generator is on {generator.device}, the model on {device}: make it with "
+                               f"torch.Generator(device={str(device)!r})")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.cfg.vocab_size:
+            raise SlimkitError(f"generate: token ids must be in [0, {self.cfg.vocab_size}), got "
+                               f"{int(idx.min())}..{int(idx.max())}")
+        was_training = self.training
+        self.eval()
+        try:
+            cache, out, step = KVCache(self.cfg.n_layer, total), [idx.long()], idx.long()
+            for i in range(max_new_tokens):
+                logits = self(step, cache=cache)[0][:, -1].float()
+                step = _pick(logits, temperature, top_k, generator)
+                out.append(step)
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Distinct parameters (a tied embedding counted once). non_embedding: leave out the input embeddings
@@ -233,6 +314,19 @@ class GPT(nn.Module):
         guide is active; the trainer uses that sum, which also counts active guides.
         """
         return 6 * self.matmul_params() + self.attention_flops_per_token(seq_len)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+          generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Next tokens (B, 1) from last-position logits (B, V): the most likely at temperature 0, else sampled from
+    softmax(logits / temperature) over the top_k most likely (all if None)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def set_ffn_kernel(model: nn.Module, kernel: str) -> nn.Module:

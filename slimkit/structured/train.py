@@ -497,6 +497,31 @@ def load_model(path: str | Path, device: str = "cpu") -> GPT:
     return model.to(device).eval()
 
 
+def run_tokenizer(path: str | Path, data_dir: str | Path | None = None):
+    """The tokenizer a run folder's (or checkpoint folder's) model was trained with: the one saved beside its
+    token files (data_dir if given, else the run's --data-dir, else the cache folder its corpus was tokenised
+    into), or SmolLM2's for --tokenizer smollm2."""
+    from .data import default_data_dir, load_tokenizer, smollm2_tokenizer
+
+    path = Path(path)
+    found = [path] if (path / "state.json").exists() else ckpt_dirs(path)
+    if not found:
+        raise SlimkitError(f"{path} holds no checkpoint (ckpt/step_*/state.json): train with slimkit train-lm")
+    try:
+        cfg = json.loads((found[-1] / "state.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SlimkitError(f"cannot read {found[-1] / 'state.json'} ({type(e).__name__}: {e})") from None
+    if data_dir is None and cfg.get("tokenizer") == "smollm2":
+        return smollm2_tokenizer()
+    folder = data_dir or cfg.get("data_dir") or (
+        default_data_dir(Path(cfg["corpus"]).expanduser(), cfg.get("tokenizer", "bpe"), cfg.get("vocab_size", 8192),
+                         cfg.get("val_percent", 10.0)) if cfg.get("corpus") else None)
+    if folder is None or not (Path(folder) / "tokenizer.json").exists():
+        raise SlimkitError(f"the tokenizer of {path} is not where its run left it ({folder or 'no data folder recorded'}"
+                           "): give the folder its corpus was tokenised into (--data-dir, the one holding tokenizer.json)")
+    return load_tokenizer(folder)
+
+
 def _check_resumable(meta: dict, cfg: TrainConfig, global_batch: int, corpus: Corpus | None) -> None:
     """A resumed run must compute what the interrupted one would have: same settings, batch and data (the data
     only with `corpus`: the settings are checked first, before the data folder is prepared)."""
