@@ -232,7 +232,7 @@ def test_transpose_kernel_is_bit_exact(shape, dtype):
 @pytest.mark.parametrize("shape", [(64, 2, 8, 8, 2), (48, 4, 4, 4, 4), (32, 1, 4, 4, 1)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("approximate", APPROX)
-def test_blockshuffle_ffn_small_tokens_matches_the_layers(shape, bias, approximate):
+def test_blockshuffle_ffn_small_tokens_matches_the_layers(monkeypatch, shape, bias, approximate):
     """At decoding token counts, without gradients, two BlockShuffle layers run as four small-token kernels
     (blockshuffle_ffn_small: each layout, interleave, bias and GELU in the strides and epilogues): equal to the
     layers called one by one, in fp64, for 1 to 64 tokens in 2-D and 3-D inputs; with gradients wanted, or past
@@ -240,6 +240,7 @@ def test_blockshuffle_ffn_small_tokens_matches_the_layers(shape, bias, approxima
     import slimkit.structured.kernels as K
     from slimkit.structured.layers import BlockShuffleLinear
     dev = _fm_device()
+    monkeypatch.setattr(K, "SMALL_EAGER", True)         # eager calls take them too (on a GPU: only in graphs)
     d, k, l, k2, l2 = shape
     torch.manual_seed(7)
     fc1 = BlockShuffleLinear(d, 4 * d, k, bias=bias, nblocks2=l).to(dev)
@@ -288,6 +289,7 @@ def test_structured_ffn_small_tokens_matches_the_layers(monkeypatch, kinds, spli
     import slimkit.structured.kernels as K
     dev = _fm_device()
     monkeypatch.setattr(K, "SPLIT_MIN_K", split_min_k)
+    monkeypatch.setattr(K, "SMALL_EAGER", True)
     monkeypatch.setattr(K, "SPLIT_PART", min(split_min_k, K.SPLIT_PART))
     torch.manual_seed(11)
     for bias in (True, False):
@@ -314,6 +316,41 @@ def test_structured_ffn_small_tokens_matches_the_layers(monkeypatch, kinds, spli
     assert all(q.grad is not None for q in fc1.parameters())
 
 
+def test_small_token_kernels_run_in_graph_warmups_and_only_seen_calls_in_captures(monkeypatch):
+    """Called eagerly an FFN at decoding token counts is bound by the host's launches, so by default (off the
+    interpreter) the small-token kernels run only in graph_warmup() (graphed's warm-up and capture); in a CUDA-graph
+    capture they run only for an FFN call they already ran for outside one, never compiling in the capture. The
+    results are the layers' either way."""
+    import slimkit.structured.kernels as K
+    dev = _fm_device()
+    monkeypatch.setattr(K, "SMALL_EAGER", False)
+    monkeypatch.setattr(K, "_SMALL_SEEN", set())
+    runs = []
+    real = K.structured_ffn_small
+    monkeypatch.setattr(K, "structured_ffn_small", lambda *a: runs.append(1) or real(*a))
+    torch.manual_seed(2)
+    fc1, fc2 = _layer("lowrank", 32, 128, True).to(dev), _layer("blockdense", 128, 32, True).to(dev)
+    x = torch.randn(4, 32, device=dev)
+    with torch.no_grad():
+        want = fc2(F.gelu(fc1(x)))
+        capturing = [False]
+        monkeypatch.setattr(K, "_capturing", lambda x: capturing[0])
+        capturing[0] = True
+        torch.testing.assert_close(K.eager_ffn(fc1, fc2, x), want, rtol=1e-5, atol=1e-5)
+        assert runs == []                               # never seen: not in a capture
+        capturing[0] = False
+        torch.testing.assert_close(K.eager_ffn(fc1, fc2, x), want, rtol=1e-5, atol=1e-5)
+        assert runs == []                               # eager: the layers' path
+        with K.graph_warmup():
+            torch.testing.assert_close(K.eager_ffn(fc1, fc2, x), want, rtol=1e-5, atol=1e-5)
+        assert runs == [1] and K._GRAPH_WARMUP == [0]
+        capturing[0] = True
+        torch.testing.assert_close(K.eager_ffn(fc1, fc2, x), want, rtol=1e-5, atol=1e-5)
+        assert runs == [1, 1]                           # seen in the warm-up: captured
+        torch.testing.assert_close(K.eager_ffn(fc1, fc2, x[:3]), want[:3], rtol=1e-5, atol=1e-5)
+        assert runs == [1, 1]                           # another token count: not seen
+
+
 def test_small_plan_splits_short_deep_factors_into_whole_parts():
     """_small_plan's split-K: a factor with fewer row tiles than SMs and a K of SPLIT_MIN_K or more (low-rank's U
     on the hidden width) is split into parts of at least SPLIT_PART, a whole number of BK steps each, that cover
@@ -329,7 +366,7 @@ def test_small_plan_splits_short_deep_factors_into_whole_parts():
     assert K._small_plan(1, 512, 8192, 132)[:3] == (64, 128, 13) and K._small_plan(1, 8192, 512, 132)[2] == 1
 
 
-def test_blockshuffle_ffn_small_tokens_follow_autocast():
+def test_blockshuffle_ffn_small_tokens_follow_autocast(monkeypatch):
     """Under autocast the layers compute in its dtype (monarch_product casts x and the weights): the small-token
     kernels cast nothing, so with fp32 layers they returned fp32 (and computed in fp32) where the layers and the
     general path give the autocast dtype; they must leave that to the general path, and may run where x and the
@@ -337,6 +374,7 @@ def test_blockshuffle_ffn_small_tokens_follow_autocast():
     import slimkit.structured.kernels as K
     from slimkit.structured.layers import BlockShuffleLinear
     dev = _fm_device()
+    monkeypatch.setattr(K, "SMALL_EAGER", True)
     torch.manual_seed(3)
     fc1 = BlockShuffleLinear(24, 96, 3, nblocks2=6).to(dev)
     fc2 = BlockShuffleLinear(96, 24, 4, nblocks2=2).to(dev)
@@ -364,6 +402,7 @@ def test_small_token_kernels_that_fail_fall_back_with_one_warning(monkeypatch):
         raise RuntimeError("PassManager::run failed")
     monkeypatch.setattr(K, "_blocks_small_kernel", type("Launch", (), {"__getitem__": lambda self, grid: broken})())
     monkeypatch.setattr(K, "SMALL_FFN", True)
+    monkeypatch.setattr(K, "SMALL_EAGER", True)
     with torch.no_grad():
         want = fc2(F.gelu(fc1(x)))
         with pytest.warns(UserWarning, match="small-token FFN kernels failed"):
@@ -382,6 +421,7 @@ def test_small_token_path_checks_shapes_and_arguments(monkeypatch):
     from slimkit.structured.layers import BlockShuffleLinear
     dev = _fm_device()
     monkeypatch.setattr(K, "SMALL_FFN", True)
+    monkeypatch.setattr(K, "SMALL_EAGER", True)
     fc1 = BlockShuffleLinear(24, 96, 3, nblocks2=6).to(dev)
     fc2 = BlockShuffleLinear(96, 24, 4, nblocks2=2).to(dev)
     narrow = BlockShuffleLinear(48, 24, 4, nblocks2=2).to(dev)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from .kernels import graph_warmup       # the small-token FFN kernels run in graphs (compiled in the warm-up)
 
 Output = torch.Tensor | tuple | list
 
@@ -96,7 +97,8 @@ class GraphedModule(nn.Module):
         weight-cast cache off, so the casts are captured too (a cached cast lives outside the graph and is freed
         when the caller's autocast region ends; captured, it also follows in-place weight updates)."""
         amp = {"dtype": torch.get_autocast_dtype("cuda"), "enabled": torch.is_autocast_enabled("cuda")}
-        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cuda", **amp, cache_enabled=False):
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cuda", **amp, cache_enabled=False), \
+                graph_warmup():
             static = tuple(t.clone(memory_format=torch.contiguous_format) for t in inputs)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -18,7 +18,9 @@ on a bf16-rounded pre-activation, so in bf16 it differs from F.gelu by rounding 
 
 For decoding, `structured_ffn_small(fc1, fc2, x)` runs two structured layers (any kinds) at up to SMALL_TOKENS
 tokens without gradients as one small-token kernel a factor, bias and GELU in the epilogues and K split for a
-short, deep factor; eager_ffn (slimkit's GPT) takes it by itself. SLIMKIT_SMALL_FFN=0 turns it off.
+short, deep factor; eager_ffn (slimkit's GPT) takes it in CUDA graphs (graph_warmup: decode.graphed's warm-up and
+capture), where only the GPU's time counts, and eagerly only with SLIMKIT_SMALL_FFN_EAGER=1 (eagerly the host's
+launches bound an FFN at these token counts). SLIMKIT_SMALL_FFN=0 turns it off.
 
 Triton runs these on CUDA; `available(x)` says whether they apply. Tests run the kernels on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1 when this module is imported). SLIMKIT_FUSED_FFN=0 turns them off.
@@ -639,19 +641,59 @@ def structured_ffn_small(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approx
     return cur.view(*x.shape[:-1], fc2.out_features)
 
 
+SMALL_EAGER = INTERPRET or os.environ.get("SLIMKIT_SMALL_FFN_EAGER", "0") == "1"
+_GRAPH_WARMUP = [0]             # graph_warmup() depth: graphed's warm-up and capture
+_SMALL_SEEN: set = set()        # the FFN calls the small-token kernels have run for outside a capture (compiled)
+
+
+class graph_warmup:
+    """Context for a CUDA-graph warm-up and capture (decode.graphed enters it): inside it the small-token FFN
+    kernels run, outside it only where SMALL_EAGER says so. Called eagerly, at decoding token counts, an FFN is
+    bound by the host's launches, and four Triton launches cost the host more than the layers' cuBLAS calls; in a
+    graph only the GPU's time counts, and there they gain (bench/results/structured_ffn_speed.md)."""
+
+    def __enter__(self):
+        _GRAPH_WARMUP[0] += 1
+
+    def __exit__(self, *exc):
+        _GRAPH_WARMUP[0] -= 1
+
+
+def _small_key(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str) -> tuple:
+    factors = tuple(tuple(w.shape) for layer in (fc1, fc2) for w, _ in _small_factors(layer))
+    return (x.device, x.dtype, x.numel() // x.shape[-1], factors, fc1.bias is None, fc2.bias is None, approximate)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _small_wanted(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str) -> bool:
+    """Whether the small-token kernels should run now: in graph_warmup() or with SMALL_EAGER, and in any CUDA-graph
+    capture only for an FFN call they already ran for outside one (a capture is no place to compile a kernel, nor
+    to find that it does not build)."""
+    if _capturing(x):
+        return _small_key(fc1, fc2, x, approximate) in _SMALL_SEEN
+    return bool(SMALL_EAGER or _GRAPH_WARMUP[0])
+
+
 def _small_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str) -> torch.Tensor | None:
-    """structured_ffn_small's result where it applies, else None; a kernel that fails to build warns once and
-    turns the small-token kernels off for the rest of the process."""
-    if approximate in APPROXIMATE and small_applies(fc1, fc2, x):
+    """structured_ffn_small's result where it applies and is wanted (_small_wanted), else None; a kernel that fails
+    to build warns once and turns the small-token kernels off for the rest of the process."""
+    if approximate in APPROXIMATE and small_applies(fc1, fc2, x) and _small_wanted(fc1, fc2, x, approximate):
         try:
-            return structured_ffn_small(fc1, fc2, x, approximate)
+            y = structured_ffn_small(fc1, fc2, x, approximate)
         except Exception as e:          # a Triton or GPU these kernels do not build on: the general path, once
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            if _capturing(x):
                 raise
             global SMALL_FFN
             SMALL_FFN = False
             warn(f"slimkit's small-token FFN kernels failed ({type(e).__name__}: {str(e)[:200]}); the FFN takes its "
                  "general path for the rest of this process (SLIMKIT_SMALL_FFN=0 skips them)")
+            return None
+        if not _capturing(x):
+            _SMALL_SEEN.add(_small_key(fc1, fc2, x, approximate))
+        return y
     return None
 
 
@@ -688,8 +730,8 @@ def eager_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     """fc2(gelu(fc1(x))) through PyTorch ops. Two BlockShuffle layers (self-guided ones whose guide is gone
     included) keep the hidden activations feature-major between them (blockshuffle_ffn), which saves their
     transposes; two structured layers of any kinds run as small-token kernels for inference at decoding token
-    counts (structured_ffn_small); neither where a forward hook is registered on them. Anything else runs layer
-    by layer."""
+    counts in CUDA graphs (structured_ffn_small, _small_wanted); neither where a forward hook is registered on
+    them. Anything else runs layer by layer."""
     a, b = _unguided(fc1), _unguided(fc2)
     kinds = (LowRankLinear, BlockShuffleLinear, BlockDenseLinear)
     if isinstance(a, kinds) and isinstance(b, kinds) and not _hooked(fc1, fc2, a, b):

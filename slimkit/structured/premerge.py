@@ -17,8 +17,8 @@ fits), and the merged layer, with four times the bytes of a 25% structured one, 
 in the model. So each timing cycles through copies of the layer whose weights add up to twice the cache
 (`_cold_copies`).
 
-An FFN whose two linears run as one (a module naming them in `ffn_pair`, as slimkit's GPT MLP does: its
-structured pairs take small-token kernels at decoding token counts, kernels.structured_ffn_small) is timed as
+An FFN whose two linears run as one (a module naming them in `ffn_pair`, as slimkit's GPT MLP does: in CUDA
+graphs its structured pairs take small-token kernels at decoding token counts, kernels.structured_ffn_small) is timed as
 a whole, in its four forms (both structured, both merged, either one merged), since a layer timed alone runs
 its own path, not the pair's; `choose_pair_merge` decides it.
 
