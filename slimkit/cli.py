@@ -572,7 +572,7 @@ def generate_lm(
         raise SlimkitError(f"the prompt takes {len(ids)} of the model's {model.cfg.seq_len} positions: "
                            f"--max-new-tokens can be at most {max(room, 0)}")
     if premerge_ffn:
-        model = premerge(model, tokens=num_samples, graph=dev.startswith("cuda"))
+        model = premerge(model, tokens=num_samples)      # timed eagerly, as generate runs
     gen = torch.Generator(device=dev).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, device=dev)
     out = model.generate(idx, new, temperature=temperature, top_k=top_k or None, generator=gen)
