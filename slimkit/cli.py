@@ -547,15 +547,14 @@ def generate_lm(
 ):
     import torch
 
+    from .quantize import pick_device
     from .structured.data import EOT
     from .structured.premerge import premerge
     from .structured.train import load_model, run_tokenizer
 
     if num_samples < 1:
         raise SlimkitError(f"--num-samples must be >= 1, got {num_samples}")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimkitError("--device cuda, but no CUDA GPU is available: use --device cpu")
+    dev = str(pick_device(device))
     tok = run_tokenizer(run, data_dir)
     model = load_model(run, device=dev)
     ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else [tok.token_to_id(EOT)]

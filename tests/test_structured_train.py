@@ -755,3 +755,5 @@ def test_cli_generate_lm(corpus, tmp_path):
     assert isinstance(r.exception, SlimkitError) and "seq_len" not in str(r.exception) and "positions" in str(r.exception)
     r = CliRunner().invoke(app, gen[:2] + ["--data-dir", str(tmp_path / "nowhere"), "--device", "cpu"])
     assert isinstance(r.exception, SlimkitError) and "tokenizer" in str(r.exception)
+    r = CliRunner().invoke(app, gen[:2] + ["--device", "foo"])     # one clear error, not torch's traceback
+    assert isinstance(r.exception, SlimkitError) and "foo" in str(r.exception)
