@@ -757,3 +757,21 @@ def test_cli_generate_lm(corpus, tmp_path):
     assert isinstance(r.exception, SlimkitError) and "tokenizer" in str(r.exception)
     r = CliRunner().invoke(app, gen[:2] + ["--device", "foo"])     # one clear error, not torch's traceback
     assert isinstance(r.exception, SlimkitError) and "foo" in str(r.exception)
+
+
+def test_run_tokenizer_finds_the_default_data_dir_from_another_working_directory(corpus, tmp_path, monkeypatch):
+    """A run trained on a relative --corpus into the default (cache) data folder: its tokenizer is found from any
+    working directory (the folder the run read is recorded; the corpus path, resolved again elsewhere, would name
+    another cache folder)."""
+    import dataclasses
+
+    from slimkit.structured.train import run_tokenizer
+
+    root, _, _ = corpus
+    monkeypatch.setenv("SLIMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(root.parent)
+    cfg = tiny(tmp_path / "run", tmp_path / "unused", corpus=root.name, vocab_size=300, seq_len=16, batch_size=4,
+               steps=2, eval_tokens=64)
+    train(dataclasses.replace(cfg, data_dir=None))   # the default: a cache folder named after the resolved corpus
+    monkeypatch.chdir(tmp_path)
+    assert run_tokenizer(tmp_path / "run").get_vocab_size() == 300

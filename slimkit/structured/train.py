@@ -508,12 +508,15 @@ def run_tokenizer(path: str | Path, data_dir: str | Path | None = None):
     if not found:
         raise SlimkitError(f"{path} holds no checkpoint (ckpt/step_*/state.json): train with slimkit train-lm")
     try:
-        cfg = json.loads((found[-1] / "state.json").read_text())["config"]
+        state = json.loads((found[-1] / "state.json").read_text())
+        cfg = state["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SlimkitError(f"cannot read {found[-1] / 'state.json'} ({type(e).__name__}: {e})") from None
     if data_dir is None and cfg.get("tokenizer") == "smollm2":
         return smollm2_tokenizer()
-    folder = data_dir or cfg.get("data_dir") or (
+    # the folder the run read (absolute for the default cache folder): a relative --corpus, resolved again from
+    # another working directory, would name another cache folder
+    folder = data_dir or (state.get("data") or {}).get("dir") or cfg.get("data_dir") or (
         default_data_dir(Path(cfg["corpus"]).expanduser(), cfg.get("tokenizer", "bpe"), cfg.get("vocab_size", 8192),
                          cfg.get("val_percent", 10.0)) if cfg.get("corpus") else None)
     if folder is None or not (Path(folder) / "tokenizer.json").exists():
