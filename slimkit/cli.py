@@ -574,7 +574,8 @@ def generate_lm(
         model = premerge(model, tokens=num_samples)      # timed eagerly, as generate runs
     gen = torch.Generator(device=dev).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, device=dev)
-    out = model.generate(idx, new, temperature=temperature, top_k=top_k or None, generator=gen)
+    out = model.generate(idx, new, temperature=temperature, top_k=top_k or None, generator=gen,
+                         vocab_size=min(tok.get_vocab_size(), model.cfg.vocab_size))    # not the padding's ids
     for i, row in enumerate(out.tolist()):      # the text on stdout, the separators too (one stream to read)
         if num_samples > 1:
             print(f"--- sample {i + 1}")

@@ -775,3 +775,19 @@ def test_run_tokenizer_finds_the_default_data_dir_from_another_working_directory
     train(dataclasses.replace(cfg, data_dir=None))   # the default: a cache folder named after the resolved corpus
     monkeypatch.chdir(tmp_path)
     assert run_tokenizer(tmp_path / "run").get_vocab_size() == 300
+
+
+def test_generate_samples_only_the_tokenizers_ids_of_a_padded_vocabulary():
+    """train-lm pads the model's vocabulary to a multiple of 64 (a 300-token BPE: 320 ids); the padding's ids
+    decode to nothing (the tokenizer drops them silently), so generate(vocab_size=) never samples them."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, d_model=16, seq_len=32))
+    idx = torch.randint(0, 50, (4, 2))
+    free = model.generate(idx, 30, temperature=5.0, generator=torch.Generator().manual_seed(0))
+    assert int(free.max()) >= 50        # without the limit the padding is sampled
+    for kw in ({"temperature": 5.0}, {"temperature": 5.0, "top_k": 60}, {"temperature": 0}):
+        out = model.generate(idx, 30, vocab_size=50, generator=torch.Generator().manual_seed(0), **kw)
+        assert int(out.max()) < 50
+    for bad in (0, 65, 2.0, True):
+        with pytest.raises(SlimkitError, match="vocab_size"):
+            model.generate(idx, 1, vocab_size=bad)

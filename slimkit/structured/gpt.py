@@ -241,12 +241,14 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
         """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens). The prompt is read once
-        into a KVCache and each new token is one forward of B tokens (the FFNs at decoding token counts:
-        premerge, graphed and the small-token kernels apply). temperature 0 takes the most likely token (greedy);
-        top_k keeps the k most likely before sampling; generator seeds the sampling. Runs in eval mode (the mode
-        is restored after). Prompt plus new tokens must fit the model's seq_len."""
+        into a KVCache and each new token is one forward of B tokens, eagerly (premerge applies at that token
+        count; the small-token FFN kernels run in CUDA graphs only). temperature 0 takes the most likely token (greedy);
+        top_k keeps the k most likely before sampling; generator seeds the sampling; vocab_size: new tokens only
+        from ids below it (the tokenizer's size, where the model's vocabulary is padded past it, as train-lm pads
+        to a multiple of 64). Runs in eval mode (the mode is restored after). Prompt plus new tokens must fit the
+        model's seq_len."""
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] < 1 \
                 or idx.dtype not in (torch.int64, torch.int32):
             raise SlimkitError("generate: idx must be a (batch, tokens) integer tensor with at least one token "
@@ -258,6 +260,10 @@ class GPT(nn.Module):
             raise SlimkitError(f"generate: temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
             raise SlimkitError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral)
+                                       or not 1 <= vocab_size <= self.cfg.vocab_size):
+            raise SlimkitError(f"generate: vocab_size must be an integer in [1, {self.cfg.vocab_size}] or None, got "
+                               f"{vocab_size!r}")
         total = idx.shape[1] + max_new_tokens
         if total > self.cfg.seq_len:
             raise SlimkitError(f"generate: {idx.shape[1]} prompt tokens + {max_new_tokens} new ones exceed the model's "
@@ -274,7 +280,7 @@ class GPT(nn.Module):
         try:
             cache, out, step = KVCache(self.cfg.n_layer, total), [idx.long()], idx.long()
             for i in range(max_new_tokens):
-                logits = self(step, cache=cache)[0][:, -1].float()
+                logits = self(step, cache=cache)[0][:, -1, :vocab_size].float()
                 step = _pick(logits, temperature, top_k, generator)
                 out.append(step)
             return torch.cat(out, dim=1)
