@@ -554,6 +554,8 @@ def generate_lm(
 
     if num_samples < 1:
         raise SlimkitError(f"--num-samples must be >= 1, got {num_samples}")
+    if not 0 <= seed < 2 ** 63:
+        raise SlimkitError(f"--seed must be in [0, 2**63), got {seed}")
     dev = str(pick_device(device))
     tok = run_tokenizer(run, data_dir)
     model = load_model(run, device=dev)

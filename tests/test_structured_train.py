@@ -716,6 +716,8 @@ def test_generate_samples_reproducibly_and_checks_its_arguments():
         first = model.generate(idx, 1, temperature=2.0, top_k=3, generator=torch.Generator().manual_seed(seed))[:, -1]
         assert all(int(t) in logits[i].topk(3).indices.tolist() for i, t in enumerate(first))
     assert torch.equal(model.generate(idx, 0), idx)
+    tiny_t = model.generate(idx, 3, temperature=1e-40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tiny_t, model.generate(idx, 3, temperature=0))        # a tiny temperature is greedy, no NaN
     for kw, match in [({"max_new_tokens": 9}, "seq_len 12"), ({"max_new_tokens": -1}, "max_new_tokens"),
                       ({"max_new_tokens": 2, "temperature": -1.0}, "temperature"),
                       ({"max_new_tokens": 2, "top_k": 0}, "top_k")]:

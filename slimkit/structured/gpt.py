@@ -278,7 +278,8 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            cache, out, step = KVCache(self.cfg.n_layer, total), [idx.long()], idx.long()
+            idx = idx.to(device=device, dtype=torch.long)      # ids on the model's device, wherever given
+            cache, out, step = KVCache(self.cfg.n_layer, total), [idx], idx
             for i in range(max_new_tokens):
                 logits = self(step, cache=cache)[0][:, -1, :vocab_size].float()
                 step = _pick(logits, temperature, top_k, generator)
@@ -331,7 +332,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int],
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)  # no overflow at tiny t
     return torch.multinomial(probs, 1, generator=generator)
 
 
