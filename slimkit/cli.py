@@ -571,7 +571,7 @@ def generate_lm(
         raise SlimkitError(f"--max-new-tokens must be >= 0, got {new}")
     if new > room:
         raise SlimkitError(f"the prompt takes {len(ids)} of the model's {model.cfg.seq_len} positions: "
-                           f"--max-new-tokens can be at most {max(room, 0)}")
+                           f"--max-new-tokens can be at most {room}")
     if premerge_ffn:
         model = premerge(model, tokens=num_samples)      # timed eagerly, as generate runs
     gen = torch.Generator(device=dev).manual_seed(seed)

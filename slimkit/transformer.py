@@ -25,6 +25,7 @@ from .core import attention
 from .core.families import Group, Layout, layout
 from .core.fingerprint import reference_digest
 from .core.quantizer import QuantSpec
+from .core.data import check_token_ids
 from .core.wrap import LayerPlan, layer_modules, mask_pruned, quant_layers, quantizers, working_copy, wrap_layers
 from .errors import SlimkitError, warn
 
@@ -289,18 +290,6 @@ def calibrate_block(ctx: BlockContext) -> None:
 def model_vocab(model: nn.Module) -> int | None:
     """The vocabulary size in a Hugging Face model's config, or None."""
     return getattr(getattr(model, "config", None), "vocab_size", None)
-
-
-def check_token_ids(vocab_size: int | None, ids) -> None:
-    """Calibration token ids must be a non-empty integer tensor (N, L) of ids the model's embedding has."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0 or \
-            ids.dtype not in (torch.int64, torch.int32):
-        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise SlimkitError(f"calibration token ids must be a non-empty integer tensor (N, L), got {got}")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
-        raise SlimkitError(f"calibration token ids run from {lo} to {hi}, outside the model's vocabulary "
-                           f"(0 to {vocab_size - 1 if vocab_size else '?'}): were they made by another tokenizer?")
 
 
 def _batches(calib, cfg: QuantConfig, vocab_size: int | None = None) -> list[dict]:

@@ -164,6 +164,19 @@ def check_inputs(x: torch.Tensor, what: str) -> None:
         raise SlimkitError(f"the {what} data holds NaN or infinite values")
 
 
+def check_token_ids(vocab_size: int | None, ids, what: str = "calibration token ids") -> None:
+    """Token ids must be a non-empty integer tensor (N, L) of ids the model's embedding has (what: whose, for the
+    message)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0 or \
+            ids.dtype not in (torch.int64, torch.int32):
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise SlimkitError(f"{what} must be a non-empty integer tensor (N, L), got {got}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        raise SlimkitError(f"{what} run from {lo} to {hi}, outside the model's vocabulary "
+                           f"(0 to {vocab_size - 1 if vocab_size else '?'}): were they made by another tokenizer?")
+
+
 def calibration_tensor(data, num_samples: int, seed: int = 0) -> torch.Tensor:
     """The float calibration inputs, at most `num_samples` of them (a fixed random subset when more)."""
     x, _ = resolve(data)

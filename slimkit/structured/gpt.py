@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.data import check_token_ids
 from ..errors import SlimkitError
 from .kernels import eager_ffn, fused_ffn
 
@@ -249,10 +250,7 @@ class GPT(nn.Module):
         from ids below it (the tokenizer's size, where the model's vocabulary is padded past it, as train-lm pads
         to a multiple of 64). Runs in eval mode (the mode is restored after). Prompt plus new tokens must fit the
         model's seq_len."""
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] < 1 \
-                or idx.dtype not in (torch.int64, torch.int32):
-            raise SlimkitError("generate: idx must be a (batch, tokens) integer tensor with at least one token "
-                               f"a row, got {tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        check_token_ids(self.cfg.vocab_size, idx, "generate: the prompt's token ids")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
             raise SlimkitError(f"generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
@@ -272,15 +270,12 @@ class GPT(nn.Module):
         if generator is not None and generator.device.type != device.type:
             raise SlimkitError(f"generate: the generator is on {generator.device}, the model on {device}: make it with "
                                f"torch.Generator(device={str(device)!r})")
-        if int(idx.min()) < 0 or int(idx.max()) >= self.cfg.vocab_size:
-            raise SlimkitError(f"generate: token ids must be in [0, {self.cfg.vocab_size}), got "
-                               f"{int(idx.min())}..{int(idx.max())}")
         was_training = self.training
         self.eval()
         try:
             idx = idx.to(device=device, dtype=torch.long)      # ids on the model's device, wherever given
             cache, out, step = KVCache(self.cfg.n_layer, total), [idx], idx
-            for i in range(max_new_tokens):
+            for _ in range(max_new_tokens):
                 logits = self(step, cache=cache)[0][:, -1, :vocab_size].float()
                 step = _pick(logits, temperature, top_k, generator)
                 out.append(step)

@@ -534,6 +534,7 @@ def bias_gelu_rows(h: torch.Tensor, b: torch.Tensor | None, approximate: str = "
 SMALL_TOKENS = 64        # eager_ffn's inference at up to this many tokens: one small-token kernel per factor
 SPLIT_MIN_K = 2048       # the least K a factor's small-token kernel splits (below it the parts cost more than they gain)
 SPLIT_PART = 256         # a split-K part's least share of K
+SMALL_KINDS = (LowRankLinear, BlockShuffleLinear, BlockDenseLinear)     # the layers _small_factors takes apart
 
 
 def _small_factors(layer: nn.Module) -> list[tuple[torch.Tensor, bool]]:
@@ -583,8 +584,7 @@ def small_applies(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor) -> bool:
     inference (no gradient wanted), at most SMALL_TOKENS tokens, the kernels available, one dtype throughout."""
     # the kernels trust the shapes (an fc2 narrower than fc1's output would read part of it, silently), and an
     # argument error raised inside them would be taken for a kernel that fails to build: checked here instead
-    kinds = (LowRankLinear, BlockShuffleLinear, BlockDenseLinear)
-    if not (isinstance(fc1, kinds) and isinstance(fc2, kinds)):
+    if not (isinstance(fc1, SMALL_KINDS) and isinstance(fc2, SMALL_KINDS)):
         return False
     fits = x.dim() > 0 and x.shape[-1] == fc1.in_features and fc1.out_features == fc2.in_features
     t = x.numel() // x.shape[-1] if fits else 0
@@ -611,10 +611,10 @@ def structured_ffn_small(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approx
     without these kernels (bench/results/structured_ffn_speed.md, '-decode' rows)."""
     x2 = x.reshape(-1, fc1.in_features).contiguous()
     t = x2.shape[0]
-    steps = [(w, inter, None, None) for w, inter in _small_factors(fc1)[:-1]]
-    steps.append((*_small_factors(fc1)[-1], fc1.bias, approximate))
-    steps += [(w, inter, None, None) for w, inter in _small_factors(fc2)[:-1]]
-    steps.append((*_small_factors(fc2)[-1], fc2.bias, None))
+    steps = []                  # (w, interleaved, bias, GELU) a factor: each layer's bias (and fc1's GELU) on its last
+    for layer, act in ((fc1, approximate), (fc2, None)):
+        factors = _small_factors(layer)
+        steps += [(w, inter, None, None) for w, inter in factors[:-1]] + [(*factors[-1], layer.bias, act)]
     sms = _sms(x2.device)
     plans = [_small_plan(*w.shape, sms) for w, *_ in steps]
     bt = max(16, triton.next_power_of_2(t))               # tl.dot takes 16 and up
@@ -668,33 +668,30 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _small_wanted(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str) -> bool:
-    """Whether the small-token kernels should run now: in graph_warmup() or with SMALL_EAGER, and in any CUDA-graph
-    capture only for an FFN call they already ran for outside one (a capture is no place to compile a kernel, nor
-    to find that it does not build)."""
-    if _capturing(x):
-        return _small_key(fc1, fc2, x, approximate) in _SMALL_SEEN
-    return bool(SMALL_EAGER or _GRAPH_WARMUP[0])
-
-
 def _small_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str) -> torch.Tensor | None:
-    """structured_ffn_small's result where it applies and is wanted (_small_wanted), else None; a kernel that fails
-    to build warns once and turns the small-token kernels off for the rest of the process."""
-    if approximate in APPROXIMATE and small_applies(fc1, fc2, x) and _small_wanted(fc1, fc2, x, approximate):
-        try:
-            y = structured_ffn_small(fc1, fc2, x, approximate)
-        except Exception as e:          # a Triton or GPU these kernels do not build on: the general path, once
-            if _capturing(x):
-                raise
-            global SMALL_FFN
-            SMALL_FFN = False
-            warn(f"slimkit's small-token FFN kernels failed ({type(e).__name__}: {str(e)[:200]}); the FFN takes its "
-                 "general path for the rest of this process (SLIMKIT_SMALL_FFN=0 skips them)")
-            return None
-        if not _capturing(x):
-            _SMALL_SEEN.add(_small_key(fc1, fc2, x, approximate))
-        return y
-    return None
+    """structured_ffn_small's result where it applies and is wanted, else None. Wanted: in graph_warmup() or with
+    SMALL_EAGER, and in any CUDA-graph capture only for an FFN call it already ran for outside one (a capture is no
+    place to compile a kernel, nor to find that it does not build). A kernel that fails to build warns once and
+    turns the small-token kernels off for the rest of the process."""
+    capturing = _capturing(x)
+    if not (capturing or SMALL_EAGER or _GRAPH_WARMUP[0]):     # an eager call: the layers' path, nothing checked
+        return None
+    if not (approximate in APPROXIMATE and small_applies(fc1, fc2, x)) \
+            or capturing and _small_key(fc1, fc2, x, approximate) not in _SMALL_SEEN:
+        return None
+    try:
+        y = structured_ffn_small(fc1, fc2, x, approximate)
+    except Exception as e:              # a Triton or GPU these kernels do not build on: the general path, once
+        if capturing:
+            raise
+        global SMALL_FFN
+        SMALL_FFN = False
+        warn(f"slimkit's small-token FFN kernels failed ({type(e).__name__}: {str(e)[:200]}); the FFN takes its "
+             "general path for the rest of this process (SLIMKIT_SMALL_FFN=0 skips them)")
+        return None
+    if not capturing:
+        _SMALL_SEEN.add(_small_key(fc1, fc2, x, approximate))
+    return y
 
 
 def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor,
@@ -730,11 +727,10 @@ def eager_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str 
     """fc2(gelu(fc1(x))) through PyTorch ops. Two BlockShuffle layers (self-guided ones whose guide is gone
     included) keep the hidden activations feature-major between them (blockshuffle_ffn), which saves their
     transposes; two structured layers of any kinds run as small-token kernels for inference at decoding token
-    counts in CUDA graphs (structured_ffn_small, _small_wanted); neither where a forward hook is registered on
+    counts in CUDA graphs (structured_ffn_small, _small_ffn); neither where a forward hook is registered on
     them. Anything else runs layer by layer."""
     a, b = _unguided(fc1), _unguided(fc2)
-    kinds = (LowRankLinear, BlockShuffleLinear, BlockDenseLinear)
-    if isinstance(a, kinds) and isinstance(b, kinds) and not _hooked(fc1, fc2, a, b):
+    if isinstance(a, SMALL_KINDS) and isinstance(b, SMALL_KINDS) and not _hooked(fc1, fc2, a, b):
         if isinstance(a, BlockShuffleLinear) and isinstance(b, BlockShuffleLinear):
             return blockshuffle_ffn(a, b, x, approximate)
         y = _small_ffn(a, b, x, approximate)

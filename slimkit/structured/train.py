@@ -478,15 +478,20 @@ def _latest_readable(found: list[Path], main: bool) -> tuple[Path, tuple[dict, d
     raise SlimkitError(f"{first}; no earlier checkpoint reads back either: delete the ckpt folder to start over")
 
 
+def checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint folder itself, or a run folder's latest checkpoint."""
+    path = Path(path)
+    if (path / "state.json").exists():
+        return path
+    found = ckpt_dirs(path)
+    if not found:
+        raise SlimkitError(f"{path} holds no checkpoint (ckpt/step_*/state.json): train with slimkit train-lm")
+    return found[-1]
+
+
 def load_model(path: str | Path, device: str = "cpu") -> GPT:
     """The trained GPT (structured FFNs included) from a run folder (its latest checkpoint) or a checkpoint folder."""
-    path = Path(path)
-    if not (path / "state.json").exists():
-        found = ckpt_dirs(path)
-        if not found:
-            raise SlimkitError(f"{path} holds no checkpoint (ckpt/step_*/state.json): train with slimkit train-lm")
-        path = found[-1]
-    msd, _, meta = read_checkpoint(path)
+    msd, _, meta = read_checkpoint(checkpoint_dir(path))
     cfg = TrainConfig(**{**meta["config"], "resume": False})
     model = build_model(cfg, meta["vocab_size"], guides_dropped=meta["guides_dropped"], state=msd)
     model.load_state_dict(msd)
@@ -503,15 +508,12 @@ def run_tokenizer(path: str | Path, data_dir: str | Path | None = None):
     into), or SmolLM2's for --tokenizer smollm2."""
     from .data import default_data_dir, load_tokenizer, smollm2_tokenizer
 
-    path = Path(path)
-    found = [path] if (path / "state.json").exists() else ckpt_dirs(path)
-    if not found:
-        raise SlimkitError(f"{path} holds no checkpoint (ckpt/step_*/state.json): train with slimkit train-lm")
+    state_file = checkpoint_dir(path) / "state.json"
     try:
-        state = json.loads((found[-1] / "state.json").read_text())
+        state = json.loads(state_file.read_text())
         cfg = state["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SlimkitError(f"cannot read {found[-1] / 'state.json'} ({type(e).__name__}: {e})") from None
+        raise SlimkitError(f"cannot read {state_file} ({type(e).__name__}: {e})") from None
     if data_dir is None and cfg.get("tokenizer") == "smollm2":
         return smollm2_tokenizer()
     # the folder the run read (absolute for the default cache folder): a relative --corpus, resolved again from
