@@ -1,17 +1,22 @@
 """Decoding with slimkit's GPT: tokens per second of GPT.generate (a KV cache: the prompt read once, then one
 forward of the batch's new tokens a step) for a GPT whose FFNs are dense, low-rank, BlockShuffle or BlockDense,
 as trained and after premerge(tokens=batch) (structured factors merged where that measures faster), against the
-dense GPT in the same run. Eager, as generate runs: the figure is what `slimkit generate-lm` sees.
+dense GPT in the same run and mode: the figure is what `slimkit generate-lm` sees. Two modes on a GPU (--modes):
+"eager" (every step's kernels launched by the host) and "graph" (generate(cuda_graph=True), its default there:
+each step after the prompt one CUDA-graph replay over a static KV cache, the structured FFNs through the
+small-token kernels; the capture, made afresh in each generate call, is part of the call's time); the CPU runs
+eager only.
 
     python bench/structured_gpt_decode.py                      # CPU: d 512, 4 layers, batch 1 and 16, fp32
     python bench/structured_gpt_decode.py --device cuda        # d 2048, 4 layers, bf16 weights
 
 Rows (bench/results/<name>.json): model "gpt-d<d>-L<layers>", method dense | lowrank | blockshuffle | blockdense,
-"-premerge" after premerge, setting "r=0.32 B=16 T=64" (B: sequences decoded together, T: new tokens each),
+"-premerge" after premerge, "-graph" in the graph mode (premerge then timing graph replays), setting "r=0.32 B=16 T=64" (B: sequences decoded together, T: new tokens each),
 metric decode_speedup (the dense GPT's time / this one's) with ms_per_step (one new token for each of the B
 sequences) and dense_ms, and metric tokens_per_s (B * T / the generate call's time). Greedy decoding from a
 random 16-token prompt. Paired timing: each round times one dense and one structured generate call, and
-decode_speedup is the median over --reps rounds of their ratio (a shared CPU drifts by 20% between minutes).
+decode_speedup is the median over --reps rounds of their ratio (a shared CPU drifts by 20% between minutes). In
+the graph mode a "dense-graph" row gives the dense GPT's graphed speed over its eager one.
 """
 from __future__ import annotations
 
@@ -44,27 +49,29 @@ def _prompt(model: GPT, batch: int, device: torch.device) -> torch.Tensor:
     return idx.to(device)
 
 
-def _call_ms(model: GPT, idx: torch.Tensor, new: int, device: torch.device) -> float:
+def _call_ms(model: GPT, idx: torch.Tensor, new: int, device: torch.device, graph: bool = False) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    model.generate(idx, new, temperature=0)
+    model.generate(idx, new, temperature=0, cuda_graph=graph)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1e3
 
 
-def paired_ms(model: GPT, dense: GPT, batch: int, new: int, reps: int, device: torch.device) -> tuple[float, float, float]:
+def paired_ms(model: GPT, dense: GPT, batch: int, new: int, reps: int, device: torch.device, graph: bool = False,
+              dense_graph: bool | None = None) -> tuple[float, float, float]:
     """(median ms of model's generate call, of dense's, median over rounds of dense / model within a round): the
     two alternate, one call each a round after one warm-up call each, so that both are timed in the same state
-    of a shared, throttling machine."""
+    of a shared, throttling machine. graph: generate's cuda_graph for model (and for dense, unless dense_graph)."""
+    dense_graph = graph if dense_graph is None else dense_graph
     idx = _prompt(model, batch, device)
-    for m in (model, dense):
-        m.generate(idx, new, temperature=0)          # warm-up: allocations, kernel choice
+    for m, g in ((model, graph), (dense, dense_graph)):
+        m.generate(idx, new, temperature=0, cuda_graph=g)       # warm-up: allocations, kernel choice, compiles
     mine, base = [], []
     for _ in range(reps):
-        base.append(_call_ms(dense, idx, new, device))
-        mine.append(_call_ms(model, idx, new, device))
+        base.append(_call_ms(dense, idx, new, device, dense_graph))
+        mine.append(_call_ms(model, idx, new, device, graph))
     return statistics.median(mine), statistics.median(base), statistics.median(b / m for b, m in zip(base, mine))
 
 
@@ -80,11 +87,15 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.32,0.25")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--modes", default=None, help="eager,graph (default on a GPU; the CPU runs eager only)")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu and not torch.cuda.is_available():
         sys.exit("--device cuda, but no CUDA GPU is available")
+    modes = (args.modes or ("eager,graph" if gpu else "eager")).split(",")
+    if not set(modes) <= {"eager", "graph"} or "graph" in modes and not gpu:
+        sys.exit(f"--modes: eager and graph (graph on a GPU only), got {args.modes!r}")
     d = args.d_model or (2048 if gpu else 512)
     dtype = torch.bfloat16 if gpu else torch.float32
     name = args.name or ("structured_gpt_decode" if gpu else "structured_gpt_decode_cpu")
@@ -103,7 +114,17 @@ def main() -> None:
         rows.append({"model": model_name, "method": method, "setting": setting, "metric": "tokens_per_s",
                      "value": round(batch * args.new_tokens / ms * 1e3, 1), "seconds": 0.0})
 
+    def save():
+        write_results(name, args.device, rows, notes=NOTES,
+                      columns=("model", "method", "setting", "metric", "value", "ms_per_step", "dense_ms", "seconds"))
+
     for batch in [int(b) for b in args.batches.split(",")]:
+        if "graph" in modes and "eager" in modes:     # what graphs give the dense GPT itself
+            t0 = time.perf_counter()
+            add("dense-graph", f"r=1 B={batch} T={args.new_tokens}",
+                paired_ms(dense, dense, batch, args.new_tokens, args.reps, device, True, False), batch, t0)
+            print(f"  B={batch} dense graphed over eager: x{rows[-2]['value']}", flush=True)
+            save()
         for ratio in [float(r) for r in args.ratios.split(",")]:
             for kind in args.kinds.split(","):
                 setting = f"r={ratio:g} B={batch} T={args.new_tokens}"
@@ -112,17 +133,17 @@ def main() -> None:
                 except SlimkitError as e:
                     print(f"  skipped {kind} {setting}: {str(e).splitlines()[0]}")
                     continue
-                t0 = time.perf_counter()
-                add(kind, setting, paired_ms(model, dense, batch, args.new_tokens, args.reps, device), batch, t0)
-                t0 = time.perf_counter()
-                merged = premerge(model, tokens=batch)
-                add(f"{kind}-premerge", setting, paired_ms(merged, dense, batch, args.new_tokens, args.reps, device),
-                    batch, t0)
-                print(f"  {setting} {kind}: x{rows[-4]['value']}, premerged x{rows[-2]['value']} (dense "
-                      f"{rows[-2]['dense_ms']:.3f} ms a step)", flush=True)
-                write_results(name, args.device, rows, notes=NOTES,
-                              columns=("model", "method", "setting", "metric", "value", "ms_per_step", "dense_ms",
-                                       "seconds"))
+                for mode in modes:
+                    graph, tag = mode == "graph", "-graph" if mode == "graph" else ""
+                    timed = lambda m: paired_ms(m, dense, batch, args.new_tokens, args.reps, device, graph)  # noqa: E731
+                    t0 = time.perf_counter()
+                    add(f"{kind}{tag}", setting, timed(model), batch, t0)
+                    t0 = time.perf_counter()
+                    add(f"{kind}-premerge{tag}", setting, timed(premerge(copy.deepcopy(model), tokens=batch,
+                                                                         graph=graph)), batch, t0)
+                    print(f"  {setting} {kind}{tag}: x{rows[-4]['value']}, premerged x{rows[-2]['value']} (dense "
+                          f"{rows[-2]['dense_ms']:.3f} ms a step)", flush=True)
+                    save()
 
 
 if __name__ == "__main__":

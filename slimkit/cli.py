@@ -544,6 +544,8 @@ def generate_lm(
                                             "(default: where the run's corpus was tokenised)"),
     premerge_ffn: bool = typer.Option(False, "--premerge/--no-premerge", help="merge each structured FFN where "
                                       "that measures faster at this batch (slimkit.structured.premerge)"),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="replay each decoding step "
+                                              "as one CUDA graph (default: on a GPU)"),
 ):
     import torch
 
@@ -572,12 +574,14 @@ def generate_lm(
     if new > room:
         raise SlimkitError(f"the prompt takes {len(ids)} of the model's {model.cfg.seq_len} positions: "
                            f"--max-new-tokens can be at most {room}")
-    if premerge_ffn:
-        model = premerge(model, tokens=num_samples)      # timed eagerly, as generate runs
+    graph = dev.startswith("cuda") if cuda_graph is None else cuda_graph
+    if premerge_ffn:     # timed the way generate will run the steps
+        model = premerge(model, tokens=num_samples, graph=graph)
     gen = torch.Generator(device=dev).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, device=dev)
     out = model.generate(idx, new, temperature=temperature, top_k=top_k or None, generator=gen,
-                         vocab_size=min(tok.get_vocab_size(), model.cfg.vocab_size))    # not the padding's ids
+                         vocab_size=min(tok.get_vocab_size(), model.cfg.vocab_size),    # not the padding's ids
+                         cuda_graph=graph)
     for i, row in enumerate(out.tolist()):      # the text on stdout, the separators too (one stream to read)
         if num_samples > 1:
             print(f"--- sample {i + 1}")

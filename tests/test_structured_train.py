@@ -702,6 +702,52 @@ def test_kv_cache_decoding_equals_the_full_forward(pos, act, ffn):
     assert torch.equal(greedy, loop)
 
 
+@pytest.mark.parametrize("pos,act,ffn", [("rope", "gelu", None), ("learned", "swiglu", "blockdense"),
+                                         ("rope", "gelu_tanh", "lowrank"), ("learned", "gelu", "blockshuffle")])
+def test_static_kv_cache_and_graph_decoding_equal_the_eager_cache(pos, act, ffn):
+    """A static KVCache (positions from a tensor, the whole zero-filled buffer read under a mask), fed chunk by
+    chunk, gives the full forward's logits; generate(cuda_graph=True), which on the CPU runs that static step
+    eagerly, samples exactly the tokens of the eager cache, greedy and seeded; the step's capture-safe path
+    never advances the cache's Python length."""
+    from slimkit.structured import replace_ffn
+    from slimkit.structured.gpt import KVCache
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=61, n_layer=2, n_head=2, d_model=32, seq_len=24, pos=pos, ffn=act))
+    if ffn:
+        replace_ffn(model, ffn, 0.5)
+    model.eval()
+    idx = torch.randint(0, 61, (3, 14))
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = KVCache(2, 20, static=True)
+        got, at = [], 0
+        for n in (5, 1, 3, 1, 1, 1, 2):
+            cache.pos = torch.tensor([at])
+            got.append(model(idx[:, at:at + n], cache=cache)[0])
+            at += n
+        assert cache.length == 0 and cache.k[0].shape[2] == 20
+        torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-5, atol=1e-5)
+    for temperature, top_k in ((0.0, None), (1.0, 7)):
+        a, b = (model.generate(idx[:, :6], 9, temperature, top_k, torch.Generator().manual_seed(5), vocab_size=55,
+                               cuda_graph=g) for g in (True, False))
+        assert torch.equal(a, b) and a.shape == (3, 15) and int(a[:, 6:].max()) < 55
+    assert torch.equal(model.generate(idx[:, :6], 1, temperature=0, cuda_graph=True),
+                       model.generate(idx[:, :6], 1, temperature=0, cuda_graph=False))
+
+
+def test_static_kv_cache_errors():
+    from slimkit.structured.gpt import KVCache
+    model = GPT(GPTConfig(vocab_size=20, n_layer=1, n_head=2, d_model=16, seq_len=8)).eval()
+    with torch.no_grad(), pytest.raises(SlimkitError, match="cache.pos"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=KVCache(1, 8, static=True))
+    cache = KVCache(1, 9, static=True)
+    cache.pos = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad(), pytest.raises(SlimkitError, match="seq_len 8"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(SlimkitError, match="cuda_graph"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 2, cuda_graph="yes")
+
+
 def test_generate_samples_reproducibly_and_checks_its_arguments():
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, seq_len=12)).train()

@@ -101,14 +101,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
                 cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, C); rope: the (cos, sin) rows of x's positions, (T, head_dim) each, or None."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        start = cache.length if cache is not None else 0        # the position of x's first token
         if rope is not None:
-            cos, sin = rope[0][start:start + T], rope[1][start:start + T]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, causal = None, True
-        if cache is not None:
+        if cache is not None and cache.static:     # the whole buffer, its unwritten and later positions masked
+            k, v = cache.append(layer, k, v)
+            mask, causal = cache.mask(T), False
+        elif cache is not None:
+            start = cache.length                   # the position of x's first token
             k, v = cache.append(layer, k, v)
             if start:               # query i sees every cached key and the new ones up to its own
                 causal = False
@@ -165,19 +168,46 @@ class Block(nn.Module):
 
 class KVCache:
     """The keys and values of the tokens a GPT has read, per layer, so that each decoding step reads one new token
-    (GPT.generate). Buffers for `max_len` tokens, made on first use in the keys' dtype (autocast's, if on)."""
+    (GPT.generate). Buffers for `max_len` tokens, made on first use in the keys' dtype (autocast's, if on).
 
-    def __init__(self, n_layer: int, max_len: int):
-        self.max_len, self.length = max_len, 0
+    static=False: the new tokens' position is `length`, a Python int that GPT.forward advances; attention reads
+    the keys written so far. static=True, for a decoding step captured once as a CUDA graph and replayed at every
+    position: the position is `pos`, a (1,) long tensor on the model's device that the caller sets before each
+    forward (GPT.forward neither reads `length` nor advances anything); keys and values are written at tensor
+    positions and attention reads the whole zero-filled buffer, positions past each query masked. The caller keeps
+    pos + tokens within max_len (an index past it fails in the write)."""
+
+    def __init__(self, n_layer: int, max_len: int, static: bool = False):
+        self.max_len, self.length, self.static = max_len, 0, static
+        self.pos: Optional[torch.Tensor] = None
         self.k: list[Optional[torch.Tensor]] = [None] * n_layer
         self.v: list[Optional[torch.Tensor]] = [None] * n_layer
 
+    def positions(self, t: int, device: torch.device) -> torch.Tensor:
+        """The positions of t new tokens, (t,) long."""
+        if not self.static:
+            return torch.arange(self.length, self.length + t, device=device)
+        if self.pos is None:
+            raise SlimkitError("a static KVCache reads the new tokens' position from cache.pos: set it to a (1,) "
+                               "long tensor on the model's device before the forward")
+        return self.pos + torch.arange(t, device=self.pos.device)
+
+    def mask(self, t: int) -> torch.Tensor:
+        """static: which cached positions each of t new queries sees, (t, max_len) bool (itself and those before)."""
+        return torch.arange(self.max_len, device=self.pos.device) <= self.positions(t, self.pos.device)[:, None]
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store layer's keys and values (B, H, T, D) of the new tokens at positions length.. and return all of
-        them so far; GPT.forward advances length once every layer has stored."""
+        """Store layer's keys and values (B, H, T, D) of the new tokens at their positions and return all of them
+        so far (static: the whole buffers); GPT.forward advances length once every layer has stored."""
         if self.k[layer] is None:
             shape = (*k.shape[:2], self.max_len, k.shape[3])
-            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
+            new = k.new_zeros if self.static else k.new_empty     # static: read whole, so no NaN in unwritten rows
+            self.k[layer], self.v[layer] = new(shape), new(shape, dtype=v.dtype)
+        if self.static:
+            where = self.positions(k.shape[2], k.device)
+            self.k[layer].index_copy_(2, where, k)
+            self.v[layer].index_copy_(2, where, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
@@ -220,19 +250,29 @@ class GPT(nn.Module):
         generate), idx continues the tokens the cache holds: positions start at cache.length, attention reads the
         cached keys and values too, and the cache takes idx's."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.seq_len:
-            raise SlimkitError(f"sequence of {start + T} tokens is longer than the model's seq_len {self.cfg.seq_len}")
-        if cache is not None and start + T > cache.max_len:
-            raise SlimkitError(f"the KV cache holds {cache.max_len} tokens; {start + T} would not fit: make it longer")
+        static = cache is not None and cache.static
+        if static:          # positions from a tensor: no host-side check (that would synchronise); see KVCache
+            where = cache.positions(T, idx.device)
+            if cache.max_len > self.cfg.seq_len:
+                raise SlimkitError(f"a static KV cache of {cache.max_len} tokens is longer than the model's seq_len "
+                                   f"{self.cfg.seq_len}: make it at most that long")
+        else:
+            start = cache.length if cache is not None else 0
+            if start + T > self.cfg.seq_len:
+                raise SlimkitError(f"sequence of {start + T} tokens is longer than the model's seq_len "
+                                   f"{self.cfg.seq_len}")
+            if cache is not None and start + T > cache.max_len:
+                raise SlimkitError(f"the KV cache holds {cache.max_len} tokens; {start + T} would not fit: make it "
+                                   "longer")
+            where = slice(start, start + T)
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
+            x = x + self.pos_emb(where if static else torch.arange(start, start + T, device=idx.device))
+        rope = (self.rope_cos[where], self.rope_sin[where]) if self.cfg.pos == "rope" else None
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i)
-        if cache is not None:
+        if cache is not None and not static:
             cache.length += T
         logits = self.lm_head(self.ln_f(x))
         loss = None
@@ -242,14 +282,21 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
+                 cuda_graph: Optional[bool] = None) -> torch.Tensor:
         """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens). The prompt is read once
-        into a KVCache and each new token is one forward of B tokens, eagerly (premerge applies at that token
-        count; the small-token FFN kernels run in CUDA graphs only). temperature 0 takes the most likely token (greedy);
-        top_k keeps the k most likely before sampling; generator seeds the sampling; vocab_size: new tokens only
-        from ids below it (the tokenizer's size, where the model's vocabulary is padded past it, as train-lm pads
-        to a multiple of 64). Runs in eval mode (the mode is restored after). Prompt plus new tokens must fit the
-        model's seq_len."""
+        into a KVCache and each new token is one forward of B tokens (premerge applies at that token count).
+
+        cuda_graph (default: whether the model is on CUDA): each step after the first replays one CUDA graph
+        (decode.graphed) of a forward over a static KVCache (tensor positions, the whole cache read under a mask),
+        captured once per call; the structured FFNs' small-token kernels run there, and the host launches one graph
+        a token instead of every kernel. On the CPU the same static-cache step runs eagerly. False: eager steps
+        over a cache read up to its length.
+
+        temperature 0 takes the most likely token (greedy); top_k keeps the k most likely before sampling;
+        generator seeds the sampling; vocab_size: new tokens only from ids below it (the tokenizer's size, where
+        the model's vocabulary is padded past it, as train-lm pads to a multiple of 64). Runs in eval mode (the
+        mode is restored after). Prompt plus new tokens must fit the model's seq_len."""
         check_token_ids(self.cfg.vocab_size, idx, "generate: the prompt's token ids")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
             raise SlimkitError(f"generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -270,15 +317,34 @@ class GPT(nn.Module):
         if generator is not None and generator.device.type != device.type:
             raise SlimkitError(f"generate: the generator is on {generator.device}, the model on {device}: make it with "
                                f"torch.Generator(device={str(device)!r})")
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda"
+        elif not isinstance(cuda_graph, bool):
+            raise SlimkitError(f"generate: cuda_graph must be True, False or None, got {cuda_graph!r}")
         was_training = self.training
         self.eval()
         try:
             idx = idx.to(device=device, dtype=torch.long)      # ids on the model's device, wherever given
-            cache, out, step = KVCache(self.cfg.n_layer, total), [idx], idx
-            for _ in range(max_new_tokens):
-                logits = self(step, cache=cache)[0][:, -1, :vocab_size].float()
-                step = _pick(logits, temperature, top_k, generator)
+            out = [idx]
+            if not max_new_tokens:
+                return idx
+            if cuda_graph:
+                cache = KVCache(self.cfg.n_layer, total, static=True)
+                cache.pos = pos = torch.zeros(1, dtype=torch.long, device=device)
+                step_fn = _graphed_step(self, cache)
+            else:
+                cache = KVCache(self.cfg.n_layer, total)
+            logits = self(idx, cache=cache)[0][:, -1]            # the prompt, eagerly
+            for i in range(max_new_tokens):
+                step = _pick(logits[:, :vocab_size].float(), temperature, top_k, generator)
                 out.append(step)
+                if i + 1 == max_new_tokens:
+                    break
+                if cuda_graph:
+                    pos.fill_(idx.shape[1] + i)     # the new token's position (no host sync); graphed copies it in
+                    logits = step_fn(step, pos)
+                else:
+                    logits = self(step, cache=cache)[0][:, -1]
             return torch.cat(out, dim=1)
         finally:
             self.train(was_training)
@@ -316,6 +382,26 @@ class GPT(nn.Module):
         guide is active; the trainer uses that sum, which also counts active guides.
         """
         return 6 * self.matmul_params() + self.attention_flops_per_token(seq_len)
+
+
+class _DecodeStep(nn.Module):
+    """One decoding step of `gpt` over a static KVCache as a function of tensors only, what decode.graphed
+    captures: (tokens (B, 1), their position (1,)) -> last-position logits (B, V)."""
+
+    def __init__(self, gpt: GPT, cache: KVCache):
+        super().__init__()
+        self.gpt, self.cache = gpt, cache
+
+    def forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.cache.pos = pos        # graphed's static copy of pos: the captured graph reads it at every replay
+        return self.gpt(tok, cache=self.cache)[0][:, -1]
+
+
+def _graphed_step(gpt: GPT, cache: KVCache):
+    """generate's decoding step, replayed as one CUDA graph (eagerly on the CPU). Its warm-up and capture run the
+    step at one position with the same tokens, so their cache writes are the ones the first replay makes."""
+    from .decode import graphed
+    return graphed(_DecodeStep(gpt, cache).eval(), max_shapes=1, clone_output=False)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int],
