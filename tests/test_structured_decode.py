@@ -323,7 +323,7 @@ def test_generate_graphed_steps_equal_eager_steps_on_gpu(ffn):
     through the small-token kernels, run in the capture) gives the eager cache's logits at every position, to
     bf16 rounding; one graph serves every step; and generate, graphed by default there, samples reproducibly."""
     from slimkit.structured import kernels, replace_ffn
-    from slimkit.structured.gpt import GPT, GPTConfig, KVCache, _graphed_step
+    from slimkit.structured.gpt import GPT, GPTConfig, KVCache, _DecodeStep
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=4, d_model=128, seq_len=48))
     if ffn:
@@ -338,7 +338,7 @@ def test_generate_graphed_steps_equal_eager_steps_on_gpu(ffn):
         cache = KVCache(2, 40, static=True)
         cache.pos = pos = torch.zeros(1, dtype=torch.long, device="cuda")
         got = [model(idx[:, :8], cache=cache)[0][:, -1]]
-        step = _graphed_step(model, cache)
+        step = graphed(_DecodeStep(model, cache).eval(), max_shapes=1, clone_output=False)
         for t in range(8, 39):
             pos.fill_(t)
             got.append(step(idx[:, t:t + 1], pos).clone())

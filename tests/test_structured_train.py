@@ -735,6 +735,46 @@ def test_static_kv_cache_and_graph_decoding_equal_the_eager_cache(pos, act, ffn)
                        model.generate(idx[:, :6], 1, temperature=0, cuda_graph=False))
 
 
+def test_generate_keeps_its_decode_step_for_the_next_call():
+    """generate(cuda_graph=True) keeps its step and static cache for the next call of the same batch and rounded
+    length (a shorter prompt then reads past the last call's keys, masked: the same tokens as the eager cache);
+    in-place weight updates keep it, a replaced parameter or another batch captures anew, release_decode_graph
+    and the model's deletion free it."""
+    import gc
+
+    from torch import nn
+
+    from slimkit.structured import gpt as G
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, seq_len=32)).eval()
+    idx = torch.randint(0, 40, (2, 9))
+    model.generate(idx, 12, temperature=0, cuda_graph=True)
+    kept = G._DECODE_GRAPHS[model]
+    assert kept[2].max_len == 32           # 21 tokens rounded up to GRAPH_LEN_STEP, at most seq_len
+    for prompt, new in ((3, 6), (9, 2)):
+        got = model.generate(idx[:, :prompt], new, temperature=0, cuda_graph=True)
+        assert torch.equal(got, model.generate(idx[:, :prompt], new, temperature=0, cuda_graph=False))
+        assert G._DECODE_GRAPHS[model] is kept
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight.mul_(2)
+    model.generate(idx, 3, cuda_graph=True)
+    assert G._DECODE_GRAPHS[model] is kept
+    model.blocks[0].attn.proj.weight = nn.Parameter(model.blocks[0].attn.proj.weight.detach().clone())
+    got = model.generate(idx, 3, temperature=0, cuda_graph=True)
+    assert G._DECODE_GRAPHS[model] is not kept
+    assert torch.equal(got, model.generate(idx, 3, temperature=0, cuda_graph=False))
+    kept = G._DECODE_GRAPHS[model]
+    model.generate(idx[:1], 3, cuda_graph=True)
+    assert G._DECODE_GRAPHS[model] is not kept and len(G._DECODE_GRAPHS) >= 1
+    model.release_decode_graph()
+    assert model not in G._DECODE_GRAPHS
+    model.generate(idx, 2, cuda_graph=True)
+    n = len(G._DECODE_GRAPHS)
+    del model
+    gc.collect()
+    assert len(G._DECODE_GRAPHS) == n - 1
+
+
 def test_static_kv_cache_errors():
     from slimkit.structured.gpt import KVCache
     model = GPT(GPTConfig(vocab_size=20, n_layer=1, n_head=2, d_model=16, seq_len=8)).eval()

@@ -5,8 +5,10 @@ Written to be read in one sitting (nanoGPT's shape). The feed-forward linears ar
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -288,10 +290,13 @@ class GPT(nn.Module):
         into a KVCache and each new token is one forward of B tokens (premerge applies at that token count).
 
         cuda_graph (default: whether the model is on CUDA): each step after the first replays one CUDA graph
-        (decode.graphed) of a forward over a static KVCache (tensor positions, the whole cache read under a mask),
-        captured once per call; the structured FFNs' small-token kernels run there, and the host launches one graph
-        a token instead of every kernel. On the CPU the same static-cache step runs eagerly. False: eager steps
-        over a cache read up to its length.
+        (decode.graphed) of a forward over a static KVCache (tensor positions, the whole cache read under a mask);
+        the structured FFNs' small-token kernels run there, and the host launches one graph a token instead of
+        every kernel. The capture is kept for later calls of the same batch size and cache length (prompt plus new
+        tokens rounded up to a multiple of GRAPH_LEN_STEP) while the model's modules and parameter storage stay
+        the same (in-place weight updates are seen); another shape, or a module or parameter replaced (premerge,
+        .to()), captures anew and frees the old one, as does release_decode_graph(). On the CPU the same
+        static-cache step runs eagerly. False: eager steps over a cache read up to its length.
 
         temperature 0 takes the most likely token (greedy); top_k keeps the k most likely before sampling;
         generator seeds the sampling; vocab_size: new tokens only from ids below it (the tokenizer's size, where
@@ -329,9 +334,8 @@ class GPT(nn.Module):
             if not max_new_tokens:
                 return idx
             if cuda_graph:
-                cache = KVCache(self.cfg.n_layer, total, static=True)
+                step_fn, cache = _decode_graph(self, idx.shape[0], total, device)
                 cache.pos = pos = torch.zeros(1, dtype=torch.long, device=device)
-                step_fn = _graphed_step(self, cache)
             else:
                 cache = KVCache(self.cfg.n_layer, total)
             logits = self(idx, cache=cache)[0][:, -1]            # the prompt, eagerly
@@ -348,6 +352,10 @@ class GPT(nn.Module):
             return torch.cat(out, dim=1)
         finally:
             self.train(was_training)
+
+    def release_decode_graph(self) -> None:
+        """Free the CUDA graph and static KV cache that generate keeps for its next call."""
+        _DECODE_GRAPHS.pop(self, None)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Distinct parameters (a tied embedding counted once). non_embedding: leave out the input embeddings
@@ -385,23 +393,48 @@ class GPT(nn.Module):
 
 
 class _DecodeStep(nn.Module):
-    """One decoding step of `gpt` over a static KVCache as a function of tensors only, what decode.graphed
-    captures: (tokens (B, 1), their position (1,)) -> last-position logits (B, V)."""
+    """One decoding step of a GPT over a static KVCache as a function of tensors only, what decode.graphed
+    captures: (tokens (B, 1), their position (1,)) -> last-position logits (B, V). It holds the GPT weakly (not
+    as a submodule), so that a kept capture does not keep its model alive."""
 
     def __init__(self, gpt: GPT, cache: KVCache):
         super().__init__()
-        self.gpt, self.cache = gpt, cache
+        self.gpt, self.cache = weakref.ref(gpt), cache
 
     def forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.cache.pos = pos        # graphed's static copy of pos: the captured graph reads it at every replay
-        return self.gpt(tok, cache=self.cache)[0][:, -1]
+        return self.gpt()(tok, cache=self.cache)[0][:, -1]
 
 
-def _graphed_step(gpt: GPT, cache: KVCache):
-    """generate's decoding step, replayed as one CUDA graph (eagerly on the CPU). Its warm-up and capture run the
-    step at one position with the same tokens, so their cache writes are the ones the first replay makes."""
+GRAPH_LEN_STEP = 256     # generate's static KV cache length: prompt + new tokens rounded up to a multiple of this
+_DECODE_GRAPHS: "weakref.WeakKeyDictionary[GPT, tuple]" = weakref.WeakKeyDictionary()   # model -> its last capture
+
+
+def _graph_key(gpt: GPT, batch: int, max_len: int, device: torch.device) -> tuple:
+    """What a kept capture depends on: the shapes, the autocast dtype, and which modules (and their kernel
+    settings) and which parameter and buffer storage the graph read when it was captured."""
+    amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    modules = list(gpt.modules())
+    return (batch, max_len, device, amp, tuple(map(id, modules)), tuple(getattr(m, "kernel", None) for m in modules),
+            tuple(t.data_ptr() for t in itertools.chain(gpt.parameters(), gpt.buffers())))
+
+
+def _decode_graph(gpt: GPT, batch: int, total: int, device: torch.device):
+    """(step, static KVCache) for generate: the step replays one CUDA graph (eagerly on the CPU), kept for the next
+    call with the same key (_graph_key). Its warm-up and capture run the step at one position with the same
+    tokens, so their cache writes are the ones the first replay makes; an earlier call's keys and values left
+    in the cache sit past each query's position, masked."""
     from .decode import graphed
-    return graphed(_DecodeStep(gpt, cache).eval(), max_shapes=1, clone_output=False)
+    max_len = min(gpt.cfg.seq_len, -(-total // GRAPH_LEN_STEP) * GRAPH_LEN_STEP)
+    key = _graph_key(gpt, batch, max_len, device)
+    kept = _DECODE_GRAPHS.get(gpt)
+    if kept is not None and kept[0] == key:
+        return kept[1:]
+    _DECODE_GRAPHS.pop(gpt, None)           # the old graph and cache freed before new ones are made
+    cache = KVCache(gpt.cfg.n_layer, max_len, static=True)
+    step = graphed(_DecodeStep(gpt, cache).eval(), warmup=1, max_shapes=1, clone_output=False)
+    _DECODE_GRAPHS[gpt] = (key, step, cache)
+    return step, cache
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int],
