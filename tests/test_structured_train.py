@@ -750,15 +750,19 @@ def test_generate_keeps_its_decode_step_for_the_next_call():
     idx = torch.randint(0, 40, (2, 9))
     model.generate(idx, 12, temperature=0, cuda_graph=True)
     kept = G._DECODE_GRAPHS[model]
-    assert kept[2].max_len == 32           # 21 tokens rounded up to GRAPH_LEN_STEP, at most seq_len
+    assert kept[1].cache.max_len == 32     # 21 tokens rounded up to GRAPH_LEN_STEP, at most seq_len
     for prompt, new in ((3, 6), (9, 2)):
         got = model.generate(idx[:, :prompt], new, temperature=0, cuda_graph=True)
         assert torch.equal(got, model.generate(idx[:, :prompt], new, temperature=0, cuda_graph=False))
         assert G._DECODE_GRAPHS[model] is kept
     with torch.no_grad():
         model.blocks[0].attn.proj.weight.mul_(2)
-    model.generate(idx, 3, cuda_graph=True)
+    model.generate(idx, 3, temperature=0, cuda_graph=True)
     assert G._DECODE_GRAPHS[model] is kept
+    model.generate(idx, 3, temperature=0.5, cuda_graph=True)      # sampling settings are part of the graph
+    assert G._DECODE_GRAPHS[model] is not kept
+    model.generate(idx, 3, temperature=0, cuda_graph=True)
+    kept = G._DECODE_GRAPHS[model]
     model.blocks[0].attn.proj.weight = nn.Parameter(model.blocks[0].attn.proj.weight.detach().clone())
     got = model.generate(idx, 3, temperature=0, cuda_graph=True)
     assert G._DECODE_GRAPHS[model] is not kept
@@ -768,7 +772,10 @@ def test_generate_keeps_its_decode_step_for_the_next_call():
     assert G._DECODE_GRAPHS[model] is not kept and len(G._DECODE_GRAPHS) >= 1
     model.release_decode_graph()
     assert model not in G._DECODE_GRAPHS
-    model.generate(idx, 2, cuda_graph=True)
+    with torch.inference_mode():             # its tensors are made outside inference mode: reusable after it
+        a = model.generate(idx, 4, temperature=1.0, generator=torch.Generator().manual_seed(1), cuda_graph=True)
+    b = model.generate(idx, 4, temperature=1.0, generator=torch.Generator().manual_seed(1), cuda_graph=True)
+    assert torch.equal(a, b)
     n = len(G._DECODE_GRAPHS)
     del model
     gc.collect()

@@ -90,30 +90,41 @@ class GraphedModule(nn.Module):
             return type(out)(None if o is None else o.clone() for o in out)
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> _Capture:
-        """Warm up on a side stream (lazy init, cuBLAS workspaces, kernel choice), then capture. Outside inference
-        mode, so the static buffers are ordinary tensors that later calls outside it may copy into, and under
-        no_grad (leaving inference mode turns gradient recording back on: without it the captured forward recorded
-        autograd graphs, kept their saved activations and took the layers' training paths); with autocast's
-        weight-cast cache off, so the casts are captured too (a cached cast lives outside the graph and is freed
-        when the caller's autocast region ends; captured, it also follows in-place weight updates)."""
-        amp = {"dtype": torch.get_autocast_dtype("cuda"), "enabled": torch.is_autocast_enabled("cuda")}
-        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cuda", **amp, cache_enabled=False), \
-                graph_warmup():
+        with torch.inference_mode(False):     # ordinary tensors, which later calls may copy into (see capture)
             static = tuple(t.clone(memory_format=torch.contiguous_format) for t in inputs)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.module(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.module(*static)
+        graph, out = capture(lambda: self.module(*static), self.warmup)
         if not (isinstance(out, torch.Tensor)
                 or type(out) in (tuple, list) and all(o is None or isinstance(o, torch.Tensor) for o in out)):
             raise SlimkitError(f"graphed: {type(self.module).__name__} returned {type(out).__name__}; a graphed "
                                "forward must return a tensor or a tuple/list of tensors (or None, e.g. no loss)")
         return _Capture(graph, static, out)
+
+
+def capture(fn, warmup: int = 3, after_warmup=None):
+    """(graph, fn's output) for fn() (a function of static tensors it closes over) captured on the current CUDA
+    device, as the PyTorch CUDA-graph docs prescribe: `warmup` runs on a side stream (lazy init, cuBLAS workspaces,
+    kernel choice), then the capture; `after_warmup()`, if given, runs between them (e.g. to undo the warm-up's
+    writes to state that fn updates in place). Outside inference mode, so the static buffers are ordinary tensors
+    that later calls outside it may copy into, and under no_grad (leaving inference mode turns gradient recording
+    back on: without it the captured forward recorded autograd graphs, kept their saved activations and took the
+    layers' training paths); with autocast's weight-cast cache off, so the casts are captured too (a cached cast
+    lives outside the graph and is freed when the caller's autocast region ends; captured, it also follows
+    in-place weight updates); in kernels.graph_warmup, where the small-token FFN kernels run."""
+    amp = {"dtype": torch.get_autocast_dtype("cuda"), "enabled": torch.is_autocast_enabled("cuda")}
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast("cuda", **amp, cache_enabled=False), \
+            graph_warmup():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        if after_warmup is not None:
+            after_warmup()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+    return graph, out
 
 
 def graphed(module: nn.Module, *example_inputs: torch.Tensor, warmup: int = 3, max_shapes: int = 8,

@@ -289,14 +289,16 @@ class GPT(nn.Module):
         """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens). The prompt is read once
         into a KVCache and each new token is one forward of B tokens (premerge applies at that token count).
 
-        cuda_graph (default: whether the model is on CUDA): each step after the first replays one CUDA graph
-        (decode.graphed) of a forward over a static KVCache (tensor positions, the whole cache read under a mask);
-        the structured FFNs' small-token kernels run there, and the host launches one graph a token instead of
-        every kernel. The capture is kept for later calls of the same batch size and cache length (prompt plus new
-        tokens rounded up to a multiple of GRAPH_LEN_STEP) while the model's modules and parameter storage stay
-        the same (in-place weight updates are seen); another shape, or a module or parameter replaced (premerge,
-        .to()), captures anew and frees the old one, as does release_decode_graph(). On the CPU the same
-        static-cache step runs eagerly. False: eager steps over a cache read up to its length.
+        cuda_graph (default: whether the model is on CUDA): each step after the first replays one CUDA graph of a
+        forward over a static KVCache (tensor positions, the whole cache read under a mask) that also samples the
+        next token and advances the position (_GraphDecoder): the host launches one graph a token (and draws the
+        step's noise when sampling) instead of every kernel, and the structured FFNs' small-token kernels run
+        there. The graph is kept for later calls of the same batch size, cache length (prompt plus new tokens
+        rounded up to a multiple of GRAPH_LEN_STEP) and sampling settings while the model's modules and parameter
+        storage stay the same (in-place weight updates are seen); another shape or setting, or a module or
+        parameter replaced (premerge, .to()), captures anew and frees the old one, as does release_decode_graph().
+        On the CPU the same static-cache step runs eagerly. False: eager steps over a cache read up to its length.
+        Both sample alike: the Gumbel-max trick with uniform noise drawn from `generator` a step (see _pick).
 
         temperature 0 takes the most likely token (greedy); top_k keeps the k most likely before sampling;
         generator seeds the sampling; vocab_size: new tokens only from ids below it (the tokenizer's size, where
@@ -330,31 +332,35 @@ class GPT(nn.Module):
         self.eval()
         try:
             idx = idx.to(device=device, dtype=torch.long)      # ids on the model's device, wherever given
-            out = [idx]
             if not max_new_tokens:
                 return idx
-            if cuda_graph:
-                step_fn, cache = _decode_graph(self, idx.shape[0], total, device)
-                cache.pos = pos = torch.zeros(1, dtype=torch.long, device=device)
-            else:
+            batch, vocab = idx.shape[0], vocab_size or self.cfg.vocab_size
+            if not cuda_graph:
                 cache = KVCache(self.cfg.n_layer, total)
-            logits = self(idx, cache=cache)[0][:, -1]            # the prompt, eagerly
-            for i in range(max_new_tokens):
-                step = _pick(logits[:, :vocab_size].float(), temperature, top_k, generator)
-                out.append(step)
-                if i + 1 == max_new_tokens:
-                    break
-                if cuda_graph:
-                    pos.fill_(idx.shape[1] + i)     # the new token's position (no host sync); graphed copies it in
-                    logits = step_fn(step, pos)
-                else:
-                    logits = self(step, cache=cache)[0][:, -1]
-            return torch.cat(out, dim=1)
+                logits = self(idx, cache=cache)[0][:, -1]
+                out = [idx]
+                for i in range(max_new_tokens):
+                    out.append(_pick(logits[:, :vocab].float(), temperature, top_k,
+                                     _noise(temperature, (batch, vocab), device, generator)))
+                    if i + 1 < max_new_tokens:
+                        logits = self(out[-1], cache=cache)[0][:, -1]
+                return torch.cat(out, dim=1)
+            with torch.inference_mode(False), torch.no_grad():   # the kept graph's tensors: ordinary ones
+                dec = _decoder(self, batch, total, device, temperature, top_k, vocab)
+                dec.pos.zero_()
+                dec.cache.pos = dec.pos
+                logits = self(idx, cache=dec.cache)[0][:, -1]            # the prompt, eagerly
+                out = [idx, _pick(logits[:, :vocab].float(), temperature, top_k,
+                                  _noise(temperature, (batch, vocab), device, generator))]
+                dec.tok.copy_(out[-1])
+                dec.pos.fill_(idx.shape[1])
+                out += [dec.step(generator) for _ in range(max_new_tokens - 1)]
+                return torch.cat(out, dim=1)
         finally:
             self.train(was_training)
 
     def release_decode_graph(self) -> None:
-        """Free the CUDA graph and static KV cache that generate keeps for its next call."""
+        """Free the CUDA graph and static KV cache that generate(cuda_graph=True) keeps for its next call."""
         _DECODE_GRAPHS.pop(self, None)
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -392,62 +398,95 @@ class GPT(nn.Module):
         return 6 * self.matmul_params() + self.attention_flops_per_token(seq_len)
 
 
-class _DecodeStep(nn.Module):
-    """One decoding step of a GPT over a static KVCache as a function of tensors only, what decode.graphed
-    captures: (tokens (B, 1), their position (1,)) -> last-position logits (B, V). It holds the GPT weakly (not
-    as a submodule), so that a kept capture does not keep its model alive."""
-
-    def __init__(self, gpt: GPT, cache: KVCache):
-        super().__init__()
-        self.gpt, self.cache = weakref.ref(gpt), cache
-
-    def forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        self.cache.pos = pos        # graphed's static copy of pos: the captured graph reads it at every replay
-        return self.gpt()(tok, cache=self.cache)[0][:, -1]
-
-
 GRAPH_LEN_STEP = 256     # generate's static KV cache length: prompt + new tokens rounded up to a multiple of this
-_DECODE_GRAPHS: "weakref.WeakKeyDictionary[GPT, tuple]" = weakref.WeakKeyDictionary()   # model -> its last capture
+_DECODE_GRAPHS: "weakref.WeakKeyDictionary[GPT, tuple]" = weakref.WeakKeyDictionary()   # model -> its decoder
 
 
-def _graph_key(gpt: GPT, batch: int, max_len: int, device: torch.device) -> tuple:
-    """What a kept capture depends on: the shapes, the autocast dtype, and which modules (and their kernel
-    settings) and which parameter and buffer storage the graph read when it was captured."""
+class _GraphDecoder:
+    """generate's steps after the prompt over a static KVCache, one CUDA graph a step: the graph reads the
+    current token and position from static tensors (tok, pos), samples the next token from the logits with the
+    step's noise (drawn before each replay with the caller's generator, outside the graph) and writes it to tok,
+    and advances pos; so a step costs the host one replay (and one noise draw when sampling). On the CPU the same
+    step runs eagerly. It holds the GPT weakly, so that a kept decoder does not keep its model alive."""
+
+    def __init__(self, gpt: GPT, batch: int, max_len: int, device: torch.device, temperature: float,
+                 top_k: Optional[int], vocab: int):
+        self.gpt = weakref.ref(gpt)
+        self.cache = KVCache(gpt.cfg.n_layer, max_len, static=True)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.noise = None if temperature == 0 else torch.zeros(batch, vocab, device=device)
+        self.temperature, self.top_k, self.vocab = temperature, top_k, vocab
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+    def _step(self) -> None:
+        self.cache.pos = self.pos
+        logits = self.gpt()(self.tok, cache=self.cache)[0][:, -1, :self.vocab].float()
+        self.tok.copy_(_pick(logits, self.temperature, self.top_k, self.noise))
+        self.pos.add_(1)
+
+    def step(self, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """The next tokens (B, 1), from tok at position pos."""
+        if self.noise is not None:
+            self.noise.uniform_(generator=generator)
+        if self.tok.device.type != "cuda":
+            self._step()
+        else:
+            if self.graph is None:      # the warm-up's step is undone (its cache writes are the replay's own)
+                from .decode import capture
+                saved = self.tok.clone(), self.pos.clone()
+                with torch.cuda.device(self.tok.device):
+                    self.graph, _ = capture(self._step, warmup=1, after_warmup=lambda: (
+                        self.tok.copy_(saved[0]), self.pos.copy_(saved[1])))
+            self.graph.replay()
+        return self.tok.clone()
+
+
+def _graph_key(gpt: GPT, batch: int, max_len: int, device: torch.device, *sampling) -> tuple:
+    """What a kept decoder depends on: the shapes, the sampling settings, the autocast dtype, and which modules
+    (and their kernel settings) and which parameter and buffer storage its graph read when it was captured."""
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     modules = list(gpt.modules())
-    return (batch, max_len, device, amp, tuple(map(id, modules)), tuple(getattr(m, "kernel", None) for m in modules),
+    return (batch, max_len, device, amp, *sampling, tuple(map(id, modules)),
+            tuple(getattr(m, "kernel", None) for m in modules),
             tuple(t.data_ptr() for t in itertools.chain(gpt.parameters(), gpt.buffers())))
 
 
-def _decode_graph(gpt: GPT, batch: int, total: int, device: torch.device):
-    """(step, static KVCache) for generate: the step replays one CUDA graph (eagerly on the CPU), kept for the next
-    call with the same key (_graph_key). Its warm-up and capture run the step at one position with the same
-    tokens, so their cache writes are the ones the first replay makes; an earlier call's keys and values left
-    in the cache sit past each query's position, masked."""
-    from .decode import graphed
+def _decoder(gpt: GPT, batch: int, total: int, device: torch.device, temperature: float, top_k: Optional[int],
+             vocab: int) -> _GraphDecoder:
+    """generate's _GraphDecoder, kept for the next call with the same key (_graph_key). An earlier call's keys
+    and values left in its cache sit past each query's position, masked."""
     max_len = min(gpt.cfg.seq_len, -(-total // GRAPH_LEN_STEP) * GRAPH_LEN_STEP)
-    key = _graph_key(gpt, batch, max_len, device)
+    key = _graph_key(gpt, batch, max_len, device, temperature, top_k, vocab)
     kept = _DECODE_GRAPHS.get(gpt)
     if kept is not None and kept[0] == key:
-        return kept[1:]
+        return kept[1]
     _DECODE_GRAPHS.pop(gpt, None)           # the old graph and cache freed before new ones are made
-    cache = KVCache(gpt.cfg.n_layer, max_len, static=True)
-    step = graphed(_DecodeStep(gpt, cache).eval(), warmup=1, max_shapes=1, clone_output=False)
-    _DECODE_GRAPHS[gpt] = (key, step, cache)
-    return step, cache
+    dec = _GraphDecoder(gpt, batch, max_len, device, temperature, top_k, vocab)
+    _DECODE_GRAPHS[gpt] = (key, dec)
+    return dec
+
+
+def _noise(temperature: float, shape: tuple, device: torch.device,
+           generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+    """A sampling step's uniform noise (None for greedy), drawn as _GraphDecoder.step draws it."""
+    return None if temperature == 0 else torch.zeros(shape, device=device).uniform_(generator=generator)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int],
-          generator: Optional[torch.Generator]) -> torch.Tensor:
+          noise: Optional[torch.Tensor]) -> torch.Tensor:
     """Next tokens (B, 1) from last-position logits (B, V): the most likely at temperature 0, else sampled from
-    softmax(logits / temperature) over the top_k most likely (all if None)."""
+    softmax(logits / temperature) over the top_k most likely (all if None), by the Gumbel-max trick with noise,
+    uniform in [0, 1) (B, V): argmax(logits / t - log(-log u)) is distributed as that softmax, and takes no
+    host synchronisation, so it runs inside a CUDA graph (multinomial's sampling does not capture with a
+    caller's generator). Shifted by the max first: at a tiny t the largest logit stays finite and wins."""
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)  # no overflow at tiny t
-    return torch.multinomial(probs, 1, generator=generator)
+    gumbel = -torch.log(-torch.log(noise))
+    return ((logits - logits.amax(dim=-1, keepdim=True)) / temperature + gumbel).argmax(dim=-1, keepdim=True)
 
 
 def set_ffn_kernel(model: nn.Module, kernel: str) -> nn.Module:
