@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--modes", default=None, help="eager,graph (default on a GPU; the CPU runs eager only)")
+    ap.add_argument("--append", action="store_true", help="keep the results file's other rows (a run in parts)")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -119,7 +120,7 @@ def main() -> None:
                      "value": round(batch * args.new_tokens / ms * 1e3, 1), "seconds": 0.0})
 
     def save():
-        write_results(name, args.device, rows, notes=NOTES,
+        write_results(name, args.device, rows, notes=NOTES, append=args.append,
                       columns=("model", "method", "setting", "metric", "value", "ms_per_step", "dense_ms", "first_ms",
                                "seconds"))
 
