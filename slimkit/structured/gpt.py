@@ -105,13 +105,15 @@ class Attention(nn.Module):
                 cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
         """x (B, T, C); rope: the (cos, sin) rows of x's positions, (T, head_dim) each, or None."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if rope is not None:        # q and k rotated together: one set of elementwise kernels for both
+            (q, k), v = apply_rope(qkv[:2], *rope), qkv[2]
+        else:
+            q, k, v = qkv
         mask, causal = None, True
         if cache is not None and cache.static:     # the whole buffer, its unwritten and later positions masked
             k, v = cache.append(layer, k, v)
-            mask, causal = cache.mask(T), False
+            mask, causal = cache.mask, False
         elif cache is not None:
             start = cache.length                   # the position of x's first token
             k, v = cache.append(layer, k, v)
@@ -182,21 +184,20 @@ class KVCache:
     def __init__(self, n_layer: int, max_len: int, static: bool = False):
         self.max_len, self.length, self.static = max_len, 0, static
         self.pos: Optional[torch.Tensor] = None
+        self.where: Optional[torch.Tensor] = None     # static: this forward's positions and mask (start)
+        self.mask: Optional[torch.Tensor] = None
         self.k: list[Optional[torch.Tensor]] = [None] * n_layer
         self.v: list[Optional[torch.Tensor]] = [None] * n_layer
 
-    def positions(self, t: int, device: torch.device) -> torch.Tensor:
-        """The positions of t new tokens, (t,) long."""
-        if not self.static:
-            return torch.arange(self.length, self.length + t, device=device)
+    def start(self, t: int) -> torch.Tensor:
+        """static, at the start of a forward of t new tokens: their positions, (t,) long, and `mask`, which cached
+        positions each of them sees ((t, max_len) bool: itself and those before), made once for every layer."""
         if self.pos is None:
             raise SlimkitError("a static KVCache reads the new tokens' position from cache.pos: set it to a (1,) "
                                "long tensor on the model's device before the forward")
-        return self.pos + torch.arange(t, device=self.pos.device)
-
-    def mask(self, t: int) -> torch.Tensor:
-        """static: which cached positions each of t new queries sees, (t, max_len) bool (itself and those before)."""
-        return torch.arange(self.max_len, device=self.pos.device) <= self.positions(t, self.pos.device)[:, None]
+        self.where = self.pos + torch.arange(t, device=self.pos.device)
+        self.mask = torch.arange(self.max_len, device=self.pos.device) <= self.where[:, None]
+        return self.where
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store layer's keys and values (B, H, T, D) of the new tokens at their positions and return all of them
@@ -205,10 +206,9 @@ class KVCache:
             shape = (*k.shape[:2], self.max_len, k.shape[3])
             new = k.new_zeros if self.static else k.new_empty     # static: read whole, so no NaN in unwritten rows
             self.k[layer], self.v[layer] = new(shape), new(shape, dtype=v.dtype)
-        if self.static:
-            where = self.positions(k.shape[2], k.device)
-            self.k[layer].index_copy_(2, where, k)
-            self.v[layer].index_copy_(2, where, v)
+        if self.static:                  # at the positions of this forward's start()
+            self.k[layer].index_copy_(2, self.where, k)
+            self.v[layer].index_copy_(2, self.where, v)
             return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
@@ -254,7 +254,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         static = cache is not None and cache.static
         if static:          # positions from a tensor: no host-side check (that would synchronise); see KVCache
-            where = cache.positions(T, idx.device)
+            where = cache.start(T)
             if cache.max_len > self.cfg.seq_len:
                 raise SlimkitError(f"a static KV cache of {cache.max_len} tokens is longer than the model's seq_len "
                                    f"{self.cfg.seq_len}: make it at most that long")
