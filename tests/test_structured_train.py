@@ -846,6 +846,10 @@ def test_cli_generate_lm(corpus, tmp_path):
     assert r1.output.startswith("The kernel") and r1.output == r2.output
     r = CliRunner().invoke(app, gen[:2] + ["--num-samples", "2", "--max-new-tokens", "3", "--device", "cpu"])
     assert r.exit_code == 0 and r.output.count("--- sample") == 2
+    sampled = gen[:2] + ["--num-samples", "3", "--max-new-tokens", "8", "--temperature", "0.9", "--seed", "4",
+                         "--device", "cpu"]
+    r1, r2 = (CliRunner().invoke(app, sampled + [flag]) for flag in ("--cuda-graph", "--no-cuda-graph"))
+    assert r1.exit_code == 0 and r1.output == r2.output      # the static-cache step samples what the eager one does
     r = CliRunner().invoke(app, gen[:2] + ["--prompt", "the kernel " * 20, "--device", "cpu"])
     assert isinstance(r.exception, SlimkitError) and "seq_len" not in str(r.exception) and "positions" in str(r.exception)
     r = CliRunner().invoke(app, gen[:2] + ["--data-dir", str(tmp_path / "nowhere"), "--device", "cpu"])
