@@ -343,3 +343,16 @@ def test_generate_graphed_equals_eager_on_gpu(ffn):
     model = model.to(torch.bfloat16)
     a, b = (model.generate(idx, 24, 0.9, 20, gen()) for _ in range(2))
     assert torch.equal(a, b) and a.shape == (4, 32) and torch.equal(a[:, :8], idx)
+
+
+def test_graphed_static_inputs_do_not_record_autograd(monkeypatch):
+    """The static input buffers are cloned under no_grad: an input that requires grad leaves them no autograd
+    graph (which would keep the first call's graph, and its saved activations, alive as long as the capture)."""
+    import importlib
+    dec = importlib.import_module("slimkit.structured.decode")
+    monkeypatch.setattr(dec, "capture", lambda fn, warmup=3, after_warmup=None: (None, fn()))   # no GPU needed
+    layer = _layers()["lowrank"]
+    x = torch.randn(4, 32, requires_grad=True) * 2
+    with torch.no_grad():                   # as GraphedModule.forward calls _capture
+        cap = GraphedModule(layer)._capture((x,))
+    assert not cap.inputs[0].requires_grad and cap.inputs[0].grad_fn is None

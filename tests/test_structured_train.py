@@ -782,6 +782,38 @@ def test_generate_keeps_its_decode_step_for_the_next_call():
     assert len(G._DECODE_GRAPHS) == n - 1
 
 
+def test_generate_kept_step_follows_module_settings_and_forgets_non_finite_keys():
+    """The kept step is captured anew when what a capture bakes in changes without touching modules or storage:
+    a self-guided layer's share (set_progress, in place during training) or a forward hook; and a kept cache
+    that an overflowed call filled with inf/NaN keys does not poison later calls (masked is not ignored)."""
+    from slimkit.structured import gpt as G
+    from slimkit.structured import replace_ffn
+    from slimkit.structured.self_guided import set_progress
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, seq_len=32)).eval()
+    replace_ffn(model, "lowrank", 0.5, self_guided=True)
+    idx = torch.randint(0, 40, (2, 9))
+    model.generate(idx, 4, temperature=0, cuda_graph=True)
+    kept = G._DECODE_GRAPHS[model]
+    set_progress(model, 3, 10)
+    model.generate(idx, 4, temperature=0, cuda_graph=True)
+    assert G._DECODE_GRAPHS[model] is not kept
+    kept = G._DECODE_GRAPHS[model]
+    handle = model.blocks[0].mlp.register_forward_hook(lambda m, a, y: y * 0)
+    model.generate(idx, 4, temperature=0, cuda_graph=True)
+    assert G._DECODE_GRAPHS[model] is not kept
+    handle.remove()
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight.fill_(float("inf"))
+    model.generate(idx, 20, temperature=0, cuda_graph=True)        # keys and values past 9 tokens: NaN
+    kept = G._DECODE_GRAPHS[model]
+    model.load_state_dict(good)                                     # in place: the same kept step
+    got = model.generate(idx[:, :3], 6, temperature=0, cuda_graph=True)
+    assert G._DECODE_GRAPHS[model] is kept
+    assert torch.equal(got, model.generate(idx[:, :3], 6, temperature=0, cuda_graph=False))
+
+
 def test_static_kv_cache_errors():
     from slimkit.structured.gpt import KVCache
     model = GPT(GPTConfig(vocab_size=20, n_layer=1, n_head=2, d_model=16, seq_len=8)).eval()

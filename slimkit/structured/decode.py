@@ -90,7 +90,9 @@ class GraphedModule(nn.Module):
             return type(out)(None if o is None else o.clone() for o in out)
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> _Capture:
-        with torch.inference_mode(False):     # ordinary tensors, which later calls may copy into (see capture)
+        # ordinary tensors, which later calls may copy into (see capture); under no_grad, which leaving inference
+        # mode turns off: an input that requires grad would tie its autograd graph to the static copy for good
+        with torch.inference_mode(False), torch.no_grad():
             static = tuple(t.clone(memory_format=torch.contiguous_format) for t in inputs)
         graph, out = capture(lambda: self.module(*static), self.warmup)
         if not (isinstance(out, torch.Tensor)

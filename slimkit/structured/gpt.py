@@ -295,8 +295,9 @@ class GPT(nn.Module):
         step's noise when sampling) instead of every kernel, and the structured FFNs' small-token kernels run
         there. The graph is kept for later calls of the same batch size, cache length (prompt plus new tokens
         rounded up to a multiple of GRAPH_LEN_STEP) and sampling settings while the model's modules and parameter
-        storage stay the same (in-place weight updates are seen); another shape or setting, or a module or
-        parameter replaced (premerge, .to()), captures anew and frees the old one, as does release_decode_graph().
+        storage stay the same (in-place weight updates are seen); another shape or setting, a module or
+        parameter replaced (premerge, .to()), or a module's plain attribute (a self-guided share) or forward hook
+        changed, captures anew and frees the old one, as does release_decode_graph().
         On the CPU the same static-cache step runs eagerly. False: eager steps over a cache read up to its length.
         Both sample alike: the Gumbel-max trick with uniform noise drawn from `generator` a step (see _pick).
 
@@ -333,7 +334,7 @@ class GPT(nn.Module):
         try:
             idx = idx.to(device=device, dtype=torch.long)      # ids on the model's device, wherever given
             if not max_new_tokens:
-                return idx
+                return idx.clone()          # a new tensor, as when tokens are added
             batch, vocab = idx.shape[0], vocab_size or self.cfg.vocab_size
             if not cuda_graph:
                 cache = KVCache(self.cfg.n_layer, total)
@@ -442,24 +443,39 @@ class _GraphDecoder:
         return self.tok.clone()
 
 
+def _settings(m: nn.Module) -> tuple:
+    """A module's plain attributes and forward hooks: a capture bakes in the Python numbers a forward reads (a
+    self-guided layer's share, which set_progress changes in place) and the path they and hooks choose (an FFN's
+    kernel; eager_ffn's fused paths only without hooks), so a change to any of them must capture anew."""
+    return (tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))),
+            tuple(map(id, m._forward_pre_hooks.values())), tuple(map(id, m._forward_hooks.values())))
+
+
 def _graph_key(gpt: GPT, batch: int, max_len: int, device: torch.device, *sampling) -> tuple:
     """What a kept decoder depends on: the shapes, the sampling settings, the autocast dtype, and which modules
-    (and their kernel settings) and which parameter and buffer storage its graph read when it was captured."""
+    (and their settings and hooks, global ones too) and which parameter and buffer storage its graph read when
+    it was captured."""
+    from torch.nn.modules import module as M
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     modules = list(gpt.modules())
-    return (batch, max_len, device, amp, *sampling, tuple(map(id, modules)),
-            tuple(getattr(m, "kernel", None) for m in modules),
-            tuple(t.data_ptr() for t in itertools.chain(gpt.parameters(), gpt.buffers())))
+    hooks = tuple(tuple(map(id, getattr(M, name, {}).values()))
+                  for name in ("_global_forward_pre_hooks", "_global_forward_hooks"))
+    return (batch, max_len, device, amp, *sampling, tuple(map(id, modules)), tuple(map(_settings, modules)), hooks,
+            tuple((t.data_ptr(), t.dtype, t.shape) for t in itertools.chain(gpt.parameters(), gpt.buffers())))
 
 
 def _decoder(gpt: GPT, batch: int, total: int, device: torch.device, temperature: float, top_k: Optional[int],
              vocab: int) -> _GraphDecoder:
-    """generate's _GraphDecoder, kept for the next call with the same key (_graph_key). An earlier call's keys
-    and values left in its cache sit past each query's position, masked."""
+    """generate's _GraphDecoder, kept for the next call with the same key (_graph_key). Its cache is zeroed
+    first: an earlier call's keys and values sit past each query's position, masked, but a mask does not stop an
+    inf or NaN among them (one overflowed call's) from turning every later call's attention into NaN."""
     max_len = min(gpt.cfg.seq_len, -(-total // GRAPH_LEN_STEP) * GRAPH_LEN_STEP)
     key = _graph_key(gpt, batch, max_len, device, temperature, top_k, vocab)
     kept = _DECODE_GRAPHS.get(gpt)
     if kept is not None and kept[0] == key:
+        for t in kept[1].cache.k + kept[1].cache.v:
+            if t is not None:
+                t.zero_()
         return kept[1]
     _DECODE_GRAPHS.pop(gpt, None)           # the old graph and cache freed before new ones are made
     dec = _GraphDecoder(gpt, batch, max_len, device, temperature, top_k, vocab)
