@@ -672,20 +672,24 @@ def test_ranks_that_cannot_read_rank_0s_token_folder_are_refused_on_every_rank(c
     assert not (tmp_path / "node1" / "run").exists()
 
 
+def _decoding_model(pos: str, act: str, ffn: str | None) -> tuple[GPT, torch.Tensor]:
+    """A tiny eval-mode GPT (structured FFNs at half the weights where ffn names a kind) and 3 x 14 token ids."""
+    from slimkit.structured import replace_ffn
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=61, n_layer=2, n_head=2, d_model=32, seq_len=24, pos=pos, ffn=act))
+    if ffn:
+        replace_ffn(model, ffn, 0.5)
+    return model.eval(), torch.randint(0, 61, (3, 14))
+
+
 @pytest.mark.parametrize("pos,act,ffn", [("rope", "gelu", None), ("learned", "swiglu", None), ("rope", "gelu", "lowrank"),
                                          ("learned", "gelu_tanh", "blockshuffle")])
 def test_kv_cache_decoding_equals_the_full_forward(pos, act, ffn):
     """A prompt read into a KVCache, then one token, then a chunk of three, then one by one: each step's logits
     equal the full forward's at those positions (the cached keys and values, the positions offset, the mask of a
     chunk that continues a cache); generate's greedy tokens equal an argmax loop over full forwards."""
-    from slimkit.structured import replace_ffn
     from slimkit.structured.gpt import KVCache
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=61, n_layer=2, n_head=2, d_model=32, seq_len=24, pos=pos, ffn=act))
-    if ffn:
-        replace_ffn(model, ffn, 0.5)
-    model.eval()
-    idx = torch.randint(0, 61, (3, 14))
+    model, idx = _decoding_model(pos, act, ffn)
     with torch.no_grad():
         full = model(idx)[0]
         cache = KVCache(2, 24)
@@ -709,14 +713,8 @@ def test_static_kv_cache_and_graph_decoding_equal_the_eager_cache(pos, act, ffn)
     chunk, gives the full forward's logits; generate(cuda_graph=True), which on the CPU runs that static step
     eagerly, samples exactly the tokens of the eager cache, greedy and seeded; the step's capture-safe path
     never advances the cache's Python length."""
-    from slimkit.structured import replace_ffn
     from slimkit.structured.gpt import KVCache
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=61, n_layer=2, n_head=2, d_model=32, seq_len=24, pos=pos, ffn=act))
-    if ffn:
-        replace_ffn(model, ffn, 0.5)
-    model.eval()
-    idx = torch.randint(0, 61, (3, 14))
+    model, idx = _decoding_model(pos, act, ffn)
     with torch.no_grad():
         full = model(idx)[0]
         cache = KVCache(2, 20, static=True)
