@@ -39,6 +39,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E4
 from common import write_results  # noqa: E402
 
 from slimkit.structured._gluon_kernels import mma_layout  # noqa: E402
+from slimkit.structured.decode import capture  # noqa: E402
 
 T, NB, Q, P = 16384, 4, 256, 2048          # tokens, blocks, block rows (K), block columns (N)
 REPS, WARM = 30, 5
@@ -563,15 +564,7 @@ def event_ms(fn, reps=REPS, warm=WARM):
     """GPU time of fn: captured once in a CUDA graph, each replay timed by CUDA events after an L2 flush (so host
     work, such as building TMA descriptors, is not counted)."""
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warm):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn, warmup=warm)
     times = []
     for _ in range(reps):
         flush.zero_()

@@ -33,21 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from structured_ffn_speed import build  # noqa: E402
 from slimkit.structured import kernels as K  # noqa: E402
+from slimkit.structured.decode import capture  # noqa: E402
 from slimkit.structured.layers import block_diag_mm  # noqa: E402
 
 COPIES = 16
 
 
 def graph_us(fn, reps: int = 20) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture(fn, warmup=2)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -5,6 +5,7 @@ Written to be read in one sitting (nanoGPT's shape). The feed-forward linears ar
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import numbers
@@ -336,26 +337,26 @@ class GPT(nn.Module):
             if not max_new_tokens:
                 return idx.clone()          # a new tensor, as when tokens are added
             batch, vocab = idx.shape[0], vocab_size or self.cfg.vocab_size
-            if not cuda_graph:
-                cache = KVCache(self.cfg.n_layer, total)
-                logits = self(idx, cache=cache)[0][:, -1]
-                out = [idx]
-                for i in range(max_new_tokens):
-                    out.append(_pick(logits[:, :vocab].float(), temperature, top_k,
-                                     _noise(temperature, (batch, vocab), device, generator)))
-                    if i + 1 < max_new_tokens:
-                        logits = self(out[-1], cache=cache)[0][:, -1]
-                return torch.cat(out, dim=1)
-            with torch.inference_mode(False), torch.no_grad():   # the kept graph's tensors: ordinary ones
-                dec = _decoder(self, batch, total, device, temperature, top_k, vocab)
-                dec.pos.zero_()
-                dec.cache.pos = dec.pos
-                logits = self(idx, cache=dec.cache)[0][:, -1]            # the prompt, eagerly
-                out = [idx, _pick(logits[:, :vocab].float(), temperature, top_k,
-                                  _noise(temperature, (batch, vocab), device, generator))]
-                dec.tok.copy_(out[-1])
-                dec.pos.fill_(idx.shape[1])
-                out += [dec.step(generator) for _ in range(max_new_tokens - 1)]
+
+            def pick(logits: torch.Tensor) -> torch.Tensor:
+                noise = _noise(temperature, (batch, vocab), device, generator)
+                return _pick(logits[:, -1, :vocab].float(), temperature, top_k, noise)
+            # a kept graph's tensors are ordinary ones, made and used outside inference mode
+            with torch.inference_mode(False) if cuda_graph else contextlib.nullcontext(), torch.no_grad():
+                if cuda_graph:
+                    dec = _decoder(self, batch, total, device, temperature, top_k, vocab)
+                    cache = dec.cache
+                    cache.pos = dec.pos.zero_()
+                else:
+                    cache = KVCache(self.cfg.n_layer, total)
+                out = [idx, pick(self(idx, cache=cache)[0])]              # the prompt, eagerly
+                if cuda_graph:
+                    dec.tok.copy_(out[-1])
+                    dec.pos.fill_(idx.shape[1])
+                    out += [dec.step(generator) for _ in range(max_new_tokens - 1)]
+                else:
+                    for _ in range(max_new_tokens - 1):
+                        out.append(pick(self(out[-1], cache=cache)[0]))
                 return torch.cat(out, dim=1)
         finally:
             self.train(was_training)
