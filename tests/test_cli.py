@@ -336,3 +336,12 @@ def test_a_hugging_face_image_model_folder_quantizes_and_evaluates(tmp_path):
     r = run("eval", "q", "--data", "x.npy", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "is gone" in r.stdout + r.stderr and "size" in r.stdout
+
+
+def test_python_m_slimkit_is_the_slimkit_command():
+    """`python -m slimkit` runs the same command line as the `slimkit` script (a bad command: exit code 2)."""
+    ok = subprocess.run([sys.executable, "-m", "slimkit", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0 and "train-lm" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "slimkit", "no-such-command"], capture_output=True, text=True,
+                         cwd=REPO)
+    assert bad.returncode == 2

@@ -417,6 +417,7 @@ def test_a_refused_resume_leaves_the_data_folder_alone(corpus, tmp_path):
                                       ({"grad_clip": -1.0}, "grad_clip must"), ({"beta2": 1.0}, r"beta2 must be in"),
                                       ({"dropout": 1.5}, "dropout must"), ({"val_percent": 100}, "val_percent must"),
                                       ({"seed": -1}, "seed must be"), ({"d_ff": 0}, "d_ff must be"),
+                                      ({"eval_tokens": 0}, "eval_tokens must be >= 1"),
                                       ({"device": "meta"}, "device must be"), ({"device": "foo"}, "device must be"),
                                       ({"ffn": "lowrank", "param_ratio": 1.5}, r"fc1 \(32 -> 128\): lowrank: param_ratio"),
                                       ({"ffn": "blockdense", "nblocks": 3}, r"fc1 \(32 -> 128\): blockdense: nblocks=3")])
@@ -920,3 +921,137 @@ def test_generate_samples_only_the_tokenizers_ids_of_a_padded_vocabulary():
     for bad in (0, 65, 2.0, True):
         with pytest.raises(SlimkitError, match="vocab_size"):
             model.generate(idx, 1, vocab_size=bad)
+
+
+def test_corpus_settings_without_a_corpus_are_refused_and_do_not_block_a_resume(corpus, tmp_path):
+    """--vocab-size, --tokenizer and --val-percent say how a corpus is tokenised: with a prepared --data-dir
+    alone they change nothing, so the CLI refuses them (they were silently ignored), and a resume does not compare
+    them (the saved run's tokens, not these settings, told its data)."""
+    from typer.testing import CliRunner
+
+    from slimkit.cli import app
+
+    _, data, _ = corpus
+    for extra, name in ((["--vocab-size", "4096"], "--vocab-size"), (["--tokenizer", "smollm2"], "--tokenizer"),
+                        (["--val-percent", "30"], "--val-percent")):
+        r = CliRunner().invoke(app, ["train-lm", "--data-dir", str(data), "--out", str(tmp_path / name), *extra,
+                                     "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len", "16",
+                                     "--batch-size", "2", "--steps", "1", "--eval-tokens", "32", "--device", "cpu",
+                                     "--quiet"])
+        assert isinstance(r.exception, SlimkitError) and f"{name} has no effect without --corpus" in str(r.exception)
+        assert not (tmp_path / name).exists()
+    with pytest.raises(Killed):
+        train(tiny(tmp_path / "run", data, steps=4, ckpt_every=2, vocab_size=4096), on_step=kill_at(3))
+    resumed = train(tiny(tmp_path / "run", data, steps=4, ckpt_every=2, resume=True))
+    assert resumed["losses"] == train(tiny(tmp_path / "full", data, steps=4))["losses"]
+
+
+def test_a_data_folder_tokenised_again_is_told_on_resume_and_by_generate(corpus, tmp_path):
+    """A run's data folder tokenised again with another tokenizer (here a 300-token BPE over the 320-token one:
+    the padded model vocabulary stays 320, so the weights still load) must not be read as the run's: a resume and
+    run_tokenizer (generate-lm) refuse it instead of going on with other token ids."""
+    import shutil
+
+    from slimkit.structured.train import run_tokenizer
+
+    root, data, _ = corpus
+    mine = tmp_path / "tok"
+    shutil.copytree(data, mine)
+    with pytest.raises(Killed):
+        train(tiny(tmp_path / "run", mine, steps=4, ckpt_every=2), on_step=kill_at(3))
+    assert run_tokenizer(tmp_path / "run").get_vocab_size() == load_tokenizer(data).get_vocab_size()
+    prepare_corpus(root, mine, tokenizer="bpe", vocab_size=300, progress=False)
+    with pytest.raises(SlimkitError, match="the tokenizer"):
+        train(tiny(tmp_path / "run", mine, steps=4, ckpt_every=2, resume=True))
+    with pytest.raises(SlimkitError, match="is not the tokenizer"):
+        run_tokenizer(tmp_path / "run")
+    assert run_tokenizer(tmp_path / "run", data).get_vocab_size() == load_tokenizer(data).get_vocab_size()
+
+
+def test_load_model_tells_a_damaged_or_foreign_checkpoint(corpus, tmp_path):
+    """A checkpoint's state.json from another slimkit version (a setting this one lacks), missing a field, or
+    describing another model than its weights: one SlimkitError each, not a TypeError, KeyError or RuntimeError."""
+    _, data, _ = corpus
+    train(tiny(tmp_path / "run", data, steps=2))
+    assert isinstance(load_model(tmp_path / "run"), GPT)
+    state = ckpt_dirs(tmp_path / "run")[-1] / "state.json"
+    good = json.loads(state.read_text())
+    for edit, match in ((lambda m: m["config"].update(new_setting=1), "another slimkit version"),
+                        (lambda m: m.pop("vocab_size"), "incomplete or corrupt.*vocab_size"),
+                        (lambda m: m.pop("data"), "incomplete or corrupt.*data"),
+                        (lambda m: m.update(step="2"), "incomplete or corrupt.*step"),
+                        (lambda m: m["config"].update(d_model=64), "weights do not fit")):
+        meta = json.loads(json.dumps(good))
+        edit(meta)
+        state.write_text(json.dumps(meta))
+        with pytest.raises(SlimkitError, match=match):
+            load_model(tmp_path / "run")
+    meta = json.loads(json.dumps(good))
+    del meta["global_batch"]
+    state.write_text(json.dumps(meta))
+    with pytest.raises(SlimkitError, match="incomplete or corrupt"):     # a resume reads it too
+        train(tiny(tmp_path / "run", data, steps=2, resume=True))
+
+
+def test_unwritable_folders_are_told_before_any_work(corpus, tmp_path, monkeypatch):
+    """--out or a token folder that cannot be written (a read-only mount, another user's folder: faked through
+    os.access, as these tests may run as root) fails before any work: not at the first checkpoint, hours in, nor
+    after the tokenizer is trained."""
+    from pathlib import Path
+
+    from slimkit.structured import data as data_mod
+
+    root, data, _ = corpus
+    real_access = os.access
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "ro" and real_access(p, mode))
+    calls = []
+    monkeypatch.setattr(data_mod, "train_bpe", lambda *a: calls.append(a))
+    with pytest.raises(SlimkitError, match="cannot write in .*ro"):
+        train(tiny(tmp_path / "ro" / "run", data, steps=2))
+    with pytest.raises(SlimkitError, match="cannot write the token files"):
+        prepare_corpus(root, tmp_path / "ro" / "tok", vocab_size=300, progress=False)
+    assert not calls and not (tmp_path / "ro" / "run").exists()
+
+
+def test_a_checkpoint_write_that_fails_is_one_clear_error(corpus, tmp_path, monkeypatch):
+    """A full disk while a checkpoint is written: safetensors raises its own SafetensorError (no OSError), which
+    is told as the SlimkitError naming the checkpoint and --resume, and no partial checkpoint is left."""
+    from safetensors import SafetensorError
+
+    import safetensors.torch
+
+    _, data, _ = corpus
+
+    def full_disk(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(SlimkitError, match="could not write the checkpoint .*No space left.*--resume"):
+        train(tiny(tmp_path / "full", data, steps=2))
+    assert not ckpt_dirs(tmp_path / "full") and not list((tmp_path / "full" / "ckpt").iterdir())
+
+
+def test_token_folder_write_errors_name_the_file(tmp_path, monkeypatch):
+    """A tokenizer that cannot be saved (the tokenizers library raises a bare Exception for a read-only folder or
+    a full disk) is a SlimkitError naming tokenizer.json; and atomic_write's clean-up in a read-only folder (EROFS
+    even for no file) does not replace the error with its own OSError."""
+    import errno
+    from pathlib import Path
+
+    from slimkit.io.atomic import atomic_write
+    from slimkit.structured.data import _save_tokenizer
+
+    class ReadOnlyTokenizer:
+        def save(self, path):
+            raise Exception("Read-only file system (os error 30)")
+    with pytest.raises(SlimkitError, match="could not write .*tokenizer.json: Read-only"):
+        atomic_write(tmp_path / "tokenizer.json", lambda tmp: _save_tokenizer(ReadOnlyTokenizer(), tmp))
+
+    def erofs(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+    monkeypatch.setattr(Path, "unlink", erofs)
+
+    def write(tmp):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp))
+    with pytest.raises(SlimkitError, match="could not write .*x.json: Read-only"):
+        atomic_write(tmp_path / "x.json", write)

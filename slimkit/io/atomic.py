@@ -19,4 +19,7 @@ def atomic_write(path: Path, write) -> None:
     except OSError as e:     # a full disk, a folder turned read-only: the file there before (if any) is untouched
         raise SlimkitError(f"could not write {path}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:     # a read-only folder tells EROFS even for no file: the error above is the one to show
+            pass

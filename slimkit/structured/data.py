@@ -220,6 +220,10 @@ def prepare_corpus(corpus: str | Path, data_dir: Optional[str | Path] = None, to
     cached = _cached(out, settings)
     if cached is not None:
         return cached
+    near = next(p for p in [out, *out.parents] if p.exists())
+    if not os.access(near, os.W_OK | os.X_OK):     # before the tokenizer is trained, not after
+        raise SlimkitError(f"cannot write the token files into {out}: {near} is read-only (or not yours); give "
+                           "a folder you can write (--out / --data-dir)")
 
     train_files, val_files = split_files(root, files, val_percent) if len(files) > 1 else (files, [])
     texts = {"train": [read_text(p) for p in train_files], "val": [read_text(p) for p in val_files]}
@@ -243,7 +247,7 @@ def prepare_corpus(corpus: str | Path, data_dir: Optional[str | Path] = None, to
     except OSError as e:
         raise SlimkitError(f"cannot create the data folder {out}: {e.strerror or e}") from None
     vocab = tok.get_vocab_size()
-    atomic_write(out / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
+    atomic_write(out / "tokenizer.json", lambda tmp: _save_tokenizer(tok, tmp))
     # one id for the files of this preparation: a folder another run wrote into at the same time is told, not used
     prep = {"prep_id": uuid.uuid4().hex, "tokenizer_sha1": hashlib.sha1((out / "tokenizer.json").read_bytes()).hexdigest()}
     names = {"train": [p.relative_to(root).as_posix() for p in train_files],
@@ -261,6 +265,15 @@ def prepare_corpus(corpus: str | Path, data_dir: Optional[str | Path] = None, to
         print(f"slimkit: {root} → {out}: {corpus_obj.train.size:,} train and {corpus_obj.val.size:,} val tokens "
               f"(vocab {vocab})", flush=True)
     return corpus_obj
+
+
+def _save_tokenizer(tok, path: Path) -> None:
+    """tok.save, its failure an OSError (the tokenizers library raises a bare Exception for a full disk or a
+    read-only folder), which atomic_write names."""
+    try:
+        tok.save(str(path))
+    except Exception as e:      # noqa: BLE001 - tokenizers' I/O errors have no class of their own
+        raise OSError(str(e)) from None
 
 
 def _cached(out: Path, settings: dict) -> Optional[Corpus]:

@@ -19,6 +19,7 @@ the loss from a few dozen steps on, and a resumed run stays within that).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -114,7 +115,7 @@ class TrainConfig:
                                    "GELU fusion): pick one")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise SlimkitError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise SlimkitError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.eval_every < 0 or self.ckpt_every < 0:
@@ -161,6 +162,8 @@ class TrainConfig:
             out.update(dict.fromkeys(("param_ratio", "nblocks"), "--ffn lowrank | blockshuffle | blockdense"))
         if not self.self_guided:
             out.update(dict.fromkeys(("guide_fraction", "guide_curve"), "--self-guided"))
+        if self.corpus is None:     # a prepared data_dir alone: its token files fix the tokenizer and the split
+            out.update(dict.fromkeys(("tokenizer", "vocab_size", "val_percent"), "--corpus"))
         return out
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
@@ -406,6 +409,7 @@ def ckpt_dirs(out: Path) -> list[Path]:
 def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict, d: Dist,
                     keep: int = 2) -> Optional[Path]:
     """Write ckpt/step_NNNNNN atomically (temporary folder, then rename); only rank 0 writes."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     msd, osd = _full_state(model, opt)  # every rank takes part (FSDP gathers)
@@ -415,20 +419,21 @@ def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sta
     opt_tensors, opt_meta = flatten_optimizer(osd)
     final = out / "ckpt" / f"step_{state['step']:06d}"
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(".step_*.tmp-*"):  # left by a run killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(".step_*.tmp-*"):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
         save_file({k: v.cpu() for k, v in tensors.items()}, tmp / "model.safetensors")
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         meta = {**state, "format": CKPT_FORMAT, "aliases": aliases, "optimizer": opt_meta}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-    except OSError as e:     # a full disk: the checkpoints before this one are untouched
-        raise SlimkitError(f"could not write the checkpoint {final}: {e.strerror or e}; free space (or fix --out) "
-                           "and continue the run with --resume") from None
+    except (OSError, SafetensorError) as e:     # a full disk (safetensors tells it as its own error): the
+        # checkpoints before this one are untouched
+        raise SlimkitError(f"could not write the checkpoint {final}: {getattr(e, 'strerror', None) or e}; free "
+                           "space (or fix --out) and continue the run with --resume") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in ckpt_dirs(out)[:-keep] if keep > 0 else []:
@@ -449,6 +454,10 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
         if meta.get("format") != CKPT_FORMAT:
             raise SlimkitError(f"{path} is a checkpoint of format {meta.get('format')}, this slimkit reads "
                                f"{CKPT_FORMAT}")
+        for key, kind in (("step", int), ("config", dict), ("vocab_size", int), ("guides_dropped", bool),
+                          ("global_batch", int), ("losses", list), ("history", list), ("data", dict)):
+            if not isinstance(meta.get(key), kind):
+                raise ValueError(f"state.json's {key!r} is missing or no {kind.__name__}")
         msd = load_file(path / "model.safetensors")
         for alias, name in meta["aliases"].items():
             msd[alias] = msd[name]
@@ -491,10 +500,19 @@ def checkpoint_dir(path: str | Path) -> Path:
 
 def load_model(path: str | Path, device: str = "cpu") -> GPT:
     """The trained GPT (structured FFNs included) from a run folder (its latest checkpoint) or a checkpoint folder."""
-    msd, _, meta = read_checkpoint(checkpoint_dir(path))
+    ckpt = checkpoint_dir(path)
+    msd, _, meta = read_checkpoint(ckpt)
+    unknown = sorted(set(meta["config"]) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise SlimkitError(f"checkpoint {ckpt} has settings this slimkit does not know ({', '.join(unknown)}): it was "
+                           "written by another slimkit version; load it with the one that trained it")
     cfg = TrainConfig(**{**meta["config"], "resume": False})
     model = build_model(cfg, meta["vocab_size"], guides_dropped=meta["guides_dropped"], state=msd)
-    model.load_state_dict(msd)
+    try:
+        model.load_state_dict(msd)
+    except RuntimeError as e:
+        raise SlimkitError(f"checkpoint {ckpt}: its weights do not fit the model its state.json describes "
+                           f"({str(e).splitlines()[-1].strip()}): the folder is damaged or was edited") from None
     if cfg.self_guided and not meta["guides_dropped"]:
         # the guides' dense share is no weight: set it as the run last trained and evaluated with (the share
         # of the checkpoint's last step)
@@ -524,6 +542,11 @@ def run_tokenizer(path: str | Path, data_dir: str | Path | None = None):
     if folder is None or not (Path(folder) / "tokenizer.json").exists():
         raise SlimkitError(f"the tokenizer of {path} is not where its run left it ({folder or 'no data folder recorded'}"
                            "): give the folder its corpus was tokenised into (--data-dir, the one holding tokenizer.json)")
+    want = (state.get("data") or {}).get("tokenizer_sha1")      # None in checkpoints written before it was recorded
+    if want is not None and hashlib.sha1((Path(folder) / "tokenizer.json").read_bytes()).hexdigest() != want:
+        raise SlimkitError(f"{Path(folder) / 'tokenizer.json'} is not the tokenizer {path} was trained with (the "
+                           "folder was tokenised again since, or holds another corpus): give the folder it was trained "
+                           "on (--data-dir), or tokenise its corpus again with the run's settings")
     return load_tokenizer(folder)
 
 
@@ -532,10 +555,14 @@ def _check_resumable(meta: dict, cfg: TrainConfig, global_batch: int, corpus: Co
     only with `corpus`: the settings are checked first, before the data folder is prepared)."""
     saved = meta["config"]
     skip = RUNTIME_FIELDS | set(cfg.unread())
+    if saved.get("corpus") is None:     # a run on a prepared data_dir: its files, not these settings, told the data
+        skip |= {"tokenizer", "vocab_size", "val_percent"}
     diff = [f"{f.name} ({saved.get(f.name)!r} saved, {getattr(cfg, f.name)!r} now)" for f in fields(TrainConfig)
             if f.name not in skip and saved.get(f.name) != getattr(cfg, f.name)]
     if corpus is not None and meta["data"]["source_hash"] != corpus.meta["source_hash"]:
         diff.append("the corpus (its files changed)")
+    elif corpus is not None and meta["data"].get("tokenizer_sha1") not in (None, corpus.meta.get("tokenizer_sha1")):
+        diff.append(f"the tokenizer (the data folder {corpus.dir} was tokenised again since, with other settings)")
     if meta["global_batch"] != global_batch:
         diff.append(f"global batch ({meta['global_batch']} saved, {global_batch} now: batch_size * grad_accum * "
                     "world size must stay the same)")
@@ -625,6 +652,17 @@ def _check_folder(path, flag: str) -> None:
             return
 
 
+def _check_writable(path, flag: str) -> None:
+    """A folder the run will write: the nearest part of its path that exists must take new files (a read-only
+    filesystem or folder fails at once, not at the first checkpoint, hours in)."""
+    for p in [Path(path), *Path(path).parents]:
+        if p.exists():
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise SlimkitError(f"{flag}: cannot write in {p} (read-only, or not yours): give a folder you "
+                                   "can write")
+            return
+
+
 def _same_checkpoints(out: Path, found: list[Path], resume_from: Optional[Path], failure: Optional[Exception],
                       d: Dist) -> None:
     """Under torchrun every rank must see the checkpoints of --out as rank 0 does (only rank 0 writes them): a rank
@@ -694,6 +732,7 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]]) ->
             raise SlimkitError(f"--out {out} holds {'a file' if folder else 'a folder'} named {name}, where the run "
                                f"writes its {'checkpoints folder' if folder else 'report'}: move it or choose "
                                "another --out")
+    _check_writable(out / "ckpt", "--out")
     if cfg.data_dir is not None:
         _check_folder(cfg.data_dir, "--data-dir")
     found = ckpt_dirs(out)
@@ -742,14 +781,19 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]]) ->
             raise SlimkitError(f"checkpoint {resume_from} does not fit this model: {str(e).splitlines()[0]}") from None
         del msd, osd
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SlimkitError(f"cannot create the run folder --out {out}: {e.strerror or e}; give a folder you can "
+                               "write") from None
 
     def state_at(step: int) -> dict:
         return {"step": step, "config": asdict(cfg), "vocab_size": vocab, "global_batch": global_batch,
                 "world_size": d.world, "guides_dropped": guides_dropped, "losses": losses, "history": history,
                 "train_flops": flops, "tokens": tokens, "elapsed_s": elapsed,
                 "sampler": {"seed": cfg.seed, "global_batch": global_batch, "next_sample": step * global_batch},
-                "data": {"dir": str(corpus.dir), "source_hash": corpus.meta["source_hash"]}}
+                "data": {"dir": str(corpus.dir), "source_hash": corpus.meta["source_hash"],
+                         "tokenizer_sha1": corpus.meta.get("tokenizer_sha1")}}
 
     def run_eval(step: int) -> dict:
         row = {"step": step, "tokens": tokens, "train_flops": flops, "eval_tokens": cfg.eval_tokens,
