@@ -322,8 +322,9 @@ def open_corpus(data_dir: str | Path) -> Corpus:
     except (OSError, ValueError) as e:
         raise SlimkitError(f"{out} holds a damaged prepared corpus ({e}): tokenise it again") from None
     if _mixed(out, metas):
-        raise SlimkitError(f"{out} mixes the files of two preparations (two runs wrote it at once): tokenise it "
-                           "again into an empty folder")
+        raise SlimkitError(f"{out} mixes the files of two preparations (a tokenize run killed part-way through "
+                           "writing it over an earlier one, or two runs writing it at once): tokenise it again into an "
+                           "empty folder")
     return Corpus(out, load_tokens(out / "train.bin"), load_tokens(out / "val.bin"), metas["train"])
 
 
