@@ -69,20 +69,31 @@ def svd_factors(out_features: int, in_features: int, rank: int, std: float = INI
     """The paper's "svd" init: best rank-r factors (U (r, in), V (out, r)) of a dense N(0, std) matrix,
     the singular values split evenly between them. Row-major, as every parameter here (LAPACK hands U back
     column-major): a saved layer then reloads with the same memory layout and computes bit for bit alike."""
-    w0 = torch.randn(out_features, in_features, device=device) * std
+    w0 = torch.randn(out_features, in_features, device=device, dtype=_init_dtype()) * std
     u, s, vh = torch.linalg.svd(w0, full_matrices=False)
     root = s[:rank].sqrt()
-    return (root[:, None] * vh[:rank]).contiguous(), (u[:, :rank] * root).contiguous()
+    dtype = torch.get_default_dtype()
+    return (root[:, None] * vh[:rank]).contiguous().to(dtype), (u[:, :rank] * root).contiguous().to(dtype)
 
 
 def orthogonal_like(w: torch.Tensor) -> torch.Tensor:
     """The paper's "ortho" init: each matrix (batched over leading dims) replaced by U Vh of its SVD."""
     u, _, vh = torch.linalg.svd(w, full_matrices=False)
-    return (u @ vh).contiguous()
+    with autocast_off(w.device):      # in w's precision, not an enclosing autocast's bf16
+        return (u @ vh).contiguous()
+
+
+def _init_dtype() -> torch.dtype:
+    """The dtype initial factors are drawn and decomposed in: the default dtype, or float32 where that is a half
+    precision (torch.set_default_dtype(torch.bfloat16)), for which there is no CPU SVD. The factors are then
+    stored in the default dtype, as an nn.Linear built there would be."""
+    default = torch.get_default_dtype()
+    return default if default in (torch.float32, torch.float64) else torch.float32
 
 
 def _ortho_normal(*shape: int, device=None) -> torch.Tensor:
-    return orthogonal_like(torch.randn(*shape, device=device) * INIT_STD)
+    w = orthogonal_like(torch.randn(*shape, device=device, dtype=_init_dtype()) * INIT_STD)
+    return w.to(torch.get_default_dtype())
 
 
 # ---------- shape rules (pure functions) ----------
@@ -329,7 +340,8 @@ def regrad(reference, inputs: tuple, needs: tuple, grad_out: torch.Tensor) -> tu
 def autocasts(x: torch.Tensor) -> bool:
     """Whether autocast, if on for x's device, casts a matmul reading x: float64 it leaves alone, as F.linear's
     autocast does."""
-    return torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+    dev = x.device.type       # "meta" has no autocast, and asking whether it is on there raises
+    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) and x.dtype != torch.float64
 
 
 def autocast_off(device: torch.device):
@@ -389,7 +401,7 @@ def block_diag_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x, w = x.to(dt), w.to(dt)
     if x.stride(-1) != 1 or x.stride(0) < x.shape[1] * x.shape[2]:
         x = x.contiguous()
-    with torch.autocast(dev, enabled=False):
+    with autocast_off(x.device):
         return _BlockDiagMM.apply(x, w)
 
 
@@ -523,7 +535,7 @@ def monarch_product(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, in_fm: 
         bias = None if bias is None else bias.to(dt)
     elif bias is not None:
         bias = bias.to(x.dtype)
-    with torch.autocast(dev, enabled=False):
+    with autocast_off(x.device):
         return _Monarch.apply(x.contiguous(), w1, w2, bias, in_fm, out_fm)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
+import torch
 from torch import nn
 
 from ..core.wrap import is_conv1d, swap_modules
@@ -199,13 +200,15 @@ def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
         w = old.weight
         in_f, out_f = _widths(old)
         try:
-            new = make_linear(kind, in_f, out_f, param_ratio, bias=old.bias is not None, nblocks=nblocks,
-                              device=w.device, **kw)
+            with torch.inference_mode(False):     # ordinary parameters, which train, even if called under it
+                new = make_linear(kind, in_f, out_f, param_ratio, bias=old.bias is not None, nblocks=nblocks,
+                                  device=w.device, **kw)
+                new = (SelfGuided(new, schedule) if schedule is not None else new).to(dtype=w.dtype)
         except SlimkitError as e:
             raise SlimkitError(f"{name}: {e}") from None
         # in the old layer's mode: an eval-mode model stays in eval mode throughout (a self-guided layer in
         # training mode would draw reduce_flops' coin in every forward)
-        built[name] = (SelfGuided(new, schedule) if schedule is not None else new).to(dtype=w.dtype).train(old.training)
+        built[name] = new.train(old.training)
     swap_modules(model, built, targets)
     return model
 
@@ -345,7 +348,8 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
             if _widths(old) != (spec["in_features"], spec["out_features"]):
                 raise SlimkitError(f"{name}: saved as {spec['in_features']}->{spec['out_features']}, this model has "
                                    f"{_widths(old)[0]}->{_widths(old)[1]}; build the same architecture before loading")
-            swaps[name] = _rebuild(spec, old.weight.device, old.weight.dtype).train(old.training)
+            with torch.inference_mode(False):     # ordinary parameters, which train, even if loaded under it
+                swaps[name] = _rebuild(spec, old.weight.device, old.weight.dtype).train(old.training)
         except SlimkitError:
             raise
         except (KeyError, TypeError, ValueError) as e:
