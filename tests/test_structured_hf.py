@@ -103,3 +103,37 @@ def test_replace_and_load_under_inference_mode_give_trainable_layers(kind, tmp_p
         assert torch.equal(back(**inputs).logits, ref)
     assert not any(p.is_inference() for p in back.parameters())
     _train_step(back)
+
+
+@pytest.mark.parametrize("self_guided", [False, True])
+def test_a_premerged_gpt2_saves_and_reloads_as_a_plain_gpt2(self_guided, tmp_path):
+    """GPT-2's FFN linears are Conv1D (weight stored (in, out)): premerge gives back Conv1D layers, so the premerged
+    model is a plain GPT-2 that save_pretrained writes and GPT2LMHeadModel.from_pretrained reloads with the same
+    logits (an nn.Linear there stored its weight transposed, which from_pretrained refused). The same through
+    load_structured on a fresh GPT-2."""
+    from transformers.pytorch_utils import Conv1D
+
+    from slimkit.structured import drop_guides
+
+    model = tiny_model("gpt2")
+    replace_ffn(model, "lowrank", 0.32, self_guided=self_guided)
+    if self_guided:
+        drop_guides(model)
+    save_structured(model, tmp_path / "structured")
+    inputs = tiny_inputs("gpt2")
+    with torch.no_grad():
+        want = model(**inputs).logits
+    merged = premerge(model, 1, always=True)
+    mlp = merged.transformer.h[0].mlp
+    assert isinstance(mlp.c_fc, Conv1D) and isinstance(mlp.c_proj, Conv1D)
+    with torch.no_grad():
+        got = merged(**inputs).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path / "plain")
+    again = T.GPT2LMHeadModel.from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, got)
+    loaded = load_structured(tiny_model("gpt2", seed=1), tmp_path / "structured")
+    assert isinstance(premerge(loaded, 1, always=True).transformer.h[1].mlp.c_proj, Conv1D)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, want, atol=1e-5, rtol=1e-5)

@@ -54,15 +54,29 @@ class MergeChoice:
     structured_ms: float
 
 
-def merged_linear(layer: nn.Module) -> nn.Linear:
-    """The dense nn.Linear computing what `layer` (structured, or self-guided in eval mode) computes, in the
-    layer's dtype whatever mode the caller is in: autocast off (the product in the layer's own precision, not
-    autocast's dtype) and outside inference mode (ordinary parameters, which load, update in place and train)."""
+def _conv1d(layer: nn.Module) -> bool:
+    """Whether `layer` took the place of a Hugging Face Conv1D (replace_ffn / load_structured mark it so), whose
+    merged form is a Conv1D again; with a bias only, as Conv1D always has one."""
+    marked = getattr(layer, "merge_conv1d", False) or getattr(getattr(layer, "layer", None), "merge_conv1d", False)
+    return bool(marked) and layer.bias is not None
+
+
+def merged_linear(layer: nn.Module) -> nn.Module:
+    """The dense nn.Linear computing what `layer` (structured, or self-guided in eval mode) computes (a Hugging Face
+    Conv1D, its weight stored (in, out), where the layer replaced one: a premerged GPT-2 is then a plain GPT-2 for
+    save_pretrained / from_pretrained), in the layer's dtype whatever mode the caller is in: autocast off (the
+    product in the layer's own precision, not autocast's dtype) and outside inference mode (ordinary parameters,
+    which load, update in place and train)."""
     with torch.inference_mode(False), torch.no_grad(), autocast_off(next(layer.parameters()).device):
         w = layer.dense_weight().detach()
-        out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                        device=w.device, dtype=w.dtype)
-        out.weight.copy_(w)
+        if _conv1d(layer):
+            from transformers.pytorch_utils import Conv1D      # there since the layer replaced one
+            out = Conv1D(layer.out_features, layer.in_features).to(device=w.device, dtype=w.dtype)
+            out.weight.copy_(w.t())
+        else:
+            out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                            device=w.device, dtype=w.dtype)
+            out.weight.copy_(w)
         if layer.bias is not None:
             out.bias.copy_(layer.bias)
     # frozen stays frozen: the merged weight trains if any factor did, the bias as the layer's did

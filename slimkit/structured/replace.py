@@ -208,9 +208,20 @@ def replace_ffn(model: nn.Module, kind: str, param_ratio: float | None,
             raise SlimkitError(f"{name}: {e}") from None
         # in the old layer's mode: an eval-mode model stays in eval mode throughout (a self-guided layer in
         # training mode would draw reduce_flops' coin in every forward)
-        built[name] = new.train(old.training)
+        built[name] = _keep_layout(new, old).train(old.training)
     swap_modules(model, built, targets)
     return model
+
+
+def _keep_layout(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Mark a layer that takes the place of a Hugging Face Conv1D (its weight stored (in, out)), and the
+    structured layer inside a self-guided one, so that premerge gives back a Conv1D: a premerged GPT-2 then saves
+    (save_pretrained) as a plain dense GPT-2 checkpoint that from_pretrained reloads."""
+    if is_conv1d(old):
+        for m in (new, getattr(new, "layer", None)):
+            if m is not None:
+                m.merge_conv1d = True
+    return new
 
 
 def structured_specs(model: nn.Module) -> dict[str, dict]:
@@ -349,7 +360,7 @@ def load_structured(model: nn.Module, path: str | Path) -> nn.Module:
                 raise SlimkitError(f"{name}: saved as {spec['in_features']}->{spec['out_features']}, this model has "
                                    f"{_widths(old)[0]}->{_widths(old)[1]}; build the same architecture before loading")
             with torch.inference_mode(False):     # ordinary parameters, which train, even if loaded under it
-                swaps[name] = _rebuild(spec, old.weight.device, old.weight.dtype).train(old.training)
+                swaps[name] = _keep_layout(_rebuild(spec, old.weight.device, old.weight.dtype), old).train(old.training)
         except SlimkitError:
             raise
         except (KeyError, TypeError, ValueError) as e:
