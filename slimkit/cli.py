@@ -474,8 +474,8 @@ def train_lm(
     out: Path = typer.Option(..., "--out", "-o", help="run folder: checkpoints and report.json"),
     corpus: Optional[Path] = typer.Option(None, help="folder of text files (.txt/.rst/.md/.py, or those .gz), recursive"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where the token files go (default: slimkit's cache)"),
-    tokenizer: Optional[str] = typer.Option(None, help="bpe (trained on the corpus; default) | smollm2"),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="BPE vocabulary (8192)"),
+    tokenizer: Optional[str] = typer.Option(None, help="bpe (trained on the corpus; default) | smollm2 (with --corpus)"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="BPE vocabulary (8192; with --corpus)"),
     val_percent: Optional[float] = typer.Option(None, "--val-percent", help="share of the corpus files held out for "
                                                 "evaluation, by a stable hash of their paths (10; a single file: its "
                                                 "last tokens)"),
