@@ -7,6 +7,12 @@ from pathlib import Path
 from ..errors import SlimkitError
 
 
+def nearest_existing(path) -> Path:
+    """The nearest part of `path` that exists (path itself, else its closest parent): where a folder about to be
+    made would go, and what decides whether it can be."""
+    return next(p for p in [Path(path), *Path(path).parents] if p.exists())
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through write(tmp_path) to a temporary name in the same folder, then rename onto path. Whatever stops
     the write part-way (Ctrl-C, a full disk) leaves the file there before, if any, untouched and no temporary file;

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SlimkitError
+from ..io.atomic import nearest_existing
 from .data import BatchSampler, Corpus, atomic_write, eval_windows, open_corpus, prepare_corpus
 from .gpt import FFN_KERNELS, GPT, GPTConfig, set_ffn_kernel
 
@@ -645,22 +646,17 @@ def _prepare_data(cfg: TrainConfig, d: Dist) -> Corpus:
 
 def _check_folder(path, flag: str) -> None:
     """A folder the run will create: no part of its path may be a file (fails at once, on every rank)."""
-    for p in [Path(path), *Path(path).parents]:
-        if p.exists():
-            if not p.is_dir():
-                raise SlimkitError(f"{flag} {path}: {p} is a file; give a folder path")
-            return
+    p = nearest_existing(path)
+    if not p.is_dir():
+        raise SlimkitError(f"{flag} {path}: {p} is a file; give a folder path")
 
 
 def _check_writable(path, flag: str) -> None:
     """A folder the run will write: the nearest part of its path that exists must take new files (a read-only
     filesystem or folder fails at once, not at the first checkpoint, hours in)."""
-    for p in [Path(path), *Path(path).parents]:
-        if p.exists():
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise SlimkitError(f"{flag}: cannot write in {p} (read-only, or not yours): give a folder you "
-                                   "can write")
-            return
+    p = nearest_existing(path)
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise SlimkitError(f"{flag}: cannot write in {p} (read-only, or not yours): give a folder you can write")
 
 
 def _same_checkpoints(out: Path, found: list[Path], resume_from: Optional[Path], failure: Optional[Exception],
