@@ -291,3 +291,21 @@ def test_kernels_gelu_math_is_accurate_value_by_value_on_gpu():
     assert torch.equal(pre, xb)
     err = (act.double() - want).abs() - 2 ** -8 * want.abs()
     assert err.max().item() <= 2 ** -9, err.max().item()
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+                    reason="needs a Hopper GPU")
+@pytest.mark.parametrize("L,S,R,t", [(2, 1024, 1024, 4096), (2, 72, 40, 264), (4, 512, 512, 2048), (4, 24, 16, 136)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interleave_kernel_equals_reference_on_gpu(L, S, R, t, bias, dtype):
+    import slimkit.structured.interleave as IL
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(L, S, R, device="cuda", generator=g) / R ** 0.5).to(dtype)
+    h = torch.randn(R * L, t, device="cuda", generator=g).to(dtype)
+    b = torch.randn(S * L, device="cuda", generator=g).to(dtype) if bias else None
+    assert IL.kernel_applies(h, w)
+    y = IL._kernel(h, w, b)
+    want = IL.token_major_blocks_reference(h.double(), w.double(), None if b is None else b.double())
+    assert y is not None and y.dtype == dtype
+    assert ((y.double() - want).norm() / want.norm()).item() < 5e-3

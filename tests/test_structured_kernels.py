@@ -499,3 +499,49 @@ def test_blockshuffle_ffn_with_kernels_equals_layer_by_layer(bias):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@inner
+@pytest.mark.parametrize("L,S,R,t", [(2, 32, 48, 40), (4, 16, 32, 24), (2, 40, 24, 16), (4, 24, 16, 8)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_interleave_kernel_matches_reference(L, S, R, t, bias):
+    """The token-major second-factor kernel (interpreted, fp16) against the fp64 reference: token counts that end
+    part-way through a tile (its last tile reads past block j's columns into block j+1's) and rows that do not
+    fill the last row tile."""
+    import slimkit.structured.interleave as IL
+    g = torch.Generator().manual_seed(7)
+    w = (torch.randn(L, S, R, generator=g) / R ** 0.5).half()
+    h = torch.randn(R * L, t, generator=g).half()
+    b = torch.randn(S * L, generator=g).half() if bias else None
+    assert IL.kernel_applies(h, w) and not IL.kernel_applies(h.bfloat16(), w.bfloat16())
+    y = IL._kernel(h, w, b)
+    want = IL.token_major_blocks_reference(h.double(), w.double(), None if b is None else b.double())
+    assert y is not None and y.dtype == torch.float16 and y.shape == (t, S * L)
+    torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=2e-3)
+
+
+@inner
+@pytest.mark.parametrize("l", [2, 4])
+def test_monarch_product_through_the_interleave_kernel(monkeypatch, l):
+    """A BlockShuffle layer's token-major output from the kernel (fp16, interpreted): forward and every gradient
+    against the same layer in fp64."""
+    import slimkit.structured.interleave as IL
+    from slimkit.structured.layers import monarch_product
+    ran = []
+    kernel = IL._kernel
+    monkeypatch.setattr(IL, "_kernel", lambda *a: ran.append(a[0].dtype) or kernel(*a))
+    g = torch.Generator().manual_seed(8)
+    i, o, t = 32, 64, 24
+    x = torch.randn(t, i, generator=g)
+    w1 = torch.randn(2, 16, 16, generator=g) / 4
+    w2 = torch.randn(l, o // l, 32 // l, generator=g) / 4
+    b = torch.randn(o, generator=g)
+    grad = torch.randn(t, o, generator=g)
+    outs = []
+    for dt in (torch.float16, torch.float64):
+        leaves = [a.to(dt).requires_grad_() for a in (x, w1, w2, b)]
+        y = monarch_product(leaves[0], leaves[1], leaves[2], bias=leaves[3])
+        outs.append([y, *torch.autograd.grad(y, leaves, grad.to(dt))])
+    assert ran == [torch.float16]
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)

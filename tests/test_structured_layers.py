@@ -134,7 +134,7 @@ def test_blockshuffle_is_monarch_layout(i, o, nblocks, nblocks2):
 
 @pytest.mark.parametrize("in_fm", [False, True])
 @pytest.mark.parametrize("out_fm", [False, True])
-@pytest.mark.parametrize("k,l", [(2, 2), (2, 4), (4, 2)])
+@pytest.mark.parametrize("k,l", [(2, 2), (2, 4), (4, 2), (2, 1)])
 def test_monarch_feature_major_op_gradients(in_fm, out_fm, k, l):
     """The copy-free op's hand-written backward against autograd's numerical gradients, in every layout."""
     from slimkit.structured.layers import _Monarch
@@ -960,3 +960,32 @@ def test_second_order_gradients(kind, ratio, kw):
         fc2 = make_linear(kind, 16, 8, ratio, **kw).double()
         ffn = lambda x: eager_ffn(layer, fc2, x)  # noqa: E731
         assert torch.autograd.gradgradcheck(ffn, (x,))
+
+
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_token_major_blocks_is_the_second_factor_transposed(L, bias):
+    """BlockShuffle's second factor written token-major (cuBLAS directly at one block, the matmul and a transpose
+    here on the CPU otherwise) is the feature-major product transposed, block j's row s at column s L + j."""
+    from slimkit.structured.interleave import grad_blocks, token_major_blocks, token_major_blocks_reference
+    g = torch.Generator().manual_seed(4)
+    S, R, t = 6, 5, 7
+    w = torch.randn(L, S, R, dtype=torch.float64, generator=g)
+    h = torch.randn(R * L, t, dtype=torch.float64, generator=g)
+    b = torch.randn(S * L, dtype=torch.float64, generator=g) if bias else None
+    want = torch.zeros(t, S * L, dtype=torch.float64)
+    for j in range(L):
+        for s in range(S):
+            want[:, s * L + j] = w[j, s] @ h[j::L]
+    if bias:
+        want += b
+    torch.testing.assert_close(token_major_blocks_reference(h, w, b), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(token_major_blocks(h, w, b), want, rtol=1e-12, atol=1e-12)
+    dout = torch.randn(t, S * L, dtype=torch.float64, generator=g)
+    dyv, db = grad_blocks(dout, w.shape, bias)
+    assert dyv.shape == (L, S, t)
+    for j in range(L):
+        torch.testing.assert_close(dyv[j], dout[:, j::L].t(), rtol=0, atol=0)
+    assert (db is None) == (not bias)
+    if bias:
+        torch.testing.assert_close(db, dout.sum(0), rtol=1e-12, atol=1e-12)

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hopper
+from .interleave import grad_blocks, token_major_blocks
 from .layers import _monarch_reference, block_diag_product, block_diag_reference, linear_cast_bias, regrad
 
 try:
@@ -634,9 +635,8 @@ class ShuffleGeluFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a1, a2, b1, c1, c2, b2, grad: bool = True):
-        from .kernels import transpose          # kernels imports this module
         (k, q, p), (l, s, r) = a1.shape, a2.shape
-        (k2, q2, p2), (l2, s2, r2) = c1.shape, c2.shape
+        k2, q2, p2 = c1.shape
         t = x.shape[0]
         rp = _shuffle_pad(r, b1 is not None)
         h = x.new_empty(rp * l, t)                               # the middle, feature-major, then the ones rows
@@ -653,29 +653,21 @@ class ShuffleGeluFFN(torch.autograd.Function):
             act, pre = _shuffle_up(h, w2p.contiguous(), t, grad)
         h2 = x.new_empty(k2 * q2, t)
         torch.bmm(c1, act.view(k2, p2, t), out=h2.view(k2, q2, t))
-        y = x.new_empty(s2 * l2, t)
-        torch.bmm(c2, h2.view(r2, l2, t).transpose(0, 1), out=y.view(s2, l2, t).transpose(0, 1))
         if grad:
             ctx.save_for_backward(x, a1, a2, b1, c1, c2, b2, h, act, pre, h2)
-        return transpose(y, b2)
+        return token_major_blocks(h2, c2, b2)
 
     @staticmethod
     def backward(ctx, dout):
-        from .kernels import transpose, transpose_colsum
         x, a1, a2, b1, c1, c2, b2, h, act, pre, h2 = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():          # a double backward: differentiate the reference instead
             return regrad(shuffle_ffn_reference, (x, a1, a2, b1, c1, c2, b2), needs[:7], dout) + (None,)
         (k, q, p), (l, s, r) = a1.shape, a2.shape
-        (k2, q2, p2), (l2, s2, r2) = c1.shape, c2.shape
+        (k2, q2, p2), (l2, _, r2) = c1.shape, c2.shape
         t, rp = x.shape[0], h.shape[0] // l
-        dout = dout.contiguous()
-        db2 = None
-        if b2 is not None and needs[6]:
-            dy, db2 = transpose_colsum(dout)
-        else:
-            dy = transpose(dout)
-        dyv, h2v = dy.view(s2, l2, t).transpose(0, 1), h2.view(r2, l2, t).transpose(0, 1)
+        dyv, db2 = grad_blocks(dout, c2.shape, b2 is not None and needs[6])
+        h2v = h2.view(r2, l2, t).transpose(0, 1)
         dc2 = torch.bmm(dyv, h2v.transpose(1, 2)) if needs[5] else None
         dh2 = x.new_empty(k2 * q2, t)
         torch.bmm(c2.transpose(1, 2), dyv, out=dh2.view(r2, l2, t).transpose(0, 1))

@@ -55,6 +55,7 @@ from torch import nn
 
 from ..core.wrap import is_conv1d
 from ..errors import SlimkitError
+from .interleave import grad_blocks, token_major_blocks
 
 KINDS = ("dense", "lowrank", "blockshuffle", "blockdense")
 INIT_STD = 0.02   # configs/model/gpt2.yaml: initializer_range
@@ -437,16 +438,6 @@ class LowRankLinear(StructuredLinear):
         return {**super().spec(), "rank": self.rank}
 
 
-def _transpose(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    from .kernels import transpose      # kernels imports this module
-    return transpose(x, bias)
-
-
-def _transpose_colsum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from .kernels import transpose_colsum
-    return transpose_colsum(x)
-
-
 def _monarch_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, in_fm: bool = False,
                        out_fm: bool = False) -> torch.Tensor:
     """_Monarch's forward (without bias) in plain differentiable torch ops, copies included."""
@@ -466,9 +457,10 @@ class _Monarch(torch.autograd.Function):
     and its row s lands at output row s*l + j, again a matrix of row stride l*T. torch.bmm takes such views as
     they are (cuBLAS's strided-batched lda/ldc), so only the layout changes at the ends cost a copy:
     `in_fm` says x is (in, T) instead of (T, in) (a token-major x is read transposed, free), `out_fm` that the
-    result stays (out, T) instead of being transposed to (T, out) (one copy). Two BlockShuffle layers in a row
-    (an FFN) therefore copy only at the FFN's output (kernels.blockshuffle_ffn). The copies take
-    kernels.transpose (a tiled Triton kernel on CUDA)."""
+    result stays (out, T) instead of being token-major (T, out). Two BlockShuffle layers in a row (an FFN)
+    therefore change layout only at the FFN's output (kernels.blockshuffle_ffn), where interleave.token_major_blocks
+    writes it token-major (with one block, or a Hopper GPU, no copy; else kernels.transpose after the matmul) and
+    interleave.grad_blocks takes its gradient back."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, bias, in_fm: bool, out_fm: bool):
@@ -477,11 +469,13 @@ class _Monarch(torch.autograd.Function):
         xb = x.view(k, p, t) if in_fm else x.view(t, k, p).permute(1, 2, 0)
         h = x.new_empty(k * q, t)
         torch.bmm(w1, xb, out=h.view(k, q, t))
-        y = x.new_empty(l * s, t)
-        torch.bmm(w2, h.view(r, l, t).transpose(0, 1), out=y.view(s, l, t).transpose(0, 1))
         ctx.save_for_backward(x, w1, w2, h)
         ctx.in_fm, ctx.out_fm, ctx.bias_dtype = in_fm, out_fm, None if bias is None else bias.dtype
-        return y if out_fm else _transpose(y, bias)
+        if not out_fm:
+            return token_major_blocks(h, w2, bias)
+        y = x.new_empty(l * s, t)
+        torch.bmm(w2, h.view(r, l, t).transpose(0, 1), out=y.view(s, l, t).transpose(0, 1))
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -494,15 +488,13 @@ class _Monarch(torch.autograd.Function):
         (k, q, p), (l, s, r) = w1.shape, w2.shape
         db = None
         if ctx.out_fm:
-            dy = dy.contiguous()                                             # (out, T)
-        elif ctx.needs_input_grad[3]:
-            dy, db = _transpose_colsum(dy.contiguous())
-            db = db.to(ctx.bias_dtype)
-        else:
-            dy = _transpose(dy.contiguous())
-        t = dy.shape[1]
+            dyv = dy.contiguous().view(s, l, -1).transpose(0, 1)              # dy (out, T)
+        else:                                                                # dy (T, out)
+            dyv, db = grad_blocks(dy, w2.shape, ctx.needs_input_grad[3])
+            db = None if db is None else db.to(ctx.bias_dtype)
+        t = dyv.shape[2]
         xb = x.view(k, p, t) if ctx.in_fm else x.view(t, k, p).permute(1, 2, 0)
-        hv, dyv = h.view(r, l, t).transpose(0, 1), dy.view(s, l, t).transpose(0, 1)
+        hv = h.view(r, l, t).transpose(0, 1)
         dw2 = torch.bmm(dyv, hv.transpose(1, 2)) if ctx.needs_input_grad[2] else None
         dx = dw1 = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
