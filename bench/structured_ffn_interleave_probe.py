@@ -3,7 +3,7 @@
 A BlockShuffle FFN's output comes from its fc2's second factor, whose block j writes every L-th output feature.
 The matmuls write it feature-major and a transpose (with the bias) makes it token-major; the backward transposes
 the output gradient back. interleave.token_major_blocks writes it token-major directly (cuBLAS at L = 1, a Triton
-kernel interleaving the blocks' accumulators at L = 2, 4), and interleave.grad_blocks reads the gradient as it is
+kernel interleaving the blocks' accumulators at L = 2), and interleave.grad_blocks reads the gradient as it is
 at L = 1. This probe, in one run on one GPU:
 
 - the pieces: fc2's second factor at the shapes BlockShuffle takes at --ratios for d_model 1024 / 2048 / 4096,

@@ -8,12 +8,12 @@ block j's columns of the token-major output are L elements apart and a cuBLAS ma
 
 `token_major_blocks(h, w, bias)` writes y (T, S L) = that result, transposed, plus the bias, without the extra pass:
 - L = 1: nothing is interleaved, and cuBLAS writes y = h^T w[0]^T + bias token-major (h read transposed, free);
-- L = 2 or 4 (Hopper, fp16 / bf16): one Triton kernel whose (BT tokens, BS rows) tile keeps one accumulator a
-  block, fed through TMA, and interleaves them in registers (tl.join) into one (BT, S L)-contiguous output tile;
+- L = 2 (Hopper, fp16 / bf16): one persistent Triton kernel whose (BT tokens, BS rows) tile keeps one accumulator
+  a block, fed through TMA, and interleaves the two in registers (tl.join) into a contiguous (BT, 2 BS) output tile;
 - otherwise (or with SLIMKIT_INTERLEAVE=0) the batched matmul and the transpose.
 `token_major_blocks_reference` is the PyTorch computation the kernel is tested against. The kernel, measured on an
-H100 (bench/results/structured_ffn_interleave_probe.md), runs below cuBLAS's matmul alone but above it plus the
-transpose. `grad_blocks` is the backward's side: the output gradient as the second factor's blocks, transposed
+H100 and an H200 (bench/results/structured_ffn_interleave_probe.md), takes longer than cuBLAS's matmul alone but
+less than the matmul and the transpose. `grad_blocks` is the backward's side: the output gradient as the second factor's blocks, transposed
 (and its column sums, the bias gradient) where L > 1, read as it is where L = 1.
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ except ImportError:      # the CPU build of torch brings no Triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ENABLED = os.environ.get("SLIMKIT_INTERLEAVE", "1") != "0"     # 0: always the matmul and a transpose (both ways)
 FAILED: str | None = None        # the first build or launch failure; the kernel stays off after one
-KERNEL_BLOCKS = (2, 4)            # the block counts the kernel interleaves (tl.join pairs)
+KERNEL_BLOCKS = 2                 # the block count the kernel interleaves (four accumulators of 128 x 64, with two
+                                  # pipeline stages for the shared memory, measured slower than the matmul + transpose)
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -50,44 +51,35 @@ def token_major_blocks_reference(h: torch.Tensor, w: torch.Tensor, bias: torch.T
 
 if triton is not None:
     @triton.jit
-    def _interleave_kernel(h_desc, w_desc, y_desc, b_ptr, T, S, R, L: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, PROGRAMS: tl.constexpr):
-        """Persistent: tile (token tile t0, row tile s0) is y[t0:t0+BT, s0 L:(s0+BS) L]. h_desc is over h viewed
-        (R, L T) (block j's rows are its columns j T ..), w_desc over w viewed (L S, R), y_desc over y (T, S L) in
-        halves of the tile; block j's part accumulates in acc_j (fp32), and the parts interleave in registers."""
+    def _interleave_kernel(h_desc, w_desc, y_desc, b_ptr, T, S, R, HAS_BIAS: tl.constexpr, BT: tl.constexpr,
+                           BS: tl.constexpr, BK: tl.constexpr, PROGRAMS: tl.constexpr):
+        """Persistent: tile (token tile t0, row tile s0) is y[t0:t0+BT, 2 s0:2 (s0+BS)]. h_desc is over h viewed
+        (R, 2 T) (block j's rows are its columns j T ..), w_desc over w viewed (2 S, R), y_desc over y (T, 2 S) in
+        halves of the tile; block j's part accumulates in acc_j (fp32), and the two interleave in registers."""
         n_s = tl.cdiv(S, BS)
         for tile in tl.range(tl.program_id(0), tl.cdiv(T, BT) * n_s, PROGRAMS):
             t0 = (tile // n_s) * BT    # a token tile's row tiles run side by side: its h columns come from L2
             s0 = (tile % n_s) * BS
             acc0 = tl.zeros((BT, BS), dtype=tl.float32)
             acc1 = tl.zeros((BT, BS), dtype=tl.float32)
-            if L == 4:
-                acc2 = tl.zeros((BT, BS), dtype=tl.float32)
-                acc3 = tl.zeros((BT, BS), dtype=tl.float32)
             for k in range(0, R, BK):
                 acc0 = tl.dot(h_desc.load([k, t0]).T, w_desc.load([s0, k]).T, acc0)
                 acc1 = tl.dot(h_desc.load([k, T + t0]).T, w_desc.load([S + s0, k]).T, acc1)
-                if L == 4:
-                    acc2 = tl.dot(h_desc.load([k, 2 * T + t0]).T, w_desc.load([2 * S + s0, k]).T, acc2)
-                    acc3 = tl.dot(h_desc.load([k, 3 * T + t0]).T, w_desc.load([3 * S + s0, k]).T, acc3)
-            if L == 4:       # [.., p, q] is block 2 p + q: column s L + j
-                y = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3)).reshape(BT, 4 * BS)
-            else:
-                y = tl.join(acc0, acc1).reshape(BT, 2 * BS)
+            y = tl.join(acc0, acc1).reshape(BT, 2 * BS)         # [.., s, j] -> column 2 s + j
             if HAS_BIAS:
-                cols = s0 * L + tl.arange(0, L * BS)
-                y += tl.load(b_ptr + cols, mask=cols < S * L, other=0.0).to(tl.float32)[None, :]
-            first, second = y.to(y_desc.dtype).reshape(BT, 2, L * BS // 2).permute(0, 2, 1).split()
-            y_desc.store([t0, s0 * L], first)           # two half-width stores: half the staging memory
-            y_desc.store([t0, s0 * L + L * BS // 2], second)
+                cols = s0 * 2 + tl.arange(0, 2 * BS)
+                y += tl.load(b_ptr + cols, mask=cols < S * 2, other=0.0).to(tl.float32)[None, :]
+            first, second = y.to(y_desc.dtype).reshape(BT, 2, BS).permute(0, 2, 1).split()
+            y_desc.store([t0, s0 * 2], first)           # two half-width stores: half the staging memory
+            y_desc.store([t0, s0 * 2 + BS], second)
 
 
-def _config(L: int) -> tuple[int, int, int, int, int]:
-    """(BT, BS, BK, stages, warps): one (BT, BS) fp32 accumulator a block, BT x 256 values in all. Measured on an
-    H100 at L = 2 (bench/results/structured_ffn_interleave_probe.md)."""
+def _config() -> tuple[int, int, int, int, int]:
+    """(BT, BS, BK, stages, warps): two (BT, BS) fp32 accumulators. Measured on an H100 and an H200 against
+    persistent / not, sequential blocks (spilled) and 64-wide tiles (bench/results/structured_ffn_interleave_probe.md)."""
     if INTERPRET:
         return 16, 16, 16, 1, 4
-    return 128, 256 // L, 64, 3 if L == 2 else 2, 8
+    return 128, 128, 64, 3, 8
 
 
 def _programs(device: torch.device, tiles: int) -> int:
@@ -95,8 +87,8 @@ def _programs(device: torch.device, tiles: int) -> int:
 
 
 def kernel_applies(h: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes (h, w): Triton with TMA (a Hopper or later NVIDIA GPU), fp16 / bf16, L = 2
-    or 4, and the 16-byte alignment TMA needs of every row (T and R multiples of 8; S too, for the output's).
+    """Whether the Triton kernel takes (h, w): Triton with TMA (a Hopper or later NVIDIA GPU), fp16 / bf16, L = 2,
+    and the 16-byte alignment TMA needs of every row (T and R multiples of 8; S too, for the output's).
     Interpreted (the CPU tests), fp16 only: Triton's interpreter misreads bf16 through TMA descriptors."""
     if triton is None or not ENABLED or FAILED or h.dtype not in _DTYPES or w.dtype != h.dtype or h.dim() != 2:
         return False
@@ -107,7 +99,7 @@ def kernel_applies(h: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     L, S, R = w.shape
     t = h.shape[1]
-    return (L in KERNEL_BLOCKS and h.shape[0] == R * L and t > 0 and t % 8 == 0 and R % 8 == 0 and S % 8 == 0
+    return (L == KERNEL_BLOCKS and h.shape[0] == R * L and t > 0 and t % 8 == 0 and R % 8 == 0 and S % 8 == 0
             and (not h.is_contiguous() or h.data_ptr() % 16 == 0))
 
 
@@ -116,7 +108,7 @@ def _kernel(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config:
     global FAILED
     L, S, R = w.shape
     t = h.shape[1]
-    bt, bs, bk, stages, warps = config or _config(L)
+    bt, bs, bk, stages, warps = config or _config()
     h, w = h.contiguous(), w.contiguous()
     y = h.new_empty(t, S * L)
     b = y if bias is None else bias.to(h.dtype).contiguous()
@@ -125,11 +117,10 @@ def _kernel(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config:
     try:
         h_desc = TensorDescriptor.from_tensor(h.view(R, L * t), [bk, bt])
         w_desc = TensorDescriptor.from_tensor(w.view(L * S, R), [bs, bk])
-        y_desc = TensorDescriptor.from_tensor(y, [bt, bs * L // 2])
+        y_desc = TensorDescriptor.from_tensor(y, [bt, bs])
         with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
-            _interleave_kernel[(programs, )](h_desc, w_desc, y_desc, b, t, S, R, L=L, HAS_BIAS=bias is not None,
-                                             BT=bt, BS=bs, BK=bk, PROGRAMS=programs, num_stages=stages,
-                                             num_warps=warps)
+            _interleave_kernel[(programs, )](h_desc, w_desc, y_desc, b, t, S, R, HAS_BIAS=bias is not None, BT=bt,
+                                             BS=bs, BK=bk, PROGRAMS=programs, num_stages=stages, num_warps=warps)
     except Exception as e:
         if h.is_cuda and torch.cuda.is_current_stream_capturing():
             raise
