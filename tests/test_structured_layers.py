@@ -989,3 +989,27 @@ def test_token_major_blocks_is_the_second_factor_transposed(L, bias):
     assert (db is None) == (not bias)
     if bias:
         torch.testing.assert_close(db, dout.sum(0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the recompiles showed on CUDA only")
+@pytest.mark.parametrize("kind", ["blockdense", "blockshuffle"])
+def test_compiled_block_layers_do_not_recompile_every_call(kind):
+    """torch.compile of an FFN of block-diagonal layers: after the first calls, later ones reuse the compiled
+    frames. (With the autocast-off context built by a helper around the autograd Function, whose out= matmuls
+    break the graph, the resumed frame guarded the freed context object and recompiled at every call.)"""
+    import torch._dynamo
+    from slimkit.structured.kernels import eager_ffn
+    torch._dynamo.reset()
+    fc1 = make_linear(kind, 64, 256, 0.25).cuda().bfloat16()
+    fc2 = make_linear(kind, 256, 64, 0.25).cuda().bfloat16()
+    f = torch.compile(lambda x: eager_ffn(fc1, fc2, x, "tanh"), dynamic=False)
+    x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+
+    def calls():
+        with torch.no_grad():
+            f(x)
+        f(x.detach().requires_grad_()).sum().backward()
+    calls(), calls()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            calls()

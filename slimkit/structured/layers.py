@@ -347,7 +347,11 @@ def autocasts(x: torch.Tensor) -> bool:
 
 def autocast_off(device: torch.device):
     """A context with autocast off on `device`, so that what runs in it keeps its tensors' own precision; a plain
-    null context on devices that have no autocast ("meta": models built there to count their FLOPs)."""
+    null context on devices that have no autocast ("meta": models built there to count their FLOPs). Not for code
+    that torch.compile traces where it may break the graph inside the context (the autograd Functions here, whose
+    out= matmuls it does not trace): the context object this returns is then guarded by identity and, freed after
+    each call, makes every call recompile (on CUDA: 150 ms a forward until the recompile limit). There
+    block_diag_mm and monarch_product write `with torch.autocast(...)` in the function itself, which it handles."""
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
@@ -402,8 +406,10 @@ def block_diag_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x, w = x.to(dt), w.to(dt)
     if x.stride(-1) != 1 or x.stride(0) < x.shape[1] * x.shape[2]:
         x = x.contiguous()
-    with autocast_off(x.device):
-        return _BlockDiagMM.apply(x, w)
+    if torch.amp.is_autocast_available(dev):      # torch.autocast itself, here: see autocast_off
+        with torch.autocast(dev, enabled=False):
+            return _BlockDiagMM.apply(x, w)
+    return _BlockDiagMM.apply(x, w)
 
 
 class LowRankLinear(StructuredLinear):
@@ -527,8 +533,10 @@ def monarch_product(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, in_fm: 
         bias = None if bias is None else bias.to(dt)
     elif bias is not None:
         bias = bias.to(x.dtype)
-    with autocast_off(x.device):
-        return _Monarch.apply(x.contiguous(), w1, w2, bias, in_fm, out_fm)
+    if torch.amp.is_autocast_available(dev):      # torch.autocast itself, here: see autocast_off
+        with torch.autocast(dev, enabled=False):
+            return _Monarch.apply(x.contiguous(), w1, w2, bias, in_fm, out_fm)
+    return _Monarch.apply(x.contiguous(), w1, w2, bias, in_fm, out_fm)
 
 
 class BlockShuffleLinear(StructuredLinear):
