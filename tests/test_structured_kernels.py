@@ -521,6 +521,10 @@ def test_interleave_kernel_matches_reference(L, S, R, t, bias):
     want = IL.token_major_blocks_reference(h.double(), w.double(), None if b is None else b.double())
     assert y is not None and y.dtype == torch.float16 and y.shape == (t, S * L)
     torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=2e-3)
+    flat = torch.zeros(1 + w.numel(), dtype=w.dtype)         # a weight 2 bytes into a flat buffer (as FSDP's)
+    w_off = flat[1:].view_as(w).copy_(w)
+    assert w_off.data_ptr() % 16 and IL.kernel_applies(h, w_off)
+    torch.testing.assert_close(IL._kernel(h, w_off, b), y, rtol=0, atol=0)
 
 
 @inner

@@ -88,10 +88,12 @@ def _programs(device: torch.device, tiles: int) -> int:
 
 def kernel_applies(h: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the Triton kernel takes (h, w): Triton with TMA (a Hopper or later NVIDIA GPU), fp16 / bf16, L = 2,
-    and the 16-byte alignment TMA needs of every row (T and R multiples of 8; S too, for the output's).
-    Interpreted (the CPU tests), fp16 only: Triton's interpreter misreads bf16 through TMA descriptors."""
+    and the 16-byte alignment TMA needs of every row (T and R multiples of 8; S too, for the output's); not
+    while torch.compile traces. Interpreted (the CPU tests), fp16 only: Triton's interpreter misreads bf16 through TMA descriptors."""
     if triton is None or not ENABLED or FAILED or h.dtype not in _DTYPES or w.dtype != h.dtype or h.dim() != 2:
         return False
+    if torch.compiler.is_compiling():    # traced by torch.compile (not today: the autograd Functions that call this
+        return False                     # break its graph): the matmul and the transpose, which it traces
     if INTERPRET:
         if h.dtype != torch.float16:
             return False
@@ -110,6 +112,8 @@ def _kernel(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config:
     t = h.shape[1]
     bt, bs, bk, stages, warps = config or _config()
     h, w = h.contiguous(), w.contiguous()
+    if w.data_ptr() % 16:             # TMA reads from 16-byte aligned addresses (a view into a flat buffer may not be)
+        w = w.clone()
     y = h.new_empty(t, S * L)
     b = y if bias is None else bias.to(h.dtype).contiguous()
     tiles = triton.cdiv(t, bt) * triton.cdiv(S, bs)
