@@ -72,6 +72,7 @@ def main() -> None:
     ap = lt_probe_parser(__doc__)
     ap.set_defaults(kinds="blockshuffle", ratios="0.25,0.32,0.5")
     ap.add_argument("--pieces-only", action="store_true", help="time the output pieces alone, not the FFN step")
+    ap.add_argument("--name", default="structured_ffn_interleave_probe", help="results name under bench/results")
     args = ap.parse_args()
     dev = lt_device()
     torch.manual_seed(0)
@@ -98,7 +99,7 @@ def main() -> None:
         "output (and, at L = 1, the gradient read as it is); 'blockshuffle-lt-hopper-graph': the same with "
         "SLIMKIT_INTERLEAVE=0.",
     ]
-    write_results("structured_ffn_interleave_probe", str(dev), rows, notes,
+    write_results(args.name, str(dev), rows, notes,
                   columns=("model", "method", "setting", "metric", "value", "ms", "paired", "rel_err", "ratio"))
 
 
