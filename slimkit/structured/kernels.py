@@ -697,8 +697,10 @@ def _small_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str
 def blockshuffle_ffn(fc1: BlockShuffleLinear, fc2: BlockShuffleLinear, x: torch.Tensor,
                      approximate: str = "none") -> torch.Tensor:
     """fc2(gelu(fc1(x))) for two BlockShuffle layers, the hidden activations kept feature-major between them
-    (layers._Monarch): the only activation copies are the output's transpose and its gradient's, fc1's bias rides
-    in the GELU pass (bias_gelu_rows) and fc2's in the output's transpose (its gradient in the gradient's)."""
+    (layers._Monarch): the only activation copies are the output's transpose and its gradient's (neither at one
+    second-factor block, and no output transpose where interleave's kernel runs), fc1's bias rides in the GELU pass
+    (bias_gelu_rows) and fc2's where the output is written token-major (its gradient in the gradient's transpose,
+    or one column sum)."""
     y = _small_ffn(fc1, fc2, x, approximate)
     if y is not None:
         return y

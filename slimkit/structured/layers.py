@@ -34,7 +34,8 @@ Forward: each block-diagonal product is one torch.bmm over a (blocks, tokens, wi
 activations, its result written straight into a token-major buffer (block_diag_mm; no loop over blocks, no
 activation copy in either pass). BlockShuffle runs feature-major (_Monarch): its shuffle and output interleave
 are then strided views that torch.bmm reads and writes in place, and only the change back to token-major at
-the end copies (once per FFN when two BlockShuffle layers meet, kernels.blockshuffle_ffn). The paper's op (Monarch's)
+the end may copy (once per FFN when two BlockShuffle layers meet, kernels.blockshuffle_ffn; not even that where
+interleave.token_major_blocks has the last matmul write it token-major). The paper's op (Monarch's)
 copies for the shuffle and the interleave instead; at d 2048, 16384 tokens, 31% of the weights, on an H100
 that FFN took 3.28 ms of GPU time forward+backward against 2.13 ms feature-major (dense 5.18 ms;
 bench/results/structured_ffn_speed_nobias_events.md). At 16 tokens all kinds are slower than dense: see
@@ -465,8 +466,8 @@ class _Monarch(torch.autograd.Function):
     `in_fm` says x is (in, T) instead of (T, in) (a token-major x is read transposed, free), `out_fm` that the
     result stays (out, T) instead of being token-major (T, out). Two BlockShuffle layers in a row (an FFN)
     therefore change layout only at the FFN's output (kernels.blockshuffle_ffn), where interleave.token_major_blocks
-    writes it token-major (with one block, or a Hopper GPU, no copy; else kernels.transpose after the matmul) and
-    interleave.grad_blocks takes its gradient back."""
+    writes it token-major (with one block, or two on a Hopper GPU, no copy; else kernels.transpose after the
+    matmul) and interleave.grad_blocks takes its gradient back."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, bias, in_fm: bool, out_fm: bool):
@@ -522,7 +523,8 @@ class _Monarch(torch.autograd.Function):
 def monarch_product(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, in_fm: bool = False,
                     out_fm: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
     """BlockShuffle's product: x (T, in) or, with in_fm, (in, T); result (T, out) or, with out_fm, (out, T).
-    w1 (k, m/k, in/k), w2 (l, out/l, m/l). A bias (token-major results only) is added in the closing transpose.
+    w1 (k, m/k, in/k), w2 (l, out/l, m/l). A bias (token-major results only) is added where the result is written
+    token-major (interleave.token_major_blocks: the matmul, the kernel or the closing transpose).
     Under autocast all are cast to its dtype first."""
     if bias is not None and out_fm:
         raise ValueError("monarch_product adds a bias to a token-major result only (out_fm=False)")
