@@ -16,8 +16,9 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 from slimkit.structured import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, MergeChoice, SelfGuided,
-                                SelfGuidedSchedule, choose_merge, drop_guides, ffn_linears, load_structured, make_linear,
-                                premerge, replace_ffn, save_structured, set_progress, train_flops_per_token)
+                                SelfGuidedSchedule, choose_merge, drop_guides, ffn_linears, forward_flops,
+                                load_structured, make_linear, premerge, replace_ffn, save_structured, set_progress,
+                                train_flops_per_token)
 from slimkit.structured.premerge import merged_linear, mergeable_layers
 from tests.tiny_hf import tiny_inputs, tiny_model
 
@@ -420,6 +421,24 @@ def test_self_guided_equals_dense_at_start_and_structured_at_end():
     with torch.no_grad():
         sg.guide.weight.fill_(float("nan"))                                  # and the dense matmul is skipped
     assert torch.isfinite(sg(x)).all()
+
+
+def test_train_flops_of_a_self_guided_layer_alone_count_it_once():
+    """train_flops_per_token of a model that is itself one self-guided layer: the layer's FLOPs (guide included),
+    not those plus its inner structured layer's and its guide's again."""
+    sg = SelfGuided(make_linear("lowrank", 32, 64, 0.3))
+    assert train_flops_per_token(sg) == 3 * forward_flops(sg, 1) == train_flops_per_token(nn.Sequential(sg))
+    drop_guides(sg)
+    assert train_flops_per_token(sg) == 3 * forward_flops(sg.layer, 1)
+
+
+def test_merge_and_guide_refuse_a_layer_that_is_not_structured():
+    for call in (lambda: merged_linear(nn.Linear(8, 8)), lambda: choose_merge(nn.Linear(8, 8), 2),
+                 lambda: SelfGuided(nn.Linear(8, 8))):
+        with pytest.raises(SlimkitError, match="structured"):
+            call()
+    with pytest.raises(SlimkitError, match="SelfGuidedSchedule"):
+        SelfGuided(make_linear("lowrank", 32, 64, 0.3), "cosine")
 
 
 def test_drop_guides_frees_dense_params():

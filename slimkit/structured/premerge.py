@@ -67,6 +67,7 @@ def merged_linear(layer: nn.Module) -> nn.Module:
     save_pretrained / from_pretrained), in the layer's dtype whatever mode the caller is in: autocast off (the
     product in the layer's own precision, not autocast's dtype) and outside inference mode (ordinary parameters,
     which load, update in place and train)."""
+    _check_mergeable(layer, "merged_linear")
     with torch.inference_mode(False), torch.no_grad(), autocast_off(next(layer.parameters()).device):
         w = layer.dense_weight().detach()
         if _conv1d(layer):
@@ -85,6 +86,12 @@ def merged_linear(layer: nn.Module) -> nn.Module:
     if layer.bias is not None:
         out.bias.requires_grad_(layer.bias.requires_grad)
     return out.train(layer.training)      # in the mode of the model it goes into
+
+
+def _check_mergeable(layer, what: str) -> None:
+    if not isinstance(layer, MERGEABLE):
+        raise SlimkitError(f"{what} takes a structured or self-guided layer (StructuredLinear, SelfGuided), got "
+                           f"{type(layer).__name__}: for a whole model use premerge")
 
 
 def _where(layer: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -166,6 +173,7 @@ def choose_merge(layer: nn.Module, tokens: int, device=None, dtype: torch.dtype 
     """Time `layer` and its merged twin on `tokens` tokens (default: the layer's own device and dtype);
     merge only when the merged one is strictly faster. `graph=True` times both as CUDA-graph replays (on the
     CPU it changes nothing but the cache entry). Cached per kind, shapes, tokens, device, dtype and graph."""
+    _check_mergeable(layer, "choose_merge")
     _check_tokens(tokens)
     _check_min_run_time(min_run_time)
     device, dtype = _where(layer, device, dtype)

@@ -71,6 +71,11 @@ class SelfGuided(nn.Module):
     def __init__(self, layer: nn.Module, schedule: SelfGuidedSchedule | None = None, guide: nn.Linear | None = None,
                  init_guide: bool = True):
         super().__init__()
+        if not isinstance(layer, StructuredLinear):      # it reads the layer's dense_weight() and shapes
+            raise SlimkitError(f"SelfGuided guides a structured layer (make_linear / replace_ffn), got "
+                               f"{type(layer).__name__}")
+        if not (schedule is None or isinstance(schedule, SelfGuidedSchedule)):
+            raise SlimkitError(f"SelfGuided's schedule must be a SelfGuidedSchedule, got {schedule!r}")
         self.layer, self.schedule, self.share = layer, schedule or SelfGuidedSchedule(), 1.0
         if guide is None:  # the paper starts the guide at the structured layer's own matrix
             p = next(layer.parameters())
@@ -175,7 +180,7 @@ def _matmul_modules(model: nn.Module):
         if skip and any(name.startswith(s) for s in skip):
             continue
         if isinstance(m, (SelfGuided, StructuredLinear)):
-            skip += (name + ".",)
+            skip += (name + "." if name else "",)       # the model itself one such layer: it hides all the rest
             yield m
         elif isinstance(m, nn.Linear) or is_conv1d(m):
             yield m

@@ -106,6 +106,9 @@ class TrainConfig:
         if self.self_guided and self.ffn == "dense":
             raise SlimkitError("self-guided training guides a structured FFN: give --ffn lowrank, blockshuffle or "
                                "blockdense")
+        if self.self_guided:        # the schedule checks its curve, here before the run tokenises anything
+            from .self_guided import SelfGuidedSchedule
+            SelfGuidedSchedule(self.guide_fraction, self.guide_curve)
         if self.ffn_kernel not in FFN_KERNELS:
             raise SlimkitError(f"ffn_kernel must be one of {', '.join(FFN_KERNELS)}, got {self.ffn_kernel!r}")
         if self.ffn_kernel == "cublaslt":
@@ -871,7 +874,8 @@ def _drop_guides(raw: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, v
     state over by parameter name, exactly as a resume from a checkpoint taken here would."""
     msd, osd = _full_state(raw, opt, every_rank=True)
     torch.manual_seed(cfg.seed)
-    new_raw = build_model(cfg, vocab, guides_dropped=True).to(device)
+    # shaped as the weights it takes over (BlockShuffle layers resumed from a checkpoint of an earlier shape rule)
+    new_raw = build_model(cfg, vocab, guides_dropped=True, state=msd).to(device)
     keep = set(new_raw.state_dict())
     names = {n for n, _ in new_raw.named_parameters()}
     msd = {k: v for k, v in msd.items() if k in keep}
