@@ -316,6 +316,30 @@ def test_choose_pair_merge_keeps_ffn_classes_of_one_name_apart(monkeypatch):
     assert choose_pair_merge(own, tokens=5, min_run_time=0.01).merge == (True, True)
 
 
+def test_choose_pair_merge_times_each_ffn_kernel_and_gelu_form_apart(monkeypatch):
+    """The GPT MLP's forward runs otherwise with kernel 'cublaslt' or another GELU form: choose_pair_merge keeps a
+    choice per setting instead of reusing the one timed under the other."""
+    import copy
+    import importlib
+    from slimkit.structured import choose_pair_merge
+    from slimkit.structured.gpt import MLP as GPTMLP, GPTConfig
+    from slimkit.structured.premerge import _CACHE
+    _CACHE.clear()
+    torch.manual_seed(0)
+    eager = GPTMLP(GPTConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, ffn="gelu"))
+    eager.fc1, eager.fc2 = make_linear("lowrank", 32, 128, 0.32), make_linear("lowrank", 128, 32, 0.32)
+    lt, tanh = copy.deepcopy(eager), copy.deepcopy(eager)
+    lt.kernel, tanh.approximate = "cublaslt", "tanh"
+    best = {("eager", "none"): (False, False), ("cublaslt", "none"): (True, True), ("eager", "tanh"): (True, False)}
+
+    def fake(module, x, min_run_time, graph):       # each setting is fastest in another form
+        form = (isinstance(module.fc1, nn.Linear), isinstance(module.fc2, nn.Linear))
+        return 0.5 if form == best[module.kernel, module.approximate] else 1.0
+    monkeypatch.setattr(importlib.import_module("slimkit.structured.premerge"), "_median_ms", fake)
+    for m in (eager, lt, tanh, eager):
+        assert choose_pair_merge(m, tokens=5, min_run_time=0.01).merge == best[m.kernel, m.approximate]
+
+
 @gpu
 @pytest.mark.parametrize("ffn", [None, "lowrank", "blockshuffle", "blockdense"])
 def test_generate_graphed_equals_eager_on_gpu(ffn):

@@ -43,6 +43,7 @@ from .layers import StructuredLinear, autocast_off
 from .self_guided import SelfGuided
 
 MERGEABLE = (StructuredLinear, SelfGuided)
+RUN_SETTINGS = ("kernel", "approximate")     # an FFN module's attributes that choose how its forward runs
 _CACHE: dict[tuple, "MergeChoice"] = {}
 
 
@@ -207,7 +208,8 @@ def choose_pair_merge(module: nn.Module, tokens: int, device=None, dtype: torch.
                       min_run_time: float = 0.05, graph: bool = False) -> PairChoice:
     """Time the FFN `module` (one that names its two linears in `ffn_pair`) with neither, either and both of
     them merged, on `tokens` tokens, weights cold (as choose_merge); the fastest form wins, the structured one on
-    a tie. Cached per module type, the linears' kinds and shapes, tokens, device, dtype and graph."""
+    a tie. Cached per module type, its RUN_SETTINGS, the linears' kinds and shapes, tokens, device, dtype and
+    graph."""
     _check_tokens(tokens)
     _check_min_run_time(min_run_time)
     names = _pair(module)
@@ -216,8 +218,10 @@ def choose_pair_merge(module: nn.Module, tokens: int, device=None, dtype: torch.
                            "`ffn_pair` (e.g. ffn_pair = ('fc1', 'fc2')); use choose_merge for single layers")
     first = getattr(module, names[0])
     device, dtype = _where(first, device, dtype)
-    # the class itself, not its name: an FFN runs its class's forward, and two classes may share a name (MLP)
-    key = (type(module), names) + tuple(_key(getattr(module, n), tokens, device, dtype, graph) for n in names)
+    # the class itself, not its name: an FFN runs its class's forward, and two classes may share a name (MLP); and
+    # the settings that choose its path (slimkit's GPT MLP: the kernel, eager or cublaslt, and the GELU form)
+    runs = tuple(repr(getattr(module, a, None)) for a in RUN_SETTINGS)
+    key = (type(module), names, runs) + tuple(_key(getattr(module, n), tokens, device, dtype, graph) for n in names)
     if key not in _CACHE:
         base = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
         x = torch.randn(tokens, first.in_features, device=device, dtype=dtype)
