@@ -141,10 +141,22 @@ def test_gpt_shapes_and_flops():
         GPTConfig(d_model=30, n_head=4)
 
 
+def test_rmsnorm_gpt_computes_the_same_function_in_float64():
+    """RMSNorm's eps followed the dtype (float32's 1.2e-7, float64's 2.2e-16): at the residual stream's small
+    initial scale a float64 copy of an rmsnorm GPT differed from its float32 self by ~4e-4, not ~1e-6."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=64, seq_len=32, norm="rmsnorm")).eval()
+    x = torch.randint(0, 64, (2, 16))
+    ref = m.double()(x)[0]
+    err = (m.float()(x)[0].double() - ref).abs().max() / ref.std()
+    assert err < 2e-5, err
+
+
 @pytest.mark.parametrize("kw,match", [({"rope_base": 0.0}, "rope_base"), ({"rope_base": -5.0}, "rope_base"),
                                       ({"rope_base": float("nan")}, "rope_base"), ({"n_layer": 1.5}, "n_layer"),
                                       ({"vocab_size": 64.0}, "vocab_size"), ({"d_ff": 64.5}, "d_ff"),
-                                      ({"d_model": float("nan")}, "d_model")])
+                                      ({"d_model": float("nan")}, "d_model"), ({"dropout": None}, "dropout"),
+                                      ({"dropout": "0.1"}, "dropout"), ({"tie_embeddings": "false"}, "tie_embeddings")])
 def test_gpt_config_refuses_bad_values(kw, match):
     """A rope_base <= 0 or NaN made rotary tables of NaN that the model ran on silently; fractional sizes failed
     deep inside the layers' constructors."""

@@ -71,8 +71,11 @@ class GPTConfig:
             self.d_ff = 4 * self.d_model if self.ffn != "swiglu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
         if self.d_ff < 1:
             raise SlimkitError(f"GPTConfig.d_ff must be >= 1, got {self.d_ff}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise SlimkitError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.tie_embeddings, bool):     # a string such as "false" would tie silently
+            raise SlimkitError(f"GPTConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise SlimkitError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +93,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
-    return nn.LayerNorm(cfg.d_model) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.d_model)
+    # RMSNorm's eps pinned to the value float32 (and bf16/fp16, computed in float32) use by default: left None it
+    # follows the input's dtype, so a float64 copy of a model would compute a different function (2.2e-16)
+    return nn.LayerNorm(cfg.d_model) if cfg.norm == "layernorm" else \
+        nn.RMSNorm(cfg.d_model, eps=torch.finfo(torch.float32).eps)
 
 
 class Attention(nn.Module):
