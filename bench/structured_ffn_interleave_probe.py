@@ -46,9 +46,7 @@ def piece_rows(d: int, ratio: float, t: int, reps: int, dev) -> list[dict]:
     want = IL.token_major_blocks_reference(h.float(), w.float(), b.float())
 
     def bmm():
-        y = h.new_empty(S * L, t)
-        torch.bmm(w, h.view(R, L, t).transpose(0, 1), out=y.view(S, L, t).transpose(0, 1))
-        return y
+        return IL.feature_major_blocks(h, w)
     variants = {"bmm+transpose": lambda: transpose(bmm(), b), "token-major": lambda: IL.token_major_blocks(h, w, b),
                 "bmm": bmm}
     rows = []

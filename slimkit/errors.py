@@ -17,3 +17,12 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root + os.sep):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)
+
+
+def brief(e: BaseException, limit: int = 300) -> str:
+    """'Type: message' in at most about `limit` characters: a long message (a Triton compile error: the source
+    excerpt first, the cause last) keeps its start and its end."""
+    msg = str(e).strip()
+    if len(msg) > limit:
+        msg = msg[: limit // 3] + " ... " + msg[-(limit - limit // 3):]
+    return f"{type(e).__name__}: {msg}"

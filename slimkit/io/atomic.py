@@ -13,6 +13,13 @@ def nearest_existing(path) -> Path:
     return next(p for p in [Path(path), *Path(path).parents] if p.exists())
 
 
+def unwritable_part(path) -> Path | None:
+    """The nearest existing part of `path` where it cannot take new files (read-only, or not this user's), else
+    None: a folder to be written later is refused at once, not part-way through the work."""
+    near = nearest_existing(path)
+    return None if os.access(near, os.W_OK | os.X_OK) else near
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through write(tmp_path) to a temporary name in the same folder, then rename onto path. Whatever stops
     the write part-way (Ctrl-C, a full disk) leaves the file there before, if any, untouched and no temporary file;

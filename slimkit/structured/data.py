@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import SlimkitError
-from ..io.atomic import atomic_write, nearest_existing  # noqa: F401  (train.py takes atomic_write from here)
+from ..io.atomic import atomic_write, unwritable_part  # noqa: F401  (train.py takes atomic_write from here)
 from ..text import _read as read_text
 from ..text import TEXT_SUFFIXES, path_score, text_files
 
@@ -220,8 +220,8 @@ def prepare_corpus(corpus: str | Path, data_dir: Optional[str | Path] = None, to
     cached = _cached(out, settings)
     if cached is not None:
         return cached
-    near = nearest_existing(out)
-    if not os.access(near, os.W_OK | os.X_OK):     # before the tokenizer is trained, not after
+    near = unwritable_part(out)
+    if near is not None:     # before the tokenizer is trained, not after
         raise SlimkitError(f"cannot write the token files into {out}: {near} is read-only (or not yours); give "
                            "a folder you can write (--out / --data-dir)")
 

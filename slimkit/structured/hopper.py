@@ -44,7 +44,7 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import warn
+from ..errors import brief, warn
 
 try:
     import triton
@@ -144,8 +144,7 @@ def _guarded(what: str, launch, device: torch.device) -> bool:
     except Exception as e:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise
-        msg = str(e).strip()            # Triton's compile errors end with the cause (source excerpt first)
-        FAILED = f"{type(e).__name__}: {msg if len(msg) <= 300 else msg[:100] + ' ... ' + msg[-200:]}"
+        FAILED = brief(e)
         warn(f"slimkit's Hopper kernel for {what} failed to build or launch ({FAILED}); the structured FFNs use "
              "cuBLASLt's per-block epilogue matmuls for the rest of this process (SLIMKIT_HOPPER_KERNELS=0 skips "
              "the attempt)")

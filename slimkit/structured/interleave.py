@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ..errors import warn
+from ..errors import brief, warn
 
 try:
     import triton
@@ -129,8 +129,7 @@ def _kernel(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config:
     except Exception as e:
         if h.is_cuda and torch.cuda.is_current_stream_capturing():
             raise
-        msg = str(e).strip()
-        FAILED = f"{type(e).__name__}: {msg if len(msg) <= 300 else msg[:100] + ' ... ' + msg[-200:]}"
+        FAILED = brief(e)
         warn(f"slimkit's kernel for BlockShuffle's token-major output failed to build or launch ({FAILED}); "
              "a batched matmul and a transpose take its place for the rest of this process "
              "(SLIMKIT_INTERLEAVE=0 skips the attempt)")
@@ -150,10 +149,17 @@ def token_major_blocks(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
         if y is not None:
             return y
     from .kernels import transpose      # kernels imports layers, which imports this module's users
+    return transpose(feature_major_blocks(h, w), bias)
+
+
+def feature_major_blocks(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The second factor w (L, S, R) on the feature-major middle h (R L, T), feature-major: (S L, T), block j's
+    row s at row s L + j; one batched matmul on strided views, no copy."""
+    L, S, R = w.shape
     t = h.shape[1]
     y = h.new_empty(S * L, t)
     torch.bmm(w, h.view(R, L, t).transpose(0, 1), out=y.view(S, L, t).transpose(0, 1))
-    return transpose(y, bias)
+    return y
 
 
 def grad_blocks(dout: torch.Tensor, w_shape: torch.Size, bias_grad: bool):

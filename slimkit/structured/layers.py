@@ -56,7 +56,7 @@ from torch import nn
 
 from ..core.wrap import is_conv1d
 from ..errors import SlimkitError
-from .interleave import grad_blocks, token_major_blocks
+from .interleave import feature_major_blocks, grad_blocks, token_major_blocks
 
 KINDS = ("dense", "lowrank", "blockshuffle", "blockdense")
 INIT_STD = 0.02   # configs/model/gpt2.yaml: initializer_range
@@ -471,18 +471,14 @@ class _Monarch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, bias, in_fm: bool, out_fm: bool):
-        (k, q, p), (l, s, r) = w1.shape, w2.shape
+        k, q, p = w1.shape
         t = x.shape[1] if in_fm else x.shape[0]
         xb = x.view(k, p, t) if in_fm else x.view(t, k, p).permute(1, 2, 0)
         h = x.new_empty(k * q, t)
         torch.bmm(w1, xb, out=h.view(k, q, t))
         ctx.save_for_backward(x, w1, w2, h)
         ctx.in_fm, ctx.out_fm, ctx.bias_dtype = in_fm, out_fm, None if bias is None else bias.dtype
-        if not out_fm:
-            return token_major_blocks(h, w2, bias)
-        y = x.new_empty(l * s, t)
-        torch.bmm(w2, h.view(r, l, t).transpose(0, 1), out=y.view(s, l, t).transpose(0, 1))
-        return y
+        return feature_major_blocks(h, w2) if out_fm else token_major_blocks(h, w2, bias)
 
     @staticmethod
     def backward(ctx, dy):

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SlimkitError
-from ..io.atomic import nearest_existing
+from ..io.atomic import nearest_existing, unwritable_part
 from .data import BatchSampler, Corpus, atomic_write, eval_windows, open_corpus, prepare_corpus
 from .gpt import FFN_KERNELS, GPT, GPTConfig, set_ffn_kernel
 
@@ -657,8 +657,8 @@ def _check_folder(path, flag: str) -> None:
 def _check_writable(path, flag: str) -> None:
     """A folder the run will write: the nearest part of its path that exists must take new files (a read-only
     filesystem or folder fails at once, not at the first checkpoint, hours in)."""
-    p = nearest_existing(path)
-    if not os.access(p, os.W_OK | os.X_OK):
+    p = unwritable_part(path)
+    if p is not None:
         raise SlimkitError(f"{flag}: cannot write in {p} (read-only, or not yours): give a folder you can write")
 
 
