@@ -1032,3 +1032,62 @@ def test_compiled_block_layers_do_not_recompile_every_call(kind):
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(3):
             calls()
+
+
+@pytest.mark.parametrize("kind,ratio", [("blockshuffle", 0.25), ("blockshuffle", 0.3125), ("blockshuffle", 0.5),
+                                        ("blockdense", 0.25), ("lowrank", 0.3)])
+def test_compiled_ffn_is_one_graph_and_matches_eager(kind, ratio):
+    """torch.compile takes a structured FFN's forward and backward whole: no graph break (the strided out= matmuls
+    run as the custom op slimkit::bmm_t01; before, each one broke the graph, 8-11 graphs an FFN), and the compiled
+    forward and gradients equal the eager ones."""
+    import torch._dynamo
+    from slimkit.structured.kernels import eager_ffn
+    torch.manual_seed(0)
+    fc1, fc2 = make_linear(kind, 64, 256, ratio), make_linear(kind, 256, 64, ratio)
+    params = [*fc1.parameters(), *fc2.parameters()]
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn_like(p))       # biases nonzero, so their gradients are checked as well
+
+    def f(x):
+        return eager_ffn(fc1, fc2, x, "tanh")
+    x, g = torch.randn(40, 64, requires_grad=True), torch.randn(40, 64)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(f)(x)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [b.reason for b in ex.break_reasons]
+
+    def run(fn):
+        x.grad = None
+        for p in params:
+            p.grad = None
+        y = fn(x)
+        y.backward(g)
+        return [y.detach(), x.grad, *(p.grad for p in params)]
+    torch._dynamo.reset()
+    got, want = run(torch.compile(f, backend="aot_eager", dynamic=False)), run(f)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_bmm_t01_custom_op():
+    """slimkit::bmm_t01 (what torch.compile sees of the strided-output matmuls): its fake (shape) function, schema
+    and autograd registration pass torch.library.opcheck, and it equals the matmul written through the view."""
+    from slimkit.structured.interleave import bmm_t01
+    a, b = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.slimkit.bmm_t01.default, (a, b, [5, 18], [5, 3, 6]))
+    y = bmm_t01(a, b, (5, 18), (5, 3, 6))
+    assert y.is_contiguous() and y.shape == (5, 18)
+    torch.testing.assert_close(y.view(5, 3, 6), torch.bmm(a, b).transpose(0, 1), rtol=0, atol=0)
+
+
+def test_compiled_self_guided_gpt_is_one_graph():
+    """train-lm --compile's model: a GPT whose FFNs are self-guided BlockShuffle layers compiles to one graph."""
+    import torch._dynamo
+    from slimkit.structured.gpt import GPT, GPTConfig
+    from slimkit.structured.replace import replace_ffn
+    torch.manual_seed(0)
+    m = replace_ffn(GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=64, seq_len=16)), "blockshuffle",
+                    0.3125, self_guided=True)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(m)(torch.randint(0, 64, (2, 16)))
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [b.reason for b in ex.break_reasons]

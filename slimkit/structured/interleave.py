@@ -41,6 +41,29 @@ KERNEL_BLOCKS = 2                 # the block count the kernel interleaves (four
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
+def _bmm_t01(a: torch.Tensor, b: torch.Tensor, shape: list, vshape: list) -> torch.Tensor:
+    y = a.new_empty(shape)
+    torch.bmm(a, b, out=y.view(vshape).transpose(0, 1))
+    return y
+
+
+# torch.compile does not trace a matmul into a strided out= view (it breaks the graph there, once per call site,
+# and the autograd Functions that hold them run as their own graphs): as a custom op it is one opaque node, run as
+# eagerly, and the graph around it stays whole (Inductor fuses the bias, GELU and reductions beside it).
+_bmm_t01_op = torch.library.custom_op("slimkit::bmm_t01", _bmm_t01, mutates_args=(),
+                                      schema="(Tensor a, Tensor b, SymInt[] shape, SymInt[] vshape) -> Tensor")
+_bmm_t01_op.register_fake(lambda a, b, shape, vshape: a.new_empty(shape))
+
+
+def bmm_t01(a: torch.Tensor, b: torch.Tensor, shape, vshape) -> torch.Tensor:
+    """torch.bmm(a, b) (n, r, c) written into a fresh contiguous tensor of `shape` through its view(vshape) with
+    dims 0 and 1 swapped (vshape = (r, n, c)): a batched matmul that lands token-major or interleaved with no copy
+    (cuBLAS's strided-batched output). Under torch.compile, the custom op slimkit::bmm_t01 (the same call)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.slimkit.bmm_t01(a, b, list(shape), list(vshape))
+    return _bmm_t01(a, b, shape, vshape)
+
+
 def token_major_blocks_reference(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y (T, S L): y[t, s L + j] = sum_r w[j, s, r] h[r L + j, t] (+ bias[s L + j]), in h's dtype."""
     L, S, R = w.shape
@@ -157,9 +180,7 @@ def feature_major_blocks(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     row s at row s L + j; one batched matmul on strided views, no copy."""
     L, S, R = w.shape
     t = h.shape[1]
-    y = h.new_empty(S * L, t)
-    torch.bmm(w, h.view(R, L, t).transpose(0, 1), out=y.view(S, L, t).transpose(0, 1))
-    return y
+    return bmm_t01(w, h.view(R, L, t).transpose(0, 1), (S * L, t), (S, L, t))
 
 
 def grad_blocks(dout: torch.Tensor, w_shape: torch.Size, bias_grad: bool):

@@ -66,8 +66,9 @@ FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)    # what the kerne
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels run for x: Triton present, not disabled, x on CUDA (or interpreted, for tests)."""
-    return triton is not None and ENABLED and (x.is_cuda or INTERPRET)
+    """Whether the Triton kernels run for x: Triton present, not disabled, x on CUDA (or interpreted, for tests), and
+    not while torch.compile traces (Inductor fuses the same elementwise passes into its own kernels there)."""
+    return triton is not None and ENABLED and (x.is_cuda or INTERPRET) and not torch.compiler.is_compiling()
 
 
 # ---------- PyTorch references ----------
@@ -673,6 +674,8 @@ def _small_ffn(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str
     SMALL_EAGER, and in any CUDA-graph capture only for an FFN call it already ran for outside one (a capture is no
     place to compile a kernel, nor to find that it does not build). A kernel that fails to build warns once and
     turns the small-token kernels off for the rest of the process."""
+    if torch.compiler.is_compiling():    # traced: the layers' path, whose ops torch.compile takes in
+        return None
     capturing = _capturing(x)
     if not (capturing or SMALL_EAGER or _GRAPH_WARMUP[0]):     # an eager call: the layers' path, nothing checked
         return None

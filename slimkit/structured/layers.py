@@ -56,7 +56,7 @@ from torch import nn
 
 from ..core.wrap import is_conv1d
 from ..errors import SlimkitError
-from .interleave import feature_major_blocks, grad_blocks, token_major_blocks
+from .interleave import bmm_t01, feature_major_blocks, grad_blocks, token_major_blocks
 
 KINDS = ("dense", "lowrank", "blockshuffle", "blockdense")
 INIT_STD = 0.02   # configs/model/gpt2.yaml: initializer_range
@@ -366,9 +366,11 @@ def block_diag_product(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | Non
     """y[t, k] = w[k] @ x[t, k], x (T, b, p), w (b, q, p) -> y (T, b, q), one bmm reading and writing token-major
     views (no autograd: _BlockDiagMM and the fused FFN paths call it). `out`: a (T, b, q) view to write into, rows
     of any stride (a block of columns of a wider buffer)."""
-    y = x.new_empty(x.shape[0], w.shape[0], w.shape[1]) if out is None else out
-    torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out=y.transpose(0, 1))
-    return y
+    if out is None:
+        shape = (x.shape[0], w.shape[0], w.shape[1])
+        return bmm_t01(x.transpose(0, 1), w.transpose(1, 2), shape, shape)
+    torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out=out.transpose(0, 1))
+    return out
 
 
 class _BlockDiagMM(torch.autograd.Function):
@@ -391,8 +393,7 @@ class _BlockDiagMM(torch.autograd.Function):
         dy_b = dy.contiguous().transpose(0, 1)                      # (b, T, q)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = x.new_empty(x.shape)
-            torch.bmm(dy_b, w, out=dx.transpose(0, 1))
+            dx = bmm_t01(dy_b, w, x.shape, x.shape)
         if ctx.needs_input_grad[1]:
             dw = torch.bmm(dy_b.transpose(1, 2), x.transpose(0, 1))
         return dx, dw
@@ -474,8 +475,7 @@ class _Monarch(torch.autograd.Function):
         k, q, p = w1.shape
         t = x.shape[1] if in_fm else x.shape[0]
         xb = x.view(k, p, t) if in_fm else x.view(t, k, p).permute(1, 2, 0)
-        h = x.new_empty(k * q, t)
-        torch.bmm(w1, xb, out=h.view(k, q, t))
+        h = torch.bmm(w1, xb).view(k * q, t)
         ctx.save_for_backward(x, w1, w2, h)
         ctx.in_fm, ctx.out_fm, ctx.bias_dtype = in_fm, out_fm, None if bias is None else bias.dtype
         return feature_major_blocks(h, w2) if out_fm else token_major_blocks(h, w2, bias)
@@ -501,18 +501,15 @@ class _Monarch(torch.autograd.Function):
         dw2 = torch.bmm(dyv, hv.transpose(1, 2)) if ctx.needs_input_grad[2] else None
         dx = dw1 = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dh = x.new_empty(k * q, t)
-            torch.bmm(w2.transpose(1, 2), dyv, out=dh.view(r, l, t).transpose(0, 1))
+            dh = bmm_t01(w2.transpose(1, 2), dyv, (k * q, t), (r, l, t))
             dhb = dh.view(k, q, t)
             if ctx.needs_input_grad[1]:
                 dw1 = torch.bmm(dhb, xb.transpose(1, 2))
             if ctx.needs_input_grad[0]:
                 if ctx.in_fm:
-                    dx = x.new_empty(k * p, t)
-                    torch.bmm(w1.transpose(1, 2), dhb, out=dx.view(k, p, t))
+                    dx = torch.bmm(w1.transpose(1, 2), dhb).view(k * p, t)
                 else:
-                    dx = x.new_empty(t, k * p)
-                    torch.bmm(dhb.transpose(1, 2), w1, out=dx.view(t, k, p).transpose(0, 1))
+                    dx = bmm_t01(dhb.transpose(1, 2), w1, (t, k * p), (t, k, p))
         return dx, dw1, dw2, db, None, None
 
 
