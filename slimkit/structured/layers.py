@@ -339,11 +339,17 @@ def regrad(reference, inputs: tuple, needs: tuple, grad_out: torch.Tensor) -> tu
     return tuple(result)
 
 
+def has_autocast(device_type: str) -> bool:
+    """torch.amp.is_autocast_available, answered without the call for CUDA and the CPU, which always have autocast:
+    torch.compile before torch 2.13 does not trace that call and broke the graph at each one."""
+    return device_type in ("cuda", "cpu") or torch.amp.is_autocast_available(device_type)
+
+
 def autocasts(x: torch.Tensor) -> bool:
     """Whether autocast, if on for x's device, casts a matmul reading x: float64 it leaves alone, as F.linear's
     autocast does."""
     dev = x.device.type       # "meta" has no autocast, and asking whether it is on there raises
-    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) and x.dtype != torch.float64
+    return has_autocast(dev) and torch.is_autocast_enabled(dev) and x.dtype != torch.float64
 
 
 def autocast_off(device: torch.device):
@@ -353,7 +359,7 @@ def autocast_off(device: torch.device):
     out= matmuls it does not trace): the context object this returns is then guarded by identity and, freed after
     each call, makes every call recompile (on CUDA: 150 ms a forward until the recompile limit). There
     block_diag_mm and monarch_product write `with torch.autocast(...)` in the function itself, which it handles."""
-    if torch.amp.is_autocast_available(device.type):
+    if has_autocast(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -408,7 +414,7 @@ def block_diag_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x, w = x.to(dt), w.to(dt)
     if x.stride(-1) != 1 or x.stride(0) < x.shape[1] * x.shape[2]:
         x = x.contiguous()
-    if torch.amp.is_autocast_available(dev):      # torch.autocast itself, here: see autocast_off
+    if has_autocast(dev):      # torch.autocast itself, here: see autocast_off
         with torch.autocast(dev, enabled=False):
             return _BlockDiagMM.apply(x, w)
     return _BlockDiagMM.apply(x, w)
@@ -528,7 +534,7 @@ def monarch_product(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, in_fm: 
         bias = None if bias is None else bias.to(dt)
     elif bias is not None:
         bias = bias.to(x.dtype)
-    if torch.amp.is_autocast_available(dev):      # torch.autocast itself, here: see autocast_off
+    if has_autocast(dev):      # torch.autocast itself, here: see autocast_off
         with torch.autocast(dev, enabled=False):
             return _Monarch.apply(x.contiguous(), w1, w2, bias, in_fm, out_fm)
     return _Monarch.apply(x.contiguous(), w1, w2, bias, in_fm, out_fm)
