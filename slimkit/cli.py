@@ -525,7 +525,8 @@ def train_lm(
     if int(os.environ.get("RANK", "0")) != 0:      # under torchrun: one summary, from rank 0
         return
     Console().print(f"val ppl {report['val_ppl']:.2f}, train ppl {report['train_ppl']:.2f}, {report['tokens']:,} tokens, "
-                    f"{report['train_flops']:.3g} training FLOPs, {report['wall_s']:.0f} s; report in {out}/report.json")
+                    f"{report['train_flops']:.3g} training FLOPs, {report['wall_s']:.3g} s of training steps (evaluations and "
+                    f"checkpoints not counted); report in {out}/report.json")
 
 
 @app.command(name="generate-lm", help="Continue a prompt with a GPT trained by train-lm (the latest checkpoint of "

@@ -96,6 +96,15 @@ def test_tokenise_round_trip_and_files(corpus):
     assert not [p for p in data.iterdir() if p.name.startswith(".")]
 
 
+def test_small_bpe_vocab_refused_before_any_work(tmp_path, capsys):
+    """A BPE vocabulary that cannot hold the 256 bytes and the end-of-text token is refused before the corpus is
+    read or the 'training a BPE' progress line is printed."""
+    (tmp_path / "a.txt").write_text("some text " * 50)
+    with pytest.raises(SlimkitError, match="vocab_size > 257"):
+        prepare_corpus(tmp_path, tmp_path / "out", vocab_size=100, progress=True)
+    assert "training" not in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
 def test_empty_corpus_errors(tmp_path):
     with pytest.raises(SlimkitError, match="holds no non-empty text files"):
         prepare_corpus(tmp_path, tmp_path / "out", progress=False)
@@ -432,6 +441,7 @@ def test_a_refused_resume_leaves_the_data_folder_alone(corpus, tmp_path):
                                       ({"dropout": 1.5}, "dropout must"), ({"val_percent": 100}, "val_percent must"),
                                       ({"seed": -1}, "seed must be"), ({"d_ff": 0}, "d_ff must be"),
                                       ({"eval_tokens": 0}, "eval_tokens must be >= 1"),
+                                      ({"eval_tokens": 16}, r"eval_tokens \(16\) is below seq_len \(32\)"),
                                       ({"device": "meta"}, "device must be"), ({"device": "foo"}, "device must be"),
                                       ({"ffn": "lowrank", "param_ratio": 1.5}, r"fc1 \(32 -> 128\): lowrank: param_ratio"),
                                       ({"ffn": "blockdense", "nblocks": 3}, r"fc1 \(32 -> 128\): blockdense: nblocks=3")])

@@ -38,12 +38,16 @@ FORMAT = 1  # bump when the token files' layout changes: old caches are then reb
 
 # --- tokenizers -------------------------------------------------------------------------------------------------
 
+def check_bpe_vocab(vocab_size: int) -> None:
+    if vocab_size < 257 + 1:
+        raise SlimkitError(f"a byte-level BPE needs vocab_size > 257 (256 bytes + {EOT}), got {vocab_size}")
+
+
 def train_bpe(texts: list[str], vocab_size: int):
     """A byte-level BPE (GPT-2 style: every byte encodable, exact decode) trained on texts, with EOT as id 0."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257 + 1:
-        raise SlimkitError(f"a byte-level BPE needs vocab_size > 257 (256 bytes + {EOT}), got {vocab_size}")
+    check_bpe_vocab(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -206,6 +210,8 @@ def prepare_corpus(corpus: str | Path, data_dir: Optional[str | Path] = None, to
                            f"({', '.join(TEXT_SUFFIXES)}, or those .gz)")
     if not 0 <= val_percent < 100:
         raise SlimkitError(f"val_percent must be in [0, 100), got {val_percent}")
+    if tokenizer == "bpe":
+        check_bpe_vocab(vocab_size)     # before any file is read or the progress line is printed
     files = [p for p in text_files(root) if p.stat().st_size > 0]
     if not files:
         raise SlimkitError(f"{root} holds no non-empty text files ({', '.join(TEXT_SUFFIXES)}, or those .gz): put "

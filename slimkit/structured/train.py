@@ -122,6 +122,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise SlimkitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_tokens < self.seq_len:
+            raise SlimkitError(f"eval_tokens ({self.eval_tokens}) is below seq_len ({self.seq_len}): evaluation reads "
+                               "whole windows of seq_len tokens; give at least seq_len")
         if self.warmup < 0 or self.eval_every < 0 or self.ckpt_every < 0:
             raise SlimkitError("warmup, eval_every and ckpt_every must be >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
