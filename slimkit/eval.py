@@ -85,12 +85,19 @@ def check_data(model: nn.Module, x, labels=None) -> None:
     out = check_runs(model, x[:2], "evaluation inputs")
     if labels is not None and len(labels):
         scores, is_logits = model_output(out)
+        if scores.dim() != 2:
+            raise SlimkitError(f"top-1 accuracy needs one row of class scores per sample, (N, classes); the model "
+                               f"outputs {tuple(scores.shape[1:])} per sample (a segmentation map, a sequence ...): "
+                               "evaluate it on inputs without labels (fidelity to FP only)")
         if is_logits and int(labels.max()) >= scores.shape[-1]:
             raise SlimkitError(f"label {int(labels.max())} is out of range: the model scores {scores.shape[-1]} "
                                "classes")
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    if logits.dim() != 2:
+        raise SlimkitError(f"top-1 accuracy needs one row of class scores per sample, (N, classes); got outputs of "
+                           f"shape {tuple(logits.shape)}")
     if labels.dim() != 1 or len(labels) != len(logits):
         raise SlimkitError(f"labels of shape {tuple(labels.shape)} do not fit {len(logits)} predictions: give one "
                            "class index per sample")

@@ -105,10 +105,12 @@ def _finite_where_float_is(q_model: nn.Module, fp_model: nn.Module, x: torch.Ten
     return q.shape != f.shape or bool((torch.isfinite(q) | ~torch.isfinite(f)).all())
 
 
-def layer_plans(order: list[str], cfg: QuantConfig) -> dict[str, LayerPlan]:
+def layer_plans(order: list[str], cfg: QuantConfig, modules: dict[str, nn.Module]) -> dict[str, LayerPlan]:
     """Bits and granularity for each layer; the first and last layer get `first_last_bits`. The first layer's
     input, the model's own input (already 8-bit pixels for images), is not quantized, as in QDrop's and BRECQ's
-    code (with first_last_bits None it takes a_bits like the rest)."""
+    code (with first_last_bits None it takes a_bits like the rest). Per-channel activations are a conv input's
+    axis 1 (N, C, H, W) and a linear layer's last axis, its in_features (N, ..., D): axis 1 of a ViT's (N, L, D)
+    tokens would be the token positions."""
     plans = {}
     kept = [n for n in order if n not in cfg.skip]
     for name in kept:     # the model's own first and last layer: skipping one promotes no other to 8 bits
@@ -118,7 +120,9 @@ def layer_plans(order: list[str], cfg: QuantConfig) -> dict[str, LayerPlan]:
         if cfg.first_last_bits is not None and name == order[0]:
             a_bits = None
         w_spec = QuantSpec(w_bits, cfg.w_symmetric, cfg.w_granularity, cfg.w_group_size, ch_axis=0)
-        a_spec = None if a_bits is None else QuantSpec(a_bits, cfg.a_symmetric, cfg.a_granularity, cfg.w_group_size, ch_axis=1)
+        a_axis = -1 if cfg.a_granularity == "channel" and not isinstance(modules.get(name), nn.Conv2d) else 1
+        a_spec = None if a_bits is None else QuantSpec(a_bits, cfg.a_symmetric, cfg.a_granularity, cfg.w_group_size,
+                                                       ch_axis=a_axis)
         plans[name] = LayerPlan(w_spec, a_spec, cfg.w_observer, cfg.a_observer)
     return plans
 
@@ -201,6 +205,13 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
     example = data[:2].to(device)
     check_runs(fp_model, example)
     folded = fold_bn(fp_model, example) if cfg.fold_bn else []
+    with torch.no_grad():
+        bad = [(c, b) for c, b in folded if not all(bool(torch.isfinite(t).all()) for t in
+                                                    (fp_model.get_submodule(c).weight, fp_model.get_submodule(c).bias))]
+    if bad:
+        raise SlimkitError(f"BatchNorm {bad[0][1]} has running statistics that are not finite (or a negative "
+                           f"running_var): folded into {bad[0][0]}, they give it NaN or inf weights, which a "
+                           "quantization grid cannot hold; fix the model's BatchNorm statistics first")
     modules = layer_modules(fp_model)
     other = sorted({type(m).__name__ for m in fp_model.modules()
                     if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd))})
@@ -217,7 +228,14 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
         raise SlimkitError(f"skip names {unknown[0]!r}, which is not a Linear/Conv2d of the model: give the module "
                            f"path of a quantized layer (as `print(model)` names it, e.g. 'fc' or 'layer1.0.conv1')")
     order = layer_order(fp_model, example, called_only=True)     # a layer never called stays float
-    plans = layer_plans(order, cfg)
+    uncalled = [n for n in modules if n not in order and n not in cfg.skip]
+    if uncalled:
+        mha = any(isinstance(m, nn.MultiheadAttention) for m in fp_model.modules())
+        warn(f"{len(uncalled)} Linear/Conv2d layer(s) never run their forward on the calibration inputs and stay "
+             f"float ({', '.join(uncalled[:4])}{', ...' if len(uncalled) > 4 else ''})"
+             + ("; nn.MultiheadAttention reads its projections' weights itself (in_proj_weight, out_proj): they stay "
+                "float" if mha else ""))
+    plans = layer_plans(order, cfg, modules)
     check_groups(modules, plans)
     convs = [n for n, p in plans.items() if p.a_spec is not None and p.a_spec.granularity == "token"
              and isinstance(modules[n], nn.Conv2d)]
@@ -233,6 +251,13 @@ def prepare(model: nn.Module, data: torch.Tensor, cfg: QuantConfig, device: torc
         attach_entries(q_model, find_blocks(q_model, example, block_names=cfg.blocks)[0], example)
     mask_pruned(wrapped, (getattr(model, "slimkit_info", None) or {}).get("sparsity"))   # a sparsified model
     calibrate_activations(q_model, data[: cfg.act_calib_samples], device, progress=cfg.progress)
+    bad = [n for n, layer in wrapped.items() if layer.a_quant is not None
+           and not bool((torch.isfinite(layer.a_quant.scale) & (layer.a_quant.scale > 0)).all())]
+    if bad:     # (slimkit.load refuses such steps: the artifact could be saved but never loaded)
+        raise SlimkitError(f"the input of layer {bad[0]} is not finite on the calibration data (NaN or inf"
+                           f"{f', and in {len(bad) - 1} more layer(s)' if len(bad) > 1 else ''}): the float model "
+                           "computes it there (a BatchNorm with NaN or negative running_var, a log or division by "
+                           "zero ...); fix the model first")
     return fp_model, q_model, folded
 
 

@@ -989,3 +989,110 @@ def test_the_review_cases_still_quantize(data):
         slimkit.quantize(_Twice().eval(), x, method="rtn", progress=False)
     folds = [w for w in record if "BatchNorm folding" in str(w.message)]
     assert folds and all(w.filename == __file__ for w in folds)
+
+
+def test_a_parametrized_model_reloads_from_its_artifact(tmp_path, data):
+    """A model under torch.nn.utils.parametrizations is compressed as the plain weights it computes, and the
+    float instance the user passes to slimkit.load (the same class: with its parametrizations) takes them: the
+    reload refused every such artifact ('missing ... parametrizations.weight.original0')."""
+    q = slimkit.quantize(_weight_normed(), data, method="rtn", w_bits=4, a_bits=8, progress=False)
+    slimkit.save(q, tmp_path / "q")
+    sparse = slimkit.sparsify(_weight_normed(), method="erk", sparsity=0.5)
+    slimkit.save(sparse, tmp_path / "s")
+    x = data[:8]
+    with torch.no_grad():
+        assert torch.equal(slimkit.load(tmp_path / "q", model=_weight_normed())(x), q(x))
+        assert torch.equal(slimkit.load(tmp_path / "s", model=_weight_normed())(x), sparse(x))
+    assert nn.utils.parametrize.is_parametrized(_weight_normed()[0])       # (the caller's instances keep theirs)
+
+
+class _Tokens(nn.Module):
+    """Linear layers on (N, L, D) tokens, as in a ViT or a ConvNeXt's channels-last MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.mid(torch.relu(self.inp(x)))).mean(1))
+
+
+def test_per_channel_activation_steps_of_a_linear_layer_are_per_feature(tmp_path):
+    """a_granularity 'channel' gives a linear layer one step per input feature (its last axis), not one per token
+    position (axis 1 of (N, L, D)), which tied the model to the calibration sequence length; a conv's stay per
+    channel (axis 1)."""
+    torch.manual_seed(0)
+    model, x = _Tokens().eval(), torch.randn(64, 5, 6)
+    q = slimkit.quantize(model, x, method="qdrop", w_bits=4, a_bits=4, a_granularity="channel", iters=5,
+                         first_last_bits=None, progress=False)
+    assert q.mid.a_quant.scale.numel() == 12 and q.out.a_quant.scale.numel() == 12
+    longer = torch.randn(3, 9, 6)
+    with torch.no_grad():
+        out = q(longer)             # another length runs (the steps were one per position, 5 of them)
+    slimkit.save(q, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(slimkit.load(tmp_path / "q", model=_Tokens())(longer), out)
+    conv = slimkit.quantize(tiny_net(), torch.randn(32, 1, 10, 10), method="rtn", a_granularity="channel",
+                            progress=False)
+    assert conv[3].conv2.a_quant.scale.numel() == 8 and conv[7].a_quant.scale.numel() == 8
+
+
+def test_nonfinite_batchnorm_statistics_are_refused_before_the_work(tmp_path, data):
+    """A BatchNorm whose running statistics are NaN / inf or whose running_var is negative made NaN weights (folded)
+    or NaN activations: quantize returned a model slimkit.save wrote and slimkit.load then refused as corrupt."""
+    def broken(value, name="running_var"):
+        m = tiny_net()
+        getattr(m[3].bn1, name)[0] = value
+        return m
+
+    for model in (broken(float("nan")), broken(-1.0), broken(float("inf"), "running_mean")):
+        with pytest.raises(slimkit.SlimkitError, match=r"BatchNorm 3\.bn1 has running statistics that are not "
+                                                       r"finite.*folded into 3\.conv1"):
+            slimkit.quantize(model, data, method="rtn", progress=False)
+    with pytest.raises(slimkit.SlimkitError, match=r"the input of layer 3\.conv2 is not finite on the calibration"):
+        slimkit.quantize(broken(float("nan")), data, method="rtn", fold_bn=False, progress=False)
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn, self.head = nn.Linear(6, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+        self.unused = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_layers_never_called_are_named_as_float(data):
+    """nn.MultiheadAttention's out_proj (whose weight the attention reads) and a layer the forward never calls stay
+    float: every method says so, and the reconstruction methods no longer claim they 'keep round-to-nearest
+    codes'."""
+    import warnings
+    torch.manual_seed(0)
+    x = torch.randn(32, 5, 6)
+    for method in ("rtn", "adaround", "qdrop"):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            q = slimkit.quantize(_Attention().eval(), x, method=method, iters=2, progress=False)
+        messages = [str(w.message) for w in record]
+        assert "attn.out_proj" not in quant_layers(q) and "unused" not in quant_layers(q)
+        assert any("2 Linear/Conv2d layer(s) never run their forward" in m and "attn.out_proj, unused" in m
+                   and "MultiheadAttention" in m for m in messages), messages
+        assert not any("round-to-nearest" in m for m in messages), messages
+
+
+def test_accuracy_of_a_dense_output_is_refused_clearly():
+    """Labels with a model whose output is no (N, classes) row per sample (a segmentation map) get a clear error,
+    not a broadcasting RuntimeError from inside evaluate (and `slimkit quantize --eval-data` fails before the
+    work)."""
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x, y = torch.randn(6, 1, 10, 10), torch.randint(0, 2, (6,))
+    from slimkit.eval import check_data
+    with pytest.raises(slimkit.SlimkitError, match=r"top-1 accuracy needs one row of class scores per sample.*"
+                                                   r"\(2, 10, 10\) per sample"):
+        check_data(seg, x, y)
+    with pytest.raises(slimkit.SlimkitError, match=r"top-1 accuracy needs one row"):
+        slimkit.evaluate(seg, x, y)
+    assert slimkit.evaluate(seg, x, reference=seg)["agreement"] == 1.0      # without labels: fidelity as before

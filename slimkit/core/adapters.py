@@ -140,9 +140,13 @@ def find_blocks(model: nn.Module, example: torch.Tensor, granularity: str = "blo
     return blocks, skipped
 
 
-def warn_skipped(skipped: list[str], method: str) -> None:
-    """Layers reconstruction cannot take (called more than once, e.g. shared, or never): they keep their
-    round-to-nearest codes; say which."""
+def warn_skipped(skipped: list[str], method: str, model: nn.Module) -> None:
+    """Quantized layers reconstruction cannot take (called more than once, e.g. shared, or never): they keep their
+    round-to-nearest codes; say which. A float layer of `model` (one never called, such as nn.MultiheadAttention's
+    out_proj, or one kept float by `skip`) has no codes and is not listed."""
+    from .wrap import QuantLayer
+
+    skipped = [n for n in skipped if isinstance(model.get_submodule(n), QuantLayer)]
     if skipped:
         warn(f"{method}: {len(skipped)} layer(s) run more than once (shared) or never in the forward pass, "
              f"so they cannot be reconstructed against one output and keep round-to-nearest codes: "

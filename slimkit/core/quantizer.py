@@ -71,9 +71,9 @@ def to_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def from_rows(rows: torch.Tensor, like: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Undo `to_rows` for a tensor shaped like `like`."""
     if spec.granularity == "channel" and spec.ch_axis != 0:
-        shape = list(like.shape)
-        moved = [shape[spec.ch_axis]] + shape[: spec.ch_axis] + shape[spec.ch_axis + 1 :]
-        return rows.reshape(moved).movedim(0, spec.ch_axis)
+        shape, axis = list(like.shape), spec.ch_axis % like.dim()     # (-1: the last axis)
+        moved = [shape[axis]] + shape[:axis] + shape[axis + 1 :]
+        return rows.reshape(moved).movedim(0, axis)
     return rows.reshape(like.shape)
 
 

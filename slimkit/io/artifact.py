@@ -31,7 +31,7 @@ from ..core.quantizer import QuantSpec, to_rows
 from ..core.sparsity import pack_sparse, stored_bytes, unpack_sparse
 from ..core.entry import reattach_entries
 from ..core.fold import remainder
-from ..core.wrap import LayerPlan, quant_layers, set_submodule, weight_oi, wrap_layers
+from ..core.wrap import LayerPlan, quant_layers, set_submodule, weight_oi, working_copy, wrap_layers
 from ..errors import SlimkitError, warn
 
 FORMAT, VERSION = "slimkit", 1
@@ -529,9 +529,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     check_scales(tensors, path)
     if model is None:
         model = _rebuild(path, manifest)
-    import copy
-
-    model = copy.deepcopy(model).eval().cpu()
+    # a copy whose parametrized weights (weight_norm, spectral_norm ...) are plain ones, as slimkit.quantize and
+    # slimkit.sparsify compressed them: the artifact stores those plain weights
+    model = working_copy(model).eval().cpu()
     try:
         for conv_name, bn_name in manifest.get("folded_bn", []):
             conv = model.get_submodule(conv_name)

@@ -13,6 +13,6 @@ from .common import recon_config
 
 def run(q_model, fp_model, data, cfg, device) -> dict:
     blocks, skipped = find_blocks(q_model, data[:1].to(device), granularity="layer")
-    warn_skipped(skipped, "adaround")
+    warn_skipped(skipped, "adaround", q_model)
     rc = recon_config(cfg, adaround=True, learn_act=False, act_in_recon=False, quant_prob=1.0, mix_inputs=False)
     return reconstruct_model(q_model, fp_model, data, blocks, rc, device)

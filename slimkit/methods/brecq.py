@@ -10,6 +10,6 @@ from .common import recon_config
 def run(q_model, fp_model, data, cfg, device) -> dict:
     blocks, skipped = find_blocks(q_model, data[:1].to(device), block_names=cfg.blocks)
     warn_if_layerwise(blocks, "brecq")
-    warn_skipped(skipped, "brecq")
+    warn_skipped(skipped, "brecq", q_model)
     rc = recon_config(cfg, adaround=True, learn_act=True, act_in_recon=True, quant_prob=1.0, mix_inputs=False)
     return reconstruct_model(q_model, fp_model, data, blocks, rc, device)

@@ -16,7 +16,7 @@ from .common import recon_config
 def run(q_model, fp_model, data, cfg, device) -> dict:
     blocks, skipped = find_blocks(q_model, data[:1].to(device), block_names=cfg.blocks)
     warn_if_layerwise(blocks, "qdrop")
-    warn_skipped(skipped, "qdrop")
+    warn_skipped(skipped, "qdrop", q_model)
     rc = recon_config(cfg, adaround=True, learn_act=True, act_in_recon=True,
                       quant_prob=cfg.drop_prob, mix_inputs=cfg.drop_inputs)
     return reconstruct_model(q_model, fp_model, data, blocks, rc, device)
