@@ -95,7 +95,11 @@ def run_block(block: nn.Module, inputs: list, device: torch.device) -> list[torc
     return outs
 
 
-PRESERVED_TOL = {torch.float64: 1e-3, torch.float32: 1e-3}    # other dtypes (bf16, fp16): HALF_PRESERVED_TOL
+# float16 rounds 8x finer than bfloat16 (11 significant bits against 8), and its transforms change a block by about
+# 8x less (SmolLM2-135M, per-block maxima: fp16 8.6e-4 SmoothQuant, 6.3e-4 OS+; bf16 5.7e-3 and 5.1e-3), while a
+# Gemma norm under a Llama adapter changed fp16 blocks by 0.7-2.9%, under bf16's 3e-2. Its limit, 1e-2, keeps a
+# tenfold margin over that rounding for models larger than those measured (a 7B model in fp16 was not)
+PRESERVED_TOL = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 1e-2}   # other dtypes: HALF_PRESERVED_TOL
 HALF_PRESERVED_TOL = 3e-2
 TF32_PRESERVED_TOL = 1e-2    # float32 with reduced-precision matmuls (TF32: 10 mantissa bits), 0.2% measured
 
@@ -116,9 +120,15 @@ def _check_preserved(block: nn.Module, inputs: list, outputs: list, device: torc
     error where it does not, as with a norm that does not scale by its weight the way the family says (Gemma's
     x * (1 + w) registered as Llama's x * w), instead of a silently wrong model. The relative change allowed is
     rounding's (preserved_tol): 1e-3 in float32 (the transforms are exact up to it, ~1e-7 measured), 1e-2 in float32
-    with TF32 matmuls, 3e-2 in bf16 / fp16, whose rescaled weights are rounded again; a Gemma norm taken for a
-    Llama one changed OS+'s block outputs by 0.8-2.5%, under the 5% this check once allowed."""
+    with TF32 matmuls, 1e-2 in fp16 and 3e-2 in bf16, whose rescaled weights are rounded again; a Gemma norm taken
+    for a Llama one changed OS+'s block outputs by 0.8-2.5%, under the 5% this check once allowed (in bf16 such a
+    change can still pass: its rounding alone reaches 0.6%)."""
     after = run_block(block, inputs, device)
+    if not all(bool(torch.isfinite(a).all()) for a in after):     # (the float outputs are: _check_finite)
+        dtype = str(outputs[0].dtype).removeprefix("torch.")
+        raise SlimkitError(f"{method}'s transform made {path}'s float output NaN or inf before any quantization: "
+                           f"its rescaled weights or activations overflow {dtype}; quantize the model in float32 "
+                           "(model.float()), or use method='minmax', which moves nothing")
     rel = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item() for a, b in zip(after, outputs))
     if tol is None:
         tol = preserved_tol(outputs[0].dtype)
@@ -130,15 +140,38 @@ def _check_preserved(block: nn.Module, inputs: list, outputs: list, device: torc
                            "method='minmax', which moves nothing")
 
 
+def _check_finite(model: nn.Module, path: str, outputs: list) -> None:
+    """The float block's outputs on the calibration input must be finite, or every range and statistic the methods
+    take is NaN (and the transform check would blame the family's adapter): NaN / inf weights, or a forward that
+    overflows its dtype (float16), are named as such."""
+    if all(bool(torch.isfinite(o).all()) for o in outputs):
+        return
+    with torch.no_grad():
+        bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise SlimkitError(f"the model's weights are not all finite (NaN or inf in {', '.join(bad[:3])}"
+                           f"{' ...' if len(bad) > 3 else ''}): a quantization grid cannot hold them; fix the model "
+                           "first")
+    dtype = str(outputs[0].dtype).removeprefix("torch.")
+    raise SlimkitError(f"{path}'s float output is NaN or inf on the calibration input, before any transform, though "
+                       f"the weights are finite: the model's {dtype} forward overflows on this text; quantize it in "
+                       "float32 (model.float()) or bfloat16, or calibrate on other text")
+
+
 def _move_outside_blocks(model: nn.Module, lay: Layout, device: torch.device) -> None:
-    """Move every parameter and buffer that is not inside a block (embeddings, rotary tables, heads)."""
+    """Move every parameter and buffer that is not inside a block (embeddings, rotary tables, heads). A parameter
+    that two modules hold (an output head tied to the embedding) is moved once and stays one parameter: each
+    module taking its own copy would untie them (two tensors on the GPU, and after the move back)."""
     blocks = tuple(b + "." for b in lay.blocks)
+    moved: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}     # id -> (the parameter, kept alive; its move)
     for name, module in model.named_modules():
         if any((name + ".").startswith(b) for b in blocks):
             continue
         for key, p in list(module._parameters.items()):
             if p is not None:
-                module._parameters[key] = nn.Parameter(p.data.to(device), p.requires_grad)
+                if id(p) not in moved:
+                    moved[id(p)] = (p, nn.Parameter(p.data.to(device), p.requires_grad))
+                module._parameters[key] = moved[id(p)][1]
         for key, b in list(module._buffers.items()):
             if b is not None:
                 module._buffers[key] = b.to(device)
@@ -255,6 +288,23 @@ def _check_skip(model: nn.Module, lay, skip: list[str]) -> None:
         raise SlimkitError(f"skip names {unknown[0]!r}, which is no linear of the model's blocks (only they are "
                            f"quantized): give a path such as {example!r}, or one inside a block such as "
                            f"{example.removeprefix(lay.blocks[0] + '.')!r} to keep it float in every block")
+
+
+def _check_adapter(model: nn.Module, lay: Layout) -> None:
+    """Every module the family's adapter names (norms, linears, scopes) must be in the model: a registered adapter
+    whose paths miss (fused q/k/v, a mixture-of-experts MLP) is named before any block is run."""
+    for i in range(len(lay.blocks)):
+        for group in lay.groups(i):
+            for name in (group.prev, *group.layers, group.scope, group.compare):
+                if name is None:
+                    continue
+                try:
+                    model.get_submodule(name)
+                except AttributeError:
+                    raise SlimkitError(f"the {lay.family.name} family's adapter names {name} (group {group.name!r}), "
+                                       f"which this {type(model).__name__} does not have: its blocks are not laid out "
+                                       "as the adapter says; register an adapter that matches the model "
+                                       "(slimkit.core.families.register_family)") from None
 
 
 def _plans(block_prefix: str, block: nn.Module, cfg: QuantConfig) -> dict[str, LayerPlan]:
@@ -405,6 +455,9 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     t0 = time.perf_counter()
     digest = reference_digest(model)        # now: with inplace=True the model itself is about to change
     lay = layout(model)
+    if not lay.blocks:
+        raise SlimkitError(f"this {lay.family.name} model has no blocks (its {lay.family.blocks_suffix} list is "
+                           "empty): only the blocks' linears are quantized, so there is nothing to quantize")
     if cfg.method != "minmax" and getattr(model.config, "apply_residual_connection_post_layernorm", False):
         raise SlimkitError(f"{cfg.method} folds channel transforms into the norms, and this model's norms' outputs "
                            "are its residual stream (apply_residual_connection_post_layernorm=True), which would "
@@ -418,16 +471,20 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
     if cfg.first_last_bits not in (None, 8):
         raise SlimkitError("first_last_bits sets a CNN's first and last layer; a transformer's block linears all "
                            "take w_bits (its embeddings and head stay float): drop first_last_bits")
+    _check_adapter(model, lay)
     _check_skip(model, lay, cfg.skip)
     batches = _batches(calib, cfg, model_vocab(model))
     q_model = working_copy(model, inplace)
     q_model.eval()
     home = next(q_model.parameters()).device
     if cfg.attn_quant:
-        if lay.family.name not in ATTN_QUANT_FAMILIES or cfg.a_bits is None:
-            raise SlimkitError(f"attn_quant needs activation bits and a family whose attention goes through "
-                               f"transformers' attention interface ({', '.join(ATTN_QUANT_FAMILIES)}); "
-                               f"this is {lay.family.name}")
+        if cfg.a_bits is None:
+            raise SlimkitError("attn_quant quantizes the attention matmul inputs at a_bits, and a_bits is None "
+                               "(weight-only, --a-bits 0): give activation bits, or drop attn_quant")
+        if lay.family.name not in ATTN_QUANT_FAMILIES:
+            raise SlimkitError(f"attn_quant needs a family whose attention goes through transformers' attention "
+                               f"interface ({', '.join(ATTN_QUANT_FAMILIES)}); this is {lay.family.name}: drop "
+                               "attn_quant")
         attention.use_quantized_attention(q_model)
     _move_outside_blocks(q_model, lay, device)
     q_inputs = first_block_inputs(q_model, lay, batches, device)
@@ -451,6 +508,7 @@ def quantize_transformer(model: nn.Module, calib, cfg: QuantConfig, device: torc
         block = q_model.get_submodule(path).to(device)
         ctx = BlockContext(q_model, block, i, lay.groups(i), {}, {}, cfg, device, lay.family.norm)
         fp_outputs = _record_block(ctx, fp_inputs)
+        _check_finite(q_model, path, fp_outputs)
         method.transform(ctx)
         _check_preserved(block, fp_inputs[:4], fp_outputs[:4], device, cfg.method, lay.family.name, path)
         mask_pruned(wrap_layers(q_model, _plans(path, block, cfg)), sparsity)
