@@ -116,8 +116,8 @@ def kernel_applies(h: torch.Tensor, w: torch.Tensor) -> bool:
     while torch.compile traces. Interpreted (the CPU tests), fp16 only: Triton's interpreter misreads bf16 through TMA descriptors."""
     if triton is None or not ENABLED or FAILED or h.dtype not in _DTYPES or w.dtype != h.dtype or h.dim() != 2:
         return False
-    if torch.compiler.is_compiling():    # traced by torch.compile (not today: the autograd Functions that call this
-        return False                     # break its graph): the matmul and the transpose, which it traces
+    if torch.compiler.is_compiling():    # traced by torch.compile (the FFN is one graph since fa8c1aa): the matmul
+        return False                     # (slimkit::bmm_t01) and the transpose, which Inductor takes in
     if INTERPRET:
         if h.dtype != torch.float16:
             return False
