@@ -673,10 +673,9 @@ def test_outlier_suppression_weight_only_moves_nothing():
     torch.testing.assert_close(output(os_q, ev), output(mm, ev))
 
 
-def test_a_small_change_to_the_float_model_is_refused_too(monkeypatch):
-    """Gemma's norm scales by (1 + w) and its stored weights are small offsets: registered with a Llama adapter,
-    OS+'s shifts and scales change its float blocks by ~1-3%, which a 5% tolerance let through (final logits 24x
-    further off than min-max's); float32 transforms are exact to rounding, so a 1e-3 check refuses it."""
+def _gemma_as_llama(monkeypatch):
+    """A tiny Gemma (norms x * (1 + w), weights small offsets) registered under a Llama adapter (x * w): a family
+    whose norms do not compute what its adapter says."""
     import transformers as T
 
     from slimkit.core import families
@@ -690,6 +689,14 @@ def test_a_small_change_to_the_float_model_is_refused_too(monkeypatch):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(torch.randn(p.shape) * 0.1)
+    return model
+
+
+def test_a_small_change_to_the_float_model_is_refused_too(monkeypatch):
+    """Gemma's norm scales by (1 + w) and its stored weights are small offsets: registered with a Llama adapter,
+    OS+'s shifts and scales change its float blocks by ~1-3%, which a 5% tolerance let through (final logits 24x
+    further off than min-max's); float32 transforms are exact to rounding, so a 1e-3 check refuses it."""
+    model = _gemma_as_llama(monkeypatch)
     ids = torch.randint(4, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(slimkit.SlimkitError, match=r"transform changed model\.layers\.\d's float output by [0-4]\.\d%"):
         slimkit.quantize(model, ids, method="os_plus", w_bits=8, a_bits=8, search_steps=10, progress=False,
@@ -837,21 +844,9 @@ def test_a_wrong_adapter_is_refused_in_float16_too(monkeypatch):
     """float16 rounds 8x finer than bfloat16 and its transforms are checked at 1e-2 (bf16: 3e-2): Gemma's norm under
     a Llama adapter changed this fp16 model's blocks by 0.8% and 2.5%, which the shared half-precision 3e-2 let
     through (final logits 13x further from the float model's than min-max's)."""
-    import transformers as T
-
-    from slimkit.core import families
     from slimkit.transformer import preserved_tol
     assert preserved_tol(torch.float16) == 1e-2 and preserved_tol(torch.bfloat16) == 3e-2
-    monkeypatch.setitem(families.FAMILIES, "gemma_as_llama",
-                        families.Family("gemma_as_llama", ("gemma",), "layers", families._llama, "rms"))
-    torch.manual_seed(0)
-    cfg = T.GemmaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=128)
-    model = T.GemmaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn(p.shape) * 0.1)
+    model = _gemma_as_llama(monkeypatch)
     model = model.half()
     ids = torch.randint(4, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(slimkit.SlimkitError, match=r"transform changed model\.layers\.1's float output by 2\.\d%"):
